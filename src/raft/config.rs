@@ -1,0 +1,120 @@
+//! Static configuration of one Raft node.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::types::NodeId;
+
+/// How a node behaves. Times are in ticks: the runtime decides how long a
+/// tick is (the simulator uses abstract steps).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// Nodes that vote and count towards quorums.
+    pub voters: BTreeSet<NodeId>,
+    /// Nodes that receive the log but never vote.
+    pub learners: BTreeSet<NodeId>,
+    /// A follower that hears no leader for a random time in
+    /// `election_ticks..2*election_ticks` starts an election.
+    pub election_ticks: u64,
+    /// How often a leader sends heartbeats; well below `election_ticks`.
+    pub heartbeat_ticks: u64,
+    /// Ask peers before raising the term (Raft thesis, section 9.6).
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within an election timeout
+    /// steps down, and followers that hear a leader ignore vote requests.
+    pub check_quorum: bool,
+    /// Append messages in flight to one follower before waiting for acks.
+    pub max_inflight: usize,
+    /// Entries in one append message.
+    pub max_append_entries: usize,
+    /// Largest command payload a proposal may carry, in bytes.
+    pub max_command_bytes: usize,
+    /// Committed sequence numbers remembered per client for deduplication.
+    pub session_window: usize,
+    /// Leadership priority: a leader hands over to a caught-up voter with a
+    /// strictly higher priority. Absent nodes have priority 0.
+    pub priorities: BTreeMap<NodeId, u32>,
+    /// Seeds the election-timeout randomness.
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("node {0} is neither a voter nor a learner in the cluster configuration")]
+    NotMember(NodeId),
+    #[error("node {0} is listed both as a voter and as a learner")]
+    VoterAndLearner(NodeId),
+    #[error("the cluster has no voters")]
+    NoVoters,
+    #[error("heartbeat_ticks ({heartbeat}) must be at least 1 and below election_ticks ({election})")]
+    BadTimeouts { heartbeat: u64, election: u64 },
+    #[error("max_inflight, max_append_entries and session_window must be at least 1")]
+    ZeroLimit,
+}
+
+impl Config {
+    /// A configuration with production-minded defaults for `id` in a cluster
+    /// of `voters`.
+    pub fn new(id: NodeId, voters: impl IntoIterator<Item = NodeId>) -> Self {
+        Config {
+            id,
+            voters: voters.into_iter().collect(),
+            learners: BTreeSet::new(),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            pre_vote: true,
+            check_quorum: true,
+            max_inflight: 64,
+            max_append_entries: 1024,
+            max_command_bytes: 1 << 20,
+            session_window: 4096,
+            priorities: BTreeMap::new(),
+            seed: id,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.voters.is_empty() {
+            return Err(ConfigError::NoVoters);
+        }
+        if let Some(both) = self.voters.intersection(&self.learners).next() {
+            return Err(ConfigError::VoterAndLearner(*both));
+        }
+        if !self.voters.contains(&self.id) && !self.learners.contains(&self.id) {
+            return Err(ConfigError::NotMember(self.id));
+        }
+        if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
+            return Err(ConfigError::BadTimeouts {
+                heartbeat: self.heartbeat_ticks,
+                election: self.election_ticks,
+            });
+        }
+        if self.max_inflight == 0 || self.max_append_entries == 0 || self.session_window == 0 {
+            return Err(ConfigError::ZeroLimit);
+        }
+        Ok(())
+    }
+
+    /// Votes needed to win an election or commit an entry.
+    pub fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id)
+    }
+
+    pub fn priority(&self, id: NodeId) -> u32 {
+        self.priorities.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Every other member, voters and learners.
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let me = self.id;
+        self.voters
+            .iter()
+            .chain(self.learners.iter())
+            .copied()
+            .filter(move |id| *id != me)
+    }
+}

@@ -1,0 +1,182 @@
+//! Elections: timeouts, pre-votes, votes and role changes.
+
+use tracing::{debug, info};
+
+use super::message::Message;
+use super::node::RaftNode;
+use super::progress::Progress;
+use super::ready::ProposeError;
+use super::types::{Index, NodeId, Payload, Role, Term};
+
+impl RaftNode {
+    pub(super) fn tick_election(&mut self) {
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.randomized_timeout {
+            let pre_vote = self.config.pre_vote;
+            self.campaign(pre_vote, false);
+        }
+    }
+
+    /// Starts a pre-election (`pre_vote`) or an election. `transfer` marks an
+    /// election the leader asked for, which voters honour despite their lease.
+    pub(super) fn campaign(&mut self, pre_vote: bool, transfer: bool) {
+        if !self.config.is_voter(self.config.id) {
+            return;
+        }
+        self.reset_election_timer();
+        self.leader = None;
+        self.votes.clear();
+        let campaign_term = if pre_vote {
+            self.role = Role::PreCandidate;
+            self.term + 1
+        } else {
+            self.role = Role::Candidate;
+            self.term += 1;
+            self.vote = Some(self.config.id);
+            self.term
+        };
+        debug!(node = self.config.id, term = campaign_term, pre_vote, "campaigning");
+        self.votes.insert(self.config.id, true);
+        if self.tally_votes() {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let last_term = self.log.last_term();
+        let voters: Vec<NodeId> = self.config.voters.iter().copied().filter(|v| *v != self.config.id).collect();
+        for voter in voters {
+            let message = if pre_vote {
+                Message::PreVote { last_index, last_term }
+            } else {
+                Message::Vote {
+                    last_index,
+                    last_term,
+                    transfer,
+                }
+            };
+            let envelope = self.envelope(voter, campaign_term, message);
+            self.out.messages.push(envelope);
+        }
+    }
+
+    pub(super) fn handle_vote_request(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        last_index: Index,
+        last_term: Term,
+        pre_vote: bool,
+    ) {
+        let up_to_date = (last_term, last_index) >= (self.log.last_term(), self.log.last_index());
+        let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
+        let can_vote = free || (pre_vote && term > self.term);
+        let grant = can_vote
+            && up_to_date
+            && self.config.is_voter(from)
+            && self.config.is_voter(self.config.id);
+        debug!(node = self.config.id, from, term, pre_vote, grant, "vote request");
+        if pre_vote {
+            let reply_term = if grant { term } else { self.term };
+            let envelope = self.envelope(from, reply_term, Message::PreVoteResponse { granted: grant });
+            self.out.messages.push(envelope);
+        } else {
+            if grant {
+                self.vote = Some(from);
+                self.reset_election_timer();
+            }
+            self.send(from, Message::VoteResponse { granted: grant });
+        }
+    }
+
+    pub(super) fn record_vote(&mut self, from: NodeId, granted: bool) {
+        if self.config.is_voter(from) {
+            self.votes.entry(from).or_insert(granted);
+            self.tally_votes();
+        }
+    }
+
+    /// Acts on the votes so far; returns whether the (pre-)election ended.
+    fn tally_votes(&mut self) -> bool {
+        let granted = self.votes.values().filter(|g| **g).count();
+        let rejected = self.votes.len() - granted;
+        let quorum = self.config.quorum();
+        if granted >= quorum {
+            match self.role {
+                Role::PreCandidate => self.campaign(false, false),
+                Role::Candidate => self.become_leader(),
+                _ => {}
+            }
+            return true;
+        }
+        if rejected > self.config.voters.len() - quorum {
+            let term = self.term;
+            self.become_follower(term, None);
+            return true;
+        }
+        false
+    }
+
+    /// Follows `leader` (if known) in `term`, abandoning any leadership.
+    pub(super) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if self.role == Role::Leader {
+            info!(node = self.config.id, term, "stepping down");
+            self.abandon_leadership();
+        }
+        self.role = if self.config.is_voter(self.config.id) {
+            Role::Follower
+        } else {
+            Role::Learner
+        };
+        self.leader = leader;
+        self.votes.clear();
+        self.reset_election_timer();
+    }
+
+    /// Answers everyone still waiting on this leader: their proposals may
+    /// yet commit under the next one, so clients retry with the same id.
+    fn abandon_leadership(&mut self) {
+        self.progress.clear();
+        self.pending.clear();
+        self.transfer = None;
+        self.broadcast_pending = false;
+        self.commit_changed = false;
+        self.heartbeat_pending = false;
+        let mut waiters: Vec<_> = self.waiters.drain().collect();
+        waiters.sort();
+        for id in waiters {
+            self.respond(id, Err(ProposeError::LeadershipLost));
+        }
+        self.abandon_reads();
+    }
+
+    pub(super) fn become_leader(&mut self) {
+        info!(node = self.config.id, term = self.term, "became leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.config.id);
+        self.votes.clear();
+        self.transfer = None;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let next = self.log.last_index() + 1;
+        self.progress = self.config.peers().map(|id| (id, Progress::new(next))).collect();
+        self.pending = self
+            .log
+            .range(self.commit + 1, self.log.last_index())
+            .iter()
+            .filter_map(|e| e.request_id().map(|id| (id, e.index)))
+            .collect();
+        self.reads.reset();
+        // Entries of earlier terms commit only once one of our own does.
+        self.append_new(Payload::Noop, 0);
+    }
+
+    pub(super) fn handle_timeout_now(&mut self, from: NodeId) {
+        if self.role != Role::Leader && self.config.is_voter(self.config.id) {
+            info!(node = self.config.id, from, "leadership handed over: campaigning now");
+            self.campaign(false, true);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Messages exchanged between Raft nodes. The core produces and consumes
+//! them; the runtime only moves them between machines.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Entry, Index, Lamport, NodeId, Term};
+
+/// A message with its routing header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// The sender's term (for a pre-vote request: the term it would campaign in).
+    pub term: Term,
+    /// The sender's Lamport clock; receivers merge it into their own.
+    pub lamport: Lamport,
+    pub message: Message,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Would you vote for me in `term`? Changes no state on either side, so
+    /// a node cut off from the cluster cannot inflate terms and disrupt it.
+    PreVote { last_index: Index, last_term: Term },
+    PreVoteResponse { granted: bool },
+    /// A real vote request. `transfer` marks a campaign started by
+    /// `TimeoutNow`, which voters honour even while they follow a live leader.
+    Vote {
+        last_index: Index,
+        last_term: Term,
+        transfer: bool,
+    },
+    VoteResponse { granted: bool },
+    /// Log replication: `entries` follow the entry at `prev_index`, which the
+    /// receiver must hold with `prev_term`.
+    Append {
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    },
+    AppendResponse(AppendResult),
+    /// Keeps followers from campaigning, carries the commit index they may
+    /// safely apply and a read round used by ReadIndex.
+    Heartbeat { commit: Index, read_seq: u64 },
+    HeartbeatResponse { read_seq: u64 },
+    /// Leadership transfer: campaign now, the leader is handing over.
+    TimeoutNow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppendResult {
+    /// The follower's log matches the leader's up to `match_index`, durably.
+    Accepted { match_index: Index },
+    /// The consistency check failed for the append at `reject_index`
+    /// (its `prev_index`). The hint lets the leader skip a whole term at once:
+    /// the follower holds `hint_term` at `reject_index`, first appearing at
+    /// `hint_index`; with no term, the follower's log ends before
+    /// `hint_index`.
+    Rejected {
+        reject_index: Index,
+        hint_index: Index,
+        hint_term: Option<Term>,
+    },
+}
+
+impl Message {
+    /// A short name for traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::PreVote { .. } => "PreVote",
+            Message::PreVoteResponse { .. } => "PreVoteResponse",
+            Message::Vote { .. } => "Vote",
+            Message::VoteResponse { .. } => "VoteResponse",
+            Message::Append { .. } => "Append",
+            Message::AppendResponse(_) => "AppendResponse",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::HeartbeatResponse { .. } => "HeartbeatResponse",
+            Message::TimeoutNow => "TimeoutNow",
+        }
+    }
+}

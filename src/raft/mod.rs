@@ -1,0 +1,35 @@
+//! The consensus core: Raft as a deterministic, sans-IO state machine.
+//!
+//! Nothing in here touches a socket, a clock or a disk. A driver (the real
+//! node, or the simulator in `crate::sim`) feeds it `tick`, `step`,
+//! `propose` and `read_index`, then drains a [`Ready`] that says what to
+//! persist, what to send, what committed and what to answer. Because every
+//! input is explicit, any fault schedule can be replayed exactly.
+//!
+//! Beyond the Raft paper it has pre-vote and check-quorum, pipelined and
+//! batched replication with fast backtracking, learners, leadership
+//! transfer with priorities, ReadIndex, Lamport timestamps on every entry
+//! and exactly-once client proposals.
+
+mod config;
+mod election;
+mod leadership;
+mod log;
+mod message;
+mod node;
+mod progress;
+mod read;
+mod ready;
+pub mod rng;
+mod replication;
+mod session;
+mod types;
+
+pub use config::{Config, ConfigError};
+pub use leadership::TransferError;
+pub use log::{LogError, LogWrite, RaftLog};
+pub use message::{AppendResult, Envelope, Message};
+pub use node::{PeerStatus, RaftError, RaftNode, Status};
+pub use ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
+pub use session::Committed;
+pub use types::{Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term};

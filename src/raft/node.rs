@@ -1,0 +1,428 @@
+//! The Raft node: its state, its inputs and how messages are dispatched to
+//! the role-specific handlers in `election`, `replication`, `read` and
+//! `leadership`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tracing::{debug, warn};
+
+use super::config::{Config, ConfigError};
+use super::log::{LogError, RaftLog};
+use super::message::{Envelope, Message};
+use super::progress::Progress;
+use super::read::ReadState;
+use super::ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
+use super::rng::Rng;
+use super::session::Sessions;
+use super::types::{Entry, HardState, Index, Lamport, NodeId, RequestId, Role, Term};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RaftError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("stored log is corrupt: {0}")]
+    Log(#[from] LogError),
+    #[error("stored vote for node {0}, which is not a voter")]
+    UnknownVote(NodeId),
+}
+
+/// An ongoing leadership transfer.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Transfer {
+    pub target: NodeId,
+    pub elapsed: u64,
+    pub timeout_sent: bool,
+}
+
+/// A Raft node as a deterministic state machine: no clock, no I/O.
+/// Feed it `tick`, `step`, `propose`, `read_index`; drain `ready`.
+pub struct RaftNode {
+    pub(super) config: Config,
+    pub(super) term: Term,
+    pub(super) vote: Option<NodeId>,
+    pub(super) role: Role,
+    pub(super) leader: Option<NodeId>,
+    pub(super) log: RaftLog,
+    pub(super) commit: Index,
+    pub(super) applied: Index,
+    pub(super) lamport: Lamport,
+    pub(super) rng: Rng,
+    /// Ticks since the last election reset (followers) or check-quorum
+    /// round (leaders).
+    pub(super) election_elapsed: u64,
+    pub(super) randomized_timeout: u64,
+    pub(super) heartbeat_elapsed: u64,
+    /// Votes received in the current (pre-)election: true is a grant.
+    pub(super) votes: BTreeMap<NodeId, bool>,
+    /// Leader only: replication state of every other member.
+    pub(super) progress: BTreeMap<NodeId, Progress>,
+    /// Leader only: uncommitted proposals in its log, for deduplication.
+    pub(super) pending: HashMap<RequestId, Index>,
+    /// Leader only: proposals whose client awaits an answer.
+    pub(super) waiters: HashSet<RequestId>,
+    pub(super) sessions: Sessions,
+    pub(super) reads: ReadState,
+    pub(super) transfer: Option<Transfer>,
+    /// New entries or a new commit index to announce in the next `ready`.
+    pub(super) broadcast_pending: bool,
+    pub(super) commit_changed: bool,
+    pub(super) heartbeat_pending: bool,
+    pub(super) durable_hard_state: HardState,
+    pub(super) out: Ready,
+}
+
+/// A snapshot of a node's state for operators and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub commit: Index,
+    pub applied: Index,
+    pub last_index: Index,
+    pub persisted_index: Index,
+    pub lamport: Lamport,
+    /// Leader only: every other member's replication state.
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub id: NodeId,
+    pub voter: bool,
+    pub match_index: Index,
+    /// Entries the peer is behind the leader's log.
+    pub lag: Index,
+}
+
+impl RaftNode {
+    /// Starts a node from what its store holds (all empty for a new node).
+    /// Entries up to `hard_state.commit` count as applied: the driver's
+    /// state is the log itself, so nothing is handed out again.
+    pub fn new(config: Config, hard_state: HardState, entries: Vec<Entry>) -> Result<Self, RaftError> {
+        config.validate()?;
+        if let Some(vote) = hard_state.vote {
+            if !config.is_voter(vote) {
+                return Err(RaftError::UnknownVote(vote));
+            }
+        }
+        let log = RaftLog::restore(entries)?;
+        let commit = hard_state.commit.min(log.last_index());
+        let mut sessions = Sessions::new(config.session_window);
+        for entry in log.range(1, commit) {
+            sessions.apply(entry);
+        }
+        let lamport = log.last().map_or(0, |e| e.lamport);
+        let role = if config.is_voter(config.id) {
+            Role::Follower
+        } else {
+            Role::Learner
+        };
+        let mut node = RaftNode {
+            rng: Rng::new(config.seed ^ config.id.rotate_left(32) ^ hard_state.term),
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role,
+            leader: None,
+            log,
+            commit,
+            applied: commit,
+            lamport,
+            election_elapsed: 0,
+            randomized_timeout: 0,
+            heartbeat_elapsed: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            pending: HashMap::new(),
+            waiters: HashSet::new(),
+            sessions,
+            reads: ReadState::default(),
+            transfer: None,
+            broadcast_pending: false,
+            commit_changed: false,
+            heartbeat_pending: false,
+            durable_hard_state: HardState {
+                commit,
+                ..hard_state
+            },
+            out: Ready::default(),
+            config,
+        };
+        node.reset_election_timer();
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    pub fn commit_index(&self) -> Index {
+        self.commit
+    }
+
+    pub fn lamport(&self) -> Lamport {
+        self.lamport
+    }
+
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn status(&self) -> Status {
+        let last = self.log.last_index();
+        Status {
+            id: self.config.id,
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            commit: self.commit,
+            applied: self.applied,
+            last_index: last,
+            persisted_index: self.log.persisted_index(),
+            lamport: self.lamport,
+            peers: self
+                .progress
+                .iter()
+                .map(|(id, pr)| PeerStatus {
+                    id: *id,
+                    voter: self.config.is_voter(*id),
+                    match_index: pr.match_index,
+                    lag: last.saturating_sub(pr.match_index),
+                })
+                .collect(),
+        }
+    }
+
+    /// Advances logical time by one tick.
+    pub fn tick(&mut self) {
+        match self.role {
+            Role::Leader => self.tick_leader(),
+            Role::Learner => self.election_elapsed += 1,
+            Role::Follower | Role::PreCandidate | Role::Candidate => self.tick_election(),
+        }
+    }
+
+    /// Asks the leader to append a client message. The answer arrives in a
+    /// later `Ready::responses`, once the entry commits (or at once on error).
+    pub fn propose(&mut self, proposal: Proposal) {
+        self.lamport = self.lamport.max(proposal.lamport);
+        if let Err(error) = self.accept_proposal(proposal.clone()) {
+            self.respond(proposal.id, Err(error));
+        }
+    }
+
+    /// Starts a linearizable read; the answer arrives in `Ready::reads`.
+    pub fn read_index(&mut self, ctx: u64) {
+        if let Err(error) = self.start_read(ctx) {
+            self.out.reads.push(ReadResponse {
+                ctx,
+                result: Err(error),
+            });
+        }
+    }
+
+    /// The driver made the log durable up to `(index, term)`.
+    pub fn persisted(&mut self, index: Index, term: Term) {
+        if self.log.mark_persisted(index, term) && self.role == Role::Leader {
+            self.maybe_commit();
+        }
+    }
+
+    /// Handles one message from a peer.
+    pub fn step(&mut self, envelope: Envelope) {
+        let Envelope {
+            from,
+            to,
+            term,
+            lamport,
+            message,
+        } = envelope;
+        if to != self.config.id || from == self.config.id {
+            warn!(node = self.config.id, from, to, "dropping misaddressed message");
+            return;
+        }
+        if !self.config.is_voter(from) && !self.config.learners.contains(&from) {
+            warn!(node = self.config.id, from, "dropping message from a node outside the cluster");
+            return;
+        }
+        self.lamport = self.lamport.max(lamport);
+
+        if term > self.term {
+            match message {
+                Message::PreVote { .. } | Message::Vote { transfer: false, .. } if self.in_lease() => {
+                    debug!(node = self.config.id, from, term, "ignoring vote request: a leader is alive");
+                    return;
+                }
+                // A pre-vote changes no term; a granted pre-vote echoes the
+                // term we would campaign in.
+                Message::PreVote { .. } | Message::PreVoteResponse { granted: true } => {}
+                Message::Append { .. } | Message::Heartbeat { .. } | Message::TimeoutNow => {
+                    self.become_follower(term, Some(from))
+                }
+                _ => self.become_follower(term, None),
+            }
+        } else if term < self.term {
+            match message {
+                // Tell a stale leader about the newer term so it steps down.
+                Message::Append { .. } | Message::Heartbeat { .. } => {
+                    self.send(from, Message::HeartbeatResponse { read_seq: 0 })
+                }
+                // A rejection at our term lets a lagging pre-candidate catch up.
+                Message::PreVote { .. } => self.send(from, Message::PreVoteResponse { granted: false }),
+                _ => {}
+            }
+            return;
+        }
+
+        match message {
+            Message::PreVote {
+                last_index,
+                last_term,
+            } => self.handle_vote_request(from, term, last_index, last_term, true),
+            Message::Vote {
+                last_index,
+                last_term,
+                ..
+            } => self.handle_vote_request(from, term, last_index, last_term, false),
+            Message::PreVoteResponse { granted } => {
+                if self.role == Role::PreCandidate && term == self.term + 1 {
+                    self.record_vote(from, granted);
+                } else if self.role == Role::PreCandidate && !granted {
+                    self.record_vote(from, false);
+                }
+            }
+            Message::VoteResponse { granted } => {
+                if self.role == Role::Candidate {
+                    self.record_vote(from, granted);
+                }
+            }
+            Message::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            } => self.handle_append(from, prev_index, prev_term, entries, commit),
+            Message::AppendResponse(result) => {
+                if self.role == Role::Leader {
+                    self.handle_append_response(from, result);
+                }
+            }
+            Message::Heartbeat { commit, read_seq } => self.handle_heartbeat(from, commit, read_seq),
+            Message::HeartbeatResponse { read_seq } => {
+                if self.role == Role::Leader {
+                    self.handle_heartbeat_response(from, read_seq);
+                }
+            }
+            Message::TimeoutNow => self.handle_timeout_now(from),
+        }
+    }
+
+    /// Is there anything for the driver to do?
+    pub fn has_ready(&self) -> bool {
+        !self.out.is_empty()
+            || self.broadcast_pending
+            || self.commit_changed
+            || self.heartbeat_pending
+            || self.applied < self.commit
+            || self.hard_state() != self.durable_hard_state
+    }
+
+    /// Drains everything the driver must persist, send, apply and answer.
+    /// See [`Ready`] for the order the driver must follow.
+    pub fn ready(&mut self) -> Ready {
+        if self.role == Role::Leader {
+            if self.broadcast_pending || self.commit_changed {
+                let announce_commit = self.commit_changed;
+                self.broadcast_append(announce_commit);
+            }
+            if self.heartbeat_pending {
+                self.broadcast_heartbeat();
+            }
+        }
+        self.broadcast_pending = false;
+        self.commit_changed = false;
+        self.heartbeat_pending = false;
+
+        let hard_state = self.hard_state();
+        if hard_state != self.durable_hard_state {
+            self.out.hard_state = Some(hard_state);
+            self.durable_hard_state = hard_state;
+        }
+        self.out.log_write = self.log.take_write();
+        self.apply_committed();
+        std::mem::take(&mut self.out)
+    }
+
+    /// The durable state as it should be on disk now. The commit index is
+    /// capped at what this node's own disk holds, so a restarted node never
+    /// believes entries it lost are committed.
+    fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self
+                .commit
+                .min(self.log.persisted_index())
+                .max(self.durable_hard_state.commit),
+        }
+    }
+
+    /// Queues a message to send as soon as the hard state is durable.
+    pub(super) fn send(&mut self, to: NodeId, message: Message) {
+        let envelope = self.envelope(to, self.term, message);
+        self.out.messages.push(envelope);
+    }
+
+    /// Queues a message that acknowledges log entries: it may leave only
+    /// once this ready's log write is durable.
+    pub(super) fn send_after_persist(&mut self, to: NodeId, message: Message) {
+        let envelope = self.envelope(to, self.term, message);
+        self.out.persisted_messages.push(envelope);
+    }
+
+    pub(super) fn envelope(&self, to: NodeId, term: Term, message: Message) -> Envelope {
+        Envelope {
+            from: self.config.id,
+            to,
+            term,
+            lamport: self.lamport,
+            message,
+        }
+    }
+
+    pub(super) fn respond(&mut self, id: RequestId, result: Result<super::session::Committed, ProposeError>) {
+        self.out.responses.push(ProposeResponse { id, result });
+    }
+
+    /// Does this node follow a live leader (or lead itself)? Then it ignores
+    /// vote requests, so a returning partitioned node cannot depose a
+    /// healthy leader.
+    pub(super) fn in_lease(&self) -> bool {
+        self.config.check_quorum
+            && self.leader.is_some()
+            && self.election_elapsed < self.config.election_ticks
+    }
+
+    pub(super) fn reset_election_timer(&mut self) {
+        self.election_elapsed = 0;
+        let base = self.config.election_ticks;
+        self.randomized_timeout = self.rng.range(base, 2 * base);
+    }
+}

@@ -1,0 +1,132 @@
+//! What a leader knows about each follower's log, and how fast it may send.
+
+use std::collections::VecDeque;
+
+use super::types::Index;
+
+/// How the leader is replicating to one follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicationState {
+    /// The leader does not know where the follower's log matches its own:
+    /// one append at a time until one is accepted.
+    Probe,
+    /// The logs match up to `match_index`: stream appends optimistically,
+    /// up to a window of unacknowledged messages (pipelining).
+    Replicate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Highest index known to be durably replicated on the follower.
+    pub match_index: Index,
+    /// Next index to send.
+    pub next_index: Index,
+    pub state: ReplicationState,
+    /// In probe state: an append is outstanding, wait for its answer or the
+    /// next heartbeat before sending another.
+    pub probe_sent: bool,
+    /// In replicate state: last index of each append still in flight.
+    inflight: VecDeque<Index>,
+    /// Heard from since the last check-quorum round.
+    pub recent_active: bool,
+    /// Highest ReadIndex round this follower has acknowledged.
+    pub read_ack: u64,
+}
+
+impl Progress {
+    pub fn new(next_index: Index) -> Self {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ReplicationState::Probe,
+            probe_sent: false,
+            inflight: VecDeque::new(),
+            recent_active: true,
+            read_ack: 0,
+        }
+    }
+
+    /// May the leader send another append now?
+    pub fn is_paused(&self, max_inflight: usize) -> bool {
+        match self.state {
+            ReplicationState::Probe => self.probe_sent,
+            ReplicationState::Replicate => self.inflight.len() >= max_inflight,
+        }
+    }
+
+    pub fn become_probe(&mut self, next_index: Index) {
+        self.state = ReplicationState::Probe;
+        self.next_index = next_index.max(self.match_index + 1);
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+
+    pub fn become_replicate(&mut self) {
+        self.state = ReplicationState::Replicate;
+        self.next_index = self.match_index + 1;
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+
+    /// Records an append ending at `last` as sent.
+    pub fn sent(&mut self, last: Option<Index>) {
+        match self.state {
+            ReplicationState::Probe => self.probe_sent = true,
+            ReplicationState::Replicate => {
+                if let Some(last) = last {
+                    self.next_index = last + 1;
+                    self.inflight.push_back(last);
+                }
+            }
+        }
+    }
+
+    /// The follower acknowledged its log up to `index`. Returns whether this
+    /// is news.
+    pub fn acknowledge(&mut self, index: Index) -> bool {
+        while self.inflight.front().is_some_and(|&last| last <= index) {
+            self.inflight.pop_front();
+        }
+        if index > self.match_index {
+            self.match_index = index;
+            self.next_index = self.next_index.max(index + 1);
+            return true;
+        }
+        false
+    }
+
+    /// A heartbeat answer proves the follower is reachable: let one more
+    /// append out so a lost message cannot stall replication forever.
+    pub fn unpause(&mut self) {
+        self.probe_sent = false;
+        self.inflight.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicate_window_pauses_and_drains() {
+        let mut p = Progress::new(1);
+        p.become_replicate();
+        p.sent(Some(5));
+        p.sent(Some(9));
+        assert!(p.is_paused(2));
+        assert!(p.acknowledge(5));
+        assert!(!p.is_paused(2));
+        assert_eq!(p.next_index, 10);
+        assert!(!p.acknowledge(3), "stale acknowledgements are not news");
+    }
+
+    #[test]
+    fn probe_sends_one_at_a_time() {
+        let mut p = Progress::new(7);
+        assert!(!p.is_paused(1));
+        p.sent(None);
+        assert!(p.is_paused(1));
+        p.unpause();
+        assert!(!p.is_paused(1));
+    }
+}

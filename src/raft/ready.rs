@@ -1,0 +1,84 @@
+//! What the core hands back to its driver, and the answers it gives clients.
+
+use serde::{Deserialize, Serialize};
+
+use super::log::LogWrite;
+use super::message::Envelope;
+use super::session::Committed;
+use super::types::{Entry, HardState, Index, NodeId, RequestId};
+
+/// Everything the driver must do after feeding the core some input.
+///
+/// The order matters for safety:
+/// 1. write `hard_state` durably, before anything else leaves the node
+///    (a vote must never be forgotten);
+/// 2. send `messages`, and start writing `log_write` (a leader replicates
+///    to followers while it writes its own log);
+/// 3. once `log_write` is durable, send `persisted_messages` (they
+///    acknowledge entries) and call `RaftNode::persisted`;
+/// 4. apply `committed` and deliver `responses` and `reads`.
+///
+/// Log writes must become durable in the order the core produced them.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub hard_state: Option<HardState>,
+    pub messages: Vec<Envelope>,
+    pub log_write: Option<LogWrite>,
+    pub persisted_messages: Vec<Envelope>,
+    pub committed: Vec<Entry>,
+    pub responses: Vec<ProposeResponse>,
+    pub reads: Vec<ReadResponse>,
+}
+
+impl Ready {
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none()
+            && self.messages.is_empty()
+            && self.log_write.is_none()
+            && self.persisted_messages.is_empty()
+            && self.committed.is_empty()
+            && self.responses.is_empty()
+            && self.reads.is_empty()
+    }
+}
+
+/// A client's request to append a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: RequestId,
+    /// The client's Lamport clock: the entry will be stamped above it.
+    pub lamport: u64,
+    pub sender: String,
+    pub data: bytes::Bytes,
+}
+
+/// Why a proposal was not (or not yet known to be) committed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ProposeError {
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// The leader stepped down before the entry committed; it may still
+    /// commit. Retry with the same request id: it will not be written twice.
+    #[error("leadership changed before the message committed; retry with the same sequence number")]
+    LeadershipLost,
+    #[error("leadership is being transferred; retry shortly")]
+    TransferInProgress,
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("sequence number {seq} is older than the deduplication window; its outcome is unknown")]
+    SessionExpired { seq: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProposeResponse {
+    pub id: RequestId,
+    pub result: Result<Committed, ProposeError>,
+}
+
+/// Answer to `read_index`: once the node has applied `index`, a read of its
+/// state reflects every write acknowledged before the read was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResponse {
+    pub ctx: u64,
+    pub result: Result<Index, ProposeError>,
+}

@@ -1,0 +1,372 @@
+//! Log replication: the leader's side (proposals, appends, commit) and the
+//! follower's side (the consistency check, conflicts, commit).
+
+use tracing::{error, info};
+
+use super::message::{AppendResult, Message};
+use super::node::RaftNode;
+use super::progress::ReplicationState;
+use super::ready::{Proposal, ProposeError};
+use super::session::{Committed, Lookup};
+use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, Role, Term};
+
+impl RaftNode {
+    pub(super) fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if let Some(transfer) = &mut self.transfer {
+            transfer.elapsed += 1;
+            if transfer.elapsed >= self.config.election_ticks {
+                info!(node = self.config.id, target = transfer.target, "leadership transfer timed out");
+                self.transfer = None;
+            }
+        }
+        if self.election_elapsed >= self.config.election_ticks {
+            self.election_elapsed = 0;
+            if self.config.check_quorum && !self.quorum_active() {
+                info!(node = self.config.id, term = self.term, "lost contact with a quorum");
+                let term = self.term;
+                self.become_follower(term, None);
+                return;
+            }
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.heartbeat_pending = true;
+            self.consider_priority_transfer();
+        }
+    }
+
+    /// Counts voters heard from since the last round (the leader included),
+    /// and starts a new round.
+    fn quorum_active(&mut self) -> bool {
+        let mut active = 1;
+        for (id, pr) in self.progress.iter_mut() {
+            if self.config.voters.contains(id) && pr.recent_active {
+                active += 1;
+            }
+            pr.recent_active = false;
+        }
+        active >= self.config.quorum()
+    }
+
+    pub(super) fn accept_proposal(&mut self, proposal: Proposal) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.transfer.is_some() {
+            return Err(ProposeError::TransferInProgress);
+        }
+        if proposal.data.len() > self.config.max_command_bytes {
+            return Err(ProposeError::TooLarge {
+                size: proposal.data.len(),
+                limit: self.config.max_command_bytes,
+            });
+        }
+        match self.sessions.lookup(proposal.id) {
+            Lookup::Committed(committed) => {
+                self.respond(proposal.id, Ok(committed));
+                return Ok(());
+            }
+            Lookup::Expired => return Err(ProposeError::SessionExpired { seq: proposal.id.seq }),
+            Lookup::New => {}
+        }
+        self.waiters.insert(proposal.id);
+        if self.pending.contains_key(&proposal.id) {
+            return Ok(());
+        }
+        let command = Command {
+            client_id: proposal.id.client_id,
+            seq: proposal.id.seq,
+            sender: proposal.sender,
+            data: proposal.data,
+        };
+        let index = self.append_new(Payload::Command(command), proposal.lamport);
+        self.pending.insert(proposal.id, index);
+        Ok(())
+    }
+
+    /// Appends a new entry to the leader's log, stamped above the clock, the
+    /// client's clock and the previous entry. Replication happens at the
+    /// next `ready`, so proposals arriving together travel as one batch.
+    pub(super) fn append_new(&mut self, payload: Payload, client_lamport: Lamport) -> Index {
+        let previous = self.log.last().map_or(0, |e| e.lamport);
+        self.lamport = self.lamport.max(client_lamport).max(previous) + 1;
+        let index = self.log.last_index() + 1;
+        self.log.append(Entry {
+            index,
+            term: self.term,
+            lamport: self.lamport,
+            payload,
+        });
+        self.broadcast_pending = true;
+        self.maybe_commit();
+        index
+    }
+
+    /// Sends new entries to every follower that can take them; with
+    /// `announce_commit`, also an empty append to those that have everything,
+    /// so they learn the new commit index without waiting for a heartbeat.
+    pub(super) fn broadcast_append(&mut self, announce_commit: bool) {
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for peer in peers {
+            let mut sent_any = false;
+            while self.send_append(peer, false) {
+                sent_any = true;
+                if self.progress.get(&peer).is_none_or(|pr| pr.state == ReplicationState::Probe) {
+                    break;
+                }
+            }
+            if announce_commit && !sent_any {
+                self.send_append(peer, true);
+            }
+        }
+    }
+
+    /// Sends one append to `to` if its window allows. Returns whether it did.
+    pub(super) fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
+        let max_inflight = self.config.max_inflight;
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return false;
+        };
+        if pr.is_paused(max_inflight) {
+            return false;
+        }
+        let next = pr.next_index;
+        let entries = self.log.slice(next, self.config.max_append_entries).to_vec();
+        if entries.is_empty() && !allow_empty && pr.state == ReplicationState::Replicate {
+            return false;
+        }
+        let prev_index = next - 1;
+        let Some(prev_term) = self.log.term(prev_index) else {
+            error!(node = self.config.id, to, next, "progress points past the log");
+            pr.become_probe(self.log.last_index() + 1);
+            return false;
+        };
+        pr.sent(entries.last().map(|e| e.index));
+        let commit = self.commit;
+        self.send(
+            to,
+            Message::Append {
+                prev_index,
+                prev_term,
+                entries,
+                commit,
+            },
+        );
+        true
+    }
+
+    pub(super) fn broadcast_heartbeat(&mut self) {
+        let read_seq = self.reads.seq();
+        let beats: Vec<(NodeId, Index)> = self
+            .progress
+            .iter()
+            .map(|(id, pr)| (*id, pr.match_index.min(self.commit)))
+            .collect();
+        for (to, commit) in beats {
+            self.send(to, Message::Heartbeat { commit, read_seq });
+        }
+    }
+
+    pub(super) fn handle_append_response(&mut self, from: NodeId, result: AppendResult) {
+        let last_index = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        match result {
+            AppendResult::Accepted { match_index } => {
+                if match_index > last_index {
+                    error!(node = self.config.id, from, match_index, "peer acknowledged entries we never sent");
+                    return;
+                }
+                let news = pr.acknowledge(match_index);
+                if pr.state == ReplicationState::Probe && (news || pr.match_index == match_index) {
+                    pr.become_replicate();
+                }
+                if news {
+                    self.maybe_commit();
+                    self.maybe_finish_transfer(from);
+                }
+                while self.send_append(from, false) {}
+            }
+            AppendResult::Rejected {
+                reject_index,
+                hint_index,
+                hint_term,
+            } => {
+                let stale = match pr.state {
+                    ReplicationState::Replicate => reject_index <= pr.match_index,
+                    ReplicationState::Probe => reject_index + 1 != pr.next_index,
+                };
+                if stale {
+                    return;
+                }
+                let next = match hint_term {
+                    Some(term) => self.log.last_index_of_term(term).map_or(hint_index, |i| i + 1),
+                    None => hint_index,
+                };
+                pr.become_probe(next.min(reject_index).max(1));
+                self.send_append(from, true);
+            }
+        }
+    }
+
+    pub(super) fn handle_heartbeat_response(&mut self, from: NodeId, read_seq: u64) {
+        let last_index = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        pr.read_ack = pr.read_ack.max(read_seq);
+        let behind = pr.match_index < last_index;
+        if behind {
+            pr.unpause();
+        }
+        self.advance_reads();
+        if behind {
+            self.send_append(from, true);
+        }
+    }
+
+    /// Commits the highest index stored durably on a quorum of voters, if
+    /// it belongs to this term (Raft paper, section 5.4.2: counting
+    /// replicas is only safe for the leader's own entries).
+    pub(super) fn maybe_commit(&mut self) {
+        let mut matches: Vec<Index> = self
+            .config
+            .voters
+            .iter()
+            .map(|id| {
+                if *id == self.config.id {
+                    self.log.persisted_index()
+                } else {
+                    self.progress.get(id).map_or(0, |pr| pr.match_index)
+                }
+            })
+            .collect();
+        matches.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(&candidate) = matches.get(self.config.quorum() - 1) else {
+            return;
+        };
+        if candidate > self.commit && self.log.term(candidate) == Some(self.term) {
+            self.commit = candidate;
+            self.commit_changed = true;
+            self.on_commit_in_term();
+        }
+    }
+
+    pub(super) fn handle_append(
+        &mut self,
+        from: NodeId,
+        mut prev_index: Index,
+        mut prev_term: Term,
+        mut entries: Vec<Entry>,
+        leader_commit: Index,
+    ) {
+        if self.role != Role::Follower && self.role != Role::Learner {
+            let term = self.term;
+            self.become_follower(term, Some(from));
+        }
+        self.leader = Some(from);
+        self.election_elapsed = 0;
+
+        if entries.first().is_some_and(|e| e.index != prev_index + 1) {
+            error!(node = self.config.id, from, "append whose entries do not follow prev_index ignored");
+            return;
+        }
+        // Everything up to our commit index already matches the leader.
+        if prev_index < self.commit {
+            let skip = (self.commit - prev_index) as usize;
+            if skip >= entries.len() {
+                let commit = self.commit;
+                self.send_after_persist(from, Message::AppendResponse(AppendResult::Accepted { match_index: commit }));
+                return;
+            }
+            prev_term = entries[skip - 1].term;
+            prev_index = self.commit;
+            entries.drain(..skip);
+        }
+
+        if self.log.term(prev_index) != Some(prev_term) {
+            let last = self.log.last_index();
+            let (hint_index, hint_term) = if prev_index > last {
+                (last + 1, None)
+            } else {
+                (
+                    self.log.first_index_of_term(prev_index, self.commit + 1),
+                    self.log.term(prev_index),
+                )
+            };
+            self.send(
+                from,
+                Message::AppendResponse(AppendResult::Rejected {
+                    reject_index: prev_index,
+                    hint_index,
+                    hint_term,
+                }),
+            );
+            return;
+        }
+
+        let mut last_new = prev_index;
+        for entry in entries {
+            if entry.index != last_new + 1 {
+                error!(node = self.config.id, from, "append with non-contiguous entries ignored");
+                return;
+            }
+            last_new = entry.index;
+            match self.log.term(entry.index) {
+                Some(term) if term == entry.term => continue,
+                Some(_) if entry.index <= self.commit => {
+                    error!(node = self.config.id, from, index = entry.index, "refusing to overwrite a committed entry");
+                    return;
+                }
+                Some(_) => self.log.truncate(entry.index),
+                None => {}
+            }
+            self.lamport = self.lamport.max(entry.lamport);
+            self.log.append(entry);
+        }
+        let commit = leader_commit.min(last_new);
+        if commit > self.commit {
+            self.commit = commit;
+        }
+        self.send_after_persist(from, Message::AppendResponse(AppendResult::Accepted { match_index: last_new }));
+    }
+
+    pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: Index, read_seq: u64) {
+        if self.role != Role::Follower && self.role != Role::Learner {
+            let term = self.term;
+            self.become_follower(term, Some(from));
+        }
+        self.leader = Some(from);
+        self.election_elapsed = 0;
+        let commit = commit.min(self.log.last_index());
+        if commit > self.commit {
+            self.commit = commit;
+        }
+        self.send(from, Message::HeartbeatResponse { read_seq });
+    }
+
+    /// Hands newly committed entries to the driver and answers the clients
+    /// waiting on them.
+    pub(super) fn apply_committed(&mut self) {
+        if self.applied >= self.commit {
+            return;
+        }
+        let entries = self.log.range(self.applied + 1, self.commit).to_vec();
+        for entry in &entries {
+            self.sessions.apply(entry);
+            if let Some(id) = entry.request_id() {
+                self.pending.remove(&id);
+                if self.waiters.remove(&id) {
+                    self.respond(id, Ok(Committed::of(entry)));
+                }
+            }
+        }
+        self.applied = self.commit;
+        self.out.committed.extend(entries);
+    }
+}

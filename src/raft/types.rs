@@ -1,0 +1,90 @@
+//! The vocabulary of the consensus core: identifiers, log entries and the
+//! small durable record every node keeps.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A node's identity in the cluster. In the real node it comes from the
+/// node's certificate, never from what a peer claims.
+pub type NodeId = u64;
+/// A Raft term: a logical epoch with at most one leader.
+pub type Term = u64;
+/// A position in the replicated log, starting at 1 (0 means "before the log").
+pub type Index = u64;
+/// A Lamport timestamp.
+pub type Lamport = u64;
+
+/// One slot of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub index: Index,
+    pub term: Term,
+    /// Stamped by the leader that created the entry; strictly increasing
+    /// along the log, so log order is a linear extension of happened-before.
+    pub lamport: Lamport,
+    pub payload: Payload,
+}
+
+/// What an entry carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Appended by every new leader so it can commit entries of earlier
+    /// terms (Raft paper, section 5.4.2) and serve reads.
+    Noop,
+    /// A client's message.
+    Command(Command),
+}
+
+/// A client message as it is stored in the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Random per client session; with `seq` it makes a proposal idempotent.
+    pub client_id: u64,
+    /// The client's sequence number for this message, starting at 1.
+    pub seq: u64,
+    /// Who sent it, as the runtime authenticated them (a certificate name).
+    pub sender: String,
+    pub data: Bytes,
+}
+
+impl Entry {
+    /// The (client id, sequence) pair that identifies a command, if any.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match &self.payload {
+            Payload::Command(c) => Some(RequestId {
+                client_id: c.client_id,
+                seq: c.seq,
+            }),
+            Payload::Noop => None,
+        }
+    }
+}
+
+/// Identifies one client proposal across retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId {
+    pub client_id: u64,
+    pub seq: u64,
+}
+
+/// What a node must keep across crashes besides its log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardState {
+    pub term: Term,
+    /// Whom this node voted for in `term`; persisted so it never votes twice.
+    pub vote: Option<NodeId>,
+    /// A commit index known to be durable in this node's own log.
+    pub commit: Index,
+}
+
+/// The role a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Follower,
+    /// Probing with pre-votes whether it could win, without raising its term.
+    PreCandidate,
+    Candidate,
+    Leader,
+    /// A non-voting replica: it receives the log but never votes or campaigns.
+    Learner,
+}

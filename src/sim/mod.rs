@@ -1,0 +1,746 @@
+//! A deterministic simulator for the consensus core.
+//!
+//! It drives real [`RaftNode`]s through a seeded random world: a network
+//! that delays, drops, duplicates and reorders messages, partitions both
+//! ways and one way, crashes that lose whatever was not yet durable,
+//! restarts from what was, leadership transfers and clients that retry.
+//! After every step a [`checker::Checker`] verifies Raft's safety
+//! properties; at the end the faults heal and the cluster must elect a
+//! leader and commit every pending proposal within a bounded time.
+//!
+//! The same seed always replays the same run.
+
+pub mod checker;
+pub mod client;
+pub mod network;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::raft::rng::Rng;
+use crate::raft::{
+    Config, Entry, Envelope, HardState, Index, LogWrite, NodeId, ProposeError, Proposal, RaftNode, Ready,
+    Role,
+};
+use checker::{extend_chain, Checker, Violation};
+use client::SimClient;
+use network::{Network, NetworkFaults};
+
+/// Shape and fault rates of one simulated run. Rates are per step.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub steps: u64,
+    pub voters: u64,
+    pub learners: u64,
+    pub clients: u64,
+    pub network: NetworkFaults,
+    /// Most steps a log write takes to become durable.
+    pub max_persist_delay: u64,
+    pub propose_rate: f64,
+    pub read_rate: f64,
+    pub partition_rate: f64,
+    pub one_way_rate: f64,
+    pub heal_rate: f64,
+    pub crash_rate: f64,
+    pub transfer_rate: f64,
+    /// Give voters priorities; the highest must end up leading.
+    pub priorities: bool,
+    /// Steps allowed after the faults heal for the cluster to converge.
+    pub liveness_bound: u64,
+}
+
+impl SimConfig {
+    /// A run whose shape (3 or 5 voters, learners, client windows,
+    /// priorities) is drawn from the seed.
+    pub fn from_seed(seed: u64, steps: u64) -> Self {
+        let mut rng = Rng::new(seed ^ 0x5EED_5EED);
+        SimConfig {
+            seed,
+            steps,
+            voters: if rng.chance(0.5) { 3 } else { 5 },
+            learners: rng.range(0, 3),
+            clients: rng.range(1, 4),
+            network: NetworkFaults {
+                drop: 0.02,
+                duplicate: 0.01,
+                max_delay: 3,
+            },
+            max_persist_delay: 2,
+            propose_rate: 0.3,
+            read_rate: 0.05,
+            partition_rate: 0.004,
+            one_way_rate: 0.003,
+            heal_rate: 0.02,
+            crash_rate: 0.004,
+            transfer_rate: 0.002,
+            priorities: rng.chance(0.25),
+            liveness_bound: 600,
+        }
+    }
+}
+
+/// What happened during a run: the fault counts prove the faults happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub partitions: u64,
+    pub one_way_partitions: u64,
+    pub crashes: u64,
+    pub leader_crashes: u64,
+    pub restarts: u64,
+    pub lost_writes: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub blocked: u64,
+    pub transfers: u64,
+    pub leader_changes: u64,
+    pub max_term: u64,
+    pub committed: u64,
+    pub acked: u64,
+    pub retries: u64,
+    pub reads: u64,
+    /// Steps after healing until the cluster converged.
+    pub convergence_steps: u64,
+}
+
+/// A failed run: what broke, where, and how to replay it.
+#[derive(Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub steps: u64,
+    pub step: u64,
+    pub violation: Violation,
+    pub trace: Vec<String>,
+}
+
+impl fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "simulation seed {} failed at step {}: {}", self.seed, self.step, self.violation)?;
+        writeln!(
+            f,
+            "replay: CLUSTER_STORE_SIM_SEED={} CLUSTER_STORE_SIM_STEPS={} cargo test --test simulation replay -- --nocapture",
+            self.seed, self.steps
+        )?;
+        writeln!(f, "last events:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SimFailure {}
+
+struct PendingWrite {
+    due: u64,
+    /// None: nothing new to write, but `acks` still wait for earlier writes.
+    write: Option<LogWrite>,
+    acks: Vec<Envelope>,
+}
+
+/// One simulated machine: its Raft node (absent while crashed), its disk,
+/// and writes still on their way to the disk.
+struct SimNode {
+    raft: Option<RaftNode>,
+    config: Config,
+    disk_hard_state: HardState,
+    disk_log: Vec<Entry>,
+    disk_chain: Vec<u64>,
+    writes: VecDeque<PendingWrite>,
+    /// Chain hashes of the in-memory log.
+    chain: Vec<u64>,
+    last_commit: Index,
+    restart_at: Option<u64>,
+}
+
+pub struct Simulation {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    nodes: BTreeMap<NodeId, SimNode>,
+    network: Network,
+    clients: Vec<SimClient>,
+    /// Outstanding reads: ctx -> (node, smallest index the answer may have).
+    reads: BTreeMap<u64, (NodeId, Index)>,
+    next_read: u64,
+    checker: Checker,
+    stats: Stats,
+    trace: VecDeque<String>,
+    verbose: bool,
+    faults_on: bool,
+}
+
+const TRACE_LINES: usize = 400;
+/// Steps a client waits for an answer before retrying elsewhere.
+const CLIENT_TIMEOUT: u64 = 25;
+
+impl Simulation {
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = Rng::new(cfg.seed);
+        let voters: Vec<NodeId> = (1..=cfg.voters).collect();
+        let learners: Vec<NodeId> = (cfg.voters + 1..=cfg.voters + cfg.learners).collect();
+        let mut nodes = BTreeMap::new();
+        for id in voters.iter().chain(&learners) {
+            let mut config = Config::new(*id, voters.iter().copied());
+            config.learners = learners.iter().copied().collect();
+            config.max_inflight = 4;
+            config.max_append_entries = 8;
+            config.session_window = 16;
+            config.seed = rng.next_u64();
+            if cfg.priorities {
+                config.priorities = voters.iter().map(|v| (*v, *v as u32)).collect();
+            }
+            let raft = RaftNode::new(config.clone(), HardState::default(), Vec::new())
+                .expect("simulated cluster configuration is valid");
+            nodes.insert(
+                *id,
+                SimNode {
+                    raft: Some(raft),
+                    config,
+                    disk_hard_state: HardState::default(),
+                    disk_log: Vec::new(),
+                    disk_chain: Vec::new(),
+                    writes: VecDeque::new(),
+                    chain: Vec::new(),
+                    last_commit: 0,
+                    restart_at: None,
+                },
+            );
+        }
+        let clients = (0..cfg.clients)
+            .map(|i| SimClient::new(1000 + i, rng.range(1, 5), rng.range(1, cfg.voters + 1)))
+            .collect();
+        Simulation {
+            cfg,
+            rng,
+            now: 0,
+            nodes,
+            network: Network::default(),
+            clients,
+            reads: BTreeMap::new(),
+            next_read: 1,
+            checker: Checker::default(),
+            stats: Stats::default(),
+            trace: VecDeque::new(),
+            verbose: false,
+            faults_on: true,
+        }
+    }
+
+    /// Prints every trace line as it happens.
+    pub fn verbose(mut self, on: bool) -> Self {
+        self.verbose = on;
+        self
+    }
+
+    /// Runs the whole schedule: faults for `steps`, then healing until the
+    /// cluster converges.
+    pub fn run(cfg: SimConfig) -> Result<Stats, SimFailure> {
+        Simulation::new(cfg).run_to_end()
+    }
+
+    pub fn run_to_end(mut self) -> Result<Stats, SimFailure> {
+        let result = self.run_inner();
+        result.map_err(|violation| SimFailure {
+            seed: self.cfg.seed,
+            steps: self.cfg.steps,
+            step: self.now,
+            violation,
+            trace: self.trace.iter().cloned().collect(),
+        })
+    }
+
+    fn run_inner(&mut self) -> Result<Stats, Violation> {
+        // One fault of each kind is guaranteed at a seeded moment in the
+        // first half, so that no run goes by without them.
+        let forced_crash = self.rng.range(self.cfg.steps / 8, self.cfg.steps / 2 + 1);
+        let forced_partition = self.rng.range(self.cfg.steps / 8, self.cfg.steps / 2 + 1);
+        while self.now < self.cfg.steps {
+            self.now += 1;
+            if self.now >= forced_crash && self.stats.leader_crashes == 0 {
+                self.crash_leader()?;
+            }
+            if self.now == forced_partition && self.stats.partitions == 0 {
+                self.random_partition();
+            }
+            self.inject_faults()?;
+            self.step()?;
+        }
+        self.heal_all()?;
+        let healed_at = self.now;
+        while !self.converged() {
+            if self.now - healed_at >= self.cfg.liveness_bound {
+                return Err(format!(
+                    "no convergence within {} steps after healing: {}",
+                    self.cfg.liveness_bound,
+                    self.describe_cluster()
+                ));
+            }
+            self.now += 1;
+            self.step()?;
+        }
+        self.stats.convergence_steps = self.now - healed_at;
+        self.checker.all_acks_committed()?;
+        self.stats.dropped = self.network.dropped;
+        self.stats.duplicated = self.network.duplicated;
+        self.stats.blocked = self.network.blocked_drops;
+        self.stats.committed = self.checker.committed_len();
+        self.stats.acked = self.checker.acked_count() as u64;
+        Ok(self.stats.clone())
+    }
+
+    fn note(&mut self, line: String) {
+        let line = format!("[{:>5}] {line}", self.now);
+        if self.verbose {
+            println!("{line}");
+        }
+        if self.trace.len() == TRACE_LINES {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(line);
+    }
+
+    /// One step: restarts, client activity, message deliveries, disk
+    /// completions and a tick on every node, then the invariant checks.
+    fn step(&mut self) -> Result<(), Violation> {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in &ids {
+            if self.nodes[id].restart_at.is_some_and(|at| at <= self.now) {
+                self.restart(*id)?;
+            }
+        }
+        self.run_clients()?;
+        while let Some(envelope) = self.network.next_due(self.now) {
+            let to = envelope.to;
+            if let Some(raft) = self.nodes.get_mut(&to).and_then(|n| n.raft.as_mut()) {
+                raft.step(envelope);
+                self.drain(to)?;
+            }
+        }
+        for id in &ids {
+            self.complete_writes(*id)?;
+            if let Some(raft) = self.nodes.get_mut(id).and_then(|n| n.raft.as_mut()) {
+                raft.tick();
+                self.drain(*id)?;
+            }
+        }
+        self.check()
+    }
+
+    fn inject_faults(&mut self) -> Result<(), Violation> {
+        if !self.faults_on {
+            return Ok(());
+        }
+        if self.rng.chance(self.cfg.partition_rate) {
+            self.random_partition();
+        }
+        if self.rng.chance(self.cfg.one_way_rate) {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            let from = *self.rng.pick(&ids).unwrap_or(&1);
+            let to = *self.rng.pick(&ids).unwrap_or(&1);
+            if from != to {
+                self.network.block(from, to);
+                self.stats.one_way_partitions += 1;
+                self.note(format!("one-way partition: {from} -> {to} cut"));
+            }
+        }
+        if self.network.is_partitioned() && self.rng.chance(self.cfg.heal_rate) {
+            self.network.heal();
+            self.note("network healed".into());
+        }
+        if self.rng.chance(self.cfg.crash_rate) {
+            let up: Vec<NodeId> = self.up_nodes();
+            if let Some(&id) = self.rng.pick(&up) {
+                self.crash(id);
+            }
+        }
+        if self.rng.chance(self.cfg.transfer_rate) {
+            if let Some(leader) = self.current_leader() {
+                let target = self.rng.range(1, self.cfg.voters + 1);
+                if let Some(raft) = self.nodes.get_mut(&leader).and_then(|n| n.raft.as_mut()) {
+                    if raft.transfer_leadership(target).is_ok() {
+                        self.stats.transfers += 1;
+                        self.note(format!("leader {leader} asked to transfer to {target}"));
+                        self.drain(leader)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn random_partition(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut side: Vec<NodeId> = ids.iter().copied().filter(|_| self.rng.chance(0.5)).collect();
+        if side.is_empty() || side.len() == ids.len() {
+            side = vec![self.current_leader().unwrap_or(1)];
+        }
+        self.network.partition(&side, &ids);
+        self.stats.partitions += 1;
+        self.note(format!("partition: {side:?} cut off from the rest"));
+    }
+
+    fn crash_leader(&mut self) -> Result<(), Violation> {
+        if let Some(leader) = self.current_leader() {
+            self.crash(leader);
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        let restart_in = self.rng.range(5, 80);
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let Some(raft) = node.raft.take() else {
+            return;
+        };
+        let lost = node.writes.len() as u64;
+        node.writes.clear();
+        // Reads in progress there die with it; their clients time out.
+        self.reads.retain(|_, (at, _)| *at != id);
+        node.restart_at = Some(self.now + restart_in);
+        self.stats.crashes += 1;
+        self.stats.lost_writes += lost;
+        if raft.role() == Role::Leader {
+            self.stats.leader_crashes += 1;
+        }
+        self.note(format!(
+            "crash node {id} ({:?}, term {}), {lost} unsynced writes lost",
+            raft.role(),
+            raft.term()
+        ));
+    }
+
+    fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
+        let raft = RaftNode::new(node.config.clone(), node.disk_hard_state, node.disk_log.clone())
+            .map_err(|e| format!("node {id} cannot restart from its own disk: {e}"))?;
+        if raft.commit_index() != node.disk_hard_state.commit {
+            return Err(format!(
+                "node {id} restarted with commit {} but its disk recorded {}",
+                raft.commit_index(),
+                node.disk_hard_state.commit
+            ));
+        }
+        node.chain = node.disk_chain.clone();
+        node.last_commit = raft.commit_index();
+        node.raft = Some(raft);
+        node.restart_at = None;
+        self.stats.restarts += 1;
+        let line = format!(
+            "restart node {id}: term {}, {} entries on disk, commit {}",
+            node.disk_hard_state.term,
+            node.disk_log.len(),
+            node.disk_hard_state.commit
+        );
+        self.note(line);
+        Ok(())
+    }
+
+    fn heal_all(&mut self) -> Result<(), Violation> {
+        self.faults_on = false;
+        self.network.heal();
+        self.note("healing: network restored, crashed nodes restart, faults stop".into());
+        let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.raft.is_none()).map(|(id, _)| *id).collect();
+        for id in down {
+            self.restart(id)?;
+        }
+        Ok(())
+    }
+
+    fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes.iter().filter(|(_, n)| n.raft.is_some()).map(|(id, _)| *id).collect()
+    }
+
+    /// The live leader with the highest term.
+    fn current_leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, n)| n.raft.as_ref().map(|r| (id, r)))
+            .filter(|(_, r)| r.role() == Role::Leader)
+            .max_by_key(|(_, r)| r.term())
+            .map(|(id, _)| *id)
+    }
+
+    fn converged(&self) -> bool {
+        let Some(leader) = self.current_leader() else {
+            return false;
+        };
+        if self.cfg.priorities && leader != self.cfg.voters {
+            return false;
+        }
+        let Some(leader_raft) = self.nodes[&leader].raft.as_ref() else {
+            return false;
+        };
+        let last = leader_raft.log().last_index();
+        let term = leader_raft.term();
+        let all_caught_up = self.nodes.values().all(|n| {
+            n.raft
+                .as_ref()
+                .is_some_and(|r| r.term() == term && r.commit_index() == last && r.log().persisted_index() == last)
+        });
+        all_caught_up && self.clients.iter().all(|c| c.outstanding.is_empty()) && self.reads.is_empty()
+    }
+
+    fn describe_cluster(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(id, n)| match &n.raft {
+                Some(r) => format!(
+                    "{id}:{:?} t{} commit {} last {}",
+                    r.role(),
+                    r.term(),
+                    r.commit_index(),
+                    r.log().last_index()
+                ),
+                None => format!("{id}:down"),
+            })
+            .collect();
+        let pending: usize = self.clients.iter().map(|c| c.outstanding.len()).sum();
+        format!("[{}], {pending} proposals and {} reads pending", nodes.join(", "), self.reads.len())
+    }
+
+    fn run_clients(&mut self) -> Result<(), Violation> {
+        let up = self.up_nodes();
+        for i in 0..self.clients.len() {
+            if self.faults_on && self.clients[i].can_start() && self.rng.chance(self.cfg.propose_rate) {
+                let now = self.now;
+                self.clients[i].start(now);
+            }
+            if self.faults_on && self.rng.chance(self.cfg.read_rate) {
+                let target = self.clients[i].target;
+                if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
+                    let ctx = self.next_read;
+                    self.next_read += 1;
+                    self.reads.insert(ctx, (target, self.checker.max_acked_index()));
+                    raft.read_index(ctx);
+                    self.drain(target)?;
+                }
+            }
+            for seq in self.clients[i].due(self.now) {
+                let client = &mut self.clients[i];
+                if !up.contains(&client.target) {
+                    client.target = *self.rng.pick(&up).unwrap_or(&1);
+                }
+                let target = client.target;
+                let Some(outstanding) = client.outstanding.get_mut(&seq) else {
+                    continue;
+                };
+                outstanding.attempts += 1;
+                outstanding.next_try_at = self.now + CLIENT_TIMEOUT;
+                if outstanding.attempts > 1 {
+                    self.stats.retries += 1;
+                }
+                let proposal = Proposal {
+                    id: crate::raft::RequestId {
+                        client_id: client.client_id,
+                        seq,
+                    },
+                    lamport: client.clock,
+                    sender: format!("client-{}", client.client_id),
+                    data: Bytes::from(format!("message {seq} from {}", client.client_id)),
+                };
+                if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
+                    raft.propose(proposal);
+                    self.drain(target)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out everything a node's `ready` asks, in the order it asks.
+    fn drain(&mut self, id: NodeId) -> Result<(), Violation> {
+        loop {
+            let ready = match self.nodes.get_mut(&id).and_then(|n| n.raft.as_mut()) {
+                Some(raft) if raft.has_ready() => raft.ready(),
+                _ => return Ok(()),
+            };
+            self.handle_ready(id, ready)?;
+            self.complete_writes(id)?;
+        }
+    }
+
+    fn handle_ready(&mut self, id: NodeId, ready: Ready) -> Result<(), Violation> {
+        let Ready {
+            hard_state,
+            messages,
+            log_write,
+            persisted_messages,
+            committed: _,
+            responses,
+            reads,
+        } = ready;
+        let delay = self.rng.range(0, self.cfg.max_persist_delay + 1);
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
+        if let Some(hard_state) = hard_state {
+            if hard_state.term < node.disk_hard_state.term {
+                return Err(format!("node {id} persisted a lower term"));
+            }
+            if hard_state.term == node.disk_hard_state.term
+                && node.disk_hard_state.vote.is_some()
+                && hard_state.vote != node.disk_hard_state.vote
+            {
+                return Err(format!("node {id} changed its vote within term {}", hard_state.term));
+            }
+            node.disk_hard_state = hard_state;
+        }
+        if let Some(write) = &log_write {
+            let raft = node.raft.as_ref().ok_or("drained a crashed node")?;
+            extend_chain(&mut node.chain, write.from, &write.entries);
+            let previous = raft.log().get(write.from.saturating_sub(1)).map_or(0, |e| e.lamport);
+            self.checker.observe_entries(id, &node.chain, &write.entries, previous)?;
+        }
+        if let Some(write) = log_write {
+            node.writes.push_back(PendingWrite {
+                due: self.now + delay,
+                write: Some(write),
+                acks: persisted_messages,
+            });
+        } else if !persisted_messages.is_empty() {
+            let due = node.writes.back().map_or(self.now, |w| w.due);
+            node.writes.push_back(PendingWrite {
+                due,
+                write: None,
+                acks: persisted_messages,
+            });
+        }
+        for envelope in messages {
+            self.network.send(envelope, self.now, &self.cfg.network, &mut self.rng);
+        }
+        for response in responses {
+            self.on_response(id, response)?;
+        }
+        for read in reads {
+            self.stats.reads += 1;
+            let Some((_, floor)) = self.reads.remove(&read.ctx) else {
+                continue;
+            };
+            if let Ok(index) = read.result {
+                if index < floor {
+                    return Err(format!(
+                        "stale read at node {id}: read index {index} below acknowledged index {floor}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_response(&mut self, node: NodeId, response: crate::raft::ProposeResponse) -> Result<(), Violation> {
+        let Some(client) = self.clients.iter_mut().find(|c| c.client_id == response.id.client_id) else {
+            return Ok(());
+        };
+        let seq = response.id.seq;
+        match response.result {
+            Ok(committed) => {
+                if let Some(clock_at_send) = client.committed(seq, committed) {
+                    if committed.lamport <= clock_at_send {
+                        return Err(format!(
+                            "proposal {:?} stamped {} but its client had seen {clock_at_send} before sending",
+                            response.id, committed.lamport
+                        ));
+                    }
+                    self.checker.on_ack(response.id, committed)?;
+                }
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                client.target = leader.unwrap_or_else(|| self.rng.range(1, self.cfg.voters + 1));
+                client.retry_at(seq, self.now + 1);
+            }
+            Err(ProposeError::LeadershipLost) | Err(ProposeError::TransferInProgress) => {
+                client.retry_at(seq, self.now + 2);
+            }
+            Err(error) => {
+                return Err(format!("node {node} refused proposal {:?}: {error}", response.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes due writes durable, in order, then releases what waited on them.
+    fn complete_writes(&mut self, id: NodeId) -> Result<(), Violation> {
+        loop {
+            let Some(node) = self.nodes.get_mut(&id) else {
+                return Ok(());
+            };
+            if !node.writes.front().is_some_and(|w| w.due <= self.now) {
+                return Ok(());
+            }
+            let Some(PendingWrite { write, acks, .. }) = node.writes.pop_front() else {
+                return Ok(());
+            };
+            if let Some(write) = &write {
+                node.disk_log.truncate(write.from.saturating_sub(1) as usize);
+                node.disk_log.extend(write.entries.iter().cloned());
+                extend_chain(&mut node.disk_chain, write.from, &write.entries);
+            }
+            for envelope in acks {
+                self.network.send(envelope, self.now, &self.cfg.network, &mut self.rng);
+            }
+            if let Some((index, term)) = write.and_then(|w| w.last()) {
+                if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.as_mut()) {
+                    raft.persisted(index, term);
+                }
+            }
+            self.drain(id)?;
+        }
+    }
+
+    fn check(&mut self) -> Result<(), Violation> {
+        let quorum = (self.cfg.voters / 2 + 1) as usize;
+        let voters = self.cfg.voters;
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let node = &self.nodes[&id];
+            let Some(raft) = node.raft.as_ref() else {
+                continue;
+            };
+            let term = raft.term();
+            self.stats.max_term = self.stats.max_term.max(term);
+            if raft.role() == Role::Leader {
+                if self.checker.observe_leader(id, term)? {
+                    self.stats.leader_changes += 1;
+                    let line = format!("node {id} leads term {term}");
+                    self.note(line);
+                }
+                let node = &self.nodes[&id];
+                self.checker.check_leader_complete(id, term, &node.chain)?;
+            }
+            let node = &self.nodes[&id];
+            let Some(raft) = node.raft.as_ref() else {
+                continue;
+            };
+            let commit = raft.commit_index();
+            if commit < node.last_commit {
+                return Err(format!("node {id}'s commit index went back from {} to {commit}", node.last_commit));
+            }
+            let nodes = &self.nodes;
+            self.checker.observe_commit(
+                id,
+                commit,
+                &node.chain,
+                |index| raft.log().get(index).cloned(),
+                |index, hash| {
+                    nodes
+                        .iter()
+                        .filter(|(v, n)| **v <= voters && n.disk_chain.get(index as usize - 1) == Some(&hash))
+                        .count()
+                },
+                quorum,
+            )?;
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.last_commit = commit;
+            }
+        }
+        Ok(())
+    }
+}

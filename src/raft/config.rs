@@ -46,7 +46,9 @@ pub enum ConfigError {
     VoterAndLearner(NodeId),
     #[error("the cluster has no voters")]
     NoVoters,
-    #[error("heartbeat_ticks ({heartbeat}) must be at least 1 and below election_ticks ({election})")]
+    #[error(
+        "heartbeat_ticks ({heartbeat}) must be at least 1 and below election_ticks ({election})"
+    )]
     BadTimeouts { heartbeat: u64, election: u64 },
     #[error("max_inflight, max_append_entries and session_window must be at least 1")]
     ZeroLimit,

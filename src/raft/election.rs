@@ -13,13 +13,13 @@ impl RaftNode {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_timeout {
             let pre_vote = self.config.pre_vote;
-            self.campaign(pre_vote, false);
+            self.start_campaign(pre_vote, false);
         }
     }
 
     /// Starts a pre-election (`pre_vote`) or an election. `transfer` marks an
     /// election the leader asked for, which voters honour despite their lease.
-    pub(super) fn campaign(&mut self, pre_vote: bool, transfer: bool) {
+    pub(super) fn start_campaign(&mut self, pre_vote: bool, transfer: bool) {
         if !self.config.is_voter(self.config.id) {
             return;
         }
@@ -35,17 +35,31 @@ impl RaftNode {
             self.vote = Some(self.config.id);
             self.term
         };
-        debug!(node = self.config.id, term = campaign_term, pre_vote, "campaigning");
+        debug!(
+            node = self.config.id,
+            term = campaign_term,
+            pre_vote,
+            "campaigning"
+        );
         self.votes.insert(self.config.id, true);
         if self.tally_votes() {
             return;
         }
         let last_index = self.log.last_index();
         let last_term = self.log.last_term();
-        let voters: Vec<NodeId> = self.config.voters.iter().copied().filter(|v| *v != self.config.id).collect();
+        let voters: Vec<NodeId> = self
+            .config
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != self.config.id)
+            .collect();
         for voter in voters {
             let message = if pre_vote {
-                Message::PreVote { last_index, last_term }
+                Message::PreVote {
+                    last_index,
+                    last_term,
+                }
             } else {
                 Message::Vote {
                     last_index,
@@ -73,10 +87,17 @@ impl RaftNode {
             && up_to_date
             && self.config.is_voter(from)
             && self.config.is_voter(self.config.id);
-        debug!(node = self.config.id, from, term, pre_vote, grant, "vote request");
+        debug!(
+            node = self.config.id,
+            from, term, pre_vote, grant, "vote request"
+        );
         if pre_vote {
             let reply_term = if grant { term } else { self.term };
-            let envelope = self.envelope(from, reply_term, Message::PreVoteResponse { granted: grant });
+            let envelope = self.envelope(
+                from,
+                reply_term,
+                Message::PreVoteResponse { granted: grant },
+            );
             self.out.messages.push(envelope);
         } else {
             if grant {
@@ -101,7 +122,7 @@ impl RaftNode {
         let quorum = self.config.quorum();
         if granted >= quorum {
             match self.role {
-                Role::PreCandidate => self.campaign(false, false),
+                Role::PreCandidate => self.start_campaign(false, false),
                 Role::Candidate => self.become_leader(),
                 _ => {}
             }
@@ -161,7 +182,11 @@ impl RaftNode {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         let next = self.log.last_index() + 1;
-        self.progress = self.config.peers().map(|id| (id, Progress::new(next))).collect();
+        self.progress = self
+            .config
+            .peers()
+            .map(|id| (id, Progress::new(next)))
+            .collect();
         self.pending = self
             .log
             .range(self.commit + 1, self.log.last_index())
@@ -175,8 +200,11 @@ impl RaftNode {
 
     pub(super) fn handle_timeout_now(&mut self, from: NodeId) {
         if self.role != Role::Leader && self.config.is_voter(self.config.id) {
-            info!(node = self.config.id, from, "leadership handed over: campaigning now");
-            self.campaign(false, true);
+            info!(
+                node = self.config.id,
+                from, "leadership handed over: campaigning now"
+            );
+            self.start_campaign(false, true);
         }
     }
 }

@@ -52,7 +52,10 @@ impl RaftNode {
         let Some(transfer) = &mut self.transfer else {
             return false;
         };
-        let caught_up = self.progress.get(&peer).is_some_and(|pr| pr.match_index == last);
+        let caught_up = self
+            .progress
+            .get(&peer)
+            .is_some_and(|pr| pr.match_index == last);
         if transfer.target != peer || transfer.timeout_sent || !caught_up {
             return false;
         }

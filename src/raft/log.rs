@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn term_lookups() {
-        let log = RaftLog::restore(vec![entry(1, 1), entry(2, 1), entry(3, 3), entry(4, 3)]).unwrap();
+        let log =
+            RaftLog::restore(vec![entry(1, 1), entry(2, 1), entry(3, 3), entry(4, 3)]).unwrap();
         assert_eq!(log.last_index_of_term(1), Some(2));
         assert_eq!(log.last_index_of_term(2), None);
         assert_eq!(log.last_index_of_term(3), Some(4));

@@ -21,8 +21,13 @@ pub struct Envelope {
 pub enum Message {
     /// Would you vote for me in `term`? Changes no state on either side, so
     /// a node cut off from the cluster cannot inflate terms and disrupt it.
-    PreVote { last_index: Index, last_term: Term },
-    PreVoteResponse { granted: bool },
+    PreVote {
+        last_index: Index,
+        last_term: Term,
+    },
+    PreVoteResponse {
+        granted: bool,
+    },
     /// A real vote request. `transfer` marks a campaign started by
     /// `TimeoutNow`, which voters honour even while they follow a live leader.
     Vote {
@@ -30,7 +35,9 @@ pub enum Message {
         last_term: Term,
         transfer: bool,
     },
-    VoteResponse { granted: bool },
+    VoteResponse {
+        granted: bool,
+    },
     /// Log replication: `entries` follow the entry at `prev_index`, which the
     /// receiver must hold with `prev_term`.
     Append {
@@ -42,8 +49,13 @@ pub enum Message {
     AppendResponse(AppendResult),
     /// Keeps followers from campaigning, carries the commit index they may
     /// safely apply and a read round used by ReadIndex.
-    Heartbeat { commit: Index, read_seq: u64 },
-    HeartbeatResponse { read_seq: u64 },
+    Heartbeat {
+        commit: Index,
+        read_seq: u64,
+    },
+    HeartbeatResponse {
+        read_seq: u64,
+    },
     /// Leadership transfer: campaign now, the leader is handing over.
     TimeoutNow,
 }

@@ -20,8 +20,8 @@ mod node;
 mod progress;
 mod read;
 mod ready;
-pub mod rng;
 mod replication;
+pub mod rng;
 mod session;
 mod types;
 
@@ -32,4 +32,6 @@ pub use message::{AppendResult, Envelope, Message};
 pub use node::{PeerStatus, RaftError, RaftNode, Status};
 pub use ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
 pub use session::Committed;
-pub use types::{Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term};
+pub use types::{
+    Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term,
+};

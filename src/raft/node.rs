@@ -100,7 +100,11 @@ impl RaftNode {
     /// Starts a node from what its store holds (all empty for a new node).
     /// Entries up to `hard_state.commit` count as applied: the driver's
     /// state is the log itself, so nothing is handed out again.
-    pub fn new(config: Config, hard_state: HardState, entries: Vec<Entry>) -> Result<Self, RaftError> {
+    pub fn new(
+        config: Config,
+        hard_state: HardState,
+        entries: Vec<Entry>,
+    ) -> Result<Self, RaftError> {
         config.validate()?;
         if let Some(vote) = hard_state.vote {
             if !config.is_voter(vote) {
@@ -219,6 +223,16 @@ impl RaftNode {
         }
     }
 
+    /// Starts an election now, as if the election timer had fired: for
+    /// operators forcing a new election and for tests choosing a leader.
+    /// Voters still refuse while they follow a live leader.
+    pub fn campaign(&mut self) {
+        if self.role != Role::Leader && self.role != Role::Learner {
+            let pre_vote = self.config.pre_vote;
+            self.start_campaign(pre_vote, false);
+        }
+    }
+
     /// Asks the leader to append a client message. The answer arrives in a
     /// later `Ready::responses`, once the entry commits (or at once on error).
     pub fn propose(&mut self, proposal: Proposal) {
@@ -255,19 +269,39 @@ impl RaftNode {
             message,
         } = envelope;
         if to != self.config.id || from == self.config.id {
-            warn!(node = self.config.id, from, to, "dropping misaddressed message");
+            warn!(
+                node = self.config.id,
+                from, to, "dropping misaddressed message"
+            );
             return;
         }
         if !self.config.is_voter(from) && !self.config.learners.contains(&from) {
-            warn!(node = self.config.id, from, "dropping message from a node outside the cluster");
+            warn!(
+                node = self.config.id,
+                from, "dropping message from a node outside the cluster"
+            );
             return;
         }
         self.lamport = self.lamport.max(lamport);
+        let vote_request = matches!(message, Message::PreVote { .. } | Message::Vote { .. });
+        if vote_request && !self.config.is_voter(self.config.id) {
+            debug!(
+                node = self.config.id,
+                from, "learner ignoring a vote request"
+            );
+            return;
+        }
 
         if term > self.term {
             match message {
-                Message::PreVote { .. } | Message::Vote { transfer: false, .. } if self.in_lease() => {
-                    debug!(node = self.config.id, from, term, "ignoring vote request: a leader is alive");
+                Message::PreVote { .. }
+                | Message::Vote {
+                    transfer: false, ..
+                } if self.in_lease() => {
+                    debug!(
+                        node = self.config.id,
+                        from, term, "ignoring vote request: a leader is alive"
+                    );
                     return;
                 }
                 // A pre-vote changes no term; a granted pre-vote echoes the
@@ -285,7 +319,9 @@ impl RaftNode {
                     self.send(from, Message::HeartbeatResponse { read_seq: 0 })
                 }
                 // A rejection at our term lets a lagging pre-candidate catch up.
-                Message::PreVote { .. } => self.send(from, Message::PreVoteResponse { granted: false }),
+                Message::PreVote { .. } => {
+                    self.send(from, Message::PreVoteResponse { granted: false })
+                }
                 _ => {}
             }
             return;
@@ -324,7 +360,9 @@ impl RaftNode {
                     self.handle_append_response(from, result);
                 }
             }
-            Message::Heartbeat { commit, read_seq } => self.handle_heartbeat(from, commit, read_seq),
+            Message::Heartbeat { commit, read_seq } => {
+                self.handle_heartbeat(from, commit, read_seq)
+            }
             Message::HeartbeatResponse { read_seq } => {
                 if self.role == Role::Leader {
                     self.handle_heartbeat_response(from, read_seq);
@@ -407,7 +445,11 @@ impl RaftNode {
         }
     }
 
-    pub(super) fn respond(&mut self, id: RequestId, result: Result<super::session::Committed, ProposeError>) {
+    pub(super) fn respond(
+        &mut self,
+        id: RequestId,
+        result: Result<super::session::Committed, ProposeError>,
+    ) {
         self.out.responses.push(ProposeResponse { id, result });
     }
 

@@ -40,7 +40,9 @@ impl ReadState {
 impl RaftNode {
     pub(super) fn start_read(&mut self, ctx: u64) -> Result<(), ProposeError> {
         if self.role != Role::Leader {
-            return Err(ProposeError::NotLeader { leader: self.leader });
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
         }
         if self.log.term(self.commit) != Some(self.term) {
             self.reads.waiting_for_commit.push(ctx);
@@ -75,7 +77,9 @@ impl RaftNode {
     /// The leader committed an entry: reads held back for its first commit
     /// in this term may start.
     pub(super) fn on_commit_in_term(&mut self) {
-        if !self.reads.waiting_for_commit.is_empty() && self.log.term(self.commit) == Some(self.term) {
+        if !self.reads.waiting_for_commit.is_empty()
+            && self.log.term(self.commit) == Some(self.term)
+        {
             let waiting = std::mem::take(&mut self.reads.waiting_for_commit);
             self.register_reads(waiting);
         }
@@ -95,7 +99,10 @@ impl RaftNode {
             let ctx = front.ctx;
             let index = front.index;
             self.reads.pending.pop_front();
-            self.out.reads.push(ReadResponse { ctx, result: Ok(index) });
+            self.out.reads.push(ReadResponse {
+                ctx,
+                result: Ok(index),
+            });
         }
     }
 

@@ -59,13 +59,17 @@ pub enum ProposeError {
     NotLeader { leader: Option<NodeId> },
     /// The leader stepped down before the entry committed; it may still
     /// commit. Retry with the same request id: it will not be written twice.
-    #[error("leadership changed before the message committed; retry with the same sequence number")]
+    #[error(
+        "leadership changed before the message committed; retry with the same sequence number"
+    )]
     LeadershipLost,
     #[error("leadership is being transferred; retry shortly")]
     TransferInProgress,
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
-    #[error("sequence number {seq} is older than the deduplication window; its outcome is unknown")]
+    #[error(
+        "sequence number {seq} is older than the deduplication window; its outcome is unknown"
+    )]
     SessionExpired { seq: u64 },
 }
 

@@ -17,14 +17,22 @@ impl RaftNode {
         if let Some(transfer) = &mut self.transfer {
             transfer.elapsed += 1;
             if transfer.elapsed >= self.config.election_ticks {
-                info!(node = self.config.id, target = transfer.target, "leadership transfer timed out");
+                info!(
+                    node = self.config.id,
+                    target = transfer.target,
+                    "leadership transfer timed out"
+                );
                 self.transfer = None;
             }
         }
         if self.election_elapsed >= self.config.election_ticks {
             self.election_elapsed = 0;
             if self.config.check_quorum && !self.quorum_active() {
-                info!(node = self.config.id, term = self.term, "lost contact with a quorum");
+                info!(
+                    node = self.config.id,
+                    term = self.term,
+                    "lost contact with a quorum"
+                );
                 let term = self.term;
                 self.become_follower(term, None);
                 return;
@@ -52,7 +60,9 @@ impl RaftNode {
 
     pub(super) fn accept_proposal(&mut self, proposal: Proposal) -> Result<(), ProposeError> {
         if self.role != Role::Leader {
-            return Err(ProposeError::NotLeader { leader: self.leader });
+            return Err(ProposeError::NotLeader {
+                leader: self.leader,
+            });
         }
         if self.transfer.is_some() {
             return Err(ProposeError::TransferInProgress);
@@ -68,7 +78,11 @@ impl RaftNode {
                 self.respond(proposal.id, Ok(committed));
                 return Ok(());
             }
-            Lookup::Expired => return Err(ProposeError::SessionExpired { seq: proposal.id.seq }),
+            Lookup::Expired => {
+                return Err(ProposeError::SessionExpired {
+                    seq: proposal.id.seq,
+                })
+            }
             Lookup::New => {}
         }
         self.waiters.insert(proposal.id);
@@ -113,7 +127,11 @@ impl RaftNode {
             let mut sent_any = false;
             while self.send_append(peer, false) {
                 sent_any = true;
-                if self.progress.get(&peer).is_none_or(|pr| pr.state == ReplicationState::Probe) {
+                if self
+                    .progress
+                    .get(&peer)
+                    .is_none_or(|pr| pr.state == ReplicationState::Probe)
+                {
                     break;
                 }
             }
@@ -133,13 +151,19 @@ impl RaftNode {
             return false;
         }
         let next = pr.next_index;
-        let entries = self.log.slice(next, self.config.max_append_entries).to_vec();
+        let entries = self
+            .log
+            .slice(next, self.config.max_append_entries)
+            .to_vec();
         if entries.is_empty() && !allow_empty && pr.state == ReplicationState::Replicate {
             return false;
         }
         let prev_index = next - 1;
         let Some(prev_term) = self.log.term(prev_index) else {
-            error!(node = self.config.id, to, next, "progress points past the log");
+            error!(
+                node = self.config.id,
+                to, next, "progress points past the log"
+            );
             pr.become_probe(self.log.last_index() + 1);
             return false;
         };
@@ -178,7 +202,10 @@ impl RaftNode {
         match result {
             AppendResult::Accepted { match_index } => {
                 if match_index > last_index {
-                    error!(node = self.config.id, from, match_index, "peer acknowledged entries we never sent");
+                    error!(
+                        node = self.config.id,
+                        from, match_index, "peer acknowledged entries we never sent"
+                    );
                     return;
                 }
                 let news = pr.acknowledge(match_index);
@@ -204,7 +231,10 @@ impl RaftNode {
                     return;
                 }
                 let next = match hint_term {
-                    Some(term) => self.log.last_index_of_term(term).map_or(hint_index, |i| i + 1),
+                    Some(term) => self
+                        .log
+                        .last_index_of_term(term)
+                        .map_or(hint_index, |i| i + 1),
                     None => hint_index,
                 };
                 pr.become_probe(next.min(reject_index).max(1));
@@ -273,7 +303,10 @@ impl RaftNode {
         self.election_elapsed = 0;
 
         if entries.first().is_some_and(|e| e.index != prev_index + 1) {
-            error!(node = self.config.id, from, "append whose entries do not follow prev_index ignored");
+            error!(
+                node = self.config.id,
+                from, "append whose entries do not follow prev_index ignored"
+            );
             return;
         }
         // Everything up to our commit index already matches the leader.
@@ -281,7 +314,12 @@ impl RaftNode {
             let skip = (self.commit - prev_index) as usize;
             if skip >= entries.len() {
                 let commit = self.commit;
-                self.send_after_persist(from, Message::AppendResponse(AppendResult::Accepted { match_index: commit }));
+                self.send_after_persist(
+                    from,
+                    Message::AppendResponse(AppendResult::Accepted {
+                        match_index: commit,
+                    }),
+                );
                 return;
             }
             prev_term = entries[skip - 1].term;
@@ -313,14 +351,22 @@ impl RaftNode {
         let mut last_new = prev_index;
         for entry in entries {
             if entry.index != last_new + 1 {
-                error!(node = self.config.id, from, "append with non-contiguous entries ignored");
+                error!(
+                    node = self.config.id,
+                    from, "append with non-contiguous entries ignored"
+                );
                 return;
             }
             last_new = entry.index;
             match self.log.term(entry.index) {
                 Some(term) if term == entry.term => continue,
                 Some(_) if entry.index <= self.commit => {
-                    error!(node = self.config.id, from, index = entry.index, "refusing to overwrite a committed entry");
+                    error!(
+                        node = self.config.id,
+                        from,
+                        index = entry.index,
+                        "refusing to overwrite a committed entry"
+                    );
                     return;
                 }
                 Some(_) => self.log.truncate(entry.index),
@@ -333,7 +379,12 @@ impl RaftNode {
         if commit > self.commit {
             self.commit = commit;
         }
-        self.send_after_persist(from, Message::AppendResponse(AppendResult::Accepted { match_index: last_new }));
+        self.send_after_persist(
+            from,
+            Message::AppendResponse(AppendResult::Accepted {
+                match_index: last_new,
+            }),
+        );
     }
 
     pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: Index, read_seq: u64) {

@@ -83,7 +83,13 @@ impl Checker {
 
     /// Log matching: the same (index, term) means the same prefix, and
     /// Lamport stamps strictly increase along the log.
-    pub fn observe_entries(&mut self, node: NodeId, chain: &[u64], entries: &[Entry], previous_lamport: u64) -> Result<(), Violation> {
+    pub fn observe_entries(
+        &mut self,
+        node: NodeId,
+        chain: &[u64],
+        entries: &[Entry],
+        previous_lamport: u64,
+    ) -> Result<(), Violation> {
         let mut previous = previous_lamport;
         for entry in entries {
             if entry.lamport <= previous {
@@ -122,21 +128,30 @@ impl Checker {
             return Ok(());
         }
         let Some(&hash) = chain.get(commit as usize - 1) else {
-            return Err(format!("node {node} commits index {commit} past its log of {}", chain.len()));
+            return Err(format!(
+                "node {node} commits index {commit} past its log of {}",
+                chain.len()
+            ));
         };
         let known = self.canonical.len() as Index;
         if commit <= known {
             if self.canonical[commit as usize - 1].chain != hash {
-                return Err(format!("node {node}'s committed prefix up to {commit} diverges from the committed log"));
+                return Err(format!(
+                    "node {node}'s committed prefix up to {commit} diverges from the committed log"
+                ));
             }
             return Ok(());
         }
         if known > 0 && chain[known as usize - 1] != self.canonical[known as usize - 1].chain {
-            return Err(format!("node {node}'s committed prefix up to {known} diverges from the committed log"));
+            return Err(format!(
+                "node {node}'s committed prefix up to {known} diverges from the committed log"
+            ));
         }
         for index in known + 1..=commit {
             let Some(entry) = entry_at(index) else {
-                return Err(format!("node {node} commits index {index} it does not hold"));
+                return Err(format!(
+                    "node {node} commits index {index} it does not hold"
+                ));
             };
             let hash = chain[index as usize - 1];
             let durable = durable_on(index, hash);
@@ -170,7 +185,12 @@ impl Checker {
 
     /// Leader completeness: a leader of `term` holds every entry committed
     /// in earlier terms (and its own).
-    pub fn check_leader_complete(&self, node: NodeId, term: Term, chain: &[u64]) -> Result<(), Violation> {
+    pub fn check_leader_complete(
+        &self,
+        node: NodeId,
+        term: Term,
+        chain: &[u64],
+    ) -> Result<(), Violation> {
         let prefix = self.canonical.partition_point(|e| e.term <= term);
         if prefix == 0 {
             return Ok(());
@@ -191,7 +211,8 @@ impl Checker {
             }
         }
         self.max_acked_index = self.max_acked_index.max(committed.index);
-        self.unresolved_acks.insert(committed.index, (id, committed));
+        self.unresolved_acks
+            .insert(committed.index, (id, committed));
         self.resolve_acks()
     }
 
@@ -203,7 +224,10 @@ impl Checker {
             }
             let (index, (id, committed)) = entry.remove_entry();
             let slot = &self.canonical[index as usize - 1];
-            if slot.request != Some(id) || slot.term != committed.term || slot.lamport != committed.lamport {
+            if slot.request != Some(id)
+                || slot.term != committed.term
+                || slot.lamport != committed.lamport
+            {
                 return Err(format!(
                     "proposal {id:?} acknowledged at index {index} (term {}, stamp {}), but the committed log holds {:?} there",
                     committed.term, committed.lamport, slot.request

@@ -40,7 +40,12 @@ impl SimClient {
     }
 
     pub fn can_start(&self) -> bool {
-        let lowest = self.outstanding.keys().next().copied().unwrap_or(self.next_seq);
+        let lowest = self
+            .outstanding
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next_seq);
         self.next_seq < lowest + self.window
     }
 

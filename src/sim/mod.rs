@@ -21,8 +21,8 @@ use bytes::Bytes;
 
 use crate::raft::rng::Rng;
 use crate::raft::{
-    Config, Entry, Envelope, HardState, Index, LogWrite, NodeId, ProposeError, Proposal, RaftNode, Ready,
-    Role,
+    Config, Entry, Envelope, HardState, Index, LogWrite, NodeId, Proposal, ProposeError, RaftNode,
+    Ready, Role,
 };
 use checker::{extend_chain, Checker, Violation};
 use client::SimClient;
@@ -45,11 +45,24 @@ pub struct SimConfig {
     pub one_way_rate: f64,
     pub heal_rate: f64,
     pub crash_rate: f64,
+    /// A crashed node restarts after `min..max` steps.
+    pub restart_delay: (u64, u64),
     pub transfer_rate: f64,
     /// Give voters priorities; the highest must end up leading.
     pub priorities: bool,
     /// Steps allowed after the faults heal for the cluster to converge.
     pub liveness_bound: u64,
+    /// Break the driver on purpose, to show the checker notices.
+    pub sabotage: Option<Sabotage>,
+}
+
+/// Deliberate driver bugs that break Raft's durability contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    /// Send acknowledgements before the log write is durable.
+    AckBeforeSync,
+    /// Forget the vote on restart, as if it was never synced.
+    ForgetVote,
 }
 
 impl SimConfig {
@@ -75,9 +88,11 @@ impl SimConfig {
             one_way_rate: 0.003,
             heal_rate: 0.02,
             crash_rate: 0.004,
+            restart_delay: (5, 80),
             transfer_rate: 0.002,
             priorities: rng.chance(0.25),
             liveness_bound: 600,
+            sabotage: None,
         }
     }
 }
@@ -117,7 +132,11 @@ pub struct SimFailure {
 
 impl fmt::Display for SimFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "simulation seed {} failed at step {}: {}", self.seed, self.step, self.violation)?;
+        writeln!(
+            f,
+            "simulation seed {} failed at step {}: {}",
+            self.seed, self.step, self.violation
+        )?;
         writeln!(
             f,
             "replay: CLUSTER_STORE_SIM_SEED={} CLUSTER_STORE_SIM_STEPS={} cargo test --test simulation replay -- --nocapture",
@@ -373,7 +392,11 @@ impl Simulation {
 
     fn random_partition(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let mut side: Vec<NodeId> = ids.iter().copied().filter(|_| self.rng.chance(0.5)).collect();
+        let mut side: Vec<NodeId> = ids
+            .iter()
+            .copied()
+            .filter(|_| self.rng.chance(0.5))
+            .collect();
         if side.is_empty() || side.len() == ids.len() {
             side = vec![self.current_leader().unwrap_or(1)];
         }
@@ -390,7 +413,9 @@ impl Simulation {
     }
 
     fn crash(&mut self, id: NodeId) {
-        let restart_in = self.rng.range(5, 80);
+        let restart_in = self
+            .rng
+            .range(self.cfg.restart_delay.0, self.cfg.restart_delay.1);
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
         };
@@ -415,11 +440,19 @@ impl Simulation {
     }
 
     fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
+        let forget_vote = self.cfg.sabotage == Some(Sabotage::ForgetVote);
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
         };
-        let raft = RaftNode::new(node.config.clone(), node.disk_hard_state, node.disk_log.clone())
-            .map_err(|e| format!("node {id} cannot restart from its own disk: {e}"))?;
+        if forget_vote {
+            node.disk_hard_state.vote = None;
+        }
+        let raft = RaftNode::new(
+            node.config.clone(),
+            node.disk_hard_state,
+            node.disk_log.clone(),
+        )
+        .map_err(|e| format!("node {id} cannot restart from its own disk: {e}"))?;
         if raft.commit_index() != node.disk_hard_state.commit {
             return Err(format!(
                 "node {id} restarted with commit {} but its disk recorded {}",
@@ -446,7 +479,12 @@ impl Simulation {
         self.faults_on = false;
         self.network.heal();
         self.note("healing: network restored, crashed nodes restart, faults stop".into());
-        let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.raft.is_none()).map(|(id, _)| *id).collect();
+        let down: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.raft.is_none())
+            .map(|(id, _)| *id)
+            .collect();
         for id in down {
             self.restart(id)?;
         }
@@ -454,7 +492,11 @@ impl Simulation {
     }
 
     fn up_nodes(&self) -> Vec<NodeId> {
-        self.nodes.iter().filter(|(_, n)| n.raft.is_some()).map(|(id, _)| *id).collect()
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.raft.is_some())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The live leader with the highest term.
@@ -480,11 +522,13 @@ impl Simulation {
         let last = leader_raft.log().last_index();
         let term = leader_raft.term();
         let all_caught_up = self.nodes.values().all(|n| {
-            n.raft
-                .as_ref()
-                .is_some_and(|r| r.term() == term && r.commit_index() == last && r.log().persisted_index() == last)
+            n.raft.as_ref().is_some_and(|r| {
+                r.term() == term && r.commit_index() == last && r.log().persisted_index() == last
+            })
         });
-        all_caught_up && self.clients.iter().all(|c| c.outstanding.is_empty()) && self.reads.is_empty()
+        all_caught_up
+            && self.clients.iter().all(|c| c.outstanding.is_empty())
+            && self.reads.is_empty()
     }
 
     fn describe_cluster(&self) -> String {
@@ -503,13 +547,20 @@ impl Simulation {
             })
             .collect();
         let pending: usize = self.clients.iter().map(|c| c.outstanding.len()).sum();
-        format!("[{}], {pending} proposals and {} reads pending", nodes.join(", "), self.reads.len())
+        format!(
+            "[{}], {pending} proposals and {} reads pending",
+            nodes.join(", "),
+            self.reads.len()
+        )
     }
 
     fn run_clients(&mut self) -> Result<(), Violation> {
         let up = self.up_nodes();
         for i in 0..self.clients.len() {
-            if self.faults_on && self.clients[i].can_start() && self.rng.chance(self.cfg.propose_rate) {
+            if self.faults_on
+                && self.clients[i].can_start()
+                && self.rng.chance(self.cfg.propose_rate)
+            {
                 let now = self.now;
                 self.clients[i].start(now);
             }
@@ -518,7 +569,8 @@ impl Simulation {
                 if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
                     let ctx = self.next_read;
                     self.next_read += 1;
-                    self.reads.insert(ctx, (target, self.checker.max_acked_index()));
+                    self.reads
+                        .insert(ctx, (target, self.checker.max_acked_index()));
                     raft.read_index(ctx);
                     self.drain(target)?;
                 }
@@ -589,16 +641,35 @@ impl Simulation {
                 && node.disk_hard_state.vote.is_some()
                 && hard_state.vote != node.disk_hard_state.vote
             {
-                return Err(format!("node {id} changed its vote within term {}", hard_state.term));
+                return Err(format!(
+                    "node {id} changed its vote within term {}",
+                    hard_state.term
+                ));
             }
             node.disk_hard_state = hard_state;
         }
         if let Some(write) = &log_write {
             let raft = node.raft.as_ref().ok_or("drained a crashed node")?;
             extend_chain(&mut node.chain, write.from, &write.entries);
-            let previous = raft.log().get(write.from.saturating_sub(1)).map_or(0, |e| e.lamport);
-            self.checker.observe_entries(id, &node.chain, &write.entries, previous)?;
+            let previous = raft
+                .log()
+                .get(write.from.saturating_sub(1))
+                .map_or(0, |e| e.lamport);
+            self.checker
+                .observe_entries(id, &node.chain, &write.entries, previous)?;
         }
+        let persisted_messages = if self.cfg.sabotage == Some(Sabotage::AckBeforeSync) {
+            for envelope in persisted_messages {
+                self.network
+                    .send(envelope, self.now, &self.cfg.network, &mut self.rng);
+            }
+            Vec::new()
+        } else {
+            persisted_messages
+        };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
         if let Some(write) = log_write {
             node.writes.push_back(PendingWrite {
                 due: self.now + delay,
@@ -614,7 +685,8 @@ impl Simulation {
             });
         }
         for envelope in messages {
-            self.network.send(envelope, self.now, &self.cfg.network, &mut self.rng);
+            self.network
+                .send(envelope, self.now, &self.cfg.network, &mut self.rng);
         }
         for response in responses {
             self.on_response(id, response)?;
@@ -635,8 +707,16 @@ impl Simulation {
         Ok(())
     }
 
-    fn on_response(&mut self, node: NodeId, response: crate::raft::ProposeResponse) -> Result<(), Violation> {
-        let Some(client) = self.clients.iter_mut().find(|c| c.client_id == response.id.client_id) else {
+    fn on_response(
+        &mut self,
+        node: NodeId,
+        response: crate::raft::ProposeResponse,
+    ) -> Result<(), Violation> {
+        let Some(client) = self
+            .clients
+            .iter_mut()
+            .find(|c| c.client_id == response.id.client_id)
+        else {
             return Ok(());
         };
         let seq = response.id.seq;
@@ -660,7 +740,10 @@ impl Simulation {
                 client.retry_at(seq, self.now + 2);
             }
             Err(error) => {
-                return Err(format!("node {node} refused proposal {:?}: {error}", response.id));
+                return Err(format!(
+                    "node {node} refused proposal {:?}: {error}",
+                    response.id
+                ));
             }
         }
         Ok(())
@@ -672,19 +755,21 @@ impl Simulation {
             let Some(node) = self.nodes.get_mut(&id) else {
                 return Ok(());
             };
-            if !node.writes.front().is_some_and(|w| w.due <= self.now) {
+            if node.writes.front().is_none_or(|w| w.due > self.now) {
                 return Ok(());
             }
             let Some(PendingWrite { write, acks, .. }) = node.writes.pop_front() else {
                 return Ok(());
             };
             if let Some(write) = &write {
-                node.disk_log.truncate(write.from.saturating_sub(1) as usize);
+                node.disk_log
+                    .truncate(write.from.saturating_sub(1) as usize);
                 node.disk_log.extend(write.entries.iter().cloned());
                 extend_chain(&mut node.disk_chain, write.from, &write.entries);
             }
             for envelope in acks {
-                self.network.send(envelope, self.now, &self.cfg.network, &mut self.rng);
+                self.network
+                    .send(envelope, self.now, &self.cfg.network, &mut self.rng);
             }
             if let Some((index, term)) = write.and_then(|w| w.last()) {
                 if let Some(raft) = self.nodes.get_mut(&id).and_then(|n| n.raft.as_mut()) {
@@ -721,7 +806,10 @@ impl Simulation {
             };
             let commit = raft.commit_index();
             if commit < node.last_commit {
-                return Err(format!("node {id}'s commit index went back from {} to {commit}", node.last_commit));
+                return Err(format!(
+                    "node {id}'s commit index went back from {} to {commit}",
+                    node.last_commit
+                ));
             }
             let nodes = &self.nodes;
             self.checker.observe_commit(
@@ -732,7 +820,9 @@ impl Simulation {
                 |index, hash| {
                     nodes
                         .iter()
-                        .filter(|(v, n)| **v <= voters && n.disk_chain.get(index as usize - 1) == Some(&hash))
+                        .filter(|(v, n)| {
+                            **v <= voters && n.disk_chain.get(index as usize - 1) == Some(&hash)
+                        })
                         .count()
                 },
                 quorum,

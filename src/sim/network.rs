@@ -72,7 +72,11 @@ impl Network {
 
     /// The next message due by `now` that its link lets through.
     pub fn next_due(&mut self, now: u64) -> Option<Envelope> {
-        while self.queue.peek().is_some_and(|Reverse(m)| m.deliver_at <= now) {
+        while self
+            .queue
+            .peek()
+            .is_some_and(|Reverse(m)| m.deliver_at <= now)
+        {
             let Reverse(message) = self.queue.pop()?;
             let envelope = message.envelope;
             if self.blocked.contains(&(envelope.from, envelope.to)) {

@@ -1,0 +1,280 @@
+//! A hand-driven cluster for scenario tests: persistence is immediate, and
+//! the test decides which messages travel, which links are cut and which
+//! nodes are down.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use bytes::Bytes;
+use cluster_store::raft::{
+    Config, Entry, Envelope, HardState, Message, NodeId, Proposal, ProposeResponse, RaftNode,
+    ReadResponse, RequestId, Role,
+};
+
+pub struct Disk {
+    pub hard_state: HardState,
+    pub log: Vec<Entry>,
+}
+
+pub struct Cluster {
+    pub nodes: BTreeMap<NodeId, RaftNode>,
+    pub configs: BTreeMap<NodeId, Config>,
+    pub disks: BTreeMap<NodeId, Disk>,
+    pub queue: VecDeque<Envelope>,
+    pub cut: HashSet<(NodeId, NodeId)>,
+    pub responses: Vec<ProposeResponse>,
+    pub reads: Vec<ReadResponse>,
+    /// Every message delivered, for tests that count them.
+    pub delivered: Vec<Envelope>,
+}
+
+impl Cluster {
+    pub fn new(voters: &[NodeId], learners: &[NodeId], tweak: impl Fn(&mut Config)) -> Self {
+        let mut cluster = Cluster {
+            nodes: BTreeMap::new(),
+            configs: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            queue: VecDeque::new(),
+            cut: HashSet::new(),
+            responses: Vec::new(),
+            reads: Vec::new(),
+            delivered: Vec::new(),
+        };
+        for id in voters.iter().chain(learners) {
+            let mut config = Config::new(*id, voters.iter().copied());
+            config.learners = learners.iter().copied().collect();
+            tweak(&mut config);
+            cluster.configs.insert(*id, config);
+            cluster.disks.insert(
+                *id,
+                Disk {
+                    hard_state: HardState::default(),
+                    log: Vec::new(),
+                },
+            );
+            cluster.restart(*id);
+        }
+        cluster
+    }
+
+    pub fn node(&self, id: NodeId) -> &RaftNode {
+        &self.nodes[&id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut RaftNode {
+        self.nodes.get_mut(&id).expect("node is up")
+    }
+
+    /// Carries out a node's outputs with an instantly durable disk.
+    pub fn drain(&mut self, id: NodeId) {
+        while let Some(node) = self.nodes.get_mut(&id) {
+            if !node.has_ready() {
+                return;
+            }
+            let ready = node.ready();
+            let disk = self.disks.get_mut(&id).expect("every node has a disk");
+            if let Some(hard_state) = ready.hard_state {
+                disk.hard_state = hard_state;
+            }
+            self.queue.extend(ready.messages);
+            if let Some(write) = ready.log_write {
+                disk.log.truncate(write.from as usize - 1);
+                disk.log.extend(write.entries.iter().cloned());
+                if let Some((index, term)) = write.last() {
+                    node.persisted(index, term);
+                }
+            }
+            self.queue.extend(ready.persisted_messages);
+            self.responses.extend(ready.responses);
+            self.reads.extend(ready.reads);
+        }
+    }
+
+    pub fn drain_all(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.drain(id);
+        }
+    }
+
+    /// Delivers one queued message; false when the queue is empty.
+    pub fn deliver_one(&mut self) -> bool {
+        let Some(envelope) = self.queue.pop_front() else {
+            return false;
+        };
+        if self.cut.contains(&(envelope.from, envelope.to)) {
+            return true;
+        }
+        let to = envelope.to;
+        if let Some(node) = self.nodes.get_mut(&to) {
+            self.delivered.push(envelope.clone());
+            node.step(envelope);
+            self.drain(to);
+        }
+        true
+    }
+
+    /// Delivers until the network is quiet.
+    pub fn deliver_all(&mut self) {
+        self.drain_all();
+        for _ in 0..100_000 {
+            if !self.deliver_one() {
+                return;
+            }
+        }
+        panic!("the network never went quiet");
+    }
+
+    /// Delivers messages one by one until `done` holds.
+    pub fn deliver_until(&mut self, done: impl Fn(&Cluster) -> bool) {
+        self.drain_all();
+        while !done(self) {
+            assert!(
+                self.deliver_one(),
+                "the network went quiet before the condition held"
+            );
+        }
+    }
+
+    pub fn tick_all(&mut self, ticks: u64) {
+        for _ in 0..ticks {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.node_mut(id).tick();
+                self.drain(id);
+            }
+            self.deliver_all();
+        }
+    }
+
+    /// Ticks `ids` alone, discarding what they send.
+    pub fn tick_silently(&mut self, ids: &[NodeId], ticks: u64) {
+        for _ in 0..ticks {
+            for id in ids {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.tick();
+                }
+                self.drain(*id);
+            }
+            self.queue.retain(|m| !ids.contains(&m.from));
+        }
+    }
+
+    /// Ticks `ids` only, delivering what follows after each tick.
+    pub fn tick(&mut self, ids: &[NodeId], ticks: u64) {
+        for _ in 0..ticks {
+            for id in ids {
+                if let Some(node) = self.nodes.get_mut(id) {
+                    node.tick();
+                }
+                self.drain(*id);
+            }
+            self.deliver_all();
+        }
+    }
+
+    /// Lets `id` campaign after the others' leader leases expire, trying a
+    /// few times (a first attempt may only teach it a newer term).
+    pub fn start_election(&mut self, id: NodeId) {
+        let others: Vec<NodeId> = self.nodes.keys().copied().filter(|n| *n != id).collect();
+        let ticks = self.configs[&id].election_ticks;
+        self.tick_silently(&others, ticks);
+        self.node_mut(id).campaign();
+        self.drain(id);
+    }
+
+    /// Makes `id` leader, delivering every message on the way.
+    pub fn elect(&mut self, id: NodeId) {
+        for _ in 0..3 {
+            self.start_election(id);
+            self.deliver_all();
+            if self.node(id).role() == Role::Leader {
+                return;
+            }
+        }
+        panic!("node {id} failed to win the election");
+    }
+
+    /// Like `elect`, but stops delivering the moment `id` wins, leaving
+    /// its first appends unsent.
+    pub fn elect_quietly(&mut self, id: NodeId) {
+        for _ in 0..3 {
+            self.start_election(id);
+            while self.node(id).role() != Role::Leader && self.deliver_one() {}
+            if self.node(id).role() == Role::Leader {
+                self.queue.retain(|m| m.from != id);
+                return;
+            }
+        }
+        panic!("node {id} failed to win the election");
+    }
+
+    pub fn isolate(&mut self, id: NodeId) {
+        let all: Vec<NodeId> = self.configs.keys().copied().collect();
+        for other in all {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    pub fn crash(&mut self, id: NodeId) {
+        self.nodes.remove(&id);
+        self.queue.retain(|m| m.to != id);
+    }
+
+    pub fn restart(&mut self, id: NodeId) {
+        let disk = &self.disks[&id];
+        let node = RaftNode::new(self.configs[&id].clone(), disk.hard_state, disk.log.clone())
+            .expect("node restarts from its disk");
+        self.nodes.insert(id, node);
+    }
+
+    pub fn propose(&mut self, at: NodeId, client_id: u64, seq: u64, text: &str) {
+        self.node_mut(at).propose(Proposal {
+            id: RequestId { client_id, seq },
+            lamport: 0,
+            sender: format!("client-{client_id}"),
+            data: Bytes::from(text.to_string()),
+        });
+        self.drain(at);
+    }
+
+    pub fn texts(&self, id: NodeId) -> Vec<String> {
+        let log = self.node(id).log();
+        log.range(1, log.last_index())
+            .iter()
+            .filter_map(|e| match &e.payload {
+                cluster_store::raft::Payload::Command(c) => {
+                    Some(String::from_utf8_lossy(&c.data).into_owned())
+                }
+                cluster_store::raft::Payload::Noop => None,
+            })
+            .collect()
+    }
+
+    pub fn terms(&self, id: NodeId) -> Vec<u64> {
+        let log = self.node(id).log();
+        log.range(1, log.last_index())
+            .iter()
+            .map(|e| e.term)
+            .collect()
+    }
+
+    pub fn count_delivered(&self, pred: impl Fn(&Envelope) -> bool) -> usize {
+        self.delivered.iter().filter(|m| pred(m)).count()
+    }
+
+    pub fn is_append_rejection(m: &Envelope) -> bool {
+        matches!(
+            m.message,
+            Message::AppendResponse(cluster_store::raft::AppendResult::Rejected { .. })
+        )
+    }
+}

@@ -142,6 +142,11 @@ impl fmt::Display for SimFailure {
             "replay: CLUSTER_STORE_SIM_SEED={} CLUSTER_STORE_SIM_STEPS={} cargo test --test simulation replay -- --nocapture",
             self.seed, self.steps
         )?;
+        writeln!(
+            f,
+            "   or: cargo run --release --bin node -- simulate --seed {} --steps {} --verbose",
+            self.seed, self.steps
+        )?;
         writeln!(f, "last events:")?;
         for line in &self.trace {
             writeln!(f, "  {line}")?;

@@ -1,0 +1,258 @@
+//! The cluster's certificates: a CA made with rcgen signs one certificate
+//! per node and per client. Who a peer is comes from its certificate: a
+//! subject alternative name URI `cluster-store://node/<id>` or
+//! `cluster-store://client/<name>`, never from anything it says.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::raft::NodeId;
+
+const NODE_URI: &str = "cluster-store://node/";
+const CLIENT_URI: &str = "cluster-store://client/";
+
+/// Who is at the other end of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Node(NodeId),
+    Client(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} already exists; pass --force to replace the cluster CA (every certificate it signed stops working)")]
+    Exists { path: PathBuf },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: no PEM {what} found")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("the peer presented no certificate")]
+    NoCertificate,
+    #[error("the peer's certificate is not a valid X.509 certificate: {0}")]
+    BadCertificate(String),
+    #[error("the peer's certificate names no cluster-store node or client")]
+    NoIdentity,
+    #[error("invalid client name {0:?}: use letters, digits, '-' and '_'")]
+    BadName(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The DNS name a node's certificate always carries and that peers check.
+pub fn node_server_name(id: NodeId) -> String {
+    format!("node-{id}")
+}
+
+pub fn node_cert_path(dir: &Path, id: NodeId) -> (PathBuf, PathBuf) {
+    (dir.join(format!("node-{id}.crt")), dir.join(format!("node-{id}.key")))
+}
+
+pub fn client_cert_path(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (dir.join(format!("client-{name}.crt")), dir.join(format!("client-{name}.key")))
+}
+
+pub fn ca_path(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("ca.crt"), dir.join("ca.key"))
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.write_all(contents.as_bytes()).map_err(io_err(path))
+}
+
+fn write_public(path: &Path, contents: &str) -> Result<(), IdentityError> {
+    fs::write(path, contents).map_err(io_err(path))
+}
+
+/// Creates the cluster CA in `dir`.
+pub fn init_ca(dir: &Path, force: bool) -> Result<(), IdentityError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let (cert_path, key_path) = ca_path(dir);
+    if !force && (cert_path.exists() || key_path.exists()) {
+        return Err(IdentityError::Exists { path: cert_path });
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "cluster-store CA");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = params.self_signed(&key)?;
+    write_public(&cert_path, &cert.pem())?;
+    write_private(&key_path, &key.serialize_pem())
+}
+
+struct Issuer {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn load_issuer(dir: &Path) -> Result<Issuer, IdentityError> {
+    let (cert_path, key_path) = ca_path(dir);
+    let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    // Re-signing the CA's own parameters with its key reproduces an issuer
+    // whose name and key match the certificate on disk.
+    let cert = CertificateParams::from_ca_cert_pem(&cert_pem)?.self_signed(&key)?;
+    Ok(Issuer { cert, key })
+}
+
+/// Signs a certificate for node `id`, valid for the given extra DNS names
+/// and IP addresses, usable both to serve and to dial peers.
+pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), IdentityError> {
+    let issuer = load_issuer(dir)?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, node_server_name(id));
+    params.distinguished_name = name;
+    let mut sans = vec![
+        SanType::URI(format!("{NODE_URI}{id}").try_into()?),
+        SanType::DnsName(node_server_name(id).try_into()?),
+    ];
+    for host in hosts {
+        match host.parse::<IpAddr>() {
+            Ok(ip) => sans.push(SanType::IpAddress(ip)),
+            Err(_) => sans.push(SanType::DnsName(host.clone().try_into()?)),
+        }
+    }
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer.cert, &issuer.key)?;
+    let (cert_path, key_path) = node_cert_path(dir, id);
+    write_public(&cert_path, &cert.pem())?;
+    write_private(&key_path, &key.serialize_pem())
+}
+
+/// Signs a client certificate: it can call the client API, never act as a node.
+pub fn issue_client(dir: &Path, name: &str) -> Result<(), IdentityError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(IdentityError::BadName(name.to_string()));
+    }
+    let issuer = load_issuer(dir)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("client {name}"));
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(format!("{CLIENT_URI}{name}").try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer.cert, &issuer.key)?;
+    let (cert_path, key_path) = client_cert_path(dir, name);
+    write_public(&cert_path, &cert.pem())?;
+    write_private(&key_path, &key.serialize_pem())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let pem = fs::read(path).map_err(io_err(path))?;
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_err(path))?;
+    if certs.is_empty() {
+        return Err(IdentityError::Empty {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    let pem = fs::read(path).map_err(io_err(path))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(io_err(path))?
+        .ok_or_else(|| IdentityError::Empty {
+            path: path.to_path_buf(),
+            what: "private key",
+        })
+}
+
+/// Reads the identity a (CA-verified) certificate asserts.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let sans = parsed
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
+        .ok_or(IdentityError::NoIdentity)?;
+    for name in &sans.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name {
+            if let Some(id) = uri.strip_prefix(NODE_URI) {
+                if let Ok(id) = id.parse() {
+                    return Ok(Identity::Node(id));
+                }
+            }
+            if let Some(client) = uri.strip_prefix(CLIENT_URI) {
+                return Ok(Identity::Client(client.to_string()));
+            }
+        }
+    }
+    Err(IdentityError::NoIdentity)
+}
+
+/// A stable id for the cluster: a digest of its CA certificate. A data
+/// directory records it, so a node never joins another cluster's data.
+pub fn cluster_id(ca_cert: &CertificateDer<'_>) -> String {
+    // FNV-1a over the DER: stable across builds and platforms.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in ca_cert.as_ref() {
+        hash ^= *byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_carry_their_identity() {
+        let dir = std::env::temp_dir().join(format!("cs-identity-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        init_ca(&dir, false).unwrap();
+        assert!(matches!(init_ca(&dir, false), Err(IdentityError::Exists { .. })));
+        issue_node(&dir, 3, &["127.0.0.3".into(), "vm3.example.org".into()]).unwrap();
+        issue_client(&dir, "alice").unwrap();
+        let node = load_certs(&node_cert_path(&dir, 3).0).unwrap();
+        assert_eq!(identity_of(&node[0]).unwrap(), Identity::Node(3));
+        let client = load_certs(&client_cert_path(&dir, "alice").0).unwrap();
+        assert_eq!(identity_of(&client[0]).unwrap(), Identity::Client("alice".into()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(node_cert_path(&dir, 3).1).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(issue_client(&dir, "../evil"), Err(IdentityError::BadName(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

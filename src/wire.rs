@@ -1,0 +1,168 @@
+//! Everything that crosses the network, and the one place that encodes it:
+//! length-prefixed bincode frames with a size limit.
+
+use bincode::Options;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::raft::{Committed, Envelope, Index, NodeId, ProposeError, Status};
+
+/// Largest frame accepted from anyone. Appends are sized well below it.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// The QUIC application protocol name; both ends must speak it.
+pub const ALPN: &[u8] = b"cluster-store/1";
+
+/// The first frame of every stream says what the stream is for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerFrame {
+    /// Raft messages from one node to another, in order.
+    Raft(Envelope),
+}
+
+/// A client's request, one per bidirectional stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Append a message. The sender's name comes from its certificate.
+    Send {
+        client_id: u64,
+        seq: u64,
+        lamport: u64,
+        text: String,
+    },
+    /// A linearizable read of the committed log from `from`, at most
+    /// `limit` entries; `upto` pins later pages to the first page's read.
+    Export {
+        from: Index,
+        limit: u64,
+        upto: Option<Index>,
+    },
+    /// This node's own replica: what it has committed, no leader involved.
+    LocalExport { from: Index, limit: u64 },
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Sent {
+        committed: Committed,
+        leader: NodeId,
+    },
+    Entries {
+        entries: Vec<ExportedEntry>,
+        /// The last index this export covers.
+        upto: Index,
+    },
+    Status(Box<Status>),
+    /// Not the leader: retry at `leader` if known.
+    Redirect { leader: Option<NodeId> },
+    /// The request failed; `retry` says whether the same request may succeed later.
+    Error {
+        message: String,
+        retry: bool,
+        detail: Option<ProposeError>,
+    },
+}
+
+/// A committed message as exports show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedEntry {
+    pub index: Index,
+    pub term: u64,
+    pub lamport: u64,
+    pub sender: String,
+    pub text: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] bincode::Error),
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream closed")]
+    Closed,
+}
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_FRAME as u64)
+        .with_fixint_encoding()
+        .reject_trailing_bytes()
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    let body = options().serialize(value)?;
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    Ok(options().deserialize(body)?)
+}
+
+pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(writer: &mut W, value: &T) -> Result<(), WireError> {
+    let frame = encode(value)?;
+    writer.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(reader: &mut R) -> Result<Option<T>, WireError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    decode(&body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_garbage_is_refused() {
+        let request = ClientRequest::Send {
+            client_id: 1,
+            seq: 2,
+            lamport: 3,
+            text: "hi".into(),
+        };
+        let frame = encode(&request).unwrap();
+        let mut reader = &frame[..];
+        let back: Option<ClientRequest> = read_frame(&mut reader).await.unwrap();
+        assert_eq!(back, Some(request));
+
+        let mut garbage: &[u8] = &[0, 0, 0, 3, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<_, ClientRequest>(&mut garbage).await,
+            Err(WireError::Malformed(_))
+        ));
+        let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<_, ClientRequest>(&mut huge).await,
+            Err(WireError::TooLarge(_))
+        ));
+    }
+}

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -29,7 +29,10 @@ pub enum Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} already exists; pass --force to replace the cluster CA (every certificate it signed stops working)")]
     Exists { path: PathBuf },
     #[error("certificate generation failed: {0}")]
@@ -59,11 +62,17 @@ pub fn node_server_name(id: NodeId) -> String {
 }
 
 pub fn node_cert_path(dir: &Path, id: NodeId) -> (PathBuf, PathBuf) {
-    (dir.join(format!("node-{id}.crt")), dir.join(format!("node-{id}.key")))
+    (
+        dir.join(format!("node-{id}.crt")),
+        dir.join(format!("node-{id}.key")),
+    )
 }
 
 pub fn client_cert_path(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("client-{name}.crt")), dir.join(format!("client-{name}.key")))
+    (
+        dir.join(format!("client-{name}.crt")),
+        dir.join(format!("client-{name}.key")),
+    )
 }
 
 pub fn ca_path(dir: &Path) -> (PathBuf, PathBuf) {
@@ -143,7 +152,10 @@ pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), Identi
         }
     }
     params.subject_alt_names = sans;
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = KeyPair::generate()?;
@@ -155,7 +167,11 @@ pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), Identi
 
 /// Signs a client certificate: it can call the client API, never act as a node.
 pub fn issue_client(dir: &Path, name: &str) -> Result<(), IdentityError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(IdentityError::BadName(name.to_string()));
     }
     let issuer = load_issuer(dir)?;
@@ -200,8 +216,8 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
 
 /// Reads the identity a (CA-verified) certificate asserts.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError> {
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     let sans = parsed
         .subject_alternative_name()
         .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
@@ -242,17 +258,29 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cs-identity-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         init_ca(&dir, false).unwrap();
-        assert!(matches!(init_ca(&dir, false), Err(IdentityError::Exists { .. })));
+        assert!(matches!(
+            init_ca(&dir, false),
+            Err(IdentityError::Exists { .. })
+        ));
         issue_node(&dir, 3, &["127.0.0.3".into(), "vm3.example.org".into()]).unwrap();
         issue_client(&dir, "alice").unwrap();
         let node = load_certs(&node_cert_path(&dir, 3).0).unwrap();
         assert_eq!(identity_of(&node[0]).unwrap(), Identity::Node(3));
         let client = load_certs(&client_cert_path(&dir, "alice").0).unwrap();
-        assert_eq!(identity_of(&client[0]).unwrap(), Identity::Client("alice".into()));
+        assert_eq!(
+            identity_of(&client[0]).unwrap(),
+            Identity::Client("alice".into())
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(node_cert_path(&dir, 3).1).unwrap().permissions().mode();
+        let mode = fs::metadata(node_cert_path(&dir, 3).1)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(issue_client(&dir, "../evil"), Err(IdentityError::BadName(_))));
+        assert!(matches!(
+            issue_client(&dir, "../evil"),
+            Err(IdentityError::BadName(_))
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

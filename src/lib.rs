@@ -1,6 +1,8 @@
+pub mod client;
+pub mod identity;
 pub mod raft;
+pub mod server;
 pub mod sim;
 pub mod storage;
-pub mod identity;
 pub mod tls;
 pub mod wire;

@@ -68,7 +68,11 @@ pub struct Recovered {
 impl Store {
     /// Opens (or creates) the store of node `node_id` of cluster
     /// `cluster_id`, refusing anybody else's.
-    pub fn open(dir: &Path, cluster_id: &str, node_id: NodeId) -> Result<(Store, Recovered), StoreError> {
+    pub fn open(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+    ) -> Result<(Store, Recovered), StoreError> {
         let store = Store::open_existing(dir, true)?;
         let expected = DataIdentity {
             cluster_id: cluster_id.to_string(),
@@ -89,8 +93,13 @@ impl Store {
                 if !store.log.is_empty() {
                     return Err(store.corrupt("log entries without a recorded identity"));
                 }
-                let bytes = codec().serialize(&expected).map_err(|e| store.write_error(e))?;
-                store.meta.insert(IDENTITY_KEY, bytes).map_err(|e| store.write_error(e))?;
+                let bytes = codec()
+                    .serialize(&expected)
+                    .map_err(|e| store.write_error(e))?;
+                store
+                    .meta
+                    .insert(IDENTITY_KEY, bytes)
+                    .map_err(|e| store.write_error(e))?;
                 store.sync()?;
             }
         }
@@ -152,7 +161,11 @@ impl Store {
     }
 
     pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
-        let Some(bytes) = self.meta.get(IDENTITY_KEY).map_err(|e| self.corrupt(e.to_string()))? else {
+        let Some(bytes) = self
+            .meta
+            .get(IDENTITY_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+        else {
             return Ok(None);
         };
         codec()
@@ -162,11 +175,43 @@ impl Store {
     }
 
     pub fn hard_state(&self) -> Result<HardState, StoreError> {
-        match self.meta.get(HARD_STATE_KEY).map_err(|e| self.corrupt(e.to_string()))? {
+        match self
+            .meta
+            .get(HARD_STATE_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+        {
             Some(bytes) => codec()
                 .deserialize(&bytes)
                 .map_err(|e| self.corrupt(format!("hard state record: {e}"))),
             None => Ok(HardState::default()),
+        }
+    }
+
+    /// A handle that reads the log from other threads.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            dir: self.dir.clone(),
+            log: self.log.clone(),
+        }
+    }
+
+    pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.reader().entries(from, to, limit)
+    }
+}
+
+/// Reads committed entries while the driver keeps writing.
+#[derive(Clone)]
+pub struct LogReader {
+    dir: PathBuf,
+    log: sled::Tree,
+}
+
+impl LogReader {
+    fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            what: what.into(),
         }
     }
 
@@ -176,8 +221,12 @@ impl Store {
         if from > to {
             return Ok(entries);
         }
-        let mut expected = from.max(1);
-        for item in self.log.range(expected.to_be_bytes()..=to.to_be_bytes()).take(limit) {
+        let first = from.max(1);
+        for (expected, item) in (first..).zip(
+            self.log
+                .range(first.to_be_bytes()..=to.to_be_bytes())
+                .take(limit),
+        ) {
             let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
             let key: [u8; 8] = key
                 .as_ref()
@@ -190,14 +239,19 @@ impl Store {
             if index != expected || entry.index != index {
                 return Err(self.corrupt(format!("log entry {expected} missing (found {index})")));
             }
-            expected += 1;
             entries.push(entry);
         }
         Ok(entries)
     }
+}
 
+impl Store {
     /// Applies one ready's durable changes and syncs them to disk.
-    pub fn write(&mut self, hard_state: Option<HardState>, write: Option<&LogWrite>) -> Result<(), StoreError> {
+    pub fn write(
+        &mut self,
+        hard_state: Option<HardState>,
+        write: Option<&LogWrite>,
+    ) -> Result<(), StoreError> {
         if hard_state.is_none() && write.is_none() {
             return Ok(());
         }
@@ -211,11 +265,17 @@ impl Store {
                 let bytes = codec().serialize(entry).map_err(|e| self.write_error(e))?;
                 batch.insert(&entry.index.to_be_bytes(), bytes);
             }
-            self.log.apply_batch(batch).map_err(|e| self.write_error(e))?;
+            self.log
+                .apply_batch(batch)
+                .map_err(|e| self.write_error(e))?;
         }
         if let Some(hard_state) = hard_state {
-            let bytes = codec().serialize(&hard_state).map_err(|e| self.write_error(e))?;
-            self.meta.insert(HARD_STATE_KEY, bytes).map_err(|e| self.write_error(e))?;
+            let bytes = codec()
+                .serialize(&hard_state)
+                .map_err(|e| self.write_error(e))?;
+            self.meta
+                .insert(HARD_STATE_KEY, bytes)
+                .map_err(|e| self.write_error(e))?;
         }
         self.sync()
     }
@@ -269,8 +329,14 @@ mod tests {
         let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
         assert_eq!(recovered.hard_state.term, 2);
         assert_eq!(recovered.entries, vec![entry(1, 1), entry(2, 2)]);
-        assert!(matches!(Store::open(&dir, "c1", 2), Err(StoreError::Foreign { .. })));
-        assert!(matches!(Store::open(&dir, "c2", 1), Err(StoreError::Foreign { .. })));
+        assert!(matches!(
+            Store::open(&dir, "c1", 2),
+            Err(StoreError::Foreign { .. })
+        ));
+        assert!(matches!(
+            Store::open(&dir, "c2", 1),
+            Err(StoreError::Foreign { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

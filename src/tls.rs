@@ -64,14 +64,18 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// Accepts connections only from holders of a certificate signed by the CA.
 pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(creds.roots()?), provider()).build()?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(creds.roots()?),
+        provider(),
+    )
+    .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
@@ -84,7 +88,8 @@ pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsErro
         .with_root_certificates(creds.roots()?)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)

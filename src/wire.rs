@@ -23,12 +23,13 @@ pub enum PeerFrame {
 /// A client's request, one per bidirectional stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientRequest {
-    /// Append a message. The sender's name comes from its certificate.
+    /// Append messages, in order, with sequence numbers `first_seq..`.
+    /// The sender's name comes from its certificate.
     Send {
         client_id: u64,
-        seq: u64,
+        first_seq: u64,
         lamport: u64,
-        text: String,
+        texts: Vec<String>,
     },
     /// A linearizable read of the committed log from `from`, at most
     /// `limit` entries; `upto` pins later pages to the first page's read.
@@ -38,24 +39,31 @@ pub enum ClientRequest {
         upto: Option<Index>,
     },
     /// This node's own replica: what it has committed, no leader involved.
-    LocalExport { from: Index, limit: u64 },
+    LocalExport {
+        from: Index,
+        limit: u64,
+    },
     Status,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientResponse {
     Sent {
-        committed: Committed,
+        committed: Vec<Committed>,
         leader: NodeId,
     },
     Entries {
         entries: Vec<ExportedEntry>,
         /// The last index this export covers.
         upto: Index,
+        /// Where the next page starts.
+        next: Index,
     },
     Status(Box<Status>),
     /// Not the leader: retry at `leader` if known.
-    Redirect { leader: Option<NodeId> },
+    Redirect {
+        leader: Option<NodeId>,
+    },
     /// The request failed; `retry` says whether the same request may succeed later.
     Error {
         message: String,
@@ -108,14 +116,19 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     Ok(options().deserialize(body)?)
 }
 
-pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(writer: &mut W, value: &T) -> Result<(), WireError> {
+pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(
+    writer: &mut W,
+    value: &T,
+) -> Result<(), WireError> {
     let frame = encode(value)?;
     writer.write_all(&frame).await?;
     Ok(())
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(reader: &mut R) -> Result<Option<T>, WireError> {
+pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
+    reader: &mut R,
+) -> Result<Option<T>, WireError> {
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
@@ -145,9 +158,9 @@ mod tests {
     async fn frames_round_trip_and_garbage_is_refused() {
         let request = ClientRequest::Send {
             client_id: 1,
-            seq: 2,
+            first_seq: 2,
             lamport: 3,
-            text: "hi".into(),
+            texts: vec!["hi".into()],
         };
         let frame = encode(&request).unwrap();
         let mut reader = &frame[..];

@@ -1,25 +1,127 @@
-//! The `node` command: runs cluster-store nodes and talks to them.
+//! The `node` command: runs a cluster-store node, and is its client.
 
-use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use cluster_store::client::{format_json, format_line, Client};
+use cluster_store::identity;
+use cluster_store::raft::{NodeId, Payload};
+use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
+use cluster_store::storage::Store;
+use cluster_store::tls::Credentials;
+use cluster_store::wire::ExportedEntry;
 
 #[derive(Parser)]
 #[command(
     name = "node",
     version,
-    about = "cluster-store: a replicated, causally ordered message log"
+    about = "cluster-store: a replicated, causally ordered message log",
+    long_about = "Run a node with `node --id 1 --peers 1=host:7000,2=host:7001,3=host:7002`; \
+                  every option also reads from an environment variable (NODE_ID, NODE_PEERS, ...)."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// This node's id.
+    #[arg(long, env = "NODE_ID")]
+    id: Option<NodeId>,
+    /// The voting members, `id=host:port,...`; may include this node.
+    #[arg(long, env = "NODE_PEERS")]
+    peers: Option<String>,
+    /// Non-voting replicas that keep a full copy, `id=host:port,...`.
+    #[arg(long, env = "NODE_LEARNERS")]
+    learner: Option<String>,
+    /// Address to listen on (default: this node's address in --peers).
+    #[arg(long, env = "NODE_LISTEN")]
+    listen: Option<String>,
+    /// Data directory (default: ./data/node-<id>).
+    #[arg(long, env = "NODE_DATA")]
+    data: Option<PathBuf>,
+    /// Directory with ca.crt and node-<id>.crt/.key.
+    #[arg(long, env = "NODE_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// Length of one Raft tick in milliseconds.
+    #[arg(long, env = "NODE_TICK_MS", default_value_t = 50)]
+    tick_ms: u64,
+    /// Ticks without a leader before an election (randomized up to twice this).
+    #[arg(long, env = "NODE_ELECTION_TICKS", default_value_t = 10)]
+    election_ticks: u64,
+    /// Ticks between leader heartbeats.
+    #[arg(long, env = "NODE_HEARTBEAT_TICKS", default_value_t = 2)]
+    heartbeat_ticks: u64,
+    /// Leadership priorities, `id=priority,...`: a caught-up voter with a
+    /// higher priority takes over from the leader.
+    #[arg(long, env = "NODE_PRIORITIES")]
+    priorities: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The cluster's nodes, `id=host:port,...`.
+    #[arg(long, env = "NODE_CLUSTER")]
+    cluster: Option<String>,
+    /// Directory with ca.crt and client-<name>.crt/.key.
+    #[arg(long, env = "NODE_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// Which client certificate to use.
+    #[arg(long, env = "NODE_CLIENT_NAME", default_value = "client")]
+    name: String,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Make the cluster CA and certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Append a message (or, with `-`, every line of standard input).
+    Send {
+        /// The message, or `-` to read one message per line from stdin.
+        text: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print one JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the committed log in order: a linearizable read through the leader.
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Instead, write backup_<id>.txt for every node from its own replica.
+        #[arg(long)]
+        backup_dir: Option<PathBuf>,
+        /// Read a stopped node's data directory directly (with --data).
+        #[arg(long, requires = "data")]
+        local: bool,
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Show every node's role, term, commit index, clock and lag.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the deterministic simulation of the consensus core for one seed
-    /// and print what happened (the replay tool for a failing seed).
+    /// (the replay tool for a failing seed).
     Simulate {
         #[arg(long, env = "CLUSTER_STORE_SIM_SEED")]
         seed: u64,
@@ -31,36 +133,446 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the cluster CA and certificates for the given nodes and clients.
+    Init {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Node ids, `1,2,3`.
+        #[arg(long)]
+        nodes: String,
+        /// Extra names for a node's certificate, `3=vm3.example.org,10.0.0.3`; repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Client certificate names, `alice,bob` (a `client` certificate is always made).
+        #[arg(long, default_value = "")]
+        clients: String,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a certificate for a new node with the existing CA.
+    AddNode {
+        id: NodeId,
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Sign a client certificate with the existing CA.
+    AddClient {
+        name: String,
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Parses `id=host:port,...`, resolving host names.
+fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, SocketAddr>> {
+    let mut members = BTreeMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, address) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{what}: {item:?} is not of the form id=host:port"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{what}: {id:?} is not a node id (a whole number)"))?;
+        let resolved = address
+            .to_socket_addrs()
+            .with_context(|| format!("{what}: cannot resolve {address:?} for node {id}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{what}: {address:?} resolves to no address"))?;
+        if members.insert(id, resolved).is_some() {
+            bail!("{what}: node {id} is listed twice");
+        }
+    }
+    Ok(members)
+}
+
+fn parse_hosts(hosts: &[String]) -> Result<BTreeMap<NodeId, Vec<String>>> {
+    let mut map: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+    for spec in hosts {
+        let (id, names) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--host {spec:?} is not of the form id=name,name"))?;
+        let id: NodeId = id
+            .parse()
+            .map_err(|_| anyhow!("--host {spec:?}: {id:?} is not a node id"))?;
+        map.entry(id).or_default().extend(
+            names
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        );
+    }
+    Ok(map)
+}
+
+fn client_from(args: &ClientArgs) -> Result<Client> {
+    let spec = args.cluster.as_deref().ok_or_else(|| {
+        anyhow!("give the cluster's nodes with --cluster 1=host:port,... (or NODE_CLUSTER)")
+    })?;
+    let cluster = parse_members(spec, "--cluster")?;
+    let (ca, _) = identity::ca_path(&args.certs);
+    let (cert, key) = identity::client_cert_path(&args.certs, &args.name);
+    let creds = Credentials::load(&ca, &cert, &key)?;
+    Client::new(cluster, &creds)
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let default_level = if cli.command.is_none() {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Simulate {
+    match cli.command {
+        None => run_node(cli.run),
+        Some(Command::Certs { command }) => certs(command),
+        Some(Command::Simulate {
             seed,
             steps,
             verbose,
+        }) => simulate(seed, steps, verbose),
+        Some(Command::Export {
+            local: true,
+            data,
+            format,
+            ..
+        }) => export_local(
+            data.as_deref()
+                .ok_or_else(|| anyhow!("--local needs --data"))?,
+            format,
+        ),
+        Some(command) => tokio::runtime::Runtime::new()?.block_on(client_command(command)),
+    }
+}
+
+fn run_node(args: RunArgs) -> Result<()> {
+    let id = args
+        .id
+        .ok_or_else(|| anyhow!("give --id (or NODE_ID) to run a node; see `node --help`"))?;
+    let peers = parse_members(
+        args.peers
+            .as_deref()
+            .ok_or_else(|| anyhow!("give --peers (or NODE_PEERS)"))?,
+        "--peers",
+    )?;
+    let learners = match &args.learner {
+        Some(spec) => parse_members(spec, "--learner")?,
+        None => BTreeMap::new(),
+    };
+    let listen = match &args.listen {
+        Some(listen) => listen
+            .to_socket_addrs()
+            .with_context(|| format!("--listen {listen:?}"))?
+            .next()
+            .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
+        None => *peers
+            .get(&id)
+            .or_else(|| learners.get(&id))
+            .ok_or_else(|| anyhow!("node {id} is not in --peers or --learner, so give --listen"))?,
+    };
+    let priorities = match &args.priorities {
+        Some(spec) => spec
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|item| {
+                let (id, priority) = item
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--priorities: {item:?} is not id=priority"))?;
+                Ok((id.trim().parse()?, priority.trim().parse()?))
+            })
+            .collect::<Result<BTreeMap<NodeId, u32>>>()?,
+        None => BTreeMap::new(),
+    };
+    let options = NodeOptions {
+        id,
+        peers,
+        learners,
+        listen,
+        data: args
+            .data
+            .unwrap_or_else(|| PathBuf::from(format!("data/node-{id}"))),
+        certs: args.certs,
+        tick: Duration::from_millis(args.tick_ms.max(1)),
+        election_ticks: args.election_ticks,
+        heartbeat_ticks: args.heartbeat_ticks,
+        priorities,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(server::run(options)).map_err(Into::into)
+}
+
+fn certs(command: CertsCommand) -> Result<()> {
+    match command {
+        CertsCommand::Init {
+            out,
+            nodes,
+            hosts,
+            clients,
+            force,
         } => {
-            let cfg = SimConfig::from_seed(seed, steps);
-            println!(
-                "seed {seed}: {} voters, {} learners, {} clients, {steps} steps{}",
-                cfg.voters,
-                cfg.learners,
-                cfg.clients,
-                if cfg.priorities {
-                    ", with priorities"
-                } else {
-                    ""
-                }
+            let ids: Vec<NodeId> = nodes
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .map_err(|_| anyhow!("--nodes: {s:?} is not a node id"))
+                })
+                .collect::<Result<_>>()?;
+            if ids.is_empty() {
+                bail!("--nodes lists no node");
+            }
+            let hosts = parse_hosts(&hosts)?;
+            identity::init_ca(&out, force)?;
+            for id in &ids {
+                identity::issue_node(&out, *id, hosts.get(id).map_or(&[][..], |h| &h[..]))?;
+            }
+            let mut names: Vec<&str> = vec!["client"];
+            names.extend(
+                clients
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && *s != "client"),
             );
-            match Simulation::new(cfg).verbose(verbose).run_to_end() {
-                Ok(stats) => {
-                    println!("passed: {stats:#?}");
+            for name in &names {
+                identity::issue_client(&out, name)?;
+            }
+            println!(
+                "wrote the cluster CA, certificates for nodes {ids:?} and clients {names:?} to {}",
+                out.display()
+            );
+            Ok(())
+        }
+        CertsCommand::AddNode { id, out, hosts } => {
+            let hosts = parse_hosts(&hosts)?;
+            identity::issue_node(&out, id, hosts.get(&id).map_or(&[][..], |h| &h[..]))?;
+            println!("wrote {}", identity::node_cert_path(&out, id).0.display());
+            Ok(())
+        }
+        CertsCommand::AddClient { name, out } => {
+            identity::issue_client(&out, &name)?;
+            println!(
+                "wrote {}",
+                identity::client_cert_path(&out, &name).0.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
+    let cfg = SimConfig::from_seed(seed, steps);
+    println!(
+        "seed {seed}: {} voters, {} learners, {} clients, {steps} steps{}",
+        cfg.voters,
+        cfg.learners,
+        cfg.clients,
+        if cfg.priorities {
+            ", with priorities"
+        } else {
+            ""
+        }
+    );
+    match Simulation::new(cfg).verbose(verbose).run_to_end() {
+        Ok(stats) => {
+            println!("passed: {stats:#?}");
+            Ok(())
+        }
+        Err(failure) => bail!("{failure}"),
+    }
+}
+
+fn print_entries(entries: &[ExportedEntry], format: Format) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for entry in entries {
+        let line = match format {
+            Format::Text => format_line(entry),
+            Format::Json => format_json(entry),
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn export_local(data: &Path, format: Format) -> Result<()> {
+    let store = Store::open_existing(data, false)?;
+    let commit = store.hard_state()?.commit;
+    let entries: Vec<ExportedEntry> = store
+        .entries(1, commit, usize::MAX)?
+        .into_iter()
+        .filter_map(|e| match e.payload {
+            Payload::Command(c) => Some(ExportedEntry {
+                index: e.index,
+                term: e.term,
+                lamport: e.lamport,
+                sender: c.sender,
+                text: String::from_utf8_lossy(&c.data).into_owned(),
+            }),
+            Payload::Noop => None,
+        })
+        .collect();
+    print_entries(&entries, format)
+}
+
+async fn client_command(command: Command) -> Result<()> {
+    match command {
+        Command::Send { text, client, json } => {
+            let client = client_from(&client)?;
+            let lines: Vec<String> = if text == "-" {
+                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+            } else {
+                vec![text]
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut sent = 0usize;
+            for chunk in lines.chunks(1000) {
+                let (leader, committed) = client.send(chunk.to_vec()).await?;
+                for c in &committed {
+                    if json {
+                        let object = serde_json::json!({
+                            "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
+                        });
+                        writeln!(out, "{object}")?;
+                    } else if lines.len() == 1 {
+                        writeln!(
+                            out,
+                            "committed at index {} (term {}, lamport {}) by leader {leader}",
+                            c.index, c.term, c.lamport
+                        )?;
+                    }
+                }
+                sent += committed.len();
+            }
+            if !json && lines.len() != 1 {
+                writeln!(out, "committed {sent} messages")?;
+            }
+            out.flush()?;
+            Ok(())
+        }
+        Command::Export {
+            client: args,
+            format,
+            backup_dir,
+            ..
+        } => {
+            let client = client_from(&args)?;
+            match backup_dir {
+                None => print_entries(&client.export().await?, format),
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    for node in client.nodes() {
+                        let path = dir.join(format!("backup_{node}.txt"));
+                        match client.local_export(node).await {
+                            Ok(entries) => {
+                                let text: String =
+                                    entries.iter().map(|e| format_line(e) + "\n").collect();
+                                std::fs::write(&path, text)
+                                    .with_context(|| format!("writing {}", path.display()))?;
+                                eprintln!(
+                                    "node {node}: {} messages -> {}",
+                                    entries.len(),
+                                    path.display()
+                                );
+                            }
+                            Err(e) => eprintln!("node {node}: no backup ({e:#})"),
+                        }
+                    }
                     Ok(())
                 }
-                Err(failure) => bail!("{failure}"),
             }
+        }
+        Command::Status { client, json } => {
+            let client = client_from(&client)?;
+            let mut statuses = Vec::new();
+            for node in client.nodes() {
+                match client.status(node).await {
+                    Ok(status) => statuses.push(Ok(status)),
+                    Err(e) => statuses.push(Err((node, format!("{e:#}")))),
+                }
+            }
+            let leader = statuses
+                .iter()
+                .filter_map(|s| s.as_ref().ok())
+                .filter(|s| s.leader == Some(s.id))
+                .max_by_key(|s| s.term)
+                .map(|s| s.id);
+            if json {
+                let nodes: Vec<serde_json::Value> = statuses
+                    .iter()
+                    .map(|s| match s {
+                        Ok(status) => serde_json::to_value(status).unwrap_or_default(),
+                        Err((node, error)) => serde_json::json!({"id": node, "error": error}),
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"leader": leader, "nodes": nodes}));
+            } else {
+                println!(
+                    "leader: {}",
+                    leader.map_or("none".to_string(), |l| l.to_string())
+                );
+                for status in &statuses {
+                    match status {
+                        Ok(s) => {
+                            let lag: Vec<String> = s
+                                .peers
+                                .iter()
+                                .map(|p| format!("{}:{}", p.id, p.lag))
+                                .collect();
+                            println!(
+                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}",
+                                s.id,
+                                s.role,
+                                s.term,
+                                s.commit,
+                                s.last_index,
+                                s.lamport,
+                                if lag.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(", follower lag {}", lag.join(" "))
+                                }
+                            );
+                        }
+                        Err((node, error)) => println!("node {node}: unreachable ({error})"),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Certs { .. } | Command::Simulate { .. } => {
+            unreachable!("handled before the runtime starts")
         }
     }
 }

@@ -1,0 +1,190 @@
+//! The thread that owns the Raft core: it feeds it ticks, peer messages and
+//! client requests, and carries out each `Ready` in the order the core's
+//! contract demands. Everything that arrives while one batch is being
+//! synced goes into the next batch: one fsync covers them all.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use crate::raft::{
+    Committed, Envelope, Index, NodeId, Proposal, ProposeError, RaftNode, RequestId, Status,
+};
+use crate::storage::{Store, StoreError};
+
+/// Work for the driver.
+pub enum Input {
+    Peer(Envelope),
+    Propose(
+        Vec<Proposal>,
+        oneshot::Sender<Vec<Result<Committed, ProposeError>>>,
+    ),
+    Read(oneshot::Sender<Result<Index, ProposeError>>),
+    Status(oneshot::Sender<Status>),
+}
+
+/// Where outgoing Raft messages go: one queue per peer.
+pub type Outboxes = HashMap<NodeId, mpsc::Sender<Envelope>>;
+
+/// A batch proposal collecting one answer per message.
+struct BatchWaiter {
+    results: Vec<Option<Result<Committed, ProposeError>>>,
+    missing: usize,
+    reply: Option<oneshot::Sender<Vec<Result<Committed, ProposeError>>>>,
+}
+
+pub struct Driver {
+    raft: RaftNode,
+    store: Store,
+    outboxes: Outboxes,
+    tick: Duration,
+    batches: HashMap<u64, BatchWaiter>,
+    next_batch: u64,
+    /// Which batch slots wait on a request id.
+    waiting: HashMap<RequestId, Vec<(u64, usize)>>,
+    reads: HashMap<u64, oneshot::Sender<Result<Index, ProposeError>>>,
+    next_read: u64,
+}
+
+impl Driver {
+    pub fn new(raft: RaftNode, store: Store, outboxes: Outboxes, tick: Duration) -> Self {
+        Driver {
+            raft,
+            store,
+            outboxes,
+            tick,
+            batches: HashMap::new(),
+            next_batch: 0,
+            waiting: HashMap::new(),
+            reads: HashMap::new(),
+            next_read: 0,
+        }
+    }
+
+    /// Runs until every sender of `inputs` is gone. A storage failure ends
+    /// it: a node that cannot persist must not keep voting.
+    pub fn run(mut self, inputs: Receiver<Input>) -> Result<(), StoreError> {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match inputs.recv_timeout(wait) {
+                Ok(input) => {
+                    self.handle(input);
+                    // Take whatever else is queued into the same batch.
+                    for input in inputs.try_iter().take(100_000) {
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if Instant::now() >= next_tick {
+                self.raft.tick();
+                next_tick += self.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.tick;
+                }
+            }
+            while self.raft.has_ready() {
+                self.process_ready()?;
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Peer(envelope) => self.raft.step(envelope),
+            Input::Propose(proposals, reply) => {
+                let batch = self.next_batch;
+                self.next_batch += 1;
+                self.batches.insert(
+                    batch,
+                    BatchWaiter {
+                        results: vec![None; proposals.len()],
+                        missing: proposals.len(),
+                        reply: Some(reply),
+                    },
+                );
+                for (slot, proposal) in proposals.into_iter().enumerate() {
+                    self.waiting
+                        .entry(proposal.id)
+                        .or_default()
+                        .push((batch, slot));
+                    self.raft.propose(proposal);
+                }
+            }
+            Input::Read(reply) => {
+                let ctx = self.next_read;
+                self.next_read += 1;
+                self.reads.insert(ctx, reply);
+                self.raft.read_index(ctx);
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.raft.status());
+            }
+        }
+    }
+
+    fn process_ready(&mut self) -> Result<(), StoreError> {
+        let ready = self.raft.ready();
+        // 1. Durable first: term, vote and entries, with one sync.
+        self.store
+            .write(ready.hard_state, ready.log_write.as_ref())?;
+        // 2. Then tell the world.
+        for envelope in ready.messages.into_iter().chain(ready.persisted_messages) {
+            self.send(envelope);
+        }
+        if let Some((index, term)) = ready.log_write.as_ref().and_then(|w| w.last()) {
+            self.raft.persisted(index, term);
+        }
+        for response in ready.responses {
+            self.answer(response.id, response.result);
+        }
+        for read in ready.reads {
+            if let Some(reply) = self.reads.remove(&read.ctx) {
+                // Entries up to the read index are applied as soon as they
+                // commit, so the read may be served at once.
+                let _ = reply.send(read.result);
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, envelope: Envelope) {
+        let Some(outbox) = self.outboxes.get(&envelope.to) else {
+            error!(to = envelope.to, "no route to peer");
+            return;
+        };
+        if outbox.try_send(envelope).is_err() {
+            // Raft tolerates loss; a full queue means the peer is far behind
+            // or unreachable, and it will be caught up by probing.
+            warn!("outbound queue full, dropping a message");
+        }
+    }
+
+    fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>) {
+        let Some(slots) = self.waiting.remove(&id) else {
+            return;
+        };
+        for (batch, slot) in slots {
+            let Some(waiter) = self.batches.get_mut(&batch) else {
+                continue;
+            };
+            if waiter.results[slot].is_none() {
+                waiter.results[slot] = Some(result.clone());
+                waiter.missing -= 1;
+            }
+            if waiter.missing == 0 {
+                if let Some(waiter) = self.batches.remove(&batch) {
+                    let results = waiter.results.into_iter().flatten().collect();
+                    if let Some(reply) = waiter.reply {
+                        let _ = reply.send(results);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! A running node: the Raft driver thread, peer links and the client API,
+//! put together from the command line's options.
+
+pub mod api;
+pub mod driver;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+use crate::identity::{self, node_cert_path};
+use crate::raft::{Config, NodeId, RaftNode};
+use crate::storage::Store;
+use crate::tls::{self, Credentials};
+use driver::{Driver, Input};
+use transport::Peers;
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub id: NodeId,
+    /// Voters, possibly including this node.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Non-voting replicas, possibly including this node.
+    pub learners: BTreeMap<NodeId, SocketAddr>,
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub certs: PathBuf,
+    pub tick: Duration,
+    pub election_ticks: u64,
+    pub heartbeat_ticks: u64,
+    pub priorities: BTreeMap<NodeId, u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {0} is listed neither in --peers nor in --learners")]
+    NotMember(NodeId),
+    #[error("node {0} is listed both in --peers and in --learners")]
+    Both(NodeId),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::storage::StoreError),
+    #[error(transparent)]
+    Raft(#[from] crate::raft::RaftError),
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("the Raft driver stopped: {0}")]
+    Driver(String),
+}
+
+/// Runs a node until the process is stopped.
+pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
+    let me = options.id;
+    if options.peers.contains_key(&me) && options.learners.contains_key(&me) {
+        return Err(NodeError::Both(me));
+    }
+    if let Some(both) = options
+        .peers
+        .keys()
+        .find(|id| options.learners.contains_key(id))
+    {
+        return Err(NodeError::Both(*both));
+    }
+    if !options.peers.contains_key(&me) && !options.learners.contains_key(&me) {
+        return Err(NodeError::NotMember(me));
+    }
+    let (ca_path, _) = identity::ca_path(&options.certs);
+    let (cert_path, key_path) = node_cert_path(&options.certs, me);
+    let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
+    let cluster_id = identity::cluster_id(&creds.ca);
+
+    let (store, recovered) = Store::open(&options.data, &cluster_id, me)?;
+    let mut config = Config::new(me, options.peers.keys().copied());
+    config.learners = options.learners.keys().copied().collect();
+    config.election_ticks = options.election_ticks;
+    config.heartbeat_ticks = options.heartbeat_ticks;
+    config.priorities = options.priorities.clone();
+    config.seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(me, |d| d.as_nanos() as u64 ^ me);
+    let entries = recovered.entries.len();
+    let raft = RaftNode::new(config, recovered.hard_state, recovered.entries)?;
+    info!(
+        node = me,
+        cluster = %cluster_id,
+        term = recovered.hard_state.term,
+        entries,
+        commit = raft.commit_index(),
+        "recovered from {}",
+        options.data.display()
+    );
+
+    let endpoint =
+        quinn::Endpoint::server(tls::server_config(&creds)?, options.listen).map_err(|source| {
+            let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process holds that port: stop it or choose another --listen)"
+            } else {
+                ""
+            };
+            NodeError::Bind {
+                addr: options.listen,
+                source,
+                hint,
+            }
+        })?;
+    let mut endpoint = endpoint;
+    endpoint.set_default_client_config(tls::client_config(&creds)?);
+
+    let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
+    let addresses: BTreeMap<NodeId, SocketAddr> = options
+        .peers
+        .iter()
+        .chain(options.learners.iter())
+        .filter(|(id, _)| **id != me)
+        .map(|(id, addr)| (*id, *addr))
+        .collect();
+    let mut outboxes = HashMap::new();
+    let mut inbound = BTreeMap::new();
+    let mut links = Vec::new();
+    for id in addresses.keys() {
+        let (tx, rx) = mpsc::channel(4096);
+        outboxes.insert(*id, tx);
+        let (slot, watch_rx) = watch::channel(None);
+        inbound.insert(*id, slot);
+        links.push((*id, rx, watch_rx));
+    }
+    let peers = Peers {
+        me,
+        addresses,
+        inbound,
+        inputs: inputs.clone(),
+    };
+    for (id, rx, watch_rx) in links {
+        tokio::spawn(transport::run_link(
+            endpoint.clone(),
+            peers.clone(),
+            id,
+            rx,
+            watch_rx,
+        ));
+    }
+    let api = api::Api {
+        me,
+        inputs: inputs.clone(),
+        log: store.reader(),
+    };
+    tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api));
+    info!(node = me, listen = %options.listen, "serving");
+
+    let driver = Driver::new(raft, store, outboxes, options.tick);
+    let handle = std::thread::Builder::new()
+        .name(format!("raft-{me}"))
+        .spawn(move || driver.run(input_rx))
+        .map_err(|e| NodeError::Driver(e.to_string()))?;
+    drop(inputs);
+    let result = tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .map_err(|e| NodeError::Driver(e.to_string()))?;
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(store_error)) => Err(store_error.into()),
+        Err(_) => Err(NodeError::Driver("the driver thread panicked".into())),
+    }
+}

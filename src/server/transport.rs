@@ -1,0 +1,179 @@
+//! Peer links over QUIC: one connection per pair of nodes (the lower id
+//! dials), one ordered stream per direction, reconnection with backoff.
+//! A peer is whoever its certificate says, and may only speak for itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::mpsc::SyncSender;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::api::Api;
+use super::driver::Input;
+use crate::identity::{node_server_name, Identity};
+use crate::raft::{Envelope, NodeId};
+use crate::tls::peer_identity;
+use crate::wire::{read_frame, write_frame, PeerFrame};
+
+/// QUIC application error codes we close streams and connections with.
+pub const CLOSE_UNKNOWN_PEER: u32 = 1;
+pub const CLOSE_BAD_FRAME: u32 = 2;
+pub const CLOSE_IMPERSONATION: u32 = 3;
+
+/// Shared by the link tasks of one node.
+#[derive(Clone)]
+pub struct Peers {
+    pub me: NodeId,
+    pub addresses: BTreeMap<NodeId, SocketAddr>,
+    /// The live connection to each peer that dials us.
+    pub inbound: BTreeMap<NodeId, watch::Sender<Option<Connection>>>,
+    pub inputs: SyncSender<Input>,
+}
+
+/// Accepts every incoming connection and routes it by the identity in its
+/// certificate: peers to the Raft stream reader, clients to the API.
+pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
+    while let Some(incoming) = endpoint.accept().await {
+        let peers = peers.clone();
+        let api = api.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    warn!(%remote, "refused a connection: {error}");
+                    return;
+                }
+            };
+            match peer_identity(&connection) {
+                Ok(Identity::Node(id)) if id != peers.me && peers.addresses.contains_key(&id) => {
+                    debug!(peer = id, %remote, "peer connected");
+                    if let Some(slot) = peers.inbound.get(&id) {
+                        let _ = slot.send(Some(connection.clone()));
+                    }
+                    read_peer(connection, id, peers.inputs.clone()).await;
+                }
+                Ok(Identity::Node(id)) => {
+                    warn!(%remote, "refused node {id}: not a member of this cluster");
+                    connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
+                }
+                Ok(Identity::Client(name)) => api.serve(connection, name).await,
+                Err(error) => {
+                    warn!(%remote, "refused a connection: {error}");
+                    connection.close(CLOSE_UNKNOWN_PEER.into(), b"no identity");
+                }
+            }
+        });
+    }
+}
+
+/// Reads Raft messages from every stream `peer` opens on `connection`.
+pub async fn read_peer(connection: Connection, peer: NodeId, inputs: SyncSender<Input>) {
+    while let Ok(mut stream) = connection.accept_uni().await {
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame::<_, PeerFrame>(&mut stream).await {
+                    Ok(Some(PeerFrame::Raft(envelope))) => {
+                        if envelope.from != peer {
+                            warn!(
+                                peer,
+                                claimed = envelope.from,
+                                "peer spoke for another node; closing its stream"
+                            );
+                            let _ = stream.stop(CLOSE_IMPERSONATION.into());
+                            return;
+                        }
+                        // A full queue drops the message: Raft retries.
+                        let _ = inputs.try_send(Input::Peer(envelope));
+                    }
+                    Ok(None) => return,
+                    Err(error) => {
+                        warn!(peer, "closing a peer stream: {error}");
+                        let _ = stream.stop(CLOSE_BAD_FRAME.into());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Carries our messages to `peer`, dialing it if our id is lower, otherwise
+/// waiting for it to dial us; reconnects whenever the link breaks.
+pub async fn run_link(
+    endpoint: Endpoint,
+    peers: Peers,
+    peer: NodeId,
+    mut outbox: mpsc::Receiver<Envelope>,
+    mut inbound: watch::Receiver<Option<Connection>>,
+) {
+    let Some(&address) = peers.addresses.get(&peer) else {
+        return;
+    };
+    let dial = peers.me < peer;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connection = if dial {
+            match connect(&endpoint, address, peer).await {
+                Ok(connection) => {
+                    info!(peer, %address, "connected to peer");
+                    tokio::spawn(read_peer(connection.clone(), peer, peers.inputs.clone()));
+                    connection
+                }
+                Err(error) => {
+                    debug!(peer, %address, "cannot reach peer: {error}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        } else {
+            let live = inbound
+                .wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                .await;
+            match live {
+                Ok(connection) => match connection.as_ref() {
+                    Some(connection) => connection.clone(),
+                    None => continue,
+                },
+                Err(_) => return,
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let Ok(mut stream) = connection.open_uni().await else {
+            tokio::time::sleep(backoff).await;
+            continue;
+        };
+        loop {
+            tokio::select! {
+                envelope = outbox.recv() => {
+                    let Some(envelope) = envelope else { return };
+                    if let Err(error) = write_frame(&mut stream, &PeerFrame::Raft(envelope)).await {
+                        debug!(peer, "peer link broke: {error}");
+                        break;
+                    }
+                }
+                _ = connection.closed() => break,
+            }
+        }
+    }
+}
+
+async fn connect(
+    endpoint: &Endpoint,
+    address: SocketAddr,
+    peer: NodeId,
+) -> anyhow::Result<Connection> {
+    let connection = endpoint.connect(address, &node_server_name(peer))?.await?;
+    match peer_identity(&connection)? {
+        Identity::Node(id) if id == peer => Ok(connection),
+        other => {
+            connection.close(CLOSE_IMPERSONATION.into(), b"wrong node");
+            anyhow::bail!("{address} presented {other:?}, expected node {peer}")
+        }
+    }
+}

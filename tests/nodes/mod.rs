@@ -1,0 +1,285 @@
+//! Real `node` processes on loopback for end-to-end tests. Each cluster
+//! gets its own 127.0.0.x address and temporary directory, and every
+//! process is killed when the cluster is dropped.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster_store::client::Client;
+use cluster_store::identity;
+use cluster_store::raft::{NodeId, Role};
+use cluster_store::tls::Credentials;
+use cluster_store::wire::ExportedEntry;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_node");
+
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub ip: String,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    children: BTreeMap<NodeId, Child>,
+}
+
+pub fn port(id: NodeId) -> u16 {
+    7000 + id as u16
+}
+
+impl TestCluster {
+    /// Makes certificates and starts every node.
+    pub fn start(name: &str, ip_octet: u8, voters: &[NodeId], learners: &[NodeId]) -> Self {
+        let dir = std::env::temp_dir().join(format!("cluster-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let all: Vec<String> = voters
+            .iter()
+            .chain(learners)
+            .map(|n| n.to_string())
+            .collect();
+        let status = Command::new(BIN)
+            .args(["certs", "init", "--out"])
+            .arg(dir.join("certs"))
+            .args(["--nodes", &all.join(","), "--clients", "alice,bob,carol"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run node certs init");
+        assert!(status.success(), "node certs init failed");
+        let mut cluster = TestCluster {
+            dir,
+            ip: format!("127.0.0.{ip_octet}"),
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            children: BTreeMap::new(),
+        };
+        for id in voters.iter().chain(learners) {
+            cluster.launch(*id);
+        }
+        cluster
+    }
+
+    pub fn addr(&self, id: NodeId) -> SocketAddr {
+        format!("{}:{}", self.ip, port(id))
+            .parse()
+            .expect("socket address")
+    }
+
+    fn spec(&self, ids: &[NodeId]) -> String {
+        ids.iter()
+            .map(|id| format!("{id}={}", self.addr(*id)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn peers_spec(&self) -> String {
+        self.spec(&self.voters)
+    }
+
+    /// Every node, voters and learners, as clients name them.
+    pub fn cluster_spec(&self) -> String {
+        let all: Vec<NodeId> = self.voters.iter().chain(&self.learners).copied().collect();
+        self.spec(&all)
+    }
+
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.join(format!("data/node-{id}"))
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    pub fn launch(&mut self, id: NodeId) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))
+            .expect("log file");
+        let mut command = Command::new(BIN);
+        command
+            .args(["--id", &id.to_string(), "--peers", &self.peers_spec()])
+            .arg("--data")
+            .arg(self.data_dir(id))
+            .arg("--certs")
+            .arg(self.certs())
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if !self.learners.is_empty() {
+            command.args(["--learner", &self.spec(&self.learners)]);
+        }
+        let child = command.spawn().expect("spawn node");
+        self.children.insert(id, child);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut child) = self.children.remove(&id) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self, id: NodeId) -> bool {
+        self.children.contains_key(&id)
+    }
+
+    pub fn log(&self, id: NodeId) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{id}.log"))).unwrap_or_default()
+    }
+
+    pub fn client(&self, name: &str) -> Client {
+        self.client_with(name, &self.certs())
+    }
+
+    pub fn client_with(&self, name: &str, certs: &Path) -> Client {
+        let (ca, _) = identity::ca_path(certs);
+        let (cert, key) = identity::client_cert_path(certs, name);
+        let creds = Credentials::load(&ca, &cert, &key).expect("client credentials");
+        let cluster = self
+            .voters
+            .iter()
+            .chain(&self.learners)
+            .map(|id| (*id, self.addr(*id)))
+            .collect();
+        Client::new(cluster, &creds).expect("client")
+    }
+
+    /// Waits until the running nodes agree on one leader.
+    pub async fn wait_for_leader(&self, client: &Client, within: Duration) -> NodeId {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.children.keys() {
+                if let Ok(status) = client.status(*id).await {
+                    if status.role == Role::Leader {
+                        leaders.push((status.term, *id));
+                    }
+                }
+            }
+            leaders.sort();
+            if let Some((_, leader)) = leaders.last() {
+                return *leader;
+            }
+            assert!(Instant::now() < deadline, "no leader within {within:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running node has committed the leader's whole log.
+    pub async fn wait_caught_up(&self, client: &Client, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut commits = Vec::new();
+            let mut leader_last = None;
+            for id in self.children.keys() {
+                if let Ok(status) = client.status(*id).await {
+                    if status.role == Role::Leader {
+                        leader_last = Some(status.last_index);
+                    }
+                    commits.push(status.commit);
+                }
+            }
+            if let Some(last) = leader_last {
+                if commits.len() == self.children.len() && commits.iter().all(|c| *c == last) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not catch up within {within:?}: commits {commits:?}, leader log {leader_last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A stopped node's committed log, read from its store by `node export --local`.
+    pub fn local_export(&self, id: NodeId) -> Vec<String> {
+        assert!(
+            !self.is_running(id),
+            "stop node {id} before reading its store"
+        );
+        let output = Command::new(BIN)
+            .args(["export", "--local", "--data"])
+            .arg(self.data_dir(id))
+            .output()
+            .expect("run node export --local");
+        assert!(
+            output.status.success(),
+            "export --local failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Runs `node` with the client arguments of this cluster.
+    pub fn run_cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--cluster")
+            .arg(self.cluster_spec())
+            .arg("--certs")
+            .arg(self.certs())
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run node");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("node output")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let ids: Vec<NodeId> = self.children.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("cluster files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Checks the properties every export must have: each text once, stamps
+/// strictly increasing in log order.
+pub fn check_export(entries: &[ExportedEntry]) {
+    let mut seen = std::collections::HashSet::new();
+    for pair in entries.windows(2) {
+        assert!(pair[0].index < pair[1].index, "export out of log order");
+        assert!(
+            pair[0].lamport < pair[1].lamport,
+            "Lamport stamps do not increase: {:?} then {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+    for entry in entries {
+        assert!(
+            seen.insert((entry.sender.clone(), entry.text.clone())),
+            "{:?} appears twice",
+            entry
+        );
+    }
+}

@@ -480,6 +480,37 @@ fn bad_starts_fail_with_clear_errors() {
             "{stderr}"
         );
 
+        // A damaged store: named as corrupt, with the way to rebuild it.
+        let damaged = cluster.dir.join("damaged");
+        std::fs::create_dir_all(&damaged).expect("mkdir");
+        for file in std::fs::read_dir(cluster.data_dir(1))
+            .expect("data dir")
+            .flatten()
+        {
+            if file.path().is_file() {
+                std::fs::copy(file.path(), damaged.join(file.file_name())).expect("copy");
+            }
+        }
+        let db = damaged.join("db");
+        let mut bytes = std::fs::read(&db).expect("db");
+        for i in (200..bytes.len()).step_by(997) {
+            bytes[i] ^= 0xff;
+        }
+        std::fs::write(&db, bytes).expect("write db");
+        let damaged_dir = damaged.display().to_string();
+        for args in [
+            vec!["--id", "1", "--peers", &peers, "--data", &damaged_dir],
+            vec!["export", "--local", "--data", &damaged_dir],
+        ] {
+            let out = run(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains("is corrupt") && stderr.contains("move"),
+                "{stderr}"
+            );
+        }
+
         // An id outside the cluster, and a malformed peer list.
         let out = run(&[
             "--id",

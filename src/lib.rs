@@ -1,5 +1,8 @@
 pub mod client;
+pub mod events;
+pub mod http;
 pub mod identity;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod sim;

@@ -129,6 +129,13 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(
 pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
     reader: &mut R,
 ) -> Result<Option<T>, WireError> {
+    Ok(read_frame_sized(reader).await?.map(|(value, _)| value))
+}
+
+/// Reads one frame and says how many bytes it took.
+pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
+    reader: &mut R,
+) -> Result<Option<(T, usize)>, WireError> {
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
@@ -147,7 +154,7 @@ pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
             e.into()
         }
     })?;
-    decode(&body).map(Some)
+    decode(&body).map(|value| Some((value, 4 + len)))
 }
 
 #[cfg(test)]

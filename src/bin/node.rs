@@ -66,6 +66,13 @@ struct RunArgs {
     /// higher priority takes over from the leader.
     #[arg(long, env = "NODE_PRIORITIES")]
     priorities: Option<String>,
+    /// Serve the live dashboard (/dashboard) and the JSON API here, e.g. 127.0.0.1:8001.
+    #[arg(long, env = "NODE_HTTP")]
+    http: Option<String>,
+    /// Accept writes over HTTP (POST / and POST /messages). HTTP has no
+    /// client certificates: anyone who reaches the port can write.
+    #[arg(long, env = "NODE_HTTP_WRITE")]
+    http_write: bool,
 }
 
 #[derive(Args, Clone)]
@@ -324,6 +331,16 @@ fn run_node(args: RunArgs) -> Result<()> {
         election_ticks: args.election_ticks,
         heartbeat_ticks: args.heartbeat_ticks,
         priorities,
+        http: match &args.http {
+            Some(http) => Some(
+                http.to_socket_addrs()
+                    .with_context(|| format!("--http {http:?}"))?
+                    .next()
+                    .ok_or_else(|| anyhow!("--http {http:?} resolves to no address"))?,
+            ),
+            None => None,
+        },
+        http_write: args.http_write,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(server::run(options)).map_err(Into::into)

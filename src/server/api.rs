@@ -171,6 +171,14 @@ impl Api {
         }
     }
 
+    /// This node's status, for local callers such as the HTTP API.
+    pub async fn local_status(&self) -> Result<crate::raft::Status, String> {
+        self.status().await.map_err(|response| match response {
+            ClientResponse::Error { message, .. } => message,
+            other => format!("{other:?}"),
+        })
+    }
+
     async fn status(&self) -> Result<crate::raft::Status, ClientResponse> {
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Status(reply))?;

@@ -4,14 +4,18 @@
 //! synced goes into the next batch: one fsync covers them all.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, warn};
 
+use crate::events::NodeEvent;
+use crate::metrics::Metrics;
 use crate::raft::{
-    Committed, Envelope, Index, NodeId, Proposal, ProposeError, RaftNode, RequestId, Status,
+    Committed, Envelope, Index, Lamport, NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
 };
 use crate::storage::{Store, StoreError};
 
@@ -43,15 +47,29 @@ pub struct Driver {
     tick: Duration,
     batches: HashMap<u64, BatchWaiter>,
     next_batch: u64,
-    /// Which batch slots wait on a request id.
-    waiting: HashMap<RequestId, Vec<(u64, usize)>>,
+    /// Which batch slots wait on a request id, and since when.
+    waiting: HashMap<RequestId, (Instant, Vec<(u64, usize)>)>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, ProposeError>>>,
     next_read: u64,
+    metrics: Arc<Metrics>,
+    events: broadcast::Sender<NodeEvent>,
+    /// What the last announcement said, to announce only changes.
+    announced: (Option<NodeId>, Term, Lamport),
 }
 
 impl Driver {
-    pub fn new(raft: RaftNode, store: Store, outboxes: Outboxes, tick: Duration) -> Self {
+    pub fn new(
+        raft: RaftNode,
+        store: Store,
+        outboxes: Outboxes,
+        tick: Duration,
+        metrics: Arc<Metrics>,
+        events: broadcast::Sender<NodeEvent>,
+    ) -> Self {
         Driver {
+            metrics,
+            events,
+            announced: (None, 0, 0),
             raft,
             store,
             outboxes,
@@ -108,10 +126,13 @@ impl Driver {
                         reply: Some(reply),
                     },
                 );
+                self.metrics.proposals.fetch_add(proposals.len() as u64, Ordering::Relaxed);
+                let now = Instant::now();
                 for (slot, proposal) in proposals.into_iter().enumerate() {
                     self.waiting
                         .entry(proposal.id)
-                        .or_default()
+                        .or_insert_with(|| (now, Vec::new()))
+                        .1
                         .push((batch, slot));
                     self.raft.propose(proposal);
                 }
@@ -131,8 +152,11 @@ impl Driver {
     fn process_ready(&mut self) -> Result<(), StoreError> {
         let ready = self.raft.ready();
         // 1. Durable first: term, vote and entries, with one sync.
-        self.store
-            .write(ready.hard_state, ready.log_write.as_ref())?;
+        if ready.hard_state.is_some() || ready.log_write.is_some() {
+            let started = Instant::now();
+            self.store.write(ready.hard_state, ready.log_write.as_ref())?;
+            self.metrics.fsync.observe(started.elapsed());
+        }
         // 2. Then tell the world.
         for envelope in ready.messages.into_iter().chain(ready.persisted_messages) {
             self.send(envelope);
@@ -140,6 +164,7 @@ impl Driver {
         if let Some((index, term)) = ready.log_write.as_ref().and_then(|w| w.last()) {
             self.raft.persisted(index, term);
         }
+        self.announce(&ready.committed);
         for response in ready.responses {
             self.answer(response.id, response.result);
         }
@@ -165,10 +190,41 @@ impl Driver {
         }
     }
 
+    /// Publishes commits, a new leader and the clock to live subscribers.
+    fn announce(&mut self, committed: &[crate::raft::Entry]) {
+        self.metrics.commits.fetch_add(committed.len() as u64, Ordering::Relaxed);
+        let subscribed = self.events.receiver_count() > 0;
+        for entry in committed {
+            if let (true, Payload::Command(command)) = (subscribed, &entry.payload) {
+                let _ = self.events.send(NodeEvent::Commit {
+                    index: entry.index,
+                    term: entry.term,
+                    lamport: entry.lamport,
+                    sender: command.sender.clone(),
+                    text: String::from_utf8_lossy(&command.data).into_owned(),
+                });
+            }
+        }
+        let (leader, term, lamport) = (self.raft.leader(), self.raft.term(), self.raft.lamport());
+        if term != self.announced.1 {
+            self.metrics.elections.fetch_add(1, Ordering::Relaxed);
+        }
+        if (leader, term) != (self.announced.0, self.announced.1) && subscribed {
+            let _ = self.events.send(NodeEvent::Leader { leader, term });
+        }
+        if lamport != self.announced.2 && subscribed {
+            let _ = self.events.send(NodeEvent::Clock { lamport });
+        }
+        self.announced = (leader, term, lamport);
+    }
+
     fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>) {
-        let Some(slots) = self.waiting.remove(&id) else {
+        let Some((since, slots)) = self.waiting.remove(&id) else {
             return;
         };
+        if result.is_ok() {
+            self.metrics.commit_latency.observe(since.elapsed());
+        }
         for (batch, slot) in slots {
             let Some(waiter) = self.batches.get_mut(&batch) else {
                 continue;

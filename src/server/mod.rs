@@ -35,6 +35,10 @@ pub struct NodeOptions {
     pub election_ticks: u64,
     pub heartbeat_ticks: u64,
     pub priorities: BTreeMap<NodeId, u32>,
+    /// Serve the dashboard and JSON API here.
+    pub http: Option<SocketAddr>,
+    /// Accept writes over HTTP (which has no client certificates).
+    pub http_write: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +122,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     endpoint.set_default_client_config(tls::client_config(&creds)?);
 
     let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    let (events, _) = tokio::sync::broadcast::channel(4096);
     let addresses: BTreeMap<NodeId, SocketAddr> = options
         .peers
         .iter()
@@ -140,6 +146,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         addresses,
         inbound,
         inputs: inputs.clone(),
+        metrics: metrics.clone(),
     };
     for (id, rx, watch_rx) in links {
         tokio::spawn(transport::run_link(
@@ -155,10 +162,45 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         inputs: inputs.clone(),
         log: store.reader(),
     };
+    let api_for_http = api.clone();
     tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api));
     info!(node = me, listen = %options.listen, "serving");
 
-    let driver = Driver::new(raft, store, outboxes, options.tick);
+    if let Some(http) = options.http {
+        let cluster: BTreeMap<NodeId, SocketAddr> = options
+            .peers
+            .iter()
+            .chain(options.learners.iter())
+            .map(|(id, addr)| (*id, *addr))
+            .collect();
+        let state = crate::http::HttpState {
+            me,
+            api: api_for_http,
+            events: events.clone(),
+            metrics: metrics.clone(),
+            write: options.http_write,
+            cluster: std::sync::Arc::new(
+                crate::client::Client::new(cluster, &creds).map_err(|e| NodeError::Driver(e.to_string()))?,
+            ),
+        };
+        let listener = tokio::net::TcpListener::bind(http).await.map_err(|source| NodeError::Bind {
+            addr: http,
+            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process holds that port: stop it or choose another --http)"
+            } else {
+                ""
+            },
+            source,
+        })?;
+        info!(node = me, %http, write = options.http_write, "dashboard at http://{http}/dashboard");
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, crate::http::router(state)).await {
+                tracing::error!("HTTP server stopped: {error}");
+            }
+        });
+    }
+
+    let driver = Driver::new(raft, store, outboxes, options.tick, metrics, events);
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))
         .spawn(move || driver.run(input_rx))

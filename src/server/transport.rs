@@ -16,7 +16,7 @@ use super::driver::Input;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, NodeId};
 use crate::tls::peer_identity;
-use crate::wire::{read_frame, write_frame, PeerFrame};
+use crate::wire::{encode, read_frame_sized, PeerFrame};
 
 /// QUIC application error codes we close streams and connections with.
 pub const CLOSE_UNKNOWN_PEER: u32 = 1;
@@ -31,6 +31,7 @@ pub struct Peers {
     /// The live connection to each peer that dials us.
     pub inbound: BTreeMap<NodeId, watch::Sender<Option<Connection>>>,
     pub inputs: SyncSender<Input>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Accepts every incoming connection and routes it by the identity in its
@@ -54,7 +55,14 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                     if let Some(slot) = peers.inbound.get(&id) {
                         let _ = slot.send(Some(connection.clone()));
                     }
-                    read_peer(connection, id, peers.inputs.clone()).await;
+                    // Raft on unidirectional streams; requests forwarded by
+                    // the peer's HTTP API on bidirectional ones.
+                    let forwarded = api.serve(connection.clone(), format!("http@node-{id}"));
+                    tokio::join!(read_peer(connection, id, peers.inputs.clone(), peers.metrics.clone()), forwarded);
+                }
+                Ok(Identity::Node(id)) if id == peers.me => {
+                    // Our own HTTP API, reaching the cluster through us.
+                    api.serve(connection, format!("http@node-{id}")).await;
                 }
                 Ok(Identity::Node(id)) => {
                     warn!(%remote, "refused node {id}: not a member of this cluster");
@@ -71,13 +79,20 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
 }
 
 /// Reads Raft messages from every stream `peer` opens on `connection`.
-pub async fn read_peer(connection: Connection, peer: NodeId, inputs: SyncSender<Input>) {
+pub async fn read_peer(
+    connection: Connection,
+    peer: NodeId,
+    inputs: SyncSender<Input>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     while let Ok(mut stream) = connection.accept_uni().await {
         let inputs = inputs.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
-                match read_frame::<_, PeerFrame>(&mut stream).await {
-                    Ok(Some(PeerFrame::Raft(envelope))) => {
+                match read_frame_sized::<_, PeerFrame>(&mut stream).await {
+                    Ok(Some((PeerFrame::Raft(envelope), size))) => {
+                        metrics.quic_bytes_received.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
                         if envelope.from != peer {
                             warn!(
                                 peer,
@@ -121,7 +136,12 @@ pub async fn run_link(
             match connect(&endpoint, address, peer).await {
                 Ok(connection) => {
                     info!(peer, %address, "connected to peer");
-                    tokio::spawn(read_peer(connection.clone(), peer, peers.inputs.clone()));
+                    tokio::spawn(read_peer(
+                        connection.clone(),
+                        peer,
+                        peers.inputs.clone(),
+                        peers.metrics.clone(),
+                    ));
                     connection
                 }
                 Err(error) => {
@@ -152,10 +172,18 @@ pub async fn run_link(
             tokio::select! {
                 envelope = outbox.recv() => {
                     let Some(envelope) = envelope else { return };
-                    if let Err(error) = write_frame(&mut stream, &PeerFrame::Raft(envelope)).await {
+                    let frame = match encode(&PeerFrame::Raft(envelope)) {
+                        Ok(frame) => frame,
+                        Err(error) => {
+                            warn!(peer, "cannot encode a message: {error}");
+                            continue;
+                        }
+                    };
+                    if let Err(error) = stream.write_all(&frame).await {
                         debug!(peer, "peer link broke: {error}");
                         break;
                     }
+                    peers.metrics.quic_bytes_sent.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = connection.closed() => break,
             }

@@ -1,0 +1,278 @@
+//! The HTTP side of a node: a live dashboard and a JSON API (`--http`).
+//! HTTP has no client certificates, so writes are off unless the operator
+//! starts the node with `--http-write`; they then go through the cluster
+//! client with this node's own certificate and are recorded as sent by
+//! `http@node-<id>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::client::Client;
+use crate::events::NodeEvent;
+use crate::metrics::Metrics;
+use crate::raft::{NodeId, Payload, Status};
+use crate::server::api::Api;
+
+/// Most messages one `/messages` page returns.
+pub const MAX_PAGE: u64 = 1000;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub me: NodeId,
+    pub api: Api,
+    pub events: broadcast::Sender<NodeEvent>,
+    pub metrics: Arc<Metrics>,
+    pub write: bool,
+    /// Reaches the leader (and every node's status) over QUIC.
+    pub cluster: Arc<Client>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/", post(post_query))
+        .route("/dashboard", get(dashboard))
+        .route("/status", get(status))
+        .route("/cluster", get(cluster))
+        .route("/leader", get(leader))
+        .route("/lamport_time", get(lamport_time))
+        .route("/messages", get(messages).post(post_json))
+        .route("/events", get(events))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An error answer: a status code and a reason in JSON.
+fn fail(code: StatusCode, reason: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": reason.into() }))).into_response()
+}
+
+async fn local_status(state: &HttpState) -> Result<Status, Response> {
+    state
+        .api
+        .local_status()
+        .await
+        .map_err(|e| fail(StatusCode::SERVICE_UNAVAILABLE, e))
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn status(State(state): State<HttpState>) -> Response {
+    match local_status(&state).await {
+        Ok(status) => {
+            let mut value = serde_json::to_value(&status).unwrap_or_default();
+            value["http_write"] = json!(state.write);
+            Json(value).into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+/// Every node's status, as this node can reach it.
+async fn cluster(State(state): State<HttpState>) -> Response {
+    let mut nodes = Vec::new();
+    for id in state.cluster.nodes() {
+        let status = if id == state.me {
+            state.api.local_status().await.map_err(|e| e.to_string())
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), state.cluster.status(id)).await {
+                Ok(result) => result.map_err(|e| format!("{e:#}")),
+                Err(_) => Err("no answer within 1 s".to_string()),
+            }
+        };
+        nodes.push(match status {
+            Ok(status) => serde_json::to_value(&status).unwrap_or_default(),
+            Err(error) => json!({ "id": id, "error": error }),
+        });
+    }
+    Json(json!({ "me": state.me, "http_write": state.write, "nodes": nodes })).into_response()
+}
+
+async fn leader(State(state): State<HttpState>) -> Response {
+    match local_status(&state).await {
+        Ok(status) => Json(json!({ "leader": status.leader, "term": status.term })).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn lamport_time(State(state): State<HttpState>) -> Response {
+    match local_status(&state).await {
+        Ok(status) => Json(json!({ "lamport": status.lamport, "node": state.me })).into_response(),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    from: Option<String>,
+    limit: Option<String>,
+    /// The newest `last` messages instead of a page from `from`.
+    last: Option<String>,
+}
+
+fn number(name: &str, value: &Option<String>) -> Result<Option<u64>, Response> {
+    match value {
+        None => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("`{name}` must be a whole number, got {text:?}"),
+            )
+        }),
+    }
+}
+
+/// Committed messages of this node's replica, in log order, a page at a time.
+async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> Response {
+    let parsed = (|| {
+        Ok::<_, Response>((
+            number("from", &page.from)?,
+            number("limit", &page.limit)?,
+            number("last", &page.last)?,
+        ))
+    })();
+    let (from, limit, last) = match parsed {
+        Ok(values) => values,
+        Err(response) => return response,
+    };
+    let limit = limit.or(last).unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return fail(StatusCode::BAD_REQUEST, format!("`limit` must be between 1 and {MAX_PAGE}"));
+    }
+    let status = match local_status(&state).await {
+        Ok(status) => status,
+        Err(response) => return response,
+    };
+    let from = match (from, last) {
+        (Some(_), Some(_)) => return fail(StatusCode::BAD_REQUEST, "give `from` or `last`, not both"),
+        (Some(0), None) => return fail(StatusCode::BAD_REQUEST, "`from` starts at 1"),
+        (Some(from), None) => from,
+        (None, Some(_)) => status.commit.saturating_sub(limit * 2).max(1),
+        (None, None) => 1,
+    };
+    // Scan a bounded window of entries: no-ops take slots too.
+    let entries = match state.api.log.entries(from, status.commit, (limit * 2) as usize) {
+        Ok(entries) => entries,
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let next = entries.last().map_or(from, |e| e.index + 1);
+    let mut out: Vec<serde_json::Value> = entries
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::Command(c) => Some(json!({
+                "index": e.index,
+                "term": e.term,
+                "lamport": e.lamport,
+                "sender": c.sender,
+                "text": String::from_utf8_lossy(&c.data),
+            })),
+            Payload::Noop => None,
+        })
+        .collect();
+    if last.is_some() {
+        let skip = out.len().saturating_sub(limit as usize);
+        out.drain(..skip);
+    } else {
+        out.truncate(limit as usize);
+    }
+    let next = match (last, out.last()) {
+        (None, Some(last)) if out.len() as u64 == limit => last["index"].as_u64().map_or(next, |i| i + 1),
+        _ => next,
+    };
+    Json(json!({ "messages": out, "next": next, "commit": status.commit })).into_response()
+}
+
+#[derive(Deserialize)]
+struct MessageQuery {
+    message: Option<String>,
+}
+
+/// The original design's call: `POST /?message=TEXT`.
+async fn post_query(State(state): State<HttpState>, Query(query): Query<MessageQuery>) -> Response {
+    match query.message {
+        Some(text) => send(&state, text).await,
+        None => fail(StatusCode::BAD_REQUEST, "missing the `message` query parameter"),
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageBody {
+    message: Option<String>,
+    text: Option<String>,
+}
+
+/// `POST /messages` with `{"message": "..."}` (or `"text"`).
+async fn post_json(State(state): State<HttpState>, body: Result<Json<MessageBody>, axum::extract::rejection::JsonRejection>) -> Response {
+    match body {
+        Ok(Json(MessageBody { message: Some(text), .. })) | Ok(Json(MessageBody { text: Some(text), .. })) => {
+            send(&state, text).await
+        }
+        Ok(_) => fail(StatusCode::BAD_REQUEST, "the JSON body needs a `message` field"),
+        Err(rejection) => fail(StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+async fn send(state: &HttpState, text: String) -> Response {
+    if !state.write {
+        return fail(
+            StatusCode::FORBIDDEN,
+            "writes over HTTP are disabled on this node: HTTP has no client certificates; start it with --http-write to allow them",
+        );
+    }
+    if text.is_empty() {
+        return fail(StatusCode::BAD_REQUEST, "the message is empty");
+    }
+    match state.cluster.send(vec![text]).await {
+        Ok((leader, committed)) => match committed.first() {
+            Some(c) => Json(json!({
+                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
+            }))
+            .into_response(),
+            None => fail(StatusCode::INTERNAL_SERVER_ERROR, "the leader answered without a result"),
+        },
+        Err(e) => {
+            let reason = format!("{e:#}");
+            let code = if reason.contains("exceeds the limit") {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            fail(code, reason)
+        }
+    }
+}
+
+/// Server-sent events: `commit`, `leader` and `clock`, as they happen.
+async fn events(State(state): State<HttpState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = BroadcastStream::new(state.events.subscribe()).filter_map(|event| {
+        let event = event.ok()?;
+        let data = serde_json::to_string(&event).ok()?;
+        Some(Ok(Event::default().event(event.name()).data(data)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    match local_status(&state).await {
+        Ok(status) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            state.metrics.render(&status),
+        )
+            .into_response(),
+        Err(response) => response,
+    }
+}

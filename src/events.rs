@@ -15,8 +15,13 @@ pub enum NodeEvent {
         sender: String,
         text: String,
     },
-    Leader { leader: Option<NodeId>, term: Term },
-    Clock { lamport: Lamport },
+    Leader {
+        leader: Option<NodeId>,
+        term: Term,
+    },
+    Clock {
+        lamport: Lamport,
+    },
 }
 
 impl NodeEvent {

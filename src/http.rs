@@ -124,22 +124,20 @@ struct Page {
     last: Option<String>,
 }
 
-fn number(name: &str, value: &Option<String>) -> Result<Option<u64>, Response> {
+fn number(name: &str, value: &Option<String>) -> Result<Option<u64>, String> {
     match value {
         None => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(|_| {
-            fail(
-                StatusCode::BAD_REQUEST,
-                format!("`{name}` must be a whole number, got {text:?}"),
-            )
-        }),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("`{name}` must be a whole number, got {text:?}")),
     }
 }
 
 /// Committed messages of this node's replica, in log order, a page at a time.
 async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> Response {
     let parsed = (|| {
-        Ok::<_, Response>((
+        Ok::<_, String>((
             number("from", &page.from)?,
             number("limit", &page.limit)?,
             number("last", &page.last)?,
@@ -147,25 +145,35 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
     })();
     let (from, limit, last) = match parsed {
         Ok(values) => values,
-        Err(response) => return response,
+        Err(reason) => return fail(StatusCode::BAD_REQUEST, reason),
     };
     let limit = limit.or(last).unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
-        return fail(StatusCode::BAD_REQUEST, format!("`limit` must be between 1 and {MAX_PAGE}"));
+        return fail(
+            StatusCode::BAD_REQUEST,
+            format!("`limit` must be between 1 and {MAX_PAGE}"),
+        );
     }
     let status = match local_status(&state).await {
         Ok(status) => status,
         Err(response) => return response,
     };
     let from = match (from, last) {
-        (Some(_), Some(_)) => return fail(StatusCode::BAD_REQUEST, "give `from` or `last`, not both"),
+        (Some(_), Some(_)) => {
+            return fail(StatusCode::BAD_REQUEST, "give `from` or `last`, not both")
+        }
         (Some(0), None) => return fail(StatusCode::BAD_REQUEST, "`from` starts at 1"),
         (Some(from), None) => from,
         (None, Some(_)) => status.commit.saturating_sub(limit * 2).max(1),
         (None, None) => 1,
     };
     // Scan a bounded window of entries: no-ops take slots too.
-    let entries = match state.api.log.entries(from, status.commit, (limit * 2) as usize) {
+    let window = if last.is_some() {
+        limit * 2 + 1
+    } else {
+        limit * 2
+    };
+    let entries = match state.api.log.entries(from, status.commit, window as usize) {
         Ok(entries) => entries,
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
@@ -190,7 +198,9 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         out.truncate(limit as usize);
     }
     let next = match (last, out.last()) {
-        (None, Some(last)) if out.len() as u64 == limit => last["index"].as_u64().map_or(next, |i| i + 1),
+        (None, Some(last)) if out.len() as u64 == limit => {
+            last["index"].as_u64().map_or(next, |i| i + 1)
+        }
         _ => next,
     };
     Json(json!({ "messages": out, "next": next, "commit": status.commit })).into_response()
@@ -205,7 +215,10 @@ struct MessageQuery {
 async fn post_query(State(state): State<HttpState>, Query(query): Query<MessageQuery>) -> Response {
     match query.message {
         Some(text) => send(&state, text).await,
-        None => fail(StatusCode::BAD_REQUEST, "missing the `message` query parameter"),
+        None => fail(
+            StatusCode::BAD_REQUEST,
+            "missing the `message` query parameter",
+        ),
     }
 }
 
@@ -216,12 +229,22 @@ struct MessageBody {
 }
 
 /// `POST /messages` with `{"message": "..."}` (or `"text"`).
-async fn post_json(State(state): State<HttpState>, body: Result<Json<MessageBody>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn post_json(
+    State(state): State<HttpState>,
+    body: Result<Json<MessageBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     match body {
-        Ok(Json(MessageBody { message: Some(text), .. })) | Ok(Json(MessageBody { text: Some(text), .. })) => {
-            send(&state, text).await
-        }
-        Ok(_) => fail(StatusCode::BAD_REQUEST, "the JSON body needs a `message` field"),
+        Ok(Json(MessageBody {
+            message: Some(text),
+            ..
+        }))
+        | Ok(Json(MessageBody {
+            text: Some(text), ..
+        })) => send(&state, text).await,
+        Ok(_) => fail(
+            StatusCode::BAD_REQUEST,
+            "the JSON body needs a `message` field",
+        ),
         Err(rejection) => fail(StatusCode::BAD_REQUEST, rejection.body_text()),
     }
 }
@@ -242,7 +265,10 @@ async fn send(state: &HttpState, text: String) -> Response {
                 "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
             }))
             .into_response(),
-            None => fail(StatusCode::INTERNAL_SERVER_ERROR, "the leader answered without a result"),
+            None => fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the leader answered without a result",
+            ),
         },
         Err(e) => {
             let reason = format!("{e:#}");
@@ -257,7 +283,9 @@ async fn send(state: &HttpState, text: String) -> Response {
 }
 
 /// Server-sent events: `commit`, `leader` and `clock`, as they happen.
-async fn events(State(state): State<HttpState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(
+    State(state): State<HttpState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = BroadcastStream::new(state.events.subscribe()).filter_map(|event| {
         let event = event.ok()?;
         let data = serde_json::to_string(&event).ok()?;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use crate::raft::Status;
 
 /// Upper bounds of the latency buckets, in seconds.
-const BOUNDS: [f64; 12] = [0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+const BOUNDS: [f64; 12] = [
+    0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 #[derive(Default)]
 pub struct Histogram {
@@ -20,9 +22,13 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        let bucket = BOUNDS.iter().position(|b| seconds <= *b).unwrap_or(BOUNDS.len());
+        let bucket = BOUNDS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(BOUNDS.len());
         self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -36,7 +42,11 @@ impl Histogram {
         cumulative += self.counts[BOUNDS.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", self.count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_sum {sum}\n{name}_count {}",
+            self.count.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -53,32 +63,95 @@ pub struct Metrics {
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
 }
 
 impl Metrics {
     pub fn render(&self, status: &Status) -> String {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        counter(&mut out, "cluster_store_proposals_total", "Client messages proposed to this node.", load(&self.proposals));
-        counter(&mut out, "cluster_store_commits_total", "Log entries committed and applied on this node.", load(&self.commits));
-        counter(&mut out, "cluster_store_elections_total", "Term changes seen by this node.", load(&self.elections));
-        counter(&mut out, "cluster_store_quic_bytes_sent_total", "Raft frame bytes sent to peers.", load(&self.quic_bytes_sent));
-        counter(&mut out, "cluster_store_quic_bytes_received_total", "Raft frame bytes received from peers.", load(&self.quic_bytes_received));
-        gauge(&mut out, "cluster_store_term", "Current Raft term.", status.term);
-        gauge(&mut out, "cluster_store_commit_index", "Highest committed log index.", status.commit);
-        gauge(&mut out, "cluster_store_lamport", "This node's Lamport clock.", status.lamport);
-        gauge(&mut out, "cluster_store_is_leader", "1 if this node leads.", u64::from(status.leader == Some(status.id)));
+        counter(
+            &mut out,
+            "cluster_store_proposals_total",
+            "Client messages proposed to this node.",
+            load(&self.proposals),
+        );
+        counter(
+            &mut out,
+            "cluster_store_commits_total",
+            "Log entries committed and applied on this node.",
+            load(&self.commits),
+        );
+        counter(
+            &mut out,
+            "cluster_store_elections_total",
+            "Term changes seen by this node.",
+            load(&self.elections),
+        );
+        counter(
+            &mut out,
+            "cluster_store_quic_bytes_sent_total",
+            "Raft frame bytes sent to peers.",
+            load(&self.quic_bytes_sent),
+        );
+        counter(
+            &mut out,
+            "cluster_store_quic_bytes_received_total",
+            "Raft frame bytes received from peers.",
+            load(&self.quic_bytes_received),
+        );
+        gauge(
+            &mut out,
+            "cluster_store_term",
+            "Current Raft term.",
+            status.term,
+        );
+        gauge(
+            &mut out,
+            "cluster_store_commit_index",
+            "Highest committed log index.",
+            status.commit,
+        );
+        gauge(
+            &mut out,
+            "cluster_store_lamport",
+            "This node's Lamport clock.",
+            status.lamport,
+        );
+        gauge(
+            &mut out,
+            "cluster_store_is_leader",
+            "1 if this node leads.",
+            u64::from(status.leader == Some(status.id)),
+        );
         let _ = writeln!(out, "# HELP cluster_store_follower_lag Entries each follower is behind the leader (leader only).\n# TYPE cluster_store_follower_lag gauge");
         for peer in &status.peers {
-            let _ = writeln!(out, "cluster_store_follower_lag{{peer=\"{}\"}} {}", peer.id, peer.lag);
+            let _ = writeln!(
+                out,
+                "cluster_store_follower_lag{{peer=\"{}\"}} {}",
+                peer.id, peer.lag
+            );
         }
-        self.fsync.render(&mut out, "cluster_store_fsync_seconds", "Time to write and sync one batch.");
-        self.commit_latency.render(&mut out, "cluster_store_commit_seconds", "Time from proposal to commit on the leader.");
+        self.fsync.render(
+            &mut out,
+            "cluster_store_fsync_seconds",
+            "Time to write and sync one batch.",
+        );
+        self.commit_latency.render(
+            &mut out,
+            "cluster_store_commit_seconds",
+            "Time from proposal to commit on the leader.",
+        );
         out
     }
 }

@@ -15,7 +15,8 @@ use tracing::{error, warn};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
-    Committed, Envelope, Index, Lamport, NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
+    Committed, Envelope, Index, Lamport, NodeId, Payload, Proposal, ProposeError, RaftNode,
+    RequestId, Status, Term,
 };
 use crate::storage::{Store, StoreError};
 
@@ -126,7 +127,9 @@ impl Driver {
                         reply: Some(reply),
                     },
                 );
-                self.metrics.proposals.fetch_add(proposals.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .proposals
+                    .fetch_add(proposals.len() as u64, Ordering::Relaxed);
                 let now = Instant::now();
                 for (slot, proposal) in proposals.into_iter().enumerate() {
                     self.waiting
@@ -154,7 +157,8 @@ impl Driver {
         // 1. Durable first: term, vote and entries, with one sync.
         if ready.hard_state.is_some() || ready.log_write.is_some() {
             let started = Instant::now();
-            self.store.write(ready.hard_state, ready.log_write.as_ref())?;
+            self.store
+                .write(ready.hard_state, ready.log_write.as_ref())?;
             self.metrics.fsync.observe(started.elapsed());
         }
         // 2. Then tell the world.
@@ -192,7 +196,9 @@ impl Driver {
 
     /// Publishes commits, a new leader and the clock to live subscribers.
     fn announce(&mut self, committed: &[crate::raft::Entry]) {
-        self.metrics.commits.fetch_add(committed.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .commits
+            .fetch_add(committed.len() as u64, Ordering::Relaxed);
         let subscribed = self.events.receiver_count() > 0;
         for entry in committed {
             if let (true, Payload::Command(command)) = (subscribed, &entry.payload) {

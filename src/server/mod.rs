@@ -180,18 +180,21 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
             metrics: metrics.clone(),
             write: options.http_write,
             cluster: std::sync::Arc::new(
-                crate::client::Client::new(cluster, &creds).map_err(|e| NodeError::Driver(e.to_string()))?,
+                crate::client::Client::new(cluster, &creds)
+                    .map_err(|e| NodeError::Driver(e.to_string()))?,
             ),
         };
-        let listener = tokio::net::TcpListener::bind(http).await.map_err(|source| NodeError::Bind {
-            addr: http,
-            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
-                " (another process holds that port: stop it or choose another --http)"
-            } else {
-                ""
-            },
-            source,
-        })?;
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: http,
+                hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                    " (another process holds that port: stop it or choose another --http)"
+                } else {
+                    ""
+                },
+                source,
+            })?;
         info!(node = me, %http, write = options.http_write, "dashboard at http://{http}/dashboard");
         tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, crate::http::router(state)).await {

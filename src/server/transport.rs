@@ -58,7 +58,10 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                     // Raft on unidirectional streams; requests forwarded by
                     // the peer's HTTP API on bidirectional ones.
                     let forwarded = api.serve(connection.clone(), format!("http@node-{id}"));
-                    tokio::join!(read_peer(connection, id, peers.inputs.clone(), peers.metrics.clone()), forwarded);
+                    tokio::join!(
+                        read_peer(connection, id, peers.inputs.clone(), peers.metrics.clone()),
+                        forwarded
+                    );
                 }
                 Ok(Identity::Node(id)) if id == peers.me => {
                     // Our own HTTP API, reaching the cluster through us.
@@ -92,7 +95,9 @@ pub async fn read_peer(
             loop {
                 match read_frame_sized::<_, PeerFrame>(&mut stream).await {
                     Ok(Some((PeerFrame::Raft(envelope), size))) => {
-                        metrics.quic_bytes_received.fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+                        metrics
+                            .quic_bytes_received
+                            .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
                         if envelope.from != peer {
                             warn!(
                                 peer,

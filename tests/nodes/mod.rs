@@ -24,6 +24,8 @@ pub struct TestCluster {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     children: BTreeMap<NodeId, Child>,
+    /// Extra command-line arguments per node.
+    extra: BTreeMap<NodeId, Vec<String>>,
 }
 
 pub fn port(id: NodeId) -> u16 {
@@ -33,6 +35,17 @@ pub fn port(id: NodeId) -> u16 {
 impl TestCluster {
     /// Makes certificates and starts every node.
     pub fn start(name: &str, ip_octet: u8, voters: &[NodeId], learners: &[NodeId]) -> Self {
+        Self::start_with(name, ip_octet, voters, learners, |_| Vec::new())
+    }
+
+    /// Like `start`, with extra arguments for each node.
+    pub fn start_with(
+        name: &str,
+        ip_octet: u8,
+        voters: &[NodeId],
+        learners: &[NodeId],
+        extra: impl Fn(NodeId) -> Vec<String>,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("cluster-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -55,6 +68,11 @@ impl TestCluster {
             voters: voters.to_vec(),
             learners: learners.to_vec(),
             children: BTreeMap::new(),
+            extra: voters
+                .iter()
+                .chain(learners)
+                .map(|id| (*id, extra(*id)))
+                .collect(),
         };
         for id in voters.iter().chain(learners) {
             cluster.launch(*id);
@@ -112,6 +130,9 @@ impl TestCluster {
             .stderr(log);
         if !self.learners.is_empty() {
             command.args(["--learner", &self.spec(&self.learners)]);
+        }
+        if let Some(extra) = self.extra.get(&id) {
+            command.args(extra);
         }
         let child = command.spawn().expect("spawn node");
         self.children.insert(id, child);

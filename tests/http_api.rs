@@ -1,0 +1,380 @@
+//! The dashboard's JSON API and live feed against a real three-node
+//! cluster, and the page itself in a real headless browser.
+
+mod nodes;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nodes::TestCluster;
+use serde_json::Value;
+
+/// The HTTP side of one test's cluster, on its own loopback address so
+/// tests can run side by side.
+#[derive(Clone, Copy)]
+struct Http {
+    ip: u8,
+}
+
+/// Nodes 1 and 2 accept writes over HTTP; node 3 does not.
+fn start(name: &str, ip: u8) -> (TestCluster, Http) {
+    let cluster = TestCluster::start_with(name, ip, &[1, 2, 3], &[], |id| {
+        let mut args = vec!["--http".to_string(), format!("127.0.0.{ip}:{}", 8000 + id)];
+        if id != 3 {
+            args.push("--http-write".into());
+        }
+        args
+    });
+    (cluster, Http { ip })
+}
+
+impl Http {
+    fn addr(self, id: u64) -> String {
+        format!("127.0.0.{}:{}", self.ip, 8000 + id)
+    }
+
+    /// A minimal HTTP/1.1 exchange: (status, body).
+    fn request(self, node: u64, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr(node)).expect("connect to the HTTP API");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let body = body.unwrap_or("");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status code");
+        (status, body.to_string())
+    }
+
+    fn json(self, node: u64, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, body) = self.request(node, method, path, body);
+        let value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"));
+        (status, value)
+    }
+
+    fn wait_for_leader(self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(stream) = TcpStream::connect(self.addr(1)) {
+                drop(stream);
+                let (_, leader) = self.json(1, "GET", "/leader", None);
+                if let Some(id) = leader["leader"].as_u64() {
+                    return id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader over HTTP");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn json_api_against_a_real_cluster() {
+    let (cluster, http) = start("http", 19);
+    let leader = http.wait_for_leader();
+
+    let (code, status) = http.json(1, "GET", "/status", None);
+    assert_eq!(code, 200);
+    assert_eq!(status["id"], 1);
+    assert_eq!(status["http_write"], true);
+    for node in [1, 2, 3] {
+        let (_, answer) = http.json(node, "GET", "/leader", None);
+        assert_eq!(answer["leader"].as_u64(), Some(leader), "node {node}");
+        let (_, clock) = http.json(node, "GET", "/lamport_time", None);
+        assert!(clock["lamport"].is_u64());
+    }
+    let (_, all) = http.json(3, "GET", "/cluster", None);
+    assert_eq!(all["nodes"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        all["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["role"] == "Leader")
+            .count(),
+        1
+    );
+
+    // Writes on a follower are forwarded to the leader.
+    let follower = if leader == 1 { 2 } else { 1 };
+    let (code, sent) = http.json(
+        follower,
+        "POST",
+        "/?message=hello%20from%20a%20follower",
+        None,
+    );
+    assert_eq!(code, 200, "{sent}");
+    assert_eq!(sent["leader"].as_u64(), Some(leader));
+    let (code, second) = http.json(
+        follower,
+        "POST",
+        "/messages",
+        Some(r#"{"message":"json body"}"#),
+    );
+    assert_eq!(code, 200, "{second}");
+    assert!(second["lamport"].as_u64() > sent["lamport"].as_u64());
+
+    // They appear, in order, on another node's replica.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = http.json(3, "GET", "/messages?from=1&limit=10", None);
+        let texts: Vec<&str> = page["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        if texts == ["hello from a follower", "json body"] {
+            assert_eq!(
+                page["messages"][0]["sender"],
+                format!("http@node-{follower}")
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages never reached node 3: {page}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, newest) = http.json(3, "GET", "/messages?last=1", None);
+    assert_eq!(newest["messages"][0]["text"], "json body");
+
+    // Writes are refused where they are off, with the way to turn them on.
+    let (code, refused) = http.json(3, "POST", "/?message=nope", None);
+    assert_eq!(code, 403);
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--http-write")),
+        "{refused}"
+    );
+
+    // Bad parameters: 400 with a reason.
+    for (method, path, body) in [
+        ("GET", "/messages?limit=abc", None),
+        ("GET", "/messages?limit=0", None),
+        ("GET", "/messages?from=0", None),
+        ("GET", "/messages?from=1&last=3", None),
+        ("POST", "/", None),
+        ("POST", "/messages", Some("{not json")),
+        ("POST", "/messages", Some(r#"{"other":1}"#)),
+    ] {
+        let (code, answer) = http.json(1, method, path, body);
+        assert_eq!(code, 400, "{method} {path}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}"
+        );
+    }
+
+    let (code, metrics) = http.request(leader, "GET", "/metrics", None);
+    assert_eq!(code, 200);
+    for name in [
+        "cluster_store_commits_total",
+        "cluster_store_proposals_total 2",
+        "cluster_store_elections_total",
+        "cluster_store_term",
+        "cluster_store_follower_lag{peer=",
+        "cluster_store_fsync_seconds_bucket",
+        "cluster_store_commit_seconds_count 2",
+        "cluster_store_quic_bytes_sent_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+
+    let (code, page) = http.request(2, "GET", "/dashboard", None);
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>cluster-store</title>"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page must load nothing from outside"
+    );
+    drop(cluster);
+}
+
+#[test]
+fn events_stream_commits_as_they_happen() {
+    let (cluster, http) = start("sse", 20);
+    http.wait_for_leader();
+    let mut stream = TcpStream::connect(http.addr(3)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request");
+    let mut reader = BufReader::new(stream);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _) = http.json(1, "POST", "/?message=live", None);
+    assert_eq!(code, 200);
+    let mut saw_commit = false;
+    let mut line = String::new();
+    while reader.read_line(&mut line).expect("read event") > 0 {
+        if line.starts_with("data:") && line.contains("\"type\":\"commit\"") {
+            assert!(line.contains("\"text\":\"live\""), "{line}");
+            saw_commit = true;
+            break;
+        }
+        line.clear();
+    }
+    assert!(saw_commit, "no commit event");
+    drop(cluster);
+}
+
+/// The page in headless Chromium, driven over WebDriver: it shows the
+/// three nodes and the leader, and a message sent through its form shows
+/// up on another node's page. Needs Debian's chromium and chromium-driver
+/// (`.ci/run` installs them); says so and skips where they are missing.
+#[test]
+fn dashboard_in_a_real_browser() {
+    let driver_path = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(driver_path) = driver_path else {
+        println!("SKIPPED dashboard_in_a_real_browser: chromedriver is not installed (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let (cluster, http) = start("browser", 21);
+    let leader = http.wait_for_leader();
+    let mut driver = std::process::Command::new(driver_path)
+        .arg("--port=9515")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    std::thread::sleep(Duration::from_millis(500));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let result = runtime.block_on(browse(http, leader));
+    let _ = driver.kill();
+    let _ = driver.wait();
+    drop(cluster);
+    if let Err(e) = result {
+        panic!("browser test failed: {e:#}");
+    }
+}
+
+async fn browse(http: Http, leader: u64) -> anyhow::Result<()> {
+    use fantoccini::{ClientBuilder, Locator};
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"] }),
+    );
+    let writer = if leader == 1 { 2 } else { 1 };
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let browser = ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect("http://127.0.0.1:9515")
+        .await?;
+    let outcome = async {
+        browser
+            .goto(&format!("http://{}/dashboard", http.addr(3)))
+            .await?;
+        // Three nodes, one marked leader.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let rows = browser.find_all(Locator::Css("#nodes tr")).await?;
+            let leaders = browser.find_all(Locator::Css("#nodes tr.leader")).await?;
+            if rows.len() == 3 && leaders.len() == 1 {
+                let id = leaders[0].attr("data-node-id").await?;
+                anyhow::ensure!(
+                    id == Some(leader.to_string()),
+                    "page marks {id:?} as leader, expected {leader}"
+                );
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "page never showed three nodes and a leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Node 3 does not accept writes over HTTP: no form.
+        let form = browser.find(Locator::Css("#send-form")).await?;
+        anyhow::ensure!(
+            !form.is_displayed().await?,
+            "node 3 offers a send form with writes off"
+        );
+        // Send through the form of a node that accepts writes...
+        let page3 = browser.window().await?;
+        browser.new_window(true).await?;
+        let windows = browser.windows().await?;
+        let other = windows
+            .into_iter()
+            .find(|w| *w != page3)
+            .ok_or_else(|| anyhow::anyhow!("no second tab"))?;
+        browser.switch_to_window(other).await?;
+        browser
+            .goto(&format!("http://{}/dashboard", http.addr(writer)))
+            .await?;
+        let input = browser
+            .wait()
+            .for_element(Locator::Css("#message-input"))
+            .await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await; // the form appears once /cluster answered
+        input.send_keys("typed in a browser").await?;
+        browser
+            .find(Locator::Css("#send-button"))
+            .await?
+            .click()
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let result = browser
+                .find(Locator::Css("#send-result"))
+                .await?
+                .text()
+                .await?;
+            if result.contains("committed at index") {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the form never reported a commit: {result:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // ...and it appears, live, on node 3's page.
+        browser.switch_to_window(page3).await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let list = browser
+                .find(Locator::Css("#messages"))
+                .await?
+                .text()
+                .await?;
+            if list.contains("typed in a browser") {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the message never appeared on node 3's page: {list:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let png = browser.screenshot().await?;
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::write(dir.join("dashboard.png"), png)?;
+        println!("screenshot kept at {}", dir.join("dashboard.png").display());
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = browser.close().await;
+    outcome
+}

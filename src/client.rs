@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use quinn::{Connection, Endpoint};
 
+use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Committed, NodeId, Status};
 use crate::tls::{self, peer_identity, Credentials};
@@ -25,7 +26,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 pub struct Client {
     endpoint: Endpoint,
-    cluster: BTreeMap<NodeId, SocketAddr>,
+    cluster: BTreeMap<NodeId, Address>,
     connections: Mutex<HashMap<NodeId, Connection>>,
     leader: Mutex<Option<NodeId>>,
     /// Nodes that recently failed, and until when to avoid them.
@@ -50,11 +51,14 @@ fn random_u64() -> u64 {
 }
 
 impl Client {
-    pub fn new(cluster: BTreeMap<NodeId, SocketAddr>, creds: &Credentials) -> Result<Self> {
+    pub fn new(cluster: BTreeMap<NodeId, Address>, creds: &Credentials) -> Result<Self> {
         if cluster.is_empty() {
             bail!("no cluster nodes given (use --cluster 1=host:port,...)");
         }
-        let bind: SocketAddr = if cluster.values().all(|a| a.is_ipv6()) {
+        let bind: SocketAddr = if cluster
+            .values()
+            .all(|a| a.literal().is_some_and(|a| a.is_ipv6()))
+        {
             "[::]:0".parse()?
         } else {
             "0.0.0.0:0".parse()?
@@ -93,10 +97,14 @@ impl Client {
                 return Ok(connection.clone());
             }
         }
-        let address = *self
+        let configured = self
             .cluster
             .get(&node)
             .ok_or_else(|| anyhow!("node {node} is not in --cluster"))?;
+        let address = configured
+            .resolve()
+            .await
+            .with_context(|| format!("node {node}: cannot resolve {configured}"))?;
         let connecting = self.endpoint.connect(address, &node_server_name(node))?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client};
 use cluster_store::identity;
 use cluster_store::raft::{NodeId, Payload};
@@ -181,8 +182,9 @@ enum Format {
     Json,
 }
 
-/// Parses `id=host:port,...`, resolving host names.
-fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, SocketAddr>> {
+/// Parses `id=host:port,...`. Host names are resolved when connecting,
+/// so a peer that is not up yet (or has moved) does not stop a node.
+fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, Address>> {
     let mut members = BTreeMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (id, address) = item
@@ -192,12 +194,8 @@ fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, SocketAddr>>
             .trim()
             .parse()
             .map_err(|_| anyhow!("{what}: {id:?} is not a node id (a whole number)"))?;
-        let resolved = address
-            .to_socket_addrs()
-            .with_context(|| format!("{what}: cannot resolve {address:?} for node {id}"))?
-            .next()
-            .ok_or_else(|| anyhow!("{what}: {address:?} resolves to no address"))?;
-        if members.insert(id, resolved).is_some() {
+        let address = Address::parse(address).map_err(|e| anyhow!("{what}: node {id}: {e}"))?;
+        if members.insert(id, address).is_some() {
             bail!("{what}: node {id} is listed twice");
         }
     }
@@ -300,10 +298,21 @@ fn run_node(args: RunArgs) -> Result<()> {
             .with_context(|| format!("--listen {listen:?}"))?
             .next()
             .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
-        None => *peers
-            .get(&id)
-            .or_else(|| learners.get(&id))
-            .ok_or_else(|| anyhow!("node {id} is not in --peers or --learner, so give --listen"))?,
+        None => {
+            let own = peers
+                .get(&id)
+                .or_else(|| learners.get(&id))
+                .ok_or_else(|| {
+                    anyhow!("node {id} is not in --peers or --learner, so give --listen")
+                })?;
+            own.to_string()
+                .to_socket_addrs()
+                .with_context(|| {
+                    format!("cannot resolve this node's own address {own}; give --listen")
+                })?
+                .next()
+                .ok_or_else(|| anyhow!("{own} resolves to no address; give --listen"))?
+        }
     };
     let priorities = match &args.priorities {
         Some(spec) => spec

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
+use crate::address::Address;
 use crate::identity::{self, node_cert_path};
 use crate::raft::{Config, NodeId, RaftNode};
 use crate::storage::Store;
@@ -25,9 +26,9 @@ use transport::Peers;
 pub struct NodeOptions {
     pub id: NodeId,
     /// Voters, possibly including this node.
-    pub peers: BTreeMap<NodeId, SocketAddr>,
+    pub peers: BTreeMap<NodeId, Address>,
     /// Non-voting replicas, possibly including this node.
-    pub learners: BTreeMap<NodeId, SocketAddr>,
+    pub learners: BTreeMap<NodeId, Address>,
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub certs: PathBuf,
@@ -124,12 +125,12 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let (events, _) = tokio::sync::broadcast::channel(4096);
-    let addresses: BTreeMap<NodeId, SocketAddr> = options
+    let addresses: BTreeMap<NodeId, Address> = options
         .peers
         .iter()
         .chain(options.learners.iter())
         .filter(|(id, _)| **id != me)
-        .map(|(id, addr)| (*id, *addr))
+        .map(|(id, addr)| (*id, addr.clone()))
         .collect();
     let mut outboxes = HashMap::new();
     let mut inbound = BTreeMap::new();
@@ -167,11 +168,11 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     info!(node = me, listen = %options.listen, "serving");
 
     if let Some(http) = options.http {
-        let cluster: BTreeMap<NodeId, SocketAddr> = options
+        let cluster: BTreeMap<NodeId, Address> = options
             .peers
             .iter()
             .chain(options.learners.iter())
-            .map(|(id, addr)| (*id, *addr))
+            .map(|(id, addr)| (*id, addr.clone()))
             .collect();
         let state = crate::http::HttpState {
             me,

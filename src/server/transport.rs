@@ -3,7 +3,6 @@
 //! A peer is whoever its certificate says, and may only speak for itself.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::api::Api;
 use super::driver::Input;
+use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, NodeId};
 use crate::tls::peer_identity;
@@ -27,7 +27,7 @@ pub const CLOSE_IMPERSONATION: u32 = 3;
 #[derive(Clone)]
 pub struct Peers {
     pub me: NodeId,
-    pub addresses: BTreeMap<NodeId, SocketAddr>,
+    pub addresses: BTreeMap<NodeId, Address>,
     /// The live connection to each peer that dials us.
     pub inbound: BTreeMap<NodeId, watch::Sender<Option<Connection>>>,
     pub inputs: SyncSender<Input>,
@@ -131,14 +131,14 @@ pub async fn run_link(
     mut outbox: mpsc::Receiver<Envelope>,
     mut inbound: watch::Receiver<Option<Connection>>,
 ) {
-    let Some(&address) = peers.addresses.get(&peer) else {
+    let Some(address) = peers.addresses.get(&peer).cloned() else {
         return;
     };
     let dial = peers.me < peer;
     let mut backoff = Duration::from_millis(50);
     loop {
         let connection = if dial {
-            match connect(&endpoint, address, peer).await {
+            match connect(&endpoint, &address, peer).await {
                 Ok(connection) => {
                     info!(peer, %address, "connected to peer");
                     tokio::spawn(read_peer(
@@ -198,10 +198,11 @@ pub async fn run_link(
 
 async fn connect(
     endpoint: &Endpoint,
-    address: SocketAddr,
+    address: &Address,
     peer: NodeId,
 ) -> anyhow::Result<Connection> {
-    let connection = endpoint.connect(address, &node_server_name(peer))?.await?;
+    let resolved = address.resolve().await?;
+    let connection = endpoint.connect(resolved, &node_server_name(peer))?.await?;
     match peer_identity(&connection)? {
         Identity::Node(id) if id == peer => Ok(connection),
         other => {

@@ -166,7 +166,7 @@ impl TestCluster {
             .voters
             .iter()
             .chain(&self.learners)
-            .map(|id| (*id, self.addr(*id)))
+            .map(|id| (*id, self.addr(*id).into()))
             .collect();
         Client::new(cluster, &creds).expect("client")
     }

@@ -518,7 +518,16 @@ async fn client_command(command: Command) -> Result<()> {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
+                    // Backups are taken once each node holds what the
+                    // cluster has committed now, so they can be compared.
+                    let target = client.export().await?.last().map_or(0, |e| e.index);
                     for node in client.nodes() {
+                        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                        while client.status(node).await.is_ok_and(|s| s.commit < target)
+                            && std::time::Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         let path = dir.join(format!("backup_{node}.txt"));
                         match client.local_export(node).await {
                             Ok(entries) => {
@@ -554,6 +563,14 @@ async fn client_command(command: Command) -> Result<()> {
                 .filter(|s| s.leader == Some(s.id))
                 .max_by_key(|s| s.term)
                 .map(|s| s.id);
+            if statuses.iter().all(|s| s.is_err()) {
+                let reasons: Vec<String> = statuses
+                    .iter()
+                    .filter_map(|s| s.as_ref().err())
+                    .map(|(node, error)| format!("node {node}: {error}"))
+                    .collect();
+                bail!("no node answered: {}", reasons.join("; "));
+            }
             if json {
                 let nodes: Vec<serde_json::Value> = statuses
                     .iter()

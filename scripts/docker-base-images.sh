@@ -55,9 +55,12 @@ if ! have_image "$RUST"; then
         echo "no cargo in the toolchain at $SYSROOT" >&2
         exit 1
     fi
-    echo "adding the Rust toolchain from $SYSROOT as $RUST" >&2
-    container="$(docker create -v "$SYSROOT:/opt/host-rust:ro" "$BASE" \
-        /bin/sh -c 'mkdir -p /usr/local/rust && cp -a /opt/host-rust/bin /opt/host-rust/lib /usr/local/rust/')"
+    # The builder fetches crates; trust what this machine trusts (a proxy's
+    # CA included), as cargo here does.
+    CA_BUNDLE="${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}"
+    echo "adding the Rust toolchain from $SYSROOT and the CA bundle $CA_BUNDLE as $RUST" >&2
+    container="$(docker create -v "$SYSROOT:/opt/host-rust:ro" -v "$CA_BUNDLE:/opt/host-ca.crt:ro" "$BASE" \
+        /bin/sh -c 'mkdir -p /usr/local/rust && cp -a /opt/host-rust/bin /opt/host-rust/lib /usr/local/rust/ && cp /opt/host-ca.crt /etc/ssl/certs/ca-certificates.crt')"
     trap 'docker rm -f "$container" >/dev/null 2>&1 || true' EXIT
     docker start -a "$container"
     docker commit --change 'ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

@@ -26,6 +26,8 @@ pub struct TestCluster {
     children: BTreeMap<NodeId, Child>,
     /// Extra command-line arguments per node.
     extra: BTreeMap<NodeId, Vec<String>>,
+    /// Per-node address books (`--peers`), for routing through proxies.
+    pub views: BTreeMap<NodeId, String>,
 }
 
 pub fn port(id: NodeId) -> u16 {
@@ -73,11 +75,46 @@ impl TestCluster {
                 .chain(learners)
                 .map(|id| (*id, extra(*id)))
                 .collect(),
+            views: BTreeMap::new(),
         };
         for id in voters.iter().chain(learners) {
             cluster.launch(*id);
         }
         cluster
+    }
+
+    /// Makes certificates only; nodes start with `launch` once `views` are set.
+    pub fn prepare(name: &str, ip_octet: u8, voters: &[NodeId]) -> Self {
+        let dir = std::env::temp_dir().join(format!("cluster-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let all: Vec<String> = voters.iter().map(|n| n.to_string()).collect();
+        let status = Command::new(BIN)
+            .args(["certs", "init", "--out"])
+            .arg(dir.join("certs"))
+            .args(["--nodes", &all.join(","), "--clients", "alice,bob,carol"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run node certs init");
+        assert!(status.success(), "node certs init failed");
+        TestCluster {
+            dir,
+            ip: format!("127.0.0.{ip_octet}"),
+            voters: voters.to_vec(),
+            learners: Vec::new(),
+            children: BTreeMap::new(),
+            extra: BTreeMap::new(),
+            views: BTreeMap::new(),
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to a running node.
+    pub fn signal(&self, id: NodeId, signal: &str) {
+        if let Some(child) = self.children.get(&id) {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
     }
 
     pub fn addr(&self, id: NodeId) -> SocketAddr {
@@ -119,7 +156,16 @@ impl TestCluster {
             .expect("log file");
         let mut command = Command::new(BIN);
         command
-            .args(["--id", &id.to_string(), "--peers", &self.peers_spec()])
+            .args([
+                "--id",
+                &id.to_string(),
+                "--peers",
+                &self
+                    .views
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| self.peers_spec()),
+            ])
             .arg("--data")
             .arg(self.data_dir(id))
             .arg("--certs")

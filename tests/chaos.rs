@@ -1,0 +1,518 @@
+//! A Jepsen-style chaos run of real `node` processes. Every node reaches
+//! each peer it dials through a UDP fault proxy this test controls, so
+//! links can be cut (both ways or one way), made lossy or slow. On top:
+//! kill -9 and restarts, SIGSTOP pauses longer than the election timeout,
+//! isolating the leader, several faults at once. Clients write throughout.
+//! At the end everything heals and a checker verifies the promise of a
+//! replicated log: every acknowledged message is in every replica exactly
+//! once, at the index it was acknowledged at; all replicas are identical;
+//! Lamport stamps strictly increase; a failed send is absent or present
+//! once; and no two nodes led the same term (from their own logs).
+//!
+//! `CLUSTER_STORE_CHAOS_SCHEDULES` (default 4) and
+//! `CLUSTER_STORE_CHAOS_SECONDS` (default 12) size the run;
+//! `CLUSTER_STORE_CHAOS_SEED` replays one schedule.
+
+mod nodes;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_store::raft::rng::Rng;
+use cluster_store::raft::{Committed, NodeId};
+use nodes::TestCluster;
+use tokio::net::UdpSocket;
+
+/// Faults on one direction of one link.
+#[derive(Default)]
+struct Direction {
+    blocked: AtomicBool,
+    /// Drop probability in per mille.
+    loss: AtomicU32,
+    delay_ms: AtomicU64,
+}
+
+impl Direction {
+    fn heal(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+        self.loss.store(0, Ordering::SeqCst);
+        self.delay_ms.store(0, Ordering::SeqCst);
+    }
+}
+
+/// The proxy `dialer` uses to reach `acceptor`: both directions of their link.
+struct Link {
+    forward: Direction,
+    backward: Direction,
+}
+
+/// Forwards `direction`-permitting datagrams, delayed or dropped as told.
+async fn pass(
+    socket: Arc<UdpSocket>,
+    to: SocketAddr,
+    data: Vec<u8>,
+    direction: &Direction,
+    rng: &Mutex<Rng>,
+) {
+    if direction.blocked.load(Ordering::SeqCst) {
+        return;
+    }
+    let loss = direction.loss.load(Ordering::SeqCst) as u64;
+    if loss > 0
+        && rng
+            .lock()
+            .map(|mut r| r.range(0, 1000) < loss)
+            .unwrap_or(false)
+    {
+        return;
+    }
+    let delay = direction.delay_ms.load(Ordering::SeqCst);
+    if delay == 0 {
+        let _ = socket.send_to(&data, to).await;
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let _ = socket.send_to(&data, to).await;
+        });
+    }
+}
+
+/// A UDP proxy in front of `target`, for one dialing node.
+async fn run_proxy(listen: Arc<UdpSocket>, target: SocketAddr, link: Arc<Link>, seed: u64) {
+    let rng = Arc::new(Mutex::new(Rng::new(seed)));
+    let mut upstream: Option<(SocketAddr, Arc<UdpSocket>)> = None;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((len, from)) = listen.recv_from(&mut buf).await else {
+            return;
+        };
+        // A restarted dialer comes from a new port: give it a new upstream.
+        if upstream.as_ref().is_none_or(|(client, _)| *client != from) {
+            let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
+                continue;
+            };
+            let socket = Arc::new(socket);
+            let back = (socket.clone(), listen.clone(), link.clone(), rng.clone());
+            tokio::spawn(async move {
+                let (socket, listen, link, rng) = back;
+                let mut buf = vec![0u8; 65536];
+                while let Ok((len, _)) = socket.recv_from(&mut buf).await {
+                    pass(
+                        listen.clone(),
+                        from,
+                        buf[..len].to_vec(),
+                        &link.backward,
+                        &rng,
+                    )
+                    .await;
+                }
+            });
+            upstream = Some((from, socket));
+        }
+        if let Some((_, socket)) = &upstream {
+            pass(
+                socket.clone(),
+                target,
+                buf[..len].to_vec(),
+                &link.forward,
+                &rng,
+            )
+            .await;
+        }
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct History {
+    acked: Vec<(String, Committed)>,
+    failed: Vec<String>,
+}
+
+struct Chaos {
+    cluster: TestCluster,
+    /// (from, to) -> the direction carrying from's datagrams to `to`.
+    links: BTreeMap<(NodeId, NodeId), Arc<Link>>,
+    rng: Rng,
+    log: Vec<String>,
+    started: Instant,
+    paused: HashSet<NodeId>,
+    down: HashMap<NodeId, Instant>,
+}
+
+impl Chaos {
+    fn direction(&self, from: NodeId, to: NodeId) -> &Direction {
+        let (a, b) = (from.min(to), from.max(to));
+        let link = &self.links[&(a, b)];
+        if from == a {
+            &link.forward
+        } else {
+            &link.backward
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        let line = format!("{:>6.2}s  {what}", self.started.elapsed().as_secs_f64());
+        self.log.push(line);
+    }
+
+    fn heal_network(&mut self) {
+        for link in self.links.values() {
+            link.forward.heal();
+            link.backward.heal();
+        }
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        self.cluster.voters.clone()
+    }
+
+    async fn leader(&self) -> Option<NodeId> {
+        let admin = self.cluster.client("client");
+        for id in self.ids() {
+            if self.paused.contains(&id) || self.down.contains_key(&id) {
+                continue;
+            }
+            if let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_millis(500), admin.status(id)).await
+            {
+                if status.leader == Some(id) {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// One random fault (or two at once).
+    async fn inject(&mut self) {
+        let ids = self.ids();
+        let kind = self.rng.range(0, 8);
+        match kind {
+            0 | 1 => {
+                let target = if kind == 0 { self.leader().await } else { None };
+                let target =
+                    target.unwrap_or_else(|| ids[self.rng.range(0, ids.len() as u64) as usize]);
+                if !self.down.contains_key(&target) && !self.paused.contains(&target) {
+                    self.cluster.kill(target);
+                    let back = Instant::now() + Duration::from_millis(self.rng.range(500, 3000));
+                    self.down.insert(target, back);
+                    self.note(format!(
+                        "kill -9 node {target}{}",
+                        if kind == 0 { " (leader)" } else { "" }
+                    ));
+                }
+            }
+            2 => {
+                let target = ids[self.rng.range(0, ids.len() as u64) as usize];
+                if !self.down.contains_key(&target) && self.paused.insert(target) {
+                    self.cluster.signal(target, "STOP");
+                    self.note(format!("SIGSTOP node {target}"));
+                }
+            }
+            3 => {
+                let cut = ids[self.rng.range(0, ids.len() as u64) as usize];
+                for other in ids.iter().filter(|o| **o != cut) {
+                    self.direction(cut, *other)
+                        .blocked
+                        .store(true, Ordering::SeqCst);
+                    self.direction(*other, cut)
+                        .blocked
+                        .store(true, Ordering::SeqCst);
+                }
+                self.note(format!("partition: node {cut} cut off"));
+            }
+            4 => {
+                if let Some(leader) = self.leader().await {
+                    for other in ids.iter().filter(|o| **o != leader) {
+                        self.direction(leader, *other)
+                            .blocked
+                            .store(true, Ordering::SeqCst);
+                        self.direction(*other, leader)
+                            .blocked
+                            .store(true, Ordering::SeqCst);
+                    }
+                    self.note(format!("isolate the leader, node {leader}"));
+                }
+            }
+            5 => {
+                let a = ids[self.rng.range(0, ids.len() as u64) as usize];
+                let b = ids[self.rng.range(0, ids.len() as u64) as usize];
+                if a != b {
+                    self.direction(a, b).blocked.store(true, Ordering::SeqCst);
+                    self.note(format!("one-way partition: {a} -> {b} cut"));
+                }
+            }
+            6 => {
+                let loss = self.rng.range(50, 300) as u32;
+                for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
+                    self.direction(a, b).loss.store(loss, Ordering::SeqCst);
+                    self.direction(b, a).loss.store(loss, Ordering::SeqCst);
+                }
+                self.note(format!("{:.1}% packet loss everywhere", loss as f64 / 10.0));
+            }
+            _ => {
+                let delay = self.rng.range(20, 150);
+                for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
+                    self.direction(a, b).delay_ms.store(delay, Ordering::SeqCst);
+                }
+                self.note(format!("{delay} ms extra delay one way on every link"));
+            }
+        }
+    }
+
+    /// Ends faults whose time is up; heals the network now and then.
+    fn recover(&mut self, everything: bool) {
+        let now = Instant::now();
+        let due: Vec<NodeId> = self
+            .down
+            .iter()
+            .filter(|(_, at)| everything || **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.down.remove(&id);
+            self.cluster.launch(id);
+            self.note(format!("restart node {id}"));
+        }
+        let paused: Vec<NodeId> = self.paused.iter().copied().collect();
+        for id in paused {
+            if everything || self.rng.range(0, 3) == 0 {
+                self.paused.remove(&id);
+                self.cluster.signal(id, "CONT");
+                self.note(format!("SIGCONT node {id}"));
+            }
+        }
+        if everything || self.rng.range(0, 3) == 0 {
+            self.heal_network();
+            self.note("network healed".into());
+        }
+    }
+}
+
+async fn client_loop(
+    client: Arc<cluster_store::client::Client>,
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<History>>,
+) {
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let text = format!("{name}-{i}");
+        match client.send(vec![text.clone()]).await {
+            Ok((_, committed)) => history
+                .lock()
+                .expect("history")
+                .acked
+                .push((text, committed[0])),
+            Err(_) => history.lock().expect("history").failed.push(text),
+        }
+    }
+}
+
+async fn schedule(seed: u64, seconds: u64) -> Result<String, String> {
+    let ids: Vec<NodeId> = vec![1, 2, 3];
+    let ip = 30 + (seed % 50) as u8;
+    let mut cluster = TestCluster::prepare(&format!("chaos-{seed}"), ip, &ids);
+    // One proxy per pair; the lower id dials, through it.
+    let mut links = BTreeMap::new();
+    for (i, a) in ids.iter().enumerate() {
+        let mut view = Vec::new();
+        for b in &ids {
+            if b <= a {
+                view.push(format!("{b}={}", cluster.addr(*b)));
+                continue;
+            }
+            let link = Arc::new(Link {
+                forward: Direction::default(),
+                backward: Direction::default(),
+            });
+            let socket = Arc::new(
+                UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            let proxy_addr = socket.local_addr().map_err(|e| e.to_string())?;
+            tokio::spawn(run_proxy(
+                socket,
+                cluster.addr(*b),
+                link.clone(),
+                seed ^ ((i as u64 + 1) * 7919) ^ *b,
+            ));
+            links.insert((*a, *b), link);
+            view.push(format!("{b}={proxy_addr}"));
+        }
+        cluster.views.insert(*a, view.join(","));
+    }
+    for id in &ids {
+        cluster.launch(*id);
+    }
+    let mut chaos = Chaos {
+        cluster,
+        links,
+        rng: Rng::new(seed),
+        log: Vec::new(),
+        started: Instant::now(),
+        paused: HashSet::new(),
+        down: HashMap::new(),
+    };
+    let admin = chaos.cluster.client("client");
+    chaos
+        .cluster
+        .wait_for_leader(&admin, Duration::from_secs(30))
+        .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    let mut tasks = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let mut client = chaos.cluster.client(name);
+        client.give_up_after = Duration::from_secs(8);
+        tasks.push(tokio::spawn(client_loop(
+            Arc::new(client),
+            name,
+            stop.clone(),
+            history.clone(),
+        )));
+    }
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(chaos.rng.range(600, 1800))).await;
+        chaos.recover(false);
+        chaos.inject().await;
+        if chaos.rng.range(0, 4) == 0 {
+            chaos.inject().await;
+        }
+    }
+    chaos.recover(true);
+    chaos.note("healed everything; clients finish".into());
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = task.await;
+    }
+    chaos
+        .cluster
+        .wait_for_leader(&admin, Duration::from_secs(30))
+        .await;
+    // A final write through the healed cluster makes every node catch up.
+    admin
+        .send(vec!["final".into()])
+        .await
+        .map_err(|e| format!("cluster unusable after healing: {e:#}"))?;
+    chaos
+        .cluster
+        .wait_caught_up(&admin, Duration::from_secs(60))
+        .await;
+
+    let history = std::mem::take(&mut *history.lock().expect("history"));
+    let export = admin.export().await.map_err(|e| format!("export: {e:#}"))?;
+    let mut problems = Vec::new();
+    for id in &ids {
+        match admin.local_export(*id).await {
+            Ok(replica) if replica == export => {}
+            Ok(replica) => problems.push(format!(
+                "node {id}'s replica ({} entries) differs from the export ({})",
+                replica.len(),
+                export.len()
+            )),
+            Err(e) => problems.push(format!("node {id}: {e:#}")),
+        }
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for pair in export.windows(2) {
+        if pair[0].lamport >= pair[1].lamport {
+            problems.push(format!("stamps do not increase at index {}", pair[1].index));
+        }
+    }
+    for entry in &export {
+        *count.entry(entry.text.as_str()).or_default() += 1;
+    }
+    let by_index: HashMap<u64, &str> = export.iter().map(|e| (e.index, e.text.as_str())).collect();
+    for (text, committed) in &history.acked {
+        match count.get(text.as_str()) {
+            Some(1) if by_index.get(&committed.index) == Some(&text.as_str()) => {}
+            Some(1) => problems.push(format!(
+                "{text} acknowledged at index {} but found elsewhere",
+                committed.index
+            )),
+            Some(n) => problems.push(format!("{text} acknowledged and present {n} times")),
+            None => problems.push(format!(
+                "{text} acknowledged at index {} but lost",
+                committed.index
+            )),
+        }
+    }
+    for text in &history.failed {
+        if count.get(text.as_str()).copied().unwrap_or(0) > 1 {
+            problems.push(format!("{text} failed and is present more than once"));
+        }
+    }
+    // No two leaders in one term, from the nodes' own logs.
+    let mut leaders: HashMap<u64, NodeId> = HashMap::new();
+    for id in &ids {
+        for line in chaos
+            .cluster
+            .log(*id)
+            .lines()
+            .filter(|l| l.contains("became leader"))
+        {
+            let term = line
+                .split("term=")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|t| t.parse().ok());
+            if let Some(term) = term {
+                if let Some(other) = leaders.insert(term, *id) {
+                    if other != *id {
+                        problems.push(format!("nodes {other} and {id} both led term {term}"));
+                    }
+                }
+            }
+        }
+    }
+    let summary = format!(
+        "seed {seed}: {} acknowledged, {} failed sends, {} entries, {} leader terms\n  {}",
+        history.acked.len(),
+        history.failed.len(),
+        export.len(),
+        leaders.len(),
+        chaos.log.join("\n  ")
+    );
+    if problems.is_empty() {
+        Ok(summary)
+    } else {
+        Err(format!("{summary}\nPROBLEMS:\n  {}\nreplay: CLUSTER_STORE_CHAOS_SEED={seed} cargo test --release --test chaos -- --nocapture", problems.join("\n  ")))
+    }
+}
+
+#[test]
+fn acknowledged_messages_survive_seeded_faults() {
+    let seconds = env_u64("CLUSTER_STORE_CHAOS_SECONDS", 12);
+    let seeds: Vec<u64> = match std::env::var("CLUSTER_STORE_CHAOS_SEED") {
+        Ok(seed) => vec![seed
+            .parse()
+            .expect("CLUSTER_STORE_CHAOS_SEED must be a number")],
+        Err(_) => (1..=env_u64("CLUSTER_STORE_CHAOS_SCHEDULES", 4)).collect(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for seed in seeds {
+        match runtime.block_on(schedule(seed, seconds)) {
+            Ok(summary) => println!("{summary}"),
+            Err(report) => panic!("{report}"),
+        }
+    }
+}

@@ -57,6 +57,12 @@ pub struct Store {
     meta: sled::Tree,
     /// sled's data file, fsynced after every flush.
     data_file: Option<File>,
+    /// See `open_without_sync_unsafely`.
+    skip_sync: bool,
+    /// Unsafe mode only: acknowledged writes not yet applied, and when
+    /// they were last applied.
+    deferred: Vec<(Option<HardState>, Option<LogWrite>)>,
+    last_applied: std::time::Instant,
 }
 
 /// What a node restarts from.
@@ -73,7 +79,29 @@ impl Store {
         cluster_id: &str,
         node_id: NodeId,
     ) -> Result<(Store, Recovered), StoreError> {
-        let store = Store::open_existing(dir, true)?;
+        Store::open_with(dir, cluster_id, node_id, true)
+    }
+
+    /// Breaks durability on purpose: writes are acknowledged and never
+    /// flushed, so a crash loses them. It exists only so the chaos tests can
+    /// show that their checker notices acknowledged messages being lost
+    /// (`CLUSTER_STORE_UNSAFE_SKIP_SYNC=1`). Never use it otherwise.
+    pub fn open_without_sync_unsafely(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+    ) -> Result<(Store, Recovered), StoreError> {
+        Store::open_with(dir, cluster_id, node_id, false)
+    }
+
+    fn open_with(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+        durable: bool,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let mut store = Store::open_dir(dir, true, durable)?;
+        store.skip_sync = !durable;
         let expected = DataIdentity {
             cluster_id: cluster_id.to_string(),
             node_id,
@@ -113,6 +141,10 @@ impl Store {
     /// Opens a store for reading or writing without checking whose it is
     /// (`node export --local`). `create` is false for read-only use.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
+        Store::open_dir(dir, create, true)
+    }
+
+    fn open_dir(dir: &Path, create: bool, durable: bool) -> Result<Store, StoreError> {
         if !create && !dir.join("db").exists() {
             return Err(StoreError::Open {
                 dir: dir.to_path_buf(),
@@ -132,6 +164,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(if durable { Some(500) } else { None })
             .open()
             .map_err(open_error)?;
         let log = db.open_tree("log").map_err(open_error)?;
@@ -143,6 +176,9 @@ impl Store {
             log,
             meta,
             data_file,
+            skip_sync: false,
+            deferred: Vec::new(),
+            last_applied: std::time::Instant::now(),
         })
     }
 
@@ -255,6 +291,28 @@ impl Store {
         if hard_state.is_none() && write.is_none() {
             return Ok(());
         }
+        if self.skip_sync {
+            // Acknowledge now, write seconds later: a crash in between loses
+            // acknowledged entries. Only for proving the checkers work.
+            self.deferred.push((hard_state, write.cloned()));
+            if self.last_applied.elapsed() < std::time::Duration::from_secs(3) {
+                return Ok(());
+            }
+            self.last_applied = std::time::Instant::now();
+            for (hard_state, write) in std::mem::take(&mut self.deferred) {
+                self.apply(hard_state, write.as_ref())?;
+            }
+            return self.sync();
+        }
+        self.apply(hard_state, write)?;
+        self.sync()
+    }
+
+    fn apply(
+        &mut self,
+        hard_state: Option<HardState>,
+        write: Option<&LogWrite>,
+    ) -> Result<(), StoreError> {
         if let Some(write) = write {
             let mut batch = sled::Batch::default();
             for item in self.log.range(write.from.to_be_bytes()..) {
@@ -277,7 +335,7 @@ impl Store {
                 .insert(HARD_STATE_KEY, bytes)
                 .map_err(|e| self.write_error(e))?;
         }
-        self.sync()
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), StoreError> {

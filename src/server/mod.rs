@@ -85,7 +85,16 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
     let cluster_id = identity::cluster_id(&creds.ca);
 
-    let (store, recovered) = Store::open(&options.data, &cluster_id, me)?;
+    let (store, recovered) = if std::env::var("CLUSTER_STORE_UNSAFE_SKIP_SYNC")
+        .is_ok_and(|v| v == "1")
+    {
+        tracing::warn!(
+            "CLUSTER_STORE_UNSAFE_SKIP_SYNC=1: acknowledging writes WITHOUT syncing them; a crash loses them (test hook only)"
+        );
+        Store::open_without_sync_unsafely(&options.data, &cluster_id, me)?
+    } else {
+        Store::open(&options.data, &cluster_id, me)?
+    };
     let mut config = Config::new(me, options.peers.keys().copied());
     config.learners = options.learners.keys().copied().collect();
     config.election_ticks = options.election_ticks;

@@ -28,6 +28,8 @@ pub struct TestCluster {
     extra: BTreeMap<NodeId, Vec<String>>,
     /// Per-node address books (`--peers`), for routing through proxies.
     pub views: BTreeMap<NodeId, String>,
+    /// Environment variables for every node.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn port(id: NodeId) -> u16 {
@@ -76,6 +78,7 @@ impl TestCluster {
                 .map(|id| (*id, extra(*id)))
                 .collect(),
             views: BTreeMap::new(),
+            env: Vec::new(),
         };
         for id in voters.iter().chain(learners) {
             cluster.launch(*id);
@@ -105,6 +108,7 @@ impl TestCluster {
             children: BTreeMap::new(),
             extra: BTreeMap::new(),
             views: BTreeMap::new(),
+            env: Vec::new(),
         }
     }
 
@@ -171,6 +175,7 @@ impl TestCluster {
             .arg("--certs")
             .arg(self.certs())
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::null())
             .stderr(log);

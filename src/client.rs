@@ -17,7 +17,15 @@ use crate::raft::{Committed, NodeId, Status};
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry};
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// While a request is pending, the node is asked whether it is alive this
+/// often; one that does not answer a probe in time is treated as down
+/// and the request is retried elsewhere (safe: retries keep their sequence
+/// numbers). A slow but live node (a big batch across continents) is waited for.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How long a liveness probe may take: more than any round trip on Earth.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(750);
+/// Longest wait for one request, even from a live node.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A node that does not complete a handshake in this time is treated as
 /// down; generous for a 300 ms round trip, short for a client to wait.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -131,6 +139,14 @@ impl Client {
         }
     }
 
+    fn is_suspect(&self, node: NodeId) -> bool {
+        let now = Instant::now();
+        self.suspects
+            .lock()
+            .map(|s| s.get(&node).is_some_and(|until| *until > now))
+            .unwrap_or(false)
+    }
+
     /// The node to ask next: the known leader, else the next node in turn
     /// that has not failed recently.
     fn pick(&self, attempt: usize) -> NodeId {
@@ -162,17 +178,36 @@ impl Client {
                 .await?
                 .ok_or_else(|| anyhow!("node {node} closed the stream without answering"))
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
-                self.forget(node);
-                Err(e)
-            }
-            Err(_) => {
-                self.forget(node);
-                bail!("node {node} did not answer within {REQUEST_TIMEOUT:?}")
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        tokio::pin!(exchange);
+        loop {
+            tokio::select! {
+                result = &mut exchange => {
+                    if result.is_err() {
+                        self.forget(node);
+                    }
+                    return result;
+                }
+                _ = tokio::time::sleep(PROBE_EVERY) => {
+                    if Instant::now() > deadline || !self.alive(&connection).await {
+                        self.forget(node);
+                        bail!("node {node} stopped answering");
+                    }
+                }
             }
         }
+    }
+
+    /// Does the node answer a status request on this connection in time?
+    async fn alive(&self, connection: &Connection) -> bool {
+        let probe = async {
+            let (mut send, mut recv) = connection.open_bi().await?;
+            write_frame(&mut send, &ClientRequest::Status).await?;
+            send.finish()?;
+            read_frame::<_, ClientResponse>(&mut recv).await?;
+            anyhow::Ok(())
+        };
+        matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(())))
     }
 
     fn leader(&self) -> Option<NodeId> {
@@ -201,6 +236,11 @@ impl Client {
                 Ok(ClientResponse::Redirect {
                     leader: Some(leader),
                 }) if leader != target && self.cluster.contains_key(&leader) => {
+                    // A leader we just saw fail is probably being replaced:
+                    // give the election a moment instead of spinning.
+                    if self.is_suspect(leader) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     self.set_leader(Some(leader));
                     continue;
                 }

@@ -74,6 +74,11 @@ struct RunArgs {
     /// client certificates: anyone who reaches the port can write.
     #[arg(long, env = "NODE_HTTP_WRITE")]
     http_write: bool,
+    /// Testing only: delay this node's datagrams to given addresses, e.g.
+    /// `127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%` (delay, jitter, loss),
+    /// to run a cross-continent cluster on one machine.
+    #[arg(long, env = "NODE_SIMULATE_DELAY")]
+    simulate_delay: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -351,6 +356,10 @@ fn run_node(args: RunArgs) -> Result<()> {
             None => None,
         },
         http_write: args.http_write,
+        simulate_delay: match &args.simulate_delay {
+            Some(spec) => cluster_store::latency::parse_delays(spec)?,
+            None => Default::default(),
+        },
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(server::run(options)).map_err(Into::into)

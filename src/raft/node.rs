@@ -169,6 +169,11 @@ impl RaftNode {
         self.term
     }
 
+    /// Whom this node voted for in its current term.
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+
     pub fn leader(&self) -> Option<NodeId> {
         self.leader
     }

@@ -56,6 +56,8 @@ pub struct Driver {
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
     announced: (Option<NodeId>, Term, Lamport),
+    /// The term and vote known to be on disk.
+    durable_vote: (Term, Option<NodeId>),
 }
 
 impl Driver {
@@ -71,6 +73,10 @@ impl Driver {
             metrics,
             events,
             announced: (None, 0, 0),
+            durable_vote: {
+                let status = raft.status();
+                (status.term, raft.vote())
+            },
             raft,
             store,
             outboxes,
@@ -154,15 +160,26 @@ impl Driver {
 
     fn process_ready(&mut self) -> Result<(), StoreError> {
         let ready = self.raft.ready();
-        // 1. Durable first: term, vote and entries, with one sync.
-        if ready.hard_state.is_some() || ready.log_write.is_some() {
-            let started = Instant::now();
-            self.store
-                .write(ready.hard_state, ready.log_write.as_ref())?;
-            self.metrics.fsync.observe(started.elapsed());
+        // 1. A new term or vote must be durable before anything leaves.
+        //    A commit index alone needs no such ordering, so it rides along
+        //    with the log write below.
+        let mut hard_state = ready.hard_state;
+        if let Some(hs) = hard_state {
+            if (hs.term, hs.vote) != self.durable_vote {
+                self.timed_write(Some(hs), None)?;
+                self.durable_vote = (hs.term, hs.vote);
+                hard_state = None;
+            }
         }
-        // 2. Then tell the world.
-        for envelope in ready.messages.into_iter().chain(ready.persisted_messages) {
+        // 2. Replicate while writing our own log: a leader's appends leave
+        //    before its fsync, so its disk and its followers' work in parallel.
+        for envelope in ready.messages {
+            self.send(envelope);
+        }
+        // 3. One sync for everything appended since the last one.
+        self.timed_write(hard_state, ready.log_write.as_ref())?;
+        // 4. Only now may entries be acknowledged.
+        for envelope in ready.persisted_messages {
             self.send(envelope);
         }
         if let Some((index, term)) = ready.log_write.as_ref().and_then(|w| w.last()) {
@@ -178,6 +195,19 @@ impl Driver {
                 // commit, so the read may be served at once.
                 let _ = reply.send(read.result);
             }
+        }
+        Ok(())
+    }
+
+    fn timed_write(
+        &mut self,
+        hard_state: Option<crate::raft::HardState>,
+        write: Option<&crate::raft::LogWrite>,
+    ) -> Result<(), StoreError> {
+        if hard_state.is_some() || write.is_some() {
+            let started = Instant::now();
+            self.store.write(hard_state, write)?;
+            self.metrics.fsync.observe(started.elapsed());
         }
         Ok(())
     }

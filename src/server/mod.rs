@@ -40,6 +40,8 @@ pub struct NodeOptions {
     pub http: Option<SocketAddr>,
     /// Accept writes over HTTP (which has no client certificates).
     pub http_write: bool,
+    /// Testing only: delay datagrams to these addresses (simulated WAN).
+    pub simulate_delay: std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,19 +117,34 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         options.data.display()
     );
 
-    let endpoint =
-        quinn::Endpoint::server(tls::server_config(&creds)?, options.listen).map_err(|source| {
-            let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
-                " (another process holds that port: stop it or choose another --listen)"
-            } else {
-                ""
-            };
-            NodeError::Bind {
-                addr: options.listen,
-                source,
-                hint,
-            }
-        })?;
+    let bind_error = |source: std::io::Error| {
+        let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process holds that port: stop it or choose another --listen)"
+        } else {
+            ""
+        };
+        NodeError::Bind {
+            addr: options.listen,
+            source,
+            hint,
+        }
+    };
+    let server_config = tls::server_config(&creds)?;
+    let endpoint = if options.simulate_delay.is_empty() {
+        quinn::Endpoint::server(server_config, options.listen).map_err(bind_error)?
+    } else {
+        tracing::warn!(links = ?options.simulate_delay, "simulating network delay (testing only)");
+        let socket =
+            crate::latency::DelayedSocket::bind(options.listen, options.simulate_delay.clone())
+                .map_err(bind_error)?;
+        quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            std::sync::Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?
+    };
     let mut endpoint = endpoint;
     endpoint.set_default_client_config(tls::client_config(&creds)?);
 
@@ -145,7 +162,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let mut inbound = BTreeMap::new();
     let mut links = Vec::new();
     for id in addresses.keys() {
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel(256);
         outboxes.insert(*id, tx);
         let (slot, watch_rx) = watch::channel(None);
         inbound.insert(*id, slot);

@@ -191,6 +191,17 @@ pub async fn run_link(
                     peers.metrics.quic_bytes_sent.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = connection.closed() => break,
+                // The peer dialed us anew (it restarted): switch at once
+                // rather than writing into the old, dead connection.
+                changed = inbound.changed(), if !dial => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let newer = inbound.borrow().as_ref().is_some_and(|c| c.stable_id() != connection.stable_id());
+                    if newer {
+                        break;
+                    }
+                }
             }
         }
     }

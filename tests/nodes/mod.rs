@@ -197,6 +197,11 @@ impl TestCluster {
         }
     }
 
+    /// Process ids of the running nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.values().map(Child::id).collect()
+    }
+
     pub fn is_running(&self, id: NodeId) -> bool {
         self.children.contains_key(&id)
     }

@@ -1,0 +1,232 @@
+//! A UDP socket for quinn that holds each outgoing datagram for the one-way
+//! delay of its link (with optional jitter and loss), so benchmarks and
+//! tests can run a cluster "across continents" on one machine. The kernel
+//! here has no `tc netem`; quinn accepts any socket through
+//! `Endpoint::new_with_abstract_socket`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::raft::rng::Rng;
+
+/// The impairment of the path to one destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LinkDelay {
+    pub delay: Duration,
+    /// Uniform extra delay in `0..jitter` (reorders nothing: each link is FIFO).
+    pub jitter: Duration,
+    /// Fraction of datagrams dropped.
+    pub loss: f64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad --simulate-delay item {0:?}: expected host:port=DELAYms[~JITTERms][/LOSS%]")]
+pub struct DelaySpecError(String);
+
+/// Parses `127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%`.
+pub fn parse_delays(spec: &str) -> Result<HashMap<SocketAddr, LinkDelay>, DelaySpecError> {
+    let mut delays = HashMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || DelaySpecError(item.to_string());
+        let (addr, rest) = item.split_once('=').ok_or_else(bad)?;
+        let addr: SocketAddr = addr.parse().map_err(|_| bad())?;
+        let (rest, loss) = match rest.split_once('/') {
+            Some((rest, loss)) => {
+                let percent: f64 = loss.trim_end_matches('%').parse().map_err(|_| bad())?;
+                (rest, percent / 100.0)
+            }
+            None => (rest, 0.0),
+        };
+        let (delay, jitter) = match rest.split_once('~') {
+            Some((delay, jitter)) => (delay, Some(jitter)),
+            None => (rest, None),
+        };
+        let ms = |text: &str| -> Result<Duration, DelaySpecError> {
+            let value: f64 = text.trim_end_matches("ms").parse().map_err(|_| bad())?;
+            Ok(Duration::from_secs_f64(value / 1000.0))
+        };
+        delays.insert(
+            addr,
+            LinkDelay {
+                delay: ms(delay)?,
+                jitter: jitter.map(ms).transpose()?.unwrap_or_default(),
+                loss,
+            },
+        );
+    }
+    Ok(delays)
+}
+
+struct Delayed {
+    due: Instant,
+    destination: SocketAddr,
+    datagram: Vec<u8>,
+}
+
+/// Wraps a real socket; datagrams to configured destinations wait their
+/// link's delay in a per-destination FIFO before leaving.
+pub struct DelayedSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    sender: Arc<tokio::net::UdpSocket>,
+    delays: HashMap<SocketAddr, LinkDelay>,
+    queues: Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Delayed>>>,
+    rng: Mutex<Rng>,
+}
+
+impl fmt::Debug for DelayedSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DelayedSocket")
+            .field("delays", &self.delays)
+            .finish()
+    }
+}
+
+impl DelayedSocket {
+    /// Binds `addr` and delays datagrams to the given destinations.
+    pub fn bind(addr: SocketAddr, delays: HashMap<SocketAddr, LinkDelay>) -> io::Result<Arc<Self>> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let clone = socket.try_clone()?;
+        clone.set_nonblocking(true)?;
+        let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
+        Ok(Arc::new(DelayedSocket {
+            inner,
+            sender: Arc::new(tokio::net::UdpSocket::from_std(clone)?),
+            delays,
+            queues: Mutex::new(HashMap::new()),
+            rng: Mutex::new(Rng::new(addr.port() as u64)),
+        }))
+    }
+
+    fn queue(&self, destination: SocketAddr) -> Option<mpsc::UnboundedSender<Delayed>> {
+        let mut queues = self.queues.lock().ok()?;
+        let queue = queues.entry(destination).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Delayed>();
+            let sender = self.sender.clone();
+            tokio::spawn(async move {
+                while let Some(item) = rx.recv().await {
+                    tokio::time::sleep_until(item.due).await;
+                    let _ = sender.send_to(&item.datagram, item.destination).await;
+                }
+            });
+            tx
+        });
+        Some(queue.clone())
+    }
+}
+
+impl AsyncUdpSocket for DelayedSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        let Some(link) = self.delays.get(&transmit.destination).copied() else {
+            return self.inner.try_send(transmit);
+        };
+        let Some(queue) = self.queue(transmit.destination) else {
+            return self.inner.try_send(transmit);
+        };
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        for datagram in transmit.contents.chunks(segment) {
+            let (lost, jitter) = match self.rng.lock() {
+                Ok(mut rng) => (
+                    rng.chance(link.loss),
+                    Duration::from_nanos(rng.range(0, link.jitter.as_nanos() as u64 + 1)),
+                ),
+                Err(_) => (false, Duration::ZERO),
+            };
+            if lost {
+                continue;
+            }
+            let _ = queue.send(Delayed {
+                due: Instant::now() + link.delay + jitter,
+                destination: transmit.destination,
+                datagram: datagram.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        1
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_delay_specs() {
+        let delays = parse_delays("127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%").unwrap();
+        let addr: SocketAddr = "127.0.0.1:7003".parse().unwrap();
+        assert_eq!(delays[&addr].delay, Duration::from_millis(155));
+        assert_eq!(delays[&addr].jitter, Duration::from_millis(5));
+        assert!((delays[&addr].loss - 0.01).abs() < 1e-9);
+        assert!(parse_delays("nohost=5ms").is_err());
+        assert!(parse_delays("127.0.0.1:1=fast").is_err());
+    }
+
+    #[tokio::test]
+    async fn datagrams_wait_for_their_link() {
+        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = receiver.local_addr().unwrap();
+        let delays = HashMap::from([(
+            to,
+            LinkDelay {
+                delay: Duration::from_millis(80),
+                ..Default::default()
+            },
+        )]);
+        let socket = DelayedSocket::bind("127.0.0.1:0".parse().unwrap(), delays).unwrap();
+        let started = std::time::Instant::now();
+        socket
+            .try_send(&Transmit {
+                destination: to,
+                ecn: None,
+                contents: b"hello",
+                segment_size: None,
+                src_ip: None,
+            })
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (len, _) = receiver.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..len], b"hello");
+        assert!(started.elapsed() >= Duration::from_millis(80));
+    }
+}

@@ -8,6 +8,8 @@ FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Declared in Cargo.toml; not built here.
+COPY benches ./benches
 RUN cargo build --release --locked --bin node
 
 FROM ${RUNTIME_IMAGE}

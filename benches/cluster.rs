@@ -5,15 +5,15 @@
 //! it asserts nothing. `BENCH_RUNS` (default 3) repeats each measurement
 //! and prints medians; `BENCH_SECONDS` (default 5) sizes the load phases.
 
-#[path = "../tests/nodes/mod.rs"]
-mod nodes;
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_store::client::Client;
 use cluster_store::raft::NodeId;
-use nodes::TestCluster;
+use common::nodes::TestCluster;
+use common::{closed_loop, pipelined, start};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -22,115 +22,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// One-way delays of the original deployment: Iowa (1), São Paulo (2), Sydney (3).
-fn wan_delay(a: NodeId, b: NodeId) -> u64 {
-    match (a.min(b), a.max(b)) {
-        (1, 2) => 70,
-        (1, 3) => 155,
-        _ => 90,
-    }
-}
-
-fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
-    let ids: Vec<NodeId> = (1..=nodes).collect();
-    TestCluster::start_with(name, ip, &ids, &[], |id| {
-        if !wan {
-            return Vec::new();
-        }
-        let spec: Vec<String> = (1..=nodes)
-            .filter(|peer| *peer != id)
-            .map(|peer| {
-                format!(
-                    "127.0.0.{ip}:{}={}ms",
-                    nodes::port(peer),
-                    wan_delay(id, peer)
-                )
-            })
-            .collect();
-        // Iowa should lead (it is nearest to the others on average).
-        vec![
-            "--simulate-delay".into(),
-            spec.join(","),
-            "--priorities".into(),
-            "1=10".into(),
-        ]
-    })
-}
-
-struct Load {
-    throughput: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-/// `clients` clients each sending one message at a time for `seconds`.
-async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
-    let mut tasks = Vec::new();
-    let until = Instant::now() + Duration::from_secs(seconds);
-    for c in 0..clients {
-        let client = Arc::new(cluster.client(["alice", "bob", "carol"][c % 3]));
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let payload = "x".repeat(100);
-            while Instant::now() < until {
-                let started = Instant::now();
-                if client.send(vec![payload.clone()]).await.is_ok() {
-                    latencies.push(started.elapsed());
-                }
-            }
-            latencies
-        }));
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap_or_default());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    Load {
-        throughput: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-    }
-}
-
-/// One client keeping `in_flight` batches of `batch` messages outstanding.
-async fn pipelined(cluster: &TestCluster, seconds: u64, batch: usize, in_flight: usize) -> f64 {
-    let client = Arc::new(cluster.client("alice"));
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..in_flight {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let texts: Vec<String> = (0..batch).map(|_| "x".repeat(100)).collect();
-            let mut sent = 0usize;
-            while Instant::now() < until {
-                if let Ok((_, committed)) = client.send(texts.clone()).await {
-                    sent += committed.len();
-                }
-            }
-            sent
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.unwrap_or(0);
-    }
-    total as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn leader_of(cluster: &TestCluster, admin: &Client) -> NodeId {
@@ -157,7 +51,7 @@ async fn failover(cluster: &mut TestCluster, admin: &Client) -> Duration {
 }
 
 /// A follower misses `count` messages, then restarts: its catch-up rate.
-async fn catch_up(cluster: &mut TestCluster, admin: &Client, count: usize) -> f64 {
+async fn catch_up(cluster: &mut TestCluster, admin: &Client, count: usize) -> (NodeId, f64) {
     let leader = leader_of(cluster, admin).await;
     let lagger = cluster
         .voters
@@ -188,32 +82,42 @@ async fn catch_up(cluster: &mut TestCluster, admin: &Client, count: usize) -> f6
     loop {
         if let Ok(status) = admin.status(lagger).await {
             if status.commit >= target {
-                return (target - before) as f64 / started.elapsed().as_secs_f64();
+                return (
+                    lagger,
+                    (target - before) as f64 / started.elapsed().as_secs_f64(),
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn rss_mb(cluster: &TestCluster) -> f64 {
+/// Resident memory of one node process, in MB.
+fn rss_mb(cluster: &TestCluster, id: NodeId) -> f64 {
     cluster
-        .pids()
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|status| {
+        .pid(id)
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|status| {
             status
                 .lines()
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
-        .fold(0.0, f64::max)
+        .unwrap_or(0.0)
         / 1024.0
 }
 
 fn main() {
-    let runs = env_u64("BENCH_RUNS", 3) as usize;
-    let seconds = env_u64("BENCH_SECONDS", 5);
+    // `cargo bench` passes --bench. `cargo test --all-targets` runs this
+    // binary without it: then one short loopback run checks that the
+    // benchmark still works, without spending CI's minutes measuring.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    if smoke {
+        println!("smoke run (cargo test): one short loopback pass; `cargo bench` measures");
+    }
+    let runs = env_u64("BENCH_RUNS", if smoke { 1 } else { 3 }) as usize;
+    let seconds = env_u64("BENCH_SECONDS", if smoke { 1 } else { 5 });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -228,7 +132,8 @@ fn main() {
     );
     let mut rows: Vec<(String, String)> = Vec::new();
     runtime.block_on(async {
-        let only = std::env::var("BENCH_TOPOLOGY").unwrap_or_default();
+        let only = std::env::var("BENCH_TOPOLOGY")
+            .unwrap_or_else(|_| if smoke { "loopback".into() } else { String::new() });
         for (topology, wan, ip) in [("loopback", false, 150u8), ("WAN 70/90/155 ms", true, 151)] {
             if (only == "wan" && !wan) || (only == "loopback" && wan) {
                 continue;
@@ -266,16 +171,38 @@ fn main() {
             rows.push((format!("{topology}: pipelined client"), format!("{:.0} msg/s", median(bulk))));
             rows.push((format!("{topology}: leader kill -9 to writes again"), format!("{:.2} s", median(failovers))));
         }
-        let messages = env_u64("BENCH_CATCHUP", 200_000) as usize;
+        let messages = env_u64("BENCH_CATCHUP", if smoke { 5_000 } else { 200_000 }) as usize;
         if messages == 0 {
             return;
         }
         let mut cluster = start("bench-catchup", 152, 3, false);
         let admin = cluster.client("client");
         leader_of(&cluster, &admin).await;
-        let rate = catch_up(&mut cluster, &admin, messages).await;
+        let (lagger, rate) = catch_up(&mut cluster, &admin, messages).await;
         rows.push((format!("catch-up after missing {messages}"), format!("{rate:.0} msg/s")));
-        rows.push((format!("largest node RSS with {messages} messages"), format!("{:.0} MB", rss_mb(&cluster))));
+        let leader = leader_of(&cluster, &admin).await;
+        let follower = cluster
+            .voters
+            .iter()
+            .copied()
+            .find(|n| *n != leader && *n != lagger)
+            .unwrap_or(leader);
+        rows.push((
+            format!("RSS with {messages} messages: leader / follower / caught-up node"),
+            format!(
+                "{:.0} / {:.0} / {:.0} MB",
+                rss_mb(&cluster, leader),
+                rss_mb(&cluster, follower),
+                rss_mb(&cluster, lagger)
+            ),
+        ));
+        cluster.kill(lagger);
+        cluster.launch(lagger);
+        cluster.wait_caught_up(&admin, Duration::from_secs(60)).await;
+        rows.push((
+            format!("RSS of a node restarted with {messages} messages"),
+            format!("{:.0} MB", rss_mb(&cluster, lagger)),
+        ));
     });
     println!("\n| measurement | median |\n| --- | --- |");
     for (what, value) in rows {

@@ -69,3 +69,59 @@ mod tests {
         assert!(Address::parse(":7000").is_err());
     }
 }
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MembersError {
+    #[error("{what}: {item:?} is not of the form id=host:port")]
+    Form { what: String, item: String },
+    #[error("{what}: {id:?} is not a node id (a whole number from 1)")]
+    Id { what: String, id: String },
+    #[error("{what}: node {id}: {source}")]
+    Address {
+        what: String,
+        id: crate::raft::NodeId,
+        source: AddressError,
+    },
+    #[error("{what}: node {id} is listed twice")]
+    Twice {
+        what: String,
+        id: crate::raft::NodeId,
+    },
+}
+
+/// Parses a member list, `id=host:port,...` (`what` names the option in
+/// errors). Host names are resolved when connecting, so a peer that is not
+/// up yet (or has moved) does not stop a node.
+pub fn parse_members(
+    spec: &str,
+    what: &str,
+) -> Result<std::collections::BTreeMap<crate::raft::NodeId, Address>, MembersError> {
+    let mut members = std::collections::BTreeMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, address) = item.split_once('=').ok_or_else(|| MembersError::Form {
+            what: what.to_string(),
+            item: item.to_string(),
+        })?;
+        let id: crate::raft::NodeId = match id.trim().parse() {
+            Ok(id) if id > 0 => id,
+            _ => {
+                return Err(MembersError::Id {
+                    what: what.to_string(),
+                    id: id.to_string(),
+                })
+            }
+        };
+        let address = Address::parse(address).map_err(|source| MembersError::Address {
+            what: what.to_string(),
+            id,
+            source,
+        })?;
+        if members.insert(id, address).is_some() {
+            return Err(MembersError::Twice {
+                what: what.to_string(),
+                id,
+            });
+        }
+    }
+    Ok(members)
+}

@@ -46,6 +46,11 @@ pub struct Client {
     pub give_up_after: Duration,
 }
 
+/// A node turned a connection away because it is overloaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Busy(String);
+
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
@@ -114,10 +119,21 @@ impl Client {
             .await
             .with_context(|| format!("node {node}: cannot resolve {configured}"))?;
         let connecting = self.endpoint.connect(address, &node_server_name(node))?;
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| anyhow!("node {node} at {address}: connection timed out"))?
-            .with_context(|| format!("node {node} at {address}"))?;
+        {
+            Ok(connection) => connection,
+            Err(quinn::ConnectionError::ConnectionClosed(close))
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                return Err(Busy(format!(
+                    "node {node} at {address} refused the connection: busy with other handshakes, retry"
+                ))
+                .into())
+            }
+            Err(error) => return Err(anyhow!(error).context(format!("node {node} at {address}"))),
+        };
         match peer_identity(&connection)? {
             Identity::Node(id) if id == node => {}
             other => bail!("{address} presented {other:?}, expected node {node}"),
@@ -169,7 +185,13 @@ impl Client {
 
     /// One request to one node.
     pub async fn request(&self, node: NodeId, request: &ClientRequest) -> Result<ClientResponse> {
-        let connection = self.connection(node).await?;
+        let connection = match self.connection(node).await {
+            Ok(connection) => connection,
+            Err(error) => match error.downcast::<Busy>() {
+                Ok(Busy(message)) => return Ok(ClientResponse::Busy { message }),
+                Err(error) => return Err(error),
+            },
+        };
         let exchange = async {
             let (mut send, mut recv) = connection.open_bi().await?;
             write_frame(&mut send, request).await?;
@@ -184,6 +206,18 @@ impl Client {
             tokio::select! {
                 result = &mut exchange => {
                     if result.is_err() {
+                        // A node over its connection limit is alive: retry
+                        // it after a pause rather than suspecting it.
+                        if let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() {
+                            if close.error_code == crate::server::api::CLOSE_BUSY.into() {
+                                if let Ok(mut connections) = self.connections.lock() {
+                                    connections.remove(&node);
+                                }
+                                return Ok(ClientResponse::Busy {
+                                    message: String::from_utf8_lossy(&close.reason).into_owned(),
+                                });
+                            }
+                        }
                         self.forget(node);
                     }
                     return result;
@@ -226,6 +260,7 @@ impl Client {
         let deadline = Instant::now() + self.give_up_after;
         let mut attempt = 0usize;
         let mut last_error = String::from("no node answered");
+        let mut busy_pause = Duration::from_millis(20);
         loop {
             if Instant::now() > deadline {
                 bail!("gave up after {:?}: {last_error}", self.give_up_after);
@@ -242,6 +277,18 @@ impl Client {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     self.set_leader(Some(leader));
+                    continue;
+                }
+                Ok(ClientResponse::Busy { message }) => {
+                    // Back-pressure: same node, same request, growing pause
+                    // with jitter so refused clients do not return in step.
+                    last_error = format!("node {target}: {message}");
+                    let jitter = random_u64();
+                    let pause = busy_pause
+                        + Duration::from_millis(jitter % (busy_pause.as_millis() as u64 + 1));
+                    tokio::time::sleep(pause).await;
+                    busy_pause = (busy_pause * 2).min(Duration::from_secs(1));
+                    attempt = attempt.saturating_sub(1);
                     continue;
                 }
                 Ok(ClientResponse::Redirect { .. }) => {
@@ -278,6 +325,111 @@ impl Client {
     pub async fn send(&self, texts: Vec<String>) -> Result<(NodeId, Vec<Committed>)> {
         let count = texts.len() as u64;
         let first_seq = self.next_seq.fetch_add(count, Ordering::SeqCst);
+        self.send_at(first_seq, texts).await
+    }
+
+    /// Sends batches in order, up to `window` of them outstanding on one
+    /// stream to the leader, which hands them to the log in that order;
+    /// `each` sees every batch's result, in order. Whenever the leader
+    /// changes or anything fails, the unanswered batches are sent again one
+    /// at a time with their original sequence numbers, so order and
+    /// exactly-once survive the failure; then pipelining resumes.
+    pub async fn send_pipelined(
+        &self,
+        batches: impl Iterator<Item = Vec<String>>,
+        window: usize,
+        mut each: impl FnMut(NodeId, &[Committed]) -> Result<()>,
+    ) -> Result<()> {
+        let mut batches = batches.filter(|b| !b.is_empty());
+        let mut unanswered: std::collections::VecDeque<(u64, Vec<String>)> = Default::default();
+        loop {
+            // One ordinary send finds the leader (and retries until it does).
+            let Some(texts) = batches.next() else {
+                return Ok(());
+            };
+            let first_seq = self
+                .next_seq
+                .fetch_add(texts.len() as u64, Ordering::SeqCst);
+            let (leader, committed) = self.send_at(first_seq, texts).await?;
+            each(leader, &committed)?;
+            match self
+                .pipeline(
+                    leader,
+                    &mut batches,
+                    &mut unanswered,
+                    window.max(1),
+                    &mut each,
+                )
+                .await
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) | Err(_) => {
+                    while let Some((first_seq, texts)) = unanswered.pop_front() {
+                        let (leader, committed) = self.send_at(first_seq, texts).await?;
+                        each(leader, &committed)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pipelined part of `send_pipelined`: `Ok(true)` when every batch
+    /// was answered, `Ok(false)` when the leader answered anything but
+    /// success (the caller falls back).
+    async fn pipeline(
+        &self,
+        leader: NodeId,
+        batches: &mut impl Iterator<Item = Vec<String>>,
+        unanswered: &mut std::collections::VecDeque<(u64, Vec<String>)>,
+        window: usize,
+        each: &mut impl FnMut(NodeId, &[Committed]) -> Result<()>,
+    ) -> Result<bool> {
+        let connection = self.connection(leader).await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        loop {
+            while unanswered.len() < window {
+                let Some(texts) = batches.next() else {
+                    break;
+                };
+                let first_seq = self
+                    .next_seq
+                    .fetch_add(texts.len() as u64, Ordering::SeqCst);
+                let request = ClientRequest::Send {
+                    client_id: self.client_id,
+                    first_seq,
+                    lamport: self.lamport(),
+                    texts: texts.clone(),
+                };
+                unanswered.push_back((first_seq, texts));
+                write_frame(&mut send, &request).await?;
+            }
+            if unanswered.is_empty() {
+                let _ = send.finish();
+                return Ok(true);
+            }
+            // A dead leader shows as an error here once QUIC's idle timeout
+            // (3 s) closes the connection.
+            let response = read_frame::<_, ClientResponse>(&mut recv)
+                .await?
+                .ok_or_else(|| anyhow!("node {leader} closed the stream"))?;
+            let ClientResponse::Sent { committed, leader } = response else {
+                return Ok(false);
+            };
+            if let Some(max) = committed.iter().map(|c| c.lamport).max() {
+                self.lamport.fetch_max(max, Ordering::SeqCst);
+            }
+            unanswered.pop_front();
+            each(leader, &committed)?;
+        }
+    }
+
+    /// Appends `texts` as sequence numbers `first_seq..`; a retry with the
+    /// same numbers is written once.
+    async fn send_at(
+        &self,
+        first_seq: u64,
+        texts: Vec<String>,
+    ) -> Result<(NodeId, Vec<Committed>)> {
         let request = ClientRequest::Send {
             client_id: self.client_id,
             first_seq,

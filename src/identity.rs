@@ -12,7 +12,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use time::{Duration, OffsetDateTime};
 
 use crate::raft::NodeId;
 
@@ -47,7 +48,34 @@ pub enum IdentityError {
     NoIdentity,
     #[error("invalid client name {0:?}: use letters, digits, '-' and '_'")]
     BadName(String),
+    #[error("{path}: not a certificate revocation list: {reason}")]
+    BadCrl { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadCertificateFile { path: PathBuf, reason: String },
+    #[error("{path} was not signed by this cluster's CA")]
+    ForeignCertificate { path: PathBuf },
 }
+
+/// When a certificate is valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From an hour ago (clocks differ a little) until `days` from now.
+    pub fn days(days: u32) -> Validity {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(days.into()),
+        }
+    }
+}
+
+/// Certificates last ten years unless told otherwise.
+pub const DEFAULT_DAYS: u32 = 3650;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     move |source| IdentityError::Io {
@@ -77,6 +105,11 @@ pub fn client_cert_path(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 
 pub fn ca_path(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("ca.crt"), dir.join("ca.key"))
+}
+
+/// The revocation list `node certs revoke` writes and nodes load.
+pub fn crl_path(dir: &Path) -> PathBuf {
+    dir.join("ca.crl")
 }
 
 /// Writes a private key readable by its owner only.
@@ -110,8 +143,9 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<(), IdentityError> {
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let validity = Validity::days(20 * 365);
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
     let cert = params.self_signed(&key)?;
     write_public(&cert_path, &cert.pem())?;
     write_private(&key_path, &key.serialize_pem())
@@ -135,7 +169,12 @@ fn load_issuer(dir: &Path) -> Result<Issuer, IdentityError> {
 
 /// Signs a certificate for node `id`, valid for the given extra DNS names
 /// and IP addresses, usable both to serve and to dial peers.
-pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), IdentityError> {
+pub fn issue_node(
+    dir: &Path,
+    id: NodeId,
+    hosts: &[String],
+    validity: Validity,
+) -> Result<(), IdentityError> {
     let issuer = load_issuer(dir)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -156,8 +195,8 @@ pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), Identi
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer.cert, &issuer.key)?;
     let (cert_path, key_path) = node_cert_path(dir, id);
@@ -166,7 +205,7 @@ pub fn issue_node(dir: &Path, id: NodeId, hosts: &[String]) -> Result<(), Identi
 }
 
 /// Signs a client certificate: it can call the client API, never act as a node.
-pub fn issue_client(dir: &Path, name: &str) -> Result<(), IdentityError> {
+pub fn issue_client(dir: &Path, name: &str, validity: Validity) -> Result<(), IdentityError> {
     if name.is_empty()
         || !name
             .chars()
@@ -181,8 +220,8 @@ pub fn issue_client(dir: &Path, name: &str) -> Result<(), IdentityError> {
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(format!("{CLIENT_URI}{name}").try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer.cert, &issuer.key)?;
     let (cert_path, key_path) = client_cert_path(dir, name);
@@ -237,6 +276,157 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, IdentityError>
     Err(IdentityError::NoIdentity)
 }
 
+/// The serial number of a certificate, as bytes.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    Ok(parsed.tbs_certificate.raw_serial().to_vec())
+}
+
+/// Why a certificate file cannot be used today, if it cannot.
+pub fn check_validity(path: &Path) -> Result<(), IdentityError> {
+    let certs = load_certs(path)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certs[0].as_ref()).map_err(|e| {
+        IdentityError::BadCertificateFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    let reason = if now < validity.not_before {
+        format!("not valid before {}", validity.not_before)
+    } else if now > validity.not_after {
+        format!("expired on {}", validity.not_after)
+    } else {
+        return Ok(());
+    };
+    Err(IdentityError::BadCertificateFile {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Loads the revocation list at `path`; no file means nothing is revoked.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+    let pem = match fs::read(path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let crls = rustls_pemfile::crls(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::BadCrl {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if crls.is_empty() {
+        return Err(IdentityError::BadCrl {
+            path: path.to_path_buf(),
+            reason: "no PEM X509 CRL block".into(),
+        });
+    }
+    for crl in &crls {
+        x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| IdentityError::BadCrl {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(crls)
+}
+
+/// The serial numbers a revocation list names.
+pub fn revoked_serials(
+    crls: &[CertificateRevocationListDer<'_>],
+) -> std::collections::HashSet<Vec<u8>> {
+    let mut serials = std::collections::HashSet::new();
+    for crl in crls {
+        if let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) {
+            for revoked in parsed.iter_revoked_certificates() {
+                serials.insert(revoked.raw_serial().to_vec());
+            }
+        }
+    }
+    serials
+}
+
+/// Adds the certificate at `cert_path` to the cluster's revocation list
+/// (`ca.crl` in `dir`), re-signed by the CA. Nodes reload the list within
+/// seconds and refuse that certificate from then on. Returns the serial.
+pub fn revoke(dir: &Path, cert_path: &Path) -> Result<Vec<u8>, IdentityError> {
+    let issuer = load_issuer(dir)?;
+    let cert = load_certs(cert_path)?.remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+        IdentityError::BadCertificateFile {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    let (ca_path, _) = ca_path(dir);
+    let ca = load_certs(&ca_path)?.remove(0);
+    let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.as_ref())
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    if parsed
+        .verify_signature(Some(ca_parsed.public_key()))
+        .is_err()
+    {
+        return Err(IdentityError::ForeignCertificate {
+            path: cert_path.to_path_buf(),
+        });
+    }
+    let serial = parsed.tbs_certificate.raw_serial().to_vec();
+    let path = crl_path(dir);
+    let existing = load_crls(&path)?;
+    let mut number = 1u64;
+    let mut revoked = Vec::new();
+    let now = OffsetDateTime::now_utc();
+    for crl in &existing {
+        let (_, parsed) =
+            x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| IdentityError::BadCrl {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(n) = parsed.crl_number() {
+            number = number.max(n.to_u64_digits().first().copied().unwrap_or(0) + 1);
+        }
+        for entry in parsed.iter_revoked_certificates() {
+            let when = OffsetDateTime::from_unix_timestamp(entry.revocation_date.timestamp())
+                .unwrap_or(now);
+            revoked.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(entry.raw_serial()),
+                revocation_time: when,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    if !revoked
+        .iter()
+        .any(|r| r.serial_number.as_ref() == serial.as_slice())
+    {
+        revoked.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: Some(rcgen::RevocationReason::Unspecified),
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - Duration::minutes(5),
+        next_update: now + Duration::days(20 * 365),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer.cert, &issuer.key)?;
+    // Write then rename, so a node never reads half a list.
+    let partial = dir.join("ca.crl.partial");
+    write_public(&partial, &crl.pem()?)?;
+    fs::rename(&partial, &path).map_err(io_err(&path))?;
+    Ok(serial)
+}
+
 /// A stable id for the cluster: a digest of its CA certificate. A data
 /// directory records it, so a node never joins another cluster's data.
 pub fn cluster_id(ca_cert: &CertificateDer<'_>) -> String {
@@ -262,8 +452,15 @@ mod tests {
             init_ca(&dir, false),
             Err(IdentityError::Exists { .. })
         ));
-        issue_node(&dir, 3, &["127.0.0.3".into(), "vm3.example.org".into()]).unwrap();
-        issue_client(&dir, "alice").unwrap();
+        let days = Validity::days(1);
+        issue_node(
+            &dir,
+            3,
+            &["127.0.0.3".into(), "vm3.example.org".into()],
+            days,
+        )
+        .unwrap();
+        issue_client(&dir, "alice", days).unwrap();
         let node = load_certs(&node_cert_path(&dir, 3).0).unwrap();
         assert_eq!(identity_of(&node[0]).unwrap(), Identity::Node(3));
         let client = load_certs(&client_cert_path(&dir, "alice").0).unwrap();
@@ -278,7 +475,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
-            issue_client(&dir, "../evil"),
+            issue_client(&dir, "../evil", days),
             Err(IdentityError::BadName(_))
         ));
         fs::remove_dir_all(&dir).unwrap();

@@ -60,6 +60,12 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     pub quic_bytes_sent: AtomicU64,
     pub quic_bytes_received: AtomicU64,
+    /// Sends answered "busy" because too much was waiting to commit.
+    pub busy_sends: AtomicU64,
+    /// Client connections closed at once because too many were open.
+    pub busy_connections: AtomicU64,
+    /// Log entries the core holds in memory (the rest are in the store).
+    pub entries_in_memory: AtomicU64,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -109,6 +115,24 @@ impl Metrics {
             "cluster_store_quic_bytes_received_total",
             "Raft frame bytes received from peers.",
             load(&self.quic_bytes_received),
+        );
+        counter(
+            &mut out,
+            "cluster_store_busy_sends_total",
+            "Sends refused with \"busy, retry\": too much was waiting to commit.",
+            load(&self.busy_sends),
+        );
+        counter(
+            &mut out,
+            "cluster_store_busy_connections_total",
+            "Client connections refused: too many were open.",
+            load(&self.busy_connections),
+        );
+        gauge(
+            &mut out,
+            "cluster_store_log_entries_in_memory",
+            "Log entries held in memory; older ones are read from the store when needed.",
+            load(&self.entries_in_memory),
         );
         gauge(
             &mut out,

@@ -4,8 +4,17 @@
 //! sled's own flush stops at `sync_file_range` on Linux, which does not
 //! reach the disk cache or file metadata, so every write batch ends with an
 //! fsync of sled's data file. One batch, one sync: that is group commit.
+//!
+//! sled takes a truncated or damaged data file for a torn write and
+//! silently recovers to an earlier point, which for a Raft node means
+//! forgetting entries it acknowledged or a vote it cast. So a small
+//! checksummed witness file beside sled's records, after every sync, how
+//! far the store had got (term, vote, last index, commit); a store that
+//! opens behind its witness is reported as damaged, naming the file,
+//! instead of serving a shorter history.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
@@ -16,7 +25,9 @@ use crate::raft::{Entry, HardState, Index, LogWrite, NodeId};
 const IDENTITY_KEY: &[u8] = b"identity";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
-const CACHE_BYTES: u64 = 64 << 20;
+const CACHE_BYTES: u64 = 32 << 20;
+/// Entries per sled batch within one write; see `Store::apply`.
+const WRITE_SLICE: usize = 256;
 
 /// What a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +48,14 @@ pub enum StoreError {
         expected: NodeId,
         expected_cluster: String,
     },
-    #[error("the store in {dir} is corrupt ({what}). To rebuild this node's replica from its peers, stop it, move {dir} aside, and start it again with the same --id: it will copy the log from the leader")]
+    #[error("the store in {dir} is corrupt ({what}). Rebuild this node's replica from its peers with `node rebuild --id <id> --data {dir} --cluster ...`: it keeps the damaged directory aside and the node copies the log from the leader")]
     Corrupt { dir: PathBuf, what: String },
+    #[error("{file} is damaged: {what}. sled recovered an earlier state than this node had synced, so it would forget acknowledged entries or a vote. Rebuild this node's replica from its peers with `node rebuild --id <id> --data {dir} --cluster ...`: it keeps the damaged directory aside and the node copies the log from the leader")]
+    Damaged {
+        dir: PathBuf,
+        file: PathBuf,
+        what: String,
+    },
     #[error("writing to the store in {dir} failed: {what}")]
     Write { dir: PathBuf, what: String },
 }
@@ -48,6 +65,27 @@ fn codec() -> impl Options {
         .with_fixint_encoding()
         .reject_trailing_bytes()
         .with_limit(64 << 20)
+}
+
+/// Decodes one stored log entry as the store does; public for the fuzz
+/// targets and property tests, which feed it arbitrary bytes.
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
+    codec().deserialize(bytes).map_err(|e| e.to_string())
+}
+
+/// Decodes the metadata records of a data directory (hard state, and the
+/// directory's identity) as the store does; public for the fuzz targets.
+pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataIdentity, String>) {
+    (
+        codec().deserialize(bytes).map_err(|e| e.to_string()),
+        codec().deserialize(bytes).map_err(|e| e.to_string()),
+    )
+}
+
+/// Decodes a witness file's contents as the store does (term, vote, last
+/// index, commit); public for the fuzz targets and property tests.
+pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
+    Witness::decode(bytes).map(|w| [w.term, w.vote, w.last_index, w.commit])
 }
 
 pub struct Store {
@@ -63,12 +101,72 @@ pub struct Store {
     /// they were last applied.
     deferred: Vec<(Option<HardState>, Option<LogWrite>)>,
     last_applied: std::time::Instant,
+    /// The witness file and what it says; see the module comment.
+    witness_file: Option<File>,
+    witness: Witness,
+    /// The last index in the log as written.
+    last_index: Index,
 }
 
-/// What a node restarts from.
+const WITNESS_FILE: &str = "witness";
+const WITNESS_MAGIC: &[u8; 4] = b"CSW1";
+
+/// How far the store had got at its last sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Witness {
+    term: u64,
+    /// 0 for no vote (node ids start at 1).
+    vote: u64,
+    last_index: Index,
+    commit: Index,
+}
+
+impl Witness {
+    fn encode(&self) -> [u8; 40] {
+        let mut bytes = [0u8; 40];
+        bytes[..4].copy_from_slice(WITNESS_MAGIC);
+        for (i, value) in [self.term, self.vote, self.last_index, self.commit]
+            .iter()
+            .enumerate()
+        {
+            bytes[4 + 8 * i..12 + 8 * i].copy_from_slice(&value.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&bytes[..36]);
+        bytes[36..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Witness, String> {
+        if bytes.len() != 40 || &bytes[..4] != WITNESS_MAGIC {
+            return Err(format!(
+                "{} bytes, not a cluster-store witness",
+                bytes.len()
+            ));
+        }
+        let crc = u32::from_le_bytes([bytes[36], bytes[37], bytes[38], bytes[39]]);
+        if crc != crc32fast::hash(&bytes[..36]) {
+            return Err("checksum mismatch".into());
+        }
+        let field = |i: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[4 + 8 * i..12 + 8 * i]);
+            u64::from_le_bytes(word)
+        };
+        Ok(Witness {
+            term: field(0),
+            vote: field(1),
+            last_index: field(2),
+            commit: field(3),
+        })
+    }
+}
+
+/// What a node restarts from: its hard state and how long its log is.
+/// The entries themselves are read with [`Store::replay`], one at a time,
+/// so a long log is never loaded whole.
 pub struct Recovered {
     pub hard_state: HardState,
-    pub entries: Vec<Entry>,
+    pub last_index: Index,
 }
 
 impl Store {
@@ -131,11 +229,117 @@ impl Store {
                 store.sync()?;
             }
         }
+        let last_index = store.last_key()?;
         let recovered = Recovered {
             hard_state: store.hard_state()?,
-            entries: store.entries(1, Index::MAX, usize::MAX)?,
+            last_index,
         };
+        store.last_index = last_index;
+        if durable {
+            store.check_witness(&recovered)?;
+        }
         Ok((store, recovered))
+    }
+
+    /// Creates a fresh replica for node `node_id` after its store was lost
+    /// or damaged (`node rebuild`). It starts at `term`, the highest term
+    /// its peers report, with its vote in that term already spent, so it
+    /// cannot vote twice in a term it may have voted in before; the leader
+    /// then sends it the whole log.
+    pub fn create_rebuilt(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+        term: u64,
+    ) -> Result<(), StoreError> {
+        if dir.join("db").exists() {
+            return Err(StoreError::Write {
+                dir: dir.to_path_buf(),
+                what: "a store is already there; move it aside first".into(),
+            });
+        }
+        let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
+        let hard_state = HardState {
+            term,
+            vote: Some(node_id),
+            commit: 0,
+        };
+        store.write(Some(hard_state), None)
+    }
+
+    fn witness_path(&self) -> PathBuf {
+        self.dir.join(WITNESS_FILE)
+    }
+
+    /// Compares what sled recovered with what the witness says was synced.
+    fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
+        let path = self.witness_path();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes)
+            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        self.witness_file = Some(file);
+        if bytes.is_empty() {
+            // A new store, or one written before witnesses existed.
+            return Ok(());
+        }
+        let witness = Witness::decode(&bytes).map_err(|what| StoreError::Damaged {
+            dir: self.dir.clone(),
+            file: path.clone(),
+            what,
+        })?;
+        let hs = &recovered.hard_state;
+        let problem = if hs.term < witness.term {
+            Some(format!(
+                "it holds term {} but term {} was synced",
+                hs.term, witness.term
+            ))
+        } else if hs.term == witness.term && witness.vote != 0 && hs.vote != Some(witness.vote) {
+            Some(format!(
+                "it lost the vote for node {} in term {}",
+                witness.vote, witness.term
+            ))
+        } else if self.last_index < witness.last_index {
+            Some(format!(
+                "it holds log entries up to index {} but entries up to {} were synced",
+                self.last_index, witness.last_index
+            ))
+        } else if hs.commit < witness.commit {
+            Some(format!(
+                "it records commit index {} but {} was synced",
+                hs.commit, witness.commit
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = problem {
+            return Err(StoreError::Damaged {
+                dir: self.dir.clone(),
+                file: self.dir.join("db"),
+                what,
+            });
+        }
+        self.witness = witness;
+        Ok(())
+    }
+
+    /// Records the witness; `sync` when it must survive a power loss
+    /// before anything else happens (votes, terms, truncations).
+    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
+        let Some(file) = &self.witness_file else {
+            return Ok(());
+        };
+        let bytes = self.witness.encode();
+        let result =
+            file.write_all_at(&bytes, 0)
+                .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
+        result.map_err(|e| self.write_error(format!("{}: {e}", self.witness_path().display())))
     }
 
     /// Opens a store for reading or writing without checking whose it is
@@ -179,6 +383,9 @@ impl Store {
             skip_sync: false,
             deferred: Vec::new(),
             last_applied: std::time::Instant::now(),
+            witness_file: None,
+            witness: Witness::default(),
+            last_index: 0,
         })
     }
 
@@ -223,6 +430,47 @@ impl Store {
         }
     }
 
+    /// The highest index in the log, from its last key.
+    fn last_key(&self) -> Result<Index, StoreError> {
+        match self.log.last().map_err(|e| self.corrupt(e.to_string()))? {
+            None => Ok(0),
+            Some((key, _)) => {
+                let key: [u8; 8] = key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
+                Ok(Index::from_be_bytes(key))
+            }
+        }
+    }
+
+    /// Hands every log entry to `each`, in order, checking that they are
+    /// contiguous from index 1 and decode; the first error stops it.
+    pub fn replay(
+        &self,
+        mut each: impl FnMut(Entry) -> Result<(), String>,
+    ) -> Result<Index, StoreError> {
+        let reader = self.reader();
+        let mut expected = 1;
+        for item in self.log.iter() {
+            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
+            let index = reader.decode_key(&key)?;
+            let entry = decode_entry(&value)
+                .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
+            if index != expected || entry.index != index {
+                return Err(self.corrupt(format!("log entry {expected} missing (found {index})")));
+            }
+            each(entry).map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
+            expected += 1;
+        }
+        Ok(expected - 1)
+    }
+
+    /// Reads the whole store once, as a restart would.
+    pub fn verify(&self) -> Result<Index, StoreError> {
+        self.replay(|_| Ok(()))
+    }
+
     /// A handle that reads the log from other threads.
     pub fn reader(&self) -> LogReader {
         LogReader {
@@ -251,6 +499,13 @@ impl LogReader {
         }
     }
 
+    fn decode_key(&self, key: &[u8]) -> Result<Index, StoreError> {
+        let key: [u8; 8] = key
+            .try_into()
+            .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
+        Ok(Index::from_be_bytes(key))
+    }
+
     /// Entries `from..=to`, at most `limit`, checked to be contiguous.
     pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
         let mut entries = Vec::new();
@@ -269,8 +524,7 @@ impl LogReader {
                 .try_into()
                 .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
             let index = Index::from_be_bytes(key);
-            let entry: Entry = codec()
-                .deserialize(&value)
+            let entry = decode_entry(&value)
                 .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
             if index != expected || entry.index != index {
                 return Err(self.corrupt(format!("log entry {expected} missing (found {index})")));
@@ -304,8 +558,32 @@ impl Store {
             }
             return self.sync();
         }
+        // A truncation may shorten the log: lower the witness first, and
+        // durably, so it never claims more than the store holds.
+        if let Some(write) = write {
+            if write.from <= self.last_index {
+                self.witness.last_index = self.witness.last_index.min(write.from.saturating_sub(1));
+                self.write_witness(true)?;
+            }
+        }
         self.apply(hard_state, write)?;
-        self.sync()
+        self.sync()?;
+        if let Some(write) = write {
+            self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
+        }
+        let mut vote_changed = false;
+        if let Some(hs) = hard_state {
+            let vote = hs.vote.unwrap_or(0);
+            vote_changed = hs.term != self.witness.term || vote != self.witness.vote;
+            self.witness.term = hs.term;
+            self.witness.vote = vote;
+            self.witness.commit = hs.commit;
+        }
+        self.witness.last_index = self.last_index;
+        // Entries are durable in sled already; the witness only has to
+        // outlive a crash of this process (the page cache does that), except
+        // for votes, which are synced because they are rare and precious.
+        self.write_witness(vote_changed)
     }
 
     fn apply(
@@ -319,9 +597,18 @@ impl Store {
                 let (key, _) = item.map_err(|e| self.write_error(e))?;
                 batch.remove(key);
             }
-            for entry in &write.entries {
+            // sled holds a whole batch's tree updates in memory until it is
+            // applied: a follower catching up can be handed 60,000 entries
+            // in one write, so apply them in slices. One sync still covers
+            // them all; a crash may keep a prefix, as with any unsynced write.
+            for (i, entry) in write.entries.iter().enumerate() {
                 let bytes = codec().serialize(entry).map_err(|e| self.write_error(e))?;
                 batch.insert(&entry.index.to_be_bytes(), bytes);
+                if (i + 1) % WRITE_SLICE == 0 {
+                    self.log
+                        .apply_batch(std::mem::take(&mut batch))
+                        .map_err(|e| self.write_error(e))?;
+                }
             }
             self.log
                 .apply_batch(batch)
@@ -367,7 +654,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let (mut store, recovered) = Store::open(&dir, "c1", 1).unwrap();
-            assert!(recovered.entries.is_empty());
+            assert_eq!(recovered.last_index, 0);
             let hs = HardState {
                 term: 2,
                 vote: Some(1),
@@ -384,9 +671,18 @@ mod tests {
             };
             store.write(None, Some(&replace)).unwrap();
         }
-        let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        let (store, recovered) = Store::open(&dir, "c1", 1).unwrap();
         assert_eq!(recovered.hard_state.term, 2);
-        assert_eq!(recovered.entries, vec![entry(1, 1), entry(2, 2)]);
+        assert_eq!(recovered.last_index, 2);
+        let mut entries = Vec::new();
+        store
+            .replay(|e| {
+                entries.push(e);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(entries, vec![entry(1, 1), entry(2, 2)]);
+        drop(store);
         assert!(matches!(
             Store::open(&dir, "c1", 2),
             Err(StoreError::Foreign { .. })

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
 use crate::identity::{self, IdentityError};
@@ -17,27 +17,46 @@ pub enum TlsError {
     Identity(#[from] IdentityError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client certificate verifier: {0}")]
+    #[error("certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("QUIC crypto configuration: {0}")]
     Quic(String),
 }
 
-/// The CA, and this end's own certificate chain and key.
+/// The CA, this end's own certificate chain and key, and the CA's list of
+/// revoked certificates (`ca.crl` beside the CA, if there is one).
 pub struct Credentials {
     pub ca: CertificateDer<'static>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    pub crl_path: std::path::PathBuf,
 }
 
 impl Credentials {
+    /// Loads everything, refusing a certificate of ours that has expired
+    /// or is not valid yet: better a clear error now than refused
+    /// handshakes later.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let ca = identity::load_certs(ca)?.remove(0);
+        identity::check_validity(cert)?;
+        let crl_path = identity::crl_path(ca.parent().unwrap_or(Path::new(".")));
         Ok(Credentials {
-            ca,
+            ca: identity::load_certs(ca)?.remove(0),
             chain: identity::load_certs(cert)?,
             key: identity::load_key(key)?,
+            crls: identity::load_crls(&crl_path)?,
+            crl_path,
         })
+    }
+
+    /// Re-reads the revocation list; `Ok(true)` if it changed.
+    pub fn reload_crls(&mut self) -> Result<bool, TlsError> {
+        let crls = identity::load_crls(&self.crl_path)?;
+        if crls == self.crls {
+            return Ok(false);
+        }
+        self.crls = crls;
+        Ok(true)
     }
 
     fn roots(&self) -> Result<RootCertStore, TlsError> {
@@ -70,6 +89,9 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
         Arc::new(creds.roots()?),
         provider(),
     )
+    .with_crls(creds.crls.clone())
+    .only_check_end_entity_revocation()
+    .allow_unknown_revocation_status()
     .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -85,9 +107,17 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
 
 /// Dials nodes, presenting our certificate and trusting only the CA.
 pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(creds.roots()?),
+        provider(),
+    )
+    .with_crls(creds.crls.clone())
+    .only_check_end_entity_revocation()
+    .allow_unknown_revocation_status()
+    .build()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(creds.roots()?)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -105,4 +135,12 @@ pub fn peer_identity(connection: &quinn::Connection) -> Result<identity::Identit
         .ok_or(IdentityError::NoCertificate)?;
     let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
     identity::identity_of(leaf)
+}
+
+/// The serial number of the certificate the other end presented.
+pub fn peer_serial(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = connection
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
+    identity::serial_of(certs.first()?).ok()
 }

@@ -70,6 +70,10 @@ pub enum ClientResponse {
         retry: bool,
         detail: Option<ProposeError>,
     },
+    /// Overloaded: retry the same request at the same node after a pause.
+    Busy {
+        message: String,
+    },
 }
 
 /// A committed message as exports show it.
@@ -146,14 +150,16 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Closed
-        } else {
-            e.into()
-        }
-    })?;
+    // Grow the buffer as bytes arrive rather than trusting the prefix:
+    // a stream that announces 16 MiB and sends nothing costs nothing.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let read = (&mut *reader)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if read < len {
+        return Err(WireError::Closed);
+    }
     decode(&body).map(|value| Some((value, 4 + len)))
 }
 

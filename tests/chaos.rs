@@ -9,13 +9,18 @@
 //! Lamport stamps strictly increase; a failed send is absent or present
 //! once; and no two nodes led the same term (from their own logs).
 //!
-//! `CLUSTER_STORE_CHAOS_SCHEDULES` (default 4) and
-//! `CLUSTER_STORE_CHAOS_SECONDS` (default 12) size the run;
-//! `CLUSTER_STORE_CHAOS_SEED` replays one schedule.
+//! A run is many short seeded fault schedules. Each is a few seconds of
+//! faults under client load, then healing and a full check of everything
+//! acknowledged so far, so one cluster carries its history from schedule
+//! to schedule. Several clusters run side by side.
+//! `CLUSTER_STORE_CHAOS_SCHEDULES` (default 100), `CLUSTER_STORE_CHAOS_SECONDS`
+//! (fault time per schedule, default 3) and `CLUSTER_STORE_CHAOS_CLUSTERS`
+//! (default 4) size the run: hours of it are one environment variable
+//! away. `CLUSTER_STORE_CHAOS_SEED` replays one schedule on a fresh cluster.
 
 mod nodes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,7 +137,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct History {
     acked: Vec<(String, Committed)>,
     failed: Vec<String>,
@@ -145,8 +150,12 @@ struct Chaos {
     rng: Rng,
     log: Vec<String>,
     started: Instant,
-    paused: HashSet<NodeId>,
+    /// Stopped nodes and when they get SIGCONT: always after longer than
+    /// an election timeout, so the others move on without them.
+    paused: HashMap<NodeId, Instant>,
     down: HashMap<NodeId, Instant>,
+    /// How often each kind of fault was injected, over the whole run.
+    counts: BTreeMap<&'static str, u64>,
 }
 
 impl Chaos {
@@ -179,7 +188,7 @@ impl Chaos {
     async fn leader(&self) -> Option<NodeId> {
         let admin = self.cluster.client("client");
         for id in self.ids() {
-            if self.paused.contains(&id) || self.down.contains_key(&id) {
+            if self.paused.contains_key(&id) || self.down.contains_key(&id) {
                 continue;
             }
             if let Ok(Ok(status)) =
@@ -202,8 +211,12 @@ impl Chaos {
                 let target = if kind == 0 { self.leader().await } else { None };
                 let target =
                     target.unwrap_or_else(|| ids[self.rng.range(0, ids.len() as u64) as usize]);
-                if !self.down.contains_key(&target) && !self.paused.contains(&target) {
+                if !self.down.contains_key(&target) && !self.paused.contains_key(&target) {
                     self.cluster.kill(target);
+                    *self
+                        .counts
+                        .entry(if kind == 0 { "kill leader" } else { "kill" })
+                        .or_default() += 1;
                     let back = Instant::now() + Duration::from_millis(self.rng.range(500, 3000));
                     self.down.insert(target, back);
                     self.note(format!(
@@ -214,8 +227,11 @@ impl Chaos {
             }
             2 => {
                 let target = ids[self.rng.range(0, ids.len() as u64) as usize];
-                if !self.down.contains_key(&target) && self.paused.insert(target) {
+                if !self.down.contains_key(&target) && !self.paused.contains_key(&target) {
+                    let until = Instant::now() + Duration::from_millis(self.rng.range(1200, 2500));
+                    self.paused.insert(target, until);
                     self.cluster.signal(target, "STOP");
+                    *self.counts.entry("pause").or_default() += 1;
                     self.note(format!("SIGSTOP node {target}"));
                 }
             }
@@ -229,6 +245,7 @@ impl Chaos {
                         .blocked
                         .store(true, Ordering::SeqCst);
                 }
+                *self.counts.entry("partition").or_default() += 1;
                 self.note(format!("partition: node {cut} cut off"));
             }
             4 => {
@@ -241,6 +258,7 @@ impl Chaos {
                             .blocked
                             .store(true, Ordering::SeqCst);
                     }
+                    *self.counts.entry("isolate leader").or_default() += 1;
                     self.note(format!("isolate the leader, node {leader}"));
                 }
             }
@@ -249,6 +267,7 @@ impl Chaos {
                 let b = ids[self.rng.range(0, ids.len() as u64) as usize];
                 if a != b {
                     self.direction(a, b).blocked.store(true, Ordering::SeqCst);
+                    *self.counts.entry("one-way partition").or_default() += 1;
                     self.note(format!("one-way partition: {a} -> {b} cut"));
                 }
             }
@@ -258,6 +277,7 @@ impl Chaos {
                     self.direction(a, b).loss.store(loss, Ordering::SeqCst);
                     self.direction(b, a).loss.store(loss, Ordering::SeqCst);
                 }
+                *self.counts.entry("loss").or_default() += 1;
                 self.note(format!("{:.1}% packet loss everywhere", loss as f64 / 10.0));
             }
             _ => {
@@ -265,6 +285,7 @@ impl Chaos {
                 for (a, b) in self.links.keys().copied().collect::<Vec<_>>() {
                     self.direction(a, b).delay_ms.store(delay, Ordering::SeqCst);
                 }
+                *self.counts.entry("delay").or_default() += 1;
                 self.note(format!("{delay} ms extra delay one way on every link"));
             }
         }
@@ -284,9 +305,14 @@ impl Chaos {
             self.cluster.launch(id);
             self.note(format!("restart node {id}"));
         }
-        let paused: Vec<NodeId> = self.paused.iter().copied().collect();
+        let paused: Vec<NodeId> = self
+            .paused
+            .iter()
+            .filter(|(_, at)| everything || **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in paused {
-            if everything || self.rng.range(0, 3) == 0 {
+            {
                 self.paused.remove(&id);
                 self.cluster.signal(id, "CONT");
                 self.note(format!("SIGCONT node {id}"));
@@ -302,13 +328,14 @@ impl Chaos {
 async fn client_loop(
     client: Arc<cluster_store::client::Client>,
     name: &'static str,
+    seed: u64,
     stop: Arc<AtomicBool>,
     history: Arc<Mutex<History>>,
 ) {
     let mut i = 0;
     while !stop.load(Ordering::SeqCst) {
         i += 1;
-        let text = format!("{name}-{i}");
+        let text = format!("{name}-{seed}-{i}");
         match client.send(vec![text.clone()]).await {
             Ok((_, committed)) => history
                 .lock()
@@ -320,10 +347,10 @@ async fn client_loop(
     }
 }
 
-async fn schedule(seed: u64, seconds: u64) -> Result<String, String> {
+/// Starts a three-node cluster whose links all pass through fault proxies.
+async fn start_chaos(name: &str, ip: u8, seed: u64) -> Result<Chaos, String> {
     let ids: Vec<NodeId> = vec![1, 2, 3];
-    let ip = 30 + (seed % 50) as u8;
-    let mut cluster = TestCluster::prepare(&format!("chaos-{seed}"), ip, &ids);
+    let mut cluster = TestCluster::prepare(name, ip, &ids);
     // One proxy per pair; the lower id dials, through it.
     let mut links = BTreeMap::new();
     for (i, a) in ids.iter().enumerate() {
@@ -357,23 +384,38 @@ async fn schedule(seed: u64, seconds: u64) -> Result<String, String> {
     for id in &ids {
         cluster.launch(*id);
     }
-    let mut chaos = Chaos {
+    let chaos = Chaos {
         cluster,
         links,
         rng: Rng::new(seed),
         log: Vec::new(),
         started: Instant::now(),
-        paused: HashSet::new(),
+        paused: HashMap::new(),
         down: HashMap::new(),
+        counts: BTreeMap::new(),
     };
     let admin = chaos.cluster.client("client");
     chaos
         .cluster
         .wait_for_leader(&admin, Duration::from_secs(30))
         .await;
+    Ok(chaos)
+}
 
+/// One seeded schedule on a running cluster: faults under load for
+/// `seconds`, then heal and check everything `history` holds, from this
+/// schedule and the ones before it on the same cluster.
+async fn run_schedule(
+    chaos: &mut Chaos,
+    seed: u64,
+    seconds: u64,
+    history: &Arc<Mutex<History>>,
+) -> Result<String, String> {
+    chaos.rng = Rng::new(seed);
+    chaos.log.clear();
+    chaos.started = Instant::now();
+    let admin = chaos.cluster.client("client");
     let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(History::default()));
     let mut tasks = Vec::new();
     for name in ["alice", "bob", "carol"] {
         let mut client = chaos.cluster.client(name);
@@ -381,13 +423,14 @@ async fn schedule(seed: u64, seconds: u64) -> Result<String, String> {
         tasks.push(tokio::spawn(client_loop(
             Arc::new(client),
             name,
+            seed,
             stop.clone(),
             history.clone(),
         )));
     }
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(chaos.rng.range(600, 1800))).await;
+        tokio::time::sleep(Duration::from_millis(chaos.rng.range(300, 1000))).await;
         chaos.recover(false);
         chaos.inject().await;
         if chaos.rng.range(0, 4) == 0 {
@@ -406,18 +449,18 @@ async fn schedule(seed: u64, seconds: u64) -> Result<String, String> {
         .await;
     // A final write through the healed cluster makes every node catch up.
     admin
-        .send(vec!["final".into()])
+        .send(vec![format!("final-{seed}")])
         .await
-        .map_err(|e| format!("cluster unusable after healing: {e:#}"))?;
+        .map_err(|e| format!("seed {seed}: cluster unusable after healing: {e:#}"))?;
     chaos
         .cluster
         .wait_caught_up(&admin, Duration::from_secs(60))
         .await;
 
-    let history = std::mem::take(&mut *history.lock().expect("history"));
+    let history = history.lock().expect("history").clone();
     let (problems, export_len, terms) = check(&chaos.cluster, &admin, &history).await;
     let summary = format!(
-        "seed {seed}: {} acknowledged, {} failed sends, {} entries, {} leader terms\n  {}",
+        "seed {seed}: {} acknowledged, {} failed sends so far, {} entries, {} leader terms\n  {}",
         history.acked.len(),
         history.failed.len(),
         export_len,
@@ -513,8 +556,12 @@ async fn check(
 /// skipped on purpose (a node test hook), killing every node at once loses
 /// acknowledged messages, and the checker says so; with the sync intact,
 /// the same crash loses nothing.
+/// The two tests of this file start many node processes: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn checker_catches_acknowledgements_without_sync() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -559,9 +606,12 @@ async fn crash_everything(sabotage: bool, ip: u8) -> Vec<String> {
         .await;
     let client = cluster.client("alice");
     let mut history = History::default();
+    // At least 1.5 s and 200 acknowledgements: on a loaded machine the
+    // first sends alone can take longer than that.
     let until = Instant::now() + Duration::from_millis(1500);
+    let give_up = Instant::now() + Duration::from_secs(60);
     let mut i = 0;
-    while Instant::now() < until {
+    while (Instant::now() < until || history.acked.len() < 200) && Instant::now() < give_up {
         i += 1;
         let text = format!("alice-{i}");
         match client.send(vec![text.clone()]).await {
@@ -589,22 +639,95 @@ async fn crash_everything(sabotage: bool, ip: u8) -> Vec<String> {
 
 #[test]
 fn acknowledged_messages_survive_seeded_faults() {
-    let seconds = env_u64("CLUSTER_STORE_CHAOS_SECONDS", 12);
-    let seeds: Vec<u64> = match std::env::var("CLUSTER_STORE_CHAOS_SEED") {
-        Ok(seed) => vec![seed
-            .parse()
-            .expect("CLUSTER_STORE_CHAOS_SEED must be a number")],
-        Err(_) => (1..=env_u64("CLUSTER_STORE_CHAOS_SCHEDULES", 4)).collect(),
-    };
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let seconds = env_u64("CLUSTER_STORE_CHAOS_SECONDS", 3);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    for seed in seeds {
-        match runtime.block_on(schedule(seed, seconds)) {
+    if let Ok(seed) = std::env::var("CLUSTER_STORE_CHAOS_SEED") {
+        let seed: u64 = seed
+            .parse()
+            .expect("CLUSTER_STORE_CHAOS_SEED must be a number");
+        let report = runtime.block_on(async {
+            let mut chaos = start_chaos(&format!("chaos-replay-{seed}"), 80, seed).await?;
+            run_schedule(&mut chaos, seed, seconds, &Arc::default()).await
+        });
+        match report {
             Ok(summary) => println!("{summary}"),
             Err(report) => panic!("{report}"),
+        }
+        return;
+    }
+    let schedules = env_u64("CLUSTER_STORE_CHAOS_SCHEDULES", 100);
+    let clusters = env_u64("CLUSTER_STORE_CHAOS_CLUSTERS", 4).clamp(1, 40);
+    let started = Instant::now();
+    let results = runtime.block_on(async {
+        let mut runners = Vec::new();
+        for c in 0..clusters {
+            runners.push(tokio::spawn(async move {
+                let seeds: Vec<u64> = (1..=schedules).filter(|s| s % clusters == c).collect();
+                let mut chaos = start_chaos(
+                    &format!("chaos-{c}"),
+                    30 + c as u8,
+                    seeds.first().copied().unwrap_or(0),
+                )
+                .await?;
+                let history = Arc::new(Mutex::new(History::default()));
+                let mut passed = 0;
+                for seed in seeds {
+                    let summary = run_schedule(&mut chaos, seed, seconds, &history).await?;
+                    println!("{summary}");
+                    passed += 1;
+                }
+                let acked = history.lock().expect("history").acked.len();
+                Ok::<_, String>((passed, acked, chaos.counts.clone()))
+            }));
+        }
+        let mut results = Vec::new();
+        for runner in runners {
+            results.push(runner.await.map_err(|e| e.to_string()).and_then(|r| r));
+        }
+        results
+    });
+    let mut passed = 0;
+    let mut acked = 0;
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for result in results {
+        match result {
+            Ok((p, a, c)) => {
+                passed += p;
+                acked += a;
+                for (kind, n) in c {
+                    *counts.entry(kind).or_default() += n;
+                }
+            }
+            Err(report) => panic!("{report}"),
+        }
+    }
+    println!(
+        "{passed} fault schedules passed the checker on {clusters} clusters in {:.0} s; {acked} acknowledged messages checked; faults injected: {counts:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(passed, schedules);
+    // A chaos run that never partitions proves nothing: every kind of
+    // fault must really have happened.
+    if schedules >= 50 {
+        for kind in [
+            "kill",
+            "kill leader",
+            "pause",
+            "partition",
+            "isolate leader",
+            "one-way partition",
+            "loss",
+            "delay",
+        ] {
+            assert!(
+                counts.get(kind).copied().unwrap_or(0) > 0,
+                "no {kind} fault in {schedules} schedules: {counts:?}"
+            );
         }
     }
 }

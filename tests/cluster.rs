@@ -168,6 +168,75 @@ fn node_down_during_fifty_thousand_messages_catches_up() {
     });
 }
 
+/// `node send -` pipelines its batches; a leader killed in the middle makes
+/// it fall back and resend the unanswered ones. Every line must still be in
+/// the log exactly once, in the order it was read.
+#[test]
+fn pipelined_send_keeps_its_order_across_a_leader_kill() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("pipeline", 18, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let lines: Vec<String> = (0..60_000).map(|i| format!("line {i:05}")).collect();
+        let mut child = std::process::Command::new(nodes::BIN)
+            .args([
+                "send",
+                "-",
+                "--name",
+                "alice",
+                "--cluster",
+                &cluster.cluster_spec(),
+            ])
+            .arg("--certs")
+            .arg(cluster.certs())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("node send -");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = lines.join("\n") + "\n";
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        // Kill the leader once part of the input is in.
+        let deadline = std::time::Instant::now() + SECONDS_30;
+        loop {
+            let commit = admin.status(leader).await.map(|s| s.commit).unwrap_or(0);
+            if commit > 10_000 || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.kill(leader);
+        writer.join().expect("stdin writer");
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("join")
+            .expect("node send -");
+        assert!(
+            output.status.success(),
+            "send - failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        cluster.launch(leader);
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let export = admin.export().await.expect("export");
+        check_export(&export);
+        let sent: Vec<&str> = export
+            .iter()
+            .filter(|e| e.sender == "alice")
+            .map(|e| e.text.as_str())
+            .collect();
+        assert_eq!(sent.len(), lines.len(), "every line exactly once");
+        assert!(
+            sent.iter().zip(&lines).all(|(a, b)| *a == b.as_str()),
+            "lines out of order"
+        );
+    });
+}
+
 /// A raw QUIC connection to `node` with the given credentials, and one
 /// frame written on a new unidirectional stream.
 async fn raw_uni(
@@ -477,7 +546,7 @@ fn bad_starts_fail_with_clear_errors() {
             "{stderr}"
         );
 
-        // A damaged store: named as corrupt, with the way to rebuild it.
+        // A damaged store: named as corrupt or damaged, with the way to rebuild it.
         let damaged = cluster.dir.join("damaged");
         std::fs::create_dir_all(&damaged).expect("mkdir");
         for file in std::fs::read_dir(cluster.data_dir(1))
@@ -503,7 +572,8 @@ fn bad_starts_fail_with_clear_errors() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success());
             assert!(
-                stderr.contains("is corrupt") && stderr.contains("move"),
+                (stderr.contains("is corrupt") || stderr.contains("is damaged"))
+                    && stderr.contains("node rebuild"),
                 "{stderr}"
             );
         }

@@ -108,6 +108,7 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
         ("leadership transfers", total(|s| s.transfers)),
         ("client retries", total(|s| s.retries)),
         ("linearizable reads", total(|s| s.reads)),
+        ("catch-ups read back from disk", total(|s| s.fetches)),
     ];
     for (what, count) in totals {
         assert!(count > 0, "no {what} across {seeds} seeds");
@@ -196,6 +197,7 @@ fn first_failure(
     if let Err(report) = Simulation::run(config(seed, None)) {
         panic!("seed {seed} fails even without sabotage:\n{report}");
     }
+    println!("{sabotage:?} caught at seed {seed}: {violation}");
     Some(violation)
 }
 
@@ -213,12 +215,12 @@ fn checker_catches_acknowledging_before_the_disk_sync() {
 fn checker_catches_a_forgotten_vote() {
     // Forgetting a vote only matters when a node votes, crashes and is back
     // within the same election: crash often and restart fast.
-    let violation = first_failure(Sabotage::ForgetVote, 400, |cfg| {
+    let violation = first_failure(Sabotage::ForgetVote, 1000, |cfg| {
         cfg.voters = 5;
         cfg.crash_rate = 0.05;
         cfg.restart_delay = (1, 4);
     })
-    .expect("forgetting votes across restarts went unnoticed for 400 seeds");
+    .expect("forgetting votes across restarts went unnoticed for 1000 seeds");
     assert!(
         violation.contains("two leaders in term"),
         "unexpected violation: {violation}"

@@ -11,11 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client};
-use cluster_store::identity;
+use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{NodeId, Payload};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::storage::Store;
+use cluster_store::storage::{Store, StoreError};
 use cluster_store::tls::Credentials;
 use cluster_store::wire::ExportedEntry;
 
@@ -79,6 +79,14 @@ struct RunArgs {
     /// to run a cross-continent cluster on one machine.
     #[arg(long, env = "NODE_SIMULATE_DELAY")]
     simulate_delay: Option<String>,
+    /// Most client connections open at once; more are closed with a
+    /// "busy, retry later" reason. Peers are never refused.
+    #[arg(long, env = "NODE_MAX_CLIENTS", default_value_t = cluster_store::server::api::DEFAULT_MAX_CLIENTS)]
+    max_clients: usize,
+    /// Most MiB of messages waiting to commit; beyond it sends are answered
+    /// "busy, retry" (clients back off and retry), so memory stays bounded.
+    #[arg(long, env = "NODE_MAX_PENDING_MB", default_value_t = cluster_store::server::api::DEFAULT_MAX_PENDING_BYTES >> 20)]
+    max_pending_mb: usize,
 }
 
 #[derive(Args, Clone)]
@@ -133,6 +141,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild a stopped node's replica from its peers after its store was
+    /// lost or found damaged. The damaged directory is kept aside (nothing
+    /// is deleted); the fresh replica starts at the highest term the other
+    /// nodes report with its vote in that term spent, so it can never vote
+    /// twice in one term; started again, the node copies the log from the
+    /// leader.
+    Rebuild {
+        /// The node to rebuild.
+        #[arg(long, env = "NODE_ID")]
+        id: NodeId,
+        /// Its data directory (default: ./data/node-<id>).
+        #[arg(long, env = "NODE_DATA")]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Rebuild even if the store opens cleanly or another node does not
+        /// answer. Without every other node's term, the rebuilt node might
+        /// vote again in a term it voted in before its data was lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the deterministic simulation of the consensus core for one seed
     /// (the replay tool for a failing seed).
     Simulate {
@@ -164,6 +193,9 @@ enum CertsCommand {
         /// Replace an existing CA.
         #[arg(long)]
         force: bool,
+        /// How many days the node and client certificates are valid.
+        #[arg(long, default_value_t = identity::DEFAULT_DAYS)]
+        days: u32,
     },
     /// Sign a certificate for a new node with the existing CA.
     AddNode {
@@ -172,10 +204,23 @@ enum CertsCommand {
         out: PathBuf,
         #[arg(long = "host")]
         hosts: Vec<String>,
+        #[arg(long, default_value_t = identity::DEFAULT_DAYS)]
+        days: u32,
     },
     /// Sign a client certificate with the existing CA.
     AddClient {
         name: String,
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = identity::DEFAULT_DAYS)]
+        days: u32,
+    },
+    /// Revoke a node's or a client's certificate: adds it to the CA's
+    /// revocation list (ca.crl), which running nodes reload within seconds.
+    /// Copy ca.crl to every node's certificate directory.
+    Revoke {
+        /// A node id, or `client:NAME`, or the path of a certificate file.
+        who: String,
         #[arg(long, default_value = "certs")]
         out: PathBuf,
     },
@@ -187,24 +232,8 @@ enum Format {
     Json,
 }
 
-/// Parses `id=host:port,...`. Host names are resolved when connecting,
-/// so a peer that is not up yet (or has moved) does not stop a node.
 fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, Address>> {
-    let mut members = BTreeMap::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (id, address) = item
-            .split_once('=')
-            .ok_or_else(|| anyhow!("{what}: {item:?} is not of the form id=host:port"))?;
-        let id: NodeId = id
-            .trim()
-            .parse()
-            .map_err(|_| anyhow!("{what}: {id:?} is not a node id (a whole number)"))?;
-        let address = Address::parse(address).map_err(|e| anyhow!("{what}: node {id}: {e}"))?;
-        if members.insert(id, address).is_some() {
-            bail!("{what}: node {id} is listed twice");
-        }
-    }
-    Ok(members)
+    Ok(cluster_store::address::parse_members(spec, what)?)
 }
 
 fn parse_hosts(hosts: &[String]) -> Result<BTreeMap<NodeId, Vec<String>>> {
@@ -280,8 +309,76 @@ fn run() -> Result<()> {
                 .ok_or_else(|| anyhow!("--local needs --data"))?,
             format,
         ),
+        Some(Command::Rebuild {
+            id,
+            data,
+            client,
+            force,
+        }) => {
+            let data = data.unwrap_or_else(|| PathBuf::from(format!("data/node-{id}")));
+            tokio::runtime::Runtime::new()?.block_on(rebuild(id, &data, &client, force))
+        }
         Some(command) => tokio::runtime::Runtime::new()?.block_on(client_command(command)),
     }
+}
+
+async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Result<()> {
+    let (ca, _) = identity::ca_path(&args.certs);
+    let ca_cert = identity::load_certs(&ca)?.remove(0);
+    let cluster_id = identity::cluster_id(&ca_cert);
+    if data.join("db").exists() {
+        match Store::open(data, &cluster_id, id).and_then(|(store, _)| store.verify()) {
+            Ok(_) if !force => bail!(
+                "the store in {} opens cleanly: rebuild only a lost or damaged one (--force to rebuild anyway)",
+                data.display()
+            ),
+            Ok(_) => {}
+            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => bail!(
+                "{} is in use: stop node {id} first ({source})",
+                data.display()
+            ),
+            Err(StoreError::Foreign { .. }) if !force => bail!(
+                "{} belongs to another node or cluster; check --id and --data",
+                data.display()
+            ),
+            Err(error) => eprintln!("the store is damaged, as expected: {error}"),
+        }
+    }
+    let client = client_from(args)?;
+    let mut term = 0;
+    for other in client.nodes().into_iter().filter(|n| *n != id) {
+        match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
+            Ok(Ok(status)) => term = term.max(status.term),
+            Ok(Err(error)) if !force => bail!(
+                "node {other} did not answer ({error:#}). Every other node must answer, so that \
+                 the rebuilt node starts past any term it may have voted in; retry when they are up, \
+                 or pass --force"
+            ),
+            Err(_) if !force => bail!(
+                "node {other} did not answer in 5 s. Every other node must answer, so that the \
+                 rebuilt node starts past any term it may have voted in; retry when they are up, \
+                 or pass --force"
+            ),
+            _ => eprintln!("warning: node {other} did not answer; continuing (--force)"),
+        }
+    }
+    if data.exists() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut aside = data.as_os_str().to_owned();
+        aside.push(format!(".damaged-{stamp}"));
+        let aside = PathBuf::from(aside);
+        std::fs::rename(data, &aside)
+            .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
+        println!("moved the old store to {}", aside.display());
+    }
+    Store::create_rebuilt(data, &cluster_id, id, term)?;
+    println!(
+        "rebuilt an empty replica for node {id} in {} at term {term}; start the node as before and it copies the log from the leader",
+        data.display()
+    );
+    Ok(())
 }
 
 fn run_node(args: RunArgs) -> Result<()> {
@@ -356,6 +453,8 @@ fn run_node(args: RunArgs) -> Result<()> {
             None => None,
         },
         http_write: args.http_write,
+        max_clients: args.max_clients,
+        max_pending_bytes: args.max_pending_mb << 20,
         simulate_delay: match &args.simulate_delay {
             Some(spec) => cluster_store::latency::parse_delays(spec)?,
             None => Default::default(),
@@ -373,6 +472,7 @@ fn certs(command: CertsCommand) -> Result<()> {
             hosts,
             clients,
             force,
+            days,
         } => {
             let ids: Vec<NodeId> = nodes
                 .split(',')
@@ -389,7 +489,12 @@ fn certs(command: CertsCommand) -> Result<()> {
             let hosts = parse_hosts(&hosts)?;
             identity::init_ca(&out, force)?;
             for id in &ids {
-                identity::issue_node(&out, *id, hosts.get(id).map_or(&[][..], |h| &h[..]))?;
+                identity::issue_node(
+                    &out,
+                    *id,
+                    hosts.get(id).map_or(&[][..], |h| &h[..]),
+                    Validity::days(days),
+                )?;
             }
             let mut names: Vec<&str> = vec!["client"];
             names.extend(
@@ -399,7 +504,7 @@ fn certs(command: CertsCommand) -> Result<()> {
                     .filter(|s| !s.is_empty() && *s != "client"),
             );
             for name in &names {
-                identity::issue_client(&out, name)?;
+                identity::issue_client(&out, name, Validity::days(days))?;
             }
             println!(
                 "wrote the cluster CA, certificates for nodes {ids:?} and clients {names:?} to {}",
@@ -407,17 +512,44 @@ fn certs(command: CertsCommand) -> Result<()> {
             );
             Ok(())
         }
-        CertsCommand::AddNode { id, out, hosts } => {
+        CertsCommand::AddNode {
+            id,
+            out,
+            hosts,
+            days,
+        } => {
             let hosts = parse_hosts(&hosts)?;
-            identity::issue_node(&out, id, hosts.get(&id).map_or(&[][..], |h| &h[..]))?;
+            identity::issue_node(
+                &out,
+                id,
+                hosts.get(&id).map_or(&[][..], |h| &h[..]),
+                Validity::days(days),
+            )?;
             println!("wrote {}", identity::node_cert_path(&out, id).0.display());
             Ok(())
         }
-        CertsCommand::AddClient { name, out } => {
-            identity::issue_client(&out, &name)?;
+        CertsCommand::AddClient { name, out, days } => {
+            identity::issue_client(&out, &name, Validity::days(days))?;
             println!(
                 "wrote {}",
                 identity::client_cert_path(&out, &name).0.display()
+            );
+            Ok(())
+        }
+        CertsCommand::Revoke { who, out } => {
+            let path = if let Some(name) = who.strip_prefix("client:") {
+                identity::client_cert_path(&out, name).0
+            } else if let Ok(id) = who.parse::<NodeId>() {
+                identity::node_cert_path(&out, id).0
+            } else {
+                PathBuf::from(&who)
+            };
+            let serial = identity::revoke(&out, &path)?;
+            let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+            println!(
+                "revoked {} (serial {hex}); wrote {}: copy it to every node's certificate directory",
+                path.display(),
+                identity::crl_path(&out).display()
             );
             Ok(())
         }
@@ -484,23 +616,17 @@ async fn client_command(command: Command) -> Result<()> {
     match command {
         Command::Send { text, client, json } => {
             let client = client_from(&client)?;
-            let lines: Vec<String> = if text == "-" {
-                std::io::stdin().lock().lines().collect::<Result<_, _>>()?
-            } else {
-                vec![text]
-            };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut sent = 0usize;
-            for chunk in lines.chunks(1000) {
-                let (leader, committed) = client.send(chunk.to_vec()).await?;
+            if text != "-" {
+                let (leader, committed) = client.send(vec![text]).await?;
                 for c in &committed {
                     if json {
                         let object = serde_json::json!({
                             "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
                         });
                         writeln!(out, "{object}")?;
-                    } else if lines.len() == 1 {
+                    } else {
                         writeln!(
                             out,
                             "committed at index {} (term {}, lamport {}) by leader {leader}",
@@ -508,9 +634,47 @@ async fn client_command(command: Command) -> Result<()> {
                         )?;
                     }
                 }
-                sent += committed.len();
+                out.flush()?;
+                return Ok(());
             }
-            if !json && lines.len() != 1 {
+            // Standard input is read as it comes, in batches of up to
+            // 1,000 lines, with 8 batches in flight on one stream: in
+            // order, exactly once, at pipeline speed.
+            let mut read_error = None;
+            let mut lines = std::io::stdin().lock().lines();
+            let batches = std::iter::from_fn(|| {
+                let mut batch = Vec::new();
+                while batch.len() < 1000 {
+                    match lines.next() {
+                        Some(Ok(line)) => batch.push(line),
+                        Some(Err(error)) => {
+                            read_error = Some(error);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                (!batch.is_empty()).then_some(batch)
+            });
+            let mut sent = 0usize;
+            client
+                .send_pipelined(batches, 8, |leader, committed| {
+                    if json {
+                        for c in committed {
+                            let object = serde_json::json!({
+                                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
+                            });
+                            writeln!(out, "{object}")?;
+                        }
+                    }
+                    sent += committed.len();
+                    Ok(())
+                })
+                .await?;
+            if let Some(error) = read_error {
+                bail!("reading standard input after {sent} messages: {error}");
+            }
+            if !json {
                 writeln!(out, "committed {sent} messages")?;
             }
             out.flush()?;
@@ -624,7 +788,7 @@ async fn client_command(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Certs { .. } | Command::Simulate { .. } => {
+        Command::Certs { .. } | Command::Simulate { .. } | Command::Rebuild { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }

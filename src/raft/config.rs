@@ -30,7 +30,13 @@ pub struct Config {
     /// Largest command payload a proposal may carry, in bytes.
     pub max_command_bytes: usize,
     /// Committed sequence numbers remembered per client for deduplication.
+    /// A retry older than this many of the client's later messages cannot
+    /// be deduplicated, so it must exceed what one client keeps in flight
+    /// (`node send -`: 8 batches of 1,000).
     pub session_window: usize,
+    /// Applied entries kept in memory; older ones are read back from the
+    /// store when a lagging follower needs them.
+    pub memory_entries: usize,
     /// Leadership priority: a leader hands over to a caught-up voter with a
     /// strictly higher priority. Absent nodes have priority 0.
     pub priorities: BTreeMap<NodeId, u32>,
@@ -50,7 +56,9 @@ pub enum ConfigError {
         "heartbeat_ticks ({heartbeat}) must be at least 1 and below election_ticks ({election})"
     )]
     BadTimeouts { heartbeat: u64, election: u64 },
-    #[error("max_inflight, max_append_entries and session_window must be at least 1")]
+    #[error(
+        "max_inflight, max_append_entries, session_window and memory_entries must be at least 1"
+    )]
     ZeroLimit,
 }
 
@@ -69,7 +77,8 @@ impl Config {
             max_inflight: 64,
             max_append_entries: 1024,
             max_command_bytes: 1 << 20,
-            session_window: 4096,
+            session_window: 32_768,
+            memory_entries: 8192,
             priorities: BTreeMap::new(),
             seed: id,
         }
@@ -91,7 +100,11 @@ impl Config {
                 election: self.election_ticks,
             });
         }
-        if self.max_inflight == 0 || self.max_append_entries == 0 || self.session_window == 0 {
+        if self.max_inflight == 0
+            || self.max_append_entries == 0
+            || self.session_window == 0
+            || self.memory_entries == 0
+        {
             return Err(ConfigError::ZeroLimit);
         }
         Ok(())

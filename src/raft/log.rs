@@ -35,10 +35,19 @@ pub enum LogError {
     },
 }
 
+/// The log as the core sees it. Every entry's term is known (as runs of
+/// equal terms, a few bytes per term), but only the tail of the entries is
+/// held in memory: entries at or below `offset` are committed, applied and
+/// durable, and were released to the store. The leader asks its driver for
+/// them when a lagging follower needs them (`Ready::fetches`).
 #[derive(Debug, Default)]
 pub struct RaftLog {
-    /// `entries[i]` has index `i + 1`.
+    /// `entries[i]` has index `offset + i + 1`.
     entries: Vec<Entry>,
+    /// Entries up to here were released from memory.
+    offset: Index,
+    /// `(first index, term)` of each run of equal terms, over the whole log.
+    terms: Vec<(Index, Term)>,
     /// Everything at or below this index is known durable.
     persisted: Index,
     /// Lowest index changed since the last `take_write`, if any.
@@ -49,43 +58,71 @@ impl RaftLog {
     /// Rebuilds the log from what the store returned, checking that it is a
     /// well-formed Raft log.
     pub fn restore(entries: Vec<Entry>) -> Result<Self, LogError> {
-        let mut previous = 0;
-        for (position, entry) in entries.iter().enumerate() {
-            let expected = position as Index + 1;
-            if entry.index != expected {
-                return Err(LogError::Gap {
-                    position,
-                    found: entry.index,
-                    expected,
-                });
-            }
-            if entry.term < previous {
-                return Err(LogError::TermRegression {
-                    index: entry.index,
-                    term: entry.term,
-                    previous,
-                });
-            }
-            previous = entry.term;
+        let mut log = RaftLog::default();
+        for entry in entries {
+            log.push_restored(entry)?;
         }
-        let persisted = entries.len() as Index;
-        Ok(RaftLog {
-            entries,
-            persisted,
-            dirty_from: None,
-        })
+        Ok(log)
+    }
+
+    /// Adds the next entry read back from the store (durable already),
+    /// checking that the log stays well-formed.
+    pub fn push_restored(&mut self, entry: Entry) -> Result<(), LogError> {
+        let expected = self.last_index() + 1;
+        if entry.index != expected {
+            return Err(LogError::Gap {
+                position: (expected - 1) as usize,
+                found: entry.index,
+                expected,
+            });
+        }
+        let previous = self.last_term();
+        if entry.term < previous {
+            return Err(LogError::TermRegression {
+                index: entry.index,
+                term: entry.term,
+                previous,
+            });
+        }
+        self.persisted = entry.index;
+        self.push(entry);
+        Ok(())
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if self.terms.last().map(|run| run.1) != Some(entry.term) {
+            self.terms.push((entry.index, entry.term));
+        }
+        self.entries.push(entry);
     }
 
     pub fn last_index(&self) -> Index {
-        self.entries.len() as Index
+        self.offset + self.entries.len() as Index
     }
 
     pub fn last_term(&self) -> Term {
-        self.entries.last().map_or(0, |e| e.term)
+        self.terms.last().map_or(0, |run| run.1)
     }
 
     pub fn persisted_index(&self) -> Index {
         self.persisted
+    }
+
+    /// Entries at or below this index are no longer in memory.
+    pub fn offset(&self) -> Index {
+        self.offset
+    }
+
+    /// How many entries are held in memory.
+    pub fn in_memory(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Position in `terms` of the run holding `index` (which must exist).
+    fn run_of(&self, index: Index) -> usize {
+        self.terms
+            .partition_point(|(first, _)| *first <= index)
+            .saturating_sub(1)
     }
 
     /// The term at `index`: 0 for index 0, `None` past the end.
@@ -93,74 +130,101 @@ impl RaftLog {
         if index == 0 {
             return Some(0);
         }
-        self.get(index).map(|e| e.term)
-    }
-
-    pub fn get(&self, index: Index) -> Option<&Entry> {
-        if index == 0 {
+        if index > self.last_index() {
             return None;
         }
-        self.entries.get(index as usize - 1)
+        self.terms.get(self.run_of(index)).map(|run| run.1)
+    }
+
+    /// The entry at `index`, if it is held in memory.
+    pub fn get(&self, index: Index) -> Option<&Entry> {
+        if index <= self.offset {
+            return None;
+        }
+        self.entries.get((index - self.offset - 1) as usize)
     }
 
     pub fn last(&self) -> Option<&Entry> {
         self.entries.last()
     }
 
-    /// Up to `max` entries starting at `from`.
+    /// Up to `max` entries starting at `from`, as far as they are in memory.
     pub fn slice(&self, from: Index, max: usize) -> &[Entry] {
-        if from == 0 || from > self.last_index() {
+        if from <= self.offset || from > self.last_index() {
             return &[];
         }
-        let start = from as usize - 1;
+        let start = (from - self.offset - 1) as usize;
         let end = (start + max).min(self.entries.len());
         &self.entries[start..end]
     }
 
-    /// Entries `from..=to`, clamped to the log.
+    /// Entries `from..=to` held in memory, clamped to the log.
     pub fn range(&self, from: Index, to: Index) -> &[Entry] {
         let to = to.min(self.last_index());
-        if from == 0 || from > to {
+        let from = from.max(self.offset + 1);
+        if from > to {
             return &[];
         }
-        &self.entries[from as usize - 1..to as usize]
+        &self.entries[(from - self.offset - 1) as usize..(to - self.offset) as usize]
     }
 
     /// The first index holding `term`, searching back from `index` no further
     /// than `floor` (used for the fast-backtracking hint).
     pub fn first_index_of_term(&self, index: Index, floor: Index) -> Index {
-        let term = self.term(index);
-        let mut first = index;
-        while first > floor.max(1) && self.term(first - 1) == term {
-            first -= 1;
+        let floor = floor.max(1);
+        if index <= floor || index > self.last_index() {
+            return index;
         }
-        first
+        self.terms
+            .get(self.run_of(index))
+            .map_or(index, |run| run.0.max(floor))
     }
 
     /// The last index whose term is `term`, if the log has any.
     pub fn last_index_of_term(&self, term: Term) -> Option<Index> {
-        let position = self.entries.partition_point(|e| e.term <= term);
-        if position == 0 {
+        let position = self.terms.partition_point(|run| run.1 <= term);
+        if position == 0 || self.terms[position - 1].1 != term {
             return None;
         }
-        let entry = &self.entries[position - 1];
-        (entry.term == term).then_some(entry.index)
+        Some(
+            self.terms
+                .get(position)
+                .map_or(self.last_index(), |next| next.0 - 1),
+        )
     }
 
     pub fn append(&mut self, entry: Entry) {
         debug_assert_eq!(entry.index, self.last_index() + 1);
         self.mark_dirty(entry.index);
-        self.entries.push(entry);
+        self.push(entry);
     }
 
-    /// Drops every entry at or after `from`.
+    /// Drops every entry at or after `from`. Released entries are committed
+    /// and can never be replaced, so `from` is never at or below `offset`.
     pub fn truncate(&mut self, from: Index) {
         if from > self.last_index() {
             return;
         }
-        self.entries.truncate(from.saturating_sub(1) as usize);
+        let from = from.max(self.offset + 1);
+        self.entries.truncate((from - self.offset - 1) as usize);
+        while self.terms.last().is_some_and(|run| run.0 >= from) {
+            self.terms.pop();
+        }
         self.persisted = self.persisted.min(from.saturating_sub(1));
         self.mark_dirty(from);
+    }
+
+    /// Releases entries up to `upto` from memory: only durable ones, and
+    /// the last entry always stays.
+    pub fn release(&mut self, upto: Index) {
+        let upto = upto
+            .min(self.persisted)
+            .min(self.last_index().saturating_sub(1));
+        if upto <= self.offset {
+            return;
+        }
+        self.entries.drain(..(upto - self.offset) as usize);
+        self.offset = upto;
     }
 
     fn mark_dirty(&mut self, index: Index) {
@@ -246,5 +310,31 @@ mod tests {
         assert_eq!(log.first_index_of_term(4, 0), 3);
         assert_eq!(log.first_index_of_term(2, 0), 1);
         assert_eq!(log.first_index_of_term(2, 2), 2);
+    }
+
+    #[test]
+    fn released_entries_keep_their_terms() {
+        let mut log = RaftLog::restore((1..=10).map(|i| entry(i, 1 + i / 4)).collect()).unwrap();
+        log.release(6);
+        assert_eq!(log.offset(), 6);
+        assert_eq!(log.in_memory(), 4);
+        assert_eq!(log.get(6), None);
+        assert_eq!(log.get(7).map(|e| e.index), Some(7));
+        assert_eq!(log.slice(5, 10), &[] as &[Entry]);
+        assert_eq!(log.range(1, 8).len(), 2);
+        for i in 1..=10 {
+            assert_eq!(log.term(i), Some(1 + i / 4), "term of {i}");
+        }
+        assert_eq!(log.last_index_of_term(2), Some(7));
+        assert_eq!(log.first_index_of_term(7, 0), 4);
+        log.truncate(9);
+        log.append(entry(9, 5));
+        assert_eq!(log.term(8), Some(3));
+        assert_eq!(log.term(9), Some(5));
+        assert_eq!(log.last_index_of_term(3), Some(8));
+        // Never the last entry, never beyond what is durable.
+        log.release(100);
+        assert_eq!(log.offset(), 8);
+        assert_eq!(log.last().map(|e| e.index), Some(9));
     }
 }

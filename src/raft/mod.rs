@@ -29,8 +29,8 @@ pub use config::{Config, ConfigError};
 pub use leadership::TransferError;
 pub use log::{LogError, LogWrite, RaftLog};
 pub use message::{AppendResult, Envelope, Message};
-pub use node::{PeerStatus, RaftError, RaftNode, Status};
-pub use ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
+pub use node::{PeerStatus, RaftError, RaftNode, Restorer, Status};
+pub use ready::{Fetch, Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
 pub use session::Committed;
 pub use types::{
     Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term,

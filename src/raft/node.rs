@@ -105,18 +105,29 @@ impl RaftNode {
         hard_state: HardState,
         entries: Vec<Entry>,
     ) -> Result<Self, RaftError> {
+        let mut restorer = Restorer::new(&config, hard_state);
+        for entry in entries {
+            restorer.push(entry)?;
+        }
+        RaftNode::restore(config, restorer)
+    }
+
+    /// A node restarting from its store, read one entry at a time through
+    /// a [`Restorer`] so that a long log is never held in memory whole.
+    pub fn restore(config: Config, restorer: Restorer) -> Result<Self, RaftError> {
         config.validate()?;
+        let Restorer {
+            hard_state,
+            log,
+            sessions,
+            ..
+        } = restorer;
         if let Some(vote) = hard_state.vote {
             if !config.is_voter(vote) {
                 return Err(RaftError::UnknownVote(vote));
             }
         }
-        let log = RaftLog::restore(entries)?;
         let commit = hard_state.commit.min(log.last_index());
-        let mut sessions = Sessions::new(config.session_window);
-        for entry in log.range(1, commit) {
-            sessions.apply(entry);
-        }
         let lamport = log.last().map_or(0, |e| e.lamport);
         let role = if config.is_voter(config.id) {
             Role::Follower
@@ -155,6 +166,11 @@ impl RaftNode {
         };
         node.reset_election_timer();
         Ok(node)
+    }
+
+    /// Log entries currently held in memory (the rest are in the store).
+    pub fn entries_in_memory(&self) -> usize {
+        self.log.in_memory()
     }
 
     pub fn id(&self) -> NodeId {
@@ -471,5 +487,39 @@ impl RaftNode {
         self.election_elapsed = 0;
         let base = self.config.election_ticks;
         self.randomized_timeout = self.rng.range(base, 2 * base);
+    }
+}
+
+/// Rebuilds a node's log and client sessions from its store, one entry at a
+/// time in log order, keeping in memory only the tail the node works with.
+pub struct Restorer {
+    hard_state: HardState,
+    log: RaftLog,
+    sessions: Sessions,
+    keep: Index,
+}
+
+impl Restorer {
+    pub fn new(config: &Config, hard_state: HardState) -> Restorer {
+        Restorer {
+            hard_state,
+            log: RaftLog::default(),
+            sessions: Sessions::new(config.session_window),
+            keep: config.memory_entries.max(1) as Index,
+        }
+    }
+
+    /// The next entry from the store; entries must come in log order.
+    pub fn push(&mut self, entry: Entry) -> Result<(), RaftError> {
+        if entry.index <= self.hard_state.commit {
+            self.sessions.apply(&entry);
+        }
+        let index = entry.index;
+        self.log.push_restored(entry)?;
+        let committed = index.min(self.hard_state.commit);
+        if committed > self.log.offset() + 2 * self.keep {
+            self.log.release(committed - self.keep);
+        }
+        Ok(())
     }
 }

@@ -31,6 +31,9 @@ pub struct Progress {
     pub recent_active: bool,
     /// Highest ReadIndex round this follower has acknowledged.
     pub read_ack: u64,
+    /// Entries released from memory were asked of the driver for this
+    /// follower; wait for `RaftNode::fetched`.
+    pub fetching: bool,
 }
 
 impl Progress {
@@ -43,6 +46,7 @@ impl Progress {
             inflight: VecDeque::new(),
             recent_active: true,
             read_ack: 0,
+            fetching: false,
         }
     }
 

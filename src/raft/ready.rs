@@ -28,6 +28,18 @@ pub struct Ready {
     pub committed: Vec<Entry>,
     pub responses: Vec<ProposeResponse>,
     pub reads: Vec<ReadResponse>,
+    /// Entries the core released from memory and needs again, to catch up
+    /// a lagging follower: read them from the store and hand them back with
+    /// `RaftNode::fetched`.
+    pub fetches: Vec<Fetch>,
+}
+
+/// Read up to `max` log entries from `from` for follower `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fetch {
+    pub to: NodeId,
+    pub from: Index,
+    pub max: usize,
 }
 
 impl Ready {
@@ -39,6 +51,7 @@ impl Ready {
             && self.committed.is_empty()
             && self.responses.is_empty()
             && self.reads.is_empty()
+            && self.fetches.is_empty()
     }
 }
 

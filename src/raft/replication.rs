@@ -1,12 +1,12 @@
 //! Log replication: the leader's side (proposals, appends, commit) and the
 //! follower's side (the consistency check, conflicts, commit).
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::message::{AppendResult, Message};
 use super::node::RaftNode;
 use super::progress::ReplicationState;
-use super::ready::{Proposal, ProposeError};
+use super::ready::{Fetch, Proposal, ProposeError};
 use super::session::{Committed, Lookup};
 use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, Role, Term};
 
@@ -151,6 +151,18 @@ impl RaftNode {
             return false;
         }
         let next = pr.next_index;
+        if next <= self.log.offset() {
+            // Released from memory: the driver reads them from the store.
+            if !pr.fetching {
+                pr.fetching = true;
+                self.out.fetches.push(Fetch {
+                    to,
+                    from: next,
+                    max: self.config.max_append_entries,
+                });
+            }
+            return false;
+        }
         let entries = self
             .log
             .slice(next, self.config.max_append_entries)
@@ -179,6 +191,74 @@ impl RaftNode {
             },
         );
         true
+    }
+
+    /// Entries the driver read back from the store for follower `to` (see
+    /// `Ready::fetches`): sent if the follower still needs them.
+    pub fn fetched(&mut self, to: NodeId, from: Index, entries: Vec<Entry>) {
+        let max_inflight = self.config.max_inflight;
+        let commit = self.commit;
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return;
+        };
+        pr.fetching = false;
+        if self.role != Role::Leader {
+            return;
+        }
+        if entries.first().map(|e| e.index) != Some(from) {
+            // Not in the store (yet): the next heartbeat round asks again.
+            warn!(
+                node = self.config.id,
+                to, from, "the store returned no entries to catch a follower up with"
+            );
+            return;
+        }
+        let usable = pr.next_index == from
+            && !pr.is_paused(max_inflight)
+            && entries.first().is_some_and(|e| e.index == from)
+            && entries.iter().enumerate().all(|(i, e)| {
+                e.index == from + i as Index && self.log.term(e.index) == Some(e.term)
+            });
+        if !usable {
+            if entries
+                .iter()
+                .any(|e| self.log.term(e.index) != Some(e.term))
+            {
+                error!(
+                    node = self.config.id,
+                    to, from, "the store returned entries that disagree with the log"
+                );
+                return;
+            }
+            // Things moved on meanwhile: carry on from where the follower is.
+            self.send_append(to, true);
+            return;
+        }
+        let Some(prev_term) = self.log.term(from - 1) else {
+            return;
+        };
+        pr.sent(entries.last().map(|e| e.index));
+        self.send(
+            to,
+            Message::Append {
+                prev_index: from - 1,
+                prev_term,
+                entries,
+                commit,
+            },
+        );
+        while self.send_append(to, false) {}
+    }
+
+    /// Lets go of applied, durable entries beyond the memory budget; they
+    /// stay in the store.
+    pub(super) fn release_memory(&mut self) {
+        let keep = self.config.memory_entries as Index;
+        let releasable = self.applied.min(self.log.persisted_index());
+        // Release in chunks of a quarter of the budget, not entry by entry.
+        if releasable > self.log.offset() + keep + keep / 4 {
+            self.log.release(releasable - keep);
+        }
     }
 
     pub(super) fn broadcast_heartbeat(&mut self) {
@@ -223,6 +303,24 @@ impl RaftNode {
                 hint_index,
                 hint_term,
             } => {
+                // A follower whose log ends below what it acknowledged has
+                // lost its log: its replica was rebuilt from nothing after
+                // a disk fault (`node rebuild`). Forget what it matched and
+                // probe from its end, or it would never be caught up.
+                let lost = hint_term.is_none() && hint_index <= pr.match_index;
+                if lost {
+                    warn!(
+                        node = self.config.id,
+                        from,
+                        matched = pr.match_index,
+                        last = hint_index.saturating_sub(1),
+                        "follower lost entries it had acknowledged (rebuilt replica); resending"
+                    );
+                    pr.match_index = hint_index.saturating_sub(1);
+                    pr.become_probe(hint_index.max(1));
+                    self.send_append(from, true);
+                    return;
+                }
                 let stale = match pr.state {
                     ReplicationState::Replicate => reject_index <= pr.match_index,
                     ReplicationState::Probe => reject_index + 1 != pr.next_index,
@@ -419,5 +517,6 @@ impl RaftNode {
         }
         self.applied = self.commit;
         self.out.committed.extend(entries);
+        self.release_memory();
     }
 }

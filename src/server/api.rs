@@ -1,10 +1,12 @@
 //! The client API: one request and one response per QUIC stream.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use quinn::Connection;
-use tokio::sync::oneshot;
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use super::driver::Input;
@@ -16,12 +18,91 @@ use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, Export
 pub const PAGE: u64 = 10_000;
 /// Most messages one send request may carry.
 pub const MAX_BATCH: usize = 4096;
+/// Default bound on the messages waiting to commit, in bytes: beyond it a
+/// node answers "busy, retry" instead of queueing without end.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 << 20;
+/// Default bound on open client connections; peers are never refused.
+pub const DEFAULT_MAX_CLIENTS: usize = 4096;
 
 #[derive(Clone)]
 pub struct Api {
     pub me: NodeId,
     pub inputs: SyncSender<Input>,
     pub log: LogReader,
+    pub limits: Arc<Limits>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Admission control: what a node accepts before it says "busy".
+pub struct Limits {
+    /// KiB (rounded up, at least one per message) of messages accepted
+    /// and not yet answered.
+    pending: Arc<Semaphore>,
+    pending_kib: usize,
+    clients: AtomicUsize,
+    max_clients: usize,
+}
+
+impl Limits {
+    pub fn new(max_pending_bytes: usize, max_clients: usize) -> Limits {
+        let pending_kib = (max_pending_bytes / 1024).max(1024);
+        Limits {
+            pending: Arc::new(Semaphore::new(pending_kib)),
+            pending_kib,
+            clients: AtomicUsize::new(0),
+            max_clients,
+        }
+    }
+}
+
+/// Holds one client connection's place while it is served.
+struct ClientSlot<'a>(&'a Limits);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request's answer, still to come.
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send>>;
+
+/// Most requests one stream may have outstanding.
+pub const STREAM_WINDOW: usize = 64;
+
+/// Turns the driver's verdict on a send into the client's answer.
+fn sent(
+    me: NodeId,
+    outcome: Result<Vec<Result<crate::raft::Committed, ProposeError>>, oneshot::error::RecvError>,
+) -> ClientResponse {
+    let Ok(results) = outcome else {
+        return error("node shutting down", true);
+    };
+    let mut committed = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(c) => committed.push(c),
+            Err(ProposeError::NotLeader { leader }) => return ClientResponse::Redirect { leader },
+            Err(e @ (ProposeError::LeadershipLost | ProposeError::TransferInProgress)) => {
+                return ClientResponse::Error {
+                    message: e.to_string(),
+                    retry: true,
+                    detail: Some(e),
+                }
+            }
+            Err(e) => {
+                return ClientResponse::Error {
+                    message: e.to_string(),
+                    retry: false,
+                    detail: Some(e),
+                }
+            }
+        }
+    }
+    ClientResponse::Sent {
+        committed,
+        leader: me,
+    }
 }
 
 fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
@@ -32,32 +113,105 @@ fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
     }
 }
 
+/// Closes a client connection that came over the limit.
+pub const CLOSE_BUSY: u32 = 5;
+
 impl Api {
+    /// Serves a client's connection, unless too many are open already:
+    /// then it is closed at once with `CLOSE_BUSY`, and the client retries.
+    pub async fn serve_client(&self, connection: Connection, client: String) {
+        let limits = &self.limits;
+        if limits.clients.fetch_add(1, Ordering::SeqCst) >= limits.max_clients {
+            limits.clients.fetch_sub(1, Ordering::SeqCst);
+            if self
+                .metrics
+                .busy_connections
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(1000)
+            {
+                warn!(
+                    max = limits.max_clients,
+                    "refusing client connections: too many open (--max-clients)"
+                );
+            }
+            connection.close(
+                CLOSE_BUSY.into(),
+                b"busy: too many client connections, retry later",
+            );
+            return;
+        }
+        let _slot = ClientSlot(limits);
+        self.serve(connection, client).await;
+    }
+
     pub async fn serve(&self, connection: Connection, client: String) {
         debug!(client, remote = %connection.remote_address(), "client connected");
-        while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+        while let Ok((send, recv)) = connection.accept_bi().await {
             let api = self.clone();
             let client = client.clone();
-            tokio::spawn(async move {
-                let response = match read_frame::<_, ClientRequest>(&mut recv).await {
-                    Ok(Some(request)) => api.handle(&client, request).await,
-                    Ok(None) => return,
-                    Err(e) => {
-                        warn!(client, "bad request: {e}");
-                        error(format!("bad request: {e}"), false)
-                    }
-                };
-                if write_frame(&mut send, &response).await.is_ok() {
-                    let _ = send.finish();
+            tokio::spawn(async move { api.serve_stream(client, send, recv).await });
+        }
+    }
+
+    /// One stream may carry several requests (`node send -` pipelines its
+    /// batches on one). Sends are handed to the Raft driver in the order
+    /// they were written, so one client's messages enter the log in its
+    /// own order; answers go back in the same order. At most `STREAM_WINDOW`
+    /// requests per stream are outstanding before reading pauses.
+    async fn serve_stream(&self, client: String, mut send: SendStream, mut recv: RecvStream) {
+        let (answers, mut pending) = tokio::sync::mpsc::channel::<Answer>(STREAM_WINDOW);
+        let writer = tokio::spawn(async move {
+            while let Some(answer) = pending.recv().await {
+                let response = answer.await;
+                if write_frame(&mut send, &response).await.is_err() {
+                    return;
                 }
-            });
+            }
+            let _ = send.finish();
+        });
+        loop {
+            let answer: Answer = match read_frame::<_, ClientRequest>(&mut recv).await {
+                Ok(Some(request)) => self.start(&client, request),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(client, "bad request: {e}");
+                    let response = error(format!("bad request: {e}"), false);
+                    let _ = answers.send(Box::pin(async move { response })).await;
+                    break;
+                }
+            };
+            if answers.send(answer).await.is_err() {
+                break;
+            }
+        }
+        drop(answers);
+        let _ = writer.await;
+    }
+
+    /// Starts a request: a send is validated and handed to the driver now;
+    /// the returned future waits for the outcome.
+    fn start(&self, client: &str, request: ClientRequest) -> Answer {
+        match request {
+            ClientRequest::Send {
+                client_id,
+                first_seq,
+                lamport,
+                texts,
+            } => self.start_send(client, client_id, first_seq, lamport, texts),
+            other => {
+                let api = self.clone();
+                let client = client.to_string();
+                Box::pin(async move { api.handle(&client, other).await })
+            }
         }
     }
 
     fn submit(&self, input: Input) -> Result<(), ClientResponse> {
         match self.inputs.try_send(input) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(error("node busy, retry", true)),
+            Err(TrySendError::Full(_)) => Err(ClientResponse::Busy {
+                message: "node busy: its input queue is full; retry".into(),
+            }),
             Err(TrySendError::Disconnected(_)) => Err(error("node shutting down", true)),
         }
     }
@@ -70,7 +224,7 @@ impl Api {
                 lamport,
                 texts,
             } => {
-                self.send(client, client_id, first_seq, lamport, texts)
+                self.start_send(client, client_id, first_seq, lamport, texts)
                     .await
             }
             ClientRequest::Export { from, limit, upto } => {
@@ -94,23 +248,78 @@ impl Api {
         }
     }
 
-    async fn send(
+    fn start_send(
         &self,
         client: &str,
         client_id: u64,
         first_seq: u64,
         lamport: u64,
         texts: Vec<String>,
-    ) -> ClientResponse {
+    ) -> Answer {
+        match self.submit_send(client, client_id, first_seq, lamport, texts) {
+            Ok((answer, permit)) => {
+                let me = self.me;
+                Box::pin(async move {
+                    let outcome = answer.await;
+                    drop(permit);
+                    sent(me, outcome)
+                })
+            }
+            Err(response) => Box::pin(async move { response }),
+        }
+    }
+
+    /// The synchronous half of a send: checks, admission, and the hand-over
+    /// to the driver.
+    #[allow(clippy::type_complexity)]
+    fn submit_send(
+        &self,
+        client: &str,
+        client_id: u64,
+        first_seq: u64,
+        lamport: u64,
+        texts: Vec<String>,
+    ) -> Result<
+        (
+            oneshot::Receiver<Vec<Result<crate::raft::Committed, ProposeError>>>,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
+        ClientResponse,
+    > {
         if texts.is_empty() || texts.len() > MAX_BATCH {
-            return error(
+            return Err(error(
                 format!(
                     "a send carries 1 to {MAX_BATCH} messages, not {}",
                     texts.len()
                 ),
                 false,
-            );
+            ));
         }
+        let cost: usize = texts.iter().map(|t| t.len() / 1024 + 1).sum();
+        if cost > self.limits.pending_kib {
+            return Err(error(
+                format!(
+                    "this send carries {cost} KiB, more than the node ever holds waiting to commit ({} KiB, --max-pending-mb); send fewer or smaller messages at once",
+                    self.limits.pending_kib
+                ),
+                false,
+            ));
+        }
+        let Ok(permit) = self
+            .limits
+            .pending
+            .clone()
+            .try_acquire_many_owned(cost as u32)
+        else {
+            self.metrics.busy_sends.fetch_add(1, Ordering::Relaxed);
+            return Err(ClientResponse::Busy {
+                message: format!(
+                    "node busy: {} KiB of messages are waiting to commit (limit {} KiB); retry",
+                    self.limits.pending_kib - self.limits.pending.available_permits(),
+                    self.limits.pending_kib
+                ),
+            });
+        };
         let proposals = texts
             .into_iter()
             .enumerate()
@@ -125,39 +334,8 @@ impl Api {
             })
             .collect();
         let (reply, answer) = oneshot::channel();
-        if let Err(response) = self.submit(Input::Propose(proposals, reply)) {
-            return response;
-        }
-        let Ok(results) = answer.await else {
-            return error("node shutting down", true);
-        };
-        let mut committed = Vec::with_capacity(results.len());
-        for result in results {
-            match result {
-                Ok(c) => committed.push(c),
-                Err(ProposeError::NotLeader { leader }) => {
-                    return ClientResponse::Redirect { leader }
-                }
-                Err(e @ (ProposeError::LeadershipLost | ProposeError::TransferInProgress)) => {
-                    return ClientResponse::Error {
-                        message: e.to_string(),
-                        retry: true,
-                        detail: Some(e),
-                    }
-                }
-                Err(e) => {
-                    return ClientResponse::Error {
-                        message: e.to_string(),
-                        retry: false,
-                        detail: Some(e),
-                    }
-                }
-            }
-        }
-        ClientResponse::Sent {
-            committed,
-            leader: self.me,
-        }
+        self.submit(Input::Propose(proposals, reply))?;
+        Ok((answer, permit))
     }
 
     async fn read_index(&self) -> Result<u64, ClientResponse> {

@@ -116,6 +116,9 @@ impl Driver {
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
+            self.metrics
+                .entries_in_memory
+                .store(self.raft.entries_in_memory() as u64, Ordering::Relaxed);
         }
     }
 
@@ -195,6 +198,13 @@ impl Driver {
                 // commit, so the read may be served at once.
                 let _ = reply.send(read.result);
             }
+        }
+        // 5. A lagging follower needs entries the core no longer holds in
+        //    memory: read them back from the store.
+        for fetch in ready.fetches {
+            let to = fetch.from.saturating_add(fetch.max as u64 - 1);
+            let entries = self.store.entries(fetch.from, to, fetch.max)?;
+            self.raft.fetched(fetch.to, fetch.from, entries);
         }
         Ok(())
     }

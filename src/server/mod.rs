@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::address::Address;
 use crate::identity::{self, node_cert_path};
-use crate::raft::{Config, NodeId, RaftNode};
+use crate::raft::{Config, NodeId, RaftNode, Restorer};
 use crate::storage::Store;
 use crate::tls::{self, Credentials};
 use driver::{Driver, Input};
@@ -40,6 +40,10 @@ pub struct NodeOptions {
     pub http: Option<SocketAddr>,
     /// Accept writes over HTTP (which has no client certificates).
     pub http_write: bool,
+    /// Most client connections open at once.
+    pub max_clients: usize,
+    /// Most bytes of messages waiting to commit before sends are "busy".
+    pub max_pending_bytes: usize,
     /// Testing only: delay datagrams to these addresses (simulated WAN).
     pub simulate_delay: std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
 }
@@ -56,10 +60,10 @@ pub enum NodeError {
     Store(#[from] crate::storage::StoreError),
     #[error(transparent)]
     Raft(#[from] crate::raft::RaftError),
-    #[error("cannot listen on {addr}: {source}{hint}")]
+    #[error("cannot listen on {addr}: {error}{hint}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
         hint: &'static str,
     },
     #[error("the Raft driver stopped: {0}")]
@@ -85,6 +89,13 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let (ca_path, _) = identity::ca_path(&options.certs);
     let (cert_path, key_path) = node_cert_path(&options.certs, me);
     let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
+    if !creds.crls.is_empty() {
+        info!(
+            revoked = identity::revoked_serials(&creds.crls).len(),
+            "loaded the revocation list {}",
+            creds.crl_path.display()
+        );
+    }
     let cluster_id = identity::cluster_id(&creds.ca);
 
     let (store, recovered) = if std::env::var("CLUSTER_STORE_UNSAFE_SKIP_SYNC")
@@ -105,8 +116,11 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     config.seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(me, |d| d.as_nanos() as u64 ^ me);
-    let entries = recovered.entries.len();
-    let raft = RaftNode::new(config, recovered.hard_state, recovered.entries)?;
+    // The log is read back one entry at a time: only its tail stays in
+    // memory, whatever its length.
+    let mut restorer = Restorer::new(&config, recovered.hard_state);
+    let entries = store.replay(|entry| restorer.push(entry).map_err(|e| e.to_string()))?;
+    let raft = RaftNode::restore(config, restorer)?;
     info!(
         node = me,
         cluster = %cluster_id,
@@ -125,7 +139,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         };
         NodeError::Bind {
             addr: options.listen,
-            source,
+            error: source,
             hint,
         }
     };
@@ -145,8 +159,9 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         )
         .map_err(bind_error)?
     };
-    let mut endpoint = endpoint;
-    endpoint.set_default_client_config(tls::client_config(&creds)?);
+    let client_config = std::sync::Arc::new(std::sync::RwLock::new(tls::client_config(&creds)?));
+    let (revoked_tx, revoked) =
+        watch::channel(std::sync::Arc::new(identity::revoked_serials(&creds.crls)));
 
     let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
@@ -174,6 +189,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         inbound,
         inputs: inputs.clone(),
         metrics: metrics.clone(),
+        client_config: client_config.clone(),
+        revoked,
     };
     for (id, rx, watch_rx) in links {
         tokio::spawn(transport::run_link(
@@ -188,6 +205,11 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         me,
         inputs: inputs.clone(),
         log: store.reader(),
+        limits: std::sync::Arc::new(api::Limits::new(
+            options.max_pending_bytes,
+            options.max_clients,
+        )),
+        metrics: metrics.clone(),
     };
     let api_for_http = api.clone();
     tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api));
@@ -220,7 +242,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
                 } else {
                     ""
                 },
-                source,
+                error: source,
             })?;
         info!(node = me, %http, write = options.http_write, "dashboard at http://{http}/dashboard");
         tokio::spawn(async move {
@@ -229,6 +251,13 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
             }
         });
     }
+
+    tokio::spawn(watch_revocations(
+        endpoint.clone(),
+        creds,
+        client_config,
+        revoked_tx,
+    ));
 
     let driver = Driver::new(raft, store, outboxes, options.tick, metrics, events);
     let handle = std::thread::Builder::new()
@@ -243,5 +272,44 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(store_error)) => Err(store_error.into()),
         Err(_) => Err(NodeError::Driver("the driver thread panicked".into())),
+    }
+}
+
+/// Reloads the revocation list when it changes: new handshakes use it at
+/// once, and live connections of newly revoked certificates are closed.
+async fn watch_revocations(
+    endpoint: quinn::Endpoint,
+    mut creds: Credentials,
+    client_config: std::sync::Arc<std::sync::RwLock<quinn::ClientConfig>>,
+    revoked: watch::Sender<transport::Revoked>,
+) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        match creds.reload_crls() {
+            Ok(false) => {}
+            Ok(true) => match (tls::server_config(&creds), tls::client_config(&creds)) {
+                (Ok(server), Ok(client)) => {
+                    endpoint.set_server_config(Some(server));
+                    match client_config.write() {
+                        Ok(mut config) => *config = client,
+                        Err(poisoned) => *poisoned.into_inner() = client,
+                    }
+                    let serials = identity::revoked_serials(&creds.crls);
+                    info!(
+                        revoked = serials.len(),
+                        "loaded a new revocation list from {}",
+                        creds.crl_path.display()
+                    );
+                    revoked.send_replace(std::sync::Arc::new(serials));
+                }
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::warn!("ignoring the new revocation list: {error}")
+                }
+            },
+            Err(error) => tracing::warn!(
+                "cannot reload the revocation list, keeping the previous one: {error}"
+            ),
+        }
     }
 }

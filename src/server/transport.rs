@@ -2,8 +2,9 @@
 //! dials), one ordered stream per direction, reconnection with backoff.
 //! A peer is whoever its certificate says, and may only speak for itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint};
@@ -15,13 +16,20 @@ use super::driver::Input;
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, NodeId};
-use crate::tls::peer_identity;
+use crate::tls::{peer_identity, peer_serial};
 use crate::wire::{encode, read_frame_sized, PeerFrame};
 
 /// QUIC application error codes we close streams and connections with.
 pub const CLOSE_UNKNOWN_PEER: u32 = 1;
 pub const CLOSE_BAD_FRAME: u32 = 2;
 pub const CLOSE_IMPERSONATION: u32 = 3;
+pub const CLOSE_REVOKED: u32 = 4;
+
+/// Most TLS handshakes a node runs at once.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Serial numbers of revoked certificates, as last loaded.
+pub type Revoked = Arc<HashSet<Vec<u8>>>;
 
 /// Shared by the link tasks of one node.
 #[derive(Clone)]
@@ -32,12 +40,52 @@ pub struct Peers {
     pub inbound: BTreeMap<NodeId, watch::Sender<Option<Connection>>>,
     pub inputs: SyncSender<Input>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// How we dial peers; replaced when the revocation list changes.
+    pub client_config: Arc<RwLock<quinn::ClientConfig>>,
+    pub revoked: watch::Receiver<Revoked>,
+}
+
+/// Closes `connection` as soon as the certificate it presented is revoked,
+/// so revoking takes effect on live connections, not only on new ones.
+pub fn close_when_revoked(connection: Connection, mut revoked: watch::Receiver<Revoked>) {
+    let Some(serial) = peer_serial(&connection) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            if revoked.borrow_and_update().contains(&serial) {
+                warn!(remote = %connection.remote_address(), "closing a connection: its certificate was revoked");
+                connection.close(CLOSE_REVOKED.into(), b"certificate revoked");
+                return;
+            }
+            tokio::select! {
+                changed = revoked.changed() => if changed.is_err() { return },
+                _ = connection.closed() => return,
+            }
+        }
+    });
 }
 
 /// Accepts every incoming connection and routes it by the identity in its
 /// certificate: peers to the Raft stream reader, clients to the API.
 pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
+    // Handshakes cost CPU before we know who is calling: past this many at
+    // once, new ones are refused at the door (the caller is told at once and
+    // retries; peers redial within a second) rather than all timing out.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            if api
+                .metrics
+                .busy_connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(1000)
+            {
+                warn!("refusing connections: {MAX_HANDSHAKES} handshakes already under way");
+            }
+            incoming.refuse();
+            continue;
+        };
         let peers = peers.clone();
         let api = api.clone();
         tokio::spawn(async move {
@@ -49,6 +97,8 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                     return;
                 }
             };
+            drop(permit);
+            close_when_revoked(connection.clone(), peers.revoked.clone());
             match peer_identity(&connection) {
                 Ok(Identity::Node(id)) if id != peers.me && peers.addresses.contains_key(&id) => {
                     debug!(peer = id, %remote, "peer connected");
@@ -71,7 +121,7 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                     warn!(%remote, "refused node {id}: not a member of this cluster");
                     connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
                 }
-                Ok(Identity::Client(name)) => api.serve(connection, name).await,
+                Ok(Identity::Client(name)) => api.serve_client(connection, name).await,
                 Err(error) => {
                     warn!(%remote, "refused a connection: {error}");
                     connection.close(CLOSE_UNKNOWN_PEER.into(), b"no identity");
@@ -138,9 +188,14 @@ pub async fn run_link(
     let mut backoff = Duration::from_millis(50);
     loop {
         let connection = if dial {
-            match connect(&endpoint, &address, peer).await {
+            let config = match peers.client_config.read() {
+                Ok(config) => config.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            };
+            match connect(&endpoint, config, &address, peer).await {
                 Ok(connection) => {
                     info!(peer, %address, "connected to peer");
+                    close_when_revoked(connection.clone(), peers.revoked.clone());
                     tokio::spawn(read_peer(
                         connection.clone(),
                         peer,
@@ -209,11 +264,14 @@ pub async fn run_link(
 
 async fn connect(
     endpoint: &Endpoint,
+    config: quinn::ClientConfig,
     address: &Address,
     peer: NodeId,
 ) -> anyhow::Result<Connection> {
     let resolved = address.resolve().await?;
-    let connection = endpoint.connect(resolved, &node_server_name(peer))?.await?;
+    let connection = endpoint
+        .connect_with(config, resolved, &node_server_name(peer))?
+        .await?;
     match peer_identity(&connection)? {
         Identity::Node(id) if id == peer => Ok(connection),
         other => {

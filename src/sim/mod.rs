@@ -116,6 +116,8 @@ pub struct Stats {
     pub acked: u64,
     pub retries: u64,
     pub reads: u64,
+    /// Catch-ups served from disk because the leader had released entries.
+    pub fetches: u64,
     /// Steps after healing until the cluster converged.
     pub convergence_steps: u64,
 }
@@ -212,6 +214,9 @@ impl Simulation {
             config.max_inflight = 4;
             config.max_append_entries = 8;
             config.session_window = 16;
+            // A small memory budget, so that lagging followers are often
+            // caught up from entries read back from disk.
+            config.memory_entries = 4 + (cfg.seed % 29) as usize;
             config.seed = rng.next_u64();
             if cfg.priorities {
                 config.priorities = voters.iter().map(|v| (*v, *v as u32)).collect();
@@ -633,6 +638,7 @@ impl Simulation {
             committed: _,
             responses,
             reads,
+            fetches,
         } = ready;
         let delay = self.rng.range(0, self.cfg.max_persist_delay + 1);
         let Some(node) = self.nodes.get_mut(&id) else {
@@ -656,9 +662,11 @@ impl Simulation {
         if let Some(write) = &log_write {
             let raft = node.raft.as_ref().ok_or("drained a crashed node")?;
             extend_chain(&mut node.chain, write.from, &write.entries);
+            let before = write.from.saturating_sub(1);
             let previous = raft
                 .log()
-                .get(write.from.saturating_sub(1))
+                .get(before)
+                .or_else(|| node.disk_log.get((before as usize).wrapping_sub(1)))
                 .map_or(0, |e| e.lamport);
             self.checker
                 .observe_entries(id, &node.chain, &write.entries, previous)?;
@@ -707,6 +715,21 @@ impl Simulation {
                         "stale read at node {id}: read index {index} below acknowledged index {floor}"
                     ));
                 }
+            }
+        }
+        // Entries released from memory, read back from this node's disk.
+        for fetch in fetches {
+            self.stats.fetches += 1;
+            let Some(node) = self.nodes.get_mut(&id) else {
+                return Ok(());
+            };
+            let start = (fetch.from as usize)
+                .saturating_sub(1)
+                .min(node.disk_log.len());
+            let end = (start + fetch.max).min(node.disk_log.len());
+            let entries = node.disk_log[start..end].to_vec();
+            if let Some(raft) = node.raft.as_mut() {
+                raft.fetched(fetch.to, fetch.from, entries);
             }
         }
         Ok(())
@@ -821,7 +844,13 @@ impl Simulation {
                 id,
                 commit,
                 &node.chain,
-                |index| raft.log().get(index).cloned(),
+                // Released from memory means durable: read the disk then.
+                |index| {
+                    raft.log()
+                        .get(index)
+                        .or_else(|| node.disk_log.get((index as usize).wrapping_sub(1)))
+                        .cloned()
+                },
                 |index, hash| {
                     nodes
                         .iter()

@@ -88,6 +88,11 @@ impl Cluster {
             self.queue.extend(ready.persisted_messages);
             self.responses.extend(ready.responses);
             self.reads.extend(ready.reads);
+            for fetch in ready.fetches {
+                let start = (fetch.from as usize - 1).min(disk.log.len());
+                let end = (start + fetch.max).min(disk.log.len());
+                node.fetched(fetch.to, fetch.from, disk.log[start..end].to_vec());
+            }
         }
     }
 

@@ -197,6 +197,27 @@ impl TestCluster {
         }
     }
 
+    /// Waits for a node that should stop on its own (a refused start) and
+    /// returns its exit status, or `None` if it is still running.
+    pub fn wait_exit(&mut self, id: NodeId, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(child) = self.children.get_mut(&id) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.children.remove(&id);
+                    return Some(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The process id of a running node.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.children.get(&id).map(Child::id)
+    }
+
     /// Process ids of the running nodes.
     pub fn pids(&self) -> Vec<u32> {
         self.children.values().map(Child::id).collect()

@@ -1,0 +1,128 @@
+//! What the benchmarks share: clusters of real `node` processes, the
+//! simulated WAN between them, and the client workloads.
+#![allow(dead_code)]
+
+#[path = "../../tests/nodes/mod.rs"]
+pub mod nodes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cluster_store::raft::NodeId;
+use nodes::TestCluster;
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One-way delays between the sites of the original deployment, Iowa (1),
+/// São Paulo (2) and Sydney (3), and, for five nodes, Frankfurt (4) and
+/// Tokyo (5).
+pub fn wan_delay(a: NodeId, b: NodeId) -> u64 {
+    match (a.min(b), a.max(b)) {
+        (1, 2) => 70,
+        (1, 3) => 155,
+        (2, 3) => 90,
+        (1, 4) => 50,
+        (1, 5) => 70,
+        (2, 4) => 100,
+        (2, 5) => 130,
+        (3, 4) => 140,
+        (3, 5) => 55,
+        _ => 115,
+    }
+}
+
+/// Starts `nodes` voters, on a simulated WAN if `wan`.
+pub fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
+    let ids: Vec<NodeId> = (1..=nodes).collect();
+    TestCluster::start_with(name, ip, &ids, &[], |id| {
+        if !wan {
+            return Vec::new();
+        }
+        let spec: Vec<String> = (1..=nodes)
+            .filter(|peer| *peer != id)
+            .map(|peer| {
+                format!(
+                    "127.0.0.{ip}:{}={}ms",
+                    nodes::port(peer),
+                    wan_delay(id, peer)
+                )
+            })
+            .collect();
+        // Iowa should lead (it is nearest to the others on average).
+        vec![
+            "--simulate-delay".into(),
+            spec.join(","),
+            "--priorities".into(),
+            "1=10".into(),
+        ]
+    })
+}
+
+pub struct Load {
+    pub throughput: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// `clients` clients each sending one message at a time for `seconds`.
+pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
+    let mut tasks = Vec::new();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    for c in 0..clients {
+        let client = Arc::new(cluster.client(["alice", "bob", "carol"][c % 3]));
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let payload = "x".repeat(100);
+            while Instant::now() < until {
+                let started = Instant::now();
+                if client.send(vec![payload.clone()]).await.is_ok() {
+                    latencies.push(started.elapsed());
+                }
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    Load {
+        throughput: all.len() as f64 / elapsed,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    }
+}
+
+/// One client keeping `in_flight` batches of `batch` messages outstanding.
+pub async fn pipelined(cluster: &TestCluster, seconds: u64, batch: usize, in_flight: usize) -> f64 {
+    let client = Arc::new(cluster.client("alice"));
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..in_flight {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let texts: Vec<String> = (0..batch).map(|_| "x".repeat(100)).collect();
+            let mut sent = 0usize;
+            while Instant::now() < until {
+                if let Ok((_, committed)) = client.send(texts.clone()).await {
+                    sent += committed.len();
+                }
+            }
+            sent
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}

@@ -1,0 +1,12 @@
+//! Records read back from the data directory: log entries, the hard state,
+//! the directory's identity and the witness.
+#![no_main]
+
+use cluster_store::storage::{decode_entry, decode_metadata, decode_witness};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = decode_entry(data);
+    let _ = decode_metadata(data);
+    let _ = decode_witness(data);
+});

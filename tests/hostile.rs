@@ -1,0 +1,539 @@
+//! Hostile conditions against real `node` processes: certificates that are
+//! expired, not yet valid or revoked; more connections and more writes than
+//! a node will take; and a store damaged on disk, refused and rebuilt from
+//! the peers. Each must be answered with a clear error while the cluster
+//! keeps serving, and nothing acknowledged may be lost.
+
+mod nodes;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_store::client::{format_line, Client};
+use cluster_store::identity::{self, Validity};
+use cluster_store::raft::Committed;
+use cluster_store::tls::{self, Credentials};
+use nodes::{check_export, TestCluster};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(test());
+}
+
+const SECONDS_30: Duration = Duration::from_secs(30);
+
+/// A client's credentials read as they are, without the local validity
+/// check `Credentials::load` makes: what a careless or hostile client sends.
+fn raw_creds(certs: &Path, name: &str) -> Credentials {
+    let (ca, _) = identity::ca_path(certs);
+    let (cert, key) = identity::client_cert_path(certs, name);
+    Credentials {
+        ca: identity::load_certs(&ca).expect("ca").remove(0),
+        chain: identity::load_certs(&cert).expect("cert"),
+        key: identity::load_key(&key).expect("key"),
+        crls: Vec::new(),
+        crl_path: certs.join("none.crl"),
+    }
+}
+
+fn client_of(cluster: &TestCluster, creds: &Credentials) -> Client {
+    let members = cluster
+        .voters
+        .iter()
+        .map(|id| (*id, cluster.addr(*id).into()))
+        .collect();
+    let mut client = Client::new(members, creds).expect("client");
+    client.give_up_after = Duration::from_secs(3);
+    client
+}
+
+fn days_ago(days: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() - time::Duration::days(days)
+}
+
+#[test]
+fn expired_future_and_revoked_certificates_are_refused() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("certs", 100, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let certs = cluster.certs();
+
+        // Expired and not yet valid client certificates.
+        identity::issue_client(
+            &certs,
+            "expired",
+            Validity {
+                not_before: days_ago(30),
+                not_after: days_ago(1),
+            },
+        )
+        .expect("issue");
+        identity::issue_client(
+            &certs,
+            "future",
+            Validity {
+                not_before: days_ago(-1),
+                not_after: days_ago(-30),
+            },
+        )
+        .expect("issue");
+        for name in ["expired", "future"] {
+            let error = client_of(&cluster, &raw_creds(&certs, name))
+                .status(1)
+                .await
+                .expect_err("a certificate outside its validity was accepted");
+            println!("{name} client: {error:#}");
+            // The client's own loader names the file and the reason.
+            let (ca, _) = identity::ca_path(&certs);
+            let (cert, key) = identity::client_cert_path(&certs, name);
+            let local = Credentials::load(&ca, &cert, &key)
+                .err()
+                .expect("an unusable certificate loaded")
+                .to_string();
+            assert!(
+                local.contains(&format!("client-{name}.crt"))
+                    && (local.contains("expired") || local.contains("not valid before")),
+                "unclear error: {local}"
+            );
+        }
+        let log = cluster.log(1);
+        assert!(
+            log.contains("certificate expired") && log.contains("certificate not valid yet"),
+            "node 1 did not log why it refused the certificates"
+        );
+
+        // A client revoked while connected is cut off within seconds, and
+        // cannot come back; others keep working.
+        identity::issue_client(&certs, "mallory", Validity::days(30)).expect("issue");
+        let mallory = cluster.client("mallory");
+        mallory
+            .send(vec!["mallory before".into()])
+            .await
+            .expect("mallory is still trusted");
+        let revoke = std::process::Command::new(nodes::BIN)
+            .args(["certs", "revoke", "client:mallory", "--out"])
+            .arg(&certs)
+            .output()
+            .expect("node certs revoke");
+        assert!(
+            revoke.status.success(),
+            "revoke failed: {}",
+            String::from_utf8_lossy(&revoke.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut quick = cluster.client("mallory");
+            quick.give_up_after = Duration::from_millis(500);
+            if quick.status(1).await.is_err() && mallory.status(2).await.is_err() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a revoked certificate still works after 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            cluster.log(2).contains("revoked"),
+            "node 2 did not log the revocation"
+        );
+        let alice = cluster.client("alice");
+        alice
+            .send(vec!["alice after".into()])
+            .await
+            .expect("revoking mallory stopped alice");
+
+        // A revoked node is cut off from its peers: it receives nothing
+        // written after the revocation.
+        let revoke = std::process::Command::new(nodes::BIN)
+            .args(["certs", "revoke", "3", "--out"])
+            .arg(&certs)
+            .output()
+            .expect("node certs revoke");
+        assert!(revoke.status.success());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for i in 0..20 {
+            alice
+                .send(vec![format!("after revoking node 3: {i}")])
+                .await
+                .expect("nodes 1 and 2 keep serving");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.kill(3);
+        let replica = cluster.local_export(3);
+        assert!(
+            replica.iter().any(|l| l.contains("alice after")),
+            "node 3 missed what came before its revocation"
+        );
+        assert!(
+            !replica.iter().any(|l| l.contains("after revoking node 3")),
+            "node 3 still received entries after its certificate was revoked"
+        );
+    });
+}
+
+/// Reads one node's Prometheus counter over its HTTP port.
+fn metric(http: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(http) else {
+        return 0;
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn overload_is_answered_busy_and_loses_nothing() {
+    serial(|| async {
+        let ip = 101;
+        let cluster = TestCluster::start_with("overload", ip, &[1, 2, 3], &[], |id| {
+            vec![
+                "--max-clients".into(),
+                "200".into(),
+                "--max-pending-mb".into(),
+                "1".into(),
+                "--http".into(),
+                format!("127.0.0.{ip}:{}", 8000 + id),
+            ]
+        });
+        let admin = cluster.client("client");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let leader_http = format!("127.0.0.{ip}:{}", 8000 + leader);
+
+        // 1,500 connections at once to the leader: at most 200 are served;
+        // every other one is refused at the door (too many handshakes at
+        // once) or closed with a "busy" reason, never left to time out.
+        let creds = raw_creds(&cluster.certs(), "alice");
+        let mut endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        endpoint.set_default_client_config(tls::client_config(&creds).expect("tls"));
+        let mut attempts = Vec::new();
+        for i in 0..1500 {
+            // A crowd, not a single datagram burst (which the kernel's
+            // socket buffer would simply drop): 1,500 within two seconds.
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let endpoint = endpoint.clone();
+            let addr = cluster.addr(leader);
+            attempts.push(tokio::spawn(async move {
+                let connection = endpoint
+                    .connect(addr, &identity::node_server_name(leader))
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // A request proves the connection is really served.
+                let answered = async {
+                    let (mut send, mut recv) = connection.open_bi().await?;
+                    cluster_store::wire::write_frame(
+                        &mut send,
+                        &cluster_store::wire::ClientRequest::Status,
+                    )
+                    .await?;
+                    send.finish()?;
+                    cluster_store::wire::read_frame::<_, cluster_store::wire::ClientResponse>(
+                        &mut recv,
+                    )
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no answer"))
+                };
+                let result = tokio::time::timeout(Duration::from_secs(20), answered).await;
+                match (result, connection.close_reason()) {
+                    (Ok(Ok(_)), _) => Ok(connection),
+                    (_, Some(reason)) => Err(reason.to_string()),
+                    (Ok(Err(e)), None) => Err(e.to_string()),
+                    (Err(_), None) => Err("timed out".into()),
+                }
+            }));
+        }
+        let mut open = Vec::new();
+        let mut refusals: HashMap<String, usize> = HashMap::new();
+        for attempt in attempts {
+            match attempt.await.expect("task") {
+                Ok(connection) => open.push(connection),
+                Err(reason) => *refusals.entry(reason).or_default() += 1,
+            }
+        }
+        println!("{} connections served, refused: {refusals:?}", open.len());
+        assert!(
+            !open.is_empty() && open.len() <= 200,
+            "{} connections served",
+            open.len()
+        );
+        assert_eq!(open.len() + refusals.values().sum::<usize>(), 1500);
+        assert!(
+            refusals
+                .keys()
+                .all(|r| r.contains("busy") || r.contains("refused")),
+            "connections refused without a busy reason: {refusals:?}"
+        );
+        admin
+            .status(leader)
+            .await
+            .expect("the leader stopped answering under a connection flood");
+        for connection in &open {
+            connection.close(0u32.into(), b"done");
+        }
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // 100 clients, 4 writers each, sending 16 KiB batches as fast as they
+        // can against a 1 MiB bound on what waits to commit: the leader
+        // answers "busy", the clients back off and retry, memory stays
+        // bounded, and every acknowledged message is there exactly once.
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<(String, Committed)>>> = Arc::default();
+        let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut writers = Vec::new();
+        let padding = "x".repeat(1000);
+        for c in 0..100 {
+            let mut client = cluster.client(["alice", "bob", "carol"][c % 3]);
+            client.give_up_after = Duration::from_secs(60);
+            let client = Arc::new(client);
+            for w in 0..4 {
+                let (client, stop, acked, failed) =
+                    (client.clone(), stop.clone(), acked.clone(), failed.clone());
+                let padding = padding.clone();
+                writers.push(tokio::spawn(async move {
+                    let mut batch = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        batch += 1;
+                        let texts: Vec<String> = (0..16)
+                            .map(|m| format!("c{c}-w{w}-b{batch}-m{m} {padding}"))
+                            .collect();
+                        match client.send(texts.clone()).await {
+                            Ok((_, committed)) => acked
+                                .lock()
+                                .expect("acked")
+                                .extend(texts.into_iter().zip(committed)),
+                            Err(_) => failed.lock().expect("failed").extend(texts),
+                        }
+                    }
+                }));
+            }
+        }
+        let pids = cluster.pids();
+        let mut peak_kib = 0;
+        let until = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < until {
+            for pid in &pids {
+                peak_kib = peak_kib.max(rss_kib(*pid));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        let busy = metric(&leader_http, "cluster_store_busy_sends_total");
+        let refused = metric(&leader_http, "cluster_store_busy_connections_total");
+        let acked = std::mem::take(&mut *acked.lock().expect("acked"));
+        let failed = std::mem::take(&mut *failed.lock().expect("failed"));
+        println!(
+            "{} messages acknowledged, {} failed, {busy} sends answered busy, {refused} connections refused, peak node RSS {} MiB",
+            acked.len(),
+            failed.len(),
+            peak_kib / 1024
+        );
+        assert!(busy > 0, "the leader never pushed back");
+        assert!(refused >= 1300, "the connection refusals were not counted");
+        assert!(!acked.is_empty(), "nothing got through the back-pressure");
+        assert!(
+            peak_kib < 1024 * 1024,
+            "a node grew to {} MiB under overload",
+            peak_kib / 1024
+        );
+
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let export = admin.export().await.expect("export");
+        check_export(&export);
+        let by_text: HashMap<&str, u64> =
+            export.iter().map(|e| (e.text.as_str(), e.index)).collect();
+        assert_eq!(by_text.len(), export.len(), "a message is doubled");
+        for (text, committed) in &acked {
+            assert_eq!(
+                by_text.get(text.as_str()),
+                Some(&committed.index),
+                "an acknowledged message is lost or moved"
+            );
+        }
+    });
+}
+
+#[test]
+fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("disk", 102, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let lines: String = (0..3000).map(|i| format!("disk message {i}\n")).collect();
+        let sent = cluster.run_cli(&["send", "-"], Some(&lines));
+        assert!(
+            sent.status.success(),
+            "send failed: {}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        // Node 3 stops (a new leader takes over if it led); its disk is damaged.
+        let target = 3;
+        cluster.kill(target);
+        cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let data = cluster.data_dir(target);
+        let db = data.join("db");
+        let pristine = cluster.dir.join("pristine");
+        copy_dir(&data, &pristine);
+
+        // A healthy store is not rebuilt by mistake.
+        let rebuild_args = |force: bool| {
+            let mut args = vec![
+                "rebuild".to_string(),
+                "--id".into(),
+                target.to_string(),
+                "--data".into(),
+                data.display().to_string(),
+            ];
+            if force {
+                args.push("--force".into());
+            }
+            args
+        };
+        let args = rebuild_args(false);
+        let refused = cluster.run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("opens cleanly"));
+
+        // Truncated, then a flipped byte inside a stored message: the node
+        // refuses to start and names the file.
+        let len = std::fs::metadata(&db).expect("db").len();
+        let damages: [(&str, Damage); 2] = [
+            (
+                "truncated",
+                Box::new(move |db: &Path| {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(db)
+                        .expect("open db");
+                    file.set_len(len / 2).expect("truncate");
+                }),
+            ),
+            (
+                "flipped byte",
+                Box::new(|db: &Path| {
+                    let mut bytes = std::fs::read(db).expect("read db");
+                    let needle = b"disk message 2999";
+                    let at = bytes
+                        .windows(needle.len())
+                        .rposition(|w| w == needle)
+                        .expect("the last message is in the db file");
+                    bytes[at + 5] ^= 0x01;
+                    std::fs::write(db, bytes).expect("write db");
+                }),
+            ),
+        ];
+        for (what, damage) in damages {
+            let _ = std::fs::remove_dir_all(&data);
+            copy_dir(&pristine, &data);
+            damage(&db);
+            cluster.launch(target);
+            let status = cluster.wait_exit(target, Duration::from_secs(20));
+            let log = cluster.log(target);
+            let last = log.lines().last().unwrap_or_default().to_string();
+            assert!(
+                status.is_some_and(|s| !s.success()),
+                "node {target} started on a {what} store"
+            );
+            println!("{what}: {last}");
+            assert!(
+                last.contains(&db.display().to_string())
+                    || last.contains(&data.display().to_string()),
+                "the error does not name the store: {last}"
+            );
+            assert!(last.contains("node rebuild"), "no way out offered: {last}");
+        }
+
+        // More is written while node 3 is down, then it is rebuilt.
+        let more: String = (0..500)
+            .map(|i| format!("while rebuilding {i}\n"))
+            .collect();
+        assert!(cluster
+            .run_cli(&["send", "-"], Some(&more))
+            .status
+            .success());
+        let args = rebuild_args(false);
+        let rebuilt = cluster.run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+        assert!(
+            rebuilt.status.success(),
+            "rebuild failed: {}",
+            String::from_utf8_lossy(&rebuilt.stderr)
+        );
+        println!("{}", String::from_utf8_lossy(&rebuilt.stdout).trim());
+        let kept = std::fs::read_dir(cluster.dir.join("data"))
+            .expect("data dir")
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().contains(".damaged-"));
+        assert!(kept, "the damaged store was not kept aside");
+        cluster.launch(target);
+        cluster
+            .wait_caught_up(&admin, Duration::from_secs(60))
+            .await;
+        let export = admin.export().await.expect("export");
+        assert_eq!(export.len(), 3500);
+        check_export(&export);
+        cluster.kill(target);
+        let expected: Vec<String> = export.iter().map(format_line).collect();
+        assert_eq!(
+            cluster.local_export(target),
+            expected,
+            "the rebuilt replica differs from the cluster's log"
+        );
+    });
+}
+
+/// Something done to a stopped node's sled file.
+type Damage = Box<dyn Fn(&Path)>;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}

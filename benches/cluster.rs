@@ -33,6 +33,20 @@ async fn leader_of(cluster: &TestCluster, admin: &Client) -> NodeId {
         .await
 }
 
+/// The highest term any node reports: it grows with every election.
+async fn highest_term(cluster: &TestCluster, admin: &Client) -> u64 {
+    let mut term = 0;
+    for id in cluster.voters.clone() {
+        if let Ok(cluster_store::wire::ClientResponse::Status(status)) = admin
+            .request(id, &cluster_store::wire::ClientRequest::Status)
+            .await
+        {
+            term = term.max(status.term);
+        }
+    }
+    term
+}
+
 /// kill -9 of the leader while a client writes: time until a write lands again.
 async fn failover(cluster: &mut TestCluster, admin: &Client) -> Duration {
     let leader = leader_of(cluster, admin).await;
@@ -144,6 +158,7 @@ fn main() {
             let mut many_p99 = Vec::new();
             let mut bulk = Vec::new();
             let mut failovers = Vec::new();
+            let mut elections = 0;
             for run in 0..runs {
                 let mut cluster = start(&format!("bench-{ip}-{run}"), ip, 3, wan);
                 let admin = cluster.client("client");
@@ -153,6 +168,7 @@ fn main() {
                     eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000, 8).await);
                     continue;
                 }
+                let term_before = highest_term(&cluster, &admin).await;
                 let load = closed_loop(&cluster, 1, seconds).await;
                 one.push(load.throughput);
                 one_p50.push(load.p50.as_secs_f64() * 1000.0);
@@ -160,16 +176,24 @@ fn main() {
                 many.push(load.throughput);
                 many_p99.push(load.p99.as_secs_f64() * 1000.0);
                 bulk.push(pipelined(&cluster, seconds, 1000, 8).await);
-                failovers.push(failover(&mut cluster, &admin).await.as_secs_f64());
+                let terms = highest_term(&cluster, &admin).await.saturating_sub(term_before);
+                elections += terms;
+                let mut kills = Vec::new();
+                for _ in 0..env_u64("BENCH_KILLS", if smoke { 1 } else { 4 }) {
+                    kills.push(failover(&mut cluster, &admin).await.as_secs_f64());
+                }
                 eprintln!(
-                    "{topology} run {run}: 1 client {:.0}/s p50 {:.2} ms; 64 clients {:.0}/s p99 {:.1} ms; pipelined {:.0}/s; failover {:.2} s",
-                    one[run], one_p50[run], many[run], many_p99[run], bulk[run], failovers[run]
+                    "{topology} run {run}: 1 client {:.0}/s p50 {:.2} ms; 64 clients {:.0}/s p99 {:.1} ms; pipelined {:.0}/s; elections under load {terms}; failovers {kills:.2?} s",
+                    one[run], one_p50[run], many[run], many_p99[run], bulk[run]
                 );
+                failovers.extend(kills);
             }
             rows.push((format!("{topology}: 1 client"), format!("{:.0} msg/s, p50 {:.2} ms", median(one), median(one_p50))));
             rows.push((format!("{topology}: 64 clients"), format!("{:.0} msg/s, p99 {:.1} ms", median(many), median(many_p99))));
             rows.push((format!("{topology}: pipelined client"), format!("{:.0} msg/s", median(bulk))));
-            rows.push((format!("{topology}: leader kill -9 to writes again"), format!("{:.2} s", median(failovers))));
+            rows.push((format!("{topology}: leader changes during the load phases"), format!("{elections} (terms gained over {runs} runs)")));
+            let kills = failovers.len();
+            rows.push((format!("{topology}: leader kill -9 to writes again"), format!("{:.2} s (median of {kills})", median(failovers))));
         }
         let messages = env_u64("BENCH_CATCHUP", if smoke { 5_000 } else { 200_000 }) as usize;
         if messages == 0 {

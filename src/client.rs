@@ -31,6 +31,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a node that failed is skipped when choosing whom to ask.
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
+/// A request unanswered for this long (or three times the recent request
+/// latency, if longer) makes the client ask the other nodes whether a newer
+/// leader has been elected, and then every `LOOK_EVERY`: a dead leader is
+/// left as soon as its successor exists, not after a liveness timeout.
+const LOOK_AFTER: Duration = Duration::from_millis(100);
+const LOOK_EVERY: Duration = Duration::from_millis(50);
+/// How long one of those questions may take.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Client {
     endpoint: Endpoint,
@@ -42,6 +50,11 @@ pub struct Client {
     client_id: u64,
     next_seq: AtomicU64,
     lamport: AtomicU64,
+    /// The highest term in which this client has seen a leader: only a
+    /// leader of a later term replaces the one it waits for.
+    leader_term: AtomicU64,
+    /// Recent request latency in microseconds (moving average).
+    latency_us: AtomicU64,
     /// How long `send` keeps retrying before giving up.
     pub give_up_after: Duration,
 }
@@ -87,6 +100,8 @@ impl Client {
             client_id: random_u64(),
             next_seq: AtomicU64::new(1),
             lamport: AtomicU64::new(0),
+            leader_term: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
             give_up_after: Duration::from_secs(60),
         })
     }
@@ -200,11 +215,23 @@ impl Client {
                 .await?
                 .ok_or_else(|| anyhow!("node {node} closed the stream without answering"))
         };
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        tokio::pin!(exchange);
-        loop {
-            tokio::select! {
-                result = &mut exchange => {
+        let started = Instant::now();
+        let deadline = started + REQUEST_TIMEOUT;
+        let dead = async {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                if Instant::now() > deadline || !self.alive(&connection).await {
+                    return;
+                }
+            }
+        };
+        let replaced = self.newer_leader_than(node);
+        tokio::pin!(exchange, dead, replaced);
+        tokio::select! {
+            result = &mut exchange => {
+                if let Ok(response) = &result {
+                    self.observe(started.elapsed(), response);
+                }
                     if result.is_err() {
                         // A node over its connection limit is alive: retry
                         // it after a pause rather than suspecting it.
@@ -220,15 +247,86 @@ impl Client {
                         }
                         self.forget(node);
                     }
-                    return result;
+                    result
+            }
+            leader = &mut replaced => {
+                // Safe to abandon: the retry keeps its sequence numbers.
+                self.forget(node);
+                Ok(ClientResponse::Redirect { leader: Some(leader) })
+            }
+            () = &mut dead => {
+                self.forget(node);
+                bail!("node {node} stopped answering")
+            }
+        }
+    }
+
+    /// Learns from an answer: its latency, and the leader's term.
+    fn observe(&self, latency: Duration, response: &ClientResponse) {
+        let sample = latency.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let average = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        };
+        self.latency_us.store(average, Ordering::Relaxed);
+        match response {
+            ClientResponse::Sent { committed, .. } => {
+                if let Some(term) = committed.iter().map(|c| c.term).max() {
+                    self.leader_term.fetch_max(term, Ordering::SeqCst);
                 }
-                _ = tokio::time::sleep(PROBE_EVERY) => {
-                    if Instant::now() > deadline || !self.alive(&connection).await {
-                        self.forget(node);
-                        bail!("node {node} stopped answering");
+            }
+            ClientResponse::Status(status) if status.leader.is_some() => {
+                self.leader_term.fetch_max(status.term, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+
+    /// Resolves once another node reports a leader other than `node`,
+    /// elected in a later term than any leader this client has seen; never
+    /// while `node` keeps leading.
+    async fn newer_leader_than(&self, node: NodeId) -> NodeId {
+        let typical = Duration::from_micros(self.latency_us.load(Ordering::Relaxed) * 3);
+        tokio::time::sleep(LOOK_AFTER.max(typical)).await;
+        loop {
+            let known = self.leader_term.load(Ordering::SeqCst);
+            let mut answers: futures_util::stream::FuturesUnordered<_> = self
+                .nodes()
+                .into_iter()
+                .filter(|other| *other != node && !self.is_suspect(*other))
+                .map(|other| async move {
+                    tokio::time::timeout(LOOK_TIMEOUT, self.status_of(other))
+                        .await
+                        .ok()
+                        .and_then(|status| status.ok())
+                })
+                .collect();
+            let next_look = tokio::time::sleep(LOOK_EVERY);
+            tokio::pin!(next_look);
+            while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {
+                let Some(status) = answer else { continue };
+                if let Some(leader) = status.leader {
+                    if leader != node && status.term > known && self.cluster.contains_key(&leader) {
+                        self.leader_term.fetch_max(status.term, Ordering::SeqCst);
+                        return leader;
                     }
                 }
             }
+            next_look.await;
+        }
+    }
+
+    /// One status request, without retries or watchers.
+    async fn status_of(&self, node: NodeId) -> Result<Status> {
+        let connection = self.connection(node).await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        write_frame(&mut send, &ClientRequest::Status).await?;
+        send.finish()?;
+        match read_frame::<_, ClientResponse>(&mut recv).await? {
+            Some(ClientResponse::Status(status)) => Ok(*status),
+            other => bail!("node {node} answered a status request with {other:?}"),
         }
     }
 
@@ -408,10 +506,16 @@ impl Client {
                 return Ok(true);
             }
             // A dead leader shows as an error here once QUIC's idle timeout
-            // (3 s) closes the connection.
-            let response = read_frame::<_, ClientResponse>(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow!("node {leader} closed the stream"))?;
+            // (3 s) closes the connection, or sooner as a newer leader.
+            let response = tokio::select! {
+                response = read_frame::<_, ClientResponse>(&mut recv) => response?
+                    .ok_or_else(|| anyhow!("node {leader} closed the stream"))?,
+                newer = self.newer_leader_than(leader) => {
+                    self.forget(leader);
+                    self.set_leader(Some(newer));
+                    return Ok(false);
+                }
+            };
             let ClientResponse::Sent { committed, leader } = response else {
                 return Ok(false);
             };

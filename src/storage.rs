@@ -492,6 +492,10 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
             dir: self.dir.clone(),
@@ -542,13 +546,23 @@ impl Store {
         hard_state: Option<HardState>,
         write: Option<&LogWrite>,
     ) -> Result<(), StoreError> {
-        if hard_state.is_none() && write.is_none() {
+        self.write_many(&[(hard_state, write)])
+    }
+
+    /// Applies several readies' durable changes, in order, and makes them
+    /// durable with one sync: group commit across readies.
+    pub fn write_many(
+        &mut self,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError> {
+        if writes.iter().all(|(hs, w)| hs.is_none() && w.is_none()) {
             return Ok(());
         }
         if self.skip_sync {
             // Acknowledge now, write seconds later: a crash in between loses
             // acknowledged entries. Only for proving the checkers work.
-            self.deferred.push((hard_state, write.cloned()));
+            self.deferred
+                .extend(writes.iter().map(|(hs, w)| (*hs, w.cloned())));
             if self.last_applied.elapsed() < std::time::Duration::from_secs(3) {
                 return Ok(());
             }
@@ -558,21 +572,27 @@ impl Store {
             }
             return self.sync();
         }
-        // A truncation may shorten the log: lower the witness first, and
-        // durably, so it never claims more than the store holds.
-        if let Some(write) = write {
-            if write.from <= self.last_index {
-                self.witness.last_index = self.witness.last_index.min(write.from.saturating_sub(1));
-                self.write_witness(true)?;
+        let mut latest_hard_state = None;
+        for (hard_state, write) in writes {
+            // A truncation may shorten the log: lower the witness first, and
+            // durably, so it never claims more than the store holds.
+            if let Some(write) = write {
+                if write.from <= self.last_index {
+                    self.witness.last_index =
+                        self.witness.last_index.min(write.from.saturating_sub(1));
+                    self.write_witness(true)?;
+                }
             }
+            self.apply(*hard_state, *write)?;
+            if let Some(write) = write {
+                self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
+            }
+            latest_hard_state = (*hard_state).or(latest_hard_state);
         }
-        self.apply(hard_state, write)?;
         self.sync()?;
-        if let Some(write) = write {
-            self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
-        }
+        // The witness may only claim what is now durable.
         let mut vote_changed = false;
-        if let Some(hs) = hard_state {
+        if let Some(hs) = latest_hard_state {
             let vote = hs.vote.unwrap_or(0);
             vote_changed = hs.term != self.witness.term || vote != self.witness.vote;
             self.witness.term = hs.term;

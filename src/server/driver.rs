@@ -1,7 +1,9 @@
 //! The thread that owns the Raft core: it feeds it ticks, peer messages and
 //! client requests, and carries out each `Ready` in the order the core's
-//! contract demands. Everything that arrives while one batch is being
-//! synced goes into the next batch: one fsync covers them all.
+//! contract demands. Durable writes go to the store thread
+//! (`persist.rs`), which syncs them in order and sends the messages that
+//! must wait for them; the core never waits for the disk except to record
+//! a vote.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -10,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tracing::{error, warn};
 
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
@@ -18,7 +19,9 @@ use crate::raft::{
     Committed, Envelope, Index, Lamport, NodeId, Payload, Proposal, ProposeError, RaftNode,
     RequestId, Status, Term,
 };
-use crate::storage::{Store, StoreError};
+use crate::storage::StoreError;
+
+use super::persist::{self, Job, StoreHandle};
 
 /// Work for the driver.
 pub enum Input {
@@ -29,6 +32,8 @@ pub enum Input {
     ),
     Read(oneshot::Sender<Result<Index, ProposeError>>),
     Status(oneshot::Sender<Status>),
+    /// From the store thread: look at its `Progress`.
+    StoreProgress,
 }
 
 /// Where outgoing Raft messages go: one queue per peer.
@@ -43,7 +48,8 @@ struct BatchWaiter {
 
 pub struct Driver {
     raft: RaftNode,
-    store: Store,
+    /// The store thread: writes go there, in order; it reports progress.
+    store: StoreHandle,
     outboxes: Outboxes,
     tick: Duration,
     batches: HashMap<u64, BatchWaiter>,
@@ -52,6 +58,8 @@ pub struct Driver {
     waiting: HashMap<RequestId, (Instant, Vec<(u64, usize)>)>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, ProposeError>>>,
     next_read: u64,
+    /// Reads whose index is committed but not yet in this node's store.
+    reads_waiting: Vec<(Index, oneshot::Sender<Result<Index, ProposeError>>)>,
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
@@ -63,7 +71,7 @@ pub struct Driver {
 impl Driver {
     pub fn new(
         raft: RaftNode,
-        store: Store,
+        store: StoreHandle,
         outboxes: Outboxes,
         tick: Duration,
         metrics: Arc<Metrics>,
@@ -86,6 +94,7 @@ impl Driver {
             waiting: HashMap::new(),
             reads: HashMap::new(),
             next_read: 0,
+            reads_waiting: Vec::new(),
         }
     }
 
@@ -113,9 +122,11 @@ impl Driver {
                     next_tick = Instant::now() + self.tick;
                 }
             }
+            self.take_progress()?;
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
+            self.serve_reads();
             self.metrics
                 .entries_in_memory
                 .store(self.raft.entries_in_memory() as u64, Ordering::Relaxed);
@@ -158,6 +169,8 @@ impl Driver {
             Input::Status(reply) => {
                 let _ = reply.send(self.raft.status());
             }
+            // Picked up by `take_progress` after this batch of inputs.
+            Input::StoreProgress => {}
         }
     }
 
@@ -169,24 +182,32 @@ impl Driver {
         let mut hard_state = ready.hard_state;
         if let Some(hs) = hard_state {
             if (hs.term, hs.vote) != self.durable_vote {
-                self.timed_write(Some(hs), None)?;
+                self.queue(Job::Write {
+                    hard_state: Some(hs),
+                    log_write: None,
+                    then_send: Vec::new(),
+                })?;
+                self.wait_for_store()?;
                 self.durable_vote = (hs.term, hs.vote);
                 hard_state = None;
             }
         }
-        // 2. Replicate while writing our own log: a leader's appends leave
-        //    before its fsync, so its disk and its followers' work in parallel.
+        // 2. Replicate while the store writes our own log: a leader's
+        //    appends leave before its fsync, so its disk and its followers'
+        //    work in parallel.
         for envelope in ready.messages {
-            self.send(envelope);
+            persist::send(&self.outboxes, envelope);
         }
-        // 3. One sync for everything appended since the last one.
-        self.timed_write(hard_state, ready.log_write.as_ref())?;
-        // 4. Only now may entries be acknowledged.
-        for envelope in ready.persisted_messages {
-            self.send(envelope);
-        }
-        if let Some((index, term)) = ready.log_write.as_ref().and_then(|w| w.last()) {
-            self.raft.persisted(index, term);
+        // 3. The store thread syncs everything queued since its last sync,
+        //    then sends what acknowledges those entries and reports back
+        //    (`Input::Persisted`), which is when the leader counts itself.
+        if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
+        {
+            self.queue(Job::Write {
+                hard_state,
+                log_write: ready.log_write,
+                then_send: ready.persisted_messages,
+            })?;
         }
         self.announce(&ready.committed);
         for response in ready.responses {
@@ -194,43 +215,82 @@ impl Driver {
         }
         for read in ready.reads {
             if let Some(reply) = self.reads.remove(&read.ctx) {
-                // Entries up to the read index are applied as soon as they
-                // commit, so the read may be served at once.
-                let _ = reply.send(read.result);
+                match read.result {
+                    // Served once this node's store holds the read index:
+                    // exports read the store.
+                    Ok(index) => self.reads_waiting.push((index, reply)),
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
             }
         }
-        // 5. A lagging follower needs entries the core no longer holds in
-        //    memory: read them back from the store.
+        // 4. A lagging follower needs entries the core no longer holds in
+        //    memory: read them back from the store (they are durable).
         for fetch in ready.fetches {
             let to = fetch.from.saturating_add(fetch.max as u64 - 1);
-            let entries = self.store.entries(fetch.from, to, fetch.max)?;
+            let entries = self.store.log.entries(fetch.from, to, fetch.max)?;
             self.raft.fetched(fetch.to, fetch.from, entries);
         }
         Ok(())
     }
 
-    fn timed_write(
-        &mut self,
-        hard_state: Option<crate::raft::HardState>,
-        write: Option<&crate::raft::LogWrite>,
-    ) -> Result<(), StoreError> {
-        if hard_state.is_some() || write.is_some() {
-            let started = Instant::now();
-            self.store.write(hard_state, write)?;
-            self.metrics.fsync.observe(started.elapsed());
+    /// Answers the reads whose index this node's store now holds.
+    fn serve_reads(&mut self) {
+        if self.reads_waiting.is_empty() {
+            return;
+        }
+        let stored = self.raft.persisted_index();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_waiting)
+            .into_iter()
+            .partition(|(index, _)| *index <= stored);
+        self.reads_waiting = waiting;
+        for (index, reply) in ready {
+            let _ = reply.send(Ok(index));
+        }
+    }
+
+    /// Hands the core what the store thread has made durable since the last
+    /// look, which is when a leader counts its own copy towards commit.
+    fn take_progress(&mut self) -> Result<(), StoreError> {
+        let (durable, failed) = match self.store.progress.lock() {
+            Ok(mut progress) => (progress.durable.take(), progress.failed.take()),
+            Err(_) => (None, None),
+        };
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        if let Some((index, term)) = durable {
+            self.raft.persisted(index, term);
         }
         Ok(())
     }
 
-    fn send(&mut self, envelope: Envelope) {
-        let Some(outbox) = self.outboxes.get(&envelope.to) else {
-            error!(to = envelope.to, "no route to peer");
-            return;
-        };
-        if outbox.try_send(envelope).is_err() {
-            // Raft tolerates loss; a full queue means the peer is far behind
-            // or unreachable, and it will be caught up by probing.
-            warn!("outbound queue full, dropping a message");
+    fn queue(&mut self, job: Job) -> Result<(), StoreError> {
+        self.store.jobs.send(job).map_err(|_| self.store_stopped())
+    }
+
+    /// Blocks until everything queued so far is durable.
+    fn wait_for_store(&mut self) -> Result<(), StoreError> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.queue(Job::Barrier(done))?;
+        wait.recv().map_err(|_| self.store_stopped())
+    }
+
+    /// The store thread stopped: its reason, if it has left one.
+    fn store_stopped(&mut self) -> StoreError {
+        if let Some(error) = self
+            .store
+            .progress
+            .lock()
+            .ok()
+            .and_then(|mut p| p.failed.take())
+        {
+            return error;
+        }
+        StoreError::Write {
+            dir: self.store.log.dir().to_path_buf(),
+            what: "the store thread stopped (its error is logged above)".into(),
         }
     }
 

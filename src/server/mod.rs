@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod driver;
+pub mod persist;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -259,6 +260,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         revoked_tx,
     ));
 
+    let store = persist::start(me, store, inputs.clone(), outboxes.clone(), metrics.clone())
+        .map_err(|e| NodeError::Driver(e.to_string()))?;
     let driver = Driver::new(raft, store, outboxes, options.tick, metrics, events);
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))

@@ -18,6 +18,13 @@ use cluster_store::wire::ExportedEntry;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node");
 
+/// The binary the cluster's nodes run: `BIN`, or another build named by
+/// `CLUSTER_STORE_NODE_BIN` (to compare two versions in one benchmark
+/// sitting).
+fn server_bin() -> String {
+    std::env::var("CLUSTER_STORE_NODE_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 pub struct TestCluster {
     pub dir: PathBuf,
     pub ip: String,
@@ -158,7 +165,7 @@ impl TestCluster {
             .append(true)
             .open(self.dir.join(format!("node-{id}.log")))
             .expect("log file");
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(server_bin());
         command
             .args([
                 "--id",

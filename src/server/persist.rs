@@ -1,0 +1,164 @@
+//! The thread that owns the store. The driver hands it every ready's
+//! durable changes, in order; it applies everything queued since its last
+//! sync, syncs once, and only then sends the messages that acknowledge
+//! those entries and tells the driver how far the log is durable.
+//!
+//! Meanwhile the driver keeps stepping the core: heartbeats, votes and
+//! new proposals never wait for the disk, and whatever arrives during one
+//! sync is covered by the next (group commit across readies).
+
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::warn;
+
+use super::driver::{Input, Outboxes};
+use crate::metrics::Metrics;
+use crate::raft::{Envelope, HardState, Index, LogWrite, NodeId, Term};
+use crate::storage::{LogReader, Store, StoreError};
+
+/// Work for the store thread, carried out in the order it was queued.
+pub enum Job {
+    /// Make these durable, then send `then_send`.
+    Write {
+        hard_state: Option<HardState>,
+        log_write: Option<LogWrite>,
+        then_send: Vec<Envelope>,
+    },
+    /// Answered once everything queued before it is durable.
+    Barrier(SyncSender<()>),
+}
+
+/// What the store thread reports to the driver. A slot rather than a
+/// message: the driver's queue is bounded and the driver may be waiting for
+/// this thread, so this thread must never block on that queue.
+#[derive(Default)]
+pub struct Progress {
+    /// The log is durable up to here (not yet handed to the core).
+    pub durable: Option<(Index, Term)>,
+    /// A write failed: the node must stop.
+    pub failed: Option<StoreError>,
+}
+
+/// The driver's side of the store thread.
+pub struct StoreHandle {
+    /// Writes, in the order they must become durable.
+    pub jobs: Sender<Job>,
+    pub progress: Arc<Mutex<Progress>>,
+    /// Reads the log (entries the core released from memory, exports).
+    pub log: LogReader,
+}
+
+/// Starts the store thread of node `me`.
+pub fn start(
+    me: NodeId,
+    store: Store,
+    driver: SyncSender<Input>,
+    outboxes: Outboxes,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<StoreHandle> {
+    let (jobs, job_rx) = std::sync::mpsc::channel();
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let log = store.reader();
+    let persister = Persister {
+        store,
+        jobs: job_rx,
+        progress: progress.clone(),
+        driver,
+        outboxes,
+        metrics,
+    };
+    std::thread::Builder::new()
+        .name(format!("store-{me}"))
+        .spawn(move || persister.run())?;
+    Ok(StoreHandle {
+        jobs,
+        progress,
+        log,
+    })
+}
+
+struct Persister {
+    store: Store,
+    jobs: Receiver<Job>,
+    progress: Arc<Mutex<Progress>>,
+    /// The driver's queue, to wake it when there is progress.
+    driver: SyncSender<Input>,
+    outboxes: Outboxes,
+    metrics: Arc<Metrics>,
+}
+
+impl Persister {
+    /// Runs until the driver drops its end of the queue, or the store fails
+    /// (then the driver is told, and stops the node).
+    fn run(mut self) {
+        while let Ok(first) = self.jobs.recv() {
+            let mut jobs = vec![first];
+            jobs.extend(self.jobs.try_iter());
+            let writes: Vec<_> = jobs
+                .iter()
+                .filter_map(|job| match job {
+                    Job::Write {
+                        hard_state,
+                        log_write,
+                        ..
+                    } => Some((*hard_state, log_write.as_ref())),
+                    Job::Barrier(_) => None,
+                })
+                .collect();
+            // The log's new end, if the last write that changed it says so
+            // (a bare truncation does not name its last term).
+            let durable = jobs.iter().rev().find_map(|job| match job {
+                Job::Write {
+                    log_write: Some(write),
+                    ..
+                } => Some(write.last()),
+                _ => None,
+            });
+            let started = Instant::now();
+            if let Err(error) = self.store.write_many(&writes) {
+                tracing::error!("{error}");
+                if let Ok(mut progress) = self.progress.lock() {
+                    progress.failed = Some(error);
+                }
+                let _ = self.driver.try_send(Input::StoreProgress);
+                return;
+            }
+            if writes.iter().any(|(hs, w)| hs.is_some() || w.is_some()) {
+                self.metrics.fsync.observe(started.elapsed());
+            }
+            for job in jobs {
+                match job {
+                    Job::Write { then_send, .. } => {
+                        for envelope in then_send {
+                            send(&self.outboxes, envelope);
+                        }
+                    }
+                    Job::Barrier(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+            if let Some(Some(durable)) = durable {
+                if let Ok(mut progress) = self.progress.lock() {
+                    progress.durable = Some(durable);
+                }
+                // A full queue means the driver is busy and will look soon.
+                let _ = self.driver.try_send(Input::StoreProgress);
+            }
+        }
+    }
+}
+
+/// Queues a message for its peer's link. Raft tolerates loss: a full queue
+/// means the peer is far behind or unreachable, and probing catches it up.
+pub fn send(outboxes: &Outboxes, envelope: Envelope) {
+    let Some(outbox) = outboxes.get(&envelope.to) else {
+        tracing::error!(to = envelope.to, "no route to peer");
+        return;
+    };
+    if outbox.try_send(envelope).is_err() {
+        warn!("outbound queue full, dropping a message");
+    }
+}

@@ -78,6 +78,9 @@ pub struct Status {
     pub role: Role,
     pub term: Term,
     pub leader: Option<NodeId>,
+    /// The highest committed index this node's own store holds: what it
+    /// can serve. (A node may learn that entries are committed before its
+    /// own copy of them is synced.)
     pub commit: Index,
     pub applied: Index,
     pub last_index: Index,
@@ -85,15 +88,6 @@ pub struct Status {
     pub lamport: Lamport,
     /// Leader only: every other member's replication state.
     pub peers: Vec<PeerStatus>,
-}
-
-impl Status {
-    /// The committed entries this node's own store already holds: what a
-    /// read of its store may return (a follower can learn that entries
-    /// committed before its own copy of them is synced).
-    pub fn readable(&self) -> Index {
-        self.commit.min(self.persisted_index)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -231,7 +225,7 @@ impl RaftNode {
             role: self.role,
             term: self.term,
             leader: self.leader,
-            commit: self.commit,
+            commit: self.commit.min(self.log.persisted_index()),
             applied: self.applied,
             last_index: last,
             persisted_index: self.log.persisted_index(),

@@ -109,9 +109,17 @@ fn expired_future_and_revoked_certificates_are_refused() {
                 "unclear error: {local}"
             );
         }
-        let log = cluster.log(1);
+        // The node logs the refusal as its side of the handshake ends,
+        // which may be just after the client has seen it.
+        let logged = |log: &str| {
+            log.contains("certificate expired") && log.contains("certificate not valid yet")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !logged(&cluster.log(1)) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
-            log.contains("certificate expired") && log.contains("certificate not valid yet"),
+            logged(&cluster.log(1)),
             "node 1 did not log why it refused the certificates"
         );
 

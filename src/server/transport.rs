@@ -102,16 +102,41 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
             match peer_identity(&connection) {
                 Ok(Identity::Node(id)) if id != peers.me && peers.addresses.contains_key(&id) => {
                     debug!(peer = id, %remote, "peer connected");
-                    if let Some(slot) = peers.inbound.get(&id) {
-                        let _ = slot.send(Some(connection.clone()));
-                    }
+                    // The newest connection from a peer carries our messages
+                    // to it (it restarted and dialed anew)...
+                    let previous = peers
+                        .inbound
+                        .get(&id)
+                        .and_then(|slot| slot.send_replace(Some(connection.clone())));
                     // Raft on unidirectional streams; requests forwarded by
                     // the peer's HTTP API on bidirectional ones.
                     let forwarded = api.serve(connection.clone(), format!("http@node-{id}"));
                     tokio::join!(
-                        read_peer(connection, id, peers.inputs.clone(), peers.metrics.clone()),
+                        read_peer(
+                            connection.clone(),
+                            id,
+                            peers.inputs.clone(),
+                            peers.metrics.clone()
+                        ),
                         forwarded
                     );
+                    // ...and when it ends, the one it replaced takes over
+                    // again if that one is still alive: a short-lived second
+                    // connection must not leave the link without a way out.
+                    if let Some(slot) = peers.inbound.get(&id) {
+                        slot.send_if_modified(|current| {
+                            let ours = current
+                                .as_ref()
+                                .is_some_and(|c| c.stable_id() == connection.stable_id());
+                            match previous.filter(|p| p.close_reason().is_none()) {
+                                Some(alive) if ours => {
+                                    *current = Some(alive);
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
+                    }
                 }
                 Ok(Identity::Node(id)) if id == peers.me => {
                     // Our own HTTP API, reaching the cluster through us.

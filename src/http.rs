@@ -164,7 +164,7 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         }
         (Some(0), None) => return fail(StatusCode::BAD_REQUEST, "`from` starts at 1"),
         (Some(from), None) => from,
-        (None, Some(_)) => status.readable().saturating_sub(limit * 2).max(1),
+        (None, Some(_)) => status.commit.saturating_sub(limit * 2).max(1),
         (None, None) => 1,
     };
     // Scan a bounded window of entries: no-ops take slots too.
@@ -173,11 +173,7 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
     } else {
         limit * 2
     };
-    let entries = match state
-        .api
-        .log
-        .entries(from, status.readable(), window as usize)
-    {
+    let entries = match state.api.log.entries(from, status.commit, window as usize) {
         Ok(entries) => entries,
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };

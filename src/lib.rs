@@ -3,6 +3,7 @@ pub mod client;
 pub mod events;
 pub mod http;
 pub mod identity;
+pub mod journal;
 pub mod latency;
 pub mod metrics;
 pub mod raft;

@@ -1,9 +1,12 @@
 //! The node's durable state in sled: the log (index to entry), the hard
 //! state (term, vote, commit) and the identity of the data directory.
 //!
-//! sled's own flush stops at `sync_file_range` on Linux, which does not
-//! reach the disk cache or file metadata, so every write batch ends with an
-//! fsync of sled's data file. One batch, one sync: that is group commit.
+//! Every write batch is made durable by appending it to the journal
+//! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
+//! commit. sled gets the same changes unflushed and is flushed (and its
+//! data file fsynced: sled's own flush stops at `sync_file_range`) at
+//! checkpoints, after which the journal starts over; on open, the journal's
+//! records are applied to sled again.
 //!
 //! sled takes a truncated or damaged data file for a torn write and
 //! silently recovers to an earlier point, which for a Raft node means
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
+use crate::journal::Journal;
 use crate::raft::{Entry, HardState, Index, LogWrite, NodeId};
 
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -28,6 +32,8 @@ const HARD_STATE_KEY: &[u8] = b"hard_state";
 const CACHE_BYTES: u64 = 32 << 20;
 /// Entries per sled batch within one write; see `Store::apply`.
 const WRITE_SLICE: usize = 256;
+/// Journal size that triggers a checkpoint (a flush of sled).
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// What a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,7 +56,7 @@ pub enum StoreError {
     },
     #[error("the store in {dir} is corrupt ({what}). Rebuild this node's replica from its peers with `node rebuild --id <id> --data {dir} --cluster ...`: it keeps the damaged directory aside and the node copies the log from the leader")]
     Corrupt { dir: PathBuf, what: String },
-    #[error("{file} is damaged: {what}. sled recovered an earlier state than this node had synced, so it would forget acknowledged entries or a vote. Rebuild this node's replica from its peers with `node rebuild --id <id> --data {dir} --cluster ...`: it keeps the damaged directory aside and the node copies the log from the leader")]
+    #[error("{file} is damaged: {what}. Starting from it would forget acknowledged entries or a vote. Rebuild this node's replica from its peers with `node rebuild --id <id> --data {dir} --cluster ...`: it keeps the damaged directory aside and the node copies the log from the leader")]
     Damaged {
         dir: PathBuf,
         file: PathBuf,
@@ -93,8 +99,10 @@ pub struct Store {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    /// sled's data file, fsynced after every flush.
+    /// sled's data file, fsynced at every checkpoint.
     data_file: Option<File>,
+    /// Makes writes durable between checkpoints.
+    journal: Journal,
     /// See `open_without_sync_unsafely`.
     skip_sync: bool,
     /// Unsafe mode only: acknowledged writes not yet applied, and when
@@ -226,7 +234,7 @@ impl Store {
                     .meta
                     .insert(IDENTITY_KEY, bytes)
                     .map_err(|e| store.write_error(e))?;
-                store.sync()?;
+                store.checkpoint()?;
             }
         }
         let last_index = store.last_key()?;
@@ -322,7 +330,7 @@ impl Store {
             return Err(StoreError::Damaged {
                 dir: self.dir.clone(),
                 file: self.dir.join("db"),
-                what,
+                what: format!("sled recovered an earlier state than this node had synced: {what}"),
             });
         }
         self.witness = witness;
@@ -374,19 +382,41 @@ impl Store {
         let log = db.open_tree("log").map_err(open_error)?;
         let meta = db.open_tree("meta").map_err(open_error)?;
         let data_file = File::open(dir.join("db")).ok();
-        Ok(Store {
+        let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
+            dir: dir.to_path_buf(),
+            file: dir.join(crate::journal::JOURNAL_FILE),
+            what,
+        })?;
+        let mut store = Store {
             dir: dir.to_path_buf(),
             db,
             log,
             meta,
             data_file,
+            journal,
             skip_sync: false,
             deferred: Vec::new(),
             last_applied: std::time::Instant::now(),
             witness_file: None,
             witness: Witness::default(),
             last_index: 0,
-        })
+        };
+        // Writes journaled since the last checkpoint: sled may have lost
+        // any suffix of them, and applying them again is harmless.
+        if !records.is_empty() {
+            let net = crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
+                dir: dir.to_path_buf(),
+                file: dir.join(crate::journal::JOURNAL_FILE),
+                what,
+            })?;
+            let log = net
+                .log
+                .as_ref()
+                .map(|(from, entries)| (*from, entries.as_slice()));
+            store.apply_encoded(net.hard_state, log)?;
+            store.checkpoint()?;
+        }
+        Ok(store)
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -611,19 +641,45 @@ impl Store {
         hard_state: Option<HardState>,
         write: Option<&LogWrite>,
     ) -> Result<(), StoreError> {
-        if let Some(write) = write {
+        let encoded = match write {
+            Some(write) => Some((
+                write.from,
+                write
+                    .entries
+                    .iter()
+                    .map(|entry| codec().serialize(entry).map_err(|e| self.write_error(e)))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )),
+            None => None,
+        };
+        let log = encoded
+            .as_ref()
+            .map(|(from, entries)| (*from, entries.as_slice()));
+        self.apply_encoded(hard_state, log)?;
+        self.journal.add(hard_state, log);
+        Ok(())
+    }
+
+    /// Applies a write to sled (unflushed): entries from `from` on are
+    /// replaced by `entries`, stored as encoded.
+    fn apply_encoded(
+        &mut self,
+        hard_state: Option<HardState>,
+        log: Option<(Index, &[Vec<u8>])>,
+    ) -> Result<(), StoreError> {
+        if let Some((from, entries)) = log {
             let mut batch = sled::Batch::default();
-            for item in self.log.range(write.from.to_be_bytes()..) {
+            for item in self.log.range(from.to_be_bytes()..) {
                 let (key, _) = item.map_err(|e| self.write_error(e))?;
                 batch.remove(key);
             }
             // sled holds a whole batch's tree updates in memory until it is
             // applied: a follower catching up can be handed 60,000 entries
-            // in one write, so apply them in slices. One sync still covers
-            // them all; a crash may keep a prefix, as with any unsynced write.
-            for (i, entry) in write.entries.iter().enumerate() {
-                let bytes = codec().serialize(entry).map_err(|e| self.write_error(e))?;
-                batch.insert(&entry.index.to_be_bytes(), bytes);
+            // in one write, so apply them in slices. The journal makes the
+            // whole write durable at once.
+            for (i, bytes) in entries.iter().enumerate() {
+                let index = from + i as Index;
+                batch.insert(&index.to_be_bytes(), bytes.as_slice());
                 if (i + 1) % WRITE_SLICE == 0 {
                     self.log
                         .apply_batch(std::mem::take(&mut batch))
@@ -645,10 +701,27 @@ impl Store {
         Ok(())
     }
 
-    fn sync(&self) -> Result<(), StoreError> {
+    /// Makes every write applied so far durable: one journal sync, and a
+    /// checkpoint when the journal has grown large.
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if let Err(e) = self.journal.sync() {
+            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
+        }
+        if self.journal.len() > CHECKPOINT_BYTES {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes sled and fsyncs its data file; then the journal's records
+    /// are no longer needed.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| self.write_error(e))?;
         if let Some(file) = &self.data_file {
             file.sync_data().map_err(|e| self.write_error(e))?;
+        }
+        if let Err(e) = self.journal.reset() {
+            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
         }
         Ok(())
     }
@@ -666,6 +739,55 @@ mod tests {
             lamport: index,
             payload: Payload::Noop,
         }
+    }
+
+    #[test]
+    fn replays_its_journal_over_whatever_sled_kept() {
+        let dir = std::env::temp_dir().join(format!("cs-store-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+            // Many small writes, then a new leader's truncation and rewrite.
+            for index in 1..=2000 {
+                store
+                    .write(
+                        None,
+                        Some(&LogWrite {
+                            from: index,
+                            entries: vec![entry(index, 1)],
+                        }),
+                    )
+                    .unwrap();
+            }
+            // sled keeps a part of them on its own.
+            store.db.flush().unwrap();
+            store
+                .write(
+                    Some(HardState {
+                        term: 2,
+                        vote: Some(1),
+                        commit: 1500,
+                    }),
+                    Some(&LogWrite {
+                        from: 1801,
+                        entries: vec![entry(1801, 2), entry(1802, 2)],
+                    }),
+                )
+                .unwrap();
+        }
+        let (store, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        assert_eq!(recovered.last_index, 1802);
+        assert_eq!(recovered.hard_state.commit, 1500);
+        let entries = store.entries(1, 1802, usize::MAX).unwrap();
+        assert_eq!(entries.len(), 1802);
+        assert_eq!(entries[1799], entry(1800, 1));
+        assert_eq!(entries[1801], entry(1802, 2));
+        assert!(
+            store.journal.is_empty(),
+            "replayed records are checkpointed"
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

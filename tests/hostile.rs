@@ -443,38 +443,52 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
         assert!(!refused.status.success());
         assert!(String::from_utf8_lossy(&refused.stderr).contains("opens cleanly"));
 
-        // Truncated, then a flipped byte inside a stored message: the node
-        // refuses to start and names the file.
-        let len = std::fs::metadata(&db).expect("db").len();
-        let damages: [(&str, Damage); 2] = [
+        // A flipped byte in the journal with records after it; then, once a
+        // checkpoint has moved everything into sled's file (reading the
+        // stopped store does that) so that file is the only copy, that file
+        // truncated, and a flipped byte inside a stored message. The node
+        // refuses to start and names the store.
+        let journal = data.join("journal");
+        assert!(
+            std::fs::metadata(pristine.join("journal"))
+                .expect("journal")
+                .len()
+                > 0,
+            "the journal holds the recent writes"
+        );
+        let damages: [(&str, bool, Damage); 3] = [
+            (
+                "flipped byte in the journal",
+                false,
+                Box::new(|data: &Path| flip(&data.join("journal"), b"disk message 2", false)),
+            ),
             (
                 "truncated",
-                Box::new(move |db: &Path| {
+                true,
+                Box::new(|data: &Path| {
+                    let db = data.join("db");
+                    let len = std::fs::metadata(&db).expect("db").len();
                     let file = std::fs::OpenOptions::new()
                         .write(true)
-                        .open(db)
+                        .open(&db)
                         .expect("open db");
                     file.set_len(len / 2).expect("truncate");
                 }),
             ),
             (
                 "flipped byte",
-                Box::new(|db: &Path| {
-                    let mut bytes = std::fs::read(db).expect("read db");
-                    let needle = b"disk message 2999";
-                    let at = bytes
-                        .windows(needle.len())
-                        .rposition(|w| w == needle)
-                        .expect("the last message is in the db file");
-                    bytes[at + 5] ^= 0x01;
-                    std::fs::write(db, bytes).expect("write db");
-                }),
+                true,
+                Box::new(|data: &Path| flip(&data.join("db"), b"disk message 2999", true)),
             ),
         ];
-        for (what, damage) in damages {
+        for (what, checkpoint, damage) in damages {
             let _ = std::fs::remove_dir_all(&data);
             copy_dir(&pristine, &data);
-            damage(&db);
+            if checkpoint {
+                cluster.local_export(target);
+                assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 0);
+            }
+            damage(&data);
             cluster.launch(target);
             let status = cluster.wait_exit(target, Duration::from_secs(20));
             let log = cluster.log(target);
@@ -532,6 +546,23 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
 
 /// Something done to a stopped node's sled file.
 type Damage = Box<dyn Fn(&Path)>;
+
+/// Flips one bit inside the last (or first) occurrence of `needle`.
+fn flip(file: &Path, needle: &[u8], last: bool) {
+    let mut bytes = std::fs::read(file).expect("read the file");
+    let mut matches = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle);
+    let found = if last {
+        matches.next_back()
+    } else {
+        matches.next()
+    };
+    let (at, _) = found.unwrap_or_else(|| panic!("{} holds no {needle:?}", file.display()));
+    bytes[at + 5] ^= 0x01;
+    std::fs::write(file, bytes).expect("write the file");
+}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");

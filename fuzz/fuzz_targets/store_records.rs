@@ -1,5 +1,5 @@
 //! Records read back from the data directory: log entries, the hard state,
-//! the directory's identity and the witness.
+//! the directory's identity, the witness and the journal.
 #![no_main]
 
 use cluster_store::storage::{decode_entry, decode_metadata, decode_witness};
@@ -9,4 +9,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_entry(data);
     let _ = decode_metadata(data);
     let _ = decode_witness(data);
+    let _ = cluster_store::journal::decode(data);
 });

@@ -90,15 +90,6 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
-impl Status {
-    /// The committed entries this node's own store already holds: what a
-    /// read of its store may return (a follower can learn that entries
-    /// committed before its own copy of them is synced).
-    pub fn readable(&self) -> Index {
-        self.commit.min(self.persisted_index)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     pub id: NodeId,

@@ -238,7 +238,7 @@ impl Api {
                 self.page(from, upto, limit)
             }
             ClientRequest::LocalExport { from, limit } => match self.status().await {
-                Ok(status) => self.page(from, status.readable(), limit),
+                Ok(status) => self.page(from, status.commit, limit),
                 Err(response) => response,
             },
             ClientRequest::Status => match self.status().await {

@@ -91,7 +91,13 @@ fn json_api_against_a_real_cluster() {
     assert_eq!(status["id"], 1);
     assert_eq!(status["http_write"], true);
     for node in [1, 2, 3] {
-        let (_, answer) = http.json(node, "GET", "/leader", None);
+        // A follower names the leader once its first message arrives.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut answer = http.json(node, "GET", "/leader", None).1;
+        while answer["leader"].as_u64() != Some(leader) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            answer = http.json(node, "GET", "/leader", None).1;
+        }
         assert_eq!(answer["leader"].as_u64(), Some(leader), "node {node}");
         let (_, clock) = http.json(node, "GET", "/lamport_time", None);
         assert!(clock["lamport"].is_u64());

@@ -13,19 +13,7 @@ use std::time::{Duration, Instant};
 use cluster_store::client::Client;
 use cluster_store::raft::NodeId;
 use common::nodes::TestCluster;
-use common::{closed_loop, pipelined, start};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
+use common::{closed_loop, env_u64, median, pipelined, start};
 
 async fn leader_of(cluster: &TestCluster, admin: &Client) -> NodeId {
     cluster

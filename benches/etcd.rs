@@ -13,24 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
+use common::{closed_loop_with, env_u64, median, Load};
 
 const IP: &str = "127.0.0.160";
 
@@ -225,48 +210,27 @@ async fn wait_healthy(members: &[usize]) {
     panic!("etcd did not become healthy");
 }
 
-struct Load {
-    throughput: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
 async fn closed_loop(clients: usize, seconds: u64) -> Load {
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let Ok(mut http) = Http::connect(c % 3).await else {
-                return latencies;
-            };
-            let mut i = 0u64;
-            while Instant::now() < until {
-                i += 1;
-                let started = Instant::now();
-                if http
-                    .post("/v3/kv/put", &put_body(c as u64 * 1_000_000 + i))
-                    .await
-                    .is_ok()
-                {
-                    latencies.push(started.elapsed());
-                }
+    closed_loop_with(clients, seconds, |c, until| async move {
+        let mut latencies = Vec::new();
+        let Ok(mut http) = Http::connect(c % 3).await else {
+            return latencies;
+        };
+        let mut i = 0u64;
+        while Instant::now() < until {
+            i += 1;
+            let started = Instant::now();
+            if http
+                .post("/v3/kv/put", &put_body(c as u64 * 1_000_000 + i))
+                .await
+                .is_ok()
+            {
+                latencies.push(started.elapsed());
             }
-            latencies
-        }));
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap_or_default());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    Load {
-        throughput: all.len() as f64 / elapsed,
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-    }
+        }
+        latencies
+    })
+    .await
 }
 
 /// The member that leads, from the status every member reports.

@@ -30,8 +30,6 @@ const IDENTITY_KEY: &[u8] = b"identity";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
-/// Entries per sled batch within one write; see `Store::apply`.
-const WRITE_SLICE: usize = 256;
 /// Journal size that triggers a checkpoint (a flush of sled).
 const CHECKPOINT_BYTES: u64 = 16 << 20;
 
@@ -108,6 +106,9 @@ pub struct Store {
     /// Unsafe mode only: acknowledged writes not yet applied, and when
     /// they were last applied.
     deferred: Vec<(Option<HardState>, Option<LogWrite>)>,
+    /// Applied since the last sync, and the latest hard state among them.
+    staged: bool,
+    staged_hard_state: Option<HardState>,
     last_applied: std::time::Instant,
     /// The witness file and what it says; see the module comment.
     witness_file: Option<File>,
@@ -396,6 +397,8 @@ impl Store {
             journal,
             skip_sync: false,
             deferred: Vec::new(),
+            staged: false,
+            staged_hard_state: None,
             last_applied: std::time::Instant::now(),
             witness_file: None,
             witness: Witness::default(),
@@ -580,14 +583,12 @@ impl Store {
     }
 
     /// Applies several readies' durable changes, in order, and makes them
-    /// durable with one sync: group commit across readies.
+    /// durable with one sync (together with anything staged before):
+    /// group commit across readies.
     pub fn write_many(
         &mut self,
         writes: &[(Option<HardState>, Option<&LogWrite>)],
     ) -> Result<(), StoreError> {
-        if writes.iter().all(|(hs, w)| hs.is_none() && w.is_none()) {
-            return Ok(());
-        }
         if self.skip_sync {
             // Acknowledge now, write seconds later: a crash in between loses
             // acknowledged entries. Only for proving the checkers work.
@@ -602,7 +603,20 @@ impl Store {
             }
             return self.sync();
         }
-        let mut latest_hard_state = None;
+        self.stage(writes)?;
+        self.sync_staged().map(|_| ())
+    }
+
+    /// Applies writes without syncing them: the next sync covers them. A
+    /// crash before it loses them, so only what needs no acknowledgement
+    /// may wait here (a new commit index: the leader tells it again).
+    pub fn stage(
+        &mut self,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError> {
+        if self.skip_sync {
+            return self.write_many(writes);
+        }
         for (hard_state, write) in writes {
             // A truncation may shorten the log: lower the witness first, and
             // durably, so it never claims more than the store holds.
@@ -617,12 +631,22 @@ impl Store {
             if let Some(write) = write {
                 self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
             }
-            latest_hard_state = (*hard_state).or(latest_hard_state);
+            self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
+            self.staged |= hard_state.is_some() || write.is_some();
+        }
+        Ok(())
+    }
+
+    /// Makes everything staged durable with one sync, if anything is
+    /// staged; says whether it synced.
+    pub fn sync_staged(&mut self) -> Result<bool, StoreError> {
+        if !std::mem::take(&mut self.staged) {
+            return Ok(false);
         }
         self.sync()?;
         // The witness may only claim what is now durable.
         let mut vote_changed = false;
-        if let Some(hs) = latest_hard_state {
+        if let Some(hs) = self.staged_hard_state.take() {
             let vote = hs.vote.unwrap_or(0);
             vote_changed = hs.term != self.witness.term || vote != self.witness.vote;
             self.witness.term = hs.term;
@@ -633,7 +657,18 @@ impl Store {
         // Entries are durable in sled already; the witness only has to
         // outlive a crash of this process (the page cache does that), except
         // for votes, which are synced because they are rare and precious.
-        self.write_witness(vote_changed)
+        self.write_witness(vote_changed)?;
+        Ok(true)
+    }
+
+    /// Whether writes are applied but not yet synced.
+    pub fn has_staged(&self) -> bool {
+        self.staged
+    }
+
+    /// The commit index the last sync made durable.
+    pub fn synced_commit(&self) -> Index {
+        self.witness.commit
     }
 
     fn apply(
@@ -668,27 +703,25 @@ impl Store {
         log: Option<(Index, &[Vec<u8>])>,
     ) -> Result<(), StoreError> {
         if let Some((from, entries)) = log {
-            let mut batch = sled::Batch::default();
-            for item in self.log.range(from.to_be_bytes()..) {
-                let (key, _) = item.map_err(|e| self.write_error(e))?;
-                batch.remove(key);
+            // Plain inserts, not a `sled::Batch`: sled seals and writes out
+            // its log buffer at the end of every batch, waking its whole I/O
+            // pool each time, and the journal already makes the write
+            // atomic. Keys past the new end are removed first.
+            let stale: Vec<_> = self
+                .log
+                .range((from + entries.len() as Index).to_be_bytes()..)
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.write_error(e))?;
+            for key in stale {
+                self.log.remove(key).map_err(|e| self.write_error(e))?;
             }
-            // sled holds a whole batch's tree updates in memory until it is
-            // applied: a follower catching up can be handed 60,000 entries
-            // in one write, so apply them in slices. The journal makes the
-            // whole write durable at once.
             for (i, bytes) in entries.iter().enumerate() {
                 let index = from + i as Index;
-                batch.insert(&index.to_be_bytes(), bytes.as_slice());
-                if (i + 1) % WRITE_SLICE == 0 {
-                    self.log
-                        .apply_batch(std::mem::take(&mut batch))
-                        .map_err(|e| self.write_error(e))?;
-                }
+                self.log
+                    .insert(index.to_be_bytes(), bytes.as_slice())
+                    .map_err(|e| self.write_error(e))?;
             }
-            self.log
-                .apply_batch(batch)
-                .map_err(|e| self.write_error(e))?;
         }
         if let Some(hard_state) = hard_state {
             let bytes = codec()
@@ -739,6 +772,33 @@ mod tests {
             lamport: index,
             payload: Payload::Noop,
         }
+    }
+
+    #[test]
+    fn a_staged_commit_counts_only_once_synced() {
+        let dir = std::env::temp_dir().join(format!("cs-store-stage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+        let append = LogWrite {
+            from: 1,
+            entries: vec![entry(1, 1), entry(2, 1)],
+        };
+        store.write(None, Some(&append)).unwrap();
+        let commit = HardState {
+            term: 1,
+            vote: Some(1),
+            commit: 2,
+        };
+        store.stage(&[(Some(commit), None)]).unwrap();
+        assert!(store.has_staged());
+        assert_eq!(store.synced_commit(), 0, "staged, not yet synced");
+        assert!(store.sync_staged().unwrap());
+        assert_eq!(store.synced_commit(), 2);
+        assert!(!store.sync_staged().unwrap(), "nothing left to sync");
+        drop(store);
+        let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        assert_eq!(recovered.hard_state.commit, 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -5,27 +5,13 @@ mod nodes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_store::client::{format_line, Client};
 use cluster_store::raft::{Committed, Envelope, Message, Role};
 use cluster_store::wire::{encode, ExportedEntry, PeerFrame};
-use nodes::{check_export, TestCluster};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
-    let _guard = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(test());
-}
+use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
 

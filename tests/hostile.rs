@@ -16,21 +16,7 @@ use cluster_store::client::{format_line, Client};
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::Committed;
 use cluster_store::tls::{self, Credentials};
-use nodes::{check_export, TestCluster};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
-    let _guard = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(test());
-}
+use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
 

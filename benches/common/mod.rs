@@ -63,31 +63,37 @@ pub fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
     })
 }
 
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 pub struct Load {
     pub throughput: f64,
     pub p50: Duration,
     pub p99: Duration,
 }
 
-/// `clients` clients each sending one message at a time for `seconds`.
-pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
-    let mut tasks = Vec::new();
+/// Runs `clients` closed-loop tasks for `seconds`: `client(c, until)` is
+/// task `c`, writing one message at a time until `until` and returning the
+/// latency of each acknowledged write.
+pub async fn closed_loop_with<F, Fut>(clients: usize, seconds: u64, client: F) -> Load
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+{
     let until = Instant::now() + Duration::from_secs(seconds);
-    for c in 0..clients {
-        let client = Arc::new(cluster.client(["alice", "bob", "carol"][c % 3]));
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let payload = "x".repeat(100);
-            while Instant::now() < until {
-                let started = Instant::now();
-                if client.send(vec![payload.clone()]).await.is_ok() {
-                    latencies.push(started.elapsed());
-                }
-            }
-            latencies
-        }));
-    }
     let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| tokio::spawn(client(c, until)))
+        .collect();
     let mut all = Vec::new();
     for task in tasks {
         all.extend(task.await.unwrap_or_default());
@@ -99,6 +105,25 @@ pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) ->
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
     }
+}
+
+/// `clients` clients each sending one message at a time for `seconds`.
+pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
+    closed_loop_with(clients, seconds, |c, until| {
+        let client = cluster.client(["alice", "bob", "carol"][c % 3]);
+        async move {
+            let mut latencies = Vec::new();
+            let payload = "x".repeat(100);
+            while Instant::now() < until {
+                let started = Instant::now();
+                if client.send(vec![payload.clone()]).await.is_ok() {
+                    latencies.push(started.elapsed());
+                }
+            }
+            latencies
+        }
+    })
+    .await
 }
 
 /// One client keeping `in_flight` batches of `batch` messages outstanding.

@@ -198,10 +198,9 @@ impl Api {
                 lamport,
                 texts,
             } => self.start_send(client, client_id, first_seq, lamport, texts),
-            other => {
+            query => {
                 let api = self.clone();
-                let client = client.to_string();
-                Box::pin(async move { api.handle(&client, other).await })
+                Box::pin(async move { api.query(query).await })
             }
         }
     }
@@ -216,17 +215,10 @@ impl Api {
         }
     }
 
-    async fn handle(&self, client: &str, request: ClientRequest) -> ClientResponse {
+    /// Answers a request that reads rather than writes.
+    async fn query(&self, request: ClientRequest) -> ClientResponse {
         match request {
-            ClientRequest::Send {
-                client_id,
-                first_seq,
-                lamport,
-                texts,
-            } => {
-                self.start_send(client, client_id, first_seq, lamport, texts)
-                    .await
-            }
+            ClientRequest::Send { .. } => error("a send is not a query", false),
             ClientRequest::Export { from, limit, upto } => {
                 let upto = match upto {
                     Some(upto) => upto,

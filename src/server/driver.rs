@@ -66,6 +66,8 @@ pub struct Driver {
     announced: (Option<NodeId>, Term, Lamport),
     /// The term and vote known to be on disk.
     durable_vote: (Term, Option<NodeId>),
+    /// The commit index known to be on disk.
+    synced_commit: Index,
 }
 
 impl Driver {
@@ -85,6 +87,10 @@ impl Driver {
                 let status = raft.status();
                 (status.term, raft.vote())
             },
+            synced_commit: store
+                .progress
+                .lock()
+                .map_or(0, |progress| progress.synced_commit),
             raft,
             store,
             outboxes,
@@ -167,7 +173,10 @@ impl Driver {
                 self.raft.read_index(ctx);
             }
             Input::Status(reply) => {
-                let _ = reply.send(self.raft.status());
+                // Report only a commit index that would survive a crash.
+                let mut status = self.raft.status();
+                status.commit = status.commit.min(self.synced_commit);
+                let _ = reply.send(status);
             }
             // Picked up by `take_progress` after this batch of inputs.
             Input::StoreProgress => {}
@@ -254,7 +263,10 @@ impl Driver {
     /// look, which is when a leader counts its own copy towards commit.
     fn take_progress(&mut self) -> Result<(), StoreError> {
         let (durable, failed) = match self.store.progress.lock() {
-            Ok(mut progress) => (progress.durable.take(), progress.failed.take()),
+            Ok(mut progress) => {
+                self.synced_commit = progress.synced_commit;
+                (progress.durable.take(), progress.failed.take())
+            }
             Err(_) => (None, None),
         };
         if let Some(error) = failed {

@@ -7,9 +7,10 @@
 //! new proposals never wait for the disk, and whatever arrives during one
 //! sync is covered by the next (group commit across readies).
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -19,8 +20,18 @@ use crate::raft::{Envelope, HardState, Index, LogWrite, NodeId, Term};
 use crate::storage::{LogReader, Store, StoreError};
 
 /// Work for the store thread, carried out in the order it was queued.
+///
+/// Only new entries and votes are synced at once. A write without entries
+/// carries at most a new commit index, which nobody waits for (a restarted
+/// node learns it again from the leader): it is staged and rides along with
+/// the next sync, or is synced on its own once the store has been idle for
+/// `COMMIT_LINGER`. Its messages can leave at once, since every entry they
+/// acknowledge was synced by an earlier job. One sync per message instead
+/// of two on every node: half the disk work for a lone client, and the
+/// store is free for the next append sooner.
 pub enum Job {
-    /// Make these durable, then send `then_send`.
+    /// Make these durable, then send `then_send`. The hard state here only
+    /// ever moves the commit index: a vote is followed by a `Barrier`.
     Write {
         hard_state: Option<HardState>,
         log_write: Option<LogWrite>,
@@ -29,6 +40,9 @@ pub enum Job {
     /// Answered once everything queued before it is durable.
     Barrier(SyncSender<()>),
 }
+
+/// Longest a staged commit index waits for a sync to ride along with.
+pub const COMMIT_LINGER: Duration = Duration::from_millis(5);
 
 /// What the store thread reports to the driver. A slot rather than a
 /// message: the driver's queue is bounded and the driver may be waiting for
@@ -39,6 +53,9 @@ pub struct Progress {
     pub durable: Option<(Index, Term)>,
     /// A write failed: the node must stop.
     pub failed: Option<StoreError>,
+    /// The commit index the store has synced: a node reports no more than
+    /// this, so what it reports survives a crash.
+    pub synced_commit: Index,
 }
 
 /// The driver's side of the store thread.
@@ -59,7 +76,10 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> std::io::Result<StoreHandle> {
     let (jobs, job_rx) = std::sync::mpsc::channel();
-    let progress = Arc::new(Mutex::new(Progress::default()));
+    let progress = Arc::new(Mutex::new(Progress {
+        synced_commit: store.synced_commit(),
+        ..Progress::default()
+    }));
     let log = store.reader();
     let persister = Persister {
         store,
@@ -93,31 +113,22 @@ impl Persister {
     /// Runs until the driver drops its end of the queue, or the store fails
     /// (then the driver is told, and stops the node).
     fn run(mut self) {
-        while let Ok(first) = self.jobs.recv() {
-            let mut jobs = vec![first];
+        loop {
+            let first = if self.store.has_staged() {
+                match self.jobs.recv_timeout(COMMIT_LINGER) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match self.jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                }
+            };
+            let mut jobs: Vec<Job> = first.into_iter().collect();
             jobs.extend(self.jobs.try_iter());
-            let writes: Vec<_> = jobs
-                .iter()
-                .filter_map(|job| match job {
-                    Job::Write {
-                        hard_state,
-                        log_write,
-                        ..
-                    } => Some((*hard_state, log_write.as_ref())),
-                    Job::Barrier(_) => None,
-                })
-                .collect();
-            // The log's new end, if the last write that changed it says so
-            // (a bare truncation does not name its last term).
-            let durable = jobs.iter().rev().find_map(|job| match job {
-                Job::Write {
-                    log_write: Some(write),
-                    ..
-                } => Some(write.last()),
-                _ => None,
-            });
-            let started = Instant::now();
-            if let Err(error) = self.store.write_many(&writes) {
+            if let Err(error) = self.carry_out(jobs) {
                 tracing::error!("{error}");
                 if let Ok(mut progress) = self.progress.lock() {
                     progress.failed = Some(error);
@@ -125,29 +136,73 @@ impl Persister {
                 let _ = self.driver.try_send(Input::StoreProgress);
                 return;
             }
-            if writes.iter().any(|(hs, w)| hs.is_some() || w.is_some()) {
-                self.metrics.fsync.observe(started.elapsed());
-            }
-            for job in jobs {
-                match job {
-                    Job::Write { then_send, .. } => {
-                        for envelope in then_send {
-                            send(&self.outboxes, envelope);
-                        }
-                    }
-                    Job::Barrier(done) => {
-                        let _ = done.send(());
+        }
+    }
+
+    /// Applies `jobs`, syncs them and everything staged before if any of
+    /// them must be durable now (or if there are none: the linger is over),
+    /// sends what waited, and reports progress.
+    fn carry_out(&mut self, jobs: Vec<Job>) -> Result<(), StoreError> {
+        let writes: Vec<_> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                Job::Write {
+                    hard_state,
+                    log_write,
+                    ..
+                } => Some((*hard_state, log_write.as_ref())),
+                Job::Barrier(_) => None,
+            })
+            .collect();
+        let must_sync = jobs.is_empty()
+            || jobs.iter().any(|job| {
+                matches!(
+                    job,
+                    Job::Write {
+                        log_write: Some(_),
+                        ..
+                    } | Job::Barrier(_)
+                )
+            });
+        // The log's new end, if the last write that changed it says so
+        // (a bare truncation does not name its last term).
+        let durable = jobs.iter().rev().find_map(|job| match job {
+            Job::Write {
+                log_write: Some(write),
+                ..
+            } => Some(write.last()),
+            _ => None,
+        });
+        let started = Instant::now();
+        self.store.stage(&writes)?;
+        let synced = must_sync && self.store.sync_staged()?;
+        if synced {
+            self.metrics.fsync.observe(started.elapsed());
+        }
+        for job in jobs {
+            match job {
+                Job::Write { then_send, .. } => {
+                    for envelope in then_send {
+                        send(&self.outboxes, envelope);
                     }
                 }
-            }
-            if let Some(Some(durable)) = durable {
-                if let Ok(mut progress) = self.progress.lock() {
-                    progress.durable = Some(durable);
+                Job::Barrier(done) => {
+                    let _ = done.send(());
                 }
-                // A full queue means the driver is busy and will look soon.
-                let _ = self.driver.try_send(Input::StoreProgress);
             }
         }
+        if !synced {
+            return Ok(());
+        }
+        if let Ok(mut progress) = self.progress.lock() {
+            if let Some(Some(durable)) = durable {
+                progress.durable = Some(durable);
+            }
+            progress.synced_commit = self.store.synced_commit();
+        }
+        // A full queue means the driver is busy and will look soon.
+        let _ = self.driver.try_send(Input::StoreProgress);
+        Ok(())
     }
 }
 

@@ -21,6 +21,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_node");
 /// The binary the cluster's nodes run: `BIN`, or another build named by
 /// `CLUSTER_STORE_NODE_BIN` (to compare two versions in one benchmark
 /// sitting).
+/// Real clusters share this machine's two cores: tests that start one run
+/// one at a time, each on its own two-worker runtime.
+pub fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(test());
+}
+
 fn server_bin() -> String {
     std::env::var("CLUSTER_STORE_NODE_BIN").unwrap_or_else(|_| BIN.to_string())
 }

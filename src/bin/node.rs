@@ -9,12 +9,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// sled copies a leaf node on every insert; glibc's allocator spent more
-/// of a store thread's time on those copies than sled itself (perf,
-/// pipelined load). mimalloc handles that churn far more cheaply.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client};
 use cluster_store::identity::{self, Validity};

@@ -4,6 +4,8 @@
 //! pipelined bulk client, catch-up, leader failover and memory. It reports;
 //! it asserts nothing. `BENCH_RUNS` (default 3) repeats each measurement
 //! and prints medians; `BENCH_SECONDS` (default 5) sizes the load phases.
+//! `BENCH_TOPOLOGY=loopback`, `=wan` or `=none` (catch-up and memory only)
+//! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it).
 
 mod common;
 
@@ -137,7 +139,7 @@ fn main() {
         let only = std::env::var("BENCH_TOPOLOGY")
             .unwrap_or_else(|_| if smoke { "loopback".into() } else { String::new() });
         for (topology, wan, ip) in [("loopback", false, 150u8), ("WAN 70/90/155 ms", true, 151)] {
-            if (only == "wan" && !wan) || (only == "loopback" && wan) {
+            if only == "none" || (only == "wan" && !wan) || (only == "loopback" && wan) {
                 continue;
             }
             let mut one = Vec::new();

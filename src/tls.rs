@@ -70,6 +70,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Bytes a peer may send on one stream before we grant more.
+const STREAM_WINDOW: u32 = 32 << 20;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     // A crashed peer is noticed within a few seconds even when nothing is
@@ -78,6 +81,14 @@ fn transport() -> Arc<quinn::TransportConfig> {
     if let Ok(timeout) = Duration::from_secs(3).try_into() {
         transport.max_idle_timeout(Some(timeout));
     }
+    // quinn's default stream window (1.25 MB) caps one stream at 1.25 MB
+    // per round trip: 4 MB/s to a peer 310 ms away, less than a pipelined
+    // client writes. The Raft stream then backs up, heartbeats queue behind
+    // appends, and followers start elections under steady load. Flow
+    // control should never be the limit between nodes; Raft's own window
+    // (64 appends in flight) is.
+    transport.stream_receive_window(STREAM_WINDOW.into());
+    transport.send_window(4 * u64::from(STREAM_WINDOW));
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(64u32.into());
     Arc::new(transport)

@@ -15,7 +15,7 @@ use super::api::Api;
 use super::driver::Input;
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
-use crate::raft::{Envelope, NodeId};
+use crate::raft::{Envelope, Message, NodeId};
 use crate::tls::{peer_identity, peer_serial};
 use crate::wire::{encode, read_frame_sized, PeerFrame};
 
@@ -24,6 +24,9 @@ pub const CLOSE_UNKNOWN_PEER: u32 = 1;
 pub const CLOSE_BAD_FRAME: u32 = 2;
 pub const CLOSE_IMPERSONATION: u32 = 3;
 pub const CLOSE_REVOKED: u32 = 4;
+
+/// Messages queued for one peer's append stream.
+const OUTBOX: usize = 256;
 
 /// Most TLS handshakes a node runs at once.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -249,14 +252,29 @@ pub async fn run_link(
             }
         };
         backoff = Duration::from_millis(50);
-        let Ok(mut stream) = connection.open_uni().await else {
+        // Two streams: appends on one, in order, and everything else
+        // (heartbeats, votes, acknowledgements) on another that QUIC serves
+        // first. A backed-up append stream (a slow start across an ocean,
+        // a follower catching up) must not hold back the heartbeats that
+        // keep followers from starting elections. Raft tolerates the
+        // reordering between the two.
+        let (Ok(mut control), Ok(bulk)) =
+            (connection.open_uni().await, connection.open_uni().await)
+        else {
             tokio::time::sleep(backoff).await;
             continue;
         };
+        let _ = control.set_priority(1);
+        let (appends, queued) = mpsc::channel::<Vec<u8>>(OUTBOX);
+        let mut bulk_writer = tokio::spawn(write_frames(bulk, queued));
         loop {
             tokio::select! {
                 envelope = outbox.recv() => {
-                    let Some(envelope) = envelope else { return };
+                    let Some(envelope) = envelope else {
+                        bulk_writer.abort();
+                        return;
+                    };
+                    let is_bulk = matches!(&envelope.message, Message::Append { .. });
                     let frame = match encode(&PeerFrame::Raft(envelope)) {
                         Ok(frame) => frame,
                         Err(error) => {
@@ -264,17 +282,25 @@ pub async fn run_link(
                             continue;
                         }
                     };
-                    if let Err(error) = stream.write_all(&frame).await {
+                    peers.metrics.quic_bytes_sent.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    if is_bulk {
+                        // Full: the peer is far behind; Raft resends.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = appends.try_send(frame) {
+                            debug!(peer, "peer link broke (append stream)");
+                            break;
+                        }
+                    } else if let Err(error) = control.write_all(&frame).await {
                         debug!(peer, "peer link broke: {error}");
                         break;
                     }
-                    peers.metrics.quic_bytes_sent.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
+                _ = &mut bulk_writer => break,
                 _ = connection.closed() => break,
                 // The peer dialed us anew (it restarted): switch at once
                 // rather than writing into the old, dead connection.
                 changed = inbound.changed(), if !dial => {
                     if changed.is_err() {
+                        bulk_writer.abort();
                         return;
                     }
                     let newer = inbound.borrow().as_ref().is_some_and(|c| c.stable_id() != connection.stable_id());
@@ -283,6 +309,18 @@ pub async fn run_link(
                     }
                 }
             }
+        }
+        bulk_writer.abort();
+    }
+}
+
+/// Writes queued frames to `stream` until the queue closes or the stream
+/// breaks.
+async fn write_frames(mut stream: quinn::SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(error) = stream.write_all(&frame).await {
+            debug!("peer link broke (append stream): {error}");
+            return;
         }
     }
 }

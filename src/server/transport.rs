@@ -1,5 +1,6 @@
 //! Peer links over QUIC: one connection per pair of nodes (the lower id
-//! dials), one ordered stream per direction, reconnection with backoff.
+//! dials), per direction an ordered append stream and a prioritized one for
+//! heartbeats, votes and acknowledgements, reconnection with backoff.
 //! A peer is whoever its certificate says, and may only speak for itself.
 
 use std::collections::{BTreeMap, HashSet};

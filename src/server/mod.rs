@@ -178,7 +178,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let mut inbound = BTreeMap::new();
     let mut links = Vec::new();
     for id in addresses.keys() {
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(transport::OUTBOX);
         outboxes.insert(*id, tx);
         let (slot, watch_rx) = watch::channel(None);
         inbound.insert(*id, slot);

@@ -26,8 +26,9 @@ pub const CLOSE_BAD_FRAME: u32 = 2;
 pub const CLOSE_IMPERSONATION: u32 = 3;
 pub const CLOSE_REVOKED: u32 = 4;
 
-/// Messages queued for one peer's append stream.
-const OUTBOX: usize = 256;
+/// Messages queued for one peer: in its outbox, and again for its append
+/// stream. Full means the peer is far behind; Raft resends.
+pub const OUTBOX: usize = 256;
 
 /// Most TLS handshakes a node runs at once.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -283,17 +284,24 @@ pub async fn run_link(
                             continue;
                         }
                     };
-                    peers.metrics.quic_bytes_sent.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    let size = frame.len() as u64;
                     if is_bulk {
-                        // Full: the peer is far behind; Raft resends.
-                        if let Err(mpsc::error::TrySendError::Closed(_)) = appends.try_send(frame) {
-                            debug!(peer, "peer link broke (append stream)");
-                            break;
+                        match appends.try_send(frame) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                debug!(peer, "append stream backed up, dropping an append");
+                                continue;
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                debug!(peer, "peer link broke (append stream)");
+                                break;
+                            }
                         }
                     } else if let Err(error) = control.write_all(&frame).await {
                         debug!(peer, "peer link broke: {error}");
                         break;
                     }
+                    peers.metrics.quic_bytes_sent.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = &mut bulk_writer => break,
                 _ = connection.closed() => break,

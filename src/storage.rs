@@ -777,6 +777,32 @@ mod tests {
     use super::*;
     use crate::raft::Payload;
 
+    /// Opens a store this process has just dropped. sled's background
+    /// threads let go of the directory's lock a moment after the drop, so a
+    /// lock conflict is waited out (briefly); any other outcome is returned.
+    fn open_released(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir, cluster_id, node_id) {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn reopen(dir: &Path) -> (Store, Recovered) {
+        open_released(dir, "c1", 1).unwrap()
+    }
+
     fn entry(index: Index, term: u64) -> Entry {
         Entry {
             index,
@@ -808,7 +834,7 @@ mod tests {
         assert_eq!(store.synced_commit(), 2);
         assert!(!store.sync_staged().unwrap(), "nothing left to sync");
         drop(store);
-        let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        let (_, recovered) = reopen(&dir);
         assert_eq!(recovered.hard_state.commit, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -847,7 +873,7 @@ mod tests {
                 )
                 .unwrap();
         }
-        let (store, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        let (store, recovered) = reopen(&dir);
         assert_eq!(recovered.last_index, 1802);
         assert_eq!(recovered.hard_state.commit, 1500);
         let entries = store.entries(1, 1802, usize::MAX).unwrap();
@@ -885,7 +911,7 @@ mod tests {
             };
             store.write(None, Some(&replace)).unwrap();
         }
-        let (store, recovered) = Store::open(&dir, "c1", 1).unwrap();
+        let (store, recovered) = reopen(&dir);
         assert_eq!(recovered.hard_state.term, 2);
         assert_eq!(recovered.last_index, 2);
         let mut entries = Vec::new();
@@ -898,11 +924,11 @@ mod tests {
         assert_eq!(entries, vec![entry(1, 1), entry(2, 2)]);
         drop(store);
         assert!(matches!(
-            Store::open(&dir, "c1", 2),
+            open_released(&dir, "c1", 2),
             Err(StoreError::Foreign { .. })
         ));
         assert!(matches!(
-            Store::open(&dir, "c2", 1),
+            open_released(&dir, "c2", 1),
             Err(StoreError::Foreign { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

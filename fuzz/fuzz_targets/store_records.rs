@@ -1,12 +1,13 @@
-//! Records read back from the data directory: log entries, the hard state,
-//! the directory's identity, the witness and the journal.
+//! Records read back from the data directory: log entries and chunks, the
+//! hard state, the directory's identity, the witness and the journal.
 #![no_main]
 
-use cluster_store::storage::{decode_entry, decode_metadata, decode_witness};
+use cluster_store::storage::{decode_chunk, decode_entry, decode_metadata, decode_witness};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_entry(data);
+    let _ = decode_chunk(data);
     let _ = decode_metadata(data);
     let _ = decode_witness(data);
     let _ = cluster_store::journal::decode(data);

@@ -1,5 +1,6 @@
-//! The node's durable state in sled: the log (index to entry), the hard
-//! state (term, vote, commit) and the identity of the data directory.
+//! The node's durable state in sled: the log (one value per write, see
+//! `chunk.rs`), the hard state (term, vote, commit) and the identity of
+//! the data directory.
 //!
 //! Every write batch is made durable by appending it to the journal
 //! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
@@ -26,6 +27,17 @@ use serde::{Deserialize, Serialize};
 use crate::journal::Journal;
 use crate::raft::{Entry, HardState, Index, LogWrite, NodeId};
 
+mod chunk;
+
+/// The sled tree holding the log as chunks (`chunk.rs`).
+pub const LOG_TREE: &str = "log_chunks";
+/// The tree of stores written before chunks: one key per entry. Opening
+/// such a store converts it (`convert_per_entry_log`).
+const PER_ENTRY_LOG_TREE: &str = "log";
+/// Entries per chunk when converting a per-entry log.
+const CONVERTED_CHUNK: usize = 1024;
+/// Present in the meta tree while a conversion is under way.
+const CONVERTING_KEY: &[u8] = b"converting_per_entry_log";
 const IDENTITY_KEY: &[u8] = b"identity";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
@@ -84,6 +96,20 @@ pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataI
         codec().deserialize(bytes).map_err(|e| e.to_string()),
         codec().deserialize(bytes).map_err(|e| e.to_string()),
     )
+}
+
+/// Decodes one stored log chunk (the entries of one write) as the store
+/// does; public for the fuzz targets and property tests.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, String> {
+    chunk::split(bytes)?.into_iter().map(decode_entry).collect()
+}
+
+/// The index a log key names (8 bytes, big-endian).
+fn index_of(key: &[u8]) -> Result<Index, String> {
+    let key: [u8; 8] = key
+        .try_into()
+        .map_err(|_| format!("log key of {} bytes", key.len()))?;
+    Ok(Index::from_be_bytes(key))
 }
 
 /// Decodes a witness file's contents as the store does (term, vote, last
@@ -380,7 +406,7 @@ impl Store {
             .flush_every_ms(if durable { Some(500) } else { None })
             .open()
             .map_err(open_error)?;
-        let log = db.open_tree("log").map_err(open_error)?;
+        let log = db.open_tree(LOG_TREE).map_err(open_error)?;
         let meta = db.open_tree("meta").map_err(open_error)?;
         let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
@@ -404,6 +430,7 @@ impl Store {
             witness: Witness::default(),
             last_index: 0,
         };
+        store.convert_per_entry_log()?;
         // Writes journaled since the last checkpoint: sled may have lost
         // any suffix of them, and applying them again is harmless.
         if !records.is_empty() {
@@ -463,18 +490,88 @@ impl Store {
         }
     }
 
-    /// The highest index in the log, from its last key.
+    /// The highest index in the log, from its last chunk.
     fn last_key(&self) -> Result<Index, StoreError> {
         match self.log.last().map_err(|e| self.corrupt(e.to_string()))? {
             None => Ok(0),
-            Some((key, _)) => {
-                let key: [u8; 8] = key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
-                Ok(Index::from_be_bytes(key))
+            Some((key, value)) => {
+                let first = index_of(&key).map_err(|e| self.corrupt(e))?;
+                let count = chunk::count(&value)
+                    .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
+                Ok(first + count - 1)
             }
         }
+    }
+
+    /// Rewrites a log stored one key per entry (stores written before
+    /// chunks) as chunks, then drops the old tree. A conversion cut short
+    /// by a crash starts over on the next open: the marker in the meta
+    /// tree says the chunks are incomplete.
+    fn convert_per_entry_log(&mut self) -> Result<(), StoreError> {
+        let names = self.db.tree_names();
+        if !names.iter().any(|n| n == PER_ENTRY_LOG_TREE.as_bytes()) {
+            return Ok(());
+        }
+        let old = self
+            .db
+            .open_tree(PER_ENTRY_LOG_TREE)
+            .map_err(|e| self.corrupt(e.to_string()))?;
+        let resuming = self
+            .meta
+            .contains_key(CONVERTING_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?;
+        if !old.is_empty() {
+            if !self.log.is_empty() && !resuming {
+                return Err(self.corrupt(format!(
+                    "it holds a log both one key per entry (sled tree {PER_ENTRY_LOG_TREE:?}) \
+                     and in chunks (tree {LOG_TREE:?})"
+                )));
+            }
+            self.meta
+                .insert(CONVERTING_KEY, &[])
+                .map_err(|e| self.write_error(e))?;
+            self.flush_sled()?;
+            self.log.clear().map_err(|e| self.write_error(e))?;
+            let mut chunk_start = 0;
+            let mut pending: Vec<Vec<u8>> = Vec::new();
+            let mut converted = 0u64;
+            for item in old.iter() {
+                let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
+                let index = index_of(&key).map_err(|e| self.corrupt(e))?;
+                // A gap starts a new chunk, so that every entry keeps its
+                // index (and `replay` reports the gap, as it did before).
+                let contiguous = index == chunk_start + pending.len() as Index;
+                if !pending.is_empty() && (!contiguous || pending.len() == CONVERTED_CHUNK) {
+                    self.log
+                        .insert(chunk_start.to_be_bytes(), chunk::encode(&pending))
+                        .map_err(|e| self.write_error(e))?;
+                    pending.clear();
+                }
+                if pending.is_empty() {
+                    chunk_start = index;
+                }
+                pending.push(value.to_vec());
+                converted += 1;
+            }
+            if !pending.is_empty() {
+                self.log
+                    .insert(chunk_start.to_be_bytes(), chunk::encode(&pending))
+                    .map_err(|e| self.write_error(e))?;
+            }
+            tracing::info!(
+                dir = %self.dir.display(),
+                entries = converted,
+                "converted a log stored one key per entry into chunks"
+            );
+            self.flush_sled()?;
+        }
+        self.db
+            .drop_tree(PER_ENTRY_LOG_TREE)
+            .map_err(|e| self.write_error(e))?;
+        self.meta
+            .remove(CONVERTING_KEY)
+            .map_err(|e| self.write_error(e))?;
+        self.flush_sled()
     }
 
     /// Hands every log entry to `each`, in order, checking that they are
@@ -483,20 +580,7 @@ impl Store {
         &self,
         mut each: impl FnMut(Entry) -> Result<(), String>,
     ) -> Result<Index, StoreError> {
-        let reader = self.reader();
-        let mut expected = 1;
-        for item in self.log.iter() {
-            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-            let index = reader.decode_key(&key)?;
-            let entry = decode_entry(&value)
-                .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
-            if index != expected || entry.index != index {
-                return Err(self.corrupt(format!("log entry {expected} missing (found {index})")));
-            }
-            each(entry).map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
-            expected += 1;
-        }
-        Ok(expected - 1)
+        self.reader().scan(1, Index::MAX, usize::MAX, &mut each)
     }
 
     /// Reads the whole store once, as a restart would.
@@ -536,39 +620,67 @@ impl LogReader {
         }
     }
 
-    fn decode_key(&self, key: &[u8]) -> Result<Index, StoreError> {
-        let key: [u8; 8] = key
-            .try_into()
-            .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
-        Ok(Index::from_be_bytes(key))
-    }
-
     /// Entries `from..=to`, at most `limit`, checked to be contiguous.
     pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
         let mut entries = Vec::new();
-        if from > to {
-            return Ok(entries);
-        }
-        let first = from.max(1);
-        for (expected, item) in (first..).zip(
-            self.log
-                .range(first.to_be_bytes()..=to.to_be_bytes())
-                .take(limit),
-        ) {
-            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-            let key: [u8; 8] = key
-                .as_ref()
-                .try_into()
-                .map_err(|_| self.corrupt(format!("log key of {} bytes", key.len())))?;
-            let index = Index::from_be_bytes(key);
-            let entry = decode_entry(&value)
-                .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
-            if index != expected || entry.index != index {
-                return Err(self.corrupt(format!("log entry {expected} missing (found {index})")));
-            }
+        self.scan(from, to, limit, &mut |entry| {
             entries.push(entry);
-        }
+            Ok(())
+        })?;
         Ok(entries)
+    }
+
+    /// Hands entries `from..=to` (at most `limit`) to `each` in order,
+    /// checking that they decode and are contiguous from `from`; returns
+    /// the index of the last one handed over.
+    fn scan(
+        &self,
+        from: Index,
+        to: Index,
+        limit: usize,
+        each: &mut dyn FnMut(Entry) -> Result<(), String>,
+    ) -> Result<Index, StoreError> {
+        let mut expected = from.max(1);
+        if expected > to || limit == 0 {
+            return Ok(expected - 1);
+        }
+        let mut left = limit;
+        // The chunk holding `expected` starts at or before it.
+        let start = match self.log.range(..=expected.to_be_bytes()).next_back() {
+            Some(item) => index_of(&item.map_err(|e| self.corrupt(e.to_string()))?.0)
+                .map_err(|e| self.corrupt(e))?,
+            None => expected,
+        };
+        for item in self.log.range(start.to_be_bytes()..=to.to_be_bytes()) {
+            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
+            let first = index_of(&key).map_err(|e| self.corrupt(e))?;
+            // Only the chunk before `from` may start before `expected`.
+            if first > expected || (first < expected && first != start) {
+                return Err(self.corrupt(format!(
+                    "log entry {expected} missing (found a chunk from {first})"
+                )));
+            }
+            let entries = chunk::split(&value)
+                .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
+            let skip = (expected - first) as usize;
+            for (index, bytes) in (first..).zip(&entries).skip(skip) {
+                if index > to || left == 0 {
+                    return Ok(expected - 1);
+                }
+                let entry = decode_entry(bytes)
+                    .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
+                if entry.index != index {
+                    return Err(self.corrupt(format!(
+                        "log entry {index} is stored as entry {}",
+                        entry.index
+                    )));
+                }
+                each(entry).map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
+                expected += 1;
+                left -= 1;
+            }
+        }
+        Ok(expected - 1)
     }
 }
 
@@ -718,20 +830,37 @@ impl Store {
             // Plain inserts, not a `sled::Batch`: sled seals and writes out
             // its log buffer at the end of every batch, waking its whole I/O
             // pool each time, and the journal already makes the write
-            // atomic. Keys past the new end are removed first.
+            // atomic. Chunks from `from` on go first...
             let stale: Vec<_> = self
                 .log
-                .range((from + entries.len() as Index).to_be_bytes()..)
+                .range(from.to_be_bytes()..)
                 .keys()
                 .collect::<Result<_, _>>()
                 .map_err(|e| self.write_error(e))?;
             for key in stale {
                 self.log.remove(key).map_err(|e| self.write_error(e))?;
             }
-            for (i, bytes) in entries.iter().enumerate() {
-                let index = from + i as Index;
+            // ...then the tail of the chunk before, if it reaches `from`.
+            if let Some(item) = self.log.range(..from.to_be_bytes()).next_back() {
+                let (key, value) = item.map_err(|e| self.write_error(e))?;
+                let first = index_of(&key).map_err(|e| self.corrupt(e))?;
+                let count = chunk::count(&value)
+                    .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
+                if first + count > from {
+                    let kept: Vec<Vec<u8>> = chunk::split(&value)
+                        .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?
+                        [..(from - first) as usize]
+                        .iter()
+                        .map(|bytes| bytes.to_vec())
+                        .collect();
+                    self.log
+                        .insert(key, chunk::encode(&kept))
+                        .map_err(|e| self.write_error(e))?;
+                }
+            }
+            if !entries.is_empty() {
                 self.log
-                    .insert(index.to_be_bytes(), bytes.as_slice())
+                    .insert(from.to_be_bytes(), chunk::encode(entries))
                     .map_err(|e| self.write_error(e))?;
             }
         }
@@ -758,13 +887,18 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes sled and fsyncs its data file; then the journal's records
-    /// are no longer needed.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
+    /// Flushes sled and fsyncs its data file.
+    fn flush_sled(&mut self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| self.write_error(e))?;
         if let Some(file) = &self.data_file {
             file.sync_data().map_err(|e| self.write_error(e))?;
         }
+        Ok(())
+    }
+
+    /// Flushes sled; then the journal's records are no longer needed.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.flush_sled()?;
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
         }
@@ -884,6 +1018,98 @@ mod tests {
             store.journal.is_empty(),
             "replayed records are checkpointed"
         );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reads_and_truncates_inside_chunks() {
+        let dir = std::env::temp_dir().join(format!("cs-store-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+        let write = |from: Index, to: Index, term: u64| LogWrite {
+            from,
+            entries: (from..=to).map(|i| entry(i, term)).collect(),
+        };
+        // Chunks 1..=10, 11..=20, 21..=30; then a new leader replaces 15 on.
+        for (from, to) in [(1, 10), (11, 20), (21, 30)] {
+            store.write(None, Some(&write(from, to, 1))).unwrap();
+        }
+        store.write(None, Some(&write(15, 16, 2))).unwrap();
+        let ids = |store: &Store, from: Index, to: Index, limit: usize| -> Vec<(Index, u64)> {
+            store
+                .entries(from, to, limit)
+                .unwrap()
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect()
+        };
+        assert_eq!(
+            ids(&store, 9, 12, 100),
+            vec![(9, 1), (10, 1), (11, 1), (12, 1)]
+        );
+        assert_eq!(ids(&store, 13, 100, 3), vec![(13, 1), (14, 1), (15, 2)]);
+        assert_eq!(ids(&store, 16, 100, 100), vec![(16, 2)]);
+        assert_eq!(ids(&store, 17, 100, 100), vec![]);
+        assert_eq!(ids(&store, 0, 2, 100), vec![(1, 1), (2, 1)]);
+        // A truncation with nothing new cuts a chunk in the middle.
+        store
+            .write(
+                None,
+                Some(&LogWrite {
+                    from: 5,
+                    entries: vec![],
+                }),
+            )
+            .unwrap();
+        assert_eq!(ids(&store, 1, 100, 100).len(), 4);
+        store.write(None, Some(&write(5, 6, 3))).unwrap();
+        drop(store);
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 6);
+        assert_eq!(store.verify().unwrap(), 6);
+        assert_eq!(store.entries(6, 6, 1).unwrap(), vec![entry(6, 3)]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn converts_a_log_stored_one_key_per_entry() {
+        let dir = std::env::temp_dir().join(format!("cs-store-convert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            // A store as versions before chunks left it: identity, hard
+            // state and one sled key per entry, all flushed.
+            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+            let hs = HardState {
+                term: 1,
+                vote: Some(1),
+                commit: 2000,
+            };
+            store.write(Some(hs), None).unwrap();
+            let old = store.db.open_tree(PER_ENTRY_LOG_TREE).unwrap();
+            for index in 1..=2500u64 {
+                old.insert(
+                    index.to_be_bytes(),
+                    codec().serialize(&entry(index, 1)).unwrap(),
+                )
+                .unwrap();
+            }
+            store.checkpoint().unwrap();
+        }
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 2500);
+        assert_eq!(recovered.hard_state.commit, 2000);
+        assert_eq!(store.verify().unwrap(), 2500);
+        assert_eq!(
+            store.entries(1020, 1030, 100).unwrap(),
+            (1020..=1030).map(|i| entry(i, 1)).collect::<Vec<_>>()
+        );
+        assert!(!store
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n == PER_ENTRY_LOG_TREE.as_bytes()));
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,5 +1,5 @@
-//! The node's durable state in sled: the log (one value per write, see
-//! `chunk.rs`), the hard state (term, vote, commit) and the identity of
+//! The node's durable state in sled: the log (in chunks of consecutive
+//! entries, see `chunk.rs`), the hard state (term, vote, commit) and the identity of
 //! the data directory.
 //!
 //! Every write batch is made durable by appending it to the journal
@@ -34,8 +34,6 @@ pub const LOG_TREE: &str = "log_chunks";
 /// The tree of stores written before chunks: one key per entry. Opening
 /// such a store converts it (`convert_per_entry_log`).
 const PER_ENTRY_LOG_TREE: &str = "log";
-/// Entries per chunk when converting a per-entry log.
-const CONVERTED_CHUNK: usize = 1024;
 /// Present in the meta tree while a conversion is under way.
 const CONVERTING_KEY: &[u8] = b"converting_per_entry_log";
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -541,10 +539,9 @@ impl Store {
                 // A gap starts a new chunk, so that every entry keeps its
                 // index (and `replay` reports the gap, as it did before).
                 let contiguous = index == chunk_start + pending.len() as Index;
-                if !pending.is_empty() && (!contiguous || pending.len() == CONVERTED_CHUNK) {
-                    self.log
-                        .insert(chunk_start.to_be_bytes(), chunk::encode(&pending))
-                        .map_err(|e| self.write_error(e))?;
+                // (and every 1024 entries, to bound what is held here).
+                if !pending.is_empty() && (!contiguous || pending.len() == 1024) {
+                    self.insert_chunks(chunk_start, &pending)?;
                     pending.clear();
                 }
                 if pending.is_empty() {
@@ -553,11 +550,7 @@ impl Store {
                 pending.push(value.to_vec());
                 converted += 1;
             }
-            if !pending.is_empty() {
-                self.log
-                    .insert(chunk_start.to_be_bytes(), chunk::encode(&pending))
-                    .map_err(|e| self.write_error(e))?;
-            }
+            self.insert_chunks(chunk_start, &pending)?;
             tracing::info!(
                 dir = %self.dir.display(),
                 entries = converted,
@@ -858,11 +851,7 @@ impl Store {
                         .map_err(|e| self.write_error(e))?;
                 }
             }
-            if !entries.is_empty() {
-                self.log
-                    .insert(from.to_be_bytes(), chunk::encode(entries))
-                    .map_err(|e| self.write_error(e))?;
-            }
+            self.insert_chunks(from, entries)?;
         }
         if let Some(hard_state) = hard_state {
             let bytes = codec()
@@ -870,6 +859,16 @@ impl Store {
                 .map_err(|e| self.write_error(e))?;
             self.meta
                 .insert(HARD_STATE_KEY, bytes)
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Stores consecutive encoded entries from index `from` on as chunks.
+    fn insert_chunks(&mut self, from: Index, entries: &[Vec<u8>]) -> Result<(), StoreError> {
+        for (offset, run) in chunk::runs(entries) {
+            self.log
+                .insert((from + offset as Index).to_be_bytes(), chunk::encode(run))
                 .map_err(|e| self.write_error(e))?;
         }
         Ok(())

@@ -532,23 +532,28 @@ fn bad_starts_fail_with_clear_errors() {
             "{stderr}"
         );
 
-        // A damaged store: named as corrupt or damaged, with the way to rebuild it.
+        // A damaged store (sled's file and the log's segment): named as
+        // corrupt or damaged, with the way to rebuild it.
         let damaged = cluster.dir.join("damaged");
-        std::fs::create_dir_all(&damaged).expect("mkdir");
-        for file in std::fs::read_dir(cluster.data_dir(1))
-            .expect("data dir")
-            .flatten()
-        {
-            if file.path().is_file() {
-                std::fs::copy(file.path(), damaged.join(file.file_name())).expect("copy");
+        for (from, to) in [("", ""), ("log", "log")] {
+            std::fs::create_dir_all(damaged.join(to)).expect("mkdir");
+            for file in std::fs::read_dir(cluster.data_dir(1).join(from))
+                .expect("data dir")
+                .flatten()
+            {
+                if file.path().is_file() {
+                    std::fs::copy(file.path(), damaged.join(to).join(file.file_name()))
+                        .expect("copy");
+                }
             }
         }
-        let db = damaged.join("db");
-        let mut bytes = std::fs::read(&db).expect("db");
-        for i in (200..bytes.len()).step_by(997) {
-            bytes[i] ^= 0xff;
+        for file in [damaged.join("db"), damaged.join("log").join("00000000.seg")] {
+            let mut bytes = std::fs::read(&file).expect("read a store file");
+            for i in (200..bytes.len()).step_by(997) {
+                bytes[i] ^= 0xff;
+            }
+            std::fs::write(&file, bytes).expect("write a store file");
         }
-        std::fs::write(&db, bytes).expect("write db");
         let damaged_dir = damaged.display().to_string();
         for args in [
             vec!["--id", "1", "--peers", &peers, "--data", &damaged_dir],

@@ -430,10 +430,10 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
         assert!(String::from_utf8_lossy(&refused.stderr).contains("opens cleanly"));
 
         // A flipped byte in the journal with records after it; then, once a
-        // checkpoint has moved everything into sled's file (reading the
-        // stopped store does that) so that file is the only copy, that file
-        // truncated, and a flipped byte inside a stored message. The node
-        // refuses to start and names the store.
+        // checkpoint has made the log's segment file the only copy (reading
+        // the stopped store does that), that file truncated, and a flipped
+        // byte inside a stored message. The node refuses to start and names
+        // the store.
         let journal = data.join("journal");
         assert!(
             std::fs::metadata(pristine.join("journal"))
@@ -452,19 +452,25 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
                 "truncated",
                 true,
                 Box::new(|data: &Path| {
-                    let db = data.join("db");
-                    let len = std::fs::metadata(&db).expect("db").len();
+                    let segment = data.join("log").join("00000000.seg");
+                    let len = std::fs::metadata(&segment).expect("segment").len();
                     let file = std::fs::OpenOptions::new()
                         .write(true)
-                        .open(&db)
-                        .expect("open db");
+                        .open(&segment)
+                        .expect("open the segment");
                     file.set_len(len / 2).expect("truncate");
                 }),
             ),
             (
                 "flipped byte",
                 true,
-                Box::new(|data: &Path| flip(&data.join("db"), b"disk message 2999", true)),
+                Box::new(|data: &Path| {
+                    flip(
+                        &data.join("log").join("00000000.seg"),
+                        b"disk message 2999",
+                        true,
+                    )
+                }),
             ),
         ];
         for (what, checkpoint, damage) in damages {
@@ -530,7 +536,7 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
     });
 }
 
-/// Something done to a stopped node's sled file.
+/// Something done to a stopped node's files.
 type Damage = Box<dyn Fn(&Path)>;
 
 /// Flips one bit inside the last (or first) occurrence of `needle`.

@@ -1,19 +1,8 @@
-//! How the log is laid out in sled: consecutive entries of one write
-//! packed into chunks of up to `CHUNK_BYTES`, each keyed by the index of
-//! its first entry (big-endian, so keys sort by index). A chunk is
+//! How a record of the log (`segments.rs`) packs consecutive entries:
 //! `[count: u32 LE]` followed, per entry, by `[length: u32 LE][entry as
-//! bincode]`.
-//!
-//! Why not one key per entry: sled copies a leaf on every insert, so a
-//! write of a thousand entries cost a thousand leaf copies (most of a
-//! store thread's time under load) and sled kept ~80 bytes of index per
-//! entry in memory.
-//!
-//! Why not one chunk per write: sled stores a page over 128 KB (a quarter
-//! of its 512 KB segment) as a blob and counts only the blob's pointer
-//! against its cache, so such pages are never evicted: with whole writes
-//! as values a node held its entire log in memory. A leaf holds up to 17
-//! values before it splits, so values stay under 128 KB / 17.
+//! bincode]`. A write's entries are split into chunks of at most
+//! `CHUNK_BYTES`, so that reading one entry (a lagging follower's next
+//! batch, a page of an export) never reads much more than it needs.
 
 use crate::raft::Index;
 

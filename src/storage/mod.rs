@@ -1,13 +1,13 @@
-//! The node's durable state in sled: the log (in chunks of consecutive
-//! entries, see `chunk.rs`), the hard state (term, vote, commit) and the identity of
-//! the data directory.
+//! The node's durable state: the log in segment files (`segments.rs`),
+//! and in sled the hard state (term, vote, commit) and the identity of the
+//! data directory.
 //!
 //! Every write batch is made durable by appending it to the journal
 //! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
-//! commit. sled gets the same changes unflushed and is flushed (and its
-//! data file fsynced: sled's own flush stops at `sync_file_range`) at
-//! checkpoints, after which the journal starts over; on open, the journal's
-//! records are applied to sled again.
+//! commit. The segments and sled get the same changes unsynced and are
+//! synced (sled's data file fsynced too: its own flush stops at
+//! `sync_file_range`) at checkpoints, after which the journal starts over;
+//! on open, the journal's records are applied to them again.
 //!
 //! sled takes a truncated or damaged data file for a torn write and
 //! silently recovers to an earlier point, which for a Raft node means
@@ -28,14 +28,14 @@ use crate::journal::Journal;
 use crate::raft::{Entry, HardState, Index, LogWrite, NodeId};
 
 mod chunk;
+pub mod segments;
 
-/// The sled tree holding the log as chunks (`chunk.rs`).
-pub const LOG_TREE: &str = "log_chunks";
-/// The tree of stores written before chunks: one key per entry. Opening
-/// such a store converts it (`convert_per_entry_log`).
-const PER_ENTRY_LOG_TREE: &str = "log";
-/// Present in the meta tree while a conversion is under way.
-const CONVERTING_KEY: &[u8] = b"converting_per_entry_log";
+use segments::{LogError, ScanError, SegmentLog, SegmentReader};
+
+/// The sled tree in which stores written before segments kept the log,
+/// one key per entry. Opening such a store moves the log into segments
+/// (`move_sled_log`).
+const SLED_LOG_TREE: &str = "log";
 const IDENTITY_KEY: &[u8] = b"identity";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
@@ -81,6 +81,10 @@ fn codec() -> impl Options {
         .with_limit(64 << 20)
 }
 
+fn encode_entry(entry: &Entry) -> Result<Vec<u8>, bincode::Error> {
+    codec().serialize(entry)
+}
+
 /// Decodes one stored log entry as the store does; public for the fuzz
 /// targets and property tests, which feed it arbitrary bytes.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
@@ -96,7 +100,7 @@ pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataI
     )
 }
 
-/// Decodes one stored log chunk (the entries of one write) as the store
+/// Decodes one stored chunk of log entries (`chunk.rs`) as the store
 /// does; public for the fuzz targets and property tests.
 pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, String> {
     chunk::split(bytes)?.into_iter().map(decode_entry).collect()
@@ -119,7 +123,7 @@ pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
 pub struct Store {
     dir: PathBuf,
     db: sled::Db,
-    log: sled::Tree,
+    log: SegmentLog,
     meta: sled::Tree,
     /// sled's data file, fsynced at every checkpoint.
     data_file: Option<File>,
@@ -249,7 +253,7 @@ impl Store {
             }
             Some(_) => {}
             None => {
-                if !store.log.is_empty() {
+                if store.log.last_index() > 0 {
                     return Err(store.corrupt("log entries without a recorded identity"));
                 }
                 let bytes = codec()
@@ -262,7 +266,7 @@ impl Store {
                 store.checkpoint()?;
             }
         }
-        let last_index = store.last_key()?;
+        let last_index = store.log.last_index();
         let recovered = Recovered {
             hard_state: store.hard_state()?,
             last_index,
@@ -404,7 +408,7 @@ impl Store {
             .flush_every_ms(if durable { Some(500) } else { None })
             .open()
             .map_err(open_error)?;
-        let log = db.open_tree(LOG_TREE).map_err(open_error)?;
+        let log = SegmentLog::open(dir).map_err(|e| damaged(dir, e))?;
         let meta = db.open_tree("meta").map_err(open_error)?;
         let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
@@ -428,9 +432,10 @@ impl Store {
             witness: Witness::default(),
             last_index: 0,
         };
-        store.convert_per_entry_log()?;
-        // Writes journaled since the last checkpoint: sled may have lost
-        // any suffix of them, and applying them again is harmless.
+        store.move_sled_log()?;
+        // Writes journaled since the last checkpoint: the segments were cut
+        // back to it and sled may have lost any suffix of them; applying
+        // them again is harmless.
         if !records.is_empty() {
             let net = crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
                 dir: dir.to_path_buf(),
@@ -488,81 +493,57 @@ impl Store {
         }
     }
 
-    /// The highest index in the log, from its last chunk.
-    fn last_key(&self) -> Result<Index, StoreError> {
-        match self.log.last().map_err(|e| self.corrupt(e.to_string()))? {
-            None => Ok(0),
-            Some((key, value)) => {
-                let first = index_of(&key).map_err(|e| self.corrupt(e))?;
-                let count = chunk::count(&value)
-                    .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
-                Ok(first + count - 1)
-            }
-        }
-    }
-
-    /// Rewrites a log stored one key per entry (stores written before
-    /// chunks) as chunks, then drops the old tree. A conversion cut short
-    /// by a crash starts over on the next open: the marker in the meta
-    /// tree says the chunks are incomplete.
-    fn convert_per_entry_log(&mut self) -> Result<(), StoreError> {
+    /// Moves a log kept in sled, one key per entry (stores written before
+    /// segments), into segments, then drops the sled tree. A move cut short
+    /// by a crash starts over on the next open: the tree is dropped last.
+    fn move_sled_log(&mut self) -> Result<(), StoreError> {
         let names = self.db.tree_names();
-        if !names.iter().any(|n| n == PER_ENTRY_LOG_TREE.as_bytes()) {
+        if !names.iter().any(|n| n == SLED_LOG_TREE.as_bytes()) {
             return Ok(());
         }
         let old = self
             .db
-            .open_tree(PER_ENTRY_LOG_TREE)
+            .open_tree(SLED_LOG_TREE)
             .map_err(|e| self.corrupt(e.to_string()))?;
-        let resuming = self
-            .meta
-            .contains_key(CONVERTING_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?;
-        if !old.is_empty() {
-            if !self.log.is_empty() && !resuming {
-                return Err(self.corrupt(format!(
-                    "it holds a log both one key per entry (sled tree {PER_ENTRY_LOG_TREE:?}) \
-                     and in chunks (tree {LOG_TREE:?})"
-                )));
+        self.log.clear().map_err(|e| damaged(&self.dir, e))?;
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut next = 1;
+        for item in old.iter() {
+            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
+            let index = index_of(&key).map_err(|e| self.corrupt(e))?;
+            if index != next {
+                // Only a crash in the middle of a write leaves a gap, and
+                // the journal, replayed next, rewrites everything from
+                // there on; the witness check catches a log still short.
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    "the log kept in sled skips from {} to {index}; moving what precedes the gap",
+                    next - 1
+                );
+                break;
             }
-            self.meta
-                .insert(CONVERTING_KEY, &[])
-                .map_err(|e| self.write_error(e))?;
-            self.flush_sled()?;
-            self.log.clear().map_err(|e| self.write_error(e))?;
-            let mut chunk_start = 0;
-            let mut pending: Vec<Vec<u8>> = Vec::new();
-            let mut converted = 0u64;
-            for item in old.iter() {
-                let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-                let index = index_of(&key).map_err(|e| self.corrupt(e))?;
-                // A gap starts a new chunk, so that every entry keeps its
-                // index (and `replay` reports the gap, as it did before).
-                let contiguous = index == chunk_start + pending.len() as Index;
-                // (and every 1024 entries, to bound what is held here).
-                if !pending.is_empty() && (!contiguous || pending.len() == 1024) {
-                    self.insert_chunks(chunk_start, &pending)?;
-                    pending.clear();
-                }
-                if pending.is_empty() {
-                    chunk_start = index;
-                }
-                pending.push(value.to_vec());
-                converted += 1;
+            pending.push(value.to_vec());
+            next += 1;
+            if pending.len() == 1024 {
+                self.log
+                    .replace_from(next - 1024, &pending)
+                    .map_err(|e| damaged(&self.dir, e))?;
+                pending.clear();
             }
-            self.insert_chunks(chunk_start, &pending)?;
-            tracing::info!(
-                dir = %self.dir.display(),
-                entries = converted,
-                "converted a log stored one key per entry into chunks"
-            );
-            self.flush_sled()?;
         }
+        if !pending.is_empty() {
+            self.log
+                .replace_from(next - pending.len() as Index, &pending)
+                .map_err(|e| damaged(&self.dir, e))?;
+        }
+        self.log.checkpoint().map_err(|e| damaged(&self.dir, e))?;
+        tracing::info!(
+            dir = %self.dir.display(),
+            entries = next - 1,
+            "moved the log from sled into segment files"
+        );
         self.db
-            .drop_tree(PER_ENTRY_LOG_TREE)
-            .map_err(|e| self.write_error(e))?;
-        self.meta
-            .remove(CONVERTING_KEY)
+            .drop_tree(SLED_LOG_TREE)
             .map_err(|e| self.write_error(e))?;
         self.flush_sled()
     }
@@ -585,7 +566,7 @@ impl Store {
     pub fn reader(&self) -> LogReader {
         LogReader {
             dir: self.dir.clone(),
-            log: self.log.clone(),
+            log: self.log.reader(),
         }
     }
 
@@ -598,7 +579,7 @@ impl Store {
 #[derive(Clone)]
 pub struct LogReader {
     dir: PathBuf,
-    log: sled::Tree,
+    log: SegmentReader,
 }
 
 impl LogReader {
@@ -633,47 +614,23 @@ impl LogReader {
         limit: usize,
         each: &mut dyn FnMut(Entry) -> Result<(), String>,
     ) -> Result<Index, StoreError> {
-        let mut expected = from.max(1);
-        if expected > to || limit == 0 {
-            return Ok(expected - 1);
-        }
-        let mut left = limit;
-        // The chunk holding `expected` starts at or before it.
-        let start = match self.log.range(..=expected.to_be_bytes()).next_back() {
-            Some(item) => index_of(&item.map_err(|e| self.corrupt(e.to_string()))?.0)
-                .map_err(|e| self.corrupt(e))?,
-            None => expected,
-        };
-        for item in self.log.range(start.to_be_bytes()..=to.to_be_bytes()) {
-            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-            let first = index_of(&key).map_err(|e| self.corrupt(e))?;
-            // Only the chunk before `from` may start before `expected`.
-            if first > expected || (first < expected && first != start) {
-                return Err(self.corrupt(format!(
-                    "log entry {expected} missing (found a chunk from {first})"
-                )));
-            }
-            let entries = chunk::split(&value)
-                .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
-            let skip = (expected - first) as usize;
-            for (index, bytes) in (first..).zip(&entries).skip(skip) {
-                if index > to || left == 0 {
-                    return Ok(expected - 1);
+        self.log
+            .scan(from, to, limit, each)
+            .map_err(|error| match error {
+                ScanError::Damaged(error) => damaged(&self.dir, error),
+                ScanError::Refused { index, what } => {
+                    self.corrupt(format!("log entry {index}: {what}"))
                 }
-                let entry = decode_entry(bytes)
-                    .map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
-                if entry.index != index {
-                    return Err(self.corrupt(format!(
-                        "log entry {index} is stored as entry {}",
-                        entry.index
-                    )));
-                }
-                each(entry).map_err(|e| self.corrupt(format!("log entry {index}: {e}")))?;
-                expected += 1;
-                left -= 1;
-            }
-        }
-        Ok(expected - 1)
+            })
+    }
+}
+
+/// A damaged file of the log, as a store error.
+fn damaged(dir: &Path, error: LogError) -> StoreError {
+    StoreError::Damaged {
+        dir: dir.to_path_buf(),
+        file: error.file,
+        what: error.what,
     }
 }
 
@@ -799,7 +756,7 @@ impl Store {
                 write
                     .entries
                     .iter()
-                    .map(|entry| codec().serialize(entry).map_err(|e| self.write_error(e)))
+                    .map(|entry| encode_entry(entry).map_err(|e| self.write_error(e)))
                     .collect::<Result<Vec<_>, _>>()?,
             )),
             None => None,
@@ -812,46 +769,17 @@ impl Store {
         Ok(())
     }
 
-    /// Applies a write to sled (unflushed): entries from `from` on are
-    /// replaced by `entries`, stored as encoded.
+    /// Applies a write to the segments and sled (unsynced): entries from
+    /// `from` on are replaced by `entries`, stored as encoded.
     fn apply_encoded(
         &mut self,
         hard_state: Option<HardState>,
         log: Option<(Index, &[Vec<u8>])>,
     ) -> Result<(), StoreError> {
         if let Some((from, entries)) = log {
-            // Plain inserts, not a `sled::Batch`: sled seals and writes out
-            // its log buffer at the end of every batch, waking its whole I/O
-            // pool each time, and the journal already makes the write
-            // atomic. Chunks from `from` on go first...
-            let stale: Vec<_> = self
-                .log
-                .range(from.to_be_bytes()..)
-                .keys()
-                .collect::<Result<_, _>>()
-                .map_err(|e| self.write_error(e))?;
-            for key in stale {
-                self.log.remove(key).map_err(|e| self.write_error(e))?;
-            }
-            // ...then the tail of the chunk before, if it reaches `from`.
-            if let Some(item) = self.log.range(..from.to_be_bytes()).next_back() {
-                let (key, value) = item.map_err(|e| self.write_error(e))?;
-                let first = index_of(&key).map_err(|e| self.corrupt(e))?;
-                let count = chunk::count(&value)
-                    .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?;
-                if first + count > from {
-                    let kept: Vec<Vec<u8>> = chunk::split(&value)
-                        .map_err(|e| self.corrupt(format!("log chunk at {first}: {e}")))?
-                        [..(from - first) as usize]
-                        .iter()
-                        .map(|bytes| bytes.to_vec())
-                        .collect();
-                    self.log
-                        .insert(key, chunk::encode(&kept))
-                        .map_err(|e| self.write_error(e))?;
-                }
-            }
-            self.insert_chunks(from, entries)?;
+            self.log
+                .replace_from(from, entries)
+                .map_err(|e| self.write_error(format!("{}: {}", e.file.display(), e.what)))?;
         }
         if let Some(hard_state) = hard_state {
             let bytes = codec()
@@ -859,16 +787,6 @@ impl Store {
                 .map_err(|e| self.write_error(e))?;
             self.meta
                 .insert(HARD_STATE_KEY, bytes)
-                .map_err(|e| self.write_error(e))?;
-        }
-        Ok(())
-    }
-
-    /// Stores consecutive encoded entries from index `from` on as chunks.
-    fn insert_chunks(&mut self, from: Index, entries: &[Vec<u8>]) -> Result<(), StoreError> {
-        for (offset, run) in chunk::runs(entries) {
-            self.log
-                .insert((from + offset as Index).to_be_bytes(), chunk::encode(run))
                 .map_err(|e| self.write_error(e))?;
         }
         Ok(())
@@ -897,6 +815,7 @@ impl Store {
 
     /// Flushes sled; then the journal's records are no longer needed.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.log.checkpoint().map_err(|e| damaged(&self.dir, e))?;
         self.flush_sled()?;
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
@@ -990,8 +909,8 @@ mod tests {
                     )
                     .unwrap();
             }
-            // sled keeps a part of them on its own.
-            store.db.flush().unwrap();
+            // The segments keep a part of them on their own.
+            store.log.checkpoint().unwrap();
             store
                 .write(
                     Some(HardState {
@@ -1073,7 +992,7 @@ mod tests {
     }
 
     #[test]
-    fn converts_a_log_stored_one_key_per_entry() {
+    fn moves_a_log_kept_in_sled_into_segments() {
         let dir = std::env::temp_dir().join(format!("cs-store-convert-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
@@ -1086,7 +1005,7 @@ mod tests {
                 commit: 2000,
             };
             store.write(Some(hs), None).unwrap();
-            let old = store.db.open_tree(PER_ENTRY_LOG_TREE).unwrap();
+            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
             for index in 1..=2500u64 {
                 old.insert(
                     index.to_be_bytes(),
@@ -1108,7 +1027,7 @@ mod tests {
             .db
             .tree_names()
             .iter()
-            .any(|n| n == PER_ENTRY_LOG_TREE.as_bytes()));
+            .any(|n| n == SLED_LOG_TREE.as_bytes()));
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

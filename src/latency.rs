@@ -3,20 +3,23 @@
 //! tests can run a cluster "across continents" on one machine. The kernel
 //! here has no `tc netem`; quinn accepts any socket through
 //! `Endpoint::new_with_abstract_socket`.
+//!
+//! The held datagrams leave from a thread of their own that sleeps until
+//! the next one is due: tokio's timers round up to the next millisecond,
+//! which made every hop up to a millisecond longer than its link's delay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::raft::rng::Rng;
 
@@ -78,9 +81,9 @@ struct Delayed {
 /// link's delay in a per-destination FIFO before leaving.
 pub struct DelayedSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    sender: Arc<tokio::net::UdpSocket>,
     delays: HashMap<SocketAddr, LinkDelay>,
-    queues: Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Delayed>>>,
+    /// To the thread that sends held datagrams when they are due.
+    held: Mutex<mpsc::Sender<Delayed>>,
     rng: Mutex<Rng>,
 }
 
@@ -96,32 +99,68 @@ impl DelayedSocket {
     /// Binds `addr` and delays datagrams to the given destinations.
     pub fn bind(addr: SocketAddr, delays: HashMap<SocketAddr, LinkDelay>) -> io::Result<Arc<Self>> {
         let socket = std::net::UdpSocket::bind(addr)?;
-        let clone = socket.try_clone()?;
-        clone.set_nonblocking(true)?;
+        let sender = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
+        let (held, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("delay-line".into())
+            .spawn(move || send_when_due(&sender, queue))?;
         Ok(Arc::new(DelayedSocket {
             inner,
-            sender: Arc::new(tokio::net::UdpSocket::from_std(clone)?),
             delays,
-            queues: Mutex::new(HashMap::new()),
+            held: Mutex::new(held),
             rng: Mutex::new(Rng::new(addr.port() as u64)),
         }))
     }
+}
 
-    fn queue(&self, destination: SocketAddr) -> Option<mpsc::UnboundedSender<Delayed>> {
-        let mut queues = self.queues.lock().ok()?;
-        let queue = queues.entry(destination).or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Delayed>();
-            let sender = self.sender.clone();
-            tokio::spawn(async move {
-                while let Some(item) = rx.recv().await {
-                    tokio::time::sleep_until(item.due).await;
-                    let _ = sender.send_to(&item.datagram, item.destination).await;
+/// Sends each held datagram when it is due, in order per destination,
+/// until the socket is dropped.
+fn send_when_due(socket: &std::net::UdpSocket, queue: mpsc::Receiver<Delayed>) {
+    let mut links: HashMap<SocketAddr, VecDeque<Delayed>> = HashMap::new();
+    loop {
+        let next = links
+            .values()
+            .filter_map(|q| q.front())
+            .map(|d| d.due)
+            .min();
+        let arrived = match next {
+            None => match queue.recv() {
+                Ok(item) => Some(item),
+                Err(_) => return,
+            },
+            Some(due) => match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(item) => Some(item),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        if let Some(item) = arrived {
+            for item in std::iter::once(item).chain(queue.try_iter()) {
+                links.entry(item.destination).or_default().push_back(item);
+            }
+        }
+        let now = Instant::now();
+        for link in links.values_mut() {
+            while link.front().is_some_and(|d| d.due <= now) {
+                if let Some(item) = link.pop_front() {
+                    send(socket, &item);
                 }
-            });
-            tx
-        });
-        Some(queue.clone())
+            }
+        }
+    }
+}
+
+/// Sends one datagram, waiting out a full send buffer (the socket is
+/// non-blocking: quinn shares it).
+fn send(socket: &std::net::UdpSocket, item: &Delayed) {
+    for _ in 0..1000 {
+        match socket.send_to(&item.datagram, item.destination) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            _ => return,
+        }
     }
 }
 
@@ -134,7 +173,7 @@ impl AsyncUdpSocket for DelayedSocket {
         let Some(link) = self.delays.get(&transmit.destination).copied() else {
             return self.inner.try_send(transmit);
         };
-        let Some(queue) = self.queue(transmit.destination) else {
+        let Ok(held) = self.held.lock() else {
             return self.inner.try_send(transmit);
         };
         let segment = transmit
@@ -152,7 +191,7 @@ impl AsyncUdpSocket for DelayedSocket {
             if lost {
                 continue;
             }
-            let _ = queue.send(Delayed {
+            let _ = held.send(Delayed {
                 due: Instant::now() + link.delay + jitter,
                 destination: transmit.destination,
                 datagram: datagram.to_vec(),

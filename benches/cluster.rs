@@ -155,7 +155,7 @@ fn main() {
                 leader_of(&cluster, &admin).await;
                 tokio::time::sleep(Duration::from_secs(if wan { 3 } else { 1 })).await;
                 if std::env::var("BENCH_ONLY_PIPELINED").is_ok() {
-                    eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000, 8).await);
+                    eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000).await);
                     continue;
                 }
                 let term_before = highest_term(&cluster, &admin).await;
@@ -165,7 +165,7 @@ fn main() {
                 let load = closed_loop(&cluster, 64, seconds).await;
                 many.push(load.throughput);
                 many_p99.push(load.p99.as_secs_f64() * 1000.0);
-                bulk.push(pipelined(&cluster, seconds, 1000, 8).await);
+                bulk.push(pipelined(&cluster, seconds, 1000).await);
                 let terms = highest_term(&cluster, &admin).await.saturating_sub(term_before);
                 elections += terms;
                 let mut kills = Vec::new();

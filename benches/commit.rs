@@ -45,25 +45,20 @@ async fn many_clients(clients: &[Arc<cluster_store::client::Client>], count: u64
     started.elapsed()
 }
 
-/// Sends `count` messages from one client as batches of up to 1,000 with
-/// eight batches in flight (what `node send -` does).
+/// Sends `count` messages from one client as batches of up to 1,000, the
+/// way `node send -` does (`PIPELINE_WINDOW` batches in flight on one
+/// stream).
 async fn pipelined(client: &Arc<cluster_store::client::Client>, count: u64) -> Duration {
     let started = Instant::now();
-    let batches = count.div_ceil(1000);
-    let mut next = 0;
-    let mut in_flight = tokio::task::JoinSet::new();
-    while next < batches || !in_flight.is_empty() {
-        while next < batches && in_flight.len() < 8 {
-            let size = (count - next * 1000).min(1000) as usize;
-            let client = client.clone();
-            in_flight.spawn(async move {
-                let texts: Vec<String> = (0..size).map(|_| "x".repeat(100)).collect();
-                let _ = client.send(texts).await;
-            });
-            next += 1;
-        }
-        let _ = in_flight.join_next().await;
-    }
+    let batches = (0..count.div_ceil(1000)).map(|i| {
+        let size = (count - i * 1000).min(1000) as usize;
+        (0..size).map(|_| "x".repeat(100)).collect::<Vec<String>>()
+    });
+    let _ = client
+        .send_pipelined(batches, cluster_store::client::PIPELINE_WINDOW, |_, _| {
+            Ok(())
+        })
+        .await;
     started.elapsed()
 }
 

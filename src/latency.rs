@@ -98,7 +98,15 @@ impl fmt::Debug for DelayedSocket {
 impl DelayedSocket {
     /// Binds `addr` and delays datagrams to the given destinations.
     pub fn bind(addr: SocketAddr, delays: HashMap<SocketAddr, LinkDelay>) -> io::Result<Arc<Self>> {
-        let socket = std::net::UdpSocket::bind(addr)?;
+        DelayedSocket::new(std::net::UdpSocket::bind(addr)?, delays)
+    }
+
+    /// Delays datagrams sent through `socket` to the given destinations.
+    pub fn new(
+        socket: std::net::UdpSocket,
+        delays: HashMap<SocketAddr, LinkDelay>,
+    ) -> io::Result<Arc<Self>> {
+        let addr = socket.local_addr()?;
         let sender = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
         let (held, queue) = mpsc::channel();

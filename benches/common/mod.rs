@@ -5,7 +5,6 @@
 #[path = "../../tests/nodes/mod.rs"]
 pub mod nodes;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_store::raft::NodeId;
@@ -126,28 +125,25 @@ pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) ->
     .await
 }
 
-/// One client keeping `in_flight` batches of `batch` messages outstanding.
-pub async fn pipelined(cluster: &TestCluster, seconds: u64, batch: usize, in_flight: usize) -> f64 {
-    let client = Arc::new(cluster.client("alice"));
+/// One client sending batches of `batch` messages for `seconds` the way
+/// `node send -` does: in order on one stream, `PIPELINE_WINDOW` batches
+/// outstanding. Messages committed per second.
+pub async fn pipelined(cluster: &TestCluster, seconds: u64, batch: usize) -> f64 {
+    let client = cluster.client("alice");
     let until = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..in_flight {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let texts: Vec<String> = (0..batch).map(|_| "x".repeat(100)).collect();
-            let mut sent = 0usize;
-            while Instant::now() < until {
-                if let Ok((_, committed)) = client.send(texts.clone()).await {
-                    sent += committed.len();
-                }
-            }
-            sent
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.unwrap_or(0);
-    }
+    let texts: Vec<String> = (0..batch).map(|_| "x".repeat(100)).collect();
+    let batches = std::iter::from_fn(|| (Instant::now() < until).then(|| texts.clone()));
+    let mut total = 0usize;
+    let _ = client
+        .send_pipelined(
+            batches,
+            cluster_store::client::PIPELINE_WINDOW,
+            |_, committed| {
+                total += committed.len();
+                Ok(())
+            },
+        )
+        .await;
     total as f64 / started.elapsed().as_secs_f64()
 }

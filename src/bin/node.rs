@@ -641,8 +641,8 @@ async fn client_command(command: Command) -> Result<()> {
                 return Ok(());
             }
             // Standard input is read as it comes, in batches of up to
-            // 1,000 lines, with 8 batches in flight on one stream: in
-            // order, exactly once, at pipeline speed.
+            // 1,000 lines, with `PIPELINE_WINDOW` batches in flight on one
+            // stream: in order, exactly once, at pipeline speed.
             let mut read_error = None;
             let mut lines = std::io::stdin().lock().lines();
             let batches = std::iter::from_fn(|| {
@@ -661,7 +661,7 @@ async fn client_command(command: Command) -> Result<()> {
             });
             let mut sent = 0usize;
             client
-                .send_pipelined(batches, 8, |leader, committed| {
+                .send_pipelined(batches, cluster_store::client::PIPELINE_WINDOW, |leader, committed| {
                     if json {
                         for c in committed {
                             let object = serde_json::json!({

@@ -71,10 +71,14 @@ pub fn parse_delays(spec: &str) -> Result<HashMap<SocketAddr, LinkDelay>, DelayS
     Ok(delays)
 }
 
+/// A held transmit: one datagram, or several of `segment_size` bytes sent
+/// with one system call (GSO), as quinn handed them over.
 struct Delayed {
     due: Instant,
     destination: SocketAddr,
-    datagram: Vec<u8>,
+    ecn: Option<quinn::udp::EcnCodepoint>,
+    contents: Vec<u8>,
+    segment_size: Option<usize>,
 }
 
 /// Wraps a real socket; datagrams to configured destinations wait their
@@ -109,10 +113,11 @@ impl DelayedSocket {
         let addr = socket.local_addr()?;
         let sender = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
+        let state = quinn::udp::UdpSocketState::new((&sender).into())?;
         let (held, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("delay-line".into())
-            .spawn(move || send_when_due(&sender, queue))?;
+            .spawn(move || send_when_due(&sender, &state, queue))?;
         Ok(Arc::new(DelayedSocket {
             inner,
             delays,
@@ -124,7 +129,11 @@ impl DelayedSocket {
 
 /// Sends each held datagram when it is due, in order per destination,
 /// until the socket is dropped.
-fn send_when_due(socket: &std::net::UdpSocket, queue: mpsc::Receiver<Delayed>) {
+fn send_when_due(
+    socket: &std::net::UdpSocket,
+    state: &quinn::udp::UdpSocketState,
+    queue: mpsc::Receiver<Delayed>,
+) {
     let mut links: HashMap<SocketAddr, VecDeque<Delayed>> = HashMap::new();
     loop {
         let next = links
@@ -152,18 +161,25 @@ fn send_when_due(socket: &std::net::UdpSocket, queue: mpsc::Receiver<Delayed>) {
         for link in links.values_mut() {
             while link.front().is_some_and(|d| d.due <= now) {
                 if let Some(item) = link.pop_front() {
-                    send(socket, &item);
+                    send(socket, state, &item);
                 }
             }
         }
     }
 }
 
-/// Sends one datagram, waiting out a full send buffer (the socket is
+/// Sends one held transmit, waiting out a full send buffer (the socket is
 /// non-blocking: quinn shares it).
-fn send(socket: &std::net::UdpSocket, item: &Delayed) {
+fn send(socket: &std::net::UdpSocket, state: &quinn::udp::UdpSocketState, item: &Delayed) {
+    let transmit = Transmit {
+        destination: item.destination,
+        ecn: item.ecn,
+        contents: &item.contents,
+        segment_size: item.segment_size,
+        src_ip: None,
+    };
     for _ in 0..1000 {
-        match socket.send_to(&item.datagram, item.destination) {
+        match state.send(socket.into(), &transmit) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_micros(50));
             }
@@ -188,6 +204,24 @@ impl AsyncUdpSocket for DelayedSocket {
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
+        if link.loss == 0.0 {
+            // Nothing to drop: hold the transmit whole, so that it leaves
+            // with one system call as it would without the delay.
+            let jitter = match self.rng.lock() {
+                Ok(mut rng) => {
+                    Duration::from_nanos(rng.range(0, link.jitter.as_nanos() as u64 + 1))
+                }
+                Err(_) => Duration::ZERO,
+            };
+            let _ = held.send(Delayed {
+                due: Instant::now() + link.delay + jitter,
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: transmit.contents.to_vec(),
+                segment_size: transmit.segment_size,
+            });
+            return Ok(());
+        }
         for datagram in transmit.contents.chunks(segment) {
             let (lost, jitter) = match self.rng.lock() {
                 Ok(mut rng) => (
@@ -202,7 +236,9 @@ impl AsyncUdpSocket for DelayedSocket {
             let _ = held.send(Delayed {
                 due: Instant::now() + link.delay + jitter,
                 destination: transmit.destination,
-                datagram: datagram.to_vec(),
+                ecn: transmit.ecn,
+                contents: datagram.to_vec(),
+                segment_size: None,
             });
         }
         Ok(())
@@ -222,7 +258,7 @@ impl AsyncUdpSocket for DelayedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        1
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {

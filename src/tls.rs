@@ -73,6 +73,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Bytes a peer may send on one stream before we grant more.
 const STREAM_WINDOW: u32 = 32 << 20;
 
+/// Bytes a connection may send before its first acknowledgement (QUIC's
+/// default is about 14 KB). Slow start from 14 KB across a 140 ms round
+/// trip took ~2.5 s to open the window a pipelined client needs (~30 MB),
+/// half of a 5 s burst; links between nodes are the cluster's own paths,
+/// where a 1 MB first flight is modest.
+const INITIAL_WINDOW: u64 = 1 << 20;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     // A crashed peer is noticed within a few seconds even when nothing is
@@ -89,6 +96,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // (64 appends in flight) is.
     transport.stream_receive_window(STREAM_WINDOW.into());
     transport.send_window(4 * u64::from(STREAM_WINDOW));
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(INITIAL_WINDOW);
+    transport.congestion_controller_factory(Arc::new(cubic));
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(64u32.into());
     Arc::new(transport)

@@ -21,6 +21,8 @@ use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, Export
 /// on one stream. The window must cover a round trip to the quorum at full
 /// speed: with 8 batches of 1,000 (as before) a client across a 140 ms
 /// round trip could not pass 8,000 messages per commit latency, ~42,000/s.
+/// A node deduplicates retries within `Config::session_window` of a
+/// client's latest messages, which must stay above this many batches.
 pub const PIPELINE_WINDOW: usize = crate::server::api::STREAM_WINDOW;
 
 /// While a request is pending, the node is asked whether it is alive this

@@ -32,7 +32,9 @@ pub struct Config {
     /// Committed sequence numbers remembered per client for deduplication.
     /// A retry older than this many of the client's later messages cannot
     /// be deduplicated, so it must exceed what one client keeps in flight
-    /// (`node send -`: 8 batches of 1,000).
+    /// (`node send -`: `client::PIPELINE_WINDOW` = 64 batches of 1,000;
+    /// the default is twice that). Only the leader consults it, when a
+    /// proposal arrives, so nodes may differ in it.
     pub session_window: usize,
     /// Applied entries kept in memory; older ones are read back from the
     /// store when a lagging follower needs them.
@@ -77,7 +79,7 @@ impl Config {
             max_inflight: 64,
             max_append_entries: 1024,
             max_command_bytes: 1 << 20,
-            session_window: 32_768,
+            session_window: 131_072,
             memory_entries: 8192,
             priorities: BTreeMap::new(),
             seed: id,

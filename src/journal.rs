@@ -1,20 +1,20 @@
 //! The store's write-ahead journal. Every write batch is appended here and
-//! made durable with one `fdatasync` of this small file; sled receives the
-//! same changes without a flush, and is flushed only at checkpoints, after
-//! which the journal starts over. On open, the records since the last
-//! checkpoint are applied to sled again.
+//! made durable with one `fdatasync` of this small file; the log's segments
+//! and sled receive the same changes unsynced, and are synced only at
+//! checkpoints, after which the journal starts over. On open, the records
+//! since the last checkpoint are applied to them again.
 //!
-//! Why not flush sled every time: its flush hands the buffer to its I/O
+//! Why not sync them every time: sled's flush hands the buffer to its I/O
 //! thread pool (waking every idle thread in it), calls `sync_file_range`,
-//! and still needs an fsync of its data file for the disk cache. On two
-//! cores shared by three nodes that cost several times the fdatasync.
+//! and still needs an fsync of its data file for the disk cache; with the
+//! segments that would be two or three syncs per write instead of one.
 //!
 //! A record is `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`;
 //! the payload is a flags byte, then the hard state (term, vote or 0,
 //! commit) if flag 1, then if flag 2 the log change: `from`, an entry
 //! count, and each stored entry as length-prefixed bytes. Applying a log
 //! change removes every entry from `from` on and inserts the new ones, so
-//! replaying records over any state sled recovered (a prefix of them
+//! replaying records over any state the store recovered (a prefix of them
 //! applied) ends in the same state.
 
 use std::fs::{File, OpenOptions};
@@ -35,7 +35,7 @@ const MAX_RECORD: usize = 256 << 20;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     pub hard_state: Option<HardState>,
-    /// Entries from `.0` on are replaced by `.1` (encoded as sled stores them).
+    /// Entries from `.0` on are replaced by `.1` (encoded as the log stores them).
     pub log: Option<(Index, Vec<Vec<u8>>)>,
 }
 
@@ -144,7 +144,7 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts over once everything journaled is durable in sled.
+    /// Starts over once everything journaled is durable in the store.
     pub fn reset(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.file.sync_data()?;

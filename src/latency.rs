@@ -88,6 +88,8 @@ pub struct DelayedSocket {
     delays: HashMap<SocketAddr, LinkDelay>,
     /// To the thread that sends held datagrams when they are due.
     held: Mutex<mpsc::Sender<Delayed>>,
+    /// How that thread sends: it turns GSO off if the kernel refuses it.
+    state: Arc<quinn::udp::UdpSocketState>,
     rng: Mutex<Rng>,
 }
 
@@ -113,15 +115,17 @@ impl DelayedSocket {
         let addr = socket.local_addr()?;
         let sender = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
-        let state = quinn::udp::UdpSocketState::new((&sender).into())?;
+        let state = Arc::new(quinn::udp::UdpSocketState::new((&sender).into())?);
         let (held, queue) = mpsc::channel();
+        let thread_state = state.clone();
         std::thread::Builder::new()
             .name("delay-line".into())
-            .spawn(move || send_when_due(&sender, &state, queue))?;
+            .spawn(move || send_when_due(&sender, &thread_state, queue))?;
         Ok(Arc::new(DelayedSocket {
             inner,
             delays,
             held: Mutex::new(held),
+            state,
             rng: Mutex::new(Rng::new(addr.port() as u64)),
         }))
     }
@@ -258,7 +262,9 @@ impl AsyncUdpSocket for DelayedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.inner
+            .max_transmit_segments()
+            .min(self.state.max_gso_segments())
     }
 
     fn max_receive_segments(&self) -> usize {

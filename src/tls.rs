@@ -76,8 +76,9 @@ const STREAM_WINDOW: u32 = 32 << 20;
 /// Bytes a connection may send before its first acknowledgement (QUIC's
 /// default is about 14 KB). Slow start from 14 KB across a 140 ms round
 /// trip took ~2.5 s to open the window a pipelined client needs (~30 MB),
-/// half of a 5 s burst; links between nodes are the cluster's own paths,
-/// where a 1 MB first flight is modest.
+/// half of a 5 s burst. It applies to every connection, peer links and
+/// clients alike; on a path that cannot take a 1 MB first flight, the loss
+/// shrinks the window as usual.
 const INITIAL_WINDOW: u64 = 1 << 20;
 
 fn transport() -> Arc<quinn::TransportConfig> {

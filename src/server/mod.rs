@@ -146,26 +146,20 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     };
     let server_config = tls::server_config(&creds)?;
     let socket = bind_udp(options.listen).map_err(bind_error)?;
-    let endpoint = if options.simulate_delay.is_empty() {
-        quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            std::sync::Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(bind_error)?
+    let socket: std::sync::Arc<dyn quinn::AsyncUdpSocket> = if options.simulate_delay.is_empty() {
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind_error)?
     } else {
         tracing::warn!(links = ?options.simulate_delay, "simulating network delay (testing only)");
-        let socket = crate::latency::DelayedSocket::new(socket, options.simulate_delay.clone())
-            .map_err(bind_error)?;
-        quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            std::sync::Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(bind_error)?
+        crate::latency::DelayedSocket::new(socket, options.simulate_delay.clone())
+            .map_err(bind_error)?
     };
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
     let client_config = std::sync::Arc::new(std::sync::RwLock::new(tls::client_config(&creds)?));
     let (revoked_tx, revoked) =
         watch::channel(std::sync::Arc::new(identity::revoked_serials(&creds.crls)));

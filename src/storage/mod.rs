@@ -356,10 +356,18 @@ impl Store {
             None
         };
         if let Some(what) = problem {
+            // The log lives in the segments; everything else in sled.
+            let file = if self.last_index < witness.last_index {
+                self.dir.join(segments::LOG_DIR)
+            } else {
+                self.dir.join("db")
+            };
             return Err(StoreError::Damaged {
                 dir: self.dir.clone(),
-                file: self.dir.join("db"),
-                what: format!("sled recovered an earlier state than this node had synced: {what}"),
+                file,
+                what: format!(
+                    "the store recovered an earlier state than this node had synced: {what}"
+                ),
             });
         }
         self.witness = witness;
@@ -379,8 +387,10 @@ impl Store {
         result.map_err(|e| self.write_error(format!("{}: {e}", self.witness_path().display())))
     }
 
-    /// Opens a store for reading or writing without checking whose it is
-    /// (`node export --local`). `create` is false for read-only use.
+    /// Opens a store without checking whose it is (`node export --local`,
+    /// `node rebuild`'s check). Even with `create` false it may write: the
+    /// journal is replayed and checkpointed, and a log kept in sled by an
+    /// earlier version is moved into segments.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
         Store::open_dir(dir, create, true)
     }
@@ -408,7 +418,7 @@ impl Store {
             .flush_every_ms(if durable { Some(500) } else { None })
             .open()
             .map_err(open_error)?;
-        let log = SegmentLog::open(dir).map_err(|e| damaged(dir, e))?;
+        let log = SegmentLog::open(dir).map_err(|e| log_error(dir, e))?;
         let meta = db.open_tree("meta").map_err(open_error)?;
         let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
@@ -432,16 +442,26 @@ impl Store {
             witness: Witness::default(),
             last_index: 0,
         };
-        store.move_sled_log()?;
         // Writes journaled since the last checkpoint: the segments were cut
         // back to it and sled may have lost any suffix of them; applying
         // them again is harmless.
-        if !records.is_empty() {
-            let net = crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
-                dir: dir.to_path_buf(),
-                file: dir.join(crate::journal::JOURNAL_FILE),
-                what,
-            })?;
+        let net = if records.is_empty() {
+            None
+        } else {
+            Some(
+                crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
+                    dir: dir.to_path_buf(),
+                    file: dir.join(crate::journal::JOURNAL_FILE),
+                    what,
+                })?,
+            )
+        };
+        store.move_sled_log(
+            net.as_ref()
+                .and_then(|net| net.log.as_ref())
+                .map(|(from, _)| *from),
+        )?;
+        if let Some(net) = net {
             let log = net
                 .log
                 .as_ref()
@@ -496,7 +516,9 @@ impl Store {
     /// Moves a log kept in sled, one key per entry (stores written before
     /// segments), into segments, then drops the sled tree. A move cut short
     /// by a crash starts over on the next open: the tree is dropped last.
-    fn move_sled_log(&mut self) -> Result<(), StoreError> {
+    /// `journal_from`: the journal, replayed next, rewrites the log from
+    /// there on.
+    fn move_sled_log(&mut self, journal_from: Option<Index>) -> Result<(), StoreError> {
         let names = self.db.tree_names();
         if !names.iter().any(|n| n == SLED_LOG_TREE.as_bytes()) {
             return Ok(());
@@ -505,16 +527,19 @@ impl Store {
             .db
             .open_tree(SLED_LOG_TREE)
             .map_err(|e| self.corrupt(e.to_string()))?;
-        self.log.clear().map_err(|e| damaged(&self.dir, e))?;
+        self.log.clear().map_err(|e| log_error(&self.dir, e))?;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut next = 1;
         for item in old.iter() {
             let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
             let index = index_of(&key).map_err(|e| self.corrupt(e))?;
             if index != next {
-                // Only a crash in the middle of a write leaves a gap, and
-                // the journal, replayed next, rewrites everything from
-                // there on; the witness check catches a log still short.
+                // A crash in the middle of a write can leave a gap, which
+                // the journal, replayed next, fills; any other gap is
+                // damage, and the tree stays as it is.
+                if journal_from.is_none_or(|from| from > next) {
+                    return Err(self.corrupt(format!("log entry {next} missing (found {index})")));
+                }
                 tracing::warn!(
                     dir = %self.dir.display(),
                     "the log kept in sled skips from {} to {index}; moving what precedes the gap",
@@ -527,16 +552,16 @@ impl Store {
             if pending.len() == 1024 {
                 self.log
                     .replace_from(next - 1024, &pending)
-                    .map_err(|e| damaged(&self.dir, e))?;
+                    .map_err(|e| log_error(&self.dir, e))?;
                 pending.clear();
             }
         }
         if !pending.is_empty() {
             self.log
                 .replace_from(next - pending.len() as Index, &pending)
-                .map_err(|e| damaged(&self.dir, e))?;
+                .map_err(|e| log_error(&self.dir, e))?;
         }
-        self.log.checkpoint().map_err(|e| damaged(&self.dir, e))?;
+        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
         tracing::info!(
             dir = %self.dir.display(),
             entries = next - 1,
@@ -617,7 +642,7 @@ impl LogReader {
         self.log
             .scan(from, to, limit, each)
             .map_err(|error| match error {
-                ScanError::Damaged(error) => damaged(&self.dir, error),
+                ScanError::Damaged(error) => log_error(&self.dir, error),
                 ScanError::Refused { index, what } => {
                     self.corrupt(format!("log entry {index}: {what}"))
                 }
@@ -625,12 +650,20 @@ impl LogReader {
     }
 }
 
-/// A damaged file of the log, as a store error.
-fn damaged(dir: &Path, error: LogError) -> StoreError {
-    StoreError::Damaged {
-        dir: dir.to_path_buf(),
-        file: error.file,
-        what: error.what,
+/// A problem with a file of the log, as a store error: damage (rebuild
+/// the replica), or an I/O failure (a full disk, say) that is not.
+fn log_error(dir: &Path, error: LogError) -> StoreError {
+    if error.damaged {
+        StoreError::Damaged {
+            dir: dir.to_path_buf(),
+            file: error.file,
+            what: error.what,
+        }
+    } else {
+        StoreError::Write {
+            dir: dir.to_path_buf(),
+            what: format!("{}: {}", error.file.display(), error.what),
+        }
     }
 }
 
@@ -728,7 +761,7 @@ impl Store {
             self.witness.commit = hs.commit;
         }
         self.witness.last_index = self.last_index;
-        // Entries are durable in sled already; the witness only has to
+        // Entries are durable in the journal already; the witness only has to
         // outlive a crash of this process (the page cache does that), except
         // for votes, which are synced because they are rare and precious.
         self.write_witness(vote_changed)?;
@@ -813,9 +846,10 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes sled; then the journal's records are no longer needed.
+    /// Syncs the segments (recording how far) and flushes sled; then the
+    /// journal's records are no longer needed.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.log.checkpoint().map_err(|e| damaged(&self.dir, e))?;
+        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
         self.flush_sled()?;
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
@@ -829,17 +863,14 @@ mod tests {
     use super::*;
     use crate::raft::Payload;
 
-    /// Opens a store this process has just dropped. sled's background
-    /// threads let go of the directory's lock a moment after the drop, so a
-    /// lock conflict is waited out (briefly); any other outcome is returned.
-    fn open_released(
-        dir: &Path,
-        cluster_id: &str,
-        node_id: NodeId,
-    ) -> Result<(Store, Recovered), StoreError> {
+    /// Runs `open` on a store this process has just dropped. sled's
+    /// background threads let go of the directory's lock a moment after the
+    /// drop, so a lock conflict is waited out (briefly); any other outcome
+    /// is returned.
+    fn released<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            match Store::open(dir, cluster_id, node_id) {
+            match open() {
                 Err(e)
                     if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
@@ -849,6 +880,14 @@ mod tests {
                 result => return result,
             }
         }
+    }
+
+    fn open_released(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+    ) -> Result<(Store, Recovered), StoreError> {
+        released(|| Store::open(dir, cluster_id, node_id))
     }
 
     fn reopen(dir: &Path) -> (Store, Recovered) {
@@ -1029,6 +1068,39 @@ mod tests {
             .iter()
             .any(|n| n == SLED_LOG_TREE.as_bytes()));
         drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_gap_in_a_log_kept_in_sled_is_refused_and_the_tree_kept() {
+        let dir = std::env::temp_dir().join(format!("cs-store-gap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
+            for index in (1..=10u64).chain(15..=20) {
+                old.insert(
+                    index.to_be_bytes(),
+                    codec().serialize(&entry(index, 1)).unwrap(),
+                )
+                .unwrap();
+            }
+            store.checkpoint().unwrap();
+        }
+        match open_released(&dir, "c1", 1) {
+            Err(StoreError::Corrupt { what, .. }) => {
+                assert!(what.contains("log entry 11 missing"), "{what}")
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("a log with a gap was accepted"),
+        }
+        let db = released(|| sled::open(&dir)).unwrap();
+        assert_eq!(
+            db.open_tree(SLED_LOG_TREE).unwrap().len(),
+            16,
+            "the tree is kept"
+        );
+        drop(db);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

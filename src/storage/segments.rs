@@ -50,12 +50,25 @@ const SCAN_BATCH: usize = 256;
 pub struct LogError {
     pub file: PathBuf,
     pub what: String,
+    /// The file's contents are damaged (as opposed to an I/O failure, such
+    /// as a full disk, which says nothing about the data).
+    pub damaged: bool,
 }
 
+/// An I/O failure on `file`.
 fn error(file: &Path, what: impl ToString) -> LogError {
     LogError {
         file: file.to_path_buf(),
         what: what.to_string(),
+        damaged: false,
+    }
+}
+
+/// Damage found in `file`.
+fn damage(file: &Path, what: impl ToString) -> LogError {
+    LogError {
+        damaged: true,
+        ..error(file, what)
     }
 }
 
@@ -132,6 +145,8 @@ pub struct SegmentLog {
     active_len: u64,
     /// Segments written since the last checkpoint.
     unsynced: Vec<u32>,
+    /// A segment was created since the last checkpoint.
+    new_segment: bool,
 }
 
 /// Durable up to `len` bytes of segment `segment` (and all before it).
@@ -159,20 +174,20 @@ impl SegmentLog {
             if let Some(id) = name.strip_suffix(".seg") {
                 let id = id
                     .parse::<u32>()
-                    .map_err(|_| error(&item.path(), "not a segment of this log"))?;
+                    .map_err(|_| damage(&item.path(), "not a segment of this log"))?;
                 ids.push(id);
             }
         }
         ids.sort_unstable();
         let position_path = dir.join(POSITION_FILE);
         let position = match std::fs::read(&position_path) {
-            Ok(bytes) => decode_position(&bytes).map_err(|what| error(&position_path, what))?,
+            Ok(bytes) => decode_position(&bytes).map_err(|what| damage(&position_path, what))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(id) = ids.first() {
                     let path = segment_path(&dir, *id);
                     let len = std::fs::metadata(&path).map_err(|e| error(&path, e))?.len();
                     if ids.len() > 1 || len > 0 {
-                        return Err(error(
+                        return Err(damage(
                             &position_path,
                             "missing, while the log has segments: how far they are durable is unknown",
                         ));
@@ -190,7 +205,7 @@ impl SegmentLog {
         for id in 0..=position.segment {
             let path = shared.segment_path(id);
             if id < position.segment && !ids.contains(&id) {
-                return Err(error(&path, "missing"));
+                return Err(damage(&path, "missing"));
             }
             let file = OpenOptions::new()
                 .read(true)
@@ -206,7 +221,7 @@ impl SegmentLog {
                 len
             };
             if len < durable {
-                return Err(error(
+                return Err(damage(
                     &path,
                     format!("it holds {len} bytes, but {durable} were checkpointed"),
                 ));
@@ -230,6 +245,7 @@ impl SegmentLog {
             active: position.segment,
             active_len: position.len,
             unsynced: Vec::new(),
+            new_segment: false,
         })
     }
 
@@ -274,36 +290,41 @@ impl SegmentLog {
         if runs.is_empty() {
             push(from, None, &mut bytes);
         }
+        let path = self.shared.segment_path(self.active);
+        let too_large = |what: &str| error(&path, format!("{what} too large for a segment"));
         for (offset, run) in runs {
             let first = from + offset as Index;
             let (at, len) = push(first, Some(chunk::encode(run)), &mut bytes);
             locs.push(Loc {
                 first,
-                count: run.len() as u32,
+                count: u32::try_from(run.len()).map_err(|_| too_large("a write"))?,
                 segment: self.active,
-                offset: at as u32,
-                len: len as u32,
+                offset: u32::try_from(at).map_err(|_| too_large("a segment"))?,
+                len: u32::try_from(len).map_err(|_| too_large("a record"))?,
             });
         }
-        let path = self.shared.segment_path(self.active);
-        let mut index = self
-            .shared
-            .index
-            .write()
-            .map_err(|_| error(&path, "poisoned"))?;
-        if from == 0 || from > index.last_index() + 1 {
+        // This is the only writer: the index cannot change until the end,
+        // so readers are held up only while it is updated, not during the
+        // write.
+        let (last, file) = {
+            let index = self
+                .shared
+                .index
+                .read()
+                .map_err(|_| error(&path, "poisoned"))?;
+            let file = index
+                .segments
+                .get(self.active as usize)
+                .cloned()
+                .ok_or_else(|| error(&path, "not open"))?;
+            (index.last_index(), file)
+        };
+        if from == 0 || from > last + 1 {
             return Err(error(
                 &path,
-                format!(
-                    "a write from index {from} would leave a gap after {}",
-                    index.last_index()
-                ),
+                format!("a write from index {from} would leave a gap after {last}"),
             ));
         }
-        let file = index
-            .segments
-            .get(self.active as usize)
-            .ok_or_else(|| error(&path, "not open"))?;
         // Bytes first, then the index: a reader never finds a record
         // that is not there yet.
         file.write_all_at(&bytes, self.active_len)
@@ -312,6 +333,11 @@ impl SegmentLog {
         if self.unsynced.last() != Some(&self.active) {
             self.unsynced.push(self.active);
         }
+        let mut index = self
+            .shared
+            .index
+            .write()
+            .map_err(|_| error(&path, "poisoned"))?;
         index.truncate(from);
         index.locs.extend(locs);
         Ok(())
@@ -336,6 +362,7 @@ impl SegmentLog {
             .push(Arc::new(file));
         self.active = id;
         self.active_len = 0;
+        self.new_segment = true;
         Ok(())
     }
 
@@ -347,12 +374,20 @@ impl SegmentLog {
                 .index
                 .read()
                 .map_err(|_| error(&self.shared.dir, "poisoned"))?;
-            for id in self.unsynced.drain(..) {
-                if let Some(file) = index.segments.get(id as usize) {
+            for id in &self.unsynced {
+                if let Some(file) = index.segments.get(*id as usize) {
                     file.sync_data()
-                        .map_err(|e| error(&self.shared.segment_path(id), e))?;
+                        .map_err(|e| error(&self.shared.segment_path(*id), e))?;
                 }
             }
+        }
+        self.unsynced.clear();
+        // A segment created since the last checkpoint must be in the
+        // directory before the position can name it.
+        if std::mem::take(&mut self.new_segment) {
+            File::open(&self.shared.dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| error(&self.shared.dir, e))?;
         }
         let position = Position {
             segment: self.active,
@@ -446,11 +481,14 @@ impl SegmentReader {
                     .iter()
                     .take(SCAN_BATCH)
                     .take_while(|loc| loc.first <= to)
-                    .filter_map(|loc| {
-                        let file = index.segments.get(loc.segment as usize)?;
-                        Some((*loc, file.clone()))
+                    .map(|loc| match index.segments.get(loc.segment as usize) {
+                        Some(file) => Ok((*loc, file.clone())),
+                        None => Err(ScanError::Damaged(error(
+                            &self.shared.segment_path(loc.segment),
+                            "not open",
+                        ))),
                     })
-                    .collect()
+                    .collect::<Result<_, _>>()?
             };
             if batch.is_empty() {
                 break;
@@ -460,24 +498,24 @@ impl SegmentReader {
                 let mut bytes = vec![0u8; loc.len as usize];
                 file.read_exact_at(&mut bytes, loc.offset as u64)
                     .map_err(|e| {
-                        ScanError::Damaged(error(&path, format!("offset {}: {e}", loc.offset)))
+                        ScanError::Damaged(damage(&path, format!("offset {}: {e}", loc.offset)))
                     })?;
                 let record = parse_record(&bytes)
                     .and_then(|(record, _)| record)
                     .map_err(|what| {
-                        ScanError::Damaged(error(&path, format!("offset {}: {what}", loc.offset)))
+                        ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
                     })?;
                 let (first, Some(chunk)) = record else {
-                    return Err(ScanError::Damaged(error(
+                    return Err(ScanError::Damaged(damage(
                         &path,
                         format!("offset {}: the index points at a removal", loc.offset),
                     )));
                 };
                 let entries = chunk::split(chunk).map_err(|what| {
-                    ScanError::Damaged(error(&path, format!("offset {}: {what}", loc.offset)))
+                    ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
                 })?;
                 if first != loc.first || first > expected {
-                    return Err(ScanError::Damaged(error(
+                    return Err(ScanError::Damaged(damage(
                         &path,
                         format!(
                             "offset {}: a record from index {first} where {expected} was expected",
@@ -494,10 +532,10 @@ impl SegmentReader {
                         return Ok(expected - 1);
                     }
                     let entry = super::decode_entry(bytes).map_err(|what| {
-                        ScanError::Damaged(error(&path, format!("log entry {index}: {what}")))
+                        ScanError::Damaged(damage(&path, format!("log entry {index}: {what}")))
                     })?;
                     if entry.index != index {
-                        return Err(ScanError::Damaged(error(
+                        return Err(ScanError::Damaged(damage(
                             &path,
                             format!("log entry {index} is stored as entry {}", entry.index),
                         )));
@@ -579,11 +617,11 @@ fn read_segment(
     let mut at = 0usize;
     while at < bytes.len() {
         let (record, record_len) = parse_record(&bytes[at..])
-            .map_err(|what| error(path, format!("offset {at}: {what}")))?;
-        let (from, chunk) = record.map_err(|what| error(path, format!("offset {at}: {what}")))?;
+            .map_err(|what| damage(path, format!("offset {at}: {what}")))?;
+        let (from, chunk) = record.map_err(|what| damage(path, format!("offset {at}: {what}")))?;
         let last = index.last_index();
         if from == 0 || from > last + 1 {
-            return Err(error(
+            return Err(damage(
                 path,
                 format!("offset {at}: a record from index {from} after a log ending at {last}"),
             ));
@@ -591,7 +629,7 @@ fn read_segment(
         index.truncate(from);
         if let Some(chunk) = chunk {
             let count =
-                chunk::count(chunk).map_err(|what| error(path, format!("offset {at}: {what}")))?;
+                chunk::count(chunk).map_err(|what| damage(path, format!("offset {at}: {what}")))?;
             index.locs.push(Loc {
                 first: from,
                 count: count as u32,

@@ -215,6 +215,9 @@ pub async fn run_link(
         return;
     };
     let dial = peers.me < peer;
+    if !dial {
+        knock(&endpoint, &peers, &address, peer);
+    }
     let mut backoff = Duration::from_millis(50);
     loop {
         let connection = if dial {
@@ -254,6 +257,10 @@ pub async fn run_link(
             }
         };
         backoff = Duration::from_millis(50);
+        if dial {
+            // Only a knock that comes after this connection counts (below).
+            inbound.borrow_and_update();
+        }
         // Two streams: appends on one, in order, and everything else
         // (heartbeats, votes, acknowledgements) on another that QUIC serves
         // first. A backed-up append stream (a slow start across an ocean,
@@ -306,13 +313,18 @@ pub async fn run_link(
                 _ = &mut bulk_writer => break,
                 _ = connection.closed() => break,
                 // The peer dialed us anew (it restarted): switch at once
-                // rather than writing into the old, dead connection.
-                changed = inbound.changed(), if !dial => {
+                // rather than writing into the old, dead connection. On the
+                // dialing side, a live connection from the peer is its knock
+                // (it restarted): ours is to its old process, so dial again.
+                changed = inbound.changed() => {
                     if changed.is_err() {
                         bulk_writer.abort();
                         return;
                     }
-                    let newer = inbound.borrow().as_ref().is_some_and(|c| c.stable_id() != connection.stable_id());
+                    let newer = inbound.borrow().as_ref().is_some_and(|c| {
+                        c.stable_id() != connection.stable_id()
+                            && (!dial || c.close_reason().is_none())
+                    });
                     if newer {
                         break;
                     }
@@ -321,6 +333,33 @@ pub async fn run_link(
         }
         bulk_writer.abort();
     }
+}
+
+/// How long a knock stays open: long enough for the peer to notice it.
+const KNOCK_HOLD: Duration = Duration::from_secs(1);
+
+/// Tells `peer`, which dials us, that this process is new. It would
+/// otherwise keep writing into its connection to our previous process until
+/// QUIC's idle timeout (3 s), and an election meanwhile could not count on
+/// us: a leader killed a second after this node restarted took 1.7 s
+/// instead of 0.3 s to replace. A short connection from us makes the peer
+/// dial again at once.
+fn knock(endpoint: &Endpoint, peers: &Peers, address: &Address, peer: NodeId) {
+    let config = match peers.client_config.read() {
+        Ok(config) => config.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let endpoint = endpoint.clone();
+    let address = address.clone();
+    tokio::spawn(async move {
+        match connect(&endpoint, config, &address, peer).await {
+            Ok(connection) => {
+                tokio::time::sleep(KNOCK_HOLD).await;
+                connection.close(0u32.into(), b"knock");
+            }
+            Err(error) => debug!(peer, "knock unanswered (the peer will dial us): {error}"),
+        }
+    });
 }
 
 /// Writes queued frames to `stream` until the queue closes or the stream

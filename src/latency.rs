@@ -102,11 +102,6 @@ impl fmt::Debug for DelayedSocket {
 }
 
 impl DelayedSocket {
-    /// Binds `addr` and delays datagrams to the given destinations.
-    pub fn bind(addr: SocketAddr, delays: HashMap<SocketAddr, LinkDelay>) -> io::Result<Arc<Self>> {
-        DelayedSocket::new(std::net::UdpSocket::bind(addr)?, delays)
-    }
-
     /// Delays datagrams sent through `socket` to the given destinations.
     pub fn new(
         socket: std::net::UdpSocket,
@@ -302,7 +297,8 @@ mod tests {
                 ..Default::default()
             },
         )]);
-        let socket = DelayedSocket::bind("127.0.0.1:0".parse().unwrap(), delays).unwrap();
+        let socket =
+            DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap();
         let started = std::time::Instant::now();
         socket
             .try_send(&Transmit {

@@ -249,10 +249,6 @@ impl SegmentLog {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
     pub fn last_index(&self) -> Index {
         self.shared
             .index
@@ -451,13 +447,6 @@ pub struct SegmentReader {
 }
 
 impl SegmentReader {
-    pub fn last_index(&self) -> Index {
-        self.shared
-            .index
-            .read()
-            .map_or(0, |index| index.last_index())
-    }
-
     /// Hands entries `from..=to` (at most `limit`) to `each`, in order;
     /// returns the index of the last one handed over.
     pub fn scan(

@@ -15,7 +15,10 @@ use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Committed, NodeId, Status};
 use crate::tls::{self, peer_identity, Credentials};
-use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry};
+use crate::wire::{
+    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, WireError,
+    MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
+};
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
 /// on one stream. The window must cover a round trip to the quorum at full
@@ -419,6 +422,11 @@ impl Client {
                     return Ok((target, response));
                 }
                 Err(e) => {
+                    // A request no node could take fails here at once,
+                    // not after every node has been tried for a minute.
+                    if matches!(e.downcast_ref::<WireError>(), Some(WireError::TooLarge(_))) {
+                        return Err(e);
+                    }
                     last_error = format!("node {target}: {e:#}");
                     self.set_leader(None);
                 }
@@ -429,6 +437,17 @@ impl Client {
 
     /// Appends `texts` in order; each lands exactly once.
     pub async fn send(&self, texts: Vec<String>) -> Result<(NodeId, Vec<Committed>)> {
+        if let Some((i, text)) = texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.len() > MAX_MESSAGE_BYTES)
+        {
+            bail!(
+                "message {} is {} bytes, over the limit of {MAX_MESSAGE_BYTES} bytes",
+                i + 1,
+                text.len()
+            );
+        }
         let count = texts.len() as u64;
         let first_seq = self.next_seq.fetch_add(count, Ordering::SeqCst);
         self.send_at(first_seq, texts).await
@@ -581,8 +600,13 @@ impl Client {
                 ) => {
                     all.extend(entries);
                     upto = Some(end);
-                    if next > end || next == from {
+                    if next > end {
                         return Ok(all);
+                    }
+                    // A page that moved nothing is a node's fault, never
+                    // the end: an export ends only at the index it pinned.
+                    if next <= from {
+                        bail!("the export stopped at index {from} of {end}: a node answered a page without entries");
                     }
                     from = next;
                 }
@@ -625,6 +649,84 @@ impl Client {
     }
 }
 
+/// Most messages `Batches` puts in one send request.
+pub const LINES_PER_BATCH: usize = 1000;
+
+/// Why `Batches` stopped before the end of its input.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(
+        "line {line} is {size} bytes, over the limit of {MAX_MESSAGE_BYTES} bytes per message"
+    )]
+    TooLarge { line: u64, size: usize },
+    #[error("reading line {line}: {source}")]
+    Read { line: u64, source: std::io::Error },
+}
+
+/// Cuts lines of input into send batches of at most `LINES_PER_BATCH`
+/// messages and `MAX_SEND_BYTES` bytes, so any batch fits a frame. A line
+/// over the message limit (or a read error) ends the batches: the lines
+/// before it are still sent, and `error` says which line stopped it.
+pub struct Batches<I> {
+    lines: I,
+    line: u64,
+    held: Option<String>,
+    pub error: Option<BatchError>,
+}
+
+impl<I: Iterator<Item = std::io::Result<String>>> Batches<I> {
+    pub fn new(lines: I) -> Self {
+        Batches {
+            lines,
+            line: 0,
+            held: None,
+            error: None,
+        }
+    }
+}
+
+impl<I: Iterator<Item = std::io::Result<String>>> Iterator for Batches<I> {
+    type Item = Vec<String>;
+
+    fn next(&mut self) -> Option<Vec<String>> {
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        while self.error.is_none() && batch.len() < LINES_PER_BATCH {
+            let text = match self.held.take() {
+                Some(text) => text,
+                None => match self.lines.next() {
+                    Some(Ok(text)) => {
+                        self.line += 1;
+                        text
+                    }
+                    Some(Err(source)) => {
+                        self.error = Some(BatchError::Read {
+                            line: self.line + 1,
+                            source,
+                        });
+                        break;
+                    }
+                    None => break,
+                },
+            };
+            if text.len() > MAX_MESSAGE_BYTES {
+                self.error = Some(BatchError::TooLarge {
+                    line: self.line,
+                    size: text.len(),
+                });
+                break;
+            }
+            if !batch.is_empty() && bytes + text.len() > MAX_SEND_BYTES {
+                self.held = Some(text);
+                break;
+            }
+            bytes += text.len();
+            batch.push(text);
+        }
+        (!batch.is_empty()).then_some(batch)
+    }
+}
+
 /// The stable text format of exports: one line per message,
 /// `index<TAB>lamport<TAB>sender<TAB>text`, with backslash, tab and newline
 /// in the text escaped as `\\`, `\t` and `\n`.
@@ -655,4 +757,44 @@ pub fn format_json(entry: &ExportedEntry) -> String {
         "text": entry.text,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(texts: &[String]) -> impl Iterator<Item = std::io::Result<String>> + '_ {
+        texts.iter().cloned().map(Ok)
+    }
+
+    #[test]
+    fn batches_are_cut_by_bytes_and_count() {
+        let big = "x".repeat(MAX_MESSAGE_BYTES);
+        let input: Vec<String> = (0..20).map(|_| big.clone()).collect();
+        let mut batches = Batches::new(lines(&input));
+        let sizes: Vec<usize> = batches.by_ref().map(|b| b.len()).collect();
+        assert!(batches.error.is_none());
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
+        assert_eq!(sizes, vec![4, 4, 4, 4, 4]);
+
+        let small: Vec<String> = (0..2500).map(|i| i.to_string()).collect();
+        let sizes: Vec<usize> = Batches::new(lines(&small)).map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+    }
+
+    #[test]
+    fn a_line_over_the_limit_stops_the_batches_naming_it() {
+        let mut input: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+        input.push("y".repeat(MAX_MESSAGE_BYTES + 1));
+        input.push("after".into());
+        let mut batches = Batches::new(lines(&input));
+        let sent: Vec<Vec<String>> = batches.by_ref().collect();
+        assert_eq!(sent, vec![vec!["0", "1", "2", "3", "4"]]);
+        match batches.error {
+            Some(BatchError::TooLarge { line: 6, size }) => {
+                assert_eq!(size, MAX_MESSAGE_BYTES + 1)
+            }
+            other => panic!("expected line 6 too large, got {other:?}"),
+        }
+    }
 }

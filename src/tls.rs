@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::RootCertStore;
 
 use crate::identity::{self, IdentityError};
-use crate::wire::ALPN;
+use crate::wire::{ALPN, PEER_ALPN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -119,7 +119,7 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec(), ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -127,8 +127,18 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
     Ok(config)
 }
 
-/// Dials nodes, presenting our certificate and trusting only the CA.
+/// Dials nodes as a client, presenting our certificate and trusting only
+/// the CA.
 pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
+    dial_config(creds, ALPN)
+}
+
+/// Dials a peer for its Raft link (or a knock).
+pub fn peer_client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
+    dial_config(creds, PEER_ALPN)
+}
+
+fn dial_config(creds: &Credentials, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(creds.roots()?),
         provider(),
@@ -141,7 +151,7 @@ pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsErro
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -157,6 +167,15 @@ pub fn peer_identity(connection: &quinn::Connection) -> Result<identity::Identit
         .ok_or(IdentityError::NoCertificate)?;
     let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
     identity::identity_of(leaf)
+}
+
+/// The application protocol the other end chose in the handshake.
+pub fn protocol(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    connection
+        .handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The serial number of the certificate the other end presented.

@@ -10,8 +10,22 @@ use crate::raft::{Committed, Envelope, Index, NodeId, ProposeError, Status};
 /// Largest frame accepted from anyone. Appends are sized well below it.
 pub const MAX_FRAME: usize = 16 << 20;
 
-/// The QUIC application protocol name; both ends must speak it.
+/// The largest message a client may send.
+pub const MAX_MESSAGE_BYTES: usize = crate::raft::MAX_COMMAND_BYTES;
+
+/// Most bytes of messages one send request carries: a batch of the largest
+/// messages still fits a frame with room to spare.
+pub const MAX_SEND_BYTES: usize = 4 << 20;
+
+/// The QUIC application protocol of clients (and of a node's HTTP side
+/// reaching the cluster): requests on bidirectional streams.
 pub const ALPN: &[u8] = b"cluster-store/1";
+
+/// The QUIC application protocol of peer links: Raft on unidirectional
+/// streams. A connection says what it is for in its handshake, so a node's
+/// HTTP side, which dials with the node's own certificate, can never be
+/// taken for that node's Raft link.
+pub const PEER_ALPN: &[u8] = b"cluster-store-peer/1";
 
 /// The first frame of every stream says what the stream is for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -223,8 +223,8 @@ fn pipelined_send_keeps_its_order_across_a_leader_kill() {
     });
 }
 
-/// A raw QUIC connection to `node` with the given credentials, and one
-/// frame written on a new unidirectional stream.
+/// A raw peer-link connection (the peer protocol) to `node` with the given
+/// credentials, and one frame written on a new unidirectional stream.
 async fn raw_uni(
     cluster: &TestCluster,
     node: u64,
@@ -233,7 +233,8 @@ async fn raw_uni(
 ) {
     let mut endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(cluster_store::tls::client_config(creds).expect("config"));
+    endpoint
+        .set_default_client_config(cluster_store::tls::peer_client_config(creds).expect("config"));
     let connection = endpoint
         .connect(
             cluster.addr(node),

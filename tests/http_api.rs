@@ -65,6 +65,22 @@ impl Http {
         (status, value)
     }
 
+    /// Like `request`, but a node that is down or slow is an answer too.
+    fn try_json(self, node: u64, method: &str, path: &str) -> Option<(u16, Value)> {
+        let mut stream = TcpStream::connect(self.addr(node)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, serde_json::from_str(body).ok()?))
+    }
+
     fn wait_for_leader(self) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -209,6 +225,122 @@ fn json_api_against_a_real_cluster() {
         !page.contains("http://") && !page.contains("https://"),
         "the page must load nothing from outside"
     );
+    drop(cluster);
+}
+
+/// A node's HTTP side reaches the other nodes with the node's own
+/// certificate. It once took over their Raft links: an open dashboard
+/// stopped a node's replication, and writes through the HTTP API kept a
+/// cluster from electing a leader after a kill. Here every node's dashboard
+/// polls `/cluster` and writes go through every node's HTTP API while the
+/// leader is killed: a leader must be back at once, and every node must
+/// replicate every acknowledged write.
+#[test]
+fn dashboards_and_http_writes_on_every_node_survive_a_leader_kill() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let ip = 22;
+    let mut cluster = TestCluster::start_with("http-kill", ip, &[1, 2, 3], &[], |id| {
+        vec![
+            "--http".to_string(),
+            format!("127.0.0.{ip}:{}", 8000 + id),
+            "--http-write".into(),
+        ]
+    });
+    let http = Http { ip };
+    let leader = http.wait_for_leader();
+    let stop = Arc::new(AtomicBool::new(false));
+    // (when, text, index) of every write the HTTP API acknowledged.
+    let acknowledged = Arc::new(Mutex::new(Vec::<(Instant, String, u64)>::new()));
+    let dashboards = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for node in [1, 2, 3] {
+                    let _ = http.try_json(node, "GET", "/cluster");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let writers = {
+        let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let text = format!("w{i}");
+                if let Some((200, sent)) =
+                    http.try_json(i % 3 + 1, "POST", &format!("/?message={text}"))
+                {
+                    if let Some(index) = sent["index"].as_u64() {
+                        if let Ok(mut acknowledged) = acknowledged.lock() {
+                            acknowledged.push((Instant::now(), text, index));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let admin = cluster.client("client");
+
+    // With every dashboard open, every node keeps replicating.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = acknowledged.lock().map(|a| a.len()).unwrap_or(0);
+    assert!(
+        before >= 5,
+        "only {before} HTTP writes acknowledged in 3 s before the kill"
+    );
+    runtime.block_on(cluster.wait_caught_up(&admin, Duration::from_secs(10)));
+
+    cluster.kill(leader);
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(10);
+    let first_after = loop {
+        let after = acknowledged.lock().ok().and_then(|a| {
+            a.iter()
+                .find(|(at, _, _)| *at > killed)
+                .map(|(at, _, _)| *at)
+        });
+        if let Some(at) = after {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HTTP write acknowledged within 10 s of killing leader {leader}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "first HTTP write acknowledged {:?} after the kill",
+        first_after - killed
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.launch(leader);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    dashboards.join().expect("dashboards");
+    writers.join().expect("writers");
+    runtime.block_on(cluster.wait_caught_up(&admin, Duration::from_secs(15)));
+
+    // Every acknowledged write is on every node's replica, once, where
+    // its answer said.
+    let acknowledged = acknowledged.lock().expect("acknowledged").clone();
+    for node in [1, 2, 3] {
+        let page = runtime
+            .block_on(admin.local_export(node))
+            .expect("local export");
+        for (_, text, index) in &acknowledged {
+            let found: Vec<u64> = page
+                .iter()
+                .filter(|e| &e.text == text)
+                .map(|e| e.index)
+                .collect();
+            assert_eq!(found, vec![*index], "node {node}: {text}");
+        }
+    }
     drop(cluster);
 }
 

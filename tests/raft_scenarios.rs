@@ -489,6 +489,108 @@ fn lamport_stamps_respect_the_clients_clock() {
     }
 }
 
+/// A client's clock is only trusted as far as the cluster could have given
+/// it out: `u64::MAX` once made the next stamp wrap to 0 (and panicked a
+/// debug build), on each new leader in turn as the client retried. It is
+/// refused, a follower that is not the leader does not take it either, and
+/// stamps keep strictly increasing.
+#[test]
+fn a_client_clock_far_ahead_is_refused_and_stamps_keep_increasing() {
+    use cluster_store::raft::{Proposal, MAX_CLIENT_CLOCK_SKEW};
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.propose(1, 2, 1, "before");
+    c.deliver_all();
+    let lying = |seq, lamport| Proposal {
+        id: RequestId { client_id: 9, seq },
+        lamport,
+        sender: "mallory".into(),
+        data: "lie".into(),
+    };
+    for (seq, lamport) in [(1, u64::MAX), (2, u64::MAX - 1), (3, 1 << 40)] {
+        // On a follower: refused as not the leader, its clock untouched.
+        let before = c.node(2).lamport();
+        c.node_mut(2).propose(lying(seq, lamport));
+        c.drain(2);
+        assert_eq!(c.node(2).lamport(), before);
+        c.responses.clear();
+        c.node_mut(1).propose(lying(seq, lamport));
+        c.drain(1);
+        assert!(
+            matches!(error_for(&c, 9, seq), Some(ProposeError::ClockAhead { .. })),
+            "{:?}",
+            c.responses
+        );
+    }
+    // Within the slack, a clock ahead is honoured.
+    let leader_clock = c.node(1).lamport();
+    c.node_mut(1)
+        .propose(lying(4, leader_clock + MAX_CLIENT_CLOCK_SKEW));
+    c.drain(1);
+    c.propose(1, 2, 2, "after");
+    c.deliver_all();
+    let log = c.node(3).log();
+    let stamps: Vec<u64> = log
+        .range(1, log.last_index())
+        .iter()
+        .map(|e| e.lamport)
+        .collect();
+    assert_eq!(c.texts(3), ["before", "lie", "after"]);
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+    assert_eq!(stamps[2], leader_clock + MAX_CLIENT_CLOCK_SKEW + 1);
+}
+
+/// Appends are bounded by bytes as well as by count: twenty messages of
+/// the largest size once made one 20 MB append that no frame could carry;
+/// the link dropped it, the follower rejected the gap and the leader sent
+/// the same slice forever. Every message must fit a frame, and a follower
+/// that was away catches up, also from entries read back from the store.
+#[test]
+fn large_entries_travel_in_appends_that_fit_a_frame() {
+    use cluster_store::wire::{encode, PeerFrame};
+    let mut c = Cluster::new(&[1, 2, 3], &[], |cfg| cfg.memory_entries = 4);
+    c.elect(1);
+    c.crash(3);
+    let big = "m".repeat(cluster_store::raft::MAX_COMMAND_BYTES);
+    // Proposed together, so one ready holds all twenty.
+    for seq in 1..=20 {
+        c.node_mut(1).propose(cluster_store::raft::Proposal {
+            id: RequestId { client_id: 5, seq },
+            lamport: 0,
+            sender: "client-5".into(),
+            data: big.clone().into(),
+        });
+    }
+    c.drain(1);
+    c.deliver_all();
+    assert_eq!(c.node(2).commit_index(), 21);
+    c.restart(3);
+    for _ in 0..200 {
+        if c.node(3).log().last_index() == c.node(1).log().last_index() {
+            break;
+        }
+        c.tick_all(1);
+    }
+    assert_eq!(c.node(3).log().last_index(), c.node(1).log().last_index());
+    assert!(c.node(3).commit_index() >= 21);
+    let appends: Vec<&Envelope> = c
+        .delivered
+        .iter()
+        .filter(|m| matches!(&m.message, Message::Append { entries, .. } if !entries.is_empty()))
+        .collect();
+    assert!(appends.len() >= 10, "{} appends", appends.len());
+    for message in appends {
+        let frame = encode(&PeerFrame::Raft(message.clone()));
+        assert!(
+            frame.is_ok(),
+            "an append from {} to {} cannot be sent: {:?}",
+            message.from,
+            message.to,
+            frame.err()
+        );
+    }
+}
+
 /// Proposals arriving together travel as one batch, and the leader keeps
 /// several appends in flight to a follower before hearing back.
 #[test]

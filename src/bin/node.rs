@@ -640,28 +640,13 @@ async fn client_command(command: Command) -> Result<()> {
                 out.flush()?;
                 return Ok(());
             }
-            // Standard input is read as it comes, in batches of up to
-            // 1,000 lines, with `PIPELINE_WINDOW` batches in flight on one
+            // Standard input is read as it comes, in batches cut by count
+            // and bytes, with `PIPELINE_WINDOW` batches in flight on one
             // stream: in order, exactly once, at pipeline speed.
-            let mut read_error = None;
-            let mut lines = std::io::stdin().lock().lines();
-            let batches = std::iter::from_fn(|| {
-                let mut batch = Vec::new();
-                while batch.len() < 1000 {
-                    match lines.next() {
-                        Some(Ok(line)) => batch.push(line),
-                        Some(Err(error)) => {
-                            read_error = Some(error);
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                (!batch.is_empty()).then_some(batch)
-            });
+            let mut batches = cluster_store::client::Batches::new(std::io::stdin().lock().lines());
             let mut sent = 0usize;
             client
-                .send_pipelined(batches, cluster_store::client::PIPELINE_WINDOW, |leader, committed| {
+                .send_pipelined(&mut batches, cluster_store::client::PIPELINE_WINDOW, |leader, committed| {
                     if json {
                         for c in committed {
                             let object = serde_json::json!({
@@ -674,8 +659,8 @@ async fn client_command(command: Command) -> Result<()> {
                     Ok(())
                 })
                 .await?;
-            if let Some(error) = read_error {
-                bail!("reading standard input after {sent} messages: {error}");
+            if let Some(error) = batches.error {
+                bail!("standard input, {error}; the {sent} messages before it were committed");
             }
             if !json {
                 writeln!(out, "committed {sent} messages")?;

@@ -4,6 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::types::NodeId;
 
+/// The largest message a client may send, by default: 1 MiB.
+pub const MAX_COMMAND_BYTES: usize = 1 << 20;
+
 /// How a node behaves. Times are in ticks: the runtime decides how long a
 /// tick is (the simulator uses abstract steps).
 #[derive(Clone, Debug)]
@@ -27,6 +30,10 @@ pub struct Config {
     pub max_inflight: usize,
     /// Entries in one append message.
     pub max_append_entries: usize,
+    /// Bytes of entries in one append message (and in one read from the
+    /// store to catch a follower up), at least one entry whatever its size:
+    /// a count alone lets 1,024 entries of 1 MB make a frame no peer takes.
+    pub max_append_bytes: usize,
     /// Largest command payload a proposal may carry, in bytes.
     pub max_command_bytes: usize,
     /// Committed sequence numbers remembered per client for deduplication.
@@ -59,7 +66,7 @@ pub enum ConfigError {
     )]
     BadTimeouts { heartbeat: u64, election: u64 },
     #[error(
-        "max_inflight, max_append_entries, session_window and memory_entries must be at least 1"
+        "max_inflight, max_append_entries, max_append_bytes, session_window and memory_entries must be at least 1"
     )]
     ZeroLimit,
 }
@@ -78,7 +85,8 @@ impl Config {
             check_quorum: true,
             max_inflight: 64,
             max_append_entries: 1024,
-            max_command_bytes: 1 << 20,
+            max_append_bytes: 4 << 20,
+            max_command_bytes: MAX_COMMAND_BYTES,
             session_window: 131_072,
             memory_entries: 8192,
             priorities: BTreeMap::new(),
@@ -104,6 +112,7 @@ impl Config {
         }
         if self.max_inflight == 0
             || self.max_append_entries == 0
+            || self.max_append_bytes == 0
             || self.session_window == 0
             || self.memory_entries == 0
         {

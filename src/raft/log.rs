@@ -148,14 +148,25 @@ impl RaftLog {
         self.entries.last()
     }
 
-    /// Up to `max` entries starting at `from`, as far as they are in memory.
-    pub fn slice(&self, from: Index, max: usize) -> &[Entry] {
+    /// Up to `max` entries starting at `from`, as far as they are in
+    /// memory, and no more than `max_bytes` of them (`Entry::size`) unless
+    /// the first alone is larger: then just that one.
+    pub fn slice(&self, from: Index, max: usize, max_bytes: usize) -> &[Entry] {
         if from <= self.offset || from > self.last_index() {
             return &[];
         }
         let start = (from - self.offset - 1) as usize;
         let end = (start + max).min(self.entries.len());
-        &self.entries[start..end]
+        let mut bytes = 0usize;
+        let within = self.entries[start..end]
+            .iter()
+            .take_while(|entry| {
+                bytes = bytes.saturating_add(entry.size());
+                bytes <= max_bytes
+            })
+            .count()
+            .max(1);
+        &self.entries[start..start + within.min(end - start)]
     }
 
     /// Entries `from..=to` held in memory, clamped to the log.
@@ -320,7 +331,7 @@ mod tests {
         assert_eq!(log.in_memory(), 4);
         assert_eq!(log.get(6), None);
         assert_eq!(log.get(7).map(|e| e.index), Some(7));
-        assert_eq!(log.slice(5, 10), &[] as &[Entry]);
+        assert_eq!(log.slice(5, 10, usize::MAX), &[] as &[Entry]);
         assert_eq!(log.range(1, 8).len(), 2);
         for i in 1..=10 {
             assert_eq!(log.term(i), Some(1 + i / 4), "term of {i}");

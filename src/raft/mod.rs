@@ -25,12 +25,13 @@ pub mod rng;
 mod session;
 mod types;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, MAX_COMMAND_BYTES};
 pub use leadership::TransferError;
 pub use log::{LogError, LogWrite, RaftLog};
 pub use message::{AppendResult, Envelope, Message};
 pub use node::{PeerStatus, RaftError, RaftNode, Restorer, Status};
 pub use ready::{Fetch, Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
+pub use replication::MAX_CLIENT_CLOCK_SKEW;
 pub use session::Committed;
 pub use types::{
     Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term,

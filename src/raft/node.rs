@@ -265,9 +265,9 @@ impl RaftNode {
     /// Asks the leader to append a client message. The answer arrives in a
     /// later `Ready::responses`, once the entry commits (or at once on error).
     pub fn propose(&mut self, proposal: Proposal) {
-        self.lamport = self.lamport.max(proposal.lamport);
-        if let Err(error) = self.accept_proposal(proposal.clone()) {
-            self.respond(proposal.id, Err(error));
+        let id = proposal.id;
+        if let Err(error) = self.accept_proposal(proposal) {
+            self.respond(id, Err(error));
         }
     }
 

@@ -34,12 +34,14 @@ pub struct Ready {
     pub fetches: Vec<Fetch>,
 }
 
-/// Read up to `max` log entries from `from` for follower `to`.
+/// Read up to `max` log entries from `from` for follower `to`, no more
+/// than `max_bytes` of them (`Entry::size`) but at least one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fetch {
     pub to: NodeId,
     pub from: Index,
     pub max: usize,
+    pub max_bytes: usize,
 }
 
 impl Ready {
@@ -84,6 +86,15 @@ pub enum ProposeError {
         "sequence number {seq} is older than the deduplication window; its outcome is unknown"
     )]
     SessionExpired { seq: u64 },
+    /// A client's clock can only hold stamps the cluster gave out, so one
+    /// far ahead of the leader's is a lie; taken, it would push every later
+    /// stamp towards overflow.
+    #[error("the client's Lamport clock {lamport} is more than {skew} ahead of the leader's ({leader}); a client's clock comes from the stamps the cluster gave it")]
+    ClockAhead {
+        lamport: u64,
+        leader: u64,
+        skew: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

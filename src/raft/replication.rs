@@ -10,6 +10,12 @@ use super::ready::{Fetch, Proposal, ProposeError};
 use super::session::{Committed, Lookup};
 use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, Role, Term};
 
+/// How far ahead of the leader's clock a client's may be. An honest
+/// client's clock holds stamps of committed entries, which every leader's
+/// log has, so it is never ahead; the slack lets a client carry causality
+/// from elsewhere without letting it exhaust the clock's range.
+pub const MAX_CLIENT_CLOCK_SKEW: Lamport = 1 << 20;
+
 impl RaftNode {
     pub(super) fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
@@ -73,6 +79,13 @@ impl RaftNode {
                 limit: self.config.max_command_bytes,
             });
         }
+        if proposal.lamport > self.lamport.saturating_add(MAX_CLIENT_CLOCK_SKEW) {
+            return Err(ProposeError::ClockAhead {
+                lamport: proposal.lamport,
+                leader: self.lamport,
+                skew: MAX_CLIENT_CLOCK_SKEW,
+            });
+        }
         match self.sessions.lookup(proposal.id) {
             Lookup::Committed(committed) => {
                 self.respond(proposal.id, Ok(committed));
@@ -105,7 +118,14 @@ impl RaftNode {
     /// next `ready`, so proposals arriving together travel as one batch.
     pub(super) fn append_new(&mut self, payload: Payload, client_lamport: Lamport) -> Index {
         let previous = self.log.last().map_or(0, |e| e.lamport);
-        self.lamport = self.lamport.max(client_lamport).max(previous) + 1;
+        // Bounded by `MAX_CLIENT_CLOCK_SKEW` per proposal, the clock cannot
+        // reach the end of its range; were it there, it stays there rather
+        // than wrapping to 0 and breaking the order of stamps.
+        self.lamport = self
+            .lamport
+            .max(client_lamport)
+            .max(previous)
+            .saturating_add(1);
         let index = self.log.last_index() + 1;
         self.log.append(Entry {
             index,
@@ -159,13 +179,18 @@ impl RaftNode {
                     to,
                     from: next,
                     max: self.config.max_append_entries,
+                    max_bytes: self.config.max_append_bytes,
                 });
             }
             return false;
         }
         let entries = self
             .log
-            .slice(next, self.config.max_append_entries)
+            .slice(
+                next,
+                self.config.max_append_entries,
+                self.config.max_append_bytes,
+            )
             .to_vec();
         if entries.is_empty() && !allow_empty && pr.state == ReplicationState::Replicate {
             return false;

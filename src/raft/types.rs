@@ -48,6 +48,16 @@ pub struct Command {
 }
 
 impl Entry {
+    /// About how many bytes the entry takes on the wire and on disk: what
+    /// byte limits on appends and pages count.
+    pub fn size(&self) -> usize {
+        const FIXED: usize = 64;
+        match &self.payload {
+            Payload::Noop => FIXED,
+            Payload::Command(c) => FIXED + c.sender.len() + c.data.len(),
+        }
+    }
+
     /// The (client id, sequence) pair that identifies a command, if any.
     pub fn request_id(&self) -> Option<RequestId> {
         match &self.payload {

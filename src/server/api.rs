@@ -16,6 +16,9 @@ use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, Export
 
 /// Most entries one export page returns.
 pub const PAGE: u64 = 10_000;
+/// Most bytes of entries (`Entry::size`) one export page returns, at least
+/// one entry: pages of 10,000 entries over ~1.6 KB each exceeded a frame.
+pub const PAGE_BYTES: usize = 4 << 20;
 /// Most messages one send request may carry.
 pub const MAX_BATCH: usize = 4096;
 /// Default bound on the messages waiting to commit, in bytes: beyond it a
@@ -221,7 +224,24 @@ impl Api {
             ClientRequest::Send { .. } => error("a send is not a query", false),
             ClientRequest::Export { from, limit, upto } => {
                 let upto = match upto {
-                    Some(upto) => upto,
+                    // A later page, pinned to the first page's read: any
+                    // node whose own store holds that much of the committed
+                    // log can serve it (committed entries are the same
+                    // everywhere), and no other node may.
+                    Some(upto) => match self.status().await {
+                        Ok(status) if status.commit >= upto => upto,
+                        Ok(status) => {
+                            return ClientResponse::Error {
+                                message: format!(
+                                    "node {} holds the committed log up to {} only, short of {upto}; ask another node",
+                                    self.me, status.commit
+                                ),
+                                retry: true,
+                                detail: None,
+                            }
+                        }
+                        Err(response) => return response,
+                    },
                     None => match self.read_index().await {
                         Ok(index) => index,
                         Err(response) => return response,
@@ -357,7 +377,10 @@ impl Api {
 
     fn page(&self, from: u64, upto: u64, limit: u64) -> ClientResponse {
         let limit = limit.clamp(1, PAGE) as usize;
-        match self.log.entries(from.max(1), upto, limit) {
+        match self
+            .log
+            .entries_within(from.max(1), upto, limit, PAGE_BYTES)
+        {
             Ok(entries) => {
                 let next = entries.last().map_or(from.max(1), |e| e.index + 1);
                 let entries = entries

@@ -238,7 +238,10 @@ impl Driver {
         //    memory: read them back from the store (they are durable).
         for fetch in ready.fetches {
             let to = fetch.from.saturating_add(fetch.max as u64 - 1);
-            let entries = self.store.log.entries(fetch.from, to, fetch.max)?;
+            let entries =
+                self.store
+                    .log
+                    .entries_within(fetch.from, to, fetch.max, fetch.max_bytes)?;
             self.raft.fetched(fetch.to, fetch.from, entries);
         }
         Ok(())

@@ -160,7 +160,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         std::sync::Arc::new(quinn::TokioRuntime),
     )
     .map_err(bind_error)?;
-    let client_config = std::sync::Arc::new(std::sync::RwLock::new(tls::client_config(&creds)?));
+    let client_config =
+        std::sync::Arc::new(std::sync::RwLock::new(tls::peer_client_config(&creds)?));
     let (revoked_tx, revoked) =
         watch::channel(std::sync::Arc::new(identity::revoked_serials(&creds.crls)));
 
@@ -291,7 +292,7 @@ async fn watch_revocations(
         interval.tick().await;
         match creds.reload_crls() {
             Ok(false) => {}
-            Ok(true) => match (tls::server_config(&creds), tls::client_config(&creds)) {
+            Ok(true) => match (tls::server_config(&creds), tls::peer_client_config(&creds)) {
                 (Ok(server), Ok(client)) => {
                     endpoint.set_server_config(Some(server));
                     match client_config.write() {

@@ -17,8 +17,8 @@ use super::driver::Input;
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, Message, NodeId};
-use crate::tls::{peer_identity, peer_serial};
-use crate::wire::{encode, read_frame_sized, PeerFrame};
+use crate::tls::{peer_identity, peer_serial, protocol};
+use crate::wire::{encode, read_frame_sized, PeerFrame, PEER_ALPN};
 
 /// QUIC application error codes we close streams and connections with.
 pub const CLOSE_UNKNOWN_PEER: u32 = 1;
@@ -72,7 +72,8 @@ pub fn close_when_revoked(connection: Connection, mut revoked: watch::Receiver<R
 }
 
 /// Accepts every incoming connection and routes it by the identity in its
-/// certificate: peers to the Raft stream reader, clients to the API.
+/// certificate and the protocol it asked for: peer links to the Raft
+/// stream reader, everything else (clients, a node's HTTP side) to the API.
 pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
     // Handshakes cost CPU before we know who is calling: past this many at
     // once, new ones are refused at the door (the caller is told at once and
@@ -104,58 +105,78 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
             };
             drop(permit);
             close_when_revoked(connection.clone(), peers.revoked.clone());
-            match peer_identity(&connection) {
-                Ok(Identity::Node(id)) if id != peers.me && peers.addresses.contains_key(&id) => {
-                    debug!(peer = id, %remote, "peer connected");
-                    // The newest connection from a peer carries our messages
-                    // to it (it restarted and dialed anew)...
-                    let previous = peers
-                        .inbound
-                        .get(&id)
-                        .and_then(|slot| slot.send_replace(Some(connection.clone())));
-                    // Raft on unidirectional streams; requests forwarded by
-                    // the peer's HTTP API on bidirectional ones.
-                    let forwarded = api.serve(connection.clone(), format!("http@node-{id}"));
-                    tokio::join!(
-                        read_peer(
-                            connection.clone(),
-                            id,
-                            peers.inputs.clone(),
-                            peers.metrics.clone()
-                        ),
-                        forwarded
-                    );
-                    // ...and when it ends, the one it replaced takes over
-                    // again if that one is still alive: a short-lived second
-                    // connection must not leave the link without a way out.
-                    if let Some(slot) = peers.inbound.get(&id) {
-                        slot.send_if_modified(|current| {
-                            let ours = current
-                                .as_ref()
-                                .is_some_and(|c| c.stable_id() == connection.stable_id());
-                            match previous.filter(|p| p.close_reason().is_none()) {
-                                Some(alive) if ours => {
-                                    *current = Some(alive);
-                                    true
-                                }
-                                _ => false,
-                            }
-                        });
-                    }
-                }
-                Ok(Identity::Node(id)) if id == peers.me => {
-                    // Our own HTTP API, reaching the cluster through us.
-                    api.serve(connection, format!("http@node-{id}")).await;
-                }
-                Ok(Identity::Node(id)) => {
-                    warn!(%remote, "refused node {id}: not a member of this cluster");
-                    connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
-                }
-                Ok(Identity::Client(name)) => api.serve_client(connection, name).await,
+            let identity = match peer_identity(&connection) {
+                Ok(identity) => identity,
                 Err(error) => {
                     warn!(%remote, "refused a connection: {error}");
                     connection.close(CLOSE_UNKNOWN_PEER.into(), b"no identity");
+                    return;
                 }
+            };
+            if protocol(&connection).as_deref() == Some(PEER_ALPN) {
+                serve_peer(connection, identity, &peers).await;
+            } else {
+                // A client, or a node's HTTP side reaching the cluster
+                // through us: requests only, never a Raft link.
+                match identity {
+                    Identity::Client(name) => api.serve_client(connection, name).await,
+                    Identity::Node(id) if id == peers.me || peers.addresses.contains_key(&id) => {
+                        api.serve(connection, format!("http@node-{id}")).await
+                    }
+                    Identity::Node(id) => {
+                        warn!(%remote, "refused node {id}: not a member of this cluster");
+                        connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A connection that asked to be a peer link: only another member's
+/// certificate may hold one. The newest connection from a peer carries our
+/// Raft messages to it (it restarted and dialed anew).
+async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
+    let remote = connection.remote_address();
+    let id = match identity {
+        Identity::Node(id) if id != peers.me && peers.addresses.contains_key(&id) => id,
+        Identity::Node(id) => {
+            warn!(%remote, "refused a peer link from node {id}: not a member of this cluster");
+            connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
+            return;
+        }
+        Identity::Client(name) => {
+            warn!(%remote, "refused a peer link from client {name:?}: only nodes may open one");
+            connection.close(CLOSE_UNKNOWN_PEER.into(), b"clients cannot open peer links");
+            return;
+        }
+    };
+    debug!(peer = id, %remote, "peer connected");
+    let previous = peers
+        .inbound
+        .get(&id)
+        .and_then(|slot| slot.send_replace(Some(connection.clone())));
+    read_peer(
+        connection.clone(),
+        id,
+        peers.inputs.clone(),
+        peers.metrics.clone(),
+    )
+    .await;
+    // When it ends, the one it replaced takes over again if that one is
+    // still alive: a short-lived second connection (a knock) must not
+    // leave the link without a way out.
+    if let Some(slot) = peers.inbound.get(&id) {
+        slot.send_if_modified(|current| {
+            let ours = current
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == connection.stable_id());
+            match previous.filter(|p| p.close_reason().is_none()) {
+                Some(alive) if ours => {
+                    *current = Some(alive);
+                    true
+                }
+                _ => false,
             }
         });
     }

@@ -21,8 +21,8 @@ use bytes::Bytes;
 
 use crate::raft::rng::Rng;
 use crate::raft::{
-    Config, Entry, Envelope, HardState, Index, LogWrite, NodeId, Proposal, ProposeError, RaftNode,
-    Ready, Role,
+    Config, Entry, Envelope, HardState, Index, LogWrite, Message, NodeId, Proposal, ProposeError,
+    RaftNode, Ready, Role,
 };
 use checker::{extend_chain, Checker, Violation};
 use client::SimClient;
@@ -213,6 +213,9 @@ impl Simulation {
             config.learners = learners.iter().copied().collect();
             config.max_inflight = 4;
             config.max_append_entries = 8;
+            // A byte budget a few messages fill (they are 20 to 420
+            // bytes), so appends and catch-up reads are often cut by size.
+            config.max_append_bytes = 200 + (cfg.seed % 5) as usize * 150;
             config.session_window = 16;
             // A small memory budget, so that lagging followers are often
             // caught up from entries read back from disk.
@@ -606,7 +609,7 @@ impl Simulation {
                     },
                     lamport: client.clock,
                     sender: format!("client-{}", client.client_id),
-                    data: Bytes::from(format!("message {seq} from {}", client.client_id)),
+                    data: Bytes::from(sim_message(client.client_id, seq)),
                 };
                 if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
                     raft.propose(proposal);
@@ -697,6 +700,9 @@ impl Simulation {
                 acks: persisted_messages,
             });
         }
+        for envelope in &messages {
+            check_append_size(envelope, node.config.max_append_bytes)?;
+        }
         for envelope in messages {
             self.network
                 .send(envelope, self.now, &self.cfg.network, &mut self.rng);
@@ -727,7 +733,17 @@ impl Simulation {
                 .saturating_sub(1)
                 .min(node.disk_log.len());
             let end = (start + fetch.max).min(node.disk_log.len());
-            let entries = node.disk_log[start..end].to_vec();
+            let mut budget = fetch.max_bytes;
+            let entries: Vec<Entry> = node.disk_log[start..end]
+                .iter()
+                .enumerate()
+                .take_while(|(i, e)| {
+                    let fits = *i == 0 || e.size() <= budget;
+                    budget = budget.saturating_sub(e.size());
+                    fits
+                })
+                .map(|(_, e)| e.clone())
+                .collect();
             if let Some(raft) = node.raft.as_mut() {
                 raft.fetched(fetch.to, fetch.from, entries);
             }
@@ -867,4 +883,26 @@ impl Simulation {
         }
         Ok(())
     }
+}
+
+/// A simulated client's message: its size varies with the sequence number
+/// (20 to 420 bytes), so byte limits on appends come into play.
+fn sim_message(client_id: u64, seq: u64) -> String {
+    let pad = ((seq * 37 + client_id) % 400) as usize;
+    format!("message {seq} from {client_id} {}", "x".repeat(pad))
+}
+
+/// An append carries at most `max_bytes` of entries, or a single entry.
+fn check_append_size(envelope: &Envelope, max_bytes: usize) -> Result<(), Violation> {
+    if let Message::Append { entries, .. } = &envelope.message {
+        let bytes: usize = entries.iter().map(Entry::size).sum();
+        if entries.len() > 1 && bytes > max_bytes {
+            return Err(format!(
+                "node {} sent an append of {} entries and {bytes} bytes, over its limit of {max_bytes}",
+                envelope.from,
+                entries.len()
+            ));
+        }
+    }
+    Ok(())
 }

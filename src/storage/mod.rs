@@ -579,7 +579,8 @@ impl Store {
         &self,
         mut each: impl FnMut(Entry) -> Result<(), String>,
     ) -> Result<Index, StoreError> {
-        self.reader().scan(1, Index::MAX, usize::MAX, &mut each)
+        self.reader()
+            .scan(1, Index::MAX, usize::MAX, usize::MAX, &mut each)
     }
 
     /// Reads the whole store once, as a restart would.
@@ -621,8 +622,20 @@ impl LogReader {
 
     /// Entries `from..=to`, at most `limit`, checked to be contiguous.
     pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.entries_within(from, to, limit, usize::MAX)
+    }
+
+    /// Like `entries`, and no more than `max_bytes` of them (`Entry::size`)
+    /// unless the first alone is larger: then just that one.
+    pub fn entries_within(
+        &self,
+        from: Index,
+        to: Index,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut entries = Vec::new();
-        self.scan(from, to, limit, &mut |entry| {
+        self.scan(from, to, limit, max_bytes, &mut |entry| {
             entries.push(entry);
             Ok(())
         })?;
@@ -637,10 +650,11 @@ impl LogReader {
         from: Index,
         to: Index,
         limit: usize,
+        max_bytes: usize,
         each: &mut dyn FnMut(Entry) -> Result<(), String>,
     ) -> Result<Index, StoreError> {
         self.log
-            .scan(from, to, limit, each)
+            .scan(from, to, limit, max_bytes, each)
             .map_err(|error| match error {
                 ScanError::Damaged(error) => log_error(&self.dir, error),
                 ScanError::Refused { index, what } => {

@@ -454,10 +454,12 @@ impl SegmentReader {
         from: Index,
         to: Index,
         limit: usize,
+        max_bytes: usize,
         each: &mut dyn FnMut(Entry) -> Result<(), String>,
     ) -> Result<Index, ScanError> {
         let mut expected = from.max(1);
         let mut left = limit;
+        let mut bytes_left = max_bytes;
         while expected <= to && left > 0 {
             let batch: Vec<(Loc, Arc<File>)> = {
                 let index = self
@@ -529,6 +531,11 @@ impl SegmentReader {
                             format!("log entry {index} is stored as entry {}", entry.index),
                         )));
                     }
+                    // At least one entry, whatever its size.
+                    if entry.size() > bytes_left && left < limit {
+                        return Ok(expected - 1);
+                    }
+                    bytes_left = bytes_left.saturating_sub(entry.size());
                     each(entry).map_err(|what| ScanError::Refused { index, what })?;
                     expected += 1;
                     left -= 1;
@@ -682,7 +689,7 @@ mod tests {
     fn terms(log: &SegmentLog, from: Index, to: Index) -> Vec<(Index, u64)> {
         let mut seen = Vec::new();
         log.reader()
-            .scan(from, to, usize::MAX, &mut |e| {
+            .scan(from, to, usize::MAX, usize::MAX, &mut |e| {
                 seen.push((e.index, e.term));
                 Ok(())
             })

@@ -284,6 +284,7 @@ fn dashboards_and_http_writes_on_every_node_survive_a_leader_kill() {
         })
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _entered = runtime.enter();
     let admin = cluster.client("client");
 
     // With every dashboard open, every node keeps replicating.

@@ -138,6 +138,10 @@ pub struct Store {
     staged: bool,
     staged_hard_state: Option<HardState>,
     last_applied: std::time::Instant,
+    /// Journal records applied on open and not yet checkpointed: the
+    /// journal is left as found until the store has passed its checks
+    /// (`finish_recovery`).
+    replayed: bool,
     /// The witness file and what it says; see the module comment.
     witness_file: Option<File>,
     witness: Witness,
@@ -275,6 +279,7 @@ impl Store {
         if durable {
             store.check_witness(&recovered)?;
         }
+        store.finish_recovery()?;
         Ok((store, recovered))
     }
 
@@ -356,11 +361,17 @@ impl Store {
             None
         };
         if let Some(what) = problem {
-            // The log lives in the segments; everything else in sled.
-            let file = if self.last_index < witness.last_index {
-                self.dir.join(segments::LOG_DIR)
+            // A journal cut short lost its last writes; otherwise the log
+            // lives in the segments, everything else in sled.
+            let (file, what) = if self.journal.has_torn_tail() {
+                (
+                    self.journal.path().to_path_buf(),
+                    format!("{what}, and the journal ends in a torn record"),
+                )
+            } else if self.last_index < witness.last_index {
+                (self.dir.join(segments::LOG_DIR), what)
             } else {
-                self.dir.join("db")
+                (self.dir.join("db"), what)
             };
             return Err(StoreError::Damaged {
                 dir: self.dir.clone(),
@@ -392,7 +403,9 @@ impl Store {
     /// journal is replayed and checkpointed, and a log kept in sled by an
     /// earlier version is moved into segments.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
-        Store::open_dir(dir, create, true)
+        let mut store = Store::open_dir(dir, create, true)?;
+        store.finish_recovery()?;
+        Ok(store)
     }
 
     fn open_dir(dir: &Path, create: bool, durable: bool) -> Result<Store, StoreError> {
@@ -438,13 +451,15 @@ impl Store {
             staged: false,
             staged_hard_state: None,
             last_applied: std::time::Instant::now(),
+            replayed: false,
             witness_file: None,
             witness: Witness::default(),
             last_index: 0,
         };
         // Writes journaled since the last checkpoint: the segments were cut
         // back to it and sled may have lost any suffix of them; applying
-        // them again is harmless.
+        // them again is harmless. They are checkpointed (and the journal
+        // emptied) by `finish_recovery`, once the store has passed its checks.
         let net = if records.is_empty() {
             None
         } else {
@@ -467,9 +482,24 @@ impl Store {
                 .as_ref()
                 .map(|(from, entries)| (*from, entries.as_slice()));
             store.apply_encoded(net.hard_state, log)?;
-            store.checkpoint()?;
+            store.replayed = true;
         }
         Ok(store)
+    }
+
+    /// Ends opening once the store has passed its checks: the journal's
+    /// replayed records are checkpointed, which empties it, or else a torn
+    /// tail is cut off it. Until then the journal stays as it was found, so
+    /// a store refused as damaged keeps the evidence (and `node rebuild`
+    /// sets it aside whole).
+    fn finish_recovery(&mut self) -> Result<(), StoreError> {
+        if self.replayed {
+            return self.checkpoint();
+        }
+        if let Err(e) = self.journal.cut_torn_tail() {
+            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
+        }
+        Ok(())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -854,6 +884,7 @@ impl Store {
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
         }
+        self.replayed = false;
         Ok(())
     }
 }
@@ -1101,6 +1132,95 @@ mod tests {
             "the tree is kept"
         );
         drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Four writes, one journal record each, left in the journal (no
+    /// checkpoint); returns the journal's path and bytes.
+    fn four_journaled_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let _ = std::fs::remove_dir_all(dir);
+        let (mut store, _) = Store::open(dir, "c1", 1).unwrap();
+        for index in 1..=4 {
+            store
+                .write(
+                    None,
+                    Some(&LogWrite {
+                        from: index,
+                        entries: vec![entry(index, 1)],
+                    }),
+                )
+                .unwrap();
+        }
+        drop(store);
+        let journal = dir.join(crate::journal::JOURNAL_FILE);
+        let bytes = std::fs::read(&journal).unwrap();
+        (journal, bytes)
+    }
+
+    /// Where the journal's second record starts: a record is a 20-byte
+    /// header (magic, checksum, payload length at bytes 8..12, sequence
+    /// number) and its payload.
+    fn second_record(journal: &[u8]) -> usize {
+        20 + u32::from_le_bytes(journal[8..12].try_into().unwrap()) as usize
+    }
+
+    #[test]
+    fn a_journal_with_a_damaged_length_is_refused_by_name_and_left_as_found() {
+        let dir = std::env::temp_dir().join(format!("cs-store-length-{}", std::process::id()));
+        let (journal, intact) = four_journaled_writes(&dir);
+        let second = second_record(&intact);
+        assert!(second < intact.len());
+        let mut damaged = intact.clone();
+        damaged[second + 8..second + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&journal, &damaged).unwrap();
+        let error = match open_released(&dir, "c1", 1) {
+            Ok(_) => panic!("a damaged length was read as a torn tail"),
+            Err(error) => error,
+        };
+        let StoreError::Damaged { file, .. } = &error else {
+            panic!("unexpected error: {error}")
+        };
+        assert_eq!(file, &journal);
+        let message = error.to_string();
+        assert!(
+            message.contains("record 2") && message.contains("node rebuild"),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            damaged,
+            "the refused journal was changed"
+        );
+        // Mended, the store opens with every write.
+        std::fs::write(&journal, &intact).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 4);
+        assert_eq!(store.verify().unwrap(), 4);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_journal_cut_short_after_a_sync_is_refused_before_it_is_cut() {
+        let dir = std::env::temp_dir().join(format!("cs-store-cut-{}", std::process::id()));
+        let (journal, intact) = four_journaled_writes(&dir);
+        // The last record reads as torn, but the witness saw it synced.
+        let cut = &intact[..intact.len() - 10];
+        std::fs::write(&journal, cut).unwrap();
+        let error = match open_released(&dir, "c1", 1) {
+            Ok(_) => panic!("a synced write was dropped as a torn tail"),
+            Err(error) => error,
+        };
+        let StoreError::Damaged { file, what, .. } = &error else {
+            panic!("unexpected error: {error}")
+        };
+        assert_eq!(file, &journal);
+        assert!(what.contains("torn"), "{what}");
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            cut,
+            "the journal was cut before the witness was checked"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

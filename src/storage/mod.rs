@@ -15,7 +15,9 @@
 //! checksummed witness file beside sled's records, after every sync, how
 //! far the store had got (term, vote, last index, commit); a store that
 //! opens behind its witness is reported as damaged, naming the file,
-//! instead of serving a shorter history.
+//! instead of serving a shorter history. sled records that the store keeps
+//! a witness, so a witness deleted or emptied is damage too, not a store
+//! written before witnesses existed.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,6 +39,9 @@ use segments::{LogError, ScanError, SegmentLog, SegmentReader};
 /// (`move_sled_log`).
 const SLED_LOG_TREE: &str = "log";
 const IDENTITY_KEY: &[u8] = b"identity";
+/// Present once the store keeps a witness file: from then on a missing
+/// witness is damage, not a store written before witnesses existed.
+const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
@@ -316,26 +321,38 @@ impl Store {
     /// Compares what sled recovered with what the witness says was synced.
     fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
         let path = self.witness_path();
-        let file = std::fs::OpenOptions::new()
+        let kept = self
+            .meta
+            .get(WITNESS_KEPT_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+            .is_some();
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(&path)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && kept => {
+                return Err(self.witness_damaged(
+                    "it is missing, yet this store has kept one: without it nothing shows \
+                     whether the store lost acknowledged entries or a vote",
+                ))
+            }
+            // A new store, or one written before witnesses existed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.create_witness(),
+            Err(e) => return Err(self.write_error(format!("{}: {e}", path.display()))),
+        };
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut bytes)
             .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
-        self.witness_file = Some(file);
         if bytes.is_empty() {
-            // A new store, or one written before witnesses existed.
-            return Ok(());
+            if kept {
+                return Err(self.witness_damaged("it is empty, yet this store has kept one"));
+            }
+            // Created, never written, by a version that created it empty.
+            return self.create_witness();
         }
-        let witness = Witness::decode(&bytes).map_err(|what| StoreError::Damaged {
-            dir: self.dir.clone(),
-            file: path.clone(),
-            what,
-        })?;
+        let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
         let hs = &recovered.hard_state;
         let problem = if hs.term < witness.term {
             Some(format!(
@@ -382,7 +399,51 @@ impl Store {
             });
         }
         self.witness = witness;
+        self.witness_file = Some(file);
+        if !kept {
+            // A witness written before stores recorded keeping one.
+            self.record_witness_kept()?;
+        }
         Ok(())
+    }
+
+    fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Damaged {
+            dir: self.dir.clone(),
+            file: self.witness_path(),
+            what: what.into(),
+        }
+    }
+
+    /// Creates the witness of a store that has none yet (new, or written
+    /// before witnesses existed), claiming nothing until the next sync. Its
+    /// contents and its name in the directory are synced before the store
+    /// records keeping it, so a crash can never lose a witness the store
+    /// says it keeps.
+    fn create_witness(&mut self) -> Result<(), StoreError> {
+        let path = self.witness_path();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        self.witness_file = Some(file);
+        self.witness = Witness::default();
+        self.write_witness(true)?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| self.write_error(format!("{}: {e}", self.dir.display())))?;
+        self.record_witness_kept()
+    }
+
+    /// Records in sled, durably, that this store keeps a witness.
+    fn record_witness_kept(&mut self) -> Result<(), StoreError> {
+        self.meta
+            .insert(WITNESS_KEPT_KEY, &[1u8][..])
+            .map_err(|e| self.write_error(e))?;
+        self.flush_sled()
     }
 
     /// Records the witness; `sync` when it must survive a power loss
@@ -1221,6 +1282,68 @@ mod tests {
             cut,
             "the journal was cut before the witness was checked"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_or_empty_witness_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("cs-store-witness-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+            let hs = HardState {
+                term: 1,
+                vote: Some(1),
+                commit: 0,
+            };
+            let write = LogWrite {
+                from: 1,
+                entries: vec![entry(1, 1)],
+            };
+            store.write(Some(hs), Some(&write)).unwrap();
+        }
+        let witness = dir.join(WITNESS_FILE);
+        let saved = std::fs::read(&witness).unwrap();
+        std::fs::remove_file(&witness).unwrap();
+        for (what, contents) in [("missing", None), ("empty", Some(&b""[..]))] {
+            if let Some(contents) = contents {
+                std::fs::write(&witness, contents).unwrap();
+            }
+            let error = match open_released(&dir, "c1", 1) {
+                Ok(_) => panic!("a store with its witness {what} opened"),
+                Err(error) => error,
+            };
+            let StoreError::Damaged { file, .. } = &error else {
+                panic!("unexpected error: {error}")
+            };
+            assert_eq!(file, &witness);
+            let message = error.to_string();
+            assert!(
+                message.contains(what) && message.contains("node rebuild"),
+                "{message}"
+            );
+            if contents.is_none() {
+                assert!(!witness.exists(), "the refused open created a new witness");
+            }
+        }
+        std::fs::write(&witness, &saved).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 1);
+        // A store from before stores recorded keeping a witness, and
+        // without one: it opens, and keeps a witness from then on.
+        store.meta.remove(WITNESS_KEPT_KEY).unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        std::fs::remove_file(&witness).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 1);
+        drop(store);
+        assert!(witness.exists());
+        std::fs::remove_file(&witness).unwrap();
+        assert!(matches!(
+            open_released(&dir, "c1", 1),
+            Err(StoreError::Damaged { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -390,8 +390,8 @@ fn intact_record_after(
             // The sequence number is checked before the checksum is
             // computed: a record that cannot be ours costs nothing.
             let follows = last_seq.is_none_or(|last| {
-                let ahead = seq.wrapping_sub(last);
-                ahead >= 1 && ahead <= 1 + ((offset - at) / MIN_RECORD) as u64
+                let most = 1 + ((offset - at) / MIN_RECORD) as u64;
+                (1..=most).contains(&seq.wrapping_sub(last))
             });
             follows && record_at(bytes, offset).is_ok()
         } else {

@@ -54,6 +54,10 @@ pub enum IdentityError {
     BadCertificateFile { path: PathBuf, reason: String },
     #[error("{path} was not signed by this cluster's CA")]
     ForeignCertificate { path: PathBuf },
+    #[error("{path} is missing, but this node has loaded a revocation list before ({seen} records that): starting without one would trust every revoked certificate again. Copy ca.crl back from the CA machine (the --out directory of `node certs revoke`) to {path}. Only if no certificate of this cluster was ever revoked, delete {seen} instead")]
+    CrlMissing { path: PathBuf, seen: PathBuf },
+    #[error("{path} has disappeared; keeping the revocation list loaded before ({revoked} revoked), since no list would trust every revoked certificate again. Copy ca.crl back from the CA machine (the --out directory of `node certs revoke`); a node restarted without it refuses to start")]
+    CrlVanished { path: PathBuf, revoked: usize },
 }
 
 /// When a certificate is valid.
@@ -307,11 +311,19 @@ pub fn check_validity(path: &Path) -> Result<(), IdentityError> {
     })
 }
 
-/// Loads the revocation list at `path`; no file means nothing is revoked.
+/// Loads the revocation list at `path`; no file means nothing is revoked
+/// (see `read_crls` for where that must not be assumed).
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+    read_crls(path).map(Option::unwrap_or_default)
+}
+
+/// Reads the revocation list at `path`; `None` if there is no file.
+pub fn read_crls(
+    path: &Path,
+) -> Result<Option<Vec<CertificateRevocationListDer<'static>>>, IdentityError> {
     let pem = match fs::read(path) {
         Ok(pem) => pem,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(path)(e)),
     };
     let crls = rustls_pemfile::crls(&mut &pem[..])
@@ -332,7 +344,51 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
             reason: e.to_string(),
         })?;
     }
-    Ok(crls)
+    Ok(Some(crls))
+}
+
+/// The file in a node's data directory that records that the node has
+/// loaded a revocation list.
+pub fn crl_seen_path(data: &Path) -> PathBuf {
+    data.join("crl-seen")
+}
+
+/// Fails closed on a revocation list that disappeared. Once a node has
+/// loaded one, its data directory `data` records that, and from then on
+/// the node refuses to start without the list at `crl`: starting with none
+/// would trust every certificate it revoked again. `loaded`: whether the
+/// node has the list now (then this records it).
+pub fn guard_crl(data: &Path, crl: &Path, loaded: bool) -> Result<(), IdentityError> {
+    let seen = crl_seen_path(data);
+    if loaded {
+        return record_crl_seen(data);
+    }
+    if seen.exists() {
+        return Err(IdentityError::CrlMissing {
+            path: crl.to_path_buf(),
+            seen,
+        });
+    }
+    Ok(())
+}
+
+/// Records in `data` that this node has loaded a revocation list (synced,
+/// with its name in the directory); nothing to do if it already has.
+pub fn record_crl_seen(data: &Path) -> Result<(), IdentityError> {
+    let seen = crl_seen_path(data);
+    if seen.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(data).map_err(io_err(data))?;
+    let mut file = fs::File::create(&seen).map_err(io_err(&seen))?;
+    file.write_all(
+        b"This node has loaded the cluster's revocation list (ca.crl) and refuses to start without it.\n",
+    )
+    .and_then(|_| file.sync_all())
+    .map_err(io_err(&seen))?;
+    fs::File::open(data)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_err(data))
 }
 
 /// The serial numbers a revocation list names.
@@ -478,6 +534,35 @@ mod tests {
             issue_client(&dir, "../evil", days),
             Err(IdentityError::BadName(_))
         ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_revocation_list_once_loaded_is_required_to_start() {
+        let dir = std::env::temp_dir().join(format!("cs-identity-crl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        init_ca(&dir, false).unwrap();
+        issue_client(&dir, "mallory", Validity::days(1)).unwrap();
+        let data = dir.join("data");
+        let crl = crl_path(&dir);
+        // No list, none ever loaded: nothing is revoked.
+        assert_eq!(read_crls(&crl).unwrap(), None);
+        guard_crl(&data, &crl, false).unwrap();
+        assert!(!crl_seen_path(&data).exists());
+        revoke(&dir, &client_cert_path(&dir, "mallory").0).unwrap();
+        assert_eq!(read_crls(&crl).unwrap().map(|crls| crls.len()), Some(1));
+        guard_crl(&data, &crl, true).unwrap();
+        assert!(crl_seen_path(&data).exists());
+        guard_crl(&data, &crl, true).unwrap();
+        // The list deleted: refused, saying what to do.
+        fs::remove_file(&crl).unwrap();
+        let error = guard_crl(&data, &crl, false).expect_err("started without the list");
+        assert!(matches!(error, IdentityError::CrlMissing { .. }));
+        let message = error.to_string();
+        assert!(
+            message.contains("ca.crl is missing") && message.contains("Copy ca.crl back"),
+            "{message}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,13 +9,31 @@
 //! and still needs an fsync of its data file for the disk cache; with the
 //! segments that would be two or three syncs per write instead of one.
 //!
-//! A record is `[payload length: u32 LE][crc32 of payload: u32 LE][payload]`;
-//! the payload is a flags byte, then the hard state (term, vote or 0,
-//! commit) if flag 1, then if flag 2 the log change: `from`, an entry
+//! A record is `[magic "CSJ2"][crc32: u32 LE][payload length: u32 LE]
+//! [sequence number: u64 LE][payload]`, the checksum covering everything
+//! after it. The payload is a flags byte, then the hard state (term, vote
+//! or 0, commit) if flag 1, then if flag 2 the log change: `from`, an entry
 //! count, and each stored entry as length-prefixed bytes. Applying a log
 //! change removes every entry from `from` on and inserts the new ones, so
 //! replaying records over any state the store recovered (a prefix of them
 //! applied) ends in the same state.
+//!
+//! A bad record is either a torn tail (a crash during the last write, never
+//! acknowledged: it is cut) or damage (the file changed after it was
+//! written: refused, or acknowledged writes after it would be lost). What
+//! tells them apart is an intact record after the bad one. A damaged length
+//! field says nothing about where the next record starts, so every later
+//! offset is tried; the magic makes that cheap, and the sequence numbers
+//! (one more per record, from a random start) keep the bytes of a record
+//! inside a client's message from passing for one of ours. A write torn so
+//! that its end reached the disk and its start did not reads as damage too:
+//! the node refuses to start rather than guess.
+//!
+//! Journals written before records carried a magic and a sequence number
+//! hold `[payload length: u32 LE][crc32 of payload: u32 LE][payload]` and
+//! are still read. (Such a length is at most `MAX_RECORD`, so its last byte
+//! is never the magic's.) The store checkpoints what it replays, so the
+//! records written after them start a new journal.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -30,6 +48,13 @@ const HAS_LOG: u8 = 2;
 /// Larger than any write batch the node produces; a length above it is
 /// damage, not a record.
 const MAX_RECORD: usize = 256 << 20;
+const MAGIC: [u8; 4] = *b"CSJ2";
+/// Magic, checksum, length, sequence number.
+const HEADER: usize = 20;
+/// Length and checksum: records of journals written before the magic.
+const LEGACY_HEADER: usize = 8;
+/// The smallest record: a header and a flags byte.
+const MIN_RECORD: usize = HEADER + 1;
 
 /// One write batch as journaled.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,14 +69,22 @@ pub struct Journal {
     file: File,
     /// Bytes durable in the file.
     len: u64,
+    /// The file holds a torn record past `len`, cut before anything is
+    /// written after it (`cut_torn_tail`).
+    torn_tail: bool,
     /// Records added since the last sync.
     pending: Vec<u8>,
+    /// The sequence number of the next record.
+    next_seq: u64,
 }
 
 impl Journal {
     /// Opens (or creates) the journal in `dir` and reads its records. A
-    /// torn last record (a crash during its write) ends the journal; a
-    /// damaged record with more after it is an error.
+    /// torn last record (a crash during its write) ends the journal and is
+    /// left in the file until `cut_torn_tail` or the next write, so a store
+    /// that its other checks then refuse keeps the file as it was found. A
+    /// damaged record with intact ones after it is an error, and the file is
+    /// left untouched.
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), String> {
         let path = dir.join(JOURNAL_FILE);
         let created = !path.exists();
@@ -71,22 +104,19 @@ impl Journal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let (records, valid) = decode(&bytes)?;
-        if valid < bytes.len() {
-            // Drop the torn tail, or records written after it would be
-            // followed by its leftovers.
-            file.set_len(valid as u64)
-                .and_then(|_| file.sync_data())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
+        let decoded = decode_journal(&bytes)?;
         Ok((
             Journal {
                 path,
                 file,
-                len: valid as u64,
+                len: decoded.valid as u64,
+                torn_tail: decoded.valid < bytes.len(),
                 pending: Vec::new(),
+                next_seq: decoded
+                    .last_seq
+                    .map_or_else(random_seq, |seq| seq.wrapping_add(1)),
             },
-            records,
+            decoded.records,
         ))
     }
 
@@ -103,33 +133,35 @@ impl Journal {
         self.len == 0 && self.pending.is_empty()
     }
 
+    /// Whether the file ends in a torn record not yet cut.
+    pub fn has_torn_tail(&self) -> bool {
+        self.torn_tail
+    }
+
+    /// Drops the torn tail, if any: records written after it would be
+    /// followed by its leftovers.
+    pub fn cut_torn_tail(&mut self) -> std::io::Result<()> {
+        if !self.torn_tail {
+            return Ok(());
+        }
+        let size = self.file.metadata()?.len();
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.torn_tail = false;
+        tracing::warn!(
+            file = %self.path.display(),
+            kept = self.len,
+            cut = size.saturating_sub(self.len),
+            "cut a torn write off the end of the journal (a crash during a write that was never acknowledged)"
+        );
+        Ok(())
+    }
+
     /// Queues a record; `sync` makes it durable.
     pub fn add(&mut self, hard_state: Option<HardState>, log: Option<(Index, &[Vec<u8>])>) {
-        let mut payload = Vec::new();
-        let flags = if hard_state.is_some() {
-            HAS_HARD_STATE
-        } else {
-            0
-        } | if log.is_some() { HAS_LOG } else { 0 };
-        payload.push(flags);
-        if let Some(hs) = hard_state {
-            for value in [hs.term, hs.vote.unwrap_or(0), hs.commit] {
-                payload.extend_from_slice(&value.to_le_bytes());
-            }
-        }
-        if let Some((from, entries)) = log {
-            payload.extend_from_slice(&from.to_le_bytes());
-            payload.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-            for entry in entries {
-                payload.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-                payload.extend_from_slice(entry);
-            }
-        }
-        self.pending
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.pending
-            .extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        self.pending.extend_from_slice(&payload);
+        let payload = encode_payload(hard_state, log);
+        encode_record(&mut self.pending, self.next_seq, &payload);
+        self.next_seq = self.next_seq.wrapping_add(1);
     }
 
     /// Writes the queued records and syncs them: one `fdatasync`.
@@ -137,6 +169,7 @@ impl Journal {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.cut_torn_tail()?;
         self.file.write_all_at(&self.pending, self.len)?;
         self.file.sync_data()?;
         self.len += self.pending.len() as u64;
@@ -149,8 +182,55 @@ impl Journal {
         self.file.set_len(0)?;
         self.file.sync_data()?;
         self.len = 0;
+        self.torn_tail = false;
         Ok(())
     }
+}
+
+/// A first sequence number nobody outside this process can predict (std's
+/// hasher keys come from the operating system's random source).
+fn random_seq() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+fn encode_payload(hard_state: Option<HardState>, log: Option<(Index, &[Vec<u8>])>) -> Vec<u8> {
+    let mut payload = Vec::new();
+    let flags = if hard_state.is_some() {
+        HAS_HARD_STATE
+    } else {
+        0
+    } | if log.is_some() { HAS_LOG } else { 0 };
+    payload.push(flags);
+    if let Some(hs) = hard_state {
+        for value in [hs.term, hs.vote.unwrap_or(0), hs.commit] {
+            payload.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    if let Some((from, entries)) = log {
+        payload.extend_from_slice(&from.to_le_bytes());
+        payload.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        for entry in entries {
+            payload.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+            payload.extend_from_slice(entry);
+        }
+    }
+    payload
+}
+
+/// Appends one record to `out`: magic, checksum, length, sequence number,
+/// payload.
+fn encode_record(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The net effect of `records`, as one change: the last hard state, and
@@ -184,49 +264,154 @@ pub fn collapse(records: Vec<Record>) -> Result<Record, String> {
     Ok(Record { hard_state, log })
 }
 
+/// What a journal's bytes hold.
+struct Decoded {
+    records: Vec<Record>,
+    /// How many bytes the records span; anything after is a torn tail.
+    valid: usize,
+    /// The last record's sequence number (none in the old format).
+    last_seq: Option<u64>,
+}
+
 /// Parses journal bytes: the records, and how many bytes they span. A bad
 /// record ends the journal (a write torn by a crash, never acknowledged),
 /// unless an intact record follows it: then the file was damaged after it
 /// was written, and acknowledged writes may be lost. Public for the fuzz
 /// targets and property tests.
 pub fn decode(bytes: &[u8]) -> Result<(Vec<Record>, usize), String> {
-    let mut records = Vec::new();
-    let mut at = 0;
-    while let Some((parsed, end)) = record_at(bytes, at) {
-        match parsed {
-            Ok(record) => records.push(record),
-            Err(what) => {
-                if matches!(record_at(bytes, end), Some((Ok(_), _))) {
-                    return Err(format!(
-                        "record {} at byte {at} is damaged ({what}) and intact records follow",
-                        records.len() + 1
-                    ));
-                }
-                break;
-            }
-        }
-        at = end;
-    }
-    Ok((records, at))
+    decode_journal(bytes).map(|decoded| (decoded.records, decoded.valid))
 }
 
-/// The record starting at `at` and where it ends; `None` when its header
-/// or body runs past the end of the file (a torn last write).
-fn record_at(bytes: &[u8], at: usize) -> Option<(Result<Record, String>, usize)> {
-    let header = bytes.get(at..at.checked_add(8)?)?;
+fn decode_journal(bytes: &[u8]) -> Result<Decoded, String> {
+    let mut records = Vec::new();
+    let mut last_seq: Option<u64> = None;
+    let mut at = 0;
+    while at < bytes.len() {
+        let problem = match record_at(bytes, at) {
+            Ok((record, seq, end)) => match (last_seq, seq) {
+                (Some(last), Some(seq)) if seq != last.wrapping_add(1) => {
+                    format!("sequence number {seq} after {last}")
+                }
+                (Some(_), None) => "a record of the old format after newer ones".to_string(),
+                _ => {
+                    records.push(record);
+                    last_seq = seq;
+                    at = end;
+                    continue;
+                }
+            },
+            Err(problem) => problem,
+        };
+        let legacy = !bytes.starts_with(&MAGIC);
+        if let Some(intact) = intact_record_after(bytes, at, last_seq, legacy) {
+            return Err(format!(
+                "record {} at byte {at} is damaged ({problem}) and an intact record follows at byte {intact}",
+                records.len() + 1
+            ));
+        }
+        break;
+    }
+    Ok(Decoded {
+        records,
+        valid: at,
+        last_seq,
+    })
+}
+
+/// A record header of the current format at `at`: checksum, payload
+/// length and sequence number; `None` if the magic is not there or the
+/// header runs past the end of the file.
+fn header_at(bytes: &[u8], at: usize) -> Option<(u32, usize, u64)> {
+    let header = bytes.get(at..)?.get(..HEADER)?;
+    if header[..4] != MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(word(&header[4..8]));
+    let len = u32::from_le_bytes(word(&header[8..12])) as usize;
+    let seq = u64::from_le_bytes(dword(&header[12..20]));
+    Some((crc, len, seq))
+}
+
+/// The record starting at `at`, its sequence number (none in the old
+/// format) and where it ends; or what is wrong with it.
+fn record_at(bytes: &[u8], at: usize) -> Result<(Record, Option<u64>, usize), String> {
+    let rest = bytes.get(at..).unwrap_or_default();
+    if !rest.starts_with(&MAGIC) {
+        return legacy_record_at(rest).map(|(record, len)| (record, None, at + len));
+    }
+    let (crc, len, seq) = header_at(bytes, at)
+        .ok_or_else(|| format!("its header is cut short at {} bytes", rest.len()))?;
+    if len > MAX_RECORD {
+        return Err(format!("length {len}, more than any record"));
+    }
+    let covered = rest
+        .get(8..HEADER + len)
+        .ok_or_else(|| format!("length {len} runs past the end of the file"))?;
+    if crc32fast::hash(covered) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let record = parse_payload(&covered[HEADER - 8..], true)?;
+    Ok((record, Some(seq), at + HEADER + len))
+}
+
+/// A record of the old format at the start of `rest`, and its size.
+fn legacy_record_at(rest: &[u8]) -> Result<(Record, usize), String> {
+    let header = rest
+        .get(..LEGACY_HEADER)
+        .ok_or_else(|| format!("its header is cut short at {} bytes", rest.len()))?;
     let len = u32::from_le_bytes(word(&header[..4])) as usize;
     let crc = u32::from_le_bytes(word(&header[4..]));
     if len > MAX_RECORD {
-        return None;
+        return Err(format!("length {len}, more than any record"));
     }
-    let end = at + 8 + len;
-    let payload = bytes.get(at + 8..end)?;
-    let parsed = if crc32fast::hash(payload) == crc {
-        decode_payload(payload)
-    } else {
-        Err("checksum mismatch".to_string())
+    let payload = rest
+        .get(LEGACY_HEADER..LEGACY_HEADER + len)
+        .ok_or_else(|| format!("length {len} runs past the end of the file"))?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok((parse_payload(payload, true)?, LEGACY_HEADER + len))
+}
+
+/// Where the first intact record after the bad one at `at` starts, if one
+/// does. Every offset is tried, as the bad record's length cannot be
+/// trusted. A record of the current format counts only if its sequence
+/// number can follow the last good record's (`last_seq`): one more than
+/// it, plus at most one per `MIN_RECORD` bytes between the two. One of the
+/// old format counts only in a journal of that format (`legacy`).
+fn intact_record_after(
+    bytes: &[u8],
+    at: usize,
+    last_seq: Option<u64>,
+    legacy: bool,
+) -> Option<usize> {
+    (at + 1..bytes.len()).find(|&offset| {
+        if let Some((_, _, seq)) = header_at(bytes, offset) {
+            // The sequence number is checked before the checksum is
+            // computed: a record that cannot be ours costs nothing.
+            let follows = last_seq.is_none_or(|last| {
+                let most = 1 + ((offset - at) / MIN_RECORD) as u64;
+                (1..=most).contains(&seq.wrapping_sub(last))
+            });
+            follows && record_at(bytes, offset).is_ok()
+        } else {
+            legacy && legacy_record_is_intact(bytes.get(offset..).unwrap_or_default())
+        }
+    })
+}
+
+/// Whether an intact record of the old format starts `rest`. Its shape is
+/// checked first, so at most offsets no checksum is computed.
+fn legacy_record_is_intact(rest: &[u8]) -> bool {
+    let Some(header) = rest.get(..LEGACY_HEADER) else {
+        return false;
     };
-    Some((parsed, end))
+    let len = u32::from_le_bytes(word(&header[..4])) as usize;
+    let Some(payload) = rest.get(LEGACY_HEADER..).and_then(|body| body.get(..len)) else {
+        return false;
+    };
+    parse_payload(payload, false).is_ok()
+        && crc32fast::hash(payload) == u32::from_le_bytes(word(&header[4..]))
 }
 
 fn word(bytes: &[u8]) -> [u8; 4] {
@@ -235,7 +420,15 @@ fn word(bytes: &[u8]) -> [u8; 4] {
     word
 }
 
-fn decode_payload(payload: &[u8]) -> Result<Record, String> {
+fn dword(bytes: &[u8]) -> [u8; 8] {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(bytes);
+    word
+}
+
+/// Decodes a record's payload; with `keep_entries` false it only checks
+/// its shape, copying nothing (the entries come back empty).
+fn parse_payload(payload: &[u8], keep_entries: bool) -> Result<Record, String> {
     let mut reader = Reader { bytes: payload };
     let flags = reader.take(1)?[0];
     if flags & !(HAS_HARD_STATE | HAS_LOG) != 0 {
@@ -255,10 +448,16 @@ fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     if flags & HAS_LOG != 0 {
         let from = reader.u64()?;
         let count = reader.u32()? as usize;
-        let mut entries = Vec::with_capacity(count.min(reader.bytes.len() / 4));
+        let mut entries = Vec::new();
+        if keep_entries {
+            entries.reserve(count.min(reader.bytes.len() / 4));
+        }
         for _ in 0..count {
             let len = reader.u32()? as usize;
-            entries.push(reader.take(len)?.to_vec());
+            let entry = reader.take(len)?;
+            if keep_entries {
+                entries.push(entry.to_vec());
+            }
         }
         record.log = Some((from, entries));
     }
@@ -287,9 +486,7 @@ impl<'a> Reader<'a> {
     }
 
     fn u64(&mut self) -> Result<u64, String> {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(word))
+        Ok(u64::from_le_bytes(dword(self.take(8)?)))
     }
 }
 
@@ -302,6 +499,40 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// Where each record of an intact journal of the current format starts.
+    fn record_starts(bytes: &[u8]) -> Vec<usize> {
+        let mut starts = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            starts.push(at);
+            let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            at += HEADER + len as usize;
+        }
+        starts
+    }
+
+    /// A record as journals were written before the magic.
+    fn legacy_record(hard_state: Option<HardState>, log: Option<(Index, &[Vec<u8>])>) -> Vec<u8> {
+        let payload = encode_payload(hard_state, log);
+        let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+        record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        record.extend_from_slice(&payload);
+        record
+    }
+
+    /// Four records, one sync each, as a store writes them.
+    fn four_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let (mut journal, _) = Journal::open(dir).unwrap();
+        for term in 1..=4 {
+            journal.add(Some(hs(term)), Some((term, &[vec![7u8; 50]])));
+            journal.sync().unwrap();
+        }
+        let path = journal.path().to_path_buf();
+        drop(journal);
+        let bytes = std::fs::read(&path).unwrap();
+        (path, bytes)
     }
 
     fn hs(term: u64) -> HardState {
@@ -433,5 +664,156 @@ mod tests {
         damaged[20] ^= 0x01;
         let error = decode(&damaged).unwrap_err();
         assert!(error.contains("record 1"), "{error}");
+    }
+
+    #[test]
+    fn a_damaged_length_is_refused_as_damage_and_the_file_left_as_found() {
+        let dir = dir("length");
+        let (path, intact) = four_writes(&dir);
+        let starts = record_starts(&intact);
+        assert_eq!(starts.len(), 4);
+        let second = starts[1];
+        let cases = [
+            ("more than any record", u32::MAX),
+            ("past the end of the file", intact.len() as u32),
+            (
+                "into the middle of the next record",
+                (starts[2] - second - HEADER + 7) as u32,
+            ),
+            ("into its own payload", 10),
+        ];
+        for (what, len) in cases {
+            let mut damaged = intact.clone();
+            damaged[second + 8..second + 12].copy_from_slice(&len.to_le_bytes());
+            std::fs::write(&path, &damaged).unwrap();
+            let error = match Journal::open(&dir) {
+                Err(error) => error,
+                Ok((_, records)) => panic!(
+                    "{what}: read as a torn tail, {} records kept",
+                    records.len()
+                ),
+            };
+            assert!(
+                error.contains("record 2")
+                    && error.contains(&format!("intact record follows at byte {}", starts[2])),
+                "{what}: {error}"
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                damaged,
+                "{what}: the journal was changed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_accepted_and_cut_before_the_next_write() {
+        let dir = dir("tail");
+        let (path, intact) = four_writes(&dir);
+        let starts = record_starts(&intact);
+        let last = starts[3];
+        // The last write cut short inside its payload or its header, or its
+        // length garbled: nothing intact follows any of them.
+        let mut garbled = intact.clone();
+        garbled[last + 8..last + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        for torn in [
+            intact[..intact.len() - 10].to_vec(),
+            intact[..last + 5].to_vec(),
+            garbled,
+        ] {
+            std::fs::write(&path, &torn).unwrap();
+            let (mut journal, records) = Journal::open(&dir).expect("a torn tail is accepted");
+            assert_eq!(records.len(), 3);
+            assert!(journal.has_torn_tail());
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                torn,
+                "opening alone leaves the file as found"
+            );
+            journal.add(Some(hs(9)), None);
+            journal.sync().unwrap();
+            drop(journal);
+            // Flags byte and hard state: 25 bytes of payload.
+            assert_eq!(std::fs::read(&path).unwrap().len(), last + HEADER + 25);
+            let (journal, records) = Journal::open(&dir).unwrap();
+            assert!(!journal.has_torn_tail());
+            assert_eq!(records.len(), 4);
+            assert_eq!(records[3].hard_state, Some(hs(9)));
+        }
+    }
+
+    #[test]
+    fn a_record_inside_a_message_does_not_pass_for_an_intact_one() {
+        let dir = dir("forged");
+        let (mut journal, _) = Journal::open(&dir).unwrap();
+        journal.add(Some(hs(1)), None);
+        journal.sync().unwrap();
+        let path = journal.path().to_path_buf();
+        let first = std::fs::read(&path).unwrap();
+        let seq = u64::from_le_bytes(first[12..20].try_into().unwrap());
+        // A client's message holding the bytes of a record, its sequence
+        // number guessed wrong; the write carrying it is torn after it.
+        let mut forged = Vec::new();
+        encode_record(
+            &mut forged,
+            seq.wrapping_add(1000),
+            &encode_payload(Some(hs(66)), None),
+        );
+        journal.add(None, Some((1, &[forged.clone(), vec![0u8; 10]])));
+        journal.sync().unwrap();
+        drop(journal);
+        let bytes = std::fs::read(&path).unwrap();
+        let torn = &bytes[..bytes.len() - 5];
+        assert!(torn.windows(forged.len()).any(|w| w == forged.as_slice()));
+        let (records, valid) = decode(torn).expect("a torn tail, not damage");
+        assert_eq!(records.len(), 1);
+        assert_eq!(valid, first.len());
+    }
+
+    #[test]
+    fn journals_of_the_old_format_still_open() {
+        let dir = dir("legacy");
+        let entries = vec![b"one".to_vec(), b"two".to_vec()];
+        let old: Vec<Vec<u8>> = (1..=3)
+            .map(|term| legacy_record(Some(hs(term)), Some((term, &entries))))
+            .collect();
+        let bytes = old.concat();
+        let path = dir.join(JOURNAL_FILE);
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut journal, records) = Journal::open(&dir).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(
+            records[2],
+            Record {
+                hard_state: Some(hs(3)),
+                log: Some((3, entries.clone())),
+            }
+        );
+        // The store checkpoints what it replays; what it writes next is
+        // in the current format.
+        journal.reset().unwrap();
+        journal.add(Some(hs(4)), None);
+        journal.sync().unwrap();
+        drop(journal);
+        assert!(std::fs::read(&path).unwrap().starts_with(&MAGIC));
+        let (_, records) = Journal::open(&dir).unwrap();
+        assert_eq!(
+            records,
+            vec![Record {
+                hard_state: Some(hs(4)),
+                log: None,
+            }]
+        );
+        // Damage and a torn tail are told apart in the old format too.
+        let mut damaged = bytes.clone();
+        damaged[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let error = decode(&damaged).expect_err("a damaged length read as a torn tail");
+        assert!(
+            error.contains("record 1") && error.contains(&format!("byte {}", old[0].len())),
+            "{error}"
+        );
+        let (records, valid) = decode(&bytes[..bytes.len() - 3]).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(valid, old[0].len() + old[1].len());
     }
 }

@@ -49,9 +49,21 @@ impl Credentials {
         })
     }
 
-    /// Re-reads the revocation list; `Ok(true)` if it changed.
+    /// Re-reads the revocation list; `Ok(true)` if it changed. A list that
+    /// disappears is not taken for "nothing is revoked" (that would trust
+    /// every revoked certificate again): the previous one stays, and the
+    /// error says so.
     pub fn reload_crls(&mut self) -> Result<bool, TlsError> {
-        let crls = identity::load_crls(&self.crl_path)?;
+        let Some(crls) = identity::read_crls(&self.crl_path)? else {
+            if self.crls.is_empty() {
+                return Ok(false);
+            }
+            return Err(IdentityError::CrlVanished {
+                path: self.crl_path.clone(),
+                revoked: identity::revoked_serials(&self.crls).len(),
+            }
+            .into());
+        };
         if crls == self.crls {
             return Ok(false);
         }
@@ -184,4 +196,48 @@ pub fn peer_serial(connection: &quinn::Connection) -> Option<Vec<u8>> {
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
     identity::serial_of(certs.first()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revocation_list_that_disappears_is_kept() {
+        let dir = std::env::temp_dir().join(format!("cs-tls-crl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        identity::init_ca(&dir, false).unwrap();
+        let days = identity::Validity::days(1);
+        identity::issue_node(&dir, 1, &[], days).unwrap();
+        identity::issue_client(&dir, "mallory", days).unwrap();
+        let (ca, _) = identity::ca_path(&dir);
+        let (cert, key) = identity::node_cert_path(&dir, 1);
+        // No list yet, and none appearing: nothing changes.
+        let mut creds = Credentials::load(&ca, &cert, &key).unwrap();
+        assert!(creds.crls.is_empty());
+        assert!(!creds.reload_crls().unwrap());
+        identity::revoke(&dir, &identity::client_cert_path(&dir, "mallory").0).unwrap();
+        assert!(creds.reload_crls().unwrap(), "a new list is loaded");
+        let loaded = creds.crls.clone();
+        assert_eq!(identity::revoked_serials(&loaded).len(), 1);
+        // Deleted: kept, and said so, at every reload.
+        let list = std::fs::read(&creds.crl_path).unwrap();
+        std::fs::remove_file(&creds.crl_path).unwrap();
+        for _ in 0..2 {
+            let error = creds
+                .reload_crls()
+                .expect_err("a deleted list was taken for an empty one")
+                .to_string();
+            assert!(
+                error.contains("ca.crl has disappeared") && error.contains("1 revoked"),
+                "{error}"
+            );
+            assert_eq!(creds.crls, loaded);
+        }
+        // Back: the same list, nothing to change.
+        std::fs::write(&creds.crl_path, list).unwrap();
+        assert!(!creds.reload_crls().unwrap());
+        assert_eq!(creds.crls, loaded);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -176,6 +176,50 @@ fn expired_future_and_revoked_certificates_are_refused() {
             !replica.iter().any(|l| l.contains("after revoking node 3")),
             "node 3 still received entries after its certificate was revoked"
         );
+
+        // ca.crl deleted: running nodes keep the list they loaded and say
+        // so, and a node restarted without it refuses to start until the
+        // list is back. Nobody revoked is trusted again.
+        let crl = identity::crl_path(&certs);
+        let list = std::fs::read(&crl).expect("ca.crl");
+        std::fs::remove_file(&crl).expect("delete ca.crl");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut quick = cluster.client("mallory");
+        quick.give_up_after = Duration::from_millis(500);
+        assert!(
+            quick.status(1).await.is_err(),
+            "deleting ca.crl trusted a revoked certificate again"
+        );
+        assert!(
+            cluster.log(1).contains("ca.crl has disappeared"),
+            "node 1 did not warn that ca.crl disappeared"
+        );
+        cluster.kill(2);
+        cluster.launch(2);
+        let status = cluster.wait_exit(2, Duration::from_secs(20));
+        let log = cluster.log(2);
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "node 2 started without the revocation list it had loaded"
+        );
+        assert!(
+            last.contains("ca.crl is missing") && last.contains("Copy ca.crl back"),
+            "unclear error: {last}"
+        );
+        std::fs::write(&crl, list).expect("restore ca.crl");
+        cluster.launch(2);
+        assert!(
+            cluster.wait_exit(2, Duration::from_secs(3)).is_none(),
+            "node 2 did not start with ca.crl back: {}",
+            cluster.log(2).lines().last().unwrap_or_default()
+        );
+        let mut quick = cluster.client("mallory");
+        quick.give_up_after = Duration::from_millis(500);
+        assert!(
+            quick.status(2).await.is_err(),
+            "the restarted node trusts a revoked certificate"
+        );
     });
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use cluster_store::raft::{Envelope, Message, ProposeError, RequestId, Role};
+use cluster_store::raft::{Entry, Envelope, Message, Payload, ProposeError, RequestId, Role};
 use common::Cluster;
 
 fn ok_index(cluster: &Cluster, client_id: u64, seq: u64) -> Option<u64> {
@@ -332,6 +332,73 @@ fn learners_replicate_but_never_vote() {
         vec!["hello", "needs a voter"],
         "but it still replicates"
     );
+}
+
+/// A learner never leads or campaigns: an append, a heartbeat, a
+/// TimeoutNow or a vote request from one (forged, or from a misconfigured
+/// node) changes nothing on a voter, even at a higher term, and gets no
+/// answer.
+#[test]
+fn leader_and_candidate_messages_from_a_learner_change_nothing() {
+    let mut c = Cluster::new(&[1, 2, 3], &[4], |_| {});
+    c.elect(1);
+    c.propose(1, 1, 1, "hello");
+    c.deliver_all();
+    let term = c.node(1).term();
+    let before = c.node(2).status();
+    let texts = c.texts(2);
+    let last = before.last_index;
+    let forged = [
+        Message::Heartbeat {
+            commit: last + 10,
+            read_seq: 1,
+        },
+        Message::Append {
+            prev_index: last,
+            prev_term: term,
+            entries: vec![Entry {
+                index: last + 1,
+                term: term + 5,
+                lamport: 0,
+                payload: Payload::Noop,
+            }],
+            commit: last + 1,
+        },
+        Message::TimeoutNow,
+        Message::PreVote {
+            last_index: last + 10,
+            last_term: term + 5,
+        },
+        Message::Vote {
+            last_index: last + 10,
+            last_term: term + 5,
+            transfer: true,
+        },
+    ];
+    for message in forged {
+        let kind = message.kind();
+        c.node_mut(2).step(Envelope {
+            from: 4,
+            to: 2,
+            term: term + 5,
+            lamport: 0,
+            message,
+        });
+        c.drain(2);
+        assert_eq!(
+            c.node(2).status(),
+            before,
+            "a {kind} from a learner changed node 2"
+        );
+        assert!(
+            c.queue.iter().all(|m| m.from != 2),
+            "node 2 answered a {kind} from a learner"
+        );
+    }
+    assert_eq!(c.texts(2), texts);
+    c.tick_all(5);
+    assert_eq!(c.node(1).role(), Role::Leader);
+    assert_eq!(c.node(1).term(), term, "the real leader was not disturbed");
 }
 
 #[test]

@@ -365,6 +365,9 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
             _ => eprintln!("warning: node {other} did not answer; continuing (--force)"),
         }
     }
+    // The rebuilt directory still records that this node has loaded a
+    // revocation list, so it still refuses to start without one.
+    let crl_seen = identity::crl_seen_path(data).exists();
     if data.exists() {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -377,6 +380,9 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
         println!("moved the old store to {}", aside.display());
     }
     Store::create_rebuilt(data, &cluster_id, id, term)?;
+    if crl_seen {
+        identity::record_crl_seen(data)?;
+    }
     println!(
         "rebuilt an empty replica for node {id} in {} at term {term}; start the node as before and it copies the log from the leader",
         data.display()

@@ -311,6 +311,27 @@ impl RaftNode {
             );
             return;
         }
+        // A learner never leads or campaigns, so what only a leader or a
+        // candidate sends cannot come from one honestly: dropped before it
+        // can move this node's term, leader or vote.
+        let leads_or_campaigns = matches!(
+            message,
+            Message::Append { .. }
+                | Message::Heartbeat { .. }
+                | Message::TimeoutNow
+                | Message::PreVote { .. }
+                | Message::Vote { .. }
+        );
+        if leads_or_campaigns && self.config.learners.contains(&from) {
+            warn!(
+                node = self.config.id,
+                from,
+                term,
+                kind = message.kind(),
+                "dropping a leader's or candidate's message from a learner"
+            );
+            return;
+        }
         self.lamport = self.lamport.max(lamport);
         let vote_request = matches!(message, Message::PreVote { .. } | Message::Vote { .. });
         if vote_request && !self.config.is_voter(self.config.id) {

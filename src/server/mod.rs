@@ -97,6 +97,10 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
             creds.crl_path.display()
         );
     }
+    // A node that has loaded a revocation list refuses to start without
+    // one, rather than trust every certificate it revoked again.
+    identity::guard_crl(&options.data, &creds.crl_path, !creds.crls.is_empty())
+        .map_err(tls::TlsError::from)?;
     let cluster_id = identity::cluster_id(&creds.ca);
 
     let (store, recovered) = if std::env::var("CLUSTER_STORE_UNSAFE_SKIP_SYNC")
@@ -259,6 +263,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         creds,
         client_config,
         revoked_tx,
+        options.data.clone(),
     ));
 
     let store = persist::start(me, store, inputs.clone(), outboxes.clone(), metrics.clone())
@@ -281,16 +286,29 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
 
 /// Reloads the revocation list when it changes: new handshakes use it at
 /// once, and live connections of newly revoked certificates are closed.
+/// A list that disappears is kept (see `Credentials::reload_crls`), and
+/// the data directory `data` records that a list was loaded, so that the
+/// node refuses to restart without it. A problem is logged once, not at
+/// every reload.
 async fn watch_revocations(
     endpoint: quinn::Endpoint,
     mut creds: Credentials,
     client_config: std::sync::Arc<std::sync::RwLock<quinn::ClientConfig>>,
     revoked: watch::Sender<transport::Revoked>,
+    data: PathBuf,
 ) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut problem: Option<String> = None;
     loop {
         interval.tick().await;
-        match creds.reload_crls() {
+        let reloaded = creds.reload_crls();
+        if reloaded.is_ok() && problem.take().is_some() {
+            info!(
+                "the revocation list {} reads again",
+                creds.crl_path.display()
+            );
+        }
+        match reloaded {
             Ok(false) => {}
             Ok(true) => match (tls::server_config(&creds), tls::peer_client_config(&creds)) {
                 (Ok(server), Ok(client)) => {
@@ -306,14 +324,25 @@ async fn watch_revocations(
                         creds.crl_path.display()
                     );
                     revoked.send_replace(std::sync::Arc::new(serials));
+                    if let Err(error) = identity::record_crl_seen(&data) {
+                        tracing::warn!(
+                            "cannot record that a revocation list was loaded (a restart without ca.crl would not be refused): {error}"
+                        );
+                    }
                 }
                 (Err(error), _) | (_, Err(error)) => {
                     tracing::warn!("ignoring the new revocation list: {error}")
                 }
             },
-            Err(error) => tracing::warn!(
-                "cannot reload the revocation list, keeping the previous one: {error}"
-            ),
+            Err(error) => {
+                let text = error.to_string();
+                if problem.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(
+                        "cannot reload the revocation list, keeping the previous one: {text}"
+                    );
+                    problem = Some(text);
+                }
+            }
         }
     }
 }

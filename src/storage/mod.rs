@@ -15,7 +15,9 @@
 //! checksummed witness file beside sled's records, after every sync, how
 //! far the store had got (term, vote, last index, commit); a store that
 //! opens behind its witness is reported as damaged, naming the file,
-//! instead of serving a shorter history.
+//! instead of serving a shorter history. sled records that the store keeps
+//! a witness, so a witness deleted or emptied is damage too, not a store
+//! written before witnesses existed.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,6 +39,9 @@ use segments::{LogError, ScanError, SegmentLog, SegmentReader};
 /// (`move_sled_log`).
 const SLED_LOG_TREE: &str = "log";
 const IDENTITY_KEY: &[u8] = b"identity";
+/// Present once the store keeps a witness file: from then on a missing
+/// witness is damage, not a store written before witnesses existed.
+const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
@@ -138,6 +143,10 @@ pub struct Store {
     staged: bool,
     staged_hard_state: Option<HardState>,
     last_applied: std::time::Instant,
+    /// Journal records applied on open and not yet checkpointed: the
+    /// journal is left as found until the store has passed its checks
+    /// (`finish_recovery`).
+    replayed: bool,
     /// The witness file and what it says; see the module comment.
     witness_file: Option<File>,
     witness: Witness,
@@ -275,6 +284,7 @@ impl Store {
         if durable {
             store.check_witness(&recovered)?;
         }
+        store.finish_recovery()?;
         Ok((store, recovered))
     }
 
@@ -311,26 +321,38 @@ impl Store {
     /// Compares what sled recovered with what the witness says was synced.
     fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
         let path = self.witness_path();
-        let file = std::fs::OpenOptions::new()
+        let kept = self
+            .meta
+            .get(WITNESS_KEPT_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+            .is_some();
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(&path)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && kept => {
+                return Err(self.witness_damaged(
+                    "it is missing, yet this store has kept one: without it nothing shows \
+                     whether the store lost acknowledged entries or a vote",
+                ))
+            }
+            // A new store, or one written before witnesses existed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.create_witness(),
+            Err(e) => return Err(self.write_error(format!("{}: {e}", path.display()))),
+        };
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut bytes)
             .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
-        self.witness_file = Some(file);
         if bytes.is_empty() {
-            // A new store, or one written before witnesses existed.
-            return Ok(());
+            if kept {
+                return Err(self.witness_damaged("it is empty, yet this store has kept one"));
+            }
+            // Created, never written, by a version that created it empty.
+            return self.create_witness();
         }
-        let witness = Witness::decode(&bytes).map_err(|what| StoreError::Damaged {
-            dir: self.dir.clone(),
-            file: path.clone(),
-            what,
-        })?;
+        let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
         let hs = &recovered.hard_state;
         let problem = if hs.term < witness.term {
             Some(format!(
@@ -356,11 +378,17 @@ impl Store {
             None
         };
         if let Some(what) = problem {
-            // The log lives in the segments; everything else in sled.
-            let file = if self.last_index < witness.last_index {
-                self.dir.join(segments::LOG_DIR)
+            // A journal cut short lost its last writes; otherwise the log
+            // lives in the segments, everything else in sled.
+            let (file, what) = if self.journal.has_torn_tail() {
+                (
+                    self.journal.path().to_path_buf(),
+                    format!("{what}, and the journal ends in a torn record"),
+                )
+            } else if self.last_index < witness.last_index {
+                (self.dir.join(segments::LOG_DIR), what)
             } else {
-                self.dir.join("db")
+                (self.dir.join("db"), what)
             };
             return Err(StoreError::Damaged {
                 dir: self.dir.clone(),
@@ -371,7 +399,51 @@ impl Store {
             });
         }
         self.witness = witness;
+        self.witness_file = Some(file);
+        if !kept {
+            // A witness written before stores recorded keeping one.
+            self.record_witness_kept()?;
+        }
         Ok(())
+    }
+
+    fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Damaged {
+            dir: self.dir.clone(),
+            file: self.witness_path(),
+            what: what.into(),
+        }
+    }
+
+    /// Creates the witness of a store that has none yet (new, or written
+    /// before witnesses existed), claiming nothing until the next sync. Its
+    /// contents and its name in the directory are synced before the store
+    /// records keeping it, so a crash can never lose a witness the store
+    /// says it keeps.
+    fn create_witness(&mut self) -> Result<(), StoreError> {
+        let path = self.witness_path();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
+        self.witness_file = Some(file);
+        self.witness = Witness::default();
+        self.write_witness(true)?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| self.write_error(format!("{}: {e}", self.dir.display())))?;
+        self.record_witness_kept()
+    }
+
+    /// Records in sled, durably, that this store keeps a witness.
+    fn record_witness_kept(&mut self) -> Result<(), StoreError> {
+        self.meta
+            .insert(WITNESS_KEPT_KEY, &[1u8][..])
+            .map_err(|e| self.write_error(e))?;
+        self.flush_sled()
     }
 
     /// Records the witness; `sync` when it must survive a power loss
@@ -392,7 +464,9 @@ impl Store {
     /// journal is replayed and checkpointed, and a log kept in sled by an
     /// earlier version is moved into segments.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
-        Store::open_dir(dir, create, true)
+        let mut store = Store::open_dir(dir, create, true)?;
+        store.finish_recovery()?;
+        Ok(store)
     }
 
     fn open_dir(dir: &Path, create: bool, durable: bool) -> Result<Store, StoreError> {
@@ -438,13 +512,15 @@ impl Store {
             staged: false,
             staged_hard_state: None,
             last_applied: std::time::Instant::now(),
+            replayed: false,
             witness_file: None,
             witness: Witness::default(),
             last_index: 0,
         };
         // Writes journaled since the last checkpoint: the segments were cut
         // back to it and sled may have lost any suffix of them; applying
-        // them again is harmless.
+        // them again is harmless. They are checkpointed (and the journal
+        // emptied) by `finish_recovery`, once the store has passed its checks.
         let net = if records.is_empty() {
             None
         } else {
@@ -467,9 +543,24 @@ impl Store {
                 .as_ref()
                 .map(|(from, entries)| (*from, entries.as_slice()));
             store.apply_encoded(net.hard_state, log)?;
-            store.checkpoint()?;
+            store.replayed = true;
         }
         Ok(store)
+    }
+
+    /// Ends opening once the store has passed its checks: the journal's
+    /// replayed records are checkpointed, which empties it, or else a torn
+    /// tail is cut off it. Until then the journal stays as it was found, so
+    /// a store refused as damaged keeps the evidence (and `node rebuild`
+    /// sets it aside whole).
+    fn finish_recovery(&mut self) -> Result<(), StoreError> {
+        if self.replayed {
+            return self.checkpoint();
+        }
+        if let Err(e) = self.journal.cut_torn_tail() {
+            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
+        }
+        Ok(())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -868,6 +959,7 @@ impl Store {
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
         }
+        self.replayed = false;
         Ok(())
     }
 }
@@ -1115,6 +1207,157 @@ mod tests {
             "the tree is kept"
         );
         drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Four writes, one journal record each, left in the journal (no
+    /// checkpoint); returns the journal's path and bytes.
+    fn four_journaled_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let _ = std::fs::remove_dir_all(dir);
+        let (mut store, _) = Store::open(dir, "c1", 1).unwrap();
+        for index in 1..=4 {
+            store
+                .write(
+                    None,
+                    Some(&LogWrite {
+                        from: index,
+                        entries: vec![entry(index, 1)],
+                    }),
+                )
+                .unwrap();
+        }
+        drop(store);
+        let journal = dir.join(crate::journal::JOURNAL_FILE);
+        let bytes = std::fs::read(&journal).unwrap();
+        (journal, bytes)
+    }
+
+    /// Where the journal's second record starts: a record is a 20-byte
+    /// header (magic, checksum, payload length at bytes 8..12, sequence
+    /// number) and its payload.
+    fn second_record(journal: &[u8]) -> usize {
+        20 + u32::from_le_bytes(journal[8..12].try_into().unwrap()) as usize
+    }
+
+    #[test]
+    fn a_journal_with_a_damaged_length_is_refused_by_name_and_left_as_found() {
+        let dir = std::env::temp_dir().join(format!("cs-store-length-{}", std::process::id()));
+        let (journal, intact) = four_journaled_writes(&dir);
+        let second = second_record(&intact);
+        assert!(second < intact.len());
+        let mut damaged = intact.clone();
+        damaged[second + 8..second + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&journal, &damaged).unwrap();
+        let error = match open_released(&dir, "c1", 1) {
+            Ok(_) => panic!("a damaged length was read as a torn tail"),
+            Err(error) => error,
+        };
+        let StoreError::Damaged { file, .. } = &error else {
+            panic!("unexpected error: {error}")
+        };
+        assert_eq!(file, &journal);
+        let message = error.to_string();
+        assert!(
+            message.contains("record 2") && message.contains("node rebuild"),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            damaged,
+            "the refused journal was changed"
+        );
+        // Mended, the store opens with every write.
+        std::fs::write(&journal, &intact).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 4);
+        assert_eq!(store.verify().unwrap(), 4);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_journal_cut_short_after_a_sync_is_refused_before_it_is_cut() {
+        let dir = std::env::temp_dir().join(format!("cs-store-cut-{}", std::process::id()));
+        let (journal, intact) = four_journaled_writes(&dir);
+        // The last record reads as torn, but the witness saw it synced.
+        let cut = &intact[..intact.len() - 10];
+        std::fs::write(&journal, cut).unwrap();
+        let error = match open_released(&dir, "c1", 1) {
+            Ok(_) => panic!("a synced write was dropped as a torn tail"),
+            Err(error) => error,
+        };
+        let StoreError::Damaged { file, what, .. } = &error else {
+            panic!("unexpected error: {error}")
+        };
+        assert_eq!(file, &journal);
+        assert!(what.contains("torn"), "{what}");
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            cut,
+            "the journal was cut before the witness was checked"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_or_empty_witness_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("cs-store-witness-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+            let hs = HardState {
+                term: 1,
+                vote: Some(1),
+                commit: 0,
+            };
+            let write = LogWrite {
+                from: 1,
+                entries: vec![entry(1, 1)],
+            };
+            store.write(Some(hs), Some(&write)).unwrap();
+        }
+        let witness = dir.join(WITNESS_FILE);
+        let saved = std::fs::read(&witness).unwrap();
+        std::fs::remove_file(&witness).unwrap();
+        for (what, contents) in [("missing", None), ("empty", Some(&b""[..]))] {
+            if let Some(contents) = contents {
+                std::fs::write(&witness, contents).unwrap();
+            }
+            let error = match open_released(&dir, "c1", 1) {
+                Ok(_) => panic!("a store with its witness {what} opened"),
+                Err(error) => error,
+            };
+            let StoreError::Damaged { file, .. } = &error else {
+                panic!("unexpected error: {error}")
+            };
+            assert_eq!(file, &witness);
+            let message = error.to_string();
+            assert!(
+                message.contains(what) && message.contains("node rebuild"),
+                "{message}"
+            );
+            if contents.is_none() {
+                assert!(!witness.exists(), "the refused open created a new witness");
+            }
+        }
+        std::fs::write(&witness, &saved).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 1);
+        // A store from before stores recorded keeping a witness, and
+        // without one: it opens, and keeps a witness from then on.
+        store.meta.remove(WITNESS_KEPT_KEY).unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        std::fs::remove_file(&witness).unwrap();
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 1);
+        drop(store);
+        assert!(witness.exists());
+        std::fs::remove_file(&witness).unwrap();
+        assert!(matches!(
+            open_released(&dir, "c1", 1),
+            Err(StoreError::Damaged { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -354,7 +354,16 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
     let mut answers = Vec::new();
     for other in client.nodes().into_iter().filter(|n| *n != id) {
         match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
-            Ok(Ok(status)) => answers.push(status),
+            Ok(Ok(status)) => {
+                if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
+                    bail!(
+                        "node {other} is itself a rebuilt replica still catching up (its log is \
+                         below {floor}). Rebuild one node at a time: retry once `node status` no \
+                         longer shows it catching up, or pass --force"
+                    );
+                }
+                answers.push(status);
+            }
             Ok(Err(error)) if !force => bail!(
                 "node {other} did not answer ({error:#}). Every other node must answer, so that \
                  the rebuilt node starts past any term it may have voted in and never votes for a \
@@ -786,7 +795,7 @@ async fn client_command(command: Command) -> Result<()> {
                                 .map(|p| format!("{}:{}", p.id, p.lag))
                                 .collect();
                             println!(
-                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}",
+                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}{}",
                                 s.id,
                                 s.role,
                                 s.term,
@@ -797,7 +806,10 @@ async fn client_command(command: Command) -> Result<()> {
                                     String::new()
                                 } else {
                                     format!(", follower lag {}", lag.join(" "))
-                                }
+                                },
+                                s.catch_up_floor.map_or(String::new(), |floor| format!(
+                                    ", rebuilt replica catching up to {floor}"
+                                ))
                             );
                         }
                         Err((node, error)) => println!("node {node}: unreachable ({error})"),

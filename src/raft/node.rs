@@ -96,6 +96,9 @@ pub struct Status {
     pub lamport: Lamport,
     /// Leader only: every other member's replication state.
     pub peers: Vec<PeerStatus>,
+    /// A rebuilt replica whose log has not reached its catch-up floor yet:
+    /// it votes only for logs that reach the floor, and does not campaign.
+    pub catch_up_floor: Option<LogPosition>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -269,6 +272,7 @@ impl RaftNode {
                     lag: last.saturating_sub(pr.match_index),
                 })
                 .collect(),
+            catch_up_floor: self.catch_up_floor,
         }
     }
 

@@ -1138,6 +1138,45 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuilt_store_starts_from_its_plan_and_keeps_its_floor() {
+        let dir = std::env::temp_dir().join(format!("cs-store-rebuilt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plan = RebuildPlan {
+            term: 7,
+            floor: Some(LogPosition { term: 6, index: 42 }),
+        };
+        Store::create_rebuilt(&dir, "c1", 1, &plan).unwrap();
+        let (store, recovered) = open_released(&dir, "c1", 1).unwrap();
+        assert_eq!(
+            recovered.hard_state,
+            HardState {
+                term: 7,
+                vote: Some(1),
+                commit: 0
+            }
+        );
+        assert_eq!(recovered.last_index, 0);
+        assert_eq!(recovered.catch_up_floor, plan.floor);
+        assert!(
+            matches!(
+                Store::create_rebuilt(&dir, "c1", 1, &plan),
+                Err(StoreError::Write { .. })
+            ),
+            "a store is already there"
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A store that was never rebuilt has no floor.
+        let fresh = dir.with_extension("fresh");
+        let _ = std::fs::remove_dir_all(&fresh);
+        let (store, recovered) = Store::open(&fresh, "c1", 1).unwrap();
+        assert_eq!(recovered.catch_up_floor, None);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&fresh);
+    }
+
+    #[test]
     fn survives_reopen_and_refuses_foreign_data() {
         let dir = std::env::temp_dir().join(format!("cs-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -185,6 +185,9 @@ struct SimNode {
     disk_hard_state: HardState,
     disk_log: Vec<Entry>,
     disk_chain: Vec<u64>,
+    /// The chain of the disk this node last lost: what it held durably,
+    /// and may have acknowledged, before (see `check`).
+    lost_chain: Vec<u64>,
     /// The catch-up floor a rebuild recorded on this disk.
     disk_floor: Option<LogPosition>,
     /// The disk was lost: the node restarts through the rebuild path.
@@ -246,6 +249,7 @@ impl Simulation {
                     disk_hard_state: HardState::default(),
                     disk_log: Vec::new(),
                     disk_chain: Vec::new(),
+                    lost_chain: Vec::new(),
                     disk_floor: None,
                     rebuild_pending: false,
                     writes: VecDeque::new(),
@@ -481,26 +485,34 @@ impl Simulation {
         if node.rebuild_pending {
             return true;
         }
-        match &node.raft {
-            Some(raft) => raft.catch_up_floor().is_some(),
-            None => node.disk_floor.is_some_and(|floor| {
-                let position =
-                    node.disk_log
-                        .last()
-                        .map_or(LogPosition::default(), |e| LogPosition {
-                            term: e.term,
-                            index: e.index,
-                        });
-                position < floor
-            }),
-        }
+        let Some(floor) = node.disk_floor else {
+            return false;
+        };
+        // Worked out here rather than asked of the node, which is not
+        // given its floor under `Sabotage::NoCatchUpFloor`.
+        let position = match &node.raft {
+            Some(raft) => LogPosition {
+                term: raft.log().last_term(),
+                index: raft.log().last_index(),
+            },
+            None => node
+                .disk_log
+                .last()
+                .map_or(LogPosition::default(), |e| LogPosition {
+                    term: e.term,
+                    index: e.index,
+                }),
+        };
+        position < floor
     }
 
     /// Node `id` loses its disk: it crashes if it is up, its log and hard
     /// state are wiped, and it restarts through the rebuild path. One
     /// replica at a time, as an operator would: not while an earlier one
-    /// is still catching up (two disks lost together in a cluster of three
-    /// may lose committed entries whatever the nodes do).
+    /// is still catching up (`node rebuild` refuses that too: a second
+    /// disk lost before the first replica holds the log again may leave
+    /// committed entries on too few nodes, or no log that reaches both
+    /// floors, and elections stalled for good).
     fn lose_disk(&mut self, id: NodeId) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         if ids.iter().any(|n| self.catching_up(*n)) {
@@ -515,7 +527,7 @@ impl Simulation {
         node.writes.clear();
         node.disk_hard_state = HardState::default();
         node.disk_log.clear();
-        node.disk_chain.clear();
+        node.lost_chain = std::mem::take(&mut node.disk_chain);
         node.disk_floor = None;
         node.rebuild_pending = true;
         self.note(format!(
@@ -544,16 +556,15 @@ impl Simulation {
             return false;
         };
         let plan = RebuildPlan::from_peers(&statuses);
-        let without_floor = self.cfg.sabotage == Some(Sabotage::NoCatchUpFloor);
         let Some(node) = self.nodes.get_mut(&id) else {
             return false;
         };
         node.disk_hard_state = plan.hard_state(id);
-        node.disk_floor = if without_floor { None } else { plan.floor };
+        node.disk_floor = plan.floor;
         node.rebuild_pending = false;
         self.stats.rebuilds += 1;
-        let floor = node
-            .disk_floor
+        let floor = plan
+            .floor
             .map_or_else(|| "none".to_string(), |f| f.to_string());
         self.note(format!(
             "rebuild node {id} from the others: term {}, catch-up floor {floor}",
@@ -576,7 +587,9 @@ impl Simulation {
         let cannot =
             |e: crate::raft::RaftError| format!("node {id} cannot restart from its own disk: {e}");
         let mut restorer = Restorer::new(&node.config, node.disk_hard_state);
-        restorer.set_catch_up_floor(node.disk_floor);
+        if self.cfg.sabotage != Some(Sabotage::NoCatchUpFloor) {
+            restorer.set_catch_up_floor(node.disk_floor);
+        }
         for entry in &node.disk_log {
             restorer.push(entry.clone()).map_err(cannot)?;
         }
@@ -975,7 +988,14 @@ impl Simulation {
                     nodes
                         .iter()
                         .filter(|(v, n)| {
-                            **v <= voters && n.disk_chain.get(index as usize - 1) == Some(&hash)
+                            // A disk lost after the node acknowledged an
+                            // entry does not undo the acknowledgement: the
+                            // leader may count it still (its match index
+                            // is stale until the node answers again). The
+                            // catch-up floor keeps such an entry safe.
+                            **v <= voters
+                                && (n.disk_chain.get(index as usize - 1) == Some(&hash)
+                                    || n.lost_chain.get(index as usize - 1) == Some(&hash))
                         })
                         .count()
                 },

@@ -657,6 +657,25 @@ fn rebuilt_replica_refuses_votes_below_its_catch_up_floor() {
     assert_eq!(c.texts(3), expected);
 }
 
+/// A learner rebuilt from nothing restarts (its store records its own
+/// vote as spent, though it never votes) and is caught up.
+#[test]
+fn rebuilt_learner_restarts_and_is_caught_up() {
+    let mut c = Cluster::new(&[1, 2, 3], &[4], |_| {});
+    c.elect(1);
+    for seq in 1..=3 {
+        c.propose(1, 1, seq, &format!("m{seq}"));
+    }
+    c.deliver_all();
+    let plan = c.rebuild(4);
+    assert_eq!(plan.hard_state(4).vote, Some(4));
+    assert_eq!(c.node(4).role(), Role::Learner);
+    c.tick_all(5);
+    let expected: Vec<String> = (1..=3).map(|i| format!("m{i}")).collect();
+    assert_eq!(c.texts(4), expected);
+    assert_eq!(c.node(4).catch_up_floor(), None);
+}
+
 /// With a small memory budget the leader releases applied entries; a
 /// follower that was away is caught up from entries read back from the
 /// store, and every log stays whole.

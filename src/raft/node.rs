@@ -138,7 +138,8 @@ impl RaftNode {
             ..
         } = restorer;
         if let Some(vote) = hard_state.vote {
-            if !config.is_voter(vote) {
+            // A rebuilt learner's store records its own vote as spent.
+            if !config.is_voter(vote) && vote != config.id {
                 return Err(RaftError::UnknownVote(vote));
             }
         }

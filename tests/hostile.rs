@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use cluster_store::client::{format_line, Client};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::Committed;
+use cluster_store::raft::{Committed, NodeId, Role};
 use cluster_store::tls::{self, Credentials};
 use nodes::{check_export, serial, TestCluster};
 
@@ -577,6 +577,115 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
             expected,
             "the rebuilt replica differs from the cluster's log"
         );
+    });
+}
+
+/// A rebuilt replica does not vote with its empty log (issue #13, item 7).
+/// Messages commit on the leader and node `rebuilt` while node `lagging`
+/// is down; `rebuilt` loses its disk and is rebuilt (with `--force`, as
+/// `lagging` cannot answer), and the leader stops. `lagging` returns
+/// without the messages and campaigns: had the rebuilt node voted for it,
+/// it would lead and overwrite them. Below its catch-up floor the rebuilt
+/// node refuses, and says so in its log; no leader is elected until the
+/// old leader returns, and then nothing acknowledged is missing.
+#[test]
+fn rebuilt_replica_refuses_votes_until_it_catches_up() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("floor", 103, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|n| *n != leader).collect();
+        let (rebuilt, lagging) = (others[0], others[1]);
+        let mut acked: Vec<(String, Committed)> = Vec::new();
+        let send = |texts: Vec<String>| {
+            let admin = &admin;
+            async move {
+                let (_, committed) = admin
+                    .send(texts.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("send failed: {e:#}"));
+                assert_eq!(committed.len(), texts.len());
+                texts.into_iter().zip(committed).collect::<Vec<_>>()
+            }
+        };
+        for batch in 0..2 {
+            let texts = (0..50).map(|i| format!("before {batch}-{i}")).collect();
+            acked.extend(send(texts).await);
+        }
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+
+        // Node `lagging` stops; what follows commits on the other two.
+        cluster.kill(lagging);
+        for batch in 0..4 {
+            let texts = (0..50)
+                .map(|i| format!("without {lagging} {batch}-{i}"))
+                .collect();
+            acked.extend(send(texts).await);
+        }
+
+        // Node `rebuilt` loses its disk and is rebuilt from the leader.
+        cluster.kill(rebuilt);
+        let data = cluster.data_dir(rebuilt);
+        std::fs::remove_dir_all(&data).expect("remove the data directory");
+        let data = data.display().to_string();
+        let id = rebuilt.to_string();
+        let out = cluster.run_cli(&["rebuild", "--id", &id, "--data", &data, "--force"], None);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "rebuild failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("until its log reaches"), "{stdout}");
+
+        // The leader stops; the other two start.
+        cluster.kill(leader);
+        cluster.launch(rebuilt);
+        cluster.launch(lagging);
+        let refusal = "behind this rebuilt replica's catch-up floor";
+        let deadline = std::time::Instant::now() + SECONDS_30;
+        while !cluster.log(rebuilt).contains(refusal) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {rebuilt} never refused node {lagging} its vote:\n{}",
+                cluster.log(rebuilt)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Several election timeouts later, still nobody leads.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for id in [rebuilt, lagging] {
+            let status = admin.status(id).await.expect("status");
+            assert_ne!(status.role, Role::Leader, "node {id} leads: {status:?}");
+        }
+        let status = admin.status(rebuilt).await.expect("status");
+        assert_eq!(status.last_index, 0, "{status:?}");
+        assert!(status.catch_up_floor.is_some(), "{status:?}");
+
+        // The old leader returns: a leader is elected, every node catches
+        // up, and every acknowledged message is where it was acknowledged.
+        cluster.launch(leader);
+        cluster.wait_for_leader(&admin, SECONDS_30).await;
+        cluster
+            .wait_caught_up(&admin, Duration::from_secs(60))
+            .await;
+        let export = admin.export().await.expect("export");
+        check_export(&export);
+        assert_eq!(export.len(), acked.len());
+        let by_text: HashMap<&str, u64> =
+            export.iter().map(|e| (e.text.as_str(), e.index)).collect();
+        for (text, committed) in &acked {
+            assert_eq!(
+                by_text.get(text.as_str()),
+                Some(&committed.index),
+                "an acknowledged message is lost or moved"
+            );
+        }
+        let status = admin.status(rebuilt).await.expect("status");
+        assert_eq!(status.catch_up_floor, None, "{status:?}");
+        assert!(cluster
+            .log(rebuilt)
+            .contains("caught up with its catch-up floor"));
     });
 }
 

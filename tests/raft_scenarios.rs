@@ -729,6 +729,7 @@ fn follower_rebuilt_from_nothing_is_caught_up_from_the_start() {
                 commit: 0,
             },
             log: Vec::new(),
+            catch_up_floor: None,
         },
     );
     c.restart(3);
@@ -742,6 +743,106 @@ fn follower_rebuilt_from_nothing_is_caught_up_from_the_start() {
         "the rebuilt follower was not caught up"
     );
     assert_eq!(c.node(3).commit_index(), c.node(1).commit_index());
+}
+
+/// A replica rebuilt from nothing must not vote with its empty log
+/// (issue #13, item 7). Messages commit on nodes 1 and 2 while node 3 is
+/// cut off; node 2 loses its disk and is rebuilt, and node 1 goes down.
+/// Node 3, which lacks the committed messages, campaigns: with node 2's
+/// vote it would win and overwrite them. Below its catch-up floor node 2
+/// refuses, so node 3 cannot win, while node 1, whose log reaches the
+/// floor, can; the messages survive and node 2, caught up, votes again.
+#[test]
+fn rebuilt_replica_refuses_votes_below_its_catch_up_floor() {
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.propose(1, 1, 1, "m1");
+    c.deliver_all();
+    c.isolate(3);
+    for seq in 2..=4 {
+        c.propose(1, 1, seq, &format!("m{seq}"));
+        c.deliver_all();
+    }
+    let expected: Vec<String> = (1..=4).map(|i| format!("m{i}")).collect();
+    assert_eq!(ok_index(&c, 1, 4), Some(5), "m4 committed on nodes 1 and 2");
+    assert_eq!(c.texts(2), expected);
+    assert_eq!(c.texts(3), vec!["m1".to_string()], "node 3 lags");
+
+    let term = c.node(1).term();
+    let plan = c.rebuild(2);
+    assert_eq!(plan.term, term);
+    let floor = cluster_store::raft::LogPosition { term, index: 5 };
+    assert_eq!(plan.floor, Some(floor), "the floor is node 1's log");
+    assert_eq!(c.node(2).log().last_index(), 0);
+    assert_eq!(c.node(2).catch_up_floor(), Some(floor));
+
+    // Node 1 goes down; node 3 reaches node 2 and campaigns, again and again.
+    c.crash(1);
+    c.heal();
+    for _ in 0..3 {
+        c.start_election(3);
+        c.deliver_all();
+        assert_ne!(
+            c.node(3).role(),
+            Role::Leader,
+            "node 3 won without the committed entries"
+        );
+    }
+    c.tick_all(100);
+    for id in [2, 3] {
+        assert_ne!(c.node(id).role(), Role::Leader, "node {id} leads");
+    }
+    assert_eq!(c.texts(3), vec!["m1".to_string()]);
+    assert_eq!(c.node(2).role(), Role::Follower, "node 2 never campaigned");
+    assert_eq!(c.node(2).log().last_index(), 0);
+    assert_eq!(c.node(2).catch_up_floor(), Some(floor));
+
+    // Node 1 returns and wins with node 2's vote alone (node 3 cut off):
+    // a candidate whose log reaches the floor gets it.
+    c.restart(1);
+    c.cut.insert((1, 3));
+    c.cut.insert((3, 1));
+    c.elect_quietly(1);
+    assert_eq!(
+        c.node(2).log().last_index(),
+        0,
+        "node 2 voted with its log empty"
+    );
+    c.heal();
+    c.tick_all(5);
+    for id in [1, 2, 3] {
+        assert_eq!(c.texts(id), expected, "node {id} lost committed messages");
+        assert_eq!(c.node(id).commit_index(), c.node(1).log().last_index());
+    }
+    assert_eq!(
+        c.node(2).catch_up_floor(),
+        None,
+        "caught up, floor forgotten"
+    );
+
+    // Caught up, node 2 votes as any node: node 3 now wins with it.
+    c.crash(1);
+    c.elect(3);
+    assert_eq!(c.texts(3), expected);
+}
+
+/// A learner rebuilt from nothing restarts (its store records its own
+/// vote as spent, though it never votes) and is caught up.
+#[test]
+fn rebuilt_learner_restarts_and_is_caught_up() {
+    let mut c = Cluster::new(&[1, 2, 3], &[4], |_| {});
+    c.elect(1);
+    for seq in 1..=3 {
+        c.propose(1, 1, seq, &format!("m{seq}"));
+    }
+    c.deliver_all();
+    let plan = c.rebuild(4);
+    assert_eq!(plan.hard_state(4).vote, Some(4));
+    assert_eq!(c.node(4).role(), Role::Learner);
+    c.tick_all(5);
+    let expected: Vec<String> = (1..=3).map(|i| format!("m{i}")).collect();
+    assert_eq!(c.texts(4), expected);
+    assert_eq!(c.node(4).catch_up_floor(), None);
 }
 
 /// With a small memory budget the leader releases applied entries; a

@@ -105,6 +105,7 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
         ("messages cut by partitions", total(|s| s.blocked)),
         ("unsynced writes lost in crashes", total(|s| s.lost_writes)),
         ("restarts", total(|s| s.restarts)),
+        ("replicas rebuilt after a lost disk", total(|s| s.rebuilds)),
         ("leadership transfers", total(|s| s.transfers)),
         ("client retries", total(|s| s.retries)),
         ("linearizable reads", total(|s| s.reads)),
@@ -223,6 +224,28 @@ fn checker_catches_a_forgotten_vote() {
     .expect("forgetting votes across restarts went unnoticed for 1000 seeds");
     assert!(
         violation.contains("two leaders in term"),
+        "unexpected violation: {violation}"
+    );
+}
+
+/// A replica rebuilt from nothing that votes with its empty log can elect a
+/// candidate missing entries committed with the replica's help (issue #13,
+/// item 7). With rebuilds and crashes frequent, the checker must object
+/// when rebuilt replicas get no catch-up floor, and the same seed must pass
+/// with it.
+#[test]
+fn checker_catches_a_rebuilt_replica_voting_with_its_empty_log() {
+    let violation = first_failure(Sabotage::NoCatchUpFloor, 1000, |cfg| {
+        cfg.voters = 3;
+        cfg.learners = 0;
+        cfg.rebuild_rate = 0.02;
+        cfg.crash_rate = 0.02;
+    })
+    .expect("rebuilt replicas voting with empty logs went unnoticed for 1000 seeds");
+    assert!(
+        violation.contains("lacks committed entries")
+            || violation.contains("diverges from the committed log")
+            || violation.contains("acknowledged at index"),
         "unexpected violation: {violation}"
     );
 }

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{NodeId, Payload};
+use cluster_store::raft::{NodeId, Payload, RebuildPlan};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
 use cluster_store::storage::{Store, StoreError};
@@ -149,7 +149,9 @@ enum Command {
     /// is deleted); the fresh replica starts at the highest term the other
     /// nodes report with its vote in that term spent, so it can never vote
     /// twice in one term; started again, the node copies the log from the
-    /// leader.
+    /// leader. Until its log reaches the most up-to-date log the others
+    /// report (its catch-up floor), it votes only for nodes whose logs
+    /// reach that floor, and does not campaign.
     Rebuild {
         /// The node to rebuild.
         #[arg(long, env = "NODE_ID")]
@@ -160,8 +162,9 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
         /// Rebuild even if the store opens cleanly or another node does not
-        /// answer. Without every other node's term, the rebuilt node might
-        /// vote again in a term it voted in before its data was lost.
+        /// answer. Without every other node's status, the rebuilt node might
+        /// vote again in a term it voted in before its data was lost, or
+        /// vote for a log missing entries it had acknowledged.
         #[arg(long)]
         force: bool,
     },
@@ -348,26 +351,41 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
         }
     }
     let client = client_from(args)?;
-    let mut term = 0;
+    let mut answers = Vec::new();
     for other in client.nodes().into_iter().filter(|n| *n != id) {
         match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
-            Ok(Ok(status)) => term = term.max(status.term),
+            Ok(Ok(status)) => {
+                if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
+                    bail!(
+                        "node {other} is itself a rebuilt replica still catching up (its log is \
+                         below {floor}). Rebuild one node at a time: retry once `node status` no \
+                         longer shows it catching up, or pass --force"
+                    );
+                }
+                answers.push(status);
+            }
             Ok(Err(error)) if !force => bail!(
                 "node {other} did not answer ({error:#}). Every other node must answer, so that \
-                 the rebuilt node starts past any term it may have voted in; retry when they are up, \
-                 or pass --force"
+                 the rebuilt node starts past any term it may have voted in and never votes for a \
+                 log missing entries it had acknowledged; retry when they are up, or pass --force"
             ),
             Err(_) if !force => bail!(
                 "node {other} did not answer in 5 s. Every other node must answer, so that the \
-                 rebuilt node starts past any term it may have voted in; retry when they are up, \
-                 or pass --force"
+                 rebuilt node starts past any term it may have voted in and never votes for a log \
+                 missing entries it had acknowledged; retry when they are up, or pass --force"
             ),
-            _ => eprintln!("warning: node {other} did not answer; continuing (--force)"),
+            _ => eprintln!(
+                "warning: node {other} did not answer; continuing (--force). If it alone holds \
+                 entries this node had acknowledged, the rebuilt node may vote for a log without them"
+            ),
         }
     }
     // The rebuilt directory still records that this node has loaded a
     // revocation list, so it still refuses to start without one.
     let crl_seen = identity::crl_seen_path(data).exists();
+    // The term to start at, and the catch-up floor: see `RebuildPlan`.
+    let plan = RebuildPlan::from_peers(&answers);
+    let term = plan.term;
     if data.exists() {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -379,12 +397,18 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
             .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
         println!("moved the old store to {}", aside.display());
     }
-    Store::create_rebuilt(data, &cluster_id, id, term)?;
+    Store::create_rebuilt(data, &cluster_id, id, &plan)?;
     if crl_seen {
         identity::record_crl_seen(data)?;
     }
+    let floor = match plan.floor {
+        Some(floor) => {
+            format!("; until its log reaches {floor} it votes only for nodes whose logs do")
+        }
+        None => String::new(),
+    };
     println!(
-        "rebuilt an empty replica for node {id} in {} at term {term}; start the node as before and it copies the log from the leader",
+        "rebuilt an empty replica for node {id} in {} at term {term}{floor}; start the node as before and it copies the log from the leader",
         data.display()
     );
     Ok(())
@@ -762,7 +786,7 @@ async fn client_command(command: Command) -> Result<()> {
                                 .map(|p| format!("{}:{}", p.id, p.lag))
                                 .collect();
                             println!(
-                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}",
+                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}{}",
                                 s.id,
                                 s.role,
                                 s.term,
@@ -773,7 +797,10 @@ async fn client_command(command: Command) -> Result<()> {
                                     String::new()
                                 } else {
                                     format!(", follower lag {}", lag.join(" "))
-                                }
+                                },
+                                s.catch_up_floor.map_or(String::new(), |floor| format!(
+                                    ", rebuilt replica catching up to {floor}"
+                                ))
                             );
                         }
                         Err((node, error)) => println!("node {node}: unreachable ({error})"),

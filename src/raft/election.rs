@@ -6,7 +6,7 @@ use super::message::Message;
 use super::node::RaftNode;
 use super::progress::Progress;
 use super::ready::ProposeError;
-use super::types::{Index, NodeId, Payload, Role, Term};
+use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};
 
 impl RaftNode {
     pub(super) fn tick_election(&mut self) {
@@ -21,6 +21,17 @@ impl RaftNode {
     /// election the leader asked for, which voters honour despite their lease.
     pub(super) fn start_campaign(&mut self, pre_vote: bool, transfer: bool) {
         if !self.config.is_voter(self.config.id) {
+            return;
+        }
+        if let Some(floor) = self.pending_catch_up_floor() {
+            // Its vote for itself would be a vote for a log below the floor.
+            info!(
+                node = self.config.id,
+                %floor,
+                last_index = self.log.last_index(),
+                "not campaigning: this rebuilt replica has not caught up with its catch-up floor"
+            );
+            self.reset_election_timer();
             return;
         }
         self.reset_election_timer();
@@ -80,7 +91,14 @@ impl RaftNode {
         last_term: Term,
         pre_vote: bool,
     ) {
-        let up_to_date = (last_term, last_index) >= (self.log.last_term(), self.log.last_index());
+        let candidate = LogPosition {
+            term: last_term,
+            index: last_index,
+        };
+        let own = self.log_position();
+        let floor = self.pending_catch_up_floor();
+        // A rebuilt replica below its floor votes as if its log reached it.
+        let up_to_date = candidate >= own.max(floor.unwrap_or_default());
         let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
         let can_vote = free || (pre_vote && term > self.term);
         let grant = can_vote
@@ -91,6 +109,17 @@ impl RaftNode {
             node = self.config.id,
             from, term, pre_vote, grant, "vote request"
         );
+        if let Some(floor) = floor.filter(|_| !up_to_date && candidate >= own) {
+            info!(
+                node = self.config.id,
+                from,
+                term,
+                pre_vote,
+                %candidate,
+                %floor,
+                "refusing vote: the candidate's log is behind this rebuilt replica's catch-up floor"
+            );
+        }
         if pre_vote {
             let reply_term = if grant { term } else { self.term };
             let envelope = self.envelope(
@@ -106,6 +135,40 @@ impl RaftNode {
             }
             self.send(from, Message::VoteResponse { granted: grant });
         }
+    }
+
+    /// Where this node's log ends.
+    pub(super) fn log_position(&self) -> LogPosition {
+        LogPosition {
+            term: self.log.last_term(),
+            index: self.log.last_index(),
+        }
+    }
+
+    /// A rebuilt replica's catch-up floor while its log is still below it;
+    /// forgotten once the log reaches it (the store keeps it, but a restart
+    /// from a log at or above it ignores it too).
+    ///
+    /// Its log below the floor, the node may lack committed entries it had
+    /// acknowledged before it lost its store, so it must neither campaign
+    /// nor vote for a candidate below the floor. It does acknowledge what it
+    /// receives, and the leader counts those acknowledgements towards
+    /// commit: each says truthfully that the node now holds the entries
+    /// (durably, up to that index, matching the leader's log), which is all
+    /// that counting relies on. Only a vote speaks for entries a node no
+    /// longer holds.
+    pub(super) fn pending_catch_up_floor(&mut self) -> Option<LogPosition> {
+        let floor = self.catch_up_floor?;
+        if self.log_position() < floor {
+            return Some(floor);
+        }
+        info!(
+            node = self.config.id,
+            %floor,
+            "rebuilt replica caught up with its catch-up floor: it votes and campaigns again"
+        );
+        self.catch_up_floor = None;
+        None
     }
 
     pub(super) fn record_vote(&mut self, from: NodeId, granted: bool) {

@@ -20,6 +20,7 @@ mod node;
 mod progress;
 mod read;
 mod ready;
+mod rebuild;
 mod replication;
 pub mod rng;
 mod session;
@@ -31,8 +32,9 @@ pub use log::{LogError, LogWrite, RaftLog};
 pub use message::{AppendResult, Envelope, Message};
 pub use node::{PeerStatus, RaftError, RaftNode, Restorer, Status};
 pub use ready::{Fetch, Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
+pub use rebuild::RebuildPlan;
 pub use replication::MAX_CLIENT_CLOCK_SKEW;
 pub use session::Committed;
 pub use types::{
-    Command, Entry, HardState, Index, Lamport, NodeId, Payload, RequestId, Role, Term,
+    Command, Entry, HardState, Index, Lamport, LogPosition, NodeId, Payload, RequestId, Role, Term,
 };

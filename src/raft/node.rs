@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::config::{Config, ConfigError};
 use super::log::{LogError, RaftLog};
@@ -14,7 +14,7 @@ use super::read::ReadState;
 use super::ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
 use super::rng::Rng;
 use super::session::Sessions;
-use super::types::{Entry, HardState, Index, Lamport, NodeId, RequestId, Role, Term};
+use super::types::{Entry, HardState, Index, Lamport, LogPosition, NodeId, RequestId, Role, Term};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RaftError {
@@ -69,6 +69,12 @@ pub struct RaftNode {
     pub(super) heartbeat_pending: bool,
     pub(super) durable_hard_state: HardState,
     pub(super) out: Ready,
+    /// A replica rebuilt from nothing (`node rebuild`): the most up-to-date
+    /// log position the other nodes reported. Until its own log reaches
+    /// it, the node votes only for candidates at least as up to date as
+    /// it, and does not campaign (see `election.rs` and `RebuildPlan`).
+    /// Cleared once reached.
+    pub(super) catch_up_floor: Option<LogPosition>,
 }
 
 /// A snapshot of a node's state for operators and tests.
@@ -84,10 +90,15 @@ pub struct Status {
     pub commit: Index,
     pub applied: Index,
     pub last_index: Index,
+    /// The term of the entry at `last_index` (0 for an empty log).
+    pub last_term: Term,
     pub persisted_index: Index,
     pub lamport: Lamport,
     /// Leader only: every other member's replication state.
     pub peers: Vec<PeerStatus>,
+    /// A rebuilt replica whose log has not reached its catch-up floor yet:
+    /// it votes only for logs that reach the floor, and does not campaign.
+    pub catch_up_floor: Option<LogPosition>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -123,15 +134,30 @@ impl RaftNode {
             hard_state,
             log,
             sessions,
+            catch_up_floor,
             ..
         } = restorer;
         if let Some(vote) = hard_state.vote {
-            if !config.is_voter(vote) {
+            // A rebuilt learner's store records its own vote as spent.
+            if !config.is_voter(vote) && vote != config.id {
                 return Err(RaftError::UnknownVote(vote));
             }
         }
         let commit = hard_state.commit.min(log.last_index());
         let lamport = log.last().map_or(0, |e| e.lamport);
+        let position = LogPosition {
+            term: log.last_term(),
+            index: log.last_index(),
+        };
+        let catch_up_floor = catch_up_floor.filter(|floor| position < *floor);
+        if let Some(floor) = catch_up_floor {
+            info!(
+                node = config.id,
+                %floor,
+                last_index = position.index,
+                "rebuilt replica: until its log reaches the catch-up floor, it votes only for candidates whose logs reach it, and does not campaign"
+            );
+        }
         let role = if config.is_voter(config.id) {
             Role::Follower
         } else {
@@ -165,6 +191,7 @@ impl RaftNode {
                 ..hard_state
             },
             out: Ready::default(),
+            catch_up_floor,
             config,
         };
         node.reset_election_timer();
@@ -218,6 +245,11 @@ impl RaftNode {
         &self.config
     }
 
+    /// A rebuilt replica's catch-up floor, while its log is below it.
+    pub fn catch_up_floor(&self) -> Option<LogPosition> {
+        self.catch_up_floor
+    }
+
     pub fn status(&self) -> Status {
         let last = self.log.last_index();
         Status {
@@ -228,6 +260,7 @@ impl RaftNode {
             commit: self.commit.min(self.log.persisted_index()),
             applied: self.applied,
             last_index: last,
+            last_term: self.log.last_term(),
             persisted_index: self.log.persisted_index(),
             lamport: self.lamport,
             peers: self
@@ -240,6 +273,7 @@ impl RaftNode {
                     lag: last.saturating_sub(pr.match_index),
                 })
                 .collect(),
+            catch_up_floor: self.catch_up_floor,
         }
     }
 
@@ -447,6 +481,10 @@ impl RaftNode {
         self.broadcast_pending = false;
         self.commit_changed = false;
         self.heartbeat_pending = false;
+        if self.catch_up_floor.is_some() {
+            // Forgets the floor (saying so) once the log has reached it.
+            self.pending_catch_up_floor();
+        }
 
         let hard_state = self.hard_state();
         if hard_state != self.durable_hard_state {
@@ -526,6 +564,7 @@ pub struct Restorer {
     log: RaftLog,
     sessions: Sessions,
     keep: Index,
+    catch_up_floor: Option<LogPosition>,
 }
 
 impl Restorer {
@@ -535,7 +574,14 @@ impl Restorer {
             log: RaftLog::default(),
             sessions: Sessions::new(config.session_window),
             keep: config.memory_entries.max(1) as Index,
+            catch_up_floor: None,
         }
+    }
+
+    /// The catch-up floor `node rebuild` recorded in the store, if any
+    /// (see [`super::RebuildPlan`]); ignored once the log reaches it.
+    pub fn set_catch_up_floor(&mut self, floor: Option<LogPosition>) {
+        self.catch_up_floor = floor;
     }
 
     /// The next entry from the store; entries must come in log order.

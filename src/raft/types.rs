@@ -87,6 +87,22 @@ pub struct HardState {
     pub commit: Index,
 }
 
+/// Where a log ends: the term and index of its last entry. Ordered as
+/// Raft's "at least as up to date" comparison (term first, then index).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LogPosition {
+    pub term: Term,
+    pub index: Index,
+}
+
+impl std::fmt::Display for LogPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "index {} (term {})", self.index, self.term)
+    }
+}
+
 /// The role a node plays in its current term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {

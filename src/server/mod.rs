@@ -124,6 +124,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     // The log is read back one entry at a time: only its tail stays in
     // memory, whatever its length.
     let mut restorer = Restorer::new(&config, recovered.hard_state);
+    restorer.set_catch_up_floor(recovered.catch_up_floor);
     let entries = store.replay(|entry| restorer.push(entry).map_err(|e| e.to_string()))?;
     let raft = RaftNode::restore(config, restorer)?;
     info!(

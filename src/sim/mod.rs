@@ -3,7 +3,8 @@
 //! It drives real [`RaftNode`]s through a seeded random world: a network
 //! that delays, drops, duplicates and reorders messages, partitions both
 //! ways and one way, crashes that lose whatever was not yet durable,
-//! restarts from what was, leadership transfers and clients that retry.
+//! restarts from what was, disks lost and replicas rebuilt from the peers
+//! (as `node rebuild` does), leadership transfers and clients that retry.
 //! After every step a [`checker::Checker`] verifies Raft's safety
 //! properties; at the end the faults heal and the cluster must elect a
 //! leader and commit every pending proposal within a bounded time.
@@ -21,8 +22,8 @@ use bytes::Bytes;
 
 use crate::raft::rng::Rng;
 use crate::raft::{
-    Config, Entry, Envelope, HardState, Index, LogWrite, Message, NodeId, Proposal, ProposeError,
-    RaftNode, Ready, Role,
+    Config, Entry, Envelope, HardState, Index, LogPosition, LogWrite, Message, NodeId, Proposal,
+    ProposeError, RaftNode, Ready, RebuildPlan, Restorer, Role, Status,
 };
 use checker::{extend_chain, Checker, Violation};
 use client::SimClient;
@@ -45,6 +46,10 @@ pub struct SimConfig {
     pub one_way_rate: f64,
     pub heal_rate: f64,
     pub crash_rate: f64,
+    /// A node's disk is lost: it crashes (if up), its log and hard state are
+    /// wiped, and it restarts through the rebuild path (`RebuildPlan`) once
+    /// every other node is up to report its status.
+    pub rebuild_rate: f64,
     /// A crashed node restarts after `min..max` steps.
     pub restart_delay: (u64, u64),
     pub transfer_rate: f64,
@@ -63,6 +68,9 @@ pub enum Sabotage {
     AckBeforeSync,
     /// Forget the vote on restart, as if it was never synced.
     ForgetVote,
+    /// Rebuild lost replicas without a catch-up floor: they vote with
+    /// their empty logs (the bug `RebuildPlan::floor` fixes).
+    NoCatchUpFloor,
 }
 
 impl SimConfig {
@@ -88,6 +96,7 @@ impl SimConfig {
             one_way_rate: 0.003,
             heal_rate: 0.02,
             crash_rate: 0.004,
+            rebuild_rate: 0.001,
             restart_delay: (5, 80),
             transfer_rate: 0.002,
             priorities: rng.chance(0.25),
@@ -105,6 +114,8 @@ pub struct Stats {
     pub crashes: u64,
     pub leader_crashes: u64,
     pub restarts: u64,
+    /// Replicas whose disk was lost, rebuilt from the other nodes.
+    pub rebuilds: u64,
     pub lost_writes: u64,
     pub dropped: u64,
     pub duplicated: u64,
@@ -174,6 +185,13 @@ struct SimNode {
     disk_hard_state: HardState,
     disk_log: Vec<Entry>,
     disk_chain: Vec<u64>,
+    /// The chain of the disk this node last lost: what it held durably,
+    /// and may have acknowledged, before (see `check`).
+    lost_chain: Vec<u64>,
+    /// The catch-up floor a rebuild recorded on this disk.
+    disk_floor: Option<LogPosition>,
+    /// The disk was lost: the node restarts through the rebuild path.
+    rebuild_pending: bool,
     writes: VecDeque<PendingWrite>,
     /// Chain hashes of the in-memory log.
     chain: Vec<u64>,
@@ -234,6 +252,9 @@ impl Simulation {
                     disk_hard_state: HardState::default(),
                     disk_log: Vec::new(),
                     disk_chain: Vec::new(),
+                    lost_chain: Vec::new(),
+                    disk_floor: None,
+                    rebuild_pending: false,
                     writes: VecDeque::new(),
                     chain: Vec::new(),
                     last_commit: 0,
@@ -388,6 +409,12 @@ impl Simulation {
                 self.crash(id);
             }
         }
+        if self.rng.chance(self.cfg.rebuild_rate) {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            if let Some(&id) = self.rng.pick(&ids) {
+                self.lose_disk(id);
+            }
+        }
         if self.rng.chance(self.cfg.transfer_rate) {
             if let Some(leader) = self.current_leader() {
                 let target = self.rng.range(1, self.cfg.voters + 1);
@@ -452,7 +479,107 @@ impl Simulation {
         ));
     }
 
+    /// Is node `id` about to be rebuilt, or a rebuilt replica whose log
+    /// has not reached its catch-up floor yet?
+    fn catching_up(&self, id: NodeId) -> bool {
+        let Some(node) = self.nodes.get(&id) else {
+            return false;
+        };
+        if node.rebuild_pending {
+            return true;
+        }
+        let Some(floor) = node.disk_floor else {
+            return false;
+        };
+        // Worked out here rather than asked of the node, which is not
+        // given its floor under `Sabotage::NoCatchUpFloor`.
+        let position = match &node.raft {
+            Some(raft) => LogPosition {
+                term: raft.log().last_term(),
+                index: raft.log().last_index(),
+            },
+            None => node
+                .disk_log
+                .last()
+                .map_or(LogPosition::default(), |e| LogPosition {
+                    term: e.term,
+                    index: e.index,
+                }),
+        };
+        position < floor
+    }
+
+    /// Node `id` loses its disk: it crashes if it is up, its log and hard
+    /// state are wiped, and it restarts through the rebuild path. One
+    /// replica at a time, as an operator would: not while an earlier one
+    /// is still catching up (`node rebuild` refuses that too: a second
+    /// disk lost before the first replica holds the log again may leave
+    /// committed entries on too few nodes, or no log that reaches both
+    /// floors, and elections stalled for good).
+    fn lose_disk(&mut self, id: NodeId) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        if ids.iter().any(|n| self.catching_up(*n)) {
+            return;
+        }
+        if self.nodes.get(&id).is_some_and(|n| n.raft.is_some()) {
+            self.crash(id);
+        }
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        node.writes.clear();
+        node.disk_hard_state = HardState::default();
+        node.disk_log.clear();
+        node.lost_chain = std::mem::take(&mut node.disk_chain);
+        node.disk_floor = None;
+        node.rebuild_pending = true;
+        self.note(format!(
+            "node {id} lost its disk: it will be rebuilt from the other nodes"
+        ));
+    }
+
+    /// `node rebuild` for node `id`, whose disk was lost: every other node
+    /// must be up to report its status (else the operator retries: here,
+    /// at the next step, and the node stays down). Its new disk holds the
+    /// plan's hard state and catch-up floor, which the restart reads as it
+    /// would read any disk. Returns whether it was rebuilt. (The operator
+    /// reaches the nodes from outside: partitions between nodes do not
+    /// stop it.)
+    fn rebuild(&mut self, id: NodeId) -> bool {
+        let statuses: Option<Vec<Status>> = self
+            .nodes
+            .iter()
+            .filter(|(other, _)| **other != id)
+            .map(|(_, n)| n.raft.as_ref().map(RaftNode::status))
+            .collect();
+        let Some(statuses) = statuses else {
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.restart_at = Some(self.now + 1);
+            }
+            return false;
+        };
+        let plan = RebuildPlan::from_peers(&statuses);
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return false;
+        };
+        node.disk_hard_state = plan.hard_state(id);
+        node.disk_floor = plan.floor;
+        node.rebuild_pending = false;
+        self.stats.rebuilds += 1;
+        let floor = plan
+            .floor
+            .map_or_else(|| "none".to_string(), |f| f.to_string());
+        self.note(format!(
+            "rebuild node {id} from the others: term {}, catch-up floor {floor}",
+            plan.term
+        ));
+        true
+    }
+
     fn restart(&mut self, id: NodeId) -> Result<(), Violation> {
+        if self.nodes.get(&id).is_some_and(|n| n.rebuild_pending) && !self.rebuild(id) {
+            return Ok(());
+        }
         let forget_vote = self.cfg.sabotage == Some(Sabotage::ForgetVote);
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
@@ -460,12 +587,16 @@ impl Simulation {
         if forget_vote {
             node.disk_hard_state.vote = None;
         }
-        let raft = RaftNode::new(
-            node.config.clone(),
-            node.disk_hard_state,
-            node.disk_log.clone(),
-        )
-        .map_err(|e| format!("node {id} cannot restart from its own disk: {e}"))?;
+        let cannot =
+            |e: crate::raft::RaftError| format!("node {id} cannot restart from its own disk: {e}");
+        let mut restorer = Restorer::new(&node.config, node.disk_hard_state);
+        if self.cfg.sabotage != Some(Sabotage::NoCatchUpFloor) {
+            restorer.set_catch_up_floor(node.disk_floor);
+        }
+        for entry in &node.disk_log {
+            restorer.push(entry.clone()).map_err(cannot)?;
+        }
+        let raft = RaftNode::restore(node.config.clone(), restorer).map_err(cannot)?;
         if raft.commit_index() != node.disk_hard_state.commit {
             return Err(format!(
                 "node {id} restarted with commit {} but its disk recorded {}",
@@ -492,13 +623,15 @@ impl Simulation {
         self.faults_on = false;
         self.network.heal();
         self.note("healing: network restored, crashed nodes restart, faults stop".into());
-        let down: Vec<NodeId> = self
+        // Replicas to rebuild last: that needs every other node up.
+        let mut down: Vec<(bool, NodeId)> = self
             .nodes
             .iter()
             .filter(|(_, n)| n.raft.is_none())
-            .map(|(id, _)| *id)
+            .map(|(id, n)| (n.rebuild_pending, *id))
             .collect();
-        for id in down {
+        down.sort_unstable();
+        for (_, id) in down {
             self.restart(id)?;
         }
         Ok(())
@@ -871,7 +1004,14 @@ impl Simulation {
                     nodes
                         .iter()
                         .filter(|(v, n)| {
-                            **v <= voters && n.disk_chain.get(index as usize - 1) == Some(&hash)
+                            // A disk lost after the node acknowledged an
+                            // entry does not undo the acknowledgement: the
+                            // leader may count it still (its match index
+                            // is stale until the node answers again). The
+                            // catch-up floor keeps such an entry safe.
+                            **v <= voters
+                                && (n.disk_chain.get(index as usize - 1) == Some(&hash)
+                                    || n.lost_chain.get(index as usize - 1) == Some(&hash))
                         })
                         .count()
                 },

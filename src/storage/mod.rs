@@ -1,6 +1,7 @@
 //! The node's durable state: the log in segment files (`segments.rs`),
-//! and in sled the hard state (term, vote, commit) and the identity of the
-//! data directory.
+//! and in sled the hard state (term, vote, commit), the identity of the
+//! data directory and, for a replica rebuilt by `node rebuild`, its
+//! catch-up floor.
 //!
 //! Every write batch is made durable by appending it to the journal
 //! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
@@ -27,7 +28,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
-use crate::raft::{Entry, HardState, Index, LogWrite, NodeId};
+use crate::raft::{Entry, HardState, Index, LogPosition, LogWrite, NodeId, RebuildPlan};
 
 mod chunk;
 pub mod segments;
@@ -43,6 +44,8 @@ const IDENTITY_KEY: &[u8] = b"identity";
 /// witness is damage, not a store written before witnesses existed.
 const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
+/// Written once by `node rebuild` (`RebuildPlan::floor`); absent otherwise.
+const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
 /// Journal size that triggers a checkpoint (a flush of sled).
@@ -213,6 +216,9 @@ impl Witness {
 pub struct Recovered {
     pub hard_state: HardState,
     pub last_index: Index,
+    /// Recorded by `node rebuild`: the node votes only for logs that reach
+    /// it until its own does (`Restorer::set_catch_up_floor`).
+    pub catch_up_floor: Option<LogPosition>,
 }
 
 impl Store {
@@ -279,6 +285,7 @@ impl Store {
         let recovered = Recovered {
             hard_state: store.hard_state()?,
             last_index,
+            catch_up_floor: store.catch_up_floor()?,
         };
         store.last_index = last_index;
         if durable {
@@ -289,15 +296,17 @@ impl Store {
     }
 
     /// Creates a fresh replica for node `node_id` after its store was lost
-    /// or damaged (`node rebuild`). It starts at `term`, the highest term
-    /// its peers report, with its vote in that term already spent, so it
-    /// cannot vote twice in a term it may have voted in before; the leader
-    /// then sends it the whole log.
+    /// or damaged (`node rebuild`). It starts at `plan.term`, the highest
+    /// term its peers report, with its vote in that term already spent, so
+    /// it cannot vote twice in a term it may have voted in before; the
+    /// leader then sends it the whole log. Until its log reaches
+    /// `plan.floor`, it refuses to vote for logs below that floor, which
+    /// might lack entries it had acknowledged (`RebuildPlan`).
     pub fn create_rebuilt(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
-        term: u64,
+        plan: &RebuildPlan,
     ) -> Result<(), StoreError> {
         if dir.join("db").exists() {
             return Err(StoreError::Write {
@@ -306,12 +315,36 @@ impl Store {
             });
         }
         let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
-        let hard_state = HardState {
-            term,
-            vote: Some(node_id),
-            commit: 0,
+        // The floor is made durable first: a rebuild cut short may leave
+        // a floor without the term, never the term without its floor.
+        if let Some(floor) = plan.floor {
+            let bytes = codec()
+                .serialize(&floor)
+                .map_err(|e| store.write_error(e))?;
+            store
+                .meta
+                .insert(CATCH_UP_FLOOR_KEY, bytes)
+                .map_err(|e| store.write_error(e))?;
+            store.checkpoint()?;
+        }
+        store.write(Some(plan.hard_state(node_id)), None)
+    }
+
+    /// The catch-up floor `node rebuild` recorded, if this is a rebuilt
+    /// replica. It stays recorded; once the log has reached it, it is
+    /// ignored.
+    pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
+        let Some(bytes) = self
+            .meta
+            .get(CATCH_UP_FLOOR_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+        else {
+            return Ok(None);
         };
-        store.write(Some(hard_state), None)
+        codec()
+            .deserialize(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(format!("catch-up floor record: {e}")))
     }
 
     fn witness_path(&self) -> PathBuf {
@@ -1359,6 +1392,45 @@ mod tests {
             Err(StoreError::Damaged { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rebuilt_store_starts_from_its_plan_and_keeps_its_floor() {
+        let dir = std::env::temp_dir().join(format!("cs-store-rebuilt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plan = RebuildPlan {
+            term: 7,
+            floor: Some(LogPosition { term: 6, index: 42 }),
+        };
+        Store::create_rebuilt(&dir, "c1", 1, &plan).unwrap();
+        let (store, recovered) = open_released(&dir, "c1", 1).unwrap();
+        assert_eq!(
+            recovered.hard_state,
+            HardState {
+                term: 7,
+                vote: Some(1),
+                commit: 0
+            }
+        );
+        assert_eq!(recovered.last_index, 0);
+        assert_eq!(recovered.catch_up_floor, plan.floor);
+        assert!(
+            matches!(
+                Store::create_rebuilt(&dir, "c1", 1, &plan),
+                Err(StoreError::Write { .. })
+            ),
+            "a store is already there"
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A store that was never rebuilt has no floor.
+        let fresh = dir.with_extension("fresh");
+        let _ = std::fs::remove_dir_all(&fresh);
+        let (store, recovered) = Store::open(&fresh, "c1", 1).unwrap();
+        assert_eq!(recovered.catch_up_floor, None);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&fresh);
     }
 
     #[test]

@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use cluster_store::raft::{
-    Config, Entry, Envelope, HardState, Message, NodeId, Proposal, ProposeResponse, RaftNode,
-    ReadResponse, RequestId, Role,
+    Config, Entry, Envelope, HardState, LogPosition, Message, NodeId, Proposal, ProposeResponse,
+    RaftNode, ReadResponse, RebuildPlan, RequestId, Restorer, Role, Status,
 };
 
 pub struct Disk {
     pub hard_state: HardState,
     pub log: Vec<Entry>,
+    /// Recorded by a rebuild (`Cluster::rebuild`).
+    pub catch_up_floor: Option<LogPosition>,
 }
 
 pub struct Cluster {
@@ -51,6 +53,7 @@ impl Cluster {
                 Disk {
                     hard_state: HardState::default(),
                     log: Vec::new(),
+                    catch_up_floor: None,
                 },
             );
             cluster.restart(*id);
@@ -247,9 +250,35 @@ impl Cluster {
 
     pub fn restart(&mut self, id: NodeId) {
         let disk = &self.disks[&id];
-        let node = RaftNode::new(self.configs[&id].clone(), disk.hard_state, disk.log.clone())
-            .expect("node restarts from its disk");
+        let config = self.configs[&id].clone();
+        let mut restorer = Restorer::new(&config, disk.hard_state);
+        restorer.set_catch_up_floor(disk.catch_up_floor);
+        for entry in &disk.log {
+            restorer
+                .push(entry.clone())
+                .expect("the disk holds a well-formed log");
+        }
+        let node = RaftNode::restore(config, restorer).expect("node restarts from its disk");
         self.nodes.insert(id, node);
+    }
+
+    /// `node rebuild` for `id`: it stops and loses its disk, and restarts
+    /// from the plan that the running nodes' statuses give (its term and
+    /// catch-up floor). Returns the plan.
+    pub fn rebuild(&mut self, id: NodeId) -> RebuildPlan {
+        self.crash(id);
+        let statuses: Vec<Status> = self.nodes.values().map(RaftNode::status).collect();
+        let plan = RebuildPlan::from_peers(&statuses);
+        self.disks.insert(
+            id,
+            Disk {
+                hard_state: plan.hard_state(id),
+                log: Vec::new(),
+                catch_up_floor: plan.floor,
+            },
+        );
+        self.restart(id);
+        plan
     }
 
     pub fn propose(&mut self, at: NodeId, client_id: u64, seq: u64, text: &str) {

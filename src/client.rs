@@ -443,7 +443,7 @@ impl Client {
             .find(|(_, t)| t.len() > MAX_MESSAGE_BYTES)
         {
             bail!(
-                "message {} is {} bytes, over the limit of {MAX_MESSAGE_BYTES} bytes",
+                "message {} is {} bytes and exceeds the limit of {MAX_MESSAGE_BYTES} bytes",
                 i + 1,
                 text.len()
             );

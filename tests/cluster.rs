@@ -444,6 +444,30 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
             format!("{error:#}").contains("exceeds the limit"),
             "{error:#}"
         );
+        // The node refuses it too, from a client that does not check.
+        let refused = admin
+            .request(
+                leader,
+                &cluster_store::wire::ClientRequest::Send {
+                    client_id: 77,
+                    first_seq: 1,
+                    lamport: 0,
+                    texts: vec!["y".repeat(cluster_store::wire::MAX_MESSAGE_BYTES + 1)],
+                },
+            )
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                refused,
+                cluster_store::wire::ClientResponse::Error {
+                    detail: Some(cluster_store::raft::ProposeError::TooLarge { .. }),
+                    retry: false,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
 
         let (_, committed) = admin
             .send(vec!["still working".into()])

@@ -721,3 +721,172 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Runs `node` with the cluster's client arguments and `input` on stdin,
+/// and fails the test if it has not finished within `within` (the bug this
+/// guards against was a client that waited forever).
+fn run_cli_within(
+    cluster: &TestCluster,
+    args: &[&str],
+    input: String,
+    within: Duration,
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(nodes::BIN)
+        .args(args)
+        .arg("--cluster")
+        .arg(cluster.cluster_spec())
+        .arg("--certs")
+        .arg(cluster.certs())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A writer thread: the child may stop reading (and exit) early.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`node {}` still running after {within:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = writer.join();
+    child.wait_with_output().expect("node output")
+}
+
+/// Messages from 1 byte to the limit, and one over it. Twenty 1 MB lines
+/// on `node send -` once hung the client (one batch made a frame no node
+/// takes), export pages of large messages exceeded the frame limit, and a
+/// later export page could come from a node that did not hold it.
+#[test]
+fn messages_from_one_byte_to_the_limit_and_one_over() {
+    use cluster_store::wire::{ClientRequest, ClientResponse, MAX_MESSAGE_BYTES};
+    serial(|| async {
+        let cluster = TestCluster::start("sizes", 23, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+
+        // Twenty messages of the largest size, then one of a single byte.
+        let largest = "L".repeat(MAX_MESSAGE_BYTES);
+        let mut input: String = (0..20).map(|_| format!("{largest}\n")).collect();
+        input.push_str("b\n");
+        let sent = run_cli_within(&cluster, &["send", "-"], input, Duration::from_secs(120));
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        assert!(String::from_utf8_lossy(&sent.stdout).contains("committed 21 messages"));
+
+        // A line over the limit is refused at once, by its number; the
+        // lines before it are committed, the ones after it are not sent.
+        let over = "O".repeat(MAX_MESSAGE_BYTES + 1);
+        let input = format!("one\ntwo\nthree\n{over}\nafter\n");
+        let started = Instant::now();
+        let refused = run_cli_within(&cluster, &["send", "-"], input, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "an oversized line was accepted");
+        assert!(
+            stderr.contains("line 4") && stderr.contains(&MAX_MESSAGE_BYTES.to_string()),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("the 3 messages before it were committed"),
+            "{stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "refusing took {:?}",
+            started.elapsed()
+        );
+        // Export: 24 messages, 20 MB, across pages that each fit a frame.
+        let export = run_cli_within(
+            &cluster,
+            &["export"],
+            String::new(),
+            Duration::from_secs(60),
+        );
+        assert!(
+            export.status.success(),
+            "{}",
+            String::from_utf8_lossy(&export.stderr)
+        );
+        let texts: Vec<String> = String::from_utf8_lossy(&export.stdout)
+            .lines()
+            .map(|l| l.rsplit('\t').next().unwrap_or_default().to_string())
+            .collect();
+        let mut expected: Vec<String> = vec![largest.clone(); 20];
+        expected.extend(["b", "one", "two", "three"].map(String::from));
+        assert_eq!(texts.len(), expected.len());
+        assert!(texts == expected, "the export differs from what was sent");
+
+        // Backups: each node's own replica, paged the same way.
+        let backups = cluster.dir.join("backups");
+        let backup_dir = backups.to_string_lossy().into_owned();
+        let made = run_cli_within(
+            &cluster,
+            &["export", "--backup-dir", &backup_dir],
+            String::new(),
+            Duration::from_secs(90),
+        );
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        for node in [1, 2, 3] {
+            let backup = std::fs::read_to_string(backups.join(format!("backup_{node}.txt")))
+                .expect("backup file");
+            assert_eq!(backup.lines().count(), 24, "backup of node {node}");
+        }
+
+        // A later export page is pinned to an index: a node whose store
+        // does not hold the committed log that far must not answer it
+        // (it would end the export short, or hand out uncommitted entries).
+        let commit = admin.status(leader).await.expect("status").commit;
+        for node in [1, 2, 3] {
+            let ahead = admin
+                .request(
+                    node,
+                    &ClientRequest::Export {
+                        from: 1,
+                        limit: 10,
+                        upto: Some(commit + 1000),
+                    },
+                )
+                .await
+                .expect("answer");
+            assert!(
+                matches!(ahead, ClientResponse::Error { retry: true, .. }),
+                "node {node} served a page past its commit index: {ahead:?}"
+            );
+        }
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        for node in [1, 2, 3] {
+            let held = admin
+                .request(
+                    node,
+                    &ClientRequest::Export {
+                        from: 21,
+                        limit: 10,
+                        upto: Some(commit),
+                    },
+                )
+                .await
+                .expect("answer");
+            match held {
+                ClientResponse::Entries { entries, .. } => {
+                    assert!(!entries.is_empty(), "node {node} answered an empty page")
+                }
+                other => panic!("node {node} refused a page it holds: {other:?}"),
+            }
+        }
+    });
+}

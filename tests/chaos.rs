@@ -9,6 +9,11 @@
 //! Lamport stamps strictly increase; a failed send is absent or present
 //! once; and no two nodes led the same term (from their own logs).
 //!
+//! The faults users cause run alongside: every node's dashboard is polled
+//! (`/cluster`), writes also go through random nodes' HTTP APIs
+//! (`--http-write`), and messages range from a few bytes to the 1 MiB
+//! limit.
+//!
 //! A run is many short seeded fault schedules. Each is a few seconds of
 //! faults under client load, then healing and a full check of everything
 //! acknowledged so far, so one cluster carries its history from schedule
@@ -325,6 +330,41 @@ impl Chaos {
     }
 }
 
+/// The `i`th message of a writer: a key naming it and its total length,
+/// then padding up to that length. Most are short, some a few KB, and
+/// some exactly the largest a client may send. History keeps only keys.
+fn message(writer: &str, seed: u64, i: u64) -> (String, String) {
+    let total = match i % 150 {
+        7 => cluster_store::wire::MAX_MESSAGE_BYTES,
+        n if n % 10 == 3 => 1000 + (i * 7919 % 4000) as usize,
+        _ => 40 + (i * 31 % 200) as usize,
+    };
+    let key = format!("{writer}-{seed}-{i}/{total}");
+    let pad = total.saturating_sub(key.len() + 1);
+    let text = format!("{key}~{}", "x".repeat(pad));
+    (key, text)
+}
+
+/// The key of an exported message, if its text is whole (as `message`
+/// made it).
+fn key_of(text: &str) -> Result<&str, String> {
+    let Some((key, pad)) = text.split_once('~') else {
+        return Ok(text);
+    };
+    let total: usize = key
+        .rsplit('/')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(text.len());
+    if text.len() != total.max(key.len() + 1) || pad.bytes().any(|b| b != b'x') {
+        return Err(format!(
+            "{key}: {} bytes arrived, {total} were sent",
+            text.len()
+        ));
+    }
+    Ok(key)
+}
+
 async fn client_loop(
     client: Arc<cluster_store::client::Client>,
     name: &'static str,
@@ -335,16 +375,93 @@ async fn client_loop(
     let mut i = 0;
     while !stop.load(Ordering::SeqCst) {
         i += 1;
-        let text = format!("{name}-{seed}-{i}");
-        match client.send(vec![text.clone()]).await {
+        let (key, text) = message(name, seed, i);
+        match client.send(vec![text]).await {
             Ok((_, committed)) => history
                 .lock()
                 .expect("history")
                 .acked
-                .push((text, committed[0])),
-            Err(_) => history.lock().expect("history").failed.push(text),
+                .push((key, committed[0])),
+            Err(_) => history.lock().expect("history").failed.push(key),
         }
     }
+}
+
+/// One HTTP/1.1 exchange with a node's HTTP side; `None` if it is down,
+/// paused or too slow.
+async fn http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: chaos\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.split(' ').nth(1)?.parse().ok()?, body.to_string()))
+}
+
+/// Dashboards left open on every node: `/cluster` polled as the page does.
+async fn dashboard_loop(ip: String, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        for id in [3, 2, 1] {
+            let _ = http(&format!("{ip}:{}", http_port(id)), "GET", "/cluster").await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes through the HTTP API of a node drawn at random, which forwards
+/// them to the leader; short messages only (they travel in the URL).
+async fn http_writer_loop(
+    ip: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<History>>,
+) {
+    let mut rng = Rng::new(seed ^ 0x4854_5450);
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let key = format!("http-{seed}-{i}");
+        let node = rng.range(1, 4);
+        let answer = http(
+            &format!("{ip}:{}", http_port(node)),
+            "POST",
+            &format!("/?message={key}"),
+        )
+        .await;
+        let committed = answer.and_then(|(code, body)| {
+            let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (code == 200).then_some(())?;
+            Some(Committed {
+                index: value["index"].as_u64()?,
+                term: value["term"].as_u64()?,
+                lamport: value["lamport"].as_u64()?,
+            })
+        });
+        {
+            let mut history = history.lock().expect("history");
+            match committed {
+                Some(committed) => history.acked.push((key, committed)),
+                None => history.failed.push(key),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn http_port(id: NodeId) -> u16 {
+    8000 + id as u16
 }
 
 /// Starts a three-node cluster whose links all pass through fault proxies.
@@ -382,6 +499,14 @@ async fn start_chaos(name: &str, ip: u8, seed: u64) -> Result<Chaos, String> {
         cluster.views.insert(*a, view.join(","));
     }
     for id in &ids {
+        cluster.set_args(
+            *id,
+            vec![
+                "--http".into(),
+                format!("{}:{}", cluster.ip, http_port(*id)),
+                "--http-write".into(),
+            ],
+        );
         cluster.launch(*id);
     }
     let chaos = Chaos {
@@ -428,6 +553,16 @@ async fn run_schedule(
             history.clone(),
         )));
     }
+    tasks.push(tokio::spawn(dashboard_loop(
+        chaos.cluster.ip.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(http_writer_loop(
+        chaos.cluster.ip.clone(),
+        seed,
+        stop.clone(),
+        history.clone(),
+    )));
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(chaos.rng.range(300, 1000))).await;
@@ -505,10 +640,16 @@ async fn check(
         }
     }
     let mut count: HashMap<&str, usize> = HashMap::new();
+    let mut by_index: HashMap<u64, &str> = HashMap::new();
     for entry in &export {
-        *count.entry(entry.text.as_str()).or_default() += 1;
+        match key_of(&entry.text) {
+            Ok(key) => {
+                *count.entry(key).or_default() += 1;
+                by_index.insert(entry.index, key);
+            }
+            Err(damage) => problems.push(format!("index {}: {damage}", entry.index)),
+        }
     }
-    let by_index: HashMap<u64, &str> = export.iter().map(|e| (e.index, e.text.as_str())).collect();
     for (text, committed) in &history.acked {
         match count.get(text.as_str()) {
             Some(1) if by_index.get(&committed.index) == Some(&text.as_str()) => {}

@@ -731,7 +731,7 @@ fn run_cli_within(
     input: String,
     within: Duration,
 ) -> std::process::Output {
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::process::{Command, Stdio};
     let mut child = Command::new(nodes::BIN)
         .args(args)
@@ -745,20 +745,39 @@ fn run_cli_within(
         .spawn()
         .expect("run node");
     let mut stdin = child.stdin.take().expect("stdin");
-    // A writer thread: the child may stop reading (and exit) early.
+    // Threads feed stdin and drain stdout and stderr: the child may stop
+    // reading early, and must never block on a full pipe.
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(input.as_bytes());
     });
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
     let deadline = Instant::now() + within;
-    while child.try_wait().expect("wait").is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             panic!("`node {}` still running after {within:?}", args.join(" "));
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     let _ = writer.join();
-    child.wait_with_output().expect("node output")
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout"),
+        stderr: stderr.join().expect("stderr"),
+    }
 }
 
 /// Messages from 1 byte to the limit, and one over it. Twenty 1 MB lines

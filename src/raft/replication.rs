@@ -332,7 +332,14 @@ impl RaftNode {
                 // lost its log: its replica was rebuilt from nothing after
                 // a disk fault (`node rebuild`). Forget what it matched and
                 // probe from its end, or it would never be caught up.
-                let lost = hint_term.is_none() && hint_index <= pr.match_index;
+                // Only a rejection of an append sent since it acknowledged
+                // `match_index` says so: an older one, delayed or
+                // duplicated, describes the follower as it was then, and
+                // taking it for a loss threw a catching-up follower back
+                // again and again.
+                let lost = hint_term.is_none()
+                    && hint_index <= pr.match_index
+                    && reject_index >= pr.match_index;
                 if lost {
                     warn!(
                         node = self.config.id,
@@ -517,7 +524,23 @@ impl RaftNode {
         }
         self.leader = Some(from);
         self.election_elapsed = 0;
-        let commit = commit.min(self.log.last_index());
+        // The leader sends what it knows we hold (`commit` is capped at
+        // our match index). Holding less, we lost entries we had
+        // acknowledged (a rebuilt replica): say so, as a rejection of an
+        // append at that index, or with no new writes we would never be
+        // sent them again.
+        let last = self.log.last_index();
+        if commit > last {
+            self.send(
+                from,
+                Message::AppendResponse(AppendResult::Rejected {
+                    reject_index: commit,
+                    hint_index: last + 1,
+                    hint_term: None,
+                }),
+            );
+        }
+        let commit = commit.min(last);
         if commit > self.commit {
             self.commit = commit;
         }

@@ -231,9 +231,10 @@ impl Simulation {
             config.learners = learners.iter().copied().collect();
             config.max_inflight = 4;
             config.max_append_entries = 8;
-            // A byte budget a few messages fill (they are 20 to 420
-            // bytes), so appends and catch-up reads are often cut by size.
-            config.max_append_bytes = 200 + (cfg.seed % 5) as usize * 150;
+            // A byte budget that a few to a dozen messages fill (they take
+            // 80 to 500 bytes), so appends and catch-up reads are often
+            // cut by size before they reach their count.
+            config.max_append_bytes = 1500 + (cfg.seed % 4) as usize * 1000;
             config.session_window = 16;
             // A small memory budget, so that lagging followers are often
             // caught up from entries read back from disk.

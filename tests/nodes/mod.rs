@@ -134,6 +134,11 @@ impl TestCluster {
         }
     }
 
+    /// Extra command-line arguments for `id` from its next launch on.
+    pub fn set_args(&mut self, id: NodeId, args: Vec<String>) {
+        self.extra.insert(id, args);
+    }
+
     /// Sends a signal (`STOP`, `CONT`, ...) to a running node.
     pub fn signal(&self, id: NodeId, signal: &str) {
         if let Some(child) = self.children.get(&id) {

@@ -13,7 +13,7 @@ use quinn::{Connection, Endpoint};
 
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
-use crate::raft::{Committed, NodeId, Status};
+use crate::raft::{Committed, Index, NodeId, ProposeError, Status};
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, WireError,
@@ -58,7 +58,10 @@ pub struct Client {
     leader: Mutex<Option<NodeId>>,
     /// Nodes that recently failed, and until when to avoid them.
     suspects: Mutex<HashMap<NodeId, Instant>>,
-    client_id: u64,
+    /// This client's session: its id, and an index below every message
+    /// of the session (`SINCE_UNKNOWN` until learned before the first send).
+    client_id: AtomicU64,
+    since: AtomicU64,
     next_seq: AtomicU64,
     lamport: AtomicU64,
     /// The highest term in which this client has seen a leader: only a
@@ -68,6 +71,21 @@ pub struct Client {
     latency_us: AtomicU64,
     /// How long `send` keeps retrying before giving up.
     pub give_up_after: Duration,
+}
+
+/// `since` not learned yet.
+const SINCE_UNKNOWN: Index = Index::MAX;
+
+/// A node refused a request for good (`retry: false`).
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: {message}")]
+pub struct Refused {
+    pub node: NodeId,
+    pub message: String,
+    pub detail: Option<ProposeError>,
+    /// Whether this was the request's first attempt anywhere: then no
+    /// earlier attempt can have put it in the log.
+    pub first_attempt: bool,
 }
 
 /// A node turned a connection away because it is overloaded.
@@ -108,7 +126,8 @@ impl Client {
             connections: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             suspects: Mutex::new(HashMap::new()),
-            client_id: random_u64(),
+            client_id: AtomicU64::new(random_u64()),
+            since: AtomicU64::new(SINCE_UNKNOWN),
             next_seq: AtomicU64::new(1),
             lamport: AtomicU64::new(0),
             leader_term: AtomicU64::new(0),
@@ -415,8 +434,16 @@ impl Client {
                 Ok(ClientResponse::Error {
                     message,
                     retry: false,
-                    ..
-                }) => bail!("node {target}: {message}"),
+                    detail,
+                }) => {
+                    return Err(Refused {
+                        node: target,
+                        message,
+                        detail,
+                        first_attempt: attempt == 1,
+                    }
+                    .into())
+                }
                 Ok(response) => {
                     self.set_leader(Some(target));
                     return Ok((target, response));
@@ -520,9 +547,10 @@ impl Client {
                     .next_seq
                     .fetch_add(texts.len() as u64, Ordering::SeqCst);
                 let request = ClientRequest::Send {
-                    client_id: self.client_id,
+                    client_id: self.client_id.load(Ordering::SeqCst),
                     first_seq,
                     lamport: self.lamport(),
+                    since: self.since().await,
                     texts: texts.clone(),
                 };
                 unanswered.push_back((first_seq, texts));
@@ -555,27 +583,76 @@ impl Client {
     }
 
     /// Appends `texts` as sequence numbers `first_seq..`; a retry with the
-    /// same numbers is written once.
+    /// same numbers is written once. A session the cluster closed (idle
+    /// while many other clients wrote) is renewed for what follows; the
+    /// send itself is made again in the new session only if the refusal
+    /// was the answer to its very first attempt, so it cannot be in the
+    /// log already.
     async fn send_at(
         &self,
         first_seq: u64,
         texts: Vec<String>,
     ) -> Result<(NodeId, Vec<Committed>)> {
-        let request = ClientRequest::Send {
-            client_id: self.client_id,
-            first_seq,
-            lamport: self.lamport(),
-            texts,
-        };
-        match self.to_leader(&request).await? {
-            (leader, ClientResponse::Sent { committed, .. }) => {
-                if let Some(max) = committed.iter().map(|c| c.lamport).max() {
-                    self.lamport.fetch_max(max, Ordering::SeqCst);
+        let mut texts = texts;
+        let mut renewed = false;
+        loop {
+            let request = ClientRequest::Send {
+                client_id: self.client_id.load(Ordering::SeqCst),
+                first_seq,
+                lamport: self.lamport(),
+                since: self.since().await,
+                texts,
+            };
+            let error = match self.to_leader(&request).await {
+                Ok((leader, ClientResponse::Sent { committed, .. })) => {
+                    if let Some(max) = committed.iter().map(|c| c.lamport).max() {
+                        self.lamport.fetch_max(max, Ordering::SeqCst);
+                    }
+                    return Ok((leader, committed));
                 }
-                Ok((leader, committed))
+                Ok((node, other)) => bail!("node {node} answered a send with {other:?}"),
+                Err(error) => error,
+            };
+            let Some(refused) = error.downcast_ref::<Refused>() else {
+                return Err(error);
+            };
+            if refused.detail != Some(ProposeError::SessionClosed) {
+                return Err(error);
             }
-            (node, other) => bail!("node {node} answered a send with {other:?}"),
+            self.renew_session();
+            if renewed || !refused.first_attempt {
+                return Err(error);
+            }
+            renewed = true;
+            let ClientRequest::Send { texts: again, .. } = request else {
+                return Err(error);
+            };
+            texts = again;
         }
+    }
+
+    /// The session's floor: a commit index any node reports, learned once
+    /// before the session's first send (any message sent after lands above
+    /// every committed entry). 0 if no node answers: the leader then takes
+    /// the client for new unless sessions were ever closed.
+    async fn since(&self) -> Index {
+        let known = self.since.load(Ordering::SeqCst);
+        if known != SINCE_UNKNOWN {
+            return known;
+        }
+        for node in self.nodes() {
+            if let Ok(Ok(status)) = tokio::time::timeout(LOOK_TIMEOUT, self.status_of(node)).await {
+                self.since.store(status.commit, Ordering::SeqCst);
+                return status.commit;
+            }
+        }
+        0
+    }
+
+    /// Starts a new session: a new client id, its floor learned afresh.
+    fn renew_session(&self) {
+        self.client_id.store(random_u64(), Ordering::SeqCst);
+        self.since.store(SINCE_UNKNOWN, Ordering::SeqCst);
     }
 
     /// A linearizable read of the whole committed log, in order.

@@ -43,6 +43,9 @@ pub enum ClientRequest {
         client_id: u64,
         first_seq: u64,
         lamport: u64,
+        /// A commit index the client learned before its first send: below
+        /// every message of its session (see `Proposal::since`).
+        since: Index,
         texts: Vec<String>,
     },
     /// A linearizable read of the committed log from `from`, at most
@@ -187,6 +190,7 @@ mod tests {
             client_id: 1,
             first_seq: 2,
             lamport: 3,
+            since: 4,
             texts: vec!["hi".into()],
         };
         let frame = encode(&request).unwrap();

@@ -90,17 +90,19 @@ async fn pass(
     }
 }
 
-/// A UDP proxy in front of `target`, for one dialing node.
+/// A UDP proxy in front of `target`, for one dialing node: its Raft link
+/// and its HTTP side's requests, each source address with an upstream
+/// socket of its own, as a NAT would.
 async fn run_proxy(listen: Arc<UdpSocket>, target: SocketAddr, link: Arc<Link>, seed: u64) {
     let rng = Arc::new(Mutex::new(Rng::new(seed)));
-    let mut upstream: Option<(SocketAddr, Arc<UdpSocket>)> = None;
+    let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
         let Ok((len, from)) = listen.recv_from(&mut buf).await else {
             return;
         };
         // A restarted dialer comes from a new port: give it a new upstream.
-        if upstream.as_ref().is_none_or(|(client, _)| *client != from) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = upstreams.entry(from) {
             let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
                 continue;
             };
@@ -120,9 +122,9 @@ async fn run_proxy(listen: Arc<UdpSocket>, target: SocketAddr, link: Arc<Link>, 
                     .await;
                 }
             });
-            upstream = Some((from, socket));
+            slot.insert(socket);
         }
-        if let Some((_, socket)) = &upstream {
+        if let Some(socket) = upstreams.get(&from) {
             pass(
                 socket.clone(),
                 target,

@@ -452,6 +452,7 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
                     client_id: 77,
                     first_seq: 1,
                     lamport: 0,
+                    since: 0,
                     texts: vec!["y".repeat(cluster_store::wire::MAX_MESSAGE_BYTES + 1)],
                 },
             )

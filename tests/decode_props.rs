@@ -57,9 +57,10 @@ proptest! {
         client_id in any::<u64>(),
         first_seq in any::<u64>(),
         lamport in any::<u64>(),
+        since in any::<u64>(),
         texts in proptest::collection::vec(".{0,40}", 0..8),
     ) {
-        let request = ClientRequest::Send { client_id, first_seq, lamport, texts };
+        let request = ClientRequest::Send { client_id, first_seq, lamport, since, texts };
         let frame = encode(&request).expect("encode");
         let back: ClientRequest = decode(&frame[4..]).expect("decode");
         prop_assert_eq!(back, request);

@@ -537,6 +537,7 @@ fn lamport_stamps_respect_the_clients_clock() {
             seq: 1,
         },
         lamport: 1000,
+        since: 0,
         sender: "alice".into(),
         data: "later".into(),
     });
@@ -571,6 +572,7 @@ fn a_client_clock_far_ahead_is_refused_and_stamps_keep_increasing() {
     let lying = |seq, lamport| Proposal {
         id: RequestId { client_id: 9, seq },
         lamport,
+        since: 0,
         sender: "mallory".into(),
         data: "lie".into(),
     };
@@ -624,6 +626,7 @@ fn large_entries_travel_in_appends_that_fit_a_frame() {
         c.node_mut(1).propose(cluster_store::raft::Proposal {
             id: RequestId { client_id: 5, seq },
             lamport: 0,
+            since: 0,
             sender: "client-5".into(),
             data: big.clone().into(),
         });
@@ -673,6 +676,7 @@ fn proposals_are_batched_and_appends_pipelined() {
         c.node_mut(1).propose(cluster_store::raft::Proposal {
             id: RequestId { client_id: 1, seq },
             lamport: 0,
+            since: 0,
             sender: "bulk".into(),
             data: "x".into(),
         });
@@ -880,4 +884,65 @@ fn follower_behind_released_entries_is_caught_up_from_the_store() {
         .collect();
     let expected: Vec<String> = (1..=40).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, expected);
+}
+
+/// Client sessions are bounded: beyond `max_sessions`, the least recently
+/// active session idle for `session_idle_entries` is closed, on every node
+/// at the same log position (a restarted node rebuilds the same table).
+/// A client whose session was closed is told so, never written twice; a
+/// client that started after the closing is new.
+#[test]
+fn idle_sessions_close_the_same_everywhere_and_their_clients_are_told() {
+    use cluster_store::raft::Proposal;
+    let mut c = Cluster::new(&[1, 2, 3], &[], |cfg| {
+        cfg.max_sessions = 2;
+        cfg.session_idle_entries = 3;
+    });
+    c.elect(1);
+    let propose = |c: &mut Cluster, client_id: u64, seq: u64, since: u64, text: &str| {
+        c.node_mut(1).propose(Proposal {
+            id: RequestId { client_id, seq },
+            lamport: 0,
+            since,
+            sender: format!("client-{client_id}"),
+            data: text.to_string().into(),
+        });
+        c.drain(1);
+        c.deliver_all();
+    };
+    // Client 10 writes, then five others do: its session is the oldest.
+    propose(&mut c, 10, 1, 0, "ten");
+    for client in 20..25 {
+        propose(&mut c, client, 1, 0, &format!("c{client}"));
+    }
+    c.tick_all(3);
+    // Entries 2..=7; at 7 only sessions idle for 3 entries may close:
+    // 10, 20 and 21 closed, 22 (at 5), 23 and 24 open.
+    for node in [1, 2, 3] {
+        assert_eq!(c.node(node).status().sessions, 3, "node {node}");
+    }
+    c.crash(3);
+    c.restart(3);
+    assert_eq!(c.node(3).status().sessions, 3, "restarted node 3");
+
+    // Client 10 retries its first message (it never heard the answer):
+    // refused as closed, not written again.
+    c.responses.clear();
+    propose(&mut c, 10, 1, 0, "ten");
+    assert_eq!(error_for(&c, 10, 1), Some(ProposeError::SessionClosed));
+    assert_eq!(
+        c.texts(2).iter().filter(|t| *t == "ten").count(),
+        1,
+        "{:?}",
+        c.texts(2)
+    );
+    // A client that learned the commit index before its first send is new.
+    let commit = c.node(1).commit_index();
+    propose(&mut c, 30, 1, commit, "thirty");
+    assert!(ok_index(&c, 30, 1).is_some(), "{:?}", c.responses);
+    // A retry within a live session is still answered from it.
+    c.responses.clear();
+    propose(&mut c, 30, 1, commit, "thirty");
+    assert!(ok_index(&c, 30, 1).is_some());
+    assert_eq!(c.texts(1).iter().filter(|t| *t == "thirty").count(), 1);
 }

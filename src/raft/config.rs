@@ -43,6 +43,12 @@ pub struct Config {
     /// the default is twice that). Only the leader consults it, when a
     /// proposal arrives, so nodes may differ in it.
     pub session_window: usize,
+    /// Client sessions kept: beyond this many, the least recently active
+    /// session idle for `session_idle_entries` is closed (every node closes
+    /// the same ones, at the same log position). A client whose session
+    /// was closed is told so, never silently written twice.
+    pub max_sessions: usize,
+    pub session_idle_entries: u64,
     /// Applied entries kept in memory; older ones are read back from the
     /// store when a lagging follower needs them.
     pub memory_entries: usize,
@@ -66,7 +72,7 @@ pub enum ConfigError {
     )]
     BadTimeouts { heartbeat: u64, election: u64 },
     #[error(
-        "max_inflight, max_append_entries, max_append_bytes, session_window and memory_entries must be at least 1"
+        "max_inflight, max_append_entries, max_append_bytes, session_window, max_sessions and memory_entries must be at least 1"
     )]
     ZeroLimit,
 }
@@ -88,6 +94,8 @@ impl Config {
             max_append_bytes: 4 << 20,
             max_command_bytes: MAX_COMMAND_BYTES,
             session_window: 131_072,
+            max_sessions: 100_000,
+            session_idle_entries: 1_000_000,
             memory_entries: 8192,
             priorities: BTreeMap::new(),
             seed: id,
@@ -114,6 +122,7 @@ impl Config {
             || self.max_append_entries == 0
             || self.max_append_bytes == 0
             || self.session_window == 0
+            || self.max_sessions == 0
             || self.memory_entries == 0
         {
             return Err(ConfigError::ZeroLimit);

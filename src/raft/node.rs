@@ -94,6 +94,9 @@ pub struct Status {
     pub last_term: Term,
     pub persisted_index: Index,
     pub lamport: Lamport,
+    /// Client sessions this node remembers (`Config::max_sessions`).
+    #[serde(default)]
+    pub sessions: usize,
     /// Leader only: every other member's replication state.
     pub peers: Vec<PeerStatus>,
     /// A rebuilt replica whose log has not reached its catch-up floor yet:
@@ -263,6 +266,7 @@ impl RaftNode {
             last_term: self.log.last_term(),
             persisted_index: self.log.persisted_index(),
             lamport: self.lamport,
+            sessions: self.sessions.open(),
             peers: self
                 .progress
                 .iter()
@@ -572,7 +576,11 @@ impl Restorer {
         Restorer {
             hard_state,
             log: RaftLog::default(),
-            sessions: Sessions::new(config.session_window),
+            sessions: Sessions::new(
+                config.session_window,
+                config.max_sessions,
+                config.session_idle_entries,
+            ),
             keep: config.memory_entries.max(1) as Index,
             catch_up_floor: None,
         }

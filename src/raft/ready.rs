@@ -63,6 +63,10 @@ pub struct Proposal {
     pub id: RequestId,
     /// The client's Lamport clock: the entry will be stamped above it.
     pub lamport: u64,
+    /// An index the client knows to be below every message it ever sent
+    /// (a commit index it learned before its first send): with it the
+    /// leader tells a new client from one whose session was closed.
+    pub since: Index,
     pub sender: String,
     pub data: bytes::Bytes,
 }
@@ -95,6 +99,8 @@ pub enum ProposeError {
         leader: u64,
         skew: u64,
     },
+    #[error("this client's session was closed after it had been idle while many other clients wrote; whether its unanswered messages are in the log is unknown (check with `node export`), and nothing was written now; start a new session to send more")]
+    SessionClosed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -86,7 +86,7 @@ impl RaftNode {
                 skew: MAX_CLIENT_CLOCK_SKEW,
             });
         }
-        match self.sessions.lookup(proposal.id) {
+        match self.sessions.lookup(proposal.id, proposal.since) {
             Lookup::Committed(committed) => {
                 self.respond(proposal.id, Ok(committed));
                 return Ok(());
@@ -96,6 +96,7 @@ impl RaftNode {
                     seq: proposal.id.seq,
                 })
             }
+            Lookup::SessionClosed => return Err(ProposeError::SessionClosed),
             Lookup::New => {}
         }
         self.waiters.insert(proposal.id);

@@ -10,7 +10,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use super::driver::Input;
-use crate::raft::{NodeId, Payload, Proposal, ProposeError, RequestId};
+use crate::raft::{Index, NodeId, Payload, Proposal, ProposeError, RequestId};
 use crate::storage::LogReader;
 use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry};
 
@@ -199,8 +199,9 @@ impl Api {
                 client_id,
                 first_seq,
                 lamport,
+                since,
                 texts,
-            } => self.start_send(client, client_id, first_seq, lamport, texts),
+            } => self.start_send(client, (client_id, first_seq, lamport, since), texts),
             query => {
                 let api = self.clone();
                 Box::pin(async move { api.query(query).await })
@@ -260,15 +261,10 @@ impl Api {
         }
     }
 
-    fn start_send(
-        &self,
-        client: &str,
-        client_id: u64,
-        first_seq: u64,
-        lamport: u64,
-        texts: Vec<String>,
-    ) -> Answer {
-        match self.submit_send(client, client_id, first_seq, lamport, texts) {
+    /// `ids` are the client id, first sequence number, Lamport clock and
+    /// session floor (`Proposal::since`) of a send.
+    fn start_send(&self, client: &str, ids: (u64, u64, u64, Index), texts: Vec<String>) -> Answer {
+        match self.submit_send(client, ids, texts) {
             Ok((answer, permit)) => {
                 let me = self.me;
                 Box::pin(async move {
@@ -287,9 +283,7 @@ impl Api {
     fn submit_send(
         &self,
         client: &str,
-        client_id: u64,
-        first_seq: u64,
-        lamport: u64,
+        (client_id, first_seq, lamport, since): (u64, u64, u64, Index),
         texts: Vec<String>,
     ) -> Result<
         (
@@ -341,6 +335,7 @@ impl Api {
                     seq: first_seq + i as u64,
                 },
                 lamport,
+                since,
                 sender: client.to_string(),
                 data: Bytes::from(text),
             })

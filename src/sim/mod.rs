@@ -742,6 +742,7 @@ impl Simulation {
                         seq,
                     },
                     lamport: client.clock,
+                    since: 0,
                     sender: format!("client-{}", client.client_id),
                     data: Bytes::from(sim_message(client.client_id, seq)),
                 };

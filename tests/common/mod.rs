@@ -285,6 +285,7 @@ impl Cluster {
         self.node_mut(at).propose(Proposal {
             id: RequestId { client_id, seq },
             lamport: 0,
+            since: 0,
             sender: format!("client-{client_id}"),
             data: Bytes::from(text.to_string()),
         });

@@ -59,9 +59,9 @@ pub struct Client {
     /// Nodes that recently failed, and until when to avoid them.
     suspects: Mutex<HashMap<NodeId, Instant>>,
     /// This client's session: its id, and an index below every message
-    /// of the session (`SINCE_UNKNOWN` until learned before the first send).
-    client_id: AtomicU64,
-    since: AtomicU64,
+    /// of the session (`None` until learned before the first send). One
+    /// lock, so a request never mixes one session's id with another's floor.
+    session: Mutex<Session>,
     next_seq: AtomicU64,
     lamport: AtomicU64,
     /// The highest term in which this client has seen a leader: only a
@@ -73,8 +73,18 @@ pub struct Client {
     pub give_up_after: Duration,
 }
 
-/// `since` not learned yet.
-const SINCE_UNKNOWN: Index = Index::MAX;
+/// A client session: see `Client::session`.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    id: u64,
+    since: Option<Index>,
+}
+
+/// A request given up because another node reported a newer leader: it
+/// may have been appended where it was sent.
+#[derive(Debug, thiserror::Error)]
+#[error("node {0} was replaced by a newer leader")]
+struct Superseded(NodeId, NodeId);
 
 /// A node refused a request for good (`retry: false`).
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +93,8 @@ pub struct Refused {
     pub node: NodeId,
     pub message: String,
     pub detail: Option<ProposeError>,
-    /// Whether this was the request's first attempt anywhere: then no
-    /// earlier attempt can have put it in the log.
+    /// Whether no attempt of the request can have put it in the log (every
+    /// earlier one was answered "not the leader" or "busy").
     pub first_attempt: bool,
 }
 
@@ -126,8 +136,10 @@ impl Client {
             connections: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             suspects: Mutex::new(HashMap::new()),
-            client_id: AtomicU64::new(random_u64()),
-            since: AtomicU64::new(SINCE_UNKNOWN),
+            session: Mutex::new(Session {
+                id: random_u64(),
+                since: None,
+            }),
             next_seq: AtomicU64::new(1),
             lamport: AtomicU64::new(0),
             leader_term: AtomicU64::new(0),
@@ -229,7 +241,29 @@ impl Client {
     }
 
     /// One request to one node.
+    /// One request to one node, given up as a redirect as soon as another
+    /// node reports a newer leader (for requests meant for the leader).
     pub async fn request(&self, node: NodeId, request: &ClientRequest) -> Result<ClientResponse> {
+        match self.request_with(node, request, true).await {
+            Err(error) => match error.downcast::<Superseded>() {
+                Ok(Superseded(_, leader)) => Ok(ClientResponse::Redirect {
+                    leader: Some(leader),
+                }),
+                Err(error) => Err(error),
+            },
+            answer => answer,
+        }
+    }
+
+    /// One request to one node; `follow_leader` as in `request`. Requests
+    /// about a node itself (its status, its own replica) must not be
+    /// abandoned when the leader changes elsewhere.
+    async fn request_with(
+        &self,
+        node: NodeId,
+        request: &ClientRequest,
+        follow_leader: bool,
+    ) -> Result<ClientResponse> {
         let connection = match self.connection(node).await {
             Ok(connection) => connection,
             Err(error) => match error.downcast::<Busy>() {
@@ -255,7 +289,13 @@ impl Client {
                 }
             }
         };
-        let replaced = self.newer_leader_than(node);
+        let replaced = async {
+            if follow_leader {
+                self.newer_leader_than(node).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::pin!(exchange, dead, replaced);
         tokio::select! {
             result = &mut exchange => {
@@ -282,7 +322,7 @@ impl Client {
             leader = &mut replaced => {
                 // Safe to abandon: the retry keeps its sequence numbers.
                 self.forget(node);
-                Ok(ClientResponse::Redirect { leader: Some(leader) })
+                Err(Superseded(node, leader).into())
             }
             () = &mut dead => {
                 self.forget(node);
@@ -389,13 +429,15 @@ impl Client {
         let mut attempt = 0usize;
         let mut last_error = String::from("no node answered");
         let mut busy_pause = Duration::from_millis(20);
+        // Whether an attempt may have reached a leader that appended it.
+        let mut maybe_sent = false;
         loop {
             if Instant::now() > deadline {
                 bail!("gave up after {:?}: {last_error}", self.give_up_after);
             }
             let target = self.pick(attempt);
             attempt += 1;
-            match self.request(target, request).await {
+            match self.request_with(target, request, true).await {
                 Ok(ClientResponse::Redirect {
                     leader: Some(leader),
                 }) if leader != target && self.cluster.contains_key(&leader) => {
@@ -428,6 +470,7 @@ impl Client {
                     retry: true,
                     ..
                 }) => {
+                    maybe_sent = true;
                     last_error = format!("node {target}: {message}");
                     self.set_leader(None);
                 }
@@ -440,7 +483,7 @@ impl Client {
                         node: target,
                         message,
                         detail,
-                        first_attempt: attempt == 1,
+                        first_attempt: !maybe_sent,
                     }
                     .into())
                 }
@@ -453,6 +496,11 @@ impl Client {
                     // not after every node has been tried for a minute.
                     if matches!(e.downcast_ref::<WireError>(), Some(WireError::TooLarge(_))) {
                         return Err(e);
+                    }
+                    maybe_sent = true;
+                    if let Some(Superseded(_, leader)) = e.downcast_ref::<Superseded>() {
+                        self.set_leader(Some(*leader));
+                        continue;
                     }
                     last_error = format!("node {target}: {e:#}");
                     self.set_leader(None);
@@ -477,7 +525,7 @@ impl Client {
         }
         let count = texts.len() as u64;
         let first_seq = self.next_seq.fetch_add(count, Ordering::SeqCst);
-        self.send_at(first_seq, texts).await
+        self.send_at(first_seq, texts, None).await
     }
 
     /// Sends batches in order, up to `window` of them outstanding on one
@@ -493,7 +541,8 @@ impl Client {
         mut each: impl FnMut(NodeId, &[Committed]) -> Result<()>,
     ) -> Result<()> {
         let mut batches = batches.filter(|b| !b.is_empty());
-        let mut unanswered: std::collections::VecDeque<(u64, Vec<String>)> = Default::default();
+        let mut unanswered: std::collections::VecDeque<(Session, u64, Vec<String>)> =
+            Default::default();
         loop {
             // One ordinary send finds the leader (and retries until it does).
             let Some(texts) = batches.next() else {
@@ -502,7 +551,7 @@ impl Client {
             let first_seq = self
                 .next_seq
                 .fetch_add(texts.len() as u64, Ordering::SeqCst);
-            let (leader, committed) = self.send_at(first_seq, texts).await?;
+            let (leader, committed) = self.send_at(first_seq, texts, None).await?;
             each(leader, &committed)?;
             match self
                 .pipeline(
@@ -516,8 +565,10 @@ impl Client {
             {
                 Ok(true) => return Ok(()),
                 Ok(false) | Err(_) => {
-                    while let Some((first_seq, texts)) = unanswered.pop_front() {
-                        let (leader, committed) = self.send_at(first_seq, texts).await?;
+                    // Sent before: again in the session they were sent in.
+                    while let Some((session, first_seq, texts)) = unanswered.pop_front() {
+                        let (leader, committed) =
+                            self.send_at(first_seq, texts, Some(session)).await?;
                         each(leader, &committed)?;
                     }
                 }
@@ -532,7 +583,7 @@ impl Client {
         &self,
         leader: NodeId,
         batches: &mut impl Iterator<Item = Vec<String>>,
-        unanswered: &mut std::collections::VecDeque<(u64, Vec<String>)>,
+        unanswered: &mut std::collections::VecDeque<(Session, u64, Vec<String>)>,
         window: usize,
         each: &mut impl FnMut(NodeId, &[Committed]) -> Result<()>,
     ) -> Result<bool> {
@@ -546,14 +597,15 @@ impl Client {
                 let first_seq = self
                     .next_seq
                     .fetch_add(texts.len() as u64, Ordering::SeqCst);
+                let session = self.session().await;
                 let request = ClientRequest::Send {
-                    client_id: self.client_id.load(Ordering::SeqCst),
+                    client_id: session.id,
                     first_seq,
                     lamport: self.lamport(),
-                    since: self.since().await,
+                    since: session.since.unwrap_or(0),
                     texts: texts.clone(),
                 };
-                unanswered.push_back((first_seq, texts));
+                unanswered.push_back((session, first_seq, texts));
                 write_frame(&mut send, &request).await?;
             }
             if unanswered.is_empty() {
@@ -583,24 +635,29 @@ impl Client {
     }
 
     /// Appends `texts` as sequence numbers `first_seq..`; a retry with the
-    /// same numbers is written once. A session the cluster closed (idle
-    /// while many other clients wrote) is renewed for what follows; the
-    /// send itself is made again in the new session only if the refusal
-    /// was the answer to its very first attempt, so it cannot be in the
-    /// log already.
+    /// same numbers is written once. `sent_in` is the session of an earlier
+    /// attempt, if there was one: a retry goes in the same session. A
+    /// session the cluster closed (idle while many other clients wrote) is
+    /// renewed for what follows; the send itself is made again in the new
+    /// session only if no attempt of it can be in the log.
     async fn send_at(
         &self,
         first_seq: u64,
         texts: Vec<String>,
+        sent_in: Option<Session>,
     ) -> Result<(NodeId, Vec<Committed>)> {
         let mut texts = texts;
         let mut renewed = false;
         loop {
+            let session = match sent_in {
+                Some(session) => session,
+                None => self.session().await,
+            };
             let request = ClientRequest::Send {
-                client_id: self.client_id.load(Ordering::SeqCst),
+                client_id: session.id,
                 first_seq,
                 lamport: self.lamport(),
-                since: self.since().await,
+                since: session.since.unwrap_or(0),
                 texts,
             };
             let error = match self.to_leader(&request).await {
@@ -619,8 +676,8 @@ impl Client {
             if refused.detail != Some(ProposeError::SessionClosed) {
                 return Err(error);
             }
-            self.renew_session();
-            if renewed || !refused.first_attempt {
+            self.renew_session(session.id);
+            if renewed || sent_in.is_some() || !refused.first_attempt {
                 return Err(error);
             }
             renewed = true;
@@ -631,28 +688,67 @@ impl Client {
         }
     }
 
-    /// The session's floor: a commit index any node reports, learned once
-    /// before the session's first send (any message sent after lands above
-    /// every committed entry). 0 if no node answers: the leader then takes
-    /// the client for new unless sessions were ever closed.
-    async fn since(&self) -> Index {
-        let known = self.since.load(Ordering::SeqCst);
-        if known != SINCE_UNKNOWN {
-            return known;
+    /// The current session, its floor learned first if need be: the
+    /// highest commit index the nodes report (any message sent after lands
+    /// above every committed entry, and the highest makes the floor least
+    /// likely to fall below a closed session). 0 if no node answers: the
+    /// leader then takes the client for new unless sessions were ever
+    /// closed.
+    async fn session(&self) -> Session {
+        let current = self.current_session();
+        if current.since.is_some() {
+            return current;
         }
-        for node in self.nodes() {
-            if let Ok(Ok(status)) = tokio::time::timeout(LOOK_TIMEOUT, self.status_of(node)).await {
-                self.since.store(status.commit, Ordering::SeqCst);
-                return status.commit;
+        let answers: futures_util::stream::FuturesUnordered<_> = self
+            .nodes()
+            .into_iter()
+            .map(|node| async move {
+                tokio::time::timeout(LOOK_TIMEOUT, self.status_of(node))
+                    .await
+                    .ok()
+                    .and_then(|status| status.ok())
+                    .map(|status| status.commit)
+            })
+            .collect();
+        let commits: Vec<Option<Index>> = futures_util::StreamExt::collect(answers).await;
+        let Some(since) = commits.into_iter().flatten().max() else {
+            return Session {
+                since: Some(0),
+                ..current
+            };
+        };
+        match self.session.lock() {
+            Ok(mut session) => {
+                if session.id == current.id && session.since.is_none() {
+                    session.since = Some(since);
+                }
+                *session
             }
+            Err(_) => Session {
+                since: Some(since),
+                ..current
+            },
         }
-        0
     }
 
-    /// Starts a new session: a new client id, its floor learned afresh.
-    fn renew_session(&self) {
-        self.client_id.store(random_u64(), Ordering::SeqCst);
-        self.since.store(SINCE_UNKNOWN, Ordering::SeqCst);
+    fn current_session(&self) -> Session {
+        match self.session.lock() {
+            Ok(session) => *session,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Starts a new session in place of `closed`: a new client id, its
+    /// floor learned afresh (unless another task renewed it already).
+    fn renew_session(&self, closed: u64) {
+        if let Ok(mut session) = self.session.lock() {
+            if session.id == closed {
+                *session = Session {
+                    id: random_u64(),
+                    since: None,
+                };
+            }
+        }
     }
 
     /// A linearizable read of the whole committed log, in order.
@@ -693,6 +789,8 @@ impl Client {
     }
 
     /// What `node` itself has committed, from its own replica.
+    /// A page that fails (the node busy, slow or restarting) is asked for
+    /// again until `give_up_after`.
     pub async fn local_export(&self, node: NodeId) -> Result<Vec<ExportedEntry>> {
         let mut all = Vec::new();
         let mut from = 1;
@@ -701,7 +799,16 @@ impl Client {
                 from,
                 limit: crate::server::api::PAGE,
             };
-            match self.request(node, &request).await? {
+            let deadline = Instant::now() + self.give_up_after;
+            let response = loop {
+                match self.request_with(node, &request, false).await {
+                    Ok(ClientResponse::Busy { .. }) | Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => break other?,
+                }
+            };
+            match response {
                 ClientResponse::Entries {
                     entries,
                     upto,
@@ -719,7 +826,10 @@ impl Client {
     }
 
     pub async fn status(&self, node: NodeId) -> Result<Status> {
-        match self.request(node, &ClientRequest::Status).await? {
+        match self
+            .request_with(node, &ClientRequest::Status, false)
+            .await?
+        {
             ClientResponse::Status(status) => Ok(*status),
             other => bail!("node {node} answered a status request with {other:?}"),
         }

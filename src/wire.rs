@@ -18,14 +18,17 @@ pub const MAX_MESSAGE_BYTES: usize = crate::raft::MAX_COMMAND_BYTES;
 pub const MAX_SEND_BYTES: usize = 4 << 20;
 
 /// The QUIC application protocol of clients (and of a node's HTTP side
-/// reaching the cluster): requests on bidirectional streams.
-pub const ALPN: &[u8] = b"cluster-store/1";
+/// reaching the cluster): requests on bidirectional streams. The version
+/// moves with the wire format (bincode, positional): nodes and clients of
+/// different versions refuse each other at the handshake instead of
+/// misreading frames, so a cluster is upgraded all at once.
+pub const ALPN: &[u8] = b"cluster-store/2";
 
 /// The QUIC application protocol of peer links: Raft on unidirectional
 /// streams. A connection says what it is for in its handshake, so a node's
 /// HTTP side, which dials with the node's own certificate, can never be
 /// taken for that node's Raft link.
-pub const PEER_ALPN: &[u8] = b"cluster-store-peer/1";
+pub const PEER_ALPN: &[u8] = b"cluster-store-peer/2";
 
 /// The first frame of every stream says what the stream is for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -9,6 +9,9 @@
 //! Lamport stamps strictly increase; a failed send is absent or present
 //! once; and no two nodes led the same term (from their own logs).
 //!
+//! An operator's fault too: a node loses its disk (kill -9, data directory
+//! wiped) and is brought back with `node rebuild` once every other node
+//! answers, as the README tells an operator to.
 //! The faults users cause run alongside: every node's dashboard is polled
 //! (`/cluster`), writes also go through random nodes' HTTP APIs
 //! (`--http-write`), and messages range from a few bytes to the 1 MiB
@@ -161,6 +164,9 @@ struct Chaos {
     /// an election timeout, so the others move on without them.
     paused: HashMap<NodeId, Instant>,
     down: HashMap<NodeId, Instant>,
+    /// Nodes whose disk was lost, and when the operator rebuilds them
+    /// (`node rebuild`, which needs every other node to answer).
+    wiped: HashMap<NodeId, Instant>,
     /// How often each kind of fault was injected, over the whole run.
     counts: BTreeMap<&'static str, u64>,
 }
@@ -212,13 +218,29 @@ impl Chaos {
     /// One random fault (or two at once).
     async fn inject(&mut self) {
         let ids = self.ids();
-        let kind = self.rng.range(0, 8);
+        let kind = self.rng.range(0, 9);
         match kind {
+            8 => {
+                // A lost disk: only with every other node up, one at a
+                // time, as an operator would rebuild it.
+                let target = ids[self.rng.range(0, ids.len() as u64) as usize];
+                if self.down.is_empty() && self.paused.is_empty() && self.wiped.is_empty() {
+                    self.cluster.kill(target);
+                    let _ = std::fs::remove_dir_all(self.cluster.data_dir(target));
+                    let at = Instant::now() + Duration::from_millis(self.rng.range(300, 1500));
+                    self.wiped.insert(target, at);
+                    *self.counts.entry("lost disk").or_default() += 1;
+                    self.note(format!("kill -9 node {target} and wipe its data directory"));
+                }
+            }
             0 | 1 => {
                 let target = if kind == 0 { self.leader().await } else { None };
                 let target =
                     target.unwrap_or_else(|| ids[self.rng.range(0, ids.len() as u64) as usize]);
-                if !self.down.contains_key(&target) && !self.paused.contains_key(&target) {
+                if !self.down.contains_key(&target)
+                    && !self.paused.contains_key(&target)
+                    && !self.wiped.contains_key(&target)
+                {
                     self.cluster.kill(target);
                     *self
                         .counts
@@ -234,7 +256,10 @@ impl Chaos {
             }
             2 => {
                 let target = ids[self.rng.range(0, ids.len() as u64) as usize];
-                if !self.down.contains_key(&target) && !self.paused.contains_key(&target) {
+                if !self.down.contains_key(&target)
+                    && !self.paused.contains_key(&target)
+                    && !self.wiped.contains_key(&target)
+                {
                     let until = Instant::now() + Duration::from_millis(self.rng.range(1200, 2500));
                     self.paused.insert(target, until);
                     self.cluster.signal(target, "STOP");
@@ -328,6 +353,47 @@ impl Chaos {
         if everything || self.rng.range(0, 3) == 0 {
             self.heal_network();
             self.note("network healed".into());
+        }
+        let wiped: Vec<NodeId> = self
+            .wiped
+            .iter()
+            .filter(|(_, at)| everything || **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in wiped {
+            self.rebuild(id, everything);
+        }
+    }
+
+    /// `node rebuild` for a node whose disk was lost, then its start. It
+    /// needs every other node's answer: while one is down, paused or cut
+    /// off it refuses, and is tried again later (at the end of a schedule,
+    /// until it succeeds). A wiped node never starts without it.
+    fn rebuild(&mut self, id: NodeId, must: bool) {
+        let data = self.cluster.data_dir(id).display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(if must { 60 } else { 0 });
+        loop {
+            let out = self
+                .cluster
+                .run_cli(&["rebuild", "--id", &id.to_string(), "--data", &data], None);
+            if out.status.success() {
+                self.wiped.remove(&id);
+                self.cluster.launch(id);
+                self.note(format!("rebuilt node {id} from its peers and started it"));
+                return;
+            }
+            if Instant::now() >= deadline {
+                let why = String::from_utf8_lossy(&out.stderr);
+                self.note(format!(
+                    "rebuild of node {id} refused for now: {}",
+                    why.lines().last().unwrap_or_default()
+                ));
+                if must {
+                    panic!("node {id} could not be rebuilt within 60 s: {why}");
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }
@@ -519,6 +585,7 @@ async fn start_chaos(name: &str, ip: u8, seed: u64) -> Result<Chaos, String> {
         started: Instant::now(),
         paused: HashMap::new(),
         down: HashMap::new(),
+        wiped: HashMap::new(),
         counts: BTreeMap::new(),
     };
     let admin = chaos.cluster.client("client");

@@ -86,7 +86,10 @@ impl RaftNode {
                 skew: MAX_CLIENT_CLOCK_SKEW,
             });
         }
-        match self.sessions.lookup(proposal.id, proposal.since) {
+        match self
+            .sessions
+            .lookup(proposal.id, proposal.since, self.commit)
+        {
             Lookup::Committed(committed) => {
                 self.respond(proposal.id, Ok(committed));
                 return Ok(());
@@ -349,7 +352,10 @@ impl RaftNode {
                         last = hint_index.saturating_sub(1),
                         "follower lost entries it had acknowledged (rebuilt replica); resending"
                     );
-                    pr.match_index = hint_index.saturating_sub(1);
+                    // Nothing of what it holds now was verified: probe
+                    // from its end, and let the consistency check walk back
+                    // over any tail it took from elsewhere.
+                    pr.match_index = 0;
                     pr.become_probe(hint_index.max(1));
                     self.send_append(from, true);
                     return;
@@ -530,6 +536,8 @@ impl RaftNode {
         // acknowledged (a rebuilt replica): say so, as a rejection of an
         // append at that index, or with no new writes we would never be
         // sent them again.
+        // The leader's picture of our log is then wrong, so its commit
+        // index is not ours to take either.
         let last = self.log.last_index();
         if commit > last {
             self.send(
@@ -540,9 +548,7 @@ impl RaftNode {
                     hint_term: None,
                 }),
             );
-        }
-        let commit = commit.min(last);
-        if commit > self.commit {
+        } else if commit > self.commit {
             self.commit = commit;
         }
         self.send(from, Message::HeartbeatResponse { read_seq });

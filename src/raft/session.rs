@@ -113,8 +113,12 @@ impl Sessions {
 
     /// `since` is an index the client knows to be below every message it
     /// ever sent: a client unknown to the table is new only if no closed
-    /// session can have been its own.
-    pub fn lookup(&self, id: RequestId, since: Index) -> Lookup {
+    /// session can have been its own. `horizon` is the commit index: a
+    /// session idle for `min_idle` entries by then may be closed by an
+    /// entry committed but not yet applied, so its client is told to start
+    /// a new one rather than have its session closed and started afresh
+    /// around a new message (which would forget what it had committed).
+    pub fn lookup(&self, id: RequestId, since: Index, horizon: Index) -> Lookup {
         let Some(session) = self.clients.get(&id.client_id) else {
             return if since < self.closed_upto {
                 Lookup::SessionClosed
@@ -124,6 +128,9 @@ impl Sessions {
         };
         if let Some(committed) = session.recent.get(&id.seq) {
             return Lookup::Committed(*committed);
+        }
+        if horizon.saturating_sub(session.last_index) >= self.min_idle {
+            return Lookup::SessionClosed;
         }
         if id.seq < session.forgotten_below {
             return Lookup::Expired;

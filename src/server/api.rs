@@ -234,7 +234,7 @@ impl Api {
                         Ok(status) => {
                             return ClientResponse::Error {
                                 message: format!(
-                                    "node {} holds the committed log up to {} only, short of {upto}; ask another node",
+                                    "node {} knows the log committed up to {} only, short of {upto}; ask another node",
                                     self.me, status.commit
                                 ),
                                 retry: true,

@@ -110,6 +110,10 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
         ("client retries", total(|s| s.retries)),
         ("linearizable reads", total(|s| s.reads)),
         ("catch-ups read back from disk", total(|s| s.fetches)),
+        (
+            "proposals with a client clock at the end of the range",
+            total(|s| s.lies),
+        ),
     ];
     for (what, count) in totals {
         assert!(count > 0, "no {what} across {seeds} seeds");

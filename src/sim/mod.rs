@@ -129,6 +129,8 @@ pub struct Stats {
     pub reads: u64,
     /// Catch-ups served from disk because the leader had released entries.
     pub fetches: u64,
+    /// Proposals from a client lying about its Lamport clock.
+    pub lies: u64,
     /// Steps after healing until the cluster converged.
     pub convergence_steps: u64,
 }
@@ -209,6 +211,8 @@ pub struct Simulation {
     /// Outstanding reads: ctx -> (node, smallest index the answer may have).
     reads: BTreeMap<u64, (NodeId, Index)>,
     next_read: u64,
+    /// Sequence numbers of the lying client's proposals.
+    next_lie: u64,
     checker: Checker,
     stats: Stats,
     trace: VecDeque<String>,
@@ -217,6 +221,11 @@ pub struct Simulation {
 }
 
 const TRACE_LINES: usize = 400;
+/// The client id of the client that lies about its clock, and how often
+/// (per step) it proposes.
+const LIAR: u64 = 666;
+const LIE_RATE: f64 = 0.01;
+
 /// Steps a client waits for an answer before retrying elsewhere.
 const CLIENT_TIMEOUT: u64 = 25;
 
@@ -275,6 +284,7 @@ impl Simulation {
             clients,
             reads: BTreeMap::new(),
             next_read: 1,
+            next_lie: 1,
             checker: Checker::default(),
             stats: Stats::default(),
             trace: VecDeque::new(),
@@ -703,6 +713,28 @@ impl Simulation {
 
     fn run_clients(&mut self) -> Result<(), Violation> {
         let up = self.up_nodes();
+        // A hostile client: a Lamport clock at the end of the range, sent
+        // to any node; every one must refuse it.
+        if self.faults_on && self.rng.chance(LIE_RATE) {
+            let target = *self.rng.pick(&up).unwrap_or(&1);
+            let lamport = u64::MAX - self.rng.range(0, 1 << 20);
+            let seq = self.next_lie;
+            self.next_lie += 1;
+            if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
+                self.stats.lies += 1;
+                raft.propose(Proposal {
+                    id: crate::raft::RequestId {
+                        client_id: LIAR,
+                        seq,
+                    },
+                    lamport,
+                    since: 0,
+                    sender: "liar".into(),
+                    data: Bytes::from_static(b"a lie"),
+                });
+                self.drain(target)?;
+            }
+        }
         for i in 0..self.clients.len() {
             if self.faults_on
                 && self.clients[i].can_start()
@@ -891,6 +923,14 @@ impl Simulation {
         node: NodeId,
         response: crate::raft::ProposeResponse,
     ) -> Result<(), Violation> {
+        if response.id.client_id == LIAR {
+            return match response.result {
+                Ok(committed) => Err(format!(
+                    "node {node} accepted a client clock at the end of the range: {committed:?}"
+                )),
+                Err(_) => Ok(()),
+            };
+        }
         let Some(client) = self
             .clients
             .iter_mut()

@@ -44,6 +44,28 @@ pub struct Fetch {
     pub max_bytes: usize,
 }
 
+impl Fetch {
+    /// What a store holding `log` (entry 1 first) answers: the entries
+    /// from `from`, within the count and byte limits, at least one.
+    pub fn serve(&self, log: &[Entry]) -> Vec<Entry> {
+        let start = usize::try_from(self.from.saturating_sub(1))
+            .unwrap_or(usize::MAX)
+            .min(log.len());
+        let end = start.saturating_add(self.max).min(log.len());
+        let mut budget = self.max_bytes;
+        log[start..end]
+            .iter()
+            .enumerate()
+            .take_while(|(i, entry)| {
+                let fits = *i == 0 || entry.size() <= budget;
+                budget = budget.saturating_sub(entry.size());
+                fits
+            })
+            .map(|(_, entry)| entry.clone())
+            .collect()
+    }
+}
+
 impl Ready {
     pub fn is_empty(&self) -> bool {
         self.hard_state.is_none()

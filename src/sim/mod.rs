@@ -896,21 +896,7 @@ impl Simulation {
             let Some(node) = self.nodes.get_mut(&id) else {
                 return Ok(());
             };
-            let start = (fetch.from as usize)
-                .saturating_sub(1)
-                .min(node.disk_log.len());
-            let end = (start + fetch.max).min(node.disk_log.len());
-            let mut budget = fetch.max_bytes;
-            let entries: Vec<Entry> = node.disk_log[start..end]
-                .iter()
-                .enumerate()
-                .take_while(|(i, e)| {
-                    let fits = *i == 0 || e.size() <= budget;
-                    budget = budget.saturating_sub(e.size());
-                    fits
-                })
-                .map(|(_, e)| e.clone())
-                .collect();
+            let entries = fetch.serve(&node.disk_log);
             if let Some(raft) = node.raft.as_mut() {
                 raft.fetched(fetch.to, fetch.from, entries);
             }

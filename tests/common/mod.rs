@@ -92,19 +92,7 @@ impl Cluster {
             self.responses.extend(ready.responses);
             self.reads.extend(ready.reads);
             for fetch in ready.fetches {
-                let start = (fetch.from as usize - 1).min(disk.log.len());
-                let end = (start + fetch.max).min(disk.log.len());
-                let mut budget = fetch.max_bytes;
-                let entries: Vec<_> = disk.log[start..end]
-                    .iter()
-                    .enumerate()
-                    .take_while(|(i, e)| {
-                        let fits = *i == 0 || e.size() <= budget;
-                        budget = budget.saturating_sub(e.size());
-                        fits
-                    })
-                    .map(|(_, e)| e.clone())
-                    .collect();
+                let entries = fetch.serve(&disk.log);
                 node.fetched(fetch.to, fetch.from, entries);
             }
         }

@@ -301,7 +301,7 @@ impl Api {
                 false,
             ));
         }
-        let cost: usize = texts.iter().map(|t| t.len() / 1024 + 1).sum();
+        let cost: usize = texts.iter().map(|t| t.len().div_ceil(1024).max(1)).sum();
         if cost > self.limits.pending_kib {
             return Err(error(
                 format!(

@@ -188,7 +188,7 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
                 "sender": c.sender,
                 "text": String::from_utf8_lossy(&c.data),
             })),
-            Payload::Noop => None,
+            Payload::Noop | Payload::Membership(_) => None,
         })
         .collect();
     if last.is_some() {

@@ -24,7 +24,10 @@
 //! `CLUSTER_STORE_CHAOS_SCHEDULES` (default 100), `CLUSTER_STORE_CHAOS_SECONDS`
 //! (fault time per schedule, default 3) and `CLUSTER_STORE_CHAOS_CLUSTERS`
 //! (default 4) size the run: hours of it are one environment variable
-//! away. `CLUSTER_STORE_CHAOS_SEED` replays one schedule on a fresh cluster.
+//! away. `CLUSTER_STORE_CHAOS_LIFETIME` (schedules one cluster carries
+//! before a fresh one replaces it, default: the whole run) keeps a long
+//! run's checks as quick as a short run's: every schedule re-checks all
+//! its cluster has acknowledged, and that grows with the cluster's age. `CLUSTER_STORE_CHAOS_SEED` replays one schedule on a fresh cluster.
 
 mod nodes;
 
@@ -892,27 +895,35 @@ fn acknowledged_messages_survive_seeded_faults() {
     }
     let schedules = env_u64("CLUSTER_STORE_CHAOS_SCHEDULES", 100);
     let clusters = env_u64("CLUSTER_STORE_CHAOS_CLUSTERS", 4).clamp(1, 40);
+    let lifetime = env_u64("CLUSTER_STORE_CHAOS_LIFETIME", schedules).max(1) as usize;
     let started = Instant::now();
     let results = runtime.block_on(async {
         let mut runners = Vec::new();
         for c in 0..clusters {
             runners.push(tokio::spawn(async move {
                 let seeds: Vec<u64> = (1..=schedules).filter(|s| s % clusters == c).collect();
-                let mut chaos = start_chaos(
-                    &format!("chaos-{c}"),
-                    30 + c as u8,
-                    seeds.first().copied().unwrap_or(0),
-                )
-                .await?;
-                let history = Arc::new(Mutex::new(History::default()));
                 let mut passed = 0;
-                for seed in seeds {
-                    let summary = run_schedule(&mut chaos, seed, seconds, &history).await?;
-                    println!("{summary}");
-                    passed += 1;
+                let mut acked = 0;
+                let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+                for (generation, seeds) in seeds.chunks(lifetime).enumerate() {
+                    let mut chaos = start_chaos(
+                        &format!("chaos-{c}-{generation}"),
+                        30 + c as u8,
+                        seeds.first().copied().unwrap_or(0),
+                    )
+                    .await?;
+                    let history = Arc::new(Mutex::new(History::default()));
+                    for &seed in seeds {
+                        let summary = run_schedule(&mut chaos, seed, seconds, &history).await?;
+                        println!("{summary}");
+                        passed += 1;
+                    }
+                    acked += history.lock().expect("history").acked.len();
+                    for (kind, n) in &chaos.counts {
+                        *counts.entry(kind).or_default() += n;
+                    }
                 }
-                let acked = history.lock().expect("history").acked.len();
-                Ok::<_, String>((passed, acked, chaos.counts.clone()))
+                Ok::<_, String>((passed, acked, counts))
             }));
         }
         let mut results = Vec::new();
@@ -937,7 +948,7 @@ fn acknowledged_messages_survive_seeded_faults() {
         }
     }
     println!(
-        "{passed} fault schedules passed the checker on {clusters} clusters in {:.0} s; {acked} acknowledged messages checked; faults injected: {counts:?}",
+        "{passed} fault schedules passed the checker on {clusters} clusters side by side (a fresh one every {lifetime} schedules) in {:.0} s; {acked} acknowledged messages checked; faults injected: {counts:?}",
         started.elapsed().as_secs_f64()
     );
     assert_eq!(passed, schedules);

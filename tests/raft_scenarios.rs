@@ -334,12 +334,14 @@ fn learners_replicate_but_never_vote() {
     );
 }
 
-/// A learner never leads or campaigns: an append, a heartbeat, a
-/// TimeoutNow or a vote request from one (forged, or from a misconfigured
-/// node) changes nothing on a voter, even at a higher term, and gets no
-/// answer.
+/// A learner never campaigns: a vote request from one (forged, or from a
+/// misconfigured node) changes nothing on a voter, even at a higher term,
+/// and gets no answer. (Appends from a learner are heard: with live
+/// membership a leader may be a learner this node has not yet seen
+/// promoted, and only its appends bring the promotion; see
+/// `a_leader_promoted_in_entries_a_follower_lacks_still_reaches_it`.)
 #[test]
-fn leader_and_candidate_messages_from_a_learner_change_nothing() {
+fn vote_requests_from_a_learner_change_nothing() {
     let mut c = Cluster::new(&[1, 2, 3], &[4], |_| {});
     c.elect(1);
     c.propose(1, 1, 1, "hello");
@@ -349,22 +351,6 @@ fn leader_and_candidate_messages_from_a_learner_change_nothing() {
     let texts = c.texts(2);
     let last = before.last_index;
     let forged = [
-        Message::Heartbeat {
-            commit: last + 10,
-            read_seq: 1,
-        },
-        Message::Append {
-            prev_index: last,
-            prev_term: term,
-            entries: vec![Entry {
-                index: last + 1,
-                term: term + 5,
-                lamport: 0,
-                payload: Payload::Noop,
-            }],
-            commit: last + 1,
-        },
-        Message::TimeoutNow,
         Message::PreVote {
             last_index: last + 10,
             last_term: term + 5,
@@ -879,7 +865,7 @@ fn follower_behind_released_entries_is_caught_up_from_the_store() {
             cluster_store::raft::Payload::Command(c) => {
                 Some(String::from_utf8_lossy(&c.data).into_owned())
             }
-            cluster_store::raft::Payload::Noop => None,
+            _ => None,
         })
         .collect();
     let expected: Vec<String> = (1..=40).map(|i| format!("m{i}")).collect();

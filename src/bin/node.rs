@@ -639,7 +639,7 @@ fn export_local(data: &Path, format: Format) -> Result<()> {
                 sender: c.sender,
                 text: String::from_utf8_lossy(&c.data).into_owned(),
             }),
-            Payload::Noop => None,
+            Payload::Noop | Payload::Membership(_) => None,
         })
         .collect();
     print_entries(&entries, format)

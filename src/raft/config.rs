@@ -16,6 +16,13 @@ pub struct Config {
     pub voters: BTreeSet<NodeId>,
     /// Nodes that receive the log but never vote.
     pub learners: BTreeSet<NodeId>,
+    /// Where members listen (`host:port`), carried in configuration
+    /// entries for the runtime; the core never reads them.
+    ///
+    /// `voters`, `learners` and `addresses` are the bootstrap configuration
+    /// when the node starts; from then on the node keeps them equal to the
+    /// configuration in force (`RaftNode::membership`).
+    pub addresses: BTreeMap<NodeId, String>,
     /// A follower that hears no leader for a random time in
     /// `election_ticks..2*election_ticks` starts an election.
     pub election_ticks: u64,
@@ -61,8 +68,6 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("node {0} is neither a voter nor a learner in the cluster configuration")]
-    NotMember(NodeId),
     #[error("node {0} is listed both as a voter and as a learner")]
     VoterAndLearner(NodeId),
     #[error("the cluster has no voters")]
@@ -85,6 +90,7 @@ impl Config {
             id,
             voters: voters.into_iter().collect(),
             learners: BTreeSet::new(),
+            addresses: BTreeMap::new(),
             election_ticks: 10,
             heartbeat_ticks: 2,
             pre_vote: true,
@@ -109,9 +115,6 @@ impl Config {
         if let Some(both) = self.voters.intersection(&self.learners).next() {
             return Err(ConfigError::VoterAndLearner(*both));
         }
-        if !self.voters.contains(&self.id) && !self.learners.contains(&self.id) {
-            return Err(ConfigError::NotMember(self.id));
-        }
         if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
             return Err(ConfigError::BadTimeouts {
                 heartbeat: self.heartbeat_ticks,
@@ -128,6 +131,15 @@ impl Config {
             return Err(ConfigError::ZeroLimit);
         }
         Ok(())
+    }
+
+    /// The configuration these fields describe.
+    pub fn membership(&self) -> super::membership::Membership {
+        super::membership::Membership {
+            voters: self.voters.clone(),
+            learners: self.learners.clone(),
+            addresses: self.addresses.clone(),
+        }
     }
 
     /// Votes needed to win an election or commit an entry.

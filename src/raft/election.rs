@@ -234,6 +234,7 @@ impl RaftNode {
             self.respond(id, Err(ProposeError::LeadershipLost));
         }
         self.abandon_reads();
+        self.abandon_change();
     }
 
     pub(super) fn become_leader(&mut self) {

@@ -7,7 +7,8 @@
 //! input is explicit, any fault schedule can be replayed exactly.
 //!
 //! Beyond the Raft paper it has pre-vote and check-quorum, pipelined and
-//! batched replication with fast backtracking, learners, leadership
+//! batched replication with fast backtracking, learners, live membership
+//! changes one voter at a time, leadership
 //! transfer with priorities, ReadIndex, Lamport timestamps on every entry
 //! and exactly-once client proposals.
 
@@ -15,6 +16,7 @@ mod config;
 mod election;
 mod leadership;
 mod log;
+mod membership;
 mod message;
 mod node;
 mod progress;
@@ -29,6 +31,9 @@ mod types;
 pub use config::{Config, ConfigError, MAX_COMMAND_BYTES};
 pub use leadership::TransferError;
 pub use log::{LogError, LogWrite, RaftLog};
+pub use membership::{
+    ChangeError, ChangeResponse, Membership, MembershipChange, PROMOTE_MAX_LAG,
+};
 pub use message::{AppendResult, Envelope, Message};
 pub use node::{PeerStatus, RaftError, RaftNode, Restorer, Status};
 pub use ready::{Fetch, Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};

@@ -8,6 +8,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{Config, ConfigError};
 use super::log::{LogError, RaftLog};
+use super::membership::{Membership, Memberships, PendingChange};
 use super::message::{Envelope, Message};
 use super::progress::Progress;
 use super::read::ReadState;
@@ -22,8 +23,6 @@ pub enum RaftError {
     Config(#[from] ConfigError),
     #[error("stored log is corrupt: {0}")]
     Log(#[from] LogError),
-    #[error("stored vote for node {0}, which is not a voter")]
-    UnknownVote(NodeId),
 }
 
 /// An ongoing leadership transfer.
@@ -75,6 +74,10 @@ pub struct RaftNode {
     /// it, and does not campaign (see `election.rs` and `RebuildPlan`).
     /// Cleared once reached.
     pub(super) catch_up_floor: Option<LogPosition>,
+    /// The configuration in force and the ones it may fall back to.
+    pub(super) memberships: Memberships,
+    /// Leader only: the membership change it appended and must answer.
+    pub(super) pending_change: Option<PendingChange>,
 }
 
 /// A snapshot of a node's state for operators and tests.
@@ -102,6 +105,15 @@ pub struct Status {
     /// A rebuilt replica whose log has not reached its catch-up floor yet:
     /// it votes only for logs that reach the floor, and does not campaign.
     pub catch_up_floor: Option<LogPosition>,
+    /// The configuration in force, and the index of its entry (0: the
+    /// bootstrap configuration).
+    #[serde(default)]
+    pub membership: Membership,
+    #[serde(default)]
+    pub membership_index: Index,
+    /// The configuration in force is not committed yet.
+    #[serde(default)]
+    pub change_in_progress: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,14 +150,15 @@ impl RaftNode {
             log,
             sessions,
             catch_up_floor,
+            mut memberships,
             ..
         } = restorer;
-        if let Some(vote) = hard_state.vote {
-            // A rebuilt learner's store records its own vote as spent.
-            if !config.is_voter(vote) && vote != config.id {
-                return Err(RaftError::UnknownVote(vote));
-            }
-        }
+        memberships.compact(hard_state.commit.min(log.last_index()));
+        let mut config = config;
+        let (_, membership) = memberships.current();
+        config.voters = membership.voters.clone();
+        config.learners = membership.learners.clone();
+        config.addresses = membership.addresses.clone();
         let commit = hard_state.commit.min(log.last_index());
         let lamport = log.last().map_or(0, |e| e.lamport);
         let position = LogPosition {
@@ -195,6 +208,8 @@ impl RaftNode {
             },
             out: Ready::default(),
             catch_up_floor,
+            memberships,
+            pending_change: None,
             config,
         };
         node.reset_election_timer();
@@ -278,6 +293,9 @@ impl RaftNode {
                 })
                 .collect(),
             catch_up_floor: self.catch_up_floor,
+            membership: self.membership().clone(),
+            membership_index: self.membership_index(),
+            change_in_progress: self.change_in_progress(),
         }
     }
 
@@ -342,31 +360,20 @@ impl RaftNode {
             );
             return;
         }
-        if !self.config.is_voter(from) && !self.config.learners.contains(&from) {
-            warn!(
-                node = self.config.id,
-                from, "dropping message from a node outside the cluster"
-            );
-            return;
-        }
-        // A learner never leads or campaigns, so what only a leader or a
-        // candidate sends cannot come from one honestly: dropped before it
-        // can move this node's term, leader or vote.
-        let leads_or_campaigns = matches!(
-            message,
-            Message::Append { .. }
-                | Message::Heartbeat { .. }
-                | Message::TimeoutNow
-                | Message::PreVote { .. }
-                | Message::Vote { .. }
-        );
-        if leads_or_campaigns && self.config.learners.contains(&from) {
+        // Only a voter campaigns, so a vote request from a node that is not
+        // a voter in this node's configuration is dropped before it can
+        // move this node's term. Everything else is heard from any node the
+        // runtime authenticated: a leader may be a voter of a configuration
+        // this node has not received yet (Raft thesis, section 4.1), and it
+        // is that leader's appends that bring the configuration.
+        let campaigns = matches!(message, Message::PreVote { .. } | Message::Vote { .. });
+        if campaigns && !self.config.is_voter(from) {
             warn!(
                 node = self.config.id,
                 from,
                 term,
                 kind = message.kind(),
-                "dropping a leader's or candidate's message from a learner"
+                "dropping a vote request from a node that is not a voter"
             );
             return;
         }
@@ -569,6 +576,7 @@ pub struct Restorer {
     sessions: Sessions,
     keep: Index,
     catch_up_floor: Option<LogPosition>,
+    memberships: Memberships,
 }
 
 impl Restorer {
@@ -583,6 +591,7 @@ impl Restorer {
             ),
             keep: config.memory_entries.max(1) as Index,
             catch_up_floor: None,
+            memberships: Memberships::new(config.membership()),
         }
     }
 
@@ -598,7 +607,14 @@ impl Restorer {
             self.sessions.apply(&entry);
         }
         let index = entry.index;
+        let membership = match &entry.payload {
+            super::types::Payload::Membership(m) => Some(m.clone()),
+            _ => None,
+        };
         self.log.push_restored(entry)?;
+        if let Some(membership) = membership {
+            self.memberships.push(index, membership);
+        }
         let committed = index.min(self.hard_state.commit);
         if committed > self.log.offset() + 2 * self.keep {
             self.log.release(committed - self.keep);

@@ -53,7 +53,8 @@ impl RaftNode {
     }
 
     fn register_reads(&mut self, contexts: Vec<u64>) {
-        if self.config.voters.len() == 1 {
+        let me = self.config.id;
+        if self.config.voters.len() == 1 && self.config.is_voter(me) {
             for ctx in contexts {
                 self.out.reads.push(ReadResponse {
                     ctx,
@@ -88,7 +89,8 @@ impl RaftNode {
     /// Answers every read whose heartbeat round a quorum has acknowledged.
     pub(super) fn advance_reads(&mut self) {
         while let Some(front) = self.reads.pending.front() {
-            let acks = 1 + self
+            let acks = usize::from(self.config.is_voter(self.config.id))
+                + self
                 .progress
                 .iter()
                 .filter(|(id, pr)| self.config.voters.contains(id) && pr.read_ack >= front.seq)

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::log::LogWrite;
+use super::membership::{ChangeResponse, Membership};
 use super::message::Envelope;
 use super::session::Committed;
 use super::types::{Entry, HardState, Index, NodeId, RequestId};
@@ -32,6 +33,13 @@ pub struct Ready {
     /// a lagging follower: read them from the store and hand them back with
     /// `RaftNode::fetched`.
     pub fetches: Vec<Fetch>,
+    /// Answers to `RaftNode::change_membership`.
+    pub changes: Vec<ChangeResponse>,
+    /// The configuration in force changed (an entry was appended, received,
+    /// or cut off): its index and the configuration, for the runtime to
+    /// dial new members and drop removed ones. It is durable once this
+    /// ready's log write is.
+    pub membership: Option<(Index, Membership)>,
 }
 
 /// Read up to `max` log entries from `from` for follower `to`, no more
@@ -76,6 +84,8 @@ impl Ready {
             && self.responses.is_empty()
             && self.reads.is_empty()
             && self.fetches.is_empty()
+            && self.changes.is_empty()
+            && self.membership.is_none()
     }
 }
 

@@ -54,7 +54,8 @@ impl RaftNode {
     /// Counts voters heard from since the last round (the leader included),
     /// and starts a new round.
     fn quorum_active(&mut self) -> bool {
-        let mut active = 1;
+        // A leader being removed leads without counting itself.
+        let mut active = usize::from(self.config.is_voter(self.config.id));
         for (id, pr) in self.progress.iter_mut() {
             if self.config.voters.contains(id) && pr.recent_active {
                 active += 1;
@@ -131,12 +132,19 @@ impl RaftNode {
             .max(previous)
             .saturating_add(1);
         let index = self.log.last_index() + 1;
+        let membership = match &payload {
+            Payload::Membership(m) => Some(m.clone()),
+            _ => None,
+        };
         self.log.append(Entry {
             index,
             term: self.term,
             lamport: self.lamport,
             payload,
         });
+        if let Some(membership) = membership {
+            self.membership_appended(index, membership);
+        }
         self.broadcast_pending = true;
         self.maybe_commit();
         index
@@ -506,11 +514,21 @@ impl RaftNode {
                     );
                     return;
                 }
-                Some(_) => self.log.truncate(entry.index),
+                Some(_) => {
+                    self.log.truncate(entry.index);
+                    self.log_truncated(entry.index);
+                }
                 None => {}
             }
             self.lamport = self.lamport.max(entry.lamport);
+            let membership = match &entry.payload {
+                Payload::Membership(m) => Some((entry.index, m.clone())),
+                _ => None,
+            };
             self.log.append(entry);
+            if let Some((index, membership)) = membership {
+                self.membership_appended(index, membership);
+            }
         }
         let commit = leader_commit.min(last_new);
         if commit > self.commit {
@@ -573,5 +591,6 @@ impl RaftNode {
         self.applied = self.commit;
         self.out.committed.extend(entries);
         self.release_memory();
+        self.membership_committed();
     }
 }

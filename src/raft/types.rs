@@ -33,6 +33,8 @@ pub enum Payload {
     Noop,
     /// A client's message.
     Command(Command),
+    /// The cluster's configuration from this entry on (see `membership`).
+    Membership(super::membership::Membership),
 }
 
 /// A client message as it is stored in the log.
@@ -55,6 +57,10 @@ impl Entry {
         match &self.payload {
             Payload::Noop => FIXED,
             Payload::Command(c) => FIXED + c.sender.len() + c.data.len(),
+            Payload::Membership(m) => {
+                FIXED + 16 * (m.voters.len() + m.learners.len())
+                    + m.addresses.values().map(|a| 16 + a.len()).sum::<usize>()
+            }
         }
     }
 
@@ -65,7 +71,7 @@ impl Entry {
                 client_id: c.client_id,
                 seq: c.seq,
             }),
-            Payload::Noop => None,
+            Payload::Noop | Payload::Membership(_) => None,
         }
     }
 }

@@ -388,7 +388,7 @@ impl Api {
                             sender: c.sender,
                             text: String::from_utf8_lossy(&c.data).into_owned(),
                         }),
-                        Payload::Noop => None,
+                        Payload::Noop | Payload::Membership(_) => None,
                     })
                     .collect();
                 ClientResponse::Entries {

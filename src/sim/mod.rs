@@ -809,6 +809,8 @@ impl Simulation {
             responses,
             reads,
             fetches,
+            changes: _,
+            membership: _,
         } = ready;
         let delay = self.rng.range(0, self.cfg.max_persist_delay + 1);
         let Some(node) = self.nodes.get_mut(&id) else {

@@ -288,7 +288,7 @@ impl Cluster {
                 cluster_store::raft::Payload::Command(c) => {
                     Some(String::from_utf8_lossy(&c.data).into_owned())
                 }
-                cluster_store::raft::Payload::Noop => None,
+                _ => None,
             })
             .collect()
     }

@@ -114,6 +114,20 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
             "proposals with a client clock at the end of the range",
             total(|s| s.lies),
         ),
+        ("membership changes asked", total(|s| s.changes_asked)),
+        (
+            "membership changes committed",
+            total(|s| s.changes_committed),
+        ),
+        ("membership changes refused", total(|s| s.changes_refused)),
+        (
+            "leaders that removed themselves",
+            total(|s| s.leader_removals),
+        ),
+        (
+            "configurations in the committed log",
+            total(|s| s.config_entries),
+        ),
     ];
     for (what, count) in totals {
         assert!(count > 0, "no {what} across {seeds} seeds");

@@ -20,7 +20,7 @@ impl RaftNode {
     /// Starts a pre-election (`pre_vote`) or an election. `transfer` marks an
     /// election the leader asked for, which voters honour despite their lease.
     pub(super) fn start_campaign(&mut self, pre_vote: bool, transfer: bool) {
-        if !self.config.is_voter(self.config.id) {
+        if !self.may_campaign() {
             return;
         }
         if let Some(floor) = self.pending_catch_up_floor() {
@@ -101,10 +101,7 @@ impl RaftNode {
         let up_to_date = candidate >= own.max(floor.unwrap_or_default());
         let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
         let can_vote = free || (pre_vote && term > self.term);
-        let grant = can_vote
-            && up_to_date
-            && self.config.is_voter(from)
-            && self.config.is_voter(self.config.id);
+        let grant = can_vote && up_to_date;
         debug!(
             node = self.config.id,
             from, term, pre_vote, grant, "vote request"
@@ -180,8 +177,18 @@ impl RaftNode {
 
     /// Acts on the votes so far; returns whether the (pre-)election ended.
     fn tally_votes(&mut self) -> bool {
-        let granted = self.votes.values().filter(|g| **g).count();
-        let rejected = self.votes.len() - granted;
+        // Only the votes of the configuration in force count: a candidate
+        // outside it (see `may_campaign`) does not count its own.
+        let granted = self
+            .votes
+            .iter()
+            .filter(|(id, g)| **g && self.config.is_voter(**id))
+            .count();
+        let rejected = self
+            .votes
+            .iter()
+            .filter(|(id, g)| !**g && self.config.is_voter(**id))
+            .count();
         let quorum = self.config.quorum();
         if granted >= quorum {
             match self.role {
@@ -209,11 +216,7 @@ impl RaftNode {
             info!(node = self.config.id, term, "stepping down");
             self.abandon_leadership();
         }
-        self.role = if self.config.is_voter(self.config.id) {
-            Role::Follower
-        } else {
-            Role::Learner
-        };
+        self.role = self.passive_role();
         self.leader = leader;
         self.votes.clear();
         self.reset_election_timer();
@@ -263,7 +266,7 @@ impl RaftNode {
     }
 
     pub(super) fn handle_timeout_now(&mut self, from: NodeId) {
-        if self.role != Role::Leader && self.config.is_voter(self.config.id) {
+        if self.role != Role::Leader && self.may_campaign() {
             info!(
                 node = self.config.id,
                 from, "leadership handed over: campaigning now"

@@ -390,16 +390,7 @@ impl RaftNode {
                     self.progress.entry(id).or_insert_with(|| Progress::new(next));
                 }
             }
-            Role::Learner if membership.is_voter(me) => {
-                info!(node = me, index, "promoted to voter");
-                self.role = Role::Follower;
-                self.reset_election_timer();
-            }
-            Role::Follower | Role::PreCandidate | Role::Candidate if !membership.is_voter(me) => {
-                self.role = Role::Learner;
-                self.votes.clear();
-            }
-            _ => {}
+            _ => self.refresh_role(),
         }
         if was_member && !membership.contains(me) {
             warn!(
@@ -411,11 +402,54 @@ impl RaftNode {
         self.out.membership = Some((index, membership));
     }
 
+    /// May this node campaign? A voter of the configuration in force may,
+    /// and so may a voter of the committed one while a change that removes
+    /// it is in flight: until that change commits it is still one of the
+    /// voters, and it may hold committed entries nobody else does (a peer
+    /// rebuilt after a lost disk). Either way it counts the votes of the
+    /// configuration in force, whose majorities overlap the committed
+    /// one's, so two leaders of one term stay impossible.
+    pub(super) fn may_campaign(&self) -> bool {
+        let me = self.config.id;
+        self.config.is_voter(me)
+            || (self.change_in_progress() && self.committed_membership().is_voter(me))
+    }
+
+    /// The role a node that does not lead or campaign has: a follower if it
+    /// may campaign, else a learner.
+    pub(super) fn passive_role(&self) -> Role {
+        if self.may_campaign() {
+            Role::Follower
+        } else {
+            Role::Learner
+        }
+    }
+
+    /// Brings a follower's or learner's role in line with what it may do
+    /// now; a campaign it may no longer run is abandoned.
+    pub(super) fn refresh_role(&mut self) {
+        let role = self.passive_role();
+        match (self.role, role) {
+            (Role::Leader, _) => {}
+            (Role::Learner, Role::Follower) => {
+                info!(node = self.config.id, "may campaign: a voter now");
+                self.role = Role::Follower;
+                self.reset_election_timer();
+            }
+            (Role::Follower | Role::PreCandidate | Role::Candidate, Role::Learner) => {
+                self.role = Role::Learner;
+                self.votes.clear();
+            }
+            _ => {}
+        }
+    }
+
     /// The leader's commit index moved: answer a committed change, and step
     /// down if the committed configuration no longer has this leader as a
     /// voter.
     pub(super) fn membership_committed(&mut self) {
         self.memberships.compact(self.commit);
+        self.refresh_role();
         if let Some(pending) = self.pending_change {
             if pending.index <= self.commit {
                 self.pending_change = None;

@@ -174,16 +174,11 @@ impl RaftNode {
                 "rebuilt replica: until its log reaches the catch-up floor, it votes only for candidates whose logs reach it, and does not campaign"
             );
         }
-        let role = if config.is_voter(config.id) {
-            Role::Follower
-        } else {
-            Role::Learner
-        };
         let mut node = RaftNode {
             rng: Rng::new(config.seed ^ config.id.rotate_left(32) ^ hard_state.term),
             term: hard_state.term,
             vote: hard_state.vote,
-            role,
+            role: Role::Learner,
             leader: None,
             log,
             commit,
@@ -212,6 +207,7 @@ impl RaftNode {
             pending_change: None,
             config,
         };
+        node.role = node.passive_role();
         node.reset_election_timer();
         Ok(node)
     }
@@ -304,6 +300,8 @@ impl RaftNode {
         match self.role {
             Role::Leader => self.tick_leader(),
             Role::Learner => self.election_elapsed += 1,
+            // Role::Learner means it may not campaign; the role follows
+            // the configuration (`refresh_role`).
             Role::Follower | Role::PreCandidate | Role::Candidate => self.tick_election(),
         }
     }
@@ -360,32 +358,27 @@ impl RaftNode {
             );
             return;
         }
-        // Only a voter campaigns, so a vote request from a node that is not
-        // a voter in this node's configuration is dropped before it can
-        // move this node's term. Everything else is heard from any node the
-        // runtime authenticated: a leader may be a voter of a configuration
-        // this node has not received yet (Raft thesis, section 4.1), and it
-        // is that leader's appends that bring the configuration.
-        let campaigns = matches!(message, Message::PreVote { .. } | Message::Vote { .. });
-        if campaigns && !self.config.is_voter(from) {
+        // Messages are heard from any node the runtime authenticated,
+        // whatever this node's configuration says (Raft thesis, section
+        // 4.1): a leader or a candidate may be a voter of a configuration
+        // this node has not received yet, and this node may be a voter of
+        // one it has not received yet (a learner just promoted) whose vote
+        // is needed. A candidate counts only its own configuration's
+        // voters, so that is safe. One exception: a transfer vote, which
+        // overrides a live leader's lease, from a node that is no voter
+        // here while this node hears its leader: that leader's appends
+        // bring any promotion, and a learner cannot depose it.
+        if matches!(message, Message::Vote { transfer: true, .. })
+            && !self.config.is_voter(from)
+            && self.in_lease()
+        {
             warn!(
                 node = self.config.id,
-                from,
-                term,
-                kind = message.kind(),
-                "dropping a vote request from a node that is not a voter"
+                from, term, "dropping a transfer vote request from a node that is not a voter"
             );
             return;
         }
         self.lamport = self.lamport.max(lamport);
-        let vote_request = matches!(message, Message::PreVote { .. } | Message::Vote { .. });
-        if vote_request && !self.config.is_voter(self.config.id) {
-            debug!(
-                node = self.config.id,
-                from, "learner ignoring a vote request"
-            );
-            return;
-        }
 
         if term > self.term {
             match message {

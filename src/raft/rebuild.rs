@@ -50,11 +50,25 @@ impl RebuildPlan {
     /// whose logs are behind a log that may hold committed entries, as it
     /// would have with its own log had it kept it (it may refuse more: the
     /// floor can cover an uncommitted tail that the node never held).
+    ///
+    /// Only peers that are voters in their own configuration count towards
+    /// the floor, or whose configuration is a change not yet committed
+    /// (the one before may have had them as voters): a leader counts a
+    /// voter's acknowledgement only once the voter holds the entry that
+    /// made it one (`maybe_commit`), and a committed removal is held by a
+    /// majority of the voters that remain, with everything before it. So
+    /// every holder that counted is such a peer. A learner's tail beyond
+    /// every voter's log was never counted, and a floor at it could bar the
+    /// only candidates that can win (a two-voter cluster needs this node's
+    /// vote) for good. (Peers too old to report a configuration count.)
     pub fn from_peers<'a>(peers: impl IntoIterator<Item = &'a Status>) -> RebuildPlan {
         let mut plan = RebuildPlan::default();
         for status in peers {
             plan.term = plan.term.max(status.term);
-            if status.last_index > 0 {
+            let voter = status.membership.voters.is_empty()
+                || status.membership.is_voter(status.id)
+                || status.change_in_progress;
+            if status.last_index > 0 && voter {
                 let position = LogPosition {
                     term: status.last_term,
                     index: status.last_index,

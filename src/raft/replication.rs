@@ -408,16 +408,25 @@ impl RaftNode {
     /// Commits the highest index stored durably on a quorum of voters, if
     /// it belongs to this term (Raft paper, section 5.4.2: counting
     /// replicas is only safe for the leader's own entries).
+    ///
+    /// A voter added by the change in flight counts only once it holds
+    /// that change: everyone whose acknowledgement counted then knows it
+    /// is a voter, which `RebuildPlan` relies on.
     pub(super) fn maybe_commit(&mut self) {
+        let pending = self.change_in_progress().then(|| self.membership_index());
+        let committed_voters = pending.map(|_| self.committed_membership().voters.clone());
         let mut matches: Vec<Index> = self
             .config
             .voters
             .iter()
             .map(|id| {
                 if *id == self.config.id {
-                    self.log.persisted_index()
-                } else {
-                    self.progress.get(id).map_or(0, |pr| pr.match_index)
+                    return self.log.persisted_index();
+                }
+                let matched = self.progress.get(id).map_or(0, |pr| pr.match_index);
+                match (pending, &committed_voters) {
+                    (Some(index), Some(old)) if !old.contains(id) && matched < index => 0,
+                    _ => matched,
                 }
             })
             .collect();

@@ -8,7 +8,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
-use crate::raft::{Committed, Entry, Index, NodeId, RequestId, Term};
+use crate::raft::{Committed, Entry, Index, Membership, NodeId, Payload, RequestId, Term};
 
 /// The chain hash of `entry` following a prefix whose chain hash is `prev`.
 pub fn chain_hash(prev: u64, entry: &Entry) -> u64 {
@@ -36,10 +36,16 @@ struct CanonicalEntry {
     term: Term,
     lamport: u64,
     request: Option<RequestId>,
+    /// A configuration entry.
+    config: bool,
 }
 
 #[derive(Default)]
 pub struct Checker {
+    /// The latest configuration in the committed log (the bootstrap one
+    /// before any change commits), and how many changes committed.
+    committed_config: Membership,
+    config_changes: u64,
     leaders: HashMap<Term, NodeId>,
     /// (index, term) -> chain hash, as first seen in any log.
     seen: HashMap<(Index, Term), u64>,
@@ -55,6 +61,26 @@ pub struct Checker {
 pub type Violation = String;
 
 impl Checker {
+    /// A checker for a cluster bootstrapped with `config`.
+    pub fn new(config: Membership) -> Self {
+        Checker {
+            committed_config: config,
+            ..Checker::default()
+        }
+    }
+
+    /// Configuration changes in the committed log so far.
+    pub fn config_changes(&self) -> u64 {
+        self.config_changes
+    }
+
+    /// Was the entry at `index` of the committed log a configuration?
+    pub fn is_config(&self, index: Index) -> Option<bool> {
+        self.canonical
+            .get((index as usize).checked_sub(1)?)
+            .map(|e| e.config)
+    }
+
     pub fn committed_len(&self) -> Index {
         self.canonical.len() as Index
     }
@@ -113,16 +139,16 @@ impl Checker {
 
     /// A node's commit index `commit` over a log with chain hashes `chain`.
     /// Extends the canonical committed log, or checks the node agrees with
-    /// it. `durable_on` counts the voters whose disk holds an entry with a
-    /// given chain hash at a given index.
+    /// it. `durable_on_quorum` says, for an index and chain hash newly
+    /// committed, why it is not durable on a quorum of the voters that
+    /// could have committed it (None: it is).
     pub fn observe_commit(
         &mut self,
         node: NodeId,
         commit: Index,
         chain: &[u64],
         entry_at: impl Fn(Index) -> Option<Entry>,
-        durable_on: impl Fn(Index, u64) -> usize,
-        quorum: usize,
+        durable_on_quorum: impl Fn(Index, u64) -> Option<String>,
     ) -> Result<(), Violation> {
         if commit == 0 {
             return Ok(());
@@ -154,11 +180,25 @@ impl Checker {
                 ));
             };
             let hash = chain[index as usize - 1];
-            let durable = durable_on(index, hash);
-            if durable < quorum {
+            if let Some(why) = durable_on_quorum(index, hash) {
                 return Err(format!(
-                    "index {index} committed (seen at node {node}) but durable on only {durable} voters, quorum is {quorum}"
+                    "index {index} committed (seen at node {node}) but {why}"
                 ));
+            }
+            if let Payload::Membership(next) = &entry.payload {
+                // One change at a time: one voter in or out, never both a
+                // voter and a learner.
+                let previous = &self.committed_config;
+                if !previous.one_voter_from(next)
+                    || next.voters.intersection(&next.learners).next().is_some()
+                    || next.voters.is_empty()
+                {
+                    return Err(format!(
+                        "committed configuration at index {index} ({next}) is not one change from the previous ({previous})"
+                    ));
+                }
+                self.committed_config = next.clone();
+                self.config_changes += 1;
             }
             if let Some(previous) = self.canonical.last() {
                 if entry.lamport <= previous.lamport || entry.term < previous.term {
@@ -178,6 +218,7 @@ impl Checker {
                 term: entry.term,
                 lamport: entry.lamport,
                 request,
+                config: matches!(entry.payload, Payload::Membership(_)),
             });
         }
         self.resolve_acks()

@@ -4,7 +4,9 @@
 //! that delays, drops, duplicates and reorders messages, partitions both
 //! ways and one way, crashes that lose whatever was not yet durable,
 //! restarts from what was, disks lost and replicas rebuilt from the peers
-//! (as `node rebuild` does), leadership transfers and clients that retry.
+//! (as `node rebuild` does), leadership transfers, clients that retry,
+//! and an operator changing the membership: spare nodes added as learners
+//! and promoted, members removed (the leader included), addresses moved.
 //! After every step a [`checker::Checker`] verifies Raft's safety
 //! properties; at the end the faults heal and the cluster must elect a
 //! leader and commit every pending proposal within a bounded time.
@@ -22,8 +24,9 @@ use bytes::Bytes;
 
 use crate::raft::rng::Rng;
 use crate::raft::{
-    Config, Entry, Envelope, HardState, Index, LogPosition, LogWrite, Message, NodeId, Proposal,
-    ProposeError, RaftNode, Ready, RebuildPlan, Restorer, Role, Status,
+    ChangeError, ChangeResponse, Config, Entry, Envelope, HardState, Index, LogPosition, LogWrite,
+    MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, Ready, RebuildPlan,
+    Restorer, Role, Status,
 };
 use checker::{extend_chain, Checker, Violation};
 use client::SimClient;
@@ -36,6 +39,9 @@ pub struct SimConfig {
     pub steps: u64,
     pub voters: u64,
     pub learners: u64,
+    /// Nodes outside the bootstrap configuration, running from the start
+    /// with empty logs: candidates for the operator to add.
+    pub spares: u64,
     pub clients: u64,
     pub network: NetworkFaults,
     /// Most steps a log write takes to become durable.
@@ -53,6 +59,10 @@ pub struct SimConfig {
     /// A crashed node restarts after `min..max` steps.
     pub restart_delay: (u64, u64),
     pub transfer_rate: f64,
+    /// The operator asks the leader for a membership change: add a node
+    /// as a learner, promote a learner, remove a member (the leader too)
+    /// or move one to a new address.
+    pub membership_rate: f64,
     /// Give voters priorities; the highest must end up leading.
     pub priorities: bool,
     /// Steps allowed after the faults heal for the cluster to converge.
@@ -83,6 +93,7 @@ impl SimConfig {
             steps,
             voters: if rng.chance(0.5) { 3 } else { 5 },
             learners: rng.range(0, 3),
+            spares: 2,
             clients: rng.range(1, 4),
             network: NetworkFaults {
                 drop: 0.02,
@@ -99,6 +110,7 @@ impl SimConfig {
             rebuild_rate: 0.001,
             restart_delay: (5, 80),
             transfer_rate: 0.002,
+            membership_rate: 0.006,
             priorities: rng.chance(0.25),
             liveness_bound: 600,
             sabotage: None,
@@ -133,6 +145,14 @@ pub struct Stats {
     pub lies: u64,
     /// Steps after healing until the cluster converged.
     pub convergence_steps: u64,
+    /// Membership changes asked of a leader, answered committed, refused,
+    /// and committed removals of the leader that asked for them.
+    pub changes_asked: u64,
+    pub changes_committed: u64,
+    pub changes_refused: u64,
+    pub leader_removals: u64,
+    /// Configuration entries in the committed log.
+    pub config_entries: u64,
 }
 
 /// A failed run: what broke, where, and how to replay it.
@@ -213,6 +233,11 @@ pub struct Simulation {
     next_read: u64,
     /// Sequence numbers of the lying client's proposals.
     next_lie: u64,
+    /// Membership changes asked and not answered: ctx -> the change.
+    changes: BTreeMap<u64, MembershipChange>,
+    next_change: u64,
+    /// Indexes at which a change was answered as committed.
+    committed_changes: Vec<Index>,
     checker: Checker,
     stats: Stats,
     trace: VecDeque<String>,
@@ -234,10 +259,19 @@ impl Simulation {
         let mut rng = Rng::new(cfg.seed);
         let voters: Vec<NodeId> = (1..=cfg.voters).collect();
         let learners: Vec<NodeId> = (cfg.voters + 1..=cfg.voters + cfg.learners).collect();
+        let spares: Vec<NodeId> =
+            (cfg.voters + cfg.learners + 1..=cfg.voters + cfg.learners + cfg.spares).collect();
         let mut nodes = BTreeMap::new();
-        for id in voters.iter().chain(&learners) {
+        let mut bootstrap = None;
+        for id in voters.iter().chain(&learners).chain(&spares) {
             let mut config = Config::new(*id, voters.iter().copied());
             config.learners = learners.iter().copied().collect();
+            config.addresses = voters
+                .iter()
+                .chain(&learners)
+                .map(|id| (*id, format!("sim-{id}:1")))
+                .collect();
+            bootstrap.get_or_insert_with(|| config.membership());
             config.max_inflight = 4;
             config.max_append_entries = 8;
             // A byte budget that a few to a dozen messages fill (they take
@@ -285,7 +319,10 @@ impl Simulation {
             reads: BTreeMap::new(),
             next_read: 1,
             next_lie: 1,
-            checker: Checker::default(),
+            changes: BTreeMap::new(),
+            next_change: 1,
+            committed_changes: Vec::new(),
+            checker: Checker::new(bootstrap.unwrap_or_default()),
             stats: Stats::default(),
             trace: VecDeque::new(),
             verbose: false,
@@ -347,6 +384,14 @@ impl Simulation {
         }
         self.stats.convergence_steps = self.now - healed_at;
         self.checker.all_acks_committed()?;
+        for index in &self.committed_changes {
+            if self.checker.is_config(*index) != Some(true) {
+                return Err(format!(
+                    "a membership change was answered committed at index {index}, which holds no configuration"
+                ));
+            }
+        }
+        self.stats.config_entries = self.checker.config_changes();
         self.stats.dropped = self.network.dropped;
         self.stats.duplicated = self.network.duplicated;
         self.stats.blocked = self.network.blocked_drops;
@@ -426,9 +471,12 @@ impl Simulation {
                 self.lose_disk(id);
             }
         }
+        if self.rng.chance(self.cfg.membership_rate) {
+            self.change_membership()?;
+        }
         if self.rng.chance(self.cfg.transfer_rate) {
             if let Some(leader) = self.current_leader() {
-                let target = self.rng.range(1, self.cfg.voters + 1);
+                let target = self.rng.range(1, self.nodes.len() as u64 + 1);
                 if let Some(raft) = self.nodes.get_mut(&leader).and_then(|n| n.raft.as_mut()) {
                     if raft.transfer_leadership(target).is_ok() {
                         self.stats.transfers += 1;
@@ -436,6 +484,99 @@ impl Simulation {
                         self.drain(leader)?;
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The operator asks the leader for a random membership change that
+    /// makes sense for the configuration it has (it may still be refused:
+    /// a change in flight, a learner not caught up, a leader too new).
+    fn change_membership(&mut self) -> Result<(), Violation> {
+        let Some(leader) = self.current_leader() else {
+            return Ok(());
+        };
+        let Some(raft) = self.nodes.get(&leader).and_then(|n| n.raft.as_ref()) else {
+            return Ok(());
+        };
+        let membership = raft.membership().clone();
+        let outsiders: Vec<NodeId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| !membership.contains(*id))
+            .collect();
+        let learners: Vec<NodeId> = membership.learners.iter().copied().collect();
+        // At least two voters stay: a lone voter that loses its disk has
+        // nobody to rebuild the committed log from.
+        let removable_voters = membership.voters.len() > 2;
+        let members: Vec<NodeId> = membership
+            .members()
+            .filter(|id| removable_voters || !membership.is_voter(*id))
+            .collect();
+        let change = match self.rng.range(0, 10) {
+            0..=2 => self
+                .rng
+                .pick(&outsiders)
+                .map(|&id| MembershipChange::AddLearner {
+                    id,
+                    address: format!("sim-{id}:1"),
+                }),
+            3..=5 => self
+                .rng
+                .pick(&learners)
+                .map(|&id| MembershipChange::Promote { id }),
+            6..=7 => self
+                .rng
+                .pick(&members)
+                .map(|&id| MembershipChange::Remove { id }),
+            // The leader itself, as when its VM is retired.
+            8 if removable_voters => Some(MembershipChange::Remove { id: leader }),
+            8 => None,
+            _ => self
+                .rng
+                .pick(&members)
+                .map(|&id| MembershipChange::UpdateAddress {
+                    id,
+                    address: format!("sim-{id}:{}", self.now),
+                }),
+        };
+        let Some(change) = change else {
+            return Ok(());
+        };
+        let ctx = self.next_change;
+        self.next_change += 1;
+        self.stats.changes_asked += 1;
+        self.note(format!("operator asks leader {leader} to {change}"));
+        self.changes.insert(ctx, change.clone());
+        if let Some(raft) = self.nodes.get_mut(&leader).and_then(|n| n.raft.as_mut()) {
+            raft.change_membership(ctx, change);
+        }
+        self.drain(leader)
+    }
+
+    fn on_change(&mut self, node: NodeId, response: ChangeResponse) -> Result<(), Violation> {
+        let Some(change) = self.changes.remove(&response.ctx) else {
+            return Err(format!(
+                "node {node} answered a membership change never asked ({})",
+                response.ctx
+            ));
+        };
+        match response.result {
+            Ok(index) => {
+                self.stats.changes_committed += 1;
+                if change == (MembershipChange::Remove { id: node }) {
+                    self.stats.leader_removals += 1;
+                }
+                self.committed_changes.push(index);
+                self.note(format!("{change}: committed at index {index}"));
+            }
+            Err(ChangeError::LeadershipLost) => {
+                self.note(format!("{change}: leader {node} lost leadership, outcome unknown"));
+            }
+            Err(error) => {
+                self.stats.changes_refused += 1;
+                self.note(format!("{change}: refused by {node}: {error}"));
             }
         }
         Ok(())
@@ -670,19 +811,34 @@ impl Simulation {
         let Some(leader) = self.current_leader() else {
             return false;
         };
-        if self.cfg.priorities && leader != self.cfg.voters {
-            return false;
-        }
         let Some(leader_raft) = self.nodes[&leader].raft.as_ref() else {
             return false;
         };
+        let membership = leader_raft.membership();
+        if self.cfg.priorities {
+            // The voter with the highest priority leads (those added later
+            // have none).
+            let priority = |id: NodeId| leader_raft.config().priority(id);
+            let best = membership.voters.iter().map(|v| priority(*v)).max();
+            if Some(priority(leader)) != best {
+                return false;
+            }
+        }
         let last = leader_raft.log().last_index();
         let term = leader_raft.term();
-        let all_caught_up = self.nodes.values().all(|n| {
-            n.raft.as_ref().is_some_and(|r| {
-                r.term() == term && r.commit_index() == last && r.log().persisted_index() == last
-            })
-        });
+        // Every member caught up; nodes outside the configuration (spares,
+        // removed members) are not sent the log.
+        let all_caught_up = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| membership.contains(**id))
+            .all(|(_, n)| {
+                n.raft.as_ref().is_some_and(|r| {
+                    r.term() == term
+                        && r.commit_index() == last
+                        && r.log().persisted_index() == last
+                })
+            });
         all_caught_up
             && self.clients.iter().all(|c| c.outstanding.is_empty())
             && self.reads.is_empty()
@@ -809,9 +965,17 @@ impl Simulation {
             responses,
             reads,
             fetches,
-            changes: _,
-            membership: _,
+            changes,
+            membership,
         } = ready;
+        if let Some((index, membership)) = membership {
+            self.note(format!(
+                "node {id} now uses the configuration at index {index}: {membership}"
+            ));
+        }
+        for change in changes {
+            self.on_change(id, change)?;
+        }
         let delay = self.rng.range(0, self.cfg.max_persist_delay + 1);
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
@@ -940,7 +1104,10 @@ impl Simulation {
                 }
             }
             Err(ProposeError::NotLeader { leader }) => {
-                client.target = leader.unwrap_or_else(|| self.rng.range(1, self.cfg.voters + 1));
+                // No leader known there (a removed node knows none): any
+                // node, as the real client tries every address it has.
+                let nodes = self.nodes.len() as u64;
+                client.target = leader.unwrap_or_else(|| self.rng.range(1, nodes + 1));
                 client.retry_at(seq, self.now + 1);
             }
             Err(ProposeError::LeadershipLost) | Err(ProposeError::TransferInProgress) => {
@@ -988,9 +1155,16 @@ impl Simulation {
     }
 
     fn check(&mut self) -> Result<(), Violation> {
-        let quorum = (self.cfg.voters / 2 + 1) as usize;
-        let voters = self.cfg.voters;
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        // Leaders first: a newly committed index is then first seen where
+        // it was decided, and checked against that leader's configuration.
+        let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        ids.sort_by_key(|id| {
+            let leads = self.nodes[id]
+                .raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader);
+            (!leads, *id)
+        });
         for id in ids {
             let node = &self.nodes[&id];
             let Some(raft) = node.raft.as_ref() else {
@@ -1019,6 +1193,17 @@ impl Simulation {
                 ));
             }
             let nodes = &self.nodes;
+            // Who may have counted towards the commit: a leader counts the
+            // voters of the configuration in force in its log, nobody else
+            // (a removed node never again). A node that learned the commit
+            // from a leader since gone may hold a configuration one change
+            // ahead of the committed one, so either will do there.
+            let quorums: Vec<&std::collections::BTreeSet<NodeId>> = if raft.role() == Role::Leader
+            {
+                vec![&raft.membership().voters]
+            } else {
+                vec![&raft.membership().voters, &raft.committed_membership().voters]
+            };
             self.checker.observe_commit(
                 id,
                 commit,
@@ -1031,21 +1216,35 @@ impl Simulation {
                         .cloned()
                 },
                 |index, hash| {
-                    nodes
+                    let durable_on = |voters: &std::collections::BTreeSet<NodeId>| {
+                        nodes
+                            .iter()
+                            .filter(|(v, n)| {
+                                // A disk lost after the node acknowledged an
+                                // entry does not undo the acknowledgement:
+                                // the leader may count it still (its match
+                                // index is stale until the node answers
+                                // again). The catch-up floor keeps such an
+                                // entry safe.
+                                voters.contains(v)
+                                    && (n.disk_chain.get(index as usize - 1) == Some(&hash)
+                                        || n.lost_chain.get(index as usize - 1) == Some(&hash))
+                            })
+                            .count()
+                    };
+                    if quorums
                         .iter()
-                        .filter(|(v, n)| {
-                            // A disk lost after the node acknowledged an
-                            // entry does not undo the acknowledgement: the
-                            // leader may count it still (its match index
-                            // is stale until the node answers again). The
-                            // catch-up floor keeps such an entry safe.
-                            **v <= voters
-                                && (n.disk_chain.get(index as usize - 1) == Some(&hash)
-                                    || n.lost_chain.get(index as usize - 1) == Some(&hash))
-                        })
-                        .count()
+                        .any(|voters| durable_on(voters) >= voters.len() / 2 + 1)
+                    {
+                        return None;
+                    }
+                    let voters = quorums[0];
+                    Some(format!(
+                        "durable on only {} of the voters {voters:?}, quorum is {}",
+                        durable_on(voters),
+                        voters.len() / 2 + 1
+                    ))
                 },
-                quorum,
             )?;
             if let Some(node) = self.nodes.get_mut(&id) {
                 node.last_commit = commit;

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use cluster_store::raft::{
-    Config, Entry, Envelope, HardState, LogPosition, Message, NodeId, Proposal, ProposeResponse,
-    RaftNode, ReadResponse, RebuildPlan, RequestId, Restorer, Role, Status,
+    ChangeResponse, Config, Entry, Envelope, HardState, LogPosition, MembershipChange, Message,
+    NodeId, Proposal, ProposeResponse, RaftNode, ReadResponse, RebuildPlan, RequestId, Restorer,
+    Role, Status,
 };
 
 pub struct Disk {
@@ -27,6 +28,7 @@ pub struct Cluster {
     pub cut: HashSet<(NodeId, NodeId)>,
     pub responses: Vec<ProposeResponse>,
     pub reads: Vec<ReadResponse>,
+    pub changes: Vec<ChangeResponse>,
     /// Every message delivered, for tests that count them.
     pub delivered: Vec<Envelope>,
 }
@@ -41,6 +43,7 @@ impl Cluster {
             cut: HashSet::new(),
             responses: Vec::new(),
             reads: Vec::new(),
+            changes: Vec::new(),
             delivered: Vec::new(),
         };
         for id in voters.iter().chain(learners) {
@@ -59,6 +62,42 @@ impl Cluster {
             cluster.restart(*id);
         }
         cluster
+    }
+
+    /// Starts node `id` outside the configuration, with an empty disk and
+    /// the bootstrap configuration of node `like`: a machine ready to be
+    /// added.
+    pub fn add_spare(&mut self, id: NodeId, like: NodeId) {
+        let mut config = self.configs[&like].clone();
+        config.id = id;
+        config.seed = id;
+        self.configs.insert(id, config);
+        self.disks.insert(
+            id,
+            Disk {
+                hard_state: HardState::default(),
+                log: Vec::new(),
+                catch_up_floor: None,
+            },
+        );
+        self.restart(id);
+    }
+
+    /// Asks `at` for a membership change; the answer lands in `changes`.
+    pub fn change(&mut self, at: NodeId, ctx: u64, change: MembershipChange) {
+        self.node_mut(at).change_membership(ctx, change);
+        self.drain(at);
+    }
+
+    /// The answer to membership change `ctx`, if one came.
+    pub fn change_result(
+        &self,
+        ctx: u64,
+    ) -> Option<Result<u64, cluster_store::raft::ChangeError>> {
+        self.changes
+            .iter()
+            .find(|c| c.ctx == ctx)
+            .map(|c| c.result.clone())
     }
 
     pub fn node(&self, id: NodeId) -> &RaftNode {
@@ -91,6 +130,7 @@ impl Cluster {
             self.queue.extend(ready.persisted_messages);
             self.responses.extend(ready.responses);
             self.reads.extend(ready.reads);
+            self.changes.extend(ready.changes);
             for fetch in ready.fetches {
                 let entries = fetch.serve(&disk.log);
                 node.fetched(fetch.to, fetch.from, entries);

@@ -45,6 +45,9 @@ pub struct TestCluster {
     pub ip: String,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// Nodes started with `--join` (added with `node member add`): clients
+    /// name them too.
+    pub joined: Vec<NodeId>,
     children: BTreeMap<NodeId, Child>,
     /// Extra command-line arguments per node.
     extra: BTreeMap<NodeId, Vec<String>>,
@@ -93,6 +96,7 @@ impl TestCluster {
             ip: format!("127.0.0.{ip_octet}"),
             voters: voters.to_vec(),
             learners: learners.to_vec(),
+            joined: Vec::new(),
             children: BTreeMap::new(),
             extra: voters
                 .iter()
@@ -127,6 +131,7 @@ impl TestCluster {
             ip: format!("127.0.0.{ip_octet}"),
             voters: voters.to_vec(),
             learners: Vec::new(),
+            joined: Vec::new(),
             children: BTreeMap::new(),
             extra: BTreeMap::new(),
             views: BTreeMap::new(),
@@ -165,10 +170,61 @@ impl TestCluster {
         self.spec(&self.voters)
     }
 
-    /// Every node, voters and learners, as clients name them.
+    /// Every node, voters, learners and joined nodes, as clients name them.
     pub fn cluster_spec(&self) -> String {
-        let all: Vec<NodeId> = self.voters.iter().chain(&self.learners).copied().collect();
-        self.spec(&all)
+        self.spec(&self.all())
+    }
+
+    fn all(&self) -> Vec<NodeId> {
+        self.voters
+            .iter()
+            .chain(&self.learners)
+            .chain(&self.joined)
+            .copied()
+            .collect()
+    }
+
+    /// Signs a certificate for a new node with the cluster's CA, as an
+    /// operator does before adding a machine (`node certs add-node`).
+    pub fn add_node_cert(&self, id: NodeId) {
+        let status = Command::new(BIN)
+            .args(["certs", "add-node", &id.to_string(), "--out"])
+            .arg(self.certs())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run node certs add-node");
+        assert!(status.success(), "node certs add-node {id} failed");
+    }
+
+    /// Starts node `id` with an empty data directory and `--join`, naming
+    /// the nodes in `via`: it learns the configuration from them.
+    pub fn launch_joining(&mut self, id: NodeId, via: &[NodeId]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{id}.log")))
+            .expect("log file");
+        let mut command = Command::new(server_bin());
+        command
+            .args(["--id", &id.to_string(), "--join", &self.spec(via)])
+            .args(["--listen", &self.addr(id).to_string()])
+            .arg("--data")
+            .arg(self.data_dir(id))
+            .arg("--certs")
+            .arg(self.certs())
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(extra) = self.extra.get(&id) {
+            command.args(extra);
+        }
+        let child = command.spawn().expect("spawn node");
+        self.children.insert(id, child);
+        if !self.all().contains(&id) {
+            self.joined.push(id);
+        }
     }
 
     pub fn data_dir(&self, id: NodeId) -> PathBuf {
@@ -267,10 +323,9 @@ impl TestCluster {
         let (cert, key) = identity::client_cert_path(certs, name);
         let creds = Credentials::load(&ca, &cert, &key).expect("client credentials");
         let cluster = self
-            .voters
-            .iter()
-            .chain(&self.learners)
-            .map(|id| (*id, self.addr(*id).into()))
+            .all()
+            .into_iter()
+            .map(|id| (id, self.addr(id).into()))
             .collect();
         Client::new(cluster, &creds).expect("client")
     }

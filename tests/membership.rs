@@ -128,7 +128,9 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
             )));
         }
         cluster.joined.clear();
-        cluster.wait_for_leader(&admin, Duration::from_secs(30)).await;
+        cluster
+            .wait_for_leader(&admin, Duration::from_secs(30))
+            .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         let mut report = Vec::new();
@@ -152,27 +154,48 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         let started = Instant::now();
         member(
             &cluster,
-            &["add", "4", "--address", &cluster.addr(4).to_string(), "--learner"],
+            &[
+                "add",
+                "4",
+                "--address",
+                &cluster.addr(4).to_string(),
+                "--learner",
+            ],
         );
         cluster.launch_joining(4, &[1]);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let list = members(&cluster);
-            if list.get(&4).is_some_and(|(voter, lag)| !voter && *lag < 100) {
+            if list
+                .get(&4)
+                .is_some_and(|(voter, lag)| !voter && *lag < 100)
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "node 4 never caught up: {list:?}");
+            assert!(
+                Instant::now() < deadline,
+                "node 4 never caught up: {list:?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         member(&cluster, &["promote", "4"]);
         member(&cluster, &["remove", &dead.to_string()]);
         let list = members(&cluster);
-        let voters: Vec<NodeId> = list.iter().filter(|(_, (v, _))| *v).map(|(id, _)| *id).collect();
+        let voters: Vec<NodeId> = list
+            .iter()
+            .filter(|(_, (v, _))| *v)
+            .map(|(id, _)| *id)
+            .collect();
         let mut expected: Vec<NodeId> = [1, 2, 3, 4].into_iter().filter(|id| *id != dead).collect();
         expected.sort_unstable();
         assert_eq!(voters, expected, "after replacing node {dead}: {list:?}");
         let (_, after) = leader_term(&cluster, &admin).await;
-        change(format!("replace node {dead} with node 4"), started, term, after);
+        change(
+            format!("replace node {dead} with node 4"),
+            started,
+            term,
+            after,
+        );
 
         // Grow to five: `member add` without --learner promotes once caught up.
         for id in [5, 6] {
@@ -245,10 +268,16 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         let final_members: Vec<NodeId> = list.keys().copied().collect();
         assert_eq!(final_members.len(), 3, "shrunk to three: {list:?}");
         assert!(list.values().all(|(voter, _)| *voter));
-        cluster.wait_caught_up(&admin, Duration::from_secs(60)).await;
+        cluster
+            .wait_caught_up(&admin, Duration::from_secs(60))
+            .await;
 
         let acks = acks.lock().expect("acks");
-        assert!(acks.acked.len() > 100, "too few writes: {}", acks.acked.len());
+        assert!(
+            acks.acked.len() > 100,
+            "too few writes: {}",
+            acks.acked.len()
+        );
         let mut logs = Vec::new();
         for id in &final_members {
             let entries = admin.local_export(*id).await.expect("local export");
@@ -277,7 +306,10 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         for e in reference {
             *seen.entry(e.text.as_str()).or_insert(0) += 1;
         }
-        assert!(seen.values().all(|n| *n == 1), "a message is in the log twice");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "a message is in the log twice"
+        );
         println!(
             "{} acknowledged, {} failed sends, {} entries in every remaining node's log",
             acks.acked.len(),

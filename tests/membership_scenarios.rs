@@ -60,7 +60,10 @@ fn a_node_added_as_learner_catches_up_and_once_promoted_counts_towards_quorum() 
     c.heal();
     c.tick(&[1], 3);
     assert!(c.node(1).commit_index() > before);
-    assert_eq!(c.texts(4).last().map(String::as_str), Some("needs three of four"));
+    assert_eq!(
+        c.texts(4).last().map(String::as_str),
+        Some("needs three of four")
+    );
 }
 
 #[test]
@@ -98,9 +101,21 @@ fn one_change_at_a_time_and_only_once_the_leader_committed_in_its_term() {
 
     for (ctx, change, error) in [
         (5, add(2), ChangeError::AlreadyMember(2)),
-        (6, MembershipChange::Promote { id: 9 }, ChangeError::NotMember(9)),
-        (7, MembershipChange::Promote { id: 1 }, ChangeError::AlreadyVoter(1)),
-        (8, MembershipChange::Remove { id: 9 }, ChangeError::NotMember(9)),
+        (
+            6,
+            MembershipChange::Promote { id: 9 },
+            ChangeError::NotMember(9),
+        ),
+        (
+            7,
+            MembershipChange::Promote { id: 1 },
+            ChangeError::AlreadyVoter(1),
+        ),
+        (
+            8,
+            MembershipChange::Remove { id: 9 },
+            ChangeError::NotMember(9),
+        ),
     ] {
         c.change(1, ctx, change);
         assert_eq!(c.change_result(ctx), Some(Err(error)));

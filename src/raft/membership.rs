@@ -174,7 +174,9 @@ pub enum ChangeError {
     NotLeader { leader: Option<NodeId> },
     #[error("the new leader has not committed an entry of its own term yet; retry shortly")]
     LeaderNotReady,
-    #[error("the change at index {index} is not committed yet: one change at a time; retry once it is")]
+    #[error(
+        "the change at index {index} is not committed yet: one change at a time; retry once it is"
+    )]
     ChangeInProgress { index: Index },
     #[error("leadership is being transferred; retry shortly")]
     TransferInProgress,
@@ -387,7 +389,9 @@ impl RaftNode {
                 let peers: BTreeSet<NodeId> = membership.members().filter(|id| *id != me).collect();
                 self.progress.retain(|id, _| peers.contains(id));
                 for id in peers {
-                    self.progress.entry(id).or_insert_with(|| Progress::new(next));
+                    self.progress
+                        .entry(id)
+                        .or_insert_with(|| Progress::new(next));
                 }
             }
             _ => self.refresh_role(),

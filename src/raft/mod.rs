@@ -31,9 +31,7 @@ mod types;
 pub use config::{Config, ConfigError, MAX_COMMAND_BYTES};
 pub use leadership::TransferError;
 pub use log::{LogError, LogWrite, RaftLog};
-pub use membership::{
-    ChangeError, ChangeResponse, Membership, MembershipChange, PROMOTE_MAX_LAG,
-};
+pub use membership::{ChangeError, ChangeResponse, Membership, MembershipChange, PROMOTE_MAX_LAG};
 pub use message::{AppendResult, Envelope, Message};
 pub use node::{PeerStatus, RaftError, RaftNode, Restorer, Status};
 pub use ready::{Fetch, Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};

@@ -91,10 +91,10 @@ impl RaftNode {
         while let Some(front) = self.reads.pending.front() {
             let acks = usize::from(self.config.is_voter(self.config.id))
                 + self
-                .progress
-                .iter()
-                .filter(|(id, pr)| self.config.voters.contains(id) && pr.read_ack >= front.seq)
-                .count();
+                    .progress
+                    .iter()
+                    .filter(|(id, pr)| self.config.voters.contains(id) && pr.read_ack >= front.seq)
+                    .count();
             if acks < self.config.quorum() {
                 break;
             }

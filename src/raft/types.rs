@@ -58,7 +58,8 @@ impl Entry {
             Payload::Noop => FIXED,
             Payload::Command(c) => FIXED + c.sender.len() + c.data.len(),
             Payload::Membership(m) => {
-                FIXED + 16 * (m.voters.len() + m.learners.len())
+                FIXED
+                    + 16 * (m.voters.len() + m.learners.len())
                     + m.addresses.values().map(|a| 16 + a.len()).sum::<usize>()
             }
         }

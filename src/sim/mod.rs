@@ -572,7 +572,9 @@ impl Simulation {
                 self.note(format!("{change}: committed at index {index}"));
             }
             Err(ChangeError::LeadershipLost) => {
-                self.note(format!("{change}: leader {node} lost leadership, outcome unknown"));
+                self.note(format!(
+                    "{change}: leader {node} lost leadership, outcome unknown"
+                ));
             }
             Err(error) => {
                 self.stats.changes_refused += 1;
@@ -1198,11 +1200,13 @@ impl Simulation {
             // (a removed node never again). A node that learned the commit
             // from a leader since gone may hold a configuration one change
             // ahead of the committed one, so either will do there.
-            let quorums: Vec<&std::collections::BTreeSet<NodeId>> = if raft.role() == Role::Leader
-            {
+            let quorums: Vec<&std::collections::BTreeSet<NodeId>> = if raft.role() == Role::Leader {
                 vec![&raft.membership().voters]
             } else {
-                vec![&raft.membership().voters, &raft.committed_membership().voters]
+                vec![
+                    &raft.membership().voters,
+                    &raft.committed_membership().voters,
+                ]
             };
             self.checker.observe_commit(
                 id,

@@ -90,10 +90,7 @@ impl Cluster {
     }
 
     /// The answer to membership change `ctx`, if one came.
-    pub fn change_result(
-        &self,
-        ctx: u64,
-    ) -> Option<Result<u64, cluster_store::raft::ChangeError>> {
+    pub fn change_result(&self, ctx: u64) -> Option<Result<u64, cluster_store::raft::ChangeError>> {
         self.changes
             .iter()
             .find(|c| c.ctx == ctx)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use cluster_store::raft::{Entry, Envelope, Message, Payload, ProposeError, RequestId, Role};
+use cluster_store::raft::{Envelope, Message, ProposeError, RequestId, Role};
 use common::Cluster;
 
 fn ok_index(cluster: &Cluster, client_id: u64, seq: u64) -> Option<u64> {

@@ -209,8 +209,9 @@ impl Persister {
 /// Queues a message for its peer's link. Raft tolerates loss: a full queue
 /// means the peer is far behind or unreachable, and probing catches it up.
 pub fn send(outboxes: &Outboxes, envelope: Envelope) {
-    let Some(outbox) = outboxes.get(&envelope.to) else {
-        tracing::error!(to = envelope.to, "no route to peer");
+    let Some(outbox) = outboxes.get(envelope.to) else {
+        // A member just added (its link is being set up) or just removed.
+        tracing::debug!(to = envelope.to, "no link to peer, dropping a message");
         return;
     };
     if outbox.try_send(envelope).is_err() {

@@ -28,7 +28,9 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
-use crate::raft::{Entry, HardState, Index, LogPosition, LogWrite, NodeId, RebuildPlan};
+use crate::raft::{
+    Entry, HardState, Index, LogPosition, LogWrite, Membership, NodeId, RebuildPlan,
+};
 
 mod chunk;
 pub mod segments;
@@ -46,10 +48,26 @@ const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Written once by `node rebuild` (`RebuildPlan::floor`); absent otherwise.
 const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
+/// The configuration this replica started from (`StoredBootstrap`);
+/// absent in stores written before membership lived in the log.
+const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
 /// Journal size that triggers a checkpoint (a flush of sled).
 const CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// The configuration a replica starts from before its log says otherwise:
+/// `--peers`/`--learner` on a new cluster's first start, or what a joining
+/// node learned from the cluster. Stored once, so a later command line
+/// cannot silently change who votes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBootstrap {
+    pub membership: Membership,
+    /// Equal on every node of one cluster: the digest of the member ids
+    /// the cluster was first started with (a joining node copies it).
+    /// Peers compare it on connect.
+    pub cluster_digest: u64,
+}
 
 /// What a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -622,6 +640,32 @@ impl Store {
             .deserialize(&bytes)
             .map(Some)
             .map_err(|e| self.corrupt(format!("identity record: {e}")))
+    }
+
+    /// The bootstrap configuration recorded on this replica's first start.
+    pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
+        let Some(bytes) = self
+            .meta
+            .get(BOOTSTRAP_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        codec()
+            .deserialize(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(format!("bootstrap configuration record: {e}")))
+    }
+
+    /// Records the bootstrap configuration, durably, before the node runs.
+    pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
+        let bytes = codec()
+            .serialize(bootstrap)
+            .map_err(|e| self.write_error(e))?;
+        self.meta
+            .insert(BOOTSTRAP_KEY, bytes)
+            .map_err(|e| self.write_error(e))?;
+        self.checkpoint()
     }
 
     pub fn hard_state(&self) -> Result<HardState, StoreError> {

@@ -1,0 +1,196 @@
+//! The peer links follow the configuration in force: a member added is
+//! dialed (or waited for), a member removed loses its link and its
+//! connections, a member that moved is dialed at its new address. A node
+//! the configuration no longer lists holds no links at all. Only a member
+//! with a link may hold a peer connection (`transport::serve_peer`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use quinn::{Connection, Endpoint};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::driver::Outboxes;
+use super::transport::{self, Peers, CLOSE_REMOVED, OUTBOX};
+use crate::address::Address;
+use crate::raft::{Membership, NodeId};
+
+/// One peer's link: the task carrying our messages, and the connections
+/// to close when the peer leaves.
+struct Link {
+    address: Address,
+    /// The live connection the peer dialed to us.
+    inbound: watch::Sender<Option<Connection>>,
+    /// The connection we dialed to it.
+    dialed: Arc<Mutex<Option<Connection>>>,
+    task: JoinHandle<()>,
+}
+
+impl Link {
+    fn close(self, reason: &str) {
+        self.task.abort();
+        let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
+        let inbound = self.inbound.send_replace(None);
+        for connection in dialed.into_iter().chain(inbound) {
+            connection.close(CLOSE_REMOVED.into(), reason.as_bytes());
+        }
+    }
+}
+
+/// The links of one node, by peer.
+#[derive(Clone, Default)]
+pub struct Links(Arc<Mutex<BTreeMap<NodeId, Link>>>);
+
+impl Links {
+    /// Where a connection `peer` dials to us goes, if `peer` is a member.
+    pub fn inbound_slot(&self, peer: NodeId) -> Option<watch::Sender<Option<Connection>>> {
+        let links = self.0.lock().ok()?;
+        links.get(&peer).map(|link| link.inbound.clone())
+    }
+
+    /// Makes the links match `membership`: one per other member, at its
+    /// address; none at all if this node is not a member.
+    pub fn follow(
+        &self,
+        membership: &Membership,
+        endpoint: &Endpoint,
+        peers: &Peers,
+        outboxes: &Outboxes,
+    ) {
+        let me = peers.me;
+        let wanted = wanted_links(me, membership);
+        let mut links = match self.0.lock() {
+            Ok(links) => links,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let stale: Vec<NodeId> = links
+            .iter()
+            .filter(|(id, link)| wanted.get(id) != Some(&link.address))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            let Some(link) = links.remove(&id) else {
+                continue;
+            };
+            outboxes.remove(id);
+            let reason = match wanted.get(&id) {
+                Some(address) => {
+                    info!(peer = id, from = %link.address, to = %address, "node {id} moved: closing its link to open one at the new address");
+                    "moved to another address"
+                }
+                None if membership.contains(me) => {
+                    info!(
+                        peer = id,
+                        "node {id} left the configuration: closing its link"
+                    );
+                    "removed from the cluster's configuration"
+                }
+                None => {
+                    info!(
+                        peer = id,
+                        "this node is no longer a member: closing its link to node {id}"
+                    );
+                    "the closing node was removed from the cluster's configuration"
+                }
+            };
+            link.close(reason);
+        }
+        for (id, address) in wanted {
+            if links.contains_key(&id) {
+                continue;
+            }
+            info!(peer = id, %address, "opening a link to node {id}");
+            let (outbox, queued) = mpsc::channel(OUTBOX);
+            let (inbound, watched) = watch::channel(None);
+            let dialed = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(transport::run_link(
+                endpoint.clone(),
+                peers.clone(),
+                id,
+                address.clone(),
+                queued,
+                watched,
+                dialed.clone(),
+            ));
+            outboxes.insert(id, outbox);
+            links.insert(
+                id,
+                Link {
+                    address,
+                    inbound,
+                    dialed,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+/// The links `membership` calls for: every other member at its address,
+/// or none when `me` is not a member (a removed node holds no links).
+pub fn wanted_links(me: NodeId, membership: &Membership) -> BTreeMap<NodeId, Address> {
+    if !membership.contains(me) {
+        return BTreeMap::new();
+    }
+    membership
+        .members()
+        .filter(|id| *id != me)
+        .filter_map(
+            |id| match membership.addresses.get(&id).map(|a| Address::parse(a)) {
+                Some(Ok(address)) => Some((id, address)),
+                Some(Err(error)) => {
+                    warn!(
+                        peer = id,
+                        "no link to node {id}: its address is unusable: {error}"
+                    );
+                    None
+                }
+                None => {
+                    warn!(
+                        peer = id,
+                        "no link to node {id}: the configuration gives no address"
+                    );
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// Keeps the links in line with the configuration in force until the
+/// driver stops.
+pub async fn follow_membership(
+    links: Links,
+    mut membership: watch::Receiver<Membership>,
+    endpoint: Endpoint,
+    peers: Peers,
+    outboxes: Outboxes,
+) {
+    loop {
+        let current = membership.borrow_and_update().clone();
+        links.follow(&current, &endpoint, &peers, &outboxes);
+        if membership.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_go_to_other_members_and_none_once_removed() {
+        let membership = Membership {
+            voters: [1, 2, 3].into(),
+            learners: [4].into(),
+            addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
+        };
+        let wanted = wanted_links(2, &membership);
+        assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+        assert_eq!(wanted[&4].to_string(), "h4:7000");
+        assert!(wanted_links(9, &membership).is_empty());
+    }
+}

@@ -872,6 +872,11 @@ impl Client {
     ) -> Result<(NodeId, Result<Index, ChangeError>)> {
         let deadline = Instant::now() + patience;
         let request = ClientRequest::ChangeMembership(change.clone());
+        // Learns the leader and every member's address first: the leader
+        // may be a node added after the client's --cluster list was made.
+        if let Err(error) = self.members().await {
+            tracing::debug!("no member list before the change: {error:#}");
+        }
         loop {
             match self.to_leader(&request).await? {
                 (_, ClientResponse::MembershipChanged { index, leader }) => {

@@ -15,7 +15,7 @@ use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, Payload, RebuildPlan};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::storage::{Store, StoreError};
+use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
 use cluster_store::wire::{ExportedEntry, MembersView};
 
@@ -455,6 +455,27 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
     let crl_seen = identity::crl_seen_path(data).exists();
     // The term to start at, and the catch-up floor: see `RebuildPlan`.
     let plan = RebuildPlan::from_peers(&answers);
+    // The rebuilt replica starts from the cluster's configuration and
+    // cluster digest, as a joining node does, not from a command line that
+    // may predate changes (its peers would refuse a different digest).
+    let bootstrap = match client.members().await {
+        Ok(view) => Some(StoredBootstrap {
+            index: if view.status.change_in_progress {
+                0
+            } else {
+                view.status.membership_index
+            },
+            membership: view.committed,
+            cluster_digest: view.cluster_digest,
+        }),
+        Err(error) => {
+            eprintln!(
+                "warning: no node told the cluster's configuration ({error:#}); the rebuilt node \
+                 will take its command line's --peers/--learner (or --join) as its configuration"
+            );
+            None
+        }
+    };
     let term = plan.term;
     if data.exists() {
         let stamp = std::time::SystemTime::now()
@@ -468,6 +489,10 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
         println!("moved the old store to {}", aside.display());
     }
     Store::create_rebuilt(data, &cluster_id, id, &plan)?;
+    if let Some(bootstrap) = &bootstrap {
+        let (mut store, _) = Store::open(data, &cluster_id, id)?;
+        store.set_bootstrap(bootstrap)?;
+    }
     if crl_seen {
         identity::record_crl_seen(data)?;
     }

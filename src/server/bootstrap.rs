@@ -90,6 +90,7 @@ pub fn plan(
                 bootstrap: StoredBootstrap {
                     cluster_digest: cluster_digest(&membership),
                     membership,
+                    index: 0,
                 },
                 upgrade: !fresh,
             })
@@ -115,6 +116,16 @@ pub async fn join(
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let view = loop {
         match client.members().await {
+            // A change not yet committed may still be cut off: wait for it
+            // (one change at a time, so it takes a round trip or two).
+            Ok(view) if view.status.change_in_progress => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(BootstrapError::Unreachable(
+                        "a configuration change stayed in progress".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             Ok(view) => break view,
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(BootstrapError::Unreachable(format!("{error:#}")))
@@ -125,20 +136,22 @@ pub async fn join(
             }
         }
     };
-    if !view.committed.contains(me) {
+    if !view.status.membership.contains(me) {
         return Err(BootstrapError::NotInCluster {
             id: me,
-            membership: view.committed.to_string(),
+            membership: view.status.membership.to_string(),
         });
     }
     info!(
         node = me,
         from = view.status.id,
-        configuration = %view.committed,
+        configuration = %view.status.membership,
+        index = view.status.membership_index,
         "joined: learned the cluster's configuration"
     );
     Ok(StoredBootstrap {
-        membership: view.committed,
+        membership: view.status.membership,
+        index: view.status.membership_index,
         cluster_digest: view.cluster_digest,
     })
 }
@@ -179,6 +192,7 @@ mod tests {
     fn the_stored_configuration_wins_over_the_command_line() {
         let stored = StoredBootstrap {
             membership: members(&[1, 2, 3], &[]),
+            index: 0,
             cluster_digest: 7,
         };
         let plan = plan(

@@ -96,8 +96,8 @@ pub struct Driver {
     /// Membership changes waiting to commit, by the ctx given to the core.
     changes: HashMap<u64, oneshot::Sender<Result<Index, ChangeError>>>,
     next_change: u64,
-    /// The configuration in force, for the peer links to follow.
-    membership: watch::Sender<Membership>,
+    /// The configuration in force and its index, for the peer links.
+    membership: watch::Sender<(Index, Membership)>,
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
@@ -116,7 +116,7 @@ impl Driver {
         tick: Duration,
         metrics: Arc<Metrics>,
         events: broadcast::Sender<NodeEvent>,
-        membership: watch::Sender<Membership>,
+        membership: watch::Sender<(Index, Membership)>,
     ) -> Self {
         Driver {
             membership,
@@ -258,7 +258,7 @@ impl Driver {
         // member just added should be dialed before the first append to it.
         if let Some((index, membership)) = ready.membership {
             tracing::debug!(index, %membership, "configuration in force changed");
-            self.membership.send_replace(membership);
+            self.membership.send_replace((index, membership));
         }
         // 2. Replicate while the store writes our own log: a leader's
         //    appends leave before its fsync, so its disk and its followers'

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::driver::Outboxes;
 use super::transport::{self, Peers, CLOSE_REMOVED, OUTBOX};
 use crate::address::Address;
-use crate::raft::{Membership, NodeId};
+use crate::raft::{Index, Membership, NodeId};
 
 /// One peer's link: the task carrying our messages, and the connections
 /// to close when the peer leaves.
@@ -159,18 +159,34 @@ pub fn wanted_links(me: NodeId, membership: &Membership) -> BTreeMap<NodeId, Add
         .collect()
 }
 
+/// The configuration the links follow: the log's, unless the stored
+/// bootstrap is newer. A node that joined at index N replays the log from
+/// the start, and the configurations before N (without it, and maybe
+/// without the leader) must not cut it off while it catches up.
+pub fn in_force<'a>(
+    bootstrap: &'a (Index, Membership),
+    log: &'a (Index, Membership),
+) -> &'a Membership {
+    if log.0 >= bootstrap.0 {
+        &log.1
+    } else {
+        &bootstrap.1
+    }
+}
+
 /// Keeps the links in line with the configuration in force until the
 /// driver stops.
 pub async fn follow_membership(
     links: Links,
-    mut membership: watch::Receiver<Membership>,
+    bootstrap: (Index, Membership),
+    mut membership: watch::Receiver<(Index, Membership)>,
     endpoint: Endpoint,
     peers: Peers,
     outboxes: Outboxes,
 ) {
     loop {
         let current = membership.borrow_and_update().clone();
-        links.follow(&current, &endpoint, &peers, &outboxes);
+        links.follow(in_force(&bootstrap, &current), &endpoint, &peers, &outboxes);
         if membership.changed().await.is_err() {
             return;
         }
@@ -192,5 +208,26 @@ mod tests {
         assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
         assert_eq!(wanted[&4].to_string(), "h4:7000");
         assert!(wanted_links(9, &membership).is_empty());
+    }
+
+    #[test]
+    fn a_joined_node_keeps_its_bootstrap_until_the_log_passes_it() {
+        let old = Membership {
+            voters: [1, 2, 3].into(),
+            ..Default::default()
+        };
+        let joined = Membership {
+            voters: [1, 2, 3].into(),
+            learners: [4].into(),
+            ..Default::default()
+        };
+        let bootstrap = (57, joined.clone());
+        assert_eq!(in_force(&bootstrap, &(20, old.clone())), &joined);
+        assert_eq!(in_force(&bootstrap, &(57, joined.clone())), &joined);
+        assert_eq!(in_force(&bootstrap, &(80, old.clone())), &old);
+        assert_eq!(
+            in_force(&(0, joined.clone()), &(0, joined.clone())),
+            &joined
+        );
     }
 }

@@ -173,22 +173,28 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         "recovered from {}",
         options.data.display()
     );
+    let bootstrap = (stored.index, stored.membership.clone());
+    let in_force = links::in_force(
+        &bootstrap,
+        &(raft.membership_index(), raft.membership().clone()),
+    )
+    .clone();
     if let Some(warning) = command_line
         .as_ref()
-        .and_then(|listed| bootstrap::command_line_differs(listed, raft.membership()))
+        .and_then(|listed| bootstrap::command_line_differs(listed, &in_force))
     {
         tracing::warn!("{warning}");
     }
-    if !raft.membership().contains(me) {
+    if !in_force.contains(me) {
         tracing::warn!(
             node = me,
-            configuration = %raft.membership(),
+            configuration = %in_force,
             "this node is not a member of the cluster's configuration: it takes no part until it is added again"
         );
     }
     let listen = match options.listen {
         Some(listen) => listen,
-        None => own_address(me, raft.membership()).await?,
+        None => own_address(me, &in_force).await?,
     };
 
     let bind_error = |source: std::io::Error| {
@@ -228,7 +234,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let (events, _) = tokio::sync::broadcast::channel(4096);
     let outboxes = Outboxes::default();
-    let (membership_tx, membership_rx) = watch::channel(raft.membership().clone());
+    let (membership_tx, membership_rx) =
+        watch::channel((raft.membership_index(), raft.membership().clone()));
     let peers = Peers {
         me,
         links: links::Links::default(),
@@ -242,11 +249,10 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         revoked,
     };
     // The first links exist before any peer can connect.
-    peers
-        .links
-        .follow(raft.membership(), &endpoint, &peers, &outboxes);
+    peers.links.follow(&in_force, &endpoint, &peers, &outboxes);
     tokio::spawn(links::follow_membership(
         peers.links.clone(),
+        bootstrap,
         membership_rx,
         endpoint.clone(),
         peers.clone(),
@@ -268,8 +274,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     info!(node = me, %listen, "serving");
 
     if let Some(http) = options.http {
-        let mut cluster: BTreeMap<NodeId, Address> = raft
-            .membership()
+        let mut cluster: BTreeMap<NodeId, Address> = in_force
             .addresses
             .iter()
             .filter_map(|(id, address)| Some((*id, Address::parse(address).ok()?)))

@@ -63,6 +63,10 @@ const CHECKPOINT_BYTES: u64 = 16 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredBootstrap {
     pub membership: Membership,
+    /// The log index of that configuration in the cluster (0 for a new
+    /// cluster's): older configurations in the log, which a joining node
+    /// replays while it catches up, do not replace it for the peer links.
+    pub index: Index,
     /// Equal on every node of one cluster: the digest of the member ids
     /// the cluster was first started with (a joining node copies it).
     /// Peers compare it on connect.

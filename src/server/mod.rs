@@ -173,9 +173,9 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         "recovered from {}",
         options.data.display()
     );
-    let bootstrap = (stored.index, stored.membership.clone());
+    let stored_at = (stored.index, stored.membership.clone());
     let in_force = links::in_force(
-        &bootstrap,
+        &stored_at,
         &(raft.membership_index(), raft.membership().clone()),
     )
     .clone();
@@ -252,7 +252,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     peers.links.follow(&in_force, &endpoint, &peers, &outboxes);
     tokio::spawn(links::follow_membership(
         peers.links.clone(),
-        bootstrap,
+        stored_at,
         membership_rx,
         endpoint.clone(),
         peers.clone(),

@@ -259,7 +259,8 @@ pub async fn run_link(
             return;
         }
     };
-    let mut mismatch_told = false;
+    // Refusals already logged for this link (each once, not at every redial).
+    let mut told = (false, false);
     let dial = peers.me < peer;
     if !dial {
         knock(&endpoint, &peers, &address, peer);
@@ -314,13 +315,13 @@ pub async fn run_link(
         let (Ok(mut control), Ok(bulk)) =
             (connection.open_uni().await, connection.open_uni().await)
         else {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(refused(peer, &connection, &mut told).unwrap_or(backoff)).await;
             continue;
         };
         let _ = control.set_priority(1);
         // Each stream starts by saying which cluster we belong to.
         if control.write_all(&hello).await.is_err() {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(refused(peer, &connection, &mut told).unwrap_or(backoff)).await;
             continue;
         }
         let (appends, queued) = mpsc::channel::<Vec<u8>>(OUTBOX);
@@ -382,15 +383,18 @@ pub async fn run_link(
             }
         }
         bulk_writer.abort();
-        if refused_as_mismatched(peer, &connection, &mut mismatch_told) {
-            // Redialing will not help until an operator fixes the lists.
-            tokio::time::sleep(MISMATCH_RETRY).await;
+        if let Some(pause) = refused(peer, &connection, &mut told) {
+            tokio::time::sleep(pause).await;
         }
     }
 }
 
-/// How long a link refused for a different member list waits to retry.
+/// How long a link refused for a different member list waits to retry:
+/// redialing will not help until an operator fixes the lists.
 const MISMATCH_RETRY: Duration = Duration::from_secs(5);
+/// How long a link refused by a peer that does not count us as a member
+/// (yet: it may be behind on the configuration) waits to retry.
+const NOT_MEMBER_RETRY: Duration = Duration::from_secs(1);
 
 /// The reason a node gives for refusing a peer of another cluster.
 fn mismatch(ours: &PeerHello, theirs: &PeerHello) -> String {
@@ -406,24 +410,32 @@ fn mismatch(ours: &PeerHello, theirs: &PeerHello) -> String {
     )
 }
 
-/// Whether `connection` was closed because one side found the other's
-/// hello different; says so once per link, clearly, on this side too.
-fn refused_as_mismatched(peer: NodeId, connection: &Connection, told: &mut bool) -> bool {
+/// How long to wait before redialing when `peer` refused the link: its
+/// hello differed (said clearly, on this side too), or it does not count
+/// this node as a member. Each is logged once per link.
+fn refused(peer: NodeId, connection: &Connection, told: &mut (bool, bool)) -> Option<Duration> {
     let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() else {
-        return false;
+        return None;
     };
-    if close.error_code != CLOSE_MISMATCH.into() {
-        return false;
+    let reason = String::from_utf8_lossy(&close.reason);
+    if close.error_code == CLOSE_MISMATCH.into() {
+        if !told.0 {
+            tracing::error!(peer, "node {peer} refused the peer link: {reason}");
+            told.0 = true;
+        }
+        return Some(MISMATCH_RETRY);
     }
-    if !*told {
-        tracing::error!(
-            peer,
-            "node {peer} refused the peer link: {}",
-            String::from_utf8_lossy(&close.reason)
-        );
-        *told = true;
+    if close.error_code == CLOSE_UNKNOWN_PEER.into() {
+        if !told.1 {
+            info!(
+                peer,
+                "node {peer} refused the peer link: {reason} (it may not have the latest configuration yet); retrying every {NOT_MEMBER_RETRY:?}"
+            );
+            told.1 = true;
+        }
+        return Some(NOT_MEMBER_RETRY);
     }
-    true
+    None
 }
 
 /// How long a knock stays open: long enough for the peer to notice it.

@@ -910,7 +910,7 @@ impl Client {
         let mut best: Option<MembersView> = None;
         let mut errors = Vec::new();
         while let Some(node) = queue.pop_front() {
-            if !asked.insert(node) || !self.knows(node) {
+            if !self.knows(node) || !asked.insert(node) {
                 continue;
             }
             let answer = tokio::time::timeout(

@@ -250,6 +250,34 @@ mod tests {
             read_frame::<_, ClientRequest>(&mut garbage).await,
             Err(WireError::Malformed(_))
         ));
+        let change = ClientRequest::ChangeMembership(MembershipChange::AddLearner {
+            id: 4,
+            address: "h4:7000".into(),
+        });
+        assert_eq!(
+            decode::<ClientRequest>(&encode(&change).unwrap()[4..]).unwrap(),
+            change
+        );
+        let refused = ClientResponse::ChangeRefused {
+            error: ChangeError::NotCaughtUp {
+                id: 4,
+                match_index: 1,
+                last_index: 5000,
+            },
+        };
+        assert_eq!(
+            decode::<ClientResponse>(&encode(&refused).unwrap()[4..]).unwrap(),
+            refused
+        );
+        let hello = PeerFrame::Hello(PeerHello {
+            cluster_id: "c".into(),
+            cluster_digest: 42,
+        });
+        assert_eq!(
+            decode::<PeerFrame>(&encode(&hello).unwrap()[4..]).unwrap(),
+            hello
+        );
+
         let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame::<_, ClientRequest>(&mut huge).await,

@@ -845,7 +845,11 @@ async fn client_command(command: Command) -> Result<()> {
         Command::Status { client, json } => {
             let client = client_from(&client)?;
             let mut statuses = Vec::new();
-            for node in client.nodes() {
+            // Members the answers name that --cluster did not (added since)
+            // are asked too.
+            let mut asked = std::collections::BTreeSet::new();
+            while let Some(node) = client.nodes().into_iter().find(|n| !asked.contains(n)) {
+                asked.insert(node);
                 match client.status(node).await {
                     Ok(status) => statuses.push(Ok(status)),
                     Err(e) => statuses.push(Err((node, format!("{e:#}")))),

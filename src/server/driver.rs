@@ -96,8 +96,8 @@ pub struct Driver {
     /// Membership changes waiting to commit, by the ctx given to the core.
     changes: HashMap<u64, oneshot::Sender<Result<Index, ChangeError>>>,
     next_change: u64,
-    /// The configuration in force and its index, for the peer links.
-    membership: watch::Sender<(Index, Membership)>,
+    /// The configuration in force, for the peer links.
+    membership: watch::Sender<super::links::View>,
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
@@ -116,7 +116,7 @@ impl Driver {
         tick: Duration,
         metrics: Arc<Metrics>,
         events: broadcast::Sender<NodeEvent>,
-        membership: watch::Sender<(Index, Membership)>,
+        membership: watch::Sender<super::links::View>,
     ) -> Self {
         Driver {
             membership,
@@ -256,9 +256,20 @@ impl Driver {
         }
         // The peer links follow the configuration in force at once: a
         // member just added should be dialed before the first append to it.
+        let committed_member = self.raft.committed_membership().contains(self.raft.id());
         if let Some((index, membership)) = ready.membership {
             tracing::debug!(index, %membership, "configuration in force changed");
-            self.membership.send_replace((index, membership));
+            self.membership.send_replace(super::links::View {
+                index,
+                membership,
+                committed_member,
+            });
+        } else {
+            self.membership.send_if_modified(|view| {
+                let changed = view.committed_member != committed_member;
+                view.committed_member = committed_member;
+                changed
+            });
         }
         // 2. Replicate while the store writes our own log: a leader's
         //    appends leave before its fsync, so its disk and its followers'

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::driver::Outboxes;
-use super::transport::{self, Peers, CLOSE_REMOVED, OUTBOX};
+use super::transport::{self, Peers, CLOSE_REMOVED, LINGER, OUTBOX};
 use crate::address::Address;
 use crate::raft::{Index, Membership, NodeId};
 
@@ -29,14 +29,32 @@ struct Link {
 }
 
 impl Link {
-    fn close(self, reason: &str) {
-        self.task.abort();
-        let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
-        let inbound = self.inbound.send_replace(None);
-        for connection in dialed.into_iter().chain(inbound) {
-            connection.close(CLOSE_REMOVED.into(), reason.as_bytes());
-        }
+    /// Closes the link once what was queued for the peer has had `LINGER`
+    /// to leave (its outbox is already gone, so nothing new is queued).
+    fn close(self, reason: &'static str) {
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            self.task.abort();
+            let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
+            let inbound = self.inbound.send_replace(None);
+            for connection in dialed.into_iter().chain(inbound) {
+                connection.close(CLOSE_REMOVED.into(), reason.as_bytes());
+            }
+        });
     }
+}
+
+/// What the links follow, as the driver last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// The configuration in force in the log, and its index.
+    pub index: Index,
+    pub membership: Membership,
+    /// Whether the latest committed configuration still has this node: a
+    /// leader removing itself keeps its links until the removal commits
+    /// (it must replicate it), and so does a follower whose removal may
+    /// still be cut off.
+    pub committed_member: bool,
 }
 
 /// The links of one node, by peer.
@@ -55,12 +73,13 @@ impl Links {
     pub fn follow(
         &self,
         membership: &Membership,
+        committed_member: bool,
         endpoint: &Endpoint,
         peers: &Peers,
         outboxes: &Outboxes,
     ) {
         let me = peers.me;
-        let wanted = wanted_links(me, membership);
+        let wanted = wanted_links(me, membership, committed_member);
         let mut links = match self.0.lock() {
             Ok(links) => links,
             Err(poisoned) => poisoned.into_inner(),
@@ -80,7 +99,7 @@ impl Links {
                     info!(peer = id, from = %link.address, to = %address, "node {id} moved: closing its link to open one at the new address");
                     "moved to another address"
                 }
-                None if membership.contains(me) => {
+                None if membership.contains(me) || committed_member => {
                     info!(
                         peer = id,
                         "node {id} left the configuration: closing its link"
@@ -129,9 +148,14 @@ impl Links {
 }
 
 /// The links `membership` calls for: every other member at its address,
-/// or none when `me` is not a member (a removed node holds no links).
-pub fn wanted_links(me: NodeId, membership: &Membership) -> BTreeMap<NodeId, Address> {
-    if !membership.contains(me) {
+/// or none once `me` is out of it and of the committed configuration (a
+/// removed node holds no links).
+pub fn wanted_links(
+    me: NodeId,
+    membership: &Membership,
+    committed_member: bool,
+) -> BTreeMap<NodeId, Address> {
+    if !membership.contains(me) && !committed_member {
         return BTreeMap::new();
     }
     membership
@@ -179,15 +203,21 @@ pub fn in_force<'a>(
 pub async fn follow_membership(
     links: Links,
     bootstrap: (Index, Membership),
-    mut membership: watch::Receiver<(Index, Membership)>,
+    mut view: watch::Receiver<View>,
     endpoint: Endpoint,
     peers: Peers,
     outboxes: Outboxes,
 ) {
     loop {
-        let current = membership.borrow_and_update().clone();
-        links.follow(in_force(&bootstrap, &current), &endpoint, &peers, &outboxes);
-        if membership.changed().await.is_err() {
+        let current = view.borrow_and_update().clone();
+        links.follow(
+            in_force(&bootstrap, &(current.index, current.membership)),
+            current.committed_member,
+            &endpoint,
+            &peers,
+            &outboxes,
+        );
+        if view.changed().await.is_err() {
             return;
         }
     }
@@ -204,10 +234,12 @@ mod tests {
             learners: [4].into(),
             addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
         };
-        let wanted = wanted_links(2, &membership);
+        let wanted = wanted_links(2, &membership, true);
         assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
         assert_eq!(wanted[&4].to_string(), "h4:7000");
-        assert!(wanted_links(9, &membership).is_empty());
+        assert!(wanted_links(9, &membership, false).is_empty());
+        // A leader removing itself keeps replicating until it commits.
+        assert_eq!(wanted_links(9, &membership, true).len(), 4);
     }
 
     #[test]

@@ -234,8 +234,11 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let (events, _) = tokio::sync::broadcast::channel(4096);
     let outboxes = Outboxes::default();
-    let (membership_tx, membership_rx) =
-        watch::channel((raft.membership_index(), raft.membership().clone()));
+    let (membership_tx, membership_rx) = watch::channel(links::View {
+        index: raft.membership_index(),
+        membership: raft.membership().clone(),
+        committed_member: raft.committed_membership().contains(me),
+    });
     let peers = Peers {
         me,
         links: links::Links::default(),
@@ -249,7 +252,13 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         revoked,
     };
     // The first links exist before any peer can connect.
-    peers.links.follow(&in_force, &endpoint, &peers, &outboxes);
+    peers.links.follow(
+        &in_force,
+        raft.committed_membership().contains(me),
+        &endpoint,
+        &peers,
+        &outboxes,
+    );
     tokio::spawn(links::follow_membership(
         peers.links.clone(),
         stored_at,

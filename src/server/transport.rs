@@ -331,6 +331,11 @@ pub async fn run_link(
             tokio::select! {
                 envelope = outbox.recv() => {
                     let Some(envelope) = envelope else {
+                        // The peer left the links: what is queued for it
+                        // still goes (the commit that tells it so, a
+                        // hand-over), then the link closes (`links.rs`).
+                        drop(appends);
+                        let _ = tokio::time::timeout(LINGER, &mut bulk_writer).await;
                         bulk_writer.abort();
                         return;
                     };
@@ -437,6 +442,9 @@ fn refused(peer: NodeId, connection: &Connection, told: &mut (bool, bool)) -> Op
     }
     None
 }
+
+/// How long a closing link may take to send what was queued for it.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// How long a knock stays open: long enough for the peer to notice it.
 const KNOCK_HOLD: Duration = Duration::from_secs(1);

@@ -76,6 +76,8 @@ async fn status(State(state): State<HttpState>) -> Response {
         Ok(status) => {
             let mut value = serde_json::to_value(&status).unwrap_or_default();
             value["http_write"] = json!(state.write);
+            // Peers of one cluster share it (see `wire::PeerHello`).
+            value["cluster_digest"] = json!(format!("{:016x}", state.api.cluster_digest));
             Json(value).into_response()
         }
         Err(response) => response,

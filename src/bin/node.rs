@@ -1140,6 +1140,7 @@ fn print_members(view: &MembersView, json: bool) {
                 "configuration_index": status.membership_index,
                 "change_in_progress": status.change_in_progress,
                 "digest": format!("{:016x}", status.membership.digest()),
+                "cluster_digest": format!("{:016x}", view.cluster_digest),
                 "members": rows,
             })
         );

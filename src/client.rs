@@ -377,12 +377,11 @@ impl Client {
                     self.leader_term.fetch_max(term, Ordering::SeqCst);
                 }
             }
-            ClientResponse::Status(status) => {
-                if status.leader.is_some() {
-                    self.leader_term.fetch_max(status.term, Ordering::SeqCst);
-                }
-                self.learn_members(&status.membership.addresses);
+            ClientResponse::Status(status) if status.leader.is_some() => {
+                self.leader_term.fetch_max(status.term, Ordering::SeqCst);
             }
+            // Only member requests widen the nodes a client knows: plain
+            // sends and exports keep to the nodes they were given.
             ClientResponse::Members(view) => {
                 self.learn_members(&view.status.membership.addresses);
             }

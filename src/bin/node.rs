@@ -851,7 +851,10 @@ async fn client_command(command: Command) -> Result<()> {
             while let Some(node) = client.nodes().into_iter().find(|n| !asked.contains(n)) {
                 asked.insert(node);
                 match client.status(node).await {
-                    Ok(status) => statuses.push(Ok(status)),
+                    Ok(status) => {
+                        client.learn_members(&status.membership.addresses);
+                        statuses.push(Ok(status))
+                    }
                     Err(e) => statuses.push(Err((node, format!("{e:#}")))),
                 }
             }

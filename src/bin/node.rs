@@ -1216,7 +1216,63 @@ mod tests {
             _ => panic!("not parsed as member add"),
         }
         assert!(Cli::try_parse_from(["node", "member", "update", "2"]).is_err());
+        assert!(Cli::try_parse_from(["node", "member", "remove", "x"]).is_err());
         let cli = Cli::try_parse_from(["node", "--id", "4", "--join", "1=h1:7000"]).unwrap();
         assert_eq!(cli.run.join.as_deref(), Some("1=h1:7000"));
+    }
+
+    #[test]
+    fn the_member_list_takes_match_and_lag_from_the_leader() {
+        use cluster_store::raft::{Config, HardState, Membership, PeerStatus, RaftNode};
+        let membership = Membership {
+            voters: [1, 2].into(),
+            learners: [3].into(),
+            addresses: (1..=3).map(|id| (id, format!("h{id}:7000"))).collect(),
+        };
+        let mut config = Config::new(1, [1, 2]);
+        config.learners = [3].into();
+        let node = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
+        let mut status = node.status();
+        status.membership = membership.clone();
+        status.last_index = 50;
+        status.leader = Some(1);
+        status.peers = vec![PeerStatus {
+            id: 3,
+            voter: false,
+            match_index: 20,
+            lag: 30,
+        }];
+        let view = MembersView {
+            status,
+            committed: membership,
+            cluster_digest: 0,
+        };
+        let rows = member_rows(&view);
+        assert_eq!(
+            rows,
+            vec![
+                MemberRow {
+                    id: 1,
+                    address: Some("h1:7000".into()),
+                    role: "voter",
+                    match_index: Some(50),
+                    lag: Some(0),
+                },
+                MemberRow {
+                    id: 2,
+                    address: Some("h2:7000".into()),
+                    role: "voter",
+                    match_index: None,
+                    lag: None,
+                },
+                MemberRow {
+                    id: 3,
+                    address: Some("h3:7000".into()),
+                    role: "learner",
+                    match_index: Some(20),
+                    lag: Some(30),
+                },
+            ]
+        );
     }
 }

@@ -488,11 +488,7 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
             .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
         println!("moved the old store to {}", aside.display());
     }
-    Store::create_rebuilt(data, &cluster_id, id, &plan)?;
-    if let Some(bootstrap) = &bootstrap {
-        let (mut store, _) = Store::open(data, &cluster_id, id)?;
-        store.set_bootstrap(bootstrap)?;
-    }
+    Store::create_rebuilt_with(data, &cluster_id, id, &plan, bootstrap.as_ref())?;
     if crl_seen {
         identity::record_crl_seen(data)?;
     }

@@ -330,6 +330,18 @@ impl Store {
         node_id: NodeId,
         plan: &RebuildPlan,
     ) -> Result<(), StoreError> {
+        Store::create_rebuilt_with(dir, cluster_id, node_id, plan, None)
+    }
+
+    /// `create_rebuilt`, recording `bootstrap` (the cluster's configuration,
+    /// as a joining node does) when the cluster told it.
+    pub fn create_rebuilt_with(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+        plan: &RebuildPlan,
+        bootstrap: Option<&StoredBootstrap>,
+    ) -> Result<(), StoreError> {
         if dir.join("db").exists() {
             return Err(StoreError::Write {
                 dir: dir.to_path_buf(),
@@ -337,6 +349,9 @@ impl Store {
             });
         }
         let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
+        if let Some(bootstrap) = bootstrap {
+            store.set_bootstrap(bootstrap)?;
+        }
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
@@ -1439,6 +1454,30 @@ mod tests {
             open_released(&dir, "c1", 1),
             Err(StoreError::Damaged { .. })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_bootstrap_configuration_is_kept_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("cs-store-bootstrap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bootstrap = StoredBootstrap {
+            membership: crate::raft::Membership {
+                voters: [1, 2, 3].into(),
+                learners: [4].into(),
+                addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
+            },
+            index: 57,
+            cluster_digest: 99,
+        };
+        {
+            let (mut store, _) = open_released(&dir, "c1", 1).unwrap();
+            assert_eq!(store.bootstrap().unwrap(), None, "a new store has none");
+            store.set_bootstrap(&bootstrap).unwrap();
+        }
+        let (store, _) = open_released(&dir, "c1", 1).unwrap();
+        assert_eq!(store.bootstrap().unwrap(), Some(bootstrap));
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -49,12 +49,14 @@ pub enum Input {
 pub struct Outboxes(Arc<RwLock<HashMap<NodeId, mpsc::Sender<Envelope>>>>);
 
 impl Outboxes {
-    /// The queue of `peer`, if it has a link.
-    pub fn get(&self, peer: NodeId) -> Option<mpsc::Sender<Envelope>> {
-        match self.0.read() {
-            Ok(map) => map.get(&peer).cloned(),
-            Err(poisoned) => poisoned.into_inner().get(&peer).cloned(),
-        }
+    /// Queues `envelope` for its peer's link, without waiting.
+    pub fn try_send(&self, envelope: Envelope) -> Result<(), Unsent> {
+        let map = match self.0.read() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let outbox = map.get(&envelope.to).ok_or(Unsent::NoLink)?;
+        outbox.try_send(envelope).map_err(|_| Unsent::Full)
     }
 
     pub fn insert(&self, peer: NodeId, outbox: mpsc::Sender<Envelope>) {
@@ -70,6 +72,15 @@ impl Outboxes {
             Err(poisoned) => poisoned.into_inner().remove(&peer),
         };
     }
+}
+
+/// Why `Outboxes::try_send` dropped a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unsent {
+    /// The peer has no link (just added, or just removed).
+    NoLink,
+    /// Its queue is full (it is far behind or unreachable).
+    Full,
 }
 
 /// A batch proposal collecting one answer per message.

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint};
 use tokio::sync::{mpsc, watch};
@@ -59,13 +60,36 @@ pub struct View {
 
 /// The links of one node, by peer.
 #[derive(Clone, Default)]
-pub struct Links(Arc<Mutex<BTreeMap<NodeId, Link>>>);
+pub struct Links {
+    links: Arc<Mutex<BTreeMap<NodeId, Link>>>,
+    /// When a refused node was last logged at warning level, by id.
+    refused: Arc<Mutex<BTreeMap<NodeId, Instant>>>,
+}
+
+/// A node refused a peer link is logged as a warning at most this often:
+/// a removed node that has not heard so keeps dialing every second.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Links {
     /// Where a connection `peer` dials to us goes, if `peer` is a member.
     pub fn inbound_slot(&self, peer: NodeId) -> Option<watch::Sender<Option<Connection>>> {
-        let links = self.0.lock().ok()?;
+        let links = self.links.lock().ok()?;
         links.get(&peer).map(|link| link.inbound.clone())
+    }
+
+    /// Whether refusing `peer` now deserves a warning (not one per redial).
+    pub fn warn_refusal(&self, peer: NodeId) -> bool {
+        let Ok(mut refused) = self.refused.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        match refused.get(&peer) {
+            Some(last) if now.duration_since(*last) < REFUSAL_WARN_EVERY => false,
+            _ => {
+                refused.insert(peer, now);
+                true
+            }
+        }
     }
 
     /// Makes the links match `membership`: one per other member, at its
@@ -80,7 +104,7 @@ impl Links {
     ) {
         let me = peers.me;
         let wanted = wanted_links(me, membership, committed_member);
-        let mut links = match self.0.lock() {
+        let mut links = match self.links.lock() {
             Ok(links) => links,
             Err(poisoned) => poisoned.into_inner(),
         };

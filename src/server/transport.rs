@@ -145,7 +145,11 @@ async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
         Identity::Node(id) => match peers.links.inbound_slot(id) {
             Some(slot) if id != peers.me => (id, slot),
             _ => {
-                warn!(%remote, "refused a peer link from node {id}: not a member of this node's configuration");
+                if peers.links.warn_refusal(id) {
+                    warn!(%remote, "refused a peer link from node {id}: not a member of this node's configuration (said once a minute)");
+                } else {
+                    debug!(%remote, "refused a peer link from node {id}: not a member");
+                }
                 connection.close(
                     CLOSE_UNKNOWN_PEER.into(),
                     b"not a member of this node's configuration",

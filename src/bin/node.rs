@@ -50,7 +50,8 @@ struct RunArgs {
     learner: Option<String>,
     /// Join a running cluster (after `node member add`): ask these nodes,
     /// `id=host:port,...`, for the configuration on the first start with an
-    /// empty data directory. Ignored once the directory holds one.
+    /// empty data directory (it then takes precedence over --peers).
+    /// Ignored once the directory holds a configuration.
     #[arg(long, env = "NODE_JOIN")]
     join: Option<String>,
     /// Address to listen on (default: this node's address in --peers).

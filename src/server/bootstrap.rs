@@ -126,6 +126,19 @@ pub async fn join(
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // Only the leader's word that this node is not a member is
+            // final: another node may not have the change yet.
+            Ok(view)
+                if !view.status.membership.contains(me)
+                    && view.status.leader != Some(view.status.id)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                info!(
+                    from = view.status.id,
+                    "--join: node {} does not list this node (yet); asking again", view.status.id
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Ok(view) => break view,
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(BootstrapError::Unreachable(format!("{error:#}")))

@@ -13,10 +13,10 @@ use quinn::{Connection, Endpoint};
 
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
-use crate::raft::{Committed, Index, NodeId, ProposeError, Status};
+use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, ProposeError, Status};
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{
-    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, WireError,
+    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, WireError,
     MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
 };
 
@@ -53,7 +53,9 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Client {
     endpoint: Endpoint,
-    cluster: BTreeMap<NodeId, Address>,
+    /// The nodes it knows: `--cluster`, and members it learned of since
+    /// (`learn_members`).
+    cluster: std::sync::RwLock<BTreeMap<NodeId, Address>>,
     connections: Mutex<HashMap<NodeId, Connection>>,
     leader: Mutex<Option<NodeId>>,
     /// Nodes that recently failed, and until when to avoid them.
@@ -132,7 +134,7 @@ impl Client {
         endpoint.set_default_client_config(tls::client_config(creds)?);
         Ok(Client {
             endpoint,
-            cluster,
+            cluster: std::sync::RwLock::new(cluster),
             connections: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
             suspects: Mutex::new(HashMap::new()),
@@ -149,7 +151,36 @@ impl Client {
     }
 
     pub fn nodes(&self) -> Vec<NodeId> {
-        self.cluster.keys().copied().collect()
+        match self.cluster.read() {
+            Ok(cluster) => cluster.keys().copied().collect(),
+            Err(poisoned) => poisoned.into_inner().keys().copied().collect(),
+        }
+    }
+
+    fn address(&self, node: NodeId) -> Option<Address> {
+        match self.cluster.read() {
+            Ok(cluster) => cluster.get(&node).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&node).cloned(),
+        }
+    }
+
+    fn knows(&self, node: NodeId) -> bool {
+        self.address(node).is_some()
+    }
+
+    /// Adds members a node reported (a configuration's addresses) that
+    /// the client did not know, so it can follow a redirect to a node added
+    /// after it started. Known nodes keep their addresses.
+    pub fn learn_members(&self, addresses: &BTreeMap<NodeId, String>) {
+        let mut cluster = match self.cluster.write() {
+            Ok(cluster) => cluster,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (id, address) in addresses {
+            if let (false, Ok(address)) = (cluster.contains_key(id), Address::parse(address)) {
+                cluster.insert(*id, address);
+            }
+        }
     }
 
     pub fn lamport(&self) -> u64 {
@@ -167,9 +198,8 @@ impl Client {
                 return Ok(connection.clone());
             }
         }
-        let configured = self
-            .cluster
-            .get(&node)
+        let configured = &self
+            .address(node)
             .ok_or_else(|| anyhow!("node {node} is not in --cluster"))?;
         let address = configured
             .resolve()
@@ -350,6 +380,11 @@ impl Client {
             ClientResponse::Status(status) if status.leader.is_some() => {
                 self.leader_term.fetch_max(status.term, Ordering::SeqCst);
             }
+            // Only member requests widen the nodes a client knows: plain
+            // sends and exports keep to the nodes they were given.
+            ClientResponse::Members(view) => {
+                self.learn_members(&view.status.membership.addresses);
+            }
             _ => {}
         }
     }
@@ -378,7 +413,7 @@ impl Client {
             while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {
                 let Some(status) = answer else { continue };
                 if let Some(leader) = status.leader {
-                    if leader != node && status.term > known && self.cluster.contains_key(&leader) {
+                    if leader != node && status.term > known && self.knows(leader) {
                         self.leader_term.fetch_max(status.term, Ordering::SeqCst);
                         return leader;
                     }
@@ -440,7 +475,7 @@ impl Client {
             match self.request_with(target, request, true).await {
                 Ok(ClientResponse::Redirect {
                     leader: Some(leader),
-                }) if leader != target && self.cluster.contains_key(&leader) => {
+                }) if leader != target && self.knows(leader) => {
                     // A leader we just saw fail is probably being replaced:
                     // give the election a moment instead of spinning.
                     if self.is_suspect(leader) {
@@ -823,6 +858,96 @@ impl Client {
                 other => bail!("node {node} answered a local export with {other:?}"),
             }
         }
+    }
+
+    /// Asks for a configuration change, following the leader; a leader
+    /// that is not ready, or busy with another change or a transfer, is
+    /// asked again until `patience` has passed. The outcome: the leader and
+    /// the index the change committed at, or why it was refused.
+    pub async fn change_membership(
+        &self,
+        change: &MembershipChange,
+        patience: Duration,
+    ) -> Result<(NodeId, Result<Index, ChangeError>)> {
+        let deadline = Instant::now() + patience;
+        let request = ClientRequest::ChangeMembership(change.clone());
+        // Learns the leader and every member's address first: the leader
+        // may be a node added after the client's --cluster list was made.
+        if let Err(error) = self.members().await {
+            tracing::debug!("no member list before the change: {error:#}");
+        }
+        loop {
+            match self.to_leader(&request).await? {
+                (_, ClientResponse::MembershipChanged { index, leader }) => {
+                    return Ok((leader, Ok(index)))
+                }
+                (node, ClientResponse::ChangeRefused { error }) => {
+                    let retry = matches!(
+                        error,
+                        ChangeError::LeaderNotReady
+                            | ChangeError::ChangeInProgress { .. }
+                            | ChangeError::TransferInProgress
+                    );
+                    if !retry || Instant::now() >= deadline {
+                        return Ok((node, Err(error)));
+                    }
+                    tracing::debug!(node, "membership change refused for now: {error}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                (node, other) => bail!("node {node} answered a membership change with {other:?}"),
+            }
+        }
+    }
+
+    /// The cluster's configuration, from the leader if one answers (it
+    /// alone knows each member's match index and lag), else from the node
+    /// that knows the latest configuration.
+    pub async fn members(&self) -> Result<MembersView> {
+        let mut asked = std::collections::BTreeSet::new();
+        let mut queue: std::collections::VecDeque<NodeId> = self.leader().into_iter().collect();
+        queue.extend(self.nodes());
+        let mut best: Option<MembersView> = None;
+        let mut errors = Vec::new();
+        while let Some(node) = queue.pop_front() {
+            if !self.knows(node) || !asked.insert(node) {
+                continue;
+            }
+            let answer = tokio::time::timeout(
+                LOOK_TIMEOUT * 5,
+                self.request_with(node, &ClientRequest::Members, false),
+            )
+            .await;
+            let view = match answer {
+                Ok(Ok(ClientResponse::Members(view))) => *view,
+                Ok(Ok(other)) => {
+                    errors.push(format!("node {node}: answered {other:?}"));
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    errors.push(format!("node {node}: {error:#}"));
+                    continue;
+                }
+                Err(_) => {
+                    errors.push(format!("node {node}: no answer in time"));
+                    continue;
+                }
+            };
+            if view.status.leader == Some(view.status.id) {
+                self.set_leader(Some(node));
+                return Ok(view);
+            }
+            if let Some(leader) = view.status.leader {
+                queue.push_front(leader);
+            }
+            let newer = best.as_ref().is_none_or(|b| {
+                (view.status.membership_index, view.status.commit)
+                    > (b.status.membership_index, b.status.commit)
+            });
+            if newer {
+                best = Some(view);
+            }
+        }
+        best.ok_or_else(|| anyhow!("no node answered: {}", errors.join("; ")))
     }
 
     pub async fn status(&self, node: NodeId) -> Result<Status> {

@@ -76,6 +76,8 @@ async fn status(State(state): State<HttpState>) -> Response {
         Ok(status) => {
             let mut value = serde_json::to_value(&status).unwrap_or_default();
             value["http_write"] = json!(state.write);
+            // Peers of one cluster share it (see `wire::PeerHello`).
+            value["cluster_digest"] = json!(format!("{:016x}", state.api.cluster_digest));
             Json(value).into_response()
         }
         Err(response) => response,
@@ -85,7 +87,16 @@ async fn status(State(state): State<HttpState>) -> Response {
 /// Every node's status, as this node can reach it.
 async fn cluster(State(state): State<HttpState>) -> Response {
     let mut nodes = Vec::new();
-    for id in state.cluster.nodes() {
+    // The members of the configuration in force, so a node added since
+    // this one started is shown (the client's list if that is unknown).
+    let local = state.api.local_status().await.ok();
+    let mut ids: std::collections::BTreeSet<NodeId> = state.cluster.nodes().into_iter().collect();
+    if let Some(status) = &local {
+        state.cluster.learn_members(&status.membership.addresses);
+        ids = status.membership.members().collect();
+        ids.insert(state.me);
+    }
+    for id in ids {
         let status = if id == state.me {
             state.api.local_status().await.map_err(|e| e.to_string())
         } else {
@@ -99,7 +110,22 @@ async fn cluster(State(state): State<HttpState>) -> Response {
             Err(error) => json!({ "id": id, "error": error }),
         });
     }
-    Json(json!({ "me": state.me, "http_write": state.write, "nodes": nodes })).into_response()
+    let membership = local.as_ref().map(|status| {
+        json!({
+            "voters": status.membership.voters,
+            "learners": status.membership.learners,
+            "addresses": status.membership.addresses,
+            "index": status.membership_index,
+            "change_in_progress": status.change_in_progress,
+        })
+    });
+    Json(json!({
+        "me": state.me,
+        "http_write": state.write,
+        "membership": membership,
+        "nodes": nodes,
+    }))
+    .into_response()
 }
 
 async fn leader(State(state): State<HttpState>) -> Response {

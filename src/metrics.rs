@@ -66,6 +66,8 @@ pub struct Metrics {
     pub busy_connections: AtomicU64,
     /// Log entries the core holds in memory (the rest are in the store).
     pub entries_in_memory: AtomicU64,
+    /// Configuration entries this node has applied (committed).
+    pub membership_changes_applied: AtomicU64,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -127,6 +129,18 @@ impl Metrics {
             "cluster_store_busy_connections_total",
             "Client connections refused: too many were open.",
             load(&self.busy_connections),
+        );
+        counter(
+            &mut out,
+            "cluster_store_membership_changes_applied_total",
+            "Configuration entries this node applied (committed).",
+            load(&self.membership_changes_applied),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cluster_store_members Members of the configuration in force, by role.\n# TYPE cluster_store_members gauge\ncluster_store_members{{role=\"voter\"}} {}\ncluster_store_members{{role=\"learner\"}} {}",
+            status.membership.voters.len(),
+            status.membership.learners.len()
         );
         gauge(
             &mut out,

@@ -5,7 +5,10 @@ use bincode::Options;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::raft::{Committed, Envelope, Index, NodeId, ProposeError, Status};
+use crate::raft::{
+    ChangeError, Committed, Envelope, Index, Membership, MembershipChange, NodeId, ProposeError,
+    Status,
+};
 
 /// Largest frame accepted from anyone. Appends are sized well below it.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -22,19 +25,32 @@ pub const MAX_SEND_BYTES: usize = 4 << 20;
 /// moves with the wire format (bincode, positional): nodes and clients of
 /// different versions refuse each other at the handshake instead of
 /// misreading frames, so a cluster is upgraded all at once.
-pub const ALPN: &[u8] = b"cluster-store/2";
+pub const ALPN: &[u8] = b"cluster-store/3";
 
 /// The QUIC application protocol of peer links: Raft on unidirectional
 /// streams. A connection says what it is for in its handshake, so a node's
 /// HTTP side, which dials with the node's own certificate, can never be
 /// taken for that node's Raft link.
-pub const PEER_ALPN: &[u8] = b"cluster-store-peer/2";
+pub const PEER_ALPN: &[u8] = b"cluster-store-peer/3";
 
 /// The first frame of every stream says what the stream is for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerFrame {
     /// Raft messages from one node to another, in order.
     Raft(Envelope),
+    /// The first frame of every peer stream: which cluster the sender
+    /// belongs to. Nodes bootstrapped from different member lists could
+    /// each elect a leader of their own view, so they refuse each other.
+    Hello(PeerHello),
+}
+
+/// What a node says about itself when it opens a peer stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHello {
+    pub cluster_id: String,
+    /// `server::bootstrap::cluster_digest` of the configuration the
+    /// cluster was first started with; a joining node copies it.
+    pub cluster_digest: u64,
 }
 
 /// A client's request, one per bidirectional stream.
@@ -64,6 +80,11 @@ pub enum ClientRequest {
         limit: u64,
     },
     Status,
+    /// Change the cluster's configuration (leader only; answered once the
+    /// change commits).
+    ChangeMembership(MembershipChange),
+    /// The configuration as this node sees it (any node answers).
+    Members,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,6 +115,29 @@ pub enum ClientResponse {
     Busy {
         message: String,
     },
+    /// The configuration change committed at `index`.
+    MembershipChanged {
+        index: Index,
+        leader: NodeId,
+    },
+    /// The leader refused the change (nothing was written), or lost its
+    /// leadership before it committed (`ChangeError::LeadershipLost`).
+    ChangeRefused {
+        error: ChangeError,
+    },
+    Members(Box<MembersView>),
+}
+
+/// One node's view of the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MembersView {
+    /// The node's status: the configuration in force, and on the leader
+    /// every member's match index and lag.
+    pub status: Status,
+    /// The latest configuration this node knows to be committed.
+    pub committed: Membership,
+    /// See `PeerHello::cluster_digest`.
+    pub cluster_digest: u64,
 }
 
 /// A committed message as exports show it.
@@ -206,6 +250,34 @@ mod tests {
             read_frame::<_, ClientRequest>(&mut garbage).await,
             Err(WireError::Malformed(_))
         ));
+        let change = ClientRequest::ChangeMembership(MembershipChange::AddLearner {
+            id: 4,
+            address: "h4:7000".into(),
+        });
+        assert_eq!(
+            decode::<ClientRequest>(&encode(&change).unwrap()[4..]).unwrap(),
+            change
+        );
+        let refused = ClientResponse::ChangeRefused {
+            error: ChangeError::NotCaughtUp {
+                id: 4,
+                match_index: 1,
+                last_index: 5000,
+            },
+        };
+        assert_eq!(
+            decode::<ClientResponse>(&encode(&refused).unwrap()[4..]).unwrap(),
+            refused
+        );
+        let hello = PeerFrame::Hello(PeerHello {
+            cluster_id: "c".into(),
+            cluster_digest: 42,
+        });
+        assert_eq!(
+            decode::<PeerFrame>(&encode(&hello).unwrap()[4..]).unwrap(),
+            hello
+        );
+
         let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame::<_, ClientRequest>(&mut huge).await,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cluster_store::client::{format_line, Client};
 use cluster_store::raft::{Committed, Envelope, Message, Role};
-use cluster_store::wire::{encode, ExportedEntry, PeerFrame};
+use cluster_store::wire::{encode, ExportedEntry, PeerFrame, PeerHello};
 use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
@@ -224,7 +224,9 @@ fn pipelined_send_keeps_its_order_across_a_leader_kill() {
 }
 
 /// A raw peer-link connection (the peer protocol) to `node` with the given
-/// credentials, and one frame written on a new unidirectional stream.
+/// credentials, and one frame written on a new unidirectional stream after
+/// the hello every peer stream starts with (this cluster's, so the frame
+/// itself is what the node judges).
 async fn raw_uni(
     cluster: &TestCluster,
     node: u64,
@@ -244,6 +246,17 @@ async fn raw_uni(
         .await
         .expect("handshake");
     let mut stream = connection.open_uni().await.expect("stream");
+    let hello = PeerFrame::Hello(PeerHello {
+        cluster_id: cluster_store::identity::cluster_id(&creds.ca),
+        cluster_digest: cluster_store::server::bootstrap::cluster_digest(
+            &cluster_store::raft::Membership {
+                voters: cluster.voters.iter().copied().collect(),
+                learners: cluster.learners.iter().copied().collect(),
+                addresses: BTreeMap::new(),
+            },
+        ),
+    });
+    let _ = stream.write_all(&encode(&hello).expect("hello")).await;
     let _ = stream.write_all(frame).await;
     let _ = stream.finish();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -12,12 +12,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{NodeId, Payload, RebuildPlan};
+use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, Payload, RebuildPlan};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::storage::{Store, StoreError};
+use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::ExportedEntry;
+use cluster_store::wire::{ExportedEntry, MembersView};
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +25,10 @@ use cluster_store::wire::ExportedEntry;
     version,
     about = "cluster-store: a replicated, causally ordered message log",
     long_about = "Run a node with `node --id 1 --peers 1=host:7000,2=host:7001,3=host:7002`; \
-                  every option also reads from an environment variable (NODE_ID, NODE_PEERS, ...)."
+                  every option also reads from an environment variable (NODE_ID, NODE_PEERS, ...). \
+                  --peers/--learner bootstrap a new cluster on its first start only; after that \
+                  the cluster's configuration changes with `node member`, and a new node starts \
+                  with --join."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,6 +48,12 @@ struct RunArgs {
     /// Non-voting replicas that keep a full copy, `id=host:port,...`.
     #[arg(long, env = "NODE_LEARNERS")]
     learner: Option<String>,
+    /// Join a running cluster (after `node member add`): ask these nodes,
+    /// `id=host:port,...`, for the configuration on the first start with an
+    /// empty data directory (it then takes precedence over --peers).
+    /// Ignored once the directory holds a configuration.
+    #[arg(long, env = "NODE_JOIN")]
+    join: Option<String>,
     /// Address to listen on (default: this node's address in --peers).
     #[arg(long, env = "NODE_LISTEN")]
     listen: Option<String>,
@@ -137,6 +146,11 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// List and change the cluster's members (one change at a time).
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
     /// Show every node's role, term, commit index, clock and lag.
     Status {
         #[command(flatten)]
@@ -178,6 +192,63 @@ enum Command {
         /// Print every event, not only the summary.
         #[arg(long)]
         verbose: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Every member: address, voter or learner, match index and lag (from
+    /// the leader), the configuration's index and any change in progress.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node: as a learner, then (without --learner) promote it to
+    /// voter once it has caught up. Start it with
+    /// `node --id ID --join ... --listen ...` and an empty data directory.
+    Add {
+        id: NodeId,
+        /// Where the new node listens, host:port.
+        #[arg(long)]
+        address: String,
+        /// Keep it a learner (no vote).
+        #[arg(long)]
+        learner: bool,
+        /// Seconds to wait for the new node to catch up before promoting it.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a caught-up learner a voter.
+    Promote {
+        id: NodeId,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a voter or learner (a removed leader hands over first).
+    Remove {
+        id: NodeId,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record a member's new address (its VM moved).
+    Update {
+        id: NodeId,
+        #[arg(long)]
+        address: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -385,6 +456,27 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
     let crl_seen = identity::crl_seen_path(data).exists();
     // The term to start at, and the catch-up floor: see `RebuildPlan`.
     let plan = RebuildPlan::from_peers(&answers);
+    // The rebuilt replica starts from the cluster's configuration and
+    // cluster digest, as a joining node does, not from a command line that
+    // may predate changes (its peers would refuse a different digest).
+    let bootstrap = match client.members().await {
+        Ok(view) => Some(StoredBootstrap {
+            index: if view.status.change_in_progress {
+                0
+            } else {
+                view.status.membership_index
+            },
+            membership: view.committed,
+            cluster_digest: view.cluster_digest,
+        }),
+        Err(error) => {
+            eprintln!(
+                "warning: no node told the cluster's configuration ({error:#}); the rebuilt node \
+                 will take its command line's --peers/--learner (or --join) as its configuration"
+            );
+            None
+        }
+    };
     let term = plan.term;
     if data.exists() {
         let stamp = std::time::SystemTime::now()
@@ -397,7 +489,7 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
             .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
         println!("moved the old store to {}", aside.display());
     }
-    Store::create_rebuilt(data, &cluster_id, id, &plan)?;
+    Store::create_rebuilt_with(data, &cluster_id, id, &plan, bootstrap.as_ref())?;
     if crl_seen {
         identity::record_crl_seen(data)?;
     }
@@ -418,37 +510,43 @@ fn run_node(args: RunArgs) -> Result<()> {
     let id = args
         .id
         .ok_or_else(|| anyhow!("give --id (or NODE_ID) to run a node; see `node --help`"))?;
-    let peers = parse_members(
-        args.peers
-            .as_deref()
-            .ok_or_else(|| anyhow!("give --peers (or NODE_PEERS)"))?,
-        "--peers",
-    )?;
+    let join = match &args.join {
+        Some(spec) => Some(parse_members(spec, "--join")?),
+        None => None,
+    };
+    let peers = match (&args.peers, &join) {
+        (Some(spec), _) => parse_members(spec, "--peers")?,
+        (None, Some(_)) => BTreeMap::new(),
+        (None, None) => bail!(
+            "give --peers (or NODE_PEERS) to start a new cluster, or --join (or NODE_JOIN) to join one"
+        ),
+    };
     let learners = match &args.learner {
         Some(spec) => parse_members(spec, "--learner")?,
         None => BTreeMap::new(),
     };
     let listen = match &args.listen {
-        Some(listen) => listen
-            .to_socket_addrs()
-            .with_context(|| format!("--listen {listen:?}"))?
-            .next()
-            .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
-        None => {
-            let own = peers
-                .get(&id)
-                .or_else(|| learners.get(&id))
-                .ok_or_else(|| {
-                    anyhow!("node {id} is not in --peers or --learner, so give --listen")
-                })?;
-            own.to_string()
+        Some(listen) => Some(
+            listen
                 .to_socket_addrs()
-                .with_context(|| {
-                    format!("cannot resolve this node's own address {own}; give --listen")
-                })?
+                .with_context(|| format!("--listen {listen:?}"))?
                 .next()
-                .ok_or_else(|| anyhow!("{own} resolves to no address; give --listen"))?
-        }
+                .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
+        ),
+        // Else this node's address in the stored configuration (or the one
+        // learned with --join).
+        None => match peers.get(&id).or_else(|| learners.get(&id)) {
+            Some(own) => Some(
+                own.to_string()
+                    .to_socket_addrs()
+                    .with_context(|| {
+                        format!("cannot resolve this node's own address {own}; give --listen")
+                    })?
+                    .next()
+                    .ok_or_else(|| anyhow!("{own} resolves to no address; give --listen"))?,
+            ),
+            None => None,
+        },
     };
     let priorities = match &args.priorities {
         Some(spec) => spec
@@ -467,6 +565,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         id,
         peers,
         learners,
+        join,
         listen,
         data: args
             .data
@@ -743,9 +842,16 @@ async fn client_command(command: Command) -> Result<()> {
         Command::Status { client, json } => {
             let client = client_from(&client)?;
             let mut statuses = Vec::new();
-            for node in client.nodes() {
+            // Members the answers name that --cluster did not (added since)
+            // are asked too.
+            let mut asked = std::collections::BTreeSet::new();
+            while let Some(node) = client.nodes().into_iter().find(|n| !asked.contains(n)) {
+                asked.insert(node);
                 match client.status(node).await {
-                    Ok(status) => statuses.push(Ok(status)),
+                    Ok(status) => {
+                        client.learn_members(&status.membership.addresses);
+                        statuses.push(Ok(status))
+                    }
                     Err(e) => statuses.push(Err((node, format!("{e:#}")))),
                 }
             }
@@ -777,6 +883,25 @@ async fn client_command(command: Command) -> Result<()> {
                     "leader: {}",
                     leader.map_or("none".to_string(), |l| l.to_string())
                 );
+                // The configuration as the leader sees it, else the latest
+                // any node reports.
+                if let Some(s) = statuses
+                    .iter()
+                    .filter_map(|s| s.as_ref().ok())
+                    .max_by_key(|s| (Some(s.id) == leader, s.membership_index))
+                {
+                    println!(
+                        "configuration (index {}, as node {} sees it): {}{}",
+                        s.membership_index,
+                        s.id,
+                        s.membership,
+                        if s.change_in_progress {
+                            "; a change is in progress (not committed yet)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
                 for status in &statuses {
                     match status {
                         Ok(s) => {
@@ -809,8 +934,342 @@ async fn client_command(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Member { command } => member(command).await,
         Command::Certs { .. } | Command::Simulate { .. } | Command::Rebuild { .. } => {
             unreachable!("handled before the runtime starts")
         }
+    }
+}
+
+/// How long a member command waits for a leader that is not ready, or
+/// busy with another change.
+const CHANGE_PATIENCE: Duration = Duration::from_secs(30);
+
+async fn member(command: MemberCommand) -> Result<()> {
+    match command {
+        MemberCommand::List { client, json } => {
+            let client = client_from(&client)?;
+            let view = client.members().await?;
+            print_members(&view, json);
+            Ok(())
+        }
+        MemberCommand::Add {
+            id,
+            address,
+            learner,
+            timeout,
+            client,
+            json,
+        } => {
+            let address = cluster_store::address::Address::parse(&address)
+                .map_err(|e| anyhow!("--address: {e}"))?
+                .to_string();
+            let client = client_from(&client)?;
+            let add = MembershipChange::AddLearner {
+                id,
+                address: address.clone(),
+            };
+            let (leader, outcome) = client.change_membership(&add, CHANGE_PATIENCE).await?;
+            match outcome {
+                Ok(index) => report_change(&add, leader, Ok(index), json)?,
+                // A retry of an add that committed: go on to the promotion.
+                Err(ChangeError::AlreadyMember(_)) if !learner => {
+                    let view = client.members().await?;
+                    if !view.status.membership.is_learner(id)
+                        || view.status.membership.addresses.get(&id) != Some(&address)
+                    {
+                        return report_change(&add, leader, outcome, json);
+                    }
+                    if !json {
+                        println!("node {id} is already a learner at {address}");
+                    }
+                }
+                Err(_) => return report_change(&add, leader, outcome, json),
+            }
+            if learner {
+                return Ok(());
+            }
+            let promote = MembershipChange::Promote { id };
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            let mut told: Option<Index> = None;
+            loop {
+                let (leader, outcome) = client.change_membership(&promote, CHANGE_PATIENCE).await?;
+                let lag = match &outcome {
+                    Err(ChangeError::NotCaughtUp {
+                        match_index,
+                        last_index,
+                        ..
+                    }) => last_index.saturating_sub(*match_index),
+                    Err(ChangeError::NotResponding(_)) => Index::MAX,
+                    _ => return report_change(&promote, leader, outcome, json),
+                };
+                if std::time::Instant::now() >= deadline {
+                    bail!(
+                        "node {id} did not catch up within {timeout} s (last: {}); it stays a learner: \
+                         check that it runs (`node --id {id} --join ...`), then `node member promote {id}`",
+                        outcome.err().map_or(String::new(), |e| e.to_string())
+                    );
+                }
+                if told != Some(lag) {
+                    if lag == Index::MAX {
+                        eprintln!("waiting for node {id} to answer the leader (is it running?)");
+                    } else {
+                        eprintln!("waiting for node {id} to catch up (lag {lag})");
+                    }
+                    told = Some(lag);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        MemberCommand::Promote { id, client, json } => {
+            change(client, MembershipChange::Promote { id }, json).await
+        }
+        MemberCommand::Remove { id, client, json } => {
+            change(client, MembershipChange::Remove { id }, json).await
+        }
+        MemberCommand::Update {
+            id,
+            address,
+            client,
+            json,
+        } => {
+            let address = cluster_store::address::Address::parse(&address)
+                .map_err(|e| anyhow!("--address: {e}"))?
+                .to_string();
+            change(
+                client,
+                MembershipChange::UpdateAddress { id, address },
+                json,
+            )
+            .await
+        }
+    }
+}
+
+async fn change(args: ClientArgs, change: MembershipChange, json: bool) -> Result<()> {
+    let client = client_from(&args)?;
+    let (leader, outcome) = client.change_membership(&change, CHANGE_PATIENCE).await?;
+    report_change(&change, leader, outcome, json)
+}
+
+/// Prints what committed, or fails with the refusal.
+fn report_change(
+    change: &MembershipChange,
+    leader: NodeId,
+    outcome: Result<Index, ChangeError>,
+    json: bool,
+) -> Result<()> {
+    match outcome {
+        Ok(index) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "committed": true, "change": change.to_string(), "index": index, "leader": leader,
+                    })
+                );
+            } else {
+                println!("committed: {change} (configuration index {index}, leader {leader})");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "committed": false, "change": change.to_string(), "error": error.to_string(),
+                        "refusal": serde_json::to_value(&error).unwrap_or_default(), "leader": leader,
+                    })
+                );
+            }
+            bail!("{change}: refused by node {leader}: {error}")
+        }
+    }
+}
+
+/// One row of `node member list`.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct MemberRow {
+    id: NodeId,
+    address: Option<String>,
+    role: &'static str,
+    /// From the leader's view only.
+    match_index: Option<Index>,
+    lag: Option<Index>,
+}
+
+fn member_rows(view: &MembersView) -> Vec<MemberRow> {
+    let status = &view.status;
+    let leading = status.leader == Some(status.id);
+    status
+        .membership
+        .members()
+        .map(|id| {
+            let peer = status.peers.iter().find(|p| p.id == id);
+            let (match_index, lag) = match peer {
+                Some(peer) => (Some(peer.match_index), Some(peer.lag)),
+                None if leading && id == status.id => (Some(status.last_index), Some(0)),
+                None => (None, None),
+            };
+            MemberRow {
+                id,
+                address: status.membership.addresses.get(&id).cloned(),
+                role: if status.membership.is_voter(id) {
+                    "voter"
+                } else {
+                    "learner"
+                },
+                match_index,
+                lag,
+            }
+        })
+        .collect()
+}
+
+fn print_members(view: &MembersView, json: bool) {
+    let status = &view.status;
+    let rows = member_rows(view);
+    let leading = status.leader == Some(status.id);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "leader": status.leader,
+                "answered_by": status.id,
+                "configuration_index": status.membership_index,
+                "change_in_progress": status.change_in_progress,
+                "digest": format!("{:016x}", status.membership.digest()),
+                "cluster_digest": format!("{:016x}", view.cluster_digest),
+                "members": rows,
+            })
+        );
+        return;
+    }
+    println!(
+        "configuration index {}{}, leader {}{}",
+        status.membership_index,
+        if status.change_in_progress {
+            " (change in progress: not committed yet)"
+        } else {
+            ""
+        },
+        status.leader.map_or("none".to_string(), |l| l.to_string()),
+        if leading {
+            String::new()
+        } else {
+            format!(
+                " (as node {} sees it; the leader did not answer, so no lag)",
+                status.id
+            )
+        }
+    );
+    println!(
+        "{:>4}  {:<24} {:<8} {:>10} {:>8}",
+        "id", "address", "role", "match", "lag"
+    );
+    for row in rows {
+        let number = |n: Option<Index>| n.map_or("-".to_string(), |n| n.to_string());
+        println!(
+            "{:>4}  {:<24} {:<8} {:>10} {:>8}",
+            row.id,
+            row.address.as_deref().unwrap_or("-"),
+            row.role,
+            number(row.match_index),
+            number(row.lag)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "node",
+            "member",
+            "add",
+            "4",
+            "--address",
+            "h4:7000",
+            "--learner",
+            "--cluster",
+            "1=h1:7000",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Member {
+                command:
+                    MemberCommand::Add {
+                        id: 4,
+                        address,
+                        learner: true,
+                        timeout: 120,
+                        ..
+                    },
+            }) => assert_eq!(address, "h4:7000"),
+            _ => panic!("not parsed as member add"),
+        }
+        assert!(Cli::try_parse_from(["node", "member", "update", "2"]).is_err());
+        assert!(Cli::try_parse_from(["node", "member", "remove", "x"]).is_err());
+        let cli = Cli::try_parse_from(["node", "--id", "4", "--join", "1=h1:7000"]).unwrap();
+        assert_eq!(cli.run.join.as_deref(), Some("1=h1:7000"));
+    }
+
+    #[test]
+    fn the_member_list_takes_match_and_lag_from_the_leader() {
+        use cluster_store::raft::{Config, HardState, Membership, PeerStatus, RaftNode};
+        let membership = Membership {
+            voters: [1, 2].into(),
+            learners: [3].into(),
+            addresses: (1..=3).map(|id| (id, format!("h{id}:7000"))).collect(),
+        };
+        let mut config = Config::new(1, [1, 2]);
+        config.learners = [3].into();
+        let node = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
+        let mut status = node.status();
+        status.membership = membership.clone();
+        status.last_index = 50;
+        status.leader = Some(1);
+        status.peers = vec![PeerStatus {
+            id: 3,
+            voter: false,
+            match_index: 20,
+            lag: 30,
+        }];
+        let view = MembersView {
+            status,
+            committed: membership,
+            cluster_digest: 0,
+        };
+        let rows = member_rows(&view);
+        assert_eq!(
+            rows,
+            vec![
+                MemberRow {
+                    id: 1,
+                    address: Some("h1:7000".into()),
+                    role: "voter",
+                    match_index: Some(50),
+                    lag: Some(0),
+                },
+                MemberRow {
+                    id: 2,
+                    address: Some("h2:7000".into()),
+                    role: "voter",
+                    match_index: None,
+                    lag: None,
+                },
+                MemberRow {
+                    id: 3,
+                    address: Some("h3:7000".into()),
+                    role: "learner",
+                    match_index: Some(20),
+                    lag: Some(30),
+                },
+            ]
+        );
     }
 }

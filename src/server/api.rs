@@ -10,9 +10,12 @@ use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use super::driver::Input;
+use crate::raft::{ChangeError, MembershipChange};
 use crate::raft::{Index, NodeId, Payload, Proposal, ProposeError, RequestId};
 use crate::storage::LogReader;
-use crate::wire::{read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry};
+use crate::wire::{
+    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView,
+};
 
 /// Most entries one export page returns.
 pub const PAGE: u64 = 10_000;
@@ -34,6 +37,8 @@ pub struct Api {
     pub log: LogReader,
     pub limits: Arc<Limits>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Told to joining nodes (`MembersView::cluster_digest`).
+    pub cluster_digest: u64,
 }
 
 /// Admission control: what a node accepts before it says "busy".
@@ -258,6 +263,39 @@ impl Api {
                 Ok(status) => ClientResponse::Status(Box::new(status)),
                 Err(response) => response,
             },
+            ClientRequest::ChangeMembership(change) => self.change_membership(change).await,
+            ClientRequest::Members => {
+                let (reply, answer) = oneshot::channel();
+                if let Err(response) = self.submit(Input::Members(reply)) {
+                    return response;
+                }
+                match answer.await {
+                    Ok((status, committed)) => ClientResponse::Members(Box::new(MembersView {
+                        status,
+                        committed,
+                        cluster_digest: self.cluster_digest,
+                    })),
+                    Err(_) => error("node shutting down", true),
+                }
+            }
+        }
+    }
+
+    /// Hands a membership change to the driver and waits until it commits;
+    /// a follower redirects to the leader, as for sends.
+    async fn change_membership(&self, change: MembershipChange) -> ClientResponse {
+        let (reply, answer) = oneshot::channel();
+        if let Err(response) = self.submit(Input::ChangeMembership(change, reply)) {
+            return response;
+        }
+        match answer.await {
+            Ok(Ok(index)) => ClientResponse::MembershipChanged {
+                index,
+                leader: self.me,
+            },
+            Ok(Err(ChangeError::NotLeader { leader })) => ClientResponse::Redirect { leader },
+            Ok(Err(error)) => ClientResponse::ChangeRefused { error },
+            Err(_) => error("node shutting down", true),
         }
     }
 

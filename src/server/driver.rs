@@ -8,16 +8,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
-    Committed, Envelope, Index, Lamport, NodeId, Payload, Proposal, ProposeError, RaftNode,
-    RequestId, Status, Term,
+    ChangeError, Committed, Envelope, Index, Lamport, Membership, MembershipChange, NodeId,
+    Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
 };
 use crate::storage::StoreError;
 
@@ -32,12 +32,56 @@ pub enum Input {
     ),
     Read(oneshot::Sender<Result<Index, ProposeError>>),
     Status(oneshot::Sender<Status>),
+    /// A membership change, answered once it commits (or is refused).
+    ChangeMembership(
+        MembershipChange,
+        oneshot::Sender<Result<Index, ChangeError>>,
+    ),
+    /// The status and the latest committed configuration.
+    Members(oneshot::Sender<(Status, Membership)>),
     /// From the store thread: look at its `Progress`.
     StoreProgress,
 }
 
-/// Where outgoing Raft messages go: one queue per peer.
-pub type Outboxes = HashMap<NodeId, mpsc::Sender<Envelope>>;
+/// Where outgoing Raft messages go: one queue per peer, added and removed
+/// as the configuration changes (`links.rs`).
+#[derive(Clone, Default)]
+pub struct Outboxes(Arc<RwLock<HashMap<NodeId, mpsc::Sender<Envelope>>>>);
+
+impl Outboxes {
+    /// Queues `envelope` for its peer's link, without waiting.
+    pub fn try_send(&self, envelope: Envelope) -> Result<(), Unsent> {
+        let map = match self.0.read() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let outbox = map.get(&envelope.to).ok_or(Unsent::NoLink)?;
+        outbox.try_send(envelope).map_err(|_| Unsent::Full)
+    }
+
+    pub fn insert(&self, peer: NodeId, outbox: mpsc::Sender<Envelope>) {
+        match self.0.write() {
+            Ok(mut map) => map.insert(peer, outbox),
+            Err(poisoned) => poisoned.into_inner().insert(peer, outbox),
+        };
+    }
+
+    pub fn remove(&self, peer: NodeId) {
+        match self.0.write() {
+            Ok(mut map) => map.remove(&peer),
+            Err(poisoned) => poisoned.into_inner().remove(&peer),
+        };
+    }
+}
+
+/// Why `Outboxes::try_send` dropped a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unsent {
+    /// The peer has no link (just added, or just removed).
+    NoLink,
+    /// Its queue is full (it is far behind or unreachable).
+    Full,
+}
 
 /// A batch proposal collecting one answer per message.
 struct BatchWaiter {
@@ -60,6 +104,11 @@ pub struct Driver {
     next_read: u64,
     /// Reads whose index is committed but not yet in this node's store.
     reads_waiting: Vec<(Index, oneshot::Sender<Result<Index, ProposeError>>)>,
+    /// Membership changes waiting to commit, by the ctx given to the core.
+    changes: HashMap<u64, oneshot::Sender<Result<Index, ChangeError>>>,
+    next_change: u64,
+    /// The configuration in force, for the peer links.
+    membership: watch::Sender<super::links::View>,
     metrics: Arc<Metrics>,
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
@@ -78,8 +127,12 @@ impl Driver {
         tick: Duration,
         metrics: Arc<Metrics>,
         events: broadcast::Sender<NodeEvent>,
+        membership: watch::Sender<super::links::View>,
     ) -> Self {
         Driver {
+            membership,
+            changes: HashMap::new(),
+            next_change: 0,
             metrics,
             events,
             announced: (None, 0, 0),
@@ -178,6 +231,17 @@ impl Driver {
                 status.commit = status.commit.min(self.synced_commit);
                 let _ = reply.send(status);
             }
+            Input::ChangeMembership(change, reply) => {
+                let ctx = self.next_change;
+                self.next_change += 1;
+                self.changes.insert(ctx, reply);
+                self.raft.change_membership(ctx, change);
+            }
+            Input::Members(reply) => {
+                let mut status = self.raft.status();
+                status.commit = status.commit.min(self.synced_commit);
+                let _ = reply.send((status, self.raft.committed_membership().clone()));
+            }
             // Picked up by `take_progress` after this batch of inputs.
             Input::StoreProgress => {}
         }
@@ -200,6 +264,23 @@ impl Driver {
                 self.durable_vote = (hs.term, hs.vote);
                 hard_state = None;
             }
+        }
+        // The peer links follow the configuration in force at once: a
+        // member just added should be dialed before the first append to it.
+        let committed_member = self.raft.committed_membership().contains(self.raft.id());
+        if let Some((index, membership)) = ready.membership {
+            tracing::debug!(index, %membership, "configuration in force changed");
+            self.membership.send_replace(super::links::View {
+                index,
+                membership,
+                committed_member,
+            });
+        } else {
+            self.membership.send_if_modified(|view| {
+                let changed = view.committed_member != committed_member;
+                view.committed_member = committed_member;
+                changed
+            });
         }
         // 2. Replicate while the store writes our own log: a leader's
         //    appends leave before its fsync, so its disk and its followers'
@@ -232,6 +313,11 @@ impl Driver {
                         let _ = reply.send(Err(error));
                     }
                 }
+            }
+        }
+        for change in ready.changes {
+            if let Some(reply) = self.changes.remove(&change.ctx) {
+                let _ = reply.send(change.result);
             }
         }
         // 4. A lagging follower needs entries the core no longer holds in
@@ -316,6 +402,12 @@ impl Driver {
             .fetch_add(committed.len() as u64, Ordering::Relaxed);
         let subscribed = self.events.receiver_count() > 0;
         for entry in committed {
+            if let Payload::Membership(membership) = &entry.payload {
+                self.metrics
+                    .membership_changes_applied
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(index = entry.index, %membership, "configuration committed");
+            }
             if let (true, Payload::Command(command)) = (subscribed, &entry.payload) {
                 let _ = self.events.send(NodeEvent::Commit {
                     index: entry.index,

@@ -2,16 +2,18 @@
 //! put together from the command line's options.
 
 pub mod api;
+pub mod bootstrap;
 pub mod driver;
+pub mod links;
 pub mod persist;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::address::Address;
@@ -19,7 +21,8 @@ use crate::identity::{self, node_cert_path};
 use crate::raft::{Config, NodeId, RaftNode, Restorer};
 use crate::storage::Store;
 use crate::tls::{self, Credentials};
-use driver::{Driver, Input};
+use bootstrap::Plan;
+use driver::{Driver, Input, Outboxes};
 use transport::Peers;
 
 /// Everything a node needs to run.
@@ -30,7 +33,11 @@ pub struct NodeOptions {
     pub peers: BTreeMap<NodeId, Address>,
     /// Non-voting replicas, possibly including this node.
     pub learners: BTreeMap<NodeId, Address>,
-    pub listen: SocketAddr,
+    /// Nodes to ask for the cluster's configuration on a first start
+    /// (`--join`), instead of `peers`/`learners`.
+    pub join: Option<BTreeMap<NodeId, Address>>,
+    /// Where to listen; `None`: this node's address in its configuration.
+    pub listen: Option<SocketAddr>,
     pub data: PathBuf,
     pub certs: PathBuf,
     pub tick: Duration,
@@ -51,10 +58,12 @@ pub struct NodeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("node {0} is listed neither in --peers nor in --learners")]
-    NotMember(NodeId),
     #[error("node {0} is listed both in --peers and in --learners")]
     Both(NodeId),
+    #[error(transparent)]
+    Bootstrap(#[from] bootstrap::BootstrapError),
+    #[error("this node's address in the configuration, {0}, is unusable ({1}); give --listen")]
+    Listen(String, String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
@@ -84,9 +93,6 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     {
         return Err(NodeError::Both(*both));
     }
-    if !options.peers.contains_key(&me) && !options.learners.contains_key(&me) {
-        return Err(NodeError::NotMember(me));
-    }
     let (ca_path, _) = identity::ca_path(&options.certs);
     let (cert_path, key_path) = node_cert_path(&options.certs, me);
     let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
@@ -103,7 +109,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         .map_err(tls::TlsError::from)?;
     let cluster_id = identity::cluster_id(&creds.ca);
 
-    let (store, recovered) = if std::env::var("CLUSTER_STORE_UNSAFE_SKIP_SYNC")
+    let (mut store, recovered) = if std::env::var("CLUSTER_STORE_UNSAFE_SKIP_SYNC")
         .is_ok_and(|v| v == "1")
     {
         tracing::warn!(
@@ -113,8 +119,37 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     } else {
         Store::open(&options.data, &cluster_id, me)?
     };
-    let mut config = Config::new(me, options.peers.keys().copied());
-    config.learners = options.learners.keys().copied().collect();
+    // The command line bootstraps a new cluster only: from then on the
+    // stored configuration (and after it the log) says who is a member.
+    let command_line = (!options.peers.is_empty() || !options.learners.is_empty())
+        .then(|| bootstrap::from_command_line(&options.peers, &options.learners));
+    let fresh = recovered.last_index == 0 && recovered.hard_state.term == 0;
+    let plan = bootstrap::plan(
+        me,
+        store.bootstrap()?,
+        command_line.clone(),
+        options.join.clone(),
+        fresh,
+    )?;
+    let stored = match plan {
+        Plan::Stored(stored) => stored,
+        Plan::Record { bootstrap, upgrade } => {
+            if upgrade {
+                info!(configuration = %bootstrap.membership, "this data directory predates stored configurations: recording the command line's");
+            }
+            store.set_bootstrap(&bootstrap)?;
+            bootstrap
+        }
+        Plan::Join(seeds) => {
+            let bootstrap = bootstrap::join(me, seeds, &creds).await?;
+            store.set_bootstrap(&bootstrap)?;
+            bootstrap
+        }
+    };
+    let membership = &stored.membership;
+    let mut config = Config::new(me, membership.voters.iter().copied());
+    config.learners = membership.learners.clone();
+    config.addresses = membership.addresses.clone();
     config.election_ticks = options.election_ticks;
     config.heartbeat_ticks = options.heartbeat_ticks;
     config.priorities = options.priorities.clone();
@@ -133,9 +168,34 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         term = recovered.hard_state.term,
         entries,
         commit = raft.commit_index(),
+        configuration = %raft.membership(),
+        configuration_index = raft.membership_index(),
         "recovered from {}",
         options.data.display()
     );
+    let stored_at = (stored.index, stored.membership.clone());
+    let in_force = links::in_force(
+        &stored_at,
+        &(raft.membership_index(), raft.membership().clone()),
+    )
+    .clone();
+    if let Some(warning) = command_line
+        .as_ref()
+        .and_then(|listed| bootstrap::command_line_differs(listed, &in_force))
+    {
+        tracing::warn!("{warning}");
+    }
+    if !in_force.contains(me) {
+        tracing::warn!(
+            node = me,
+            configuration = %in_force,
+            "this node is not a member of the cluster's configuration: it takes no part until it is added again"
+        );
+    }
+    let listen = match options.listen {
+        Some(listen) => listen,
+        None => own_address(me, &in_force).await?,
+    };
 
     let bind_error = |source: std::io::Error| {
         let hint = if source.kind() == std::io::ErrorKind::AddrInUse {
@@ -144,13 +204,13 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
             ""
         };
         NodeError::Bind {
-            addr: options.listen,
+            addr: listen,
             error: source,
             hint,
         }
     };
     let server_config = tls::server_config(&creds)?;
-    let socket = bind_udp(options.listen).map_err(bind_error)?;
+    let socket = bind_udp(listen).map_err(bind_error)?;
     let socket: std::sync::Arc<dyn quinn::AsyncUdpSocket> = if options.simulate_delay.is_empty() {
         quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind_error)?
     } else {
@@ -173,41 +233,40 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let (events, _) = tokio::sync::broadcast::channel(4096);
-    let addresses: BTreeMap<NodeId, Address> = options
-        .peers
-        .iter()
-        .chain(options.learners.iter())
-        .filter(|(id, _)| **id != me)
-        .map(|(id, addr)| (*id, addr.clone()))
-        .collect();
-    let mut outboxes = HashMap::new();
-    let mut inbound = BTreeMap::new();
-    let mut links = Vec::new();
-    for id in addresses.keys() {
-        let (tx, rx) = mpsc::channel(transport::OUTBOX);
-        outboxes.insert(*id, tx);
-        let (slot, watch_rx) = watch::channel(None);
-        inbound.insert(*id, slot);
-        links.push((*id, rx, watch_rx));
-    }
+    let outboxes = Outboxes::default();
+    let (membership_tx, membership_rx) = watch::channel(links::View {
+        index: raft.membership_index(),
+        membership: raft.membership().clone(),
+        committed_member: raft.committed_membership().contains(me),
+    });
     let peers = Peers {
         me,
-        addresses,
-        inbound,
+        links: links::Links::default(),
+        hello: crate::wire::PeerHello {
+            cluster_id: cluster_id.clone(),
+            cluster_digest: stored.cluster_digest,
+        },
         inputs: inputs.clone(),
         metrics: metrics.clone(),
         client_config: client_config.clone(),
         revoked,
     };
-    for (id, rx, watch_rx) in links {
-        tokio::spawn(transport::run_link(
-            endpoint.clone(),
-            peers.clone(),
-            id,
-            rx,
-            watch_rx,
-        ));
-    }
+    // The first links exist before any peer can connect.
+    peers.links.follow(
+        &in_force,
+        raft.committed_membership().contains(me),
+        &endpoint,
+        &peers,
+        &outboxes,
+    );
+    tokio::spawn(links::follow_membership(
+        peers.links.clone(),
+        stored_at,
+        membership_rx,
+        endpoint.clone(),
+        peers.clone(),
+        outboxes.clone(),
+    ));
     let api = api::Api {
         me,
         inputs: inputs.clone(),
@@ -217,18 +276,19 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
             options.max_clients,
         )),
         metrics: metrics.clone(),
+        cluster_digest: stored.cluster_digest,
     };
     let api_for_http = api.clone();
     tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api));
-    info!(node = me, listen = %options.listen, "serving");
+    info!(node = me, %listen, "serving");
 
     if let Some(http) = options.http {
-        let cluster: BTreeMap<NodeId, Address> = options
-            .peers
+        let mut cluster: BTreeMap<NodeId, Address> = in_force
+            .addresses
             .iter()
-            .chain(options.learners.iter())
-            .map(|(id, addr)| (*id, addr.clone()))
+            .filter_map(|(id, address)| Some((*id, Address::parse(address).ok()?)))
             .collect();
+        cluster.entry(me).or_insert_with(|| Address::from(listen));
         let state = crate::http::HttpState {
             me,
             api: api_for_http,
@@ -269,7 +329,15 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
 
     let store = persist::start(me, store, inputs.clone(), outboxes.clone(), metrics.clone())
         .map_err(|e| NodeError::Driver(e.to_string()))?;
-    let driver = Driver::new(raft, store, outboxes, options.tick, metrics, events);
+    let driver = Driver::new(
+        raft,
+        store,
+        outboxes,
+        options.tick,
+        metrics,
+        events,
+        membership_tx,
+    );
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))
         .spawn(move || driver.run(input_rx))
@@ -283,6 +351,24 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         Ok(Err(store_error)) => Err(store_error.into()),
         Err(_) => Err(NodeError::Driver("the driver thread panicked".into())),
     }
+}
+
+/// This node's listening address from its configuration.
+async fn own_address(
+    me: NodeId,
+    membership: &crate::raft::Membership,
+) -> Result<SocketAddr, NodeError> {
+    let Some(own) = membership.addresses.get(&me) else {
+        return Err(NodeError::Listen(
+            "absent".into(),
+            "this node is not in it".into(),
+        ));
+    };
+    let parsed = Address::parse(own).map_err(|e| NodeError::Listen(own.clone(), e.to_string()))?;
+    parsed
+        .resolve()
+        .await
+        .map_err(|e| NodeError::Listen(own.clone(), e.to_string()))
 }
 
 /// Reloads the revocation list when it changes: new handshakes use it at

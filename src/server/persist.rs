@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use super::driver::{Input, Outboxes};
+use super::driver::{Input, Outboxes, Unsent};
 use crate::metrics::Metrics;
 use crate::raft::{Envelope, HardState, Index, LogWrite, NodeId, Term};
 use crate::storage::{LogReader, Store, StoreError};
@@ -209,11 +209,11 @@ impl Persister {
 /// Queues a message for its peer's link. Raft tolerates loss: a full queue
 /// means the peer is far behind or unreachable, and probing catches it up.
 pub fn send(outboxes: &Outboxes, envelope: Envelope) {
-    let Some(outbox) = outboxes.get(&envelope.to) else {
-        tracing::error!(to = envelope.to, "no route to peer");
-        return;
-    };
-    if outbox.try_send(envelope).is_err() {
-        warn!("outbound queue full, dropping a message");
+    let to = envelope.to;
+    match outboxes.try_send(envelope) {
+        Ok(()) => {}
+        // A member just added (its link is being set up) or just removed.
+        Err(Unsent::NoLink) => tracing::debug!(to, "no link to peer, dropping a message"),
+        Err(Unsent::Full) => warn!("outbound queue full, dropping a message"),
     }
 }

@@ -3,7 +3,7 @@
 //! heartbeats, votes and acknowledgements, reconnection with backoff.
 //! A peer is whoever its certificate says, and may only speak for itself.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -14,17 +14,22 @@ use tracing::{debug, info, warn};
 
 use super::api::Api;
 use super::driver::Input;
+use super::links::Links;
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, Message, NodeId};
 use crate::tls::{peer_identity, peer_serial, protocol};
-use crate::wire::{encode, read_frame_sized, PeerFrame, PEER_ALPN};
+use crate::wire::{encode, read_frame_sized, PeerFrame, PeerHello, PEER_ALPN};
 
 /// QUIC application error codes we close streams and connections with.
 pub const CLOSE_UNKNOWN_PEER: u32 = 1;
 pub const CLOSE_BAD_FRAME: u32 = 2;
 pub const CLOSE_IMPERSONATION: u32 = 3;
 pub const CLOSE_REVOKED: u32 = 4;
+/// The peer left the configuration (or moved to another address).
+pub const CLOSE_REMOVED: u32 = 6;
+/// The peer was bootstrapped with another member list (`PeerHello`).
+pub const CLOSE_MISMATCH: u32 = 7;
 
 /// Messages queued for one peer: in its outbox, and again for its append
 /// stream. Full means the peer is far behind; Raft resends.
@@ -40,9 +45,11 @@ pub type Revoked = Arc<HashSet<Vec<u8>>>;
 #[derive(Clone)]
 pub struct Peers {
     pub me: NodeId,
-    pub addresses: BTreeMap<NodeId, Address>,
-    /// The live connection to each peer that dials us.
-    pub inbound: BTreeMap<NodeId, watch::Sender<Option<Connection>>>,
+    /// One link per member of the configuration in force; only they may
+    /// hold a peer connection.
+    pub links: Links,
+    /// What this node says first on every peer stream, and expects to hear.
+    pub hello: PeerHello,
     pub inputs: SyncSender<Input>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// How we dial peers; replaced when the revocation list changes.
@@ -117,16 +124,12 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                 serve_peer(connection, identity, &peers).await;
             } else {
                 // A client, or a node's HTTP side reaching the cluster
-                // through us: requests only, never a Raft link.
+                // through us: requests only, never a Raft link. Any node of
+                // this CA may ask (a joining node asks for the configuration
+                // before it is in ours).
                 match identity {
                     Identity::Client(name) => api.serve_client(connection, name).await,
-                    Identity::Node(id) if id == peers.me || peers.addresses.contains_key(&id) => {
-                        api.serve(connection, format!("http@node-{id}")).await
-                    }
-                    Identity::Node(id) => {
-                        warn!(%remote, "refused node {id}: not a member of this cluster");
-                        connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
-                    }
+                    Identity::Node(id) => api.serve(connection, format!("http@node-{id}")).await,
                 }
             }
         });
@@ -138,13 +141,22 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
 /// Raft messages to it (it restarted and dialed anew).
 async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
     let remote = connection.remote_address();
-    let id = match identity {
-        Identity::Node(id) if id != peers.me && peers.addresses.contains_key(&id) => id,
-        Identity::Node(id) => {
-            warn!(%remote, "refused a peer link from node {id}: not a member of this cluster");
-            connection.close(CLOSE_UNKNOWN_PEER.into(), b"unknown node");
-            return;
-        }
+    let (id, slot) = match identity {
+        Identity::Node(id) => match peers.links.inbound_slot(id) {
+            Some(slot) if id != peers.me => (id, slot),
+            _ => {
+                if peers.links.warn_refusal(id) {
+                    warn!(%remote, "refused a peer link from node {id}: not a member of this node's configuration (said once a minute)");
+                } else {
+                    debug!(%remote, "refused a peer link from node {id}: not a member");
+                }
+                connection.close(
+                    CLOSE_UNKNOWN_PEER.into(),
+                    b"not a member of this node's configuration",
+                );
+                return;
+            }
+        },
         Identity::Client(name) => {
             warn!(%remote, "refused a peer link from client {name:?}: only nodes may open one");
             connection.close(CLOSE_UNKNOWN_PEER.into(), b"clients cannot open peer links");
@@ -152,21 +164,12 @@ async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
         }
     };
     debug!(peer = id, %remote, "peer connected");
-    let previous = peers
-        .inbound
-        .get(&id)
-        .and_then(|slot| slot.send_replace(Some(connection.clone())));
-    read_peer(
-        connection.clone(),
-        id,
-        peers.inputs.clone(),
-        peers.metrics.clone(),
-    )
-    .await;
+    let previous = slot.send_replace(Some(connection.clone()));
+    read_peer(connection.clone(), id, peers.clone()).await;
     // When it ends, the one it replaced takes over again if that one is
     // still alive: a short-lived second connection (a knock) must not
     // leave the link without a way out.
-    if let Some(slot) = peers.inbound.get(&id) {
+    {
         slot.send_if_modified(|current| {
             let ours = current
                 .as_ref()
@@ -182,17 +185,35 @@ async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
     }
 }
 
-/// Reads Raft messages from every stream `peer` opens on `connection`.
-pub async fn read_peer(
-    connection: Connection,
-    peer: NodeId,
-    inputs: SyncSender<Input>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-) {
+/// Reads Raft messages from every stream `peer` opens on `connection`;
+/// each must start with a `PeerHello` equal to ours.
+pub async fn read_peer(connection: Connection, peer: NodeId, peers: Peers) {
     while let Ok(mut stream) = connection.accept_uni().await {
-        let inputs = inputs.clone();
-        let metrics = metrics.clone();
+        let inputs = peers.inputs.clone();
+        let metrics = peers.metrics.clone();
+        let ours = peers.hello.clone();
+        let connection = connection.clone();
         tokio::spawn(async move {
+            match read_frame_sized::<_, PeerFrame>(&mut stream).await {
+                Ok(Some((PeerFrame::Hello(theirs), _))) if theirs == ours => {}
+                Ok(Some((PeerFrame::Hello(theirs), _))) => {
+                    let reason = mismatch(&ours, &theirs);
+                    tracing::error!(peer, "refusing the peer link: {reason}");
+                    connection.close(CLOSE_MISMATCH.into(), reason.as_bytes());
+                    return;
+                }
+                Ok(None) => return,
+                Ok(Some(_)) => {
+                    warn!(peer, "closing a peer stream that did not start with a hello (a node of another version?)");
+                    let _ = stream.stop(CLOSE_BAD_FRAME.into());
+                    return;
+                }
+                Err(error) => {
+                    warn!(peer, "closing a peer stream: {error}");
+                    let _ = stream.stop(CLOSE_BAD_FRAME.into());
+                    return;
+                }
+            }
             loop {
                 match read_frame_sized::<_, PeerFrame>(&mut stream).await {
                     Ok(Some((PeerFrame::Raft(envelope), size))) => {
@@ -211,6 +232,7 @@ pub async fn read_peer(
                         // A full queue drops the message: Raft retries.
                         let _ = inputs.try_send(Input::Peer(envelope));
                     }
+                    Ok(Some((PeerFrame::Hello(_), _))) => {}
                     Ok(None) => return,
                     Err(error) => {
                         warn!(peer, "closing a peer stream: {error}");
@@ -229,12 +251,20 @@ pub async fn run_link(
     endpoint: Endpoint,
     peers: Peers,
     peer: NodeId,
+    address: Address,
     mut outbox: mpsc::Receiver<Envelope>,
     mut inbound: watch::Receiver<Option<Connection>>,
+    dialed: Arc<std::sync::Mutex<Option<Connection>>>,
 ) {
-    let Some(address) = peers.addresses.get(&peer).cloned() else {
-        return;
+    let hello = match encode(&PeerFrame::Hello(peers.hello.clone())) {
+        Ok(frame) => frame,
+        Err(error) => {
+            warn!(peer, "cannot encode the hello: {error}");
+            return;
+        }
     };
+    // Refusals already logged for this link (each once, not at every redial).
+    let mut told = (false, false);
     let dial = peers.me < peer;
     if !dial {
         knock(&endpoint, &peers, &address, peer);
@@ -250,12 +280,10 @@ pub async fn run_link(
                 Ok(connection) => {
                     info!(peer, %address, "connected to peer");
                     close_when_revoked(connection.clone(), peers.revoked.clone());
-                    tokio::spawn(read_peer(
-                        connection.clone(),
-                        peer,
-                        peers.inputs.clone(),
-                        peers.metrics.clone(),
-                    ));
+                    tokio::spawn(read_peer(connection.clone(), peer, peers.clone()));
+                    if let Ok(mut slot) = dialed.lock() {
+                        *slot = Some(connection.clone());
+                    }
                     connection
                 }
                 Err(error) => {
@@ -291,16 +319,27 @@ pub async fn run_link(
         let (Ok(mut control), Ok(bulk)) =
             (connection.open_uni().await, connection.open_uni().await)
         else {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(refused(peer, &connection, &mut told).unwrap_or(backoff)).await;
             continue;
         };
         let _ = control.set_priority(1);
+        // Each stream starts by saying which cluster we belong to.
+        if control.write_all(&hello).await.is_err() {
+            tokio::time::sleep(refused(peer, &connection, &mut told).unwrap_or(backoff)).await;
+            continue;
+        }
         let (appends, queued) = mpsc::channel::<Vec<u8>>(OUTBOX);
+        let _ = appends.try_send(hello.clone());
         let mut bulk_writer = tokio::spawn(write_frames(bulk, queued));
         loop {
             tokio::select! {
                 envelope = outbox.recv() => {
                     let Some(envelope) = envelope else {
+                        // The peer left the links: what is queued for it
+                        // still goes (the commit that tells it so, a
+                        // hand-over), then the link closes (`links.rs`).
+                        drop(appends);
+                        let _ = tokio::time::timeout(LINGER, &mut bulk_writer).await;
                         bulk_writer.abort();
                         return;
                     };
@@ -353,8 +392,63 @@ pub async fn run_link(
             }
         }
         bulk_writer.abort();
+        if let Some(pause) = refused(peer, &connection, &mut told) {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
+
+/// How long a link refused for a different member list waits to retry:
+/// redialing will not help until an operator fixes the lists.
+const MISMATCH_RETRY: Duration = Duration::from_secs(5);
+/// How long a link refused by a peer that does not count us as a member
+/// (yet: it may be behind on the configuration) waits to retry.
+const NOT_MEMBER_RETRY: Duration = Duration::from_secs(1);
+
+/// The reason a node gives for refusing a peer of another cluster.
+fn mismatch(ours: &PeerHello, theirs: &PeerHello) -> String {
+    if ours.cluster_id != theirs.cluster_id {
+        return format!(
+            "the peer belongs to cluster {} and this node to cluster {}",
+            theirs.cluster_id, ours.cluster_id
+        );
+    }
+    format!(
+        "the nodes were bootstrapped with different member lists (the peer's configuration digest {:016x}, this node's {:016x}): every node of a new cluster must start with the same --peers/--learner, and a node added later must start with --join",
+        theirs.cluster_digest, ours.cluster_digest
+    )
+}
+
+/// How long to wait before redialing when `peer` refused the link: its
+/// hello differed (said clearly, on this side too), or it does not count
+/// this node as a member. Each is logged once per link.
+fn refused(peer: NodeId, connection: &Connection, told: &mut (bool, bool)) -> Option<Duration> {
+    let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() else {
+        return None;
+    };
+    let reason = String::from_utf8_lossy(&close.reason);
+    if close.error_code == CLOSE_MISMATCH.into() {
+        if !told.0 {
+            tracing::error!(peer, "node {peer} refused the peer link: {reason}");
+            told.0 = true;
+        }
+        return Some(MISMATCH_RETRY);
+    }
+    if close.error_code == CLOSE_UNKNOWN_PEER.into() {
+        if !told.1 {
+            info!(
+                peer,
+                "node {peer} refused the peer link: {reason} (it may not have the latest configuration yet); retrying every {NOT_MEMBER_RETRY:?}"
+            );
+            told.1 = true;
+        }
+        return Some(NOT_MEMBER_RETRY);
+    }
+    None
+}
+
+/// How long a closing link may take to send what was queued for it.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// How long a knock stays open: long enough for the peer to notice it.
 const KNOCK_HOLD: Duration = Duration::from_secs(1);

@@ -28,7 +28,9 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
-use crate::raft::{Entry, HardState, Index, LogPosition, LogWrite, NodeId, RebuildPlan};
+use crate::raft::{
+    Entry, HardState, Index, LogPosition, LogWrite, Membership, NodeId, RebuildPlan,
+};
 
 mod chunk;
 pub mod segments;
@@ -46,10 +48,30 @@ const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// Written once by `node rebuild` (`RebuildPlan::floor`); absent otherwise.
 const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
+/// The configuration this replica started from (`StoredBootstrap`);
+/// absent in stores written before membership lived in the log.
+const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
 /// Journal size that triggers a checkpoint (a flush of sled).
 const CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// The configuration a replica starts from before its log says otherwise:
+/// `--peers`/`--learner` on a new cluster's first start, or what a joining
+/// node learned from the cluster. Stored once, so a later command line
+/// cannot silently change who votes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBootstrap {
+    pub membership: Membership,
+    /// The log index of that configuration in the cluster (0 for a new
+    /// cluster's): older configurations in the log, which a joining node
+    /// replays while it catches up, do not replace it for the peer links.
+    pub index: Index,
+    /// Equal on every node of one cluster: the digest of the member ids
+    /// the cluster was first started with (a joining node copies it).
+    /// Peers compare it on connect.
+    pub cluster_digest: u64,
+}
 
 /// What a data directory belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +330,18 @@ impl Store {
         node_id: NodeId,
         plan: &RebuildPlan,
     ) -> Result<(), StoreError> {
+        Store::create_rebuilt_with(dir, cluster_id, node_id, plan, None)
+    }
+
+    /// `create_rebuilt`, recording `bootstrap` (the cluster's configuration,
+    /// as a joining node does) when the cluster told it.
+    pub fn create_rebuilt_with(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: NodeId,
+        plan: &RebuildPlan,
+        bootstrap: Option<&StoredBootstrap>,
+    ) -> Result<(), StoreError> {
         if dir.join("db").exists() {
             return Err(StoreError::Write {
                 dir: dir.to_path_buf(),
@@ -315,6 +349,9 @@ impl Store {
             });
         }
         let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
+        if let Some(bootstrap) = bootstrap {
+            store.set_bootstrap(bootstrap)?;
+        }
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
@@ -622,6 +659,32 @@ impl Store {
             .deserialize(&bytes)
             .map(Some)
             .map_err(|e| self.corrupt(format!("identity record: {e}")))
+    }
+
+    /// The bootstrap configuration recorded on this replica's first start.
+    pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
+        let Some(bytes) = self
+            .meta
+            .get(BOOTSTRAP_KEY)
+            .map_err(|e| self.corrupt(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        codec()
+            .deserialize(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(format!("bootstrap configuration record: {e}")))
+    }
+
+    /// Records the bootstrap configuration, durably, before the node runs.
+    pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
+        let bytes = codec()
+            .serialize(bootstrap)
+            .map_err(|e| self.write_error(e))?;
+        self.meta
+            .insert(BOOTSTRAP_KEY, bytes)
+            .map_err(|e| self.write_error(e))?;
+        self.checkpoint()
     }
 
     pub fn hard_state(&self) -> Result<HardState, StoreError> {
@@ -1391,6 +1454,30 @@ mod tests {
             open_released(&dir, "c1", 1),
             Err(StoreError::Damaged { .. })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_bootstrap_configuration_is_kept_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("cs-store-bootstrap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bootstrap = StoredBootstrap {
+            membership: crate::raft::Membership {
+                voters: [1, 2, 3].into(),
+                learners: [4].into(),
+                addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
+            },
+            index: 57,
+            cluster_digest: 99,
+        };
+        {
+            let (mut store, _) = open_released(&dir, "c1", 1).unwrap();
+            assert_eq!(store.bootstrap().unwrap(), None, "a new store has none");
+            store.set_bootstrap(&bootstrap).unwrap();
+        }
+        let (store, _) = open_released(&dir, "c1", 1).unwrap();
+        assert_eq!(store.bootstrap().unwrap(), Some(bootstrap));
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,289 @@
+//! The peer links follow the configuration in force: a member added is
+//! dialed (or waited for), a member removed loses its link and its
+//! connections, a member that moved is dialed at its new address. A node
+//! the configuration no longer lists holds no links at all. Only a member
+//! with a link may hold a peer connection (`transport::serve_peer`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::driver::Outboxes;
+use super::transport::{self, Peers, CLOSE_REMOVED, LINGER, OUTBOX};
+use crate::address::Address;
+use crate::raft::{Index, Membership, NodeId};
+
+/// One peer's link: the task carrying our messages, and the connections
+/// to close when the peer leaves.
+struct Link {
+    address: Address,
+    /// The live connection the peer dialed to us.
+    inbound: watch::Sender<Option<Connection>>,
+    /// The connection we dialed to it.
+    dialed: Arc<Mutex<Option<Connection>>>,
+    task: JoinHandle<()>,
+}
+
+impl Link {
+    /// Closes the link once what was queued for the peer has had `LINGER`
+    /// to leave (its outbox is already gone, so nothing new is queued).
+    fn close(self, reason: &'static str) {
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            self.task.abort();
+            let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
+            let inbound = self.inbound.send_replace(None);
+            for connection in dialed.into_iter().chain(inbound) {
+                connection.close(CLOSE_REMOVED.into(), reason.as_bytes());
+            }
+        });
+    }
+}
+
+/// What the links follow, as the driver last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// The configuration in force in the log, and its index.
+    pub index: Index,
+    pub membership: Membership,
+    /// Whether the latest committed configuration still has this node: a
+    /// leader removing itself keeps its links until the removal commits
+    /// (it must replicate it), and so does a follower whose removal may
+    /// still be cut off.
+    pub committed_member: bool,
+}
+
+/// The links of one node, by peer.
+#[derive(Clone, Default)]
+pub struct Links {
+    links: Arc<Mutex<BTreeMap<NodeId, Link>>>,
+    /// When a refused node was last logged at warning level, by id.
+    refused: Arc<Mutex<BTreeMap<NodeId, Instant>>>,
+}
+
+/// A node refused a peer link is logged as a warning at most this often:
+/// a removed node that has not heard so keeps dialing every second.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl Links {
+    /// Where a connection `peer` dials to us goes, if `peer` is a member.
+    pub fn inbound_slot(&self, peer: NodeId) -> Option<watch::Sender<Option<Connection>>> {
+        let links = self.links.lock().ok()?;
+        links.get(&peer).map(|link| link.inbound.clone())
+    }
+
+    /// Whether refusing `peer` now deserves a warning (not one per redial).
+    pub fn warn_refusal(&self, peer: NodeId) -> bool {
+        let Ok(mut refused) = self.refused.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        match refused.get(&peer) {
+            Some(last) if now.duration_since(*last) < REFUSAL_WARN_EVERY => false,
+            _ => {
+                refused.insert(peer, now);
+                true
+            }
+        }
+    }
+
+    /// Makes the links match `membership`: one per other member, at its
+    /// address; none at all if this node is not a member.
+    pub fn follow(
+        &self,
+        membership: &Membership,
+        committed_member: bool,
+        endpoint: &Endpoint,
+        peers: &Peers,
+        outboxes: &Outboxes,
+    ) {
+        let me = peers.me;
+        let wanted = wanted_links(me, membership, committed_member);
+        let mut links = match self.links.lock() {
+            Ok(links) => links,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let stale: Vec<NodeId> = links
+            .iter()
+            .filter(|(id, link)| wanted.get(id) != Some(&link.address))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            let Some(link) = links.remove(&id) else {
+                continue;
+            };
+            outboxes.remove(id);
+            let reason = match wanted.get(&id) {
+                Some(address) => {
+                    info!(peer = id, from = %link.address, to = %address, "node {id} moved: closing its link to open one at the new address");
+                    "moved to another address"
+                }
+                None if membership.contains(me) || committed_member => {
+                    info!(
+                        peer = id,
+                        "node {id} left the configuration: closing its link"
+                    );
+                    "removed from the cluster's configuration"
+                }
+                None => {
+                    info!(
+                        peer = id,
+                        "this node is no longer a member: closing its link to node {id}"
+                    );
+                    "the closing node was removed from the cluster's configuration"
+                }
+            };
+            link.close(reason);
+        }
+        for (id, address) in wanted {
+            if links.contains_key(&id) {
+                continue;
+            }
+            info!(peer = id, %address, "opening a link to node {id}");
+            let (outbox, queued) = mpsc::channel(OUTBOX);
+            let (inbound, watched) = watch::channel(None);
+            let dialed = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(transport::run_link(
+                endpoint.clone(),
+                peers.clone(),
+                id,
+                address.clone(),
+                queued,
+                watched,
+                dialed.clone(),
+            ));
+            outboxes.insert(id, outbox);
+            links.insert(
+                id,
+                Link {
+                    address,
+                    inbound,
+                    dialed,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+/// The links `membership` calls for: every other member at its address,
+/// or none once `me` is out of it and of the committed configuration (a
+/// removed node holds no links).
+pub fn wanted_links(
+    me: NodeId,
+    membership: &Membership,
+    committed_member: bool,
+) -> BTreeMap<NodeId, Address> {
+    if !membership.contains(me) && !committed_member {
+        return BTreeMap::new();
+    }
+    membership
+        .members()
+        .filter(|id| *id != me)
+        .filter_map(
+            |id| match membership.addresses.get(&id).map(|a| Address::parse(a)) {
+                Some(Ok(address)) => Some((id, address)),
+                Some(Err(error)) => {
+                    warn!(
+                        peer = id,
+                        "no link to node {id}: its address is unusable: {error}"
+                    );
+                    None
+                }
+                None => {
+                    warn!(
+                        peer = id,
+                        "no link to node {id}: the configuration gives no address"
+                    );
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
+/// The configuration the links follow: the log's, unless the stored
+/// bootstrap is newer. A node that joined at index N replays the log from
+/// the start, and the configurations before N (without it, and maybe
+/// without the leader) must not cut it off while it catches up.
+pub fn in_force<'a>(
+    bootstrap: &'a (Index, Membership),
+    log: &'a (Index, Membership),
+) -> &'a Membership {
+    if log.0 >= bootstrap.0 {
+        &log.1
+    } else {
+        &bootstrap.1
+    }
+}
+
+/// Keeps the links in line with the configuration in force until the
+/// driver stops.
+pub async fn follow_membership(
+    links: Links,
+    bootstrap: (Index, Membership),
+    mut view: watch::Receiver<View>,
+    endpoint: Endpoint,
+    peers: Peers,
+    outboxes: Outboxes,
+) {
+    loop {
+        let current = view.borrow_and_update().clone();
+        links.follow(
+            in_force(&bootstrap, &(current.index, current.membership)),
+            current.committed_member,
+            &endpoint,
+            &peers,
+            &outboxes,
+        );
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_go_to_other_members_and_none_once_removed() {
+        let membership = Membership {
+            voters: [1, 2, 3].into(),
+            learners: [4].into(),
+            addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
+        };
+        let wanted = wanted_links(2, &membership, true);
+        assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+        assert_eq!(wanted[&4].to_string(), "h4:7000");
+        assert!(wanted_links(9, &membership, false).is_empty());
+        // A leader removing itself keeps replicating until it commits.
+        assert_eq!(wanted_links(9, &membership, true).len(), 4);
+    }
+
+    #[test]
+    fn a_joined_node_keeps_its_bootstrap_until_the_log_passes_it() {
+        let old = Membership {
+            voters: [1, 2, 3].into(),
+            ..Default::default()
+        };
+        let joined = Membership {
+            voters: [1, 2, 3].into(),
+            learners: [4].into(),
+            ..Default::default()
+        };
+        let bootstrap = (57, joined.clone());
+        assert_eq!(in_force(&bootstrap, &(20, old.clone())), &joined);
+        assert_eq!(in_force(&bootstrap, &(57, joined.clone())), &joined);
+        assert_eq!(in_force(&bootstrap, &(80, old.clone())), &old);
+        assert_eq!(
+            in_force(&(0, joined.clone()), &(0, joined.clone())),
+            &joined
+        );
+    }
+}

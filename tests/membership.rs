@@ -66,8 +66,8 @@ fn member(cluster: &TestCluster, args: &[&str]) -> String {
     stdout
 }
 
-/// `node member list --json`: id -> (voter?, lag).
-fn members(cluster: &TestCluster) -> BTreeMap<NodeId, (bool, u64)> {
+/// `node member list --json`: id -> (voter?, lag, match index).
+fn members(cluster: &TestCluster) -> BTreeMap<NodeId, (bool, u64, u64)> {
     let out = member(cluster, &["list", "--json"]);
     let value: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     value["members"]
@@ -80,6 +80,7 @@ fn members(cluster: &TestCluster) -> BTreeMap<NodeId, (bool, u64)> {
                 (
                     m["role"].as_str() == Some("voter"),
                     m["lag"].as_u64().unwrap_or(u64::MAX),
+                    m["match_index"].as_u64().unwrap_or(0),
                 ),
             )
         })
@@ -168,7 +169,7 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
             let list = members(&cluster);
             if list
                 .get(&4)
-                .is_some_and(|(voter, lag)| !voter && *lag < 100)
+                .is_some_and(|(voter, lag, matched)| !voter && *lag < 100 && *matched > 0)
             {
                 break;
             }
@@ -183,7 +184,7 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         let list = members(&cluster);
         let voters: Vec<NodeId> = list
             .iter()
-            .filter(|(_, (v, _))| *v)
+            .filter(|(_, (v, _, _))| *v)
             .map(|(id, _)| *id)
             .collect();
         let mut expected: Vec<NodeId> = [1, 2, 3, 4].into_iter().filter(|id| *id != dead).collect();
@@ -231,7 +232,7 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         }
         let voters = members(&cluster)
             .into_iter()
-            .filter(|(_, (v, _))| *v)
+            .filter(|(_, (v, _, _))| *v)
             .count();
         assert_eq!(voters, 5, "grew to five voters");
 
@@ -267,7 +268,7 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         let list = members(&cluster);
         let final_members: Vec<NodeId> = list.keys().copied().collect();
         assert_eq!(final_members.len(), 3, "shrunk to three: {list:?}");
-        assert!(list.values().all(|(voter, _)| *voter));
+        assert!(list.values().all(|(voter, _, _)| *voter));
         cluster
             .wait_caught_up(&admin, Duration::from_secs(60))
             .await;

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::types::NodeId;
+use super::types::{Index, NodeId};
 
 /// The largest message a client may send, by default: 1 MiB.
 pub const MAX_COMMAND_BYTES: usize = 1 << 20;
@@ -23,6 +23,12 @@ pub struct Config {
     /// when the node starts; from then on the node keeps them equal to the
     /// configuration in force (`RaftNode::membership`).
     pub addresses: BTreeMap<NodeId, String>,
+    /// The log index the bootstrap configuration is from: 0 for a new
+    /// cluster's `--peers`, the index of the configuration a joining (or
+    /// rebuilt) node copied from the cluster. Configuration entries at or
+    /// below it are older than it and do not override it as the log
+    /// arrives.
+    pub membership_index: Index,
     /// A follower that hears no leader for a random time in
     /// `election_ticks..2*election_ticks` starts an election.
     pub election_ticks: u64,
@@ -91,6 +97,7 @@ impl Config {
             voters: voters.into_iter().collect(),
             learners: BTreeSet::new(),
             addresses: BTreeMap::new(),
+            membership_index: 0,
             election_ticks: 10,
             heartbeat_ticks: 2,
             pre_vote: true,

@@ -249,9 +249,14 @@ impl RaftNode {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         let next = self.log.last_index() + 1;
+        // Members a change in flight removes are still sent the log until
+        // it commits (see `membership_changed`).
+        let committed = self.committed_membership().clone();
+        let me = self.config.id;
         self.progress = self
             .config
             .peers()
+            .chain(committed.members().filter(|id| *id != me))
             .map(|id| (id, Progress::new(next)))
             .collect();
         self.pending = self

@@ -217,10 +217,17 @@ pub(super) struct Memberships {
 }
 
 impl Memberships {
-    pub fn new(bootstrap: Membership) -> Self {
+    /// `bootstrap` is the configuration as of log index `index` (0 for a
+    /// new cluster's).
+    pub fn new(bootstrap: Membership, index: Index) -> Self {
         Memberships {
-            history: vec![(0, bootstrap)],
+            history: vec![(index, bootstrap)],
         }
+    }
+
+    /// The index of the bootstrap configuration, or of the oldest kept.
+    fn base(&self) -> Index {
+        self.history[0].0
     }
 
     /// The configuration in force: the latest in the log.
@@ -238,8 +245,15 @@ impl Memberships {
             .unwrap_or(&self.history[0])
     }
 
-    pub fn push(&mut self, index: Index, membership: Membership) {
+    /// A configuration entry at `index` entered the log. Returns whether
+    /// it is in force now: one older than the bootstrap configuration (a
+    /// joined node receiving the log from the start) is not.
+    pub fn push(&mut self, index: Index, membership: Membership) -> bool {
+        if index <= self.base() {
+            return false;
+        }
         self.history.push((index, membership));
+        true
     }
 
     /// Forgets configurations at or after `from` (the log was truncated
@@ -284,6 +298,11 @@ impl RaftNode {
     /// The latest committed configuration.
     pub fn committed_membership(&self) -> &Membership {
         &self.memberships.committed(self.commit).1
+    }
+
+    /// The index of the latest committed configuration.
+    pub fn committed_membership_index(&self) -> Index {
+        self.memberships.committed(self.commit).0
     }
 
     /// The index of the configuration in force (0: the bootstrap one).
@@ -339,18 +358,19 @@ impl RaftNode {
             return Err(ChangeError::TooManyVoters);
         }
         if let MembershipChange::Promote { id } = change {
+            // Caught up: it holds the configuration that made it a member
+            // (so it has answered this leader at all), and is within
+            // `PROMOTE_MAX_LAG` of the log's end. Promoted any earlier, a
+            // learner that never connected would count towards quorums
+            // it cannot help make.
             let last_index = self.log.last_index();
-            let progress = self.progress.get(id);
-            let match_index = progress.map_or(0, |pr| pr.match_index);
-            if match_index + PROMOTE_MAX_LAG < last_index {
+            let match_index = self.progress.get(id).map_or(0, |pr| pr.match_index);
+            if match_index < self.membership_index() || match_index + PROMOTE_MAX_LAG < last_index {
                 return Err(ChangeError::NotCaughtUp {
                     id: *id,
                     match_index,
                     last_index,
                 });
-            }
-            if !progress.is_some_and(|pr| pr.recent_active) {
-                return Err(ChangeError::NotResponding(*id));
             }
         }
         let index = self.append_new(Payload::Membership(next), 0);
@@ -362,8 +382,9 @@ impl RaftNode {
     /// leader, received from one, or read back from the store): it is in
     /// force from now on.
     pub(super) fn membership_appended(&mut self, index: Index, membership: Membership) {
-        self.memberships.push(index, membership);
-        self.membership_changed();
+        if self.memberships.push(index, membership) {
+            self.membership_changed();
+        }
     }
 
     /// The log was cut at `from`: a configuration there or after is gone.
@@ -384,9 +405,17 @@ impl RaftNode {
         self.config.addresses = membership.addresses.clone();
         match self.role {
             Role::Leader => {
-                // A removed leader keeps leading until the change commits.
+                // A removed leader keeps leading until the change commits,
+                // and a removed member is sent the log until then too, so
+                // it learns of its removal (`membership_committed` lets it
+                // go).
                 let next = self.log.last_index() + 1;
-                let peers: BTreeSet<NodeId> = membership.members().filter(|id| *id != me).collect();
+                let committed = self.committed_membership().clone();
+                let peers: BTreeSet<NodeId> = membership
+                    .members()
+                    .chain(committed.members())
+                    .filter(|id| *id != me)
+                    .collect();
                 self.progress.retain(|id, _| peers.contains(id));
                 for id in peers {
                     self.progress
@@ -464,6 +493,23 @@ impl RaftNode {
             }
         }
         let me = self.config.id;
+        if self.role == Role::Leader && !self.change_in_progress() {
+            // Members the committed configuration removed are told the
+            // commit index, once, and then no more.
+            let gone: Vec<NodeId> = self
+                .progress
+                .keys()
+                .copied()
+                .filter(|id| !self.membership().contains(*id))
+                .collect();
+            let read_seq = self.reads.seq();
+            for id in gone {
+                if let Some(pr) = self.progress.remove(&id) {
+                    let commit = pr.match_index.min(self.commit);
+                    self.send(id, Message::Heartbeat { commit, read_seq });
+                }
+            }
+        }
         if self.role == Role::Leader
             && !self.change_in_progress()
             && !self.membership().is_voter(me)
@@ -560,7 +606,7 @@ mod tests {
 
     #[test]
     fn history_follows_truncation_and_commit() {
-        let mut history = Memberships::new(members(&[1, 2, 3], &[]));
+        let mut history = Memberships::new(members(&[1, 2, 3], &[]), 0);
         history.push(5, members(&[1, 2, 3], &[4]));
         history.push(9, members(&[1, 2, 3, 4], &[]));
         assert_eq!(history.current().0, 9);
@@ -572,5 +618,13 @@ mod tests {
         assert_eq!(history.committed(0).0, 5, "older ones are gone");
         assert!(!history.truncate(6));
         assert_eq!(history.current().0, 5, "a committed one is never cut");
+
+        // A joined node's bootstrap is the configuration at index 57:
+        // older entries arriving with the log do not override it.
+        let mut joined = Memberships::new(members(&[1, 2, 3, 4], &[]), 57);
+        assert!(!joined.push(20, members(&[1, 2, 3], &[4])));
+        assert!(!joined.push(57, members(&[1, 2, 3, 4], &[])));
+        assert_eq!(joined.current().0, 57);
+        assert!(joined.push(80, members(&[2, 3, 4], &[])));
     }
 }

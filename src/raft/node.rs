@@ -584,7 +584,7 @@ impl Restorer {
             ),
             keep: config.memory_entries.max(1) as Index,
             catch_up_floor: None,
-            memberships: Memberships::new(config.membership()),
+            memberships: Memberships::new(config.membership(), config.membership_index),
         }
     }
 

@@ -267,18 +267,20 @@ impl Driver {
         }
         // The peer links follow the configuration in force at once: a
         // member just added should be dialed before the first append to it.
-        let committed_member = self.raft.committed_membership().contains(self.raft.id());
+        let committed = self.raft.committed_membership();
         if let Some((index, membership)) = ready.membership {
             tracing::debug!(index, %membership, "configuration in force changed");
             self.membership.send_replace(super::links::View {
                 index,
                 membership,
-                committed_member,
+                committed: committed.clone(),
             });
         } else {
             self.membership.send_if_modified(|view| {
-                let changed = view.committed_member != committed_member;
-                view.committed_member = committed_member;
+                let changed = view.committed != *committed;
+                if changed {
+                    view.committed = committed.clone();
+                }
                 changed
             });
         }

@@ -51,11 +51,12 @@ pub struct View {
     /// The configuration in force in the log, and its index.
     pub index: Index,
     pub membership: Membership,
-    /// Whether the latest committed configuration still has this node: a
-    /// leader removing itself keeps its links until the removal commits
-    /// (it must replicate it), and so does a follower whose removal may
-    /// still be cut off.
-    pub committed_member: bool,
+    /// The latest committed configuration. Links are kept to its members
+    /// too until a change removing them commits: a leader removing itself
+    /// must replicate the removal, a follower whose removal may still be
+    /// cut off stays in touch, and a removed node is told the removal
+    /// committed.
+    pub committed: Membership,
 }
 
 /// The links of one node, by peer.
@@ -97,13 +98,14 @@ impl Links {
     pub fn follow(
         &self,
         membership: &Membership,
-        committed_member: bool,
+        committed: &Membership,
         endpoint: &Endpoint,
         peers: &Peers,
         outboxes: &Outboxes,
     ) {
         let me = peers.me;
-        let wanted = wanted_links(me, membership, committed_member);
+        let wanted = wanted_links(me, membership, committed);
+        let committed_member = committed.contains(me);
         let mut links = match self.links.lock() {
             Ok(links) => links,
             Err(poisoned) => poisoned.into_inner(),
@@ -177,16 +179,23 @@ impl Links {
 pub fn wanted_links(
     me: NodeId,
     membership: &Membership,
-    committed_member: bool,
+    committed: &Membership,
 ) -> BTreeMap<NodeId, Address> {
-    if !membership.contains(me) && !committed_member {
+    if !membership.contains(me) && !committed.contains(me) {
         return BTreeMap::new();
     }
-    membership
+    let ids: std::collections::BTreeSet<NodeId> = membership
         .members()
+        .chain(committed.members())
         .filter(|id| *id != me)
-        .filter_map(
-            |id| match membership.addresses.get(&id).map(|a| Address::parse(a)) {
+        .collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let address = membership
+                .addresses
+                .get(&id)
+                .or_else(|| committed.addresses.get(&id));
+            match address.map(|a| Address::parse(a)) {
                 Some(Ok(address)) => Some((id, address)),
                 Some(Err(error)) => {
                     warn!(
@@ -202,8 +211,8 @@ pub fn wanted_links(
                     );
                     None
                 }
-            },
-        )
+            }
+        })
         .collect()
 }
 
@@ -236,7 +245,7 @@ pub async fn follow_membership(
         let current = view.borrow_and_update().clone();
         links.follow(
             in_force(&bootstrap, &(current.index, current.membership)),
-            current.committed_member,
+            &current.committed,
             &endpoint,
             &peers,
             &outboxes,
@@ -258,12 +267,25 @@ mod tests {
             learners: [4].into(),
             addresses: (1..=4).map(|id| (id, format!("h{id}:7000"))).collect(),
         };
-        let wanted = wanted_links(2, &membership, true);
+        let wanted = wanted_links(2, &membership, &membership);
         assert_eq!(wanted.keys().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
         assert_eq!(wanted[&4].to_string(), "h4:7000");
-        assert!(wanted_links(9, &membership, false).is_empty());
+        assert!(wanted_links(9, &membership, &Membership::default()).is_empty());
         // A leader removing itself keeps replicating until it commits.
-        assert_eq!(wanted_links(9, &membership, true).len(), 4);
+        let mut removing_9 = membership.clone();
+        removing_9.voters.insert(9);
+        assert_eq!(
+            wanted_links(9, &membership, &removing_9).len(),
+            4,
+            "a node whose removal is not committed keeps its links"
+        );
+        let mut removing_2 = membership.clone();
+        removing_2.voters.remove(&2);
+        removing_2.addresses.remove(&2);
+        assert!(
+            wanted_links(1, &removing_2, &membership).contains_key(&2),
+            "links to a member being removed stay until the removal commits"
+        );
     }
 
     #[test]

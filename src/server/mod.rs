@@ -150,6 +150,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let mut config = Config::new(me, membership.voters.iter().copied());
     config.learners = membership.learners.clone();
     config.addresses = membership.addresses.clone();
+    config.membership_index = stored.index;
     config.election_ticks = options.election_ticks;
     config.heartbeat_ticks = options.heartbeat_ticks;
     config.priorities = options.priorities.clone();
@@ -237,7 +238,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let (membership_tx, membership_rx) = watch::channel(links::View {
         index: raft.membership_index(),
         membership: raft.membership().clone(),
-        committed_member: raft.committed_membership().contains(me),
+        committed: raft.committed_membership().clone(),
     });
     let peers = Peers {
         me,
@@ -254,7 +255,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     // The first links exist before any peer can connect.
     peers.links.follow(
         &in_force,
-        raft.committed_membership().contains(me),
+        raft.committed_membership(),
         &endpoint,
         &peers,
         &outboxes,

@@ -1238,7 +1238,7 @@ impl Simulation {
                     };
                     if quorums
                         .iter()
-                        .any(|voters| durable_on(voters) >= voters.len() / 2 + 1)
+                        .any(|voters| durable_on(voters) > voters.len() / 2)
                     {
                         return None;
                     }

@@ -128,6 +128,14 @@ pub fn judge(me: NodeId, known: Index, told_index: Index, told: &Membership) -> 
     }
 }
 
+/// Whether a learned view (at index `at`) has served its purpose: once
+/// this node's committed log reaches `at`, its own configuration is at
+/// least as new. A view that was not committed when it was told (and was
+/// then cut off) is forgotten the same way, rather than linked for ever.
+pub fn outdated(learned: &Learned, commit: Index) -> bool {
+    learned.as_ref().is_some_and(|(at, _)| commit >= *at)
+}
+
 /// The nodes to ask: every other member this node knows of, in its
 /// configuration or in a newer one it learned, at a usable address (the
 /// newer view's address wins).
@@ -184,6 +192,13 @@ pub async fn run(mut task: CatchUp) {
         let Ok(status) = answer.await else {
             return;
         };
+        if outdated(&task.learned.borrow(), status.commit) {
+            debug!(
+                commit = status.commit,
+                "the log has reached the configuration learned by asking: the links follow the log alone"
+            );
+            task.learned.send_replace(None);
+        }
         let now = Instant::now();
         // Silence for half the patience counts as no leader, so the first
         // question comes at most one and a half patiences after the last
@@ -326,6 +341,10 @@ mod tests {
         assert!(links::still_newer(&learned, 10).is_some());
         assert!(links::still_newer(&learned, 20).is_none());
         assert!(links::still_newer(&None, 0).is_none());
+        // Forgotten once committed that far (also if it was cut off).
+        assert!(!outdated(&learned, 19));
+        assert!(outdated(&learned, 20));
+        assert!(!outdated(&None, 100));
     }
 
     #[test]

@@ -162,7 +162,18 @@ if [[ -n "$ADD" ]]; then
         do_run "$BIN" certs add-node "$id" --host "$id=$addr" --out "$CERTS"
     fi
     # A learner first: it catches up without counting towards any quorum.
-    do_run "$BIN" member add "$id" --address "$addr:$PORT" --learner "${member_args[@]}"
+    add=("$BIN" member add "$id" --address "$addr:$PORT" --learner "${member_args[@]}")
+    if (( DRY )); then
+        do_run "${add[@]}"
+    elif out="$("${add[@]}" 2>&1)"; then
+        echo "$out"
+    else
+        # A second run (the install failed the first time) goes on.
+        case "$out" in
+            *"is already a member"*) echo "node $id is already a member: installing it" ;;
+            *) echo "$out" >&2; exit 1 ;;
+        esac
+    fi
     env_file="$(mktemp)"
     write_env "$id" "$env_file" NODE_JOIN "$CLUSTER"
     if (( DRY )); then echo "# $dest:/etc/cluster-store/node.env:"; sed 's/^/#   /' "$env_file"; fi

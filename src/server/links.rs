@@ -3,6 +3,10 @@
 //! connections, a member that moved is dialed at its new address. A node
 //! the configuration no longer lists holds no links at all. Only a member
 //! with a link may hold a peer connection (`transport::serve_peer`).
+//!
+//! A node that missed membership changes may not know the leader at all
+//! (`catch_up.rs`): the newer view it learns by asking adds links to the
+//! members only that view has, until its own log reaches that view.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -94,17 +98,20 @@ impl Links {
     }
 
     /// Makes the links match `membership`: one per other member, at its
-    /// address; none at all if this node is not a member.
+    /// address; none at all if this node is not a member. `learned`: a
+    /// newer configuration heard from another node (`catch_up.rs`), whose
+    /// members are linked too.
     pub fn follow(
         &self,
         membership: &Membership,
         committed: &Membership,
+        learned: Option<&Membership>,
         endpoint: &Endpoint,
         peers: &Peers,
         outboxes: &Outboxes,
     ) {
         let me = peers.me;
-        let wanted = wanted_links(me, membership, committed);
+        let wanted = links_with_learned(me, membership, committed, learned);
         let committed_member = committed.contains(me);
         let mut links = match self.links.lock() {
             Ok(links) => links,
@@ -216,6 +223,24 @@ pub fn wanted_links(
         .collect()
 }
 
+/// The links for the configuration in force plus, when this node has
+/// learned a newer one it belongs to (`learned`, already checked to be
+/// newer), that one's members too: a lagging node must reach a leader its
+/// own log has not heard of. The newer view's address wins for a member
+/// both list (it may have moved since).
+pub fn links_with_learned(
+    me: NodeId,
+    membership: &Membership,
+    committed: &Membership,
+    learned: Option<&Membership>,
+) -> BTreeMap<NodeId, Address> {
+    let mut wanted = wanted_links(me, membership, committed);
+    if let Some(learned) = learned.filter(|learned| learned.contains(me)) {
+        wanted.extend(wanted_links(me, learned, learned));
+    }
+    wanted
+}
+
 /// The configuration the links follow: the log's, unless the stored
 /// bootstrap is newer. A node that joined at index N replays the log from
 /// the start, and the configurations before N (without it, and maybe
@@ -224,34 +249,64 @@ pub fn in_force<'a>(
     bootstrap: &'a (Index, Membership),
     log: &'a (Index, Membership),
 ) -> &'a Membership {
+    in_force_at(bootstrap, log).1
+}
+
+/// `in_force`, with the index of the configuration it picks.
+pub fn in_force_at<'a>(
+    bootstrap: &'a (Index, Membership),
+    log: &'a (Index, Membership),
+) -> (Index, &'a Membership) {
     if log.0 >= bootstrap.0 {
-        &log.1
+        (log.0, &log.1)
     } else {
-        &bootstrap.1
+        (bootstrap.0, &bootstrap.1)
     }
 }
 
-/// Keeps the links in line with the configuration in force until the
+/// A configuration learned from another node, newer than this node's log
+/// had when it was learned (`catch_up.rs`); `None` until then.
+pub type Learned = Option<(Index, Membership)>;
+
+/// The learned view, if it is still newer than the configuration in force
+/// at `index`: once the log reaches it, the log alone decides again.
+pub fn still_newer(learned: &Learned, index: Index) -> Option<&Membership> {
+    learned
+        .as_ref()
+        .filter(|(at, _)| *at > index)
+        .map(|(_, membership)| membership)
+}
+
+/// Keeps the links in line with the configuration in force (and a newer
+/// one learned by asking, while the log has not reached it) until the
 /// driver stops.
 pub async fn follow_membership(
     links: Links,
     bootstrap: (Index, Membership),
     mut view: watch::Receiver<View>,
+    mut learned: watch::Receiver<Learned>,
     endpoint: Endpoint,
     peers: Peers,
     outboxes: Outboxes,
 ) {
+    // Whether the catch-up task still runs (it lives as long as the node).
+    let mut learning = true;
     loop {
         let current = view.borrow_and_update().clone();
+        let log = (current.index, current.membership);
+        let (index, membership) = in_force_at(&bootstrap, &log);
+        let newer = learned.borrow_and_update().clone();
         links.follow(
-            in_force(&bootstrap, &(current.index, current.membership)),
+            membership,
             &current.committed,
+            still_newer(&newer, index),
             &endpoint,
             &peers,
             &outboxes,
         );
-        if view.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return },
+            changed = learned.changed(), if learning => learning = changed.is_ok(),
         }
     }
 }

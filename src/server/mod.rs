@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod catch_up;
 pub mod driver;
 pub mod links;
 pub mod persist;
@@ -79,6 +80,13 @@ pub enum NodeError {
     #[error("the Raft driver stopped: {0}")]
     Driver(String),
 }
+
+/// Election timeouts without a leader before a node asks the members it
+/// knows for a newer configuration (`catch_up.rs`): long enough for an
+/// ordinary election to finish first.
+const CATCH_UP_AFTER_ELECTIONS: u32 = 4;
+/// ...and never sooner than this, whatever the tick.
+const MIN_CATCH_UP_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Runs a node until the process is stopped.
 pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
@@ -251,19 +259,38 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         metrics: metrics.clone(),
         client_config: client_config.clone(),
         revoked,
+        contact: catch_up::LeaderContact::default(),
     };
     // The first links exist before any peer can connect.
     peers.links.follow(
         &in_force,
         raft.committed_membership(),
+        None,
         &endpoint,
         &peers,
         &outboxes,
     );
+    // A node that missed membership changes asks for the newer view.
+    let (learned_tx, learned_rx) = watch::channel(None);
+    tokio::spawn(catch_up::run(catch_up::CatchUp {
+        me,
+        bootstrap: stored_at.clone(),
+        view: membership_rx.clone(),
+        learned: learned_tx,
+        contact: peers.contact.clone(),
+        inputs: inputs.clone(),
+        creds: Credentials::load(&ca_path, &cert_path, &key_path)?,
+        patience: options
+            .tick
+            .saturating_mul(u32::try_from(options.election_ticks).unwrap_or(u32::MAX))
+            .saturating_mul(CATCH_UP_AFTER_ELECTIONS)
+            .max(MIN_CATCH_UP_PATIENCE),
+    }));
     tokio::spawn(links::follow_membership(
         peers.links.clone(),
         stored_at,
         membership_rx,
+        learned_rx,
         endpoint.clone(),
         peers.clone(),
         outboxes.clone(),

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::api::Api;
+use super::catch_up::LeaderContact;
 use super::driver::Input;
 use super::links::Links;
 use crate::address::Address;
@@ -55,6 +56,8 @@ pub struct Peers {
     /// How we dial peers; replaced when the revocation list changes.
     pub client_config: Arc<RwLock<quinn::ClientConfig>>,
     pub revoked: watch::Receiver<Revoked>,
+    /// When a leader last spoke to this node (`catch_up.rs`).
+    pub contact: LeaderContact,
 }
 
 /// Closes `connection` as soon as the certificate it presented is revoked,
@@ -191,6 +194,7 @@ pub async fn read_peer(connection: Connection, peer: NodeId, peers: Peers) {
     while let Ok(mut stream) = connection.accept_uni().await {
         let inputs = peers.inputs.clone();
         let metrics = peers.metrics.clone();
+        let contact = peers.contact.clone();
         let ours = peers.hello.clone();
         let connection = connection.clone();
         tokio::spawn(async move {
@@ -228,6 +232,13 @@ pub async fn read_peer(connection: Connection, peer: NodeId, peers: Peers) {
                             );
                             let _ = stream.stop(CLOSE_IMPERSONATION.into());
                             return;
+                        }
+                        // Only a leader sends these.
+                        if matches!(
+                            envelope.message,
+                            Message::Append { .. } | Message::Heartbeat { .. }
+                        ) {
+                            contact.heard();
                         }
                         // A full queue drops the message: Raft retries.
                         let _ = inputs.try_send(Input::Peer(envelope));

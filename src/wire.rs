@@ -134,8 +134,10 @@ pub struct MembersView {
     /// The node's status: the configuration in force, and on the leader
     /// every member's match index and lag.
     pub status: Status,
-    /// The latest configuration this node knows to be committed.
+    /// The latest configuration this node knows to be committed, and the
+    /// index of its entry (a node joining or rebuilt records both).
     pub committed: Membership,
+    pub committed_index: Index,
     /// See `PeerHello::cluster_digest`.
     pub cluster_digest: u64,
 }

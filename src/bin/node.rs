@@ -422,8 +422,32 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
         }
     }
     let client = client_from(args)?;
+    // The cluster's configuration first: every member of it must answer,
+    // not only those `--cluster` names (members added since would be
+    // missed: their terms and logs are what the plan must cover), and the
+    // rebuilt replica starts from it, as a joining node does, not from a
+    // command line that may predate changes (its peers would refuse a
+    // different digest).
+    let view = client.members().await;
+    let asked: Vec<NodeId> = match &view {
+        Ok(view) => view
+            .committed
+            .members()
+            .chain(view.status.membership.members())
+            .filter(|n| *n != id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        Err(error) => {
+            eprintln!(
+                "warning: no node told the cluster's configuration ({error:#}); asking the nodes \
+                 --cluster names"
+            );
+            client.nodes().into_iter().filter(|n| *n != id).collect()
+        }
+    };
     let mut answers = Vec::new();
-    for other in client.nodes().into_iter().filter(|n| *n != id) {
+    for other in asked {
         match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
             Ok(Ok(status)) => {
                 if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
@@ -456,16 +480,9 @@ async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Res
     let crl_seen = identity::crl_seen_path(data).exists();
     // The term to start at, and the catch-up floor: see `RebuildPlan`.
     let plan = RebuildPlan::from_peers(&answers);
-    // The rebuilt replica starts from the cluster's configuration and
-    // cluster digest, as a joining node does, not from a command line that
-    // may predate changes (its peers would refuse a different digest).
-    let bootstrap = match client.members().await {
+    let bootstrap = match view {
         Ok(view) => Some(StoredBootstrap {
-            index: if view.status.change_in_progress {
-                0
-            } else {
-                view.status.membership_index
-            },
+            index: view.committed_index,
             membership: view.committed,
             cluster_digest: view.cluster_digest,
         }),
@@ -525,6 +542,11 @@ fn run_node(args: RunArgs) -> Result<()> {
         Some(spec) => parse_members(spec, "--learner")?,
         None => BTreeMap::new(),
     };
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("data/node-{id}")));
+    let data_in_use = std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some());
     let listen = match &args.listen {
         Some(listen) => Some(
             listen
@@ -534,7 +556,10 @@ fn run_node(args: RunArgs) -> Result<()> {
                 .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
         ),
         // Else this node's address in the stored configuration (or the one
-        // learned with --join).
+        // learned with --join): a data directory in use has one, and the
+        // node may have moved since --peers was written
+        // (`node member update`). A new node's is in --peers.
+        None if data_in_use => None,
         None => match peers.get(&id).or_else(|| learners.get(&id)) {
             Some(own) => Some(
                 own.to_string()
@@ -567,9 +592,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         learners,
         join,
         listen,
-        data: args
-            .data
-            .unwrap_or_else(|| PathBuf::from(format!("data/node-{id}"))),
+        data,
         certs: args.certs,
         tick: Duration::from_millis(args.tick_ms.max(1)),
         election_ticks: args.election_ticks,
@@ -971,14 +994,34 @@ async fn member(command: MemberCommand) -> Result<()> {
             };
             let (leader, outcome) = client.change_membership(&add, CHANGE_PATIENCE).await?;
             match outcome {
-                Ok(index) => report_change(&add, leader, Ok(index), json)?,
-                // A retry of an add that committed: go on to the promotion.
-                Err(ChangeError::AlreadyMember(_)) if !learner => {
+                // With --json and a promotion to come, the promotion's
+                // report is the one document printed.
+                Ok(index) if !(json && !learner) => {
+                    report_change(&add, leader, Ok(index), json)?
+                }
+                Ok(_) => {}
+                // A retry of an add that committed: done, or go on to the
+                // promotion.
+                Err(ChangeError::AlreadyMember(_)) => {
                     let view = client.members().await?;
-                    if !view.status.membership.is_learner(id)
-                        || view.status.membership.addresses.get(&id) != Some(&address)
-                    {
+                    let membership = &view.status.membership;
+                    if membership.addresses.get(&id) != Some(&address) {
                         return report_change(&add, leader, outcome, json);
+                    }
+                    if learner || membership.is_voter(id) {
+                        let role = if membership.is_voter(id) { "voter" } else { "learner" };
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::json!({
+                                    "committed": true, "change": add.to_string(), "already": role,
+                                    "index": view.status.membership_index, "leader": leader,
+                                })
+                            );
+                        } else {
+                            println!("node {id} is already a {role} at {address}");
+                        }
+                        return Ok(());
                     }
                     if !json {
                         println!("node {id} is already a learner at {address}");
@@ -1082,6 +1125,9 @@ fn report_change(
                         "refusal": serde_json::to_value(&error).unwrap_or_default(), "leader": leader,
                     })
                 );
+            }
+            if error == ChangeError::LeadershipLost {
+                bail!("{change}: outcome unknown: node {leader} lost leadership before it committed; it may still commit: check `node member list` before retrying")
             }
             bail!("{change}: refused by node {leader}: {error}")
         }
@@ -1242,6 +1288,7 @@ mod tests {
         let view = MembersView {
             status,
             committed: membership,
+            committed_index: 0,
             cluster_digest: 0,
         };
         let rows = member_rows(&view);

@@ -312,7 +312,9 @@ impl RaftNode {
 
     /// Is a change appended but not yet committed?
     pub fn change_in_progress(&self) -> bool {
-        self.membership_index() > self.commit
+        // The bootstrap configuration counts as committed: a joined node's
+        // was committed in the cluster it copied it from.
+        self.membership_index() > self.commit.max(self.config.membership_index)
     }
 
     /// Asks the leader to change the configuration. The answer arrives in a

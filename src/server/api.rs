@@ -124,6 +124,10 @@ fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
 /// Closes a client connection that came over the limit.
 pub const CLOSE_BUSY: u32 = 5;
 
+/// How a node certificate outside this node's configuration is named: it
+/// may ask for the configuration and status only (`Api::start`).
+pub const OUTSIDER: &str = "outsider@node-";
+
 impl Api {
     /// Serves a client's connection, unless too many are open already:
     /// then it is closed at once with `CLOSE_BUSY`, and the client retries.
@@ -199,6 +203,17 @@ impl Api {
     /// Starts a request: a send is validated and handed to the driver now;
     /// the returned future waits for the outcome.
     fn start(&self, client: &str, request: ClientRequest) -> Answer {
+        let lookup = matches!(request, ClientRequest::Members | ClientRequest::Status);
+        if client.starts_with(OUTSIDER) && !lookup {
+            let response = error(
+                format!(
+                    "{} is not a member of this node's configuration: it may ask for the configuration and status only",
+                    client.trim_start_matches("outsider@")
+                ),
+                false,
+            );
+            return Box::pin(async move { response });
+        }
         match request {
             ClientRequest::Send {
                 client_id,
@@ -270,11 +285,14 @@ impl Api {
                     return response;
                 }
                 match answer.await {
-                    Ok((status, committed)) => ClientResponse::Members(Box::new(MembersView {
-                        status,
-                        committed,
-                        cluster_digest: self.cluster_digest,
-                    })),
+                    Ok((status, committed, committed_index)) => {
+                        ClientResponse::Members(Box::new(MembersView {
+                            status,
+                            committed,
+                            committed_index,
+                            cluster_digest: self.cluster_digest,
+                        }))
+                    }
                     Err(_) => error("node shutting down", true),
                 }
             }

@@ -41,12 +41,16 @@ pub enum BootstrapError {
     Unreachable(String),
 }
 
-/// The digest peers compare on connect: of the member ids only, so nodes
-/// that reach each other by different addresses still agree.
+/// The digest peers compare on connect: of the voter ids only. Voters
+/// decide quorums, so two nodes bootstrapped with different voters must
+/// not talk; addresses may differ (nodes reach each other by different
+/// names), and so may the learners a node was started with (before
+/// membership lived in the log, a learner often listed only itself, and
+/// such data directories are upgraded with their own lists).
 pub fn cluster_digest(membership: &Membership) -> u64 {
     Membership {
         voters: membership.voters.clone(),
-        learners: membership.learners.clone(),
+        learners: Default::default(),
         addresses: BTreeMap::new(),
     }
     .digest()

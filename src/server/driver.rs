@@ -38,7 +38,8 @@ pub enum Input {
         oneshot::Sender<Result<Index, ChangeError>>,
     ),
     /// The status and the latest committed configuration.
-    Members(oneshot::Sender<(Status, Membership)>),
+    /// The status, the committed configuration and its index.
+    Members(oneshot::Sender<(Status, Membership, Index)>),
     /// From the store thread: look at its `Progress`.
     StoreProgress,
 }
@@ -64,6 +65,18 @@ impl Outboxes {
             Ok(mut map) => map.insert(peer, outbox),
             Err(poisoned) => poisoned.into_inner().insert(peer, outbox),
         };
+    }
+
+    /// Removes `peer`'s outbox if it is still `outbox` (a link opened
+    /// since for the same peer keeps its own).
+    pub fn remove_if_same(&self, peer: NodeId, outbox: &mpsc::Sender<Envelope>) {
+        let mut map = match self.0.write() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if map.get(&peer).is_some_and(|o| o.same_channel(outbox)) {
+            map.remove(&peer);
+        }
     }
 
     pub fn remove(&self, peer: NodeId) {
@@ -240,7 +253,11 @@ impl Driver {
             Input::Members(reply) => {
                 let mut status = self.raft.status();
                 status.commit = status.commit.min(self.synced_commit);
-                let _ = reply.send((status, self.raft.committed_membership().clone()));
+                let _ = reply.send((
+                    status,
+                    self.raft.committed_membership().clone(),
+                    self.raft.committed_membership_index(),
+                ));
             }
             // Picked up by `take_progress` after this batch of inputs.
             Input::StoreProgress => {}

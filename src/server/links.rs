@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::driver::Outboxes;
 use super::transport::{self, Peers, CLOSE_REMOVED, LINGER, OUTBOX};
 use crate::address::Address;
-use crate::raft::{Index, Membership, NodeId};
+use crate::raft::{Envelope, Index, Membership, NodeId};
 
 /// One peer's link: the task carrying our messages, and the connections
 /// to close when the peer leaves.
@@ -31,14 +31,19 @@ struct Link {
     /// The connection we dialed to it.
     dialed: Arc<Mutex<Option<Connection>>>,
     task: JoinHandle<()>,
+    outbox: mpsc::Sender<Envelope>,
 }
 
 impl Link {
     /// Closes the link once what was queued for the peer has had `LINGER`
-    /// to leave (its outbox is already gone, so nothing new is queued).
-    fn close(self, reason: &'static str) {
+    /// to leave. Its outbox stays open meanwhile: the ready that commits a
+    /// removal also carries the removed node's last messages (the commit
+    /// index, a removed leader's `TimeoutNow`), and the driver sends them
+    /// just after the links hear of the change.
+    fn close(self, reason: &'static str, peer: NodeId, outboxes: Outboxes) {
         tokio::spawn(async move {
             tokio::time::sleep(LINGER).await;
+            outboxes.remove_if_same(peer, &self.outbox);
             self.task.abort();
             let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
             let inbound = self.inbound.send_replace(None);
@@ -126,7 +131,6 @@ impl Links {
             let Some(link) = links.remove(&id) else {
                 continue;
             };
-            outboxes.remove(id);
             let reason = match wanted.get(&id) {
                 Some(address) => {
                     info!(peer = id, from = %link.address, to = %address, "node {id} moved: closing its link to open one at the new address");
@@ -147,7 +151,7 @@ impl Links {
                     "the closing node was removed from the cluster's configuration"
                 }
             };
-            link.close(reason);
+            link.close(reason, id, outboxes.clone());
         }
         for (id, address) in wanted {
             if links.contains_key(&id) {
@@ -166,7 +170,7 @@ impl Links {
                 watched,
                 dialed.clone(),
             ));
-            outboxes.insert(id, outbox);
+            outboxes.insert(id, outbox.clone());
             links.insert(
                 id,
                 Link {
@@ -174,6 +178,7 @@ impl Links {
                     inbound,
                     dialed,
                     task,
+                    outbox,
                 },
             );
         }

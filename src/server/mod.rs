@@ -91,6 +91,16 @@ const MIN_CATCH_UP_PATIENCE: Duration = Duration::from_secs(1);
 /// Runs a node until the process is stopped.
 pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     let me = options.id;
+    // A new node missing from the list it bootstraps with is a typo: say
+    // so before anything else (its certificate may not exist either). A
+    // data directory already in use has its own configuration.
+    let listed = options.peers.contains_key(&me) || options.learners.contains_key(&me);
+    let has_data = std::fs::read_dir(&options.data).is_ok_and(|mut d| d.next().is_some());
+    if options.join.is_none() && !options.peers.is_empty() && !listed && !has_data {
+        return Err(NodeError::Bootstrap(bootstrap::BootstrapError::NotMember(
+            me,
+        )));
+    }
     if options.peers.contains_key(&me) && options.learners.contains_key(&me) {
         return Err(NodeError::Both(me));
     }

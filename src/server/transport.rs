@@ -130,9 +130,18 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                 // through us: requests only, never a Raft link. Any node of
                 // this CA may ask (a joining node asks for the configuration
                 // before it is in ours).
+                // A node outside this node's configuration may only ask for
+                // the configuration and status (a removed node's
+                // certificate must not keep writing).
                 match identity {
                     Identity::Client(name) => api.serve_client(connection, name).await,
-                    Identity::Node(id) => api.serve(connection, format!("http@node-{id}")).await,
+                    Identity::Node(id) if peers.links.inbound_slot(id).is_some() => {
+                        api.serve(connection, format!("http@node-{id}")).await
+                    }
+                    Identity::Node(id) => {
+                        api.serve(connection, format!("{}{id}", super::api::OUTSIDER))
+                            .await
+                    }
                 }
             }
         });

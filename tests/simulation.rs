@@ -128,6 +128,10 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
             "configurations in the committed log",
             total(|s| s.config_entries),
         ),
+        (
+            "nodes joined from the cluster's configuration",
+            total(|s| s.joins),
+        ),
     ];
     for (what, count) in totals {
         assert!(count > 0, "no {what} across {seeds} seeds");

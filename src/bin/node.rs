@@ -996,9 +996,7 @@ async fn member(command: MemberCommand) -> Result<()> {
             match outcome {
                 // With --json and a promotion to come, the promotion's
                 // report is the one document printed.
-                Ok(index) if !(json && !learner) => {
-                    report_change(&add, leader, Ok(index), json)?
-                }
+                Ok(index) if !(json && !learner) => report_change(&add, leader, Ok(index), json)?,
                 Ok(_) => {}
                 // A retry of an add that committed: done, or go on to the
                 // promotion.
@@ -1009,7 +1007,11 @@ async fn member(command: MemberCommand) -> Result<()> {
                         return report_change(&add, leader, outcome, json);
                     }
                     if learner || membership.is_voter(id) {
-                        let role = if membership.is_voter(id) { "voter" } else { "learner" };
+                        let role = if membership.is_voter(id) {
+                            "voter"
+                        } else {
+                            "learner"
+                        };
                         if json {
                             println!(
                                 "{}",

@@ -114,6 +114,11 @@ pub struct Status {
     /// The configuration in force is not committed yet.
     #[serde(default)]
     pub change_in_progress: bool,
+    /// This node is a voter of the latest committed configuration (it may
+    /// not be of the one in force, while a change removing it is in
+    /// flight).
+    #[serde(default)]
+    pub committed_voter: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -292,6 +297,7 @@ impl RaftNode {
             membership: self.membership().clone(),
             membership_index: self.membership_index(),
             change_in_progress: self.change_in_progress(),
+            committed_voter: self.committed_membership().is_voter(self.config.id),
         }
     }
 

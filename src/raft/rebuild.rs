@@ -52,8 +52,8 @@ impl RebuildPlan {
     /// floor can cover an uncommitted tail that the node never held).
     ///
     /// Only peers that are voters in their own configuration count towards
-    /// the floor, or whose configuration is a change not yet committed
-    /// (the one before may have had them as voters): a leader counts a
+    /// the floor, or in their committed one (a change removing them may be
+    /// in flight): a leader counts a
     /// voter's acknowledgement only once the voter holds the entry that
     /// made it one (`maybe_commit`), and a committed removal is held by a
     /// majority of the voters that remain, with everything before it. So
@@ -67,7 +67,7 @@ impl RebuildPlan {
             plan.term = plan.term.max(status.term);
             let voter = status.membership.voters.is_empty()
                 || status.membership.is_voter(status.id)
-                || status.change_in_progress;
+                || status.committed_voter;
             if status.last_index > 0 && voter {
                 let position = LogPosition {
                     term: status.last_term,

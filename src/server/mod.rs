@@ -79,6 +79,8 @@ pub enum NodeError {
     },
     #[error("the Raft driver stopped: {0}")]
     Driver(String),
+    #[error("no certificate for node {id} ({}): make one with `node certs add-node {id}`, and check that node {id} is in --peers (a new cluster) or was added with `node member add {id}`", path.display())]
+    NoCertificate { id: NodeId, path: PathBuf },
 }
 
 /// Election timeouts without a leader before a node asks the members it
@@ -113,6 +115,12 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     }
     let (ca_path, _) = identity::ca_path(&options.certs);
     let (cert_path, key_path) = node_cert_path(&options.certs, me);
+    if !cert_path.exists() {
+        return Err(NodeError::NoCertificate {
+            id: me,
+            path: cert_path,
+        });
+    }
     let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
     if !creds.crls.is_empty() {
         info!(

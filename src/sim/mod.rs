@@ -153,6 +153,9 @@ pub struct Stats {
     pub leader_removals: u64,
     /// Configuration entries in the committed log.
     pub config_entries: u64,
+    /// Nodes started afresh from the configuration the cluster reported
+    /// (as `--join` does), with its index as their bootstrap index.
+    pub joins: u64,
 }
 
 /// A failed run: what broke, where, and how to replay it.
@@ -570,6 +573,9 @@ impl Simulation {
                 }
                 self.committed_changes.push(index);
                 self.note(format!("{change}: committed at index {index}"));
+                if let MembershipChange::AddLearner { id, .. } = change {
+                    self.join(id, node);
+                }
             }
             Err(ChangeError::LeadershipLost) => {
                 self.note(format!(
@@ -582,6 +588,40 @@ impl Simulation {
             }
         }
         Ok(())
+    }
+
+    /// Node `id` was just added: if it never held anything, it starts
+    /// afresh as `node --join` does, with the committed configuration (and
+    /// its index) that `leader` reports as its bootstrap.
+    fn join(&mut self, id: NodeId, leader: NodeId) {
+        let Some(raft) = self.nodes.get(&leader).and_then(|n| n.raft.as_ref()) else {
+            return;
+        };
+        let membership = raft.committed_membership().clone();
+        let index = raft.committed_membership_index();
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let blank = node.disk_log.is_empty()
+            && node.disk_hard_state == HardState::default()
+            && node.writes.is_empty()
+            && node.raft.is_some()
+            && !node.rebuild_pending;
+        if !blank {
+            return;
+        }
+        node.raft = None;
+        node.config.voters = membership.voters.clone();
+        node.config.learners = membership.learners.clone();
+        node.config.addresses = membership.addresses.clone();
+        node.config.membership_index = index;
+        self.stats.joins += 1;
+        self.note(format!(
+            "node {id} joins: bootstrap configuration at index {index}: {membership}"
+        ));
+        if let Err(error) = self.restart(id) {
+            self.note(format!("node {id} failed to join: {error}"));
+        }
     }
 
     fn random_partition(&mut self) {
@@ -713,9 +753,29 @@ impl Simulation {
             return false;
         };
         let plan = RebuildPlan::from_peers(&statuses);
+        // As `node rebuild` does: the replica starts from the committed
+        // configuration (and its index) of the node furthest ahead.
+        let bootstrap = self
+            .nodes
+            .iter()
+            .filter(|(other, _)| **other != id)
+            .filter_map(|(_, n)| n.raft.as_ref())
+            .max_by_key(|r| r.commit_index())
+            .map(|r| {
+                (
+                    r.committed_membership().clone(),
+                    r.committed_membership_index(),
+                )
+            });
         let Some(node) = self.nodes.get_mut(&id) else {
             return false;
         };
+        if let Some((membership, index)) = bootstrap {
+            node.config.voters = membership.voters;
+            node.config.learners = membership.learners;
+            node.config.addresses = membership.addresses;
+            node.config.membership_index = index;
+        }
         node.disk_hard_state = plan.hard_state(id);
         node.disk_floor = plan.floor;
         node.rebuild_pending = false;

@@ -135,7 +135,9 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
                 // certificate must not keep writing).
                 match identity {
                     Identity::Client(name) => api.serve_client(connection, name).await,
-                    Identity::Node(id) if peers.links.inbound_slot(id).is_some() => {
+                    Identity::Node(id)
+                        if id == peers.me || peers.links.inbound_slot(id).is_some() =>
+                    {
                         api.serve(connection, format!("http@node-{id}")).await
                     }
                     Identity::Node(id) => {

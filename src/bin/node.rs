@@ -996,7 +996,7 @@ async fn member(command: MemberCommand) -> Result<()> {
             match outcome {
                 // With --json and a promotion to come, the promotion's
                 // report is the one document printed.
-                Ok(index) if !(json && !learner) => report_change(&add, leader, Ok(index), json)?,
+                Ok(index) if !json || learner => report_change(&add, leader, Ok(index), json)?,
                 Ok(_) => {}
                 // A retry of an add that committed: done, or go on to the
                 // promotion.

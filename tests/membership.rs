@@ -318,3 +318,92 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
         );
     });
 }
+
+/// A node that was down through two membership changes knows neither the
+/// new member nor its address; when that member leads and has the higher
+/// id (the lower id dials), nobody would ever connect them. The node asks
+/// the members it knows for the cluster's configuration and dials the
+/// leader it learned of, and catches up.
+#[test]
+fn a_node_down_through_changes_finds_a_leader_it_never_heard_of() {
+    serial(|| async {
+        // Node 4 outranks the others: once a caught-up voter, it leads.
+        let priorities = || vec!["--priorities".to_string(), "4=10".to_string()];
+        let mut cluster =
+            TestCluster::start_with("lagging", IP + 1, &[1, 2, 3], &[], |_| priorities());
+        cluster.add_node_cert(4);
+        cluster.set_args(4, priorities());
+        let admin = cluster.client("client");
+        cluster
+            .wait_for_leader(&admin, Duration::from_secs(30))
+            .await;
+        admin
+            .send(vec!["before".into()])
+            .await
+            .expect("send before");
+        cluster.kill(1);
+
+        // Added and promoted while node 1 is down: two changes it misses.
+        let address = cluster.addr(4).to_string();
+        let spec = cluster.spec_of(&[2, 3]);
+        let certs = cluster.certs();
+        let add = std::thread::spawn(move || {
+            std::process::Command::new(nodes::BIN)
+                .args(["member", "add", "4", "--address", &address])
+                .args(["--cluster", &spec, "--certs"])
+                .arg(certs)
+                .output()
+                .expect("run node member add")
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.launch_joining(4, &[2, 3]);
+        let output = tokio::task::spawn_blocking(move || add.join().expect("member add"))
+            .await
+            .expect("join");
+        assert!(
+            output.status.success(),
+            "node member add 4 failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Clients follow redirects to the nodes they know: one that knows 4.
+        let admin = cluster.client("client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .wait_for_leader(&admin, Duration::from_secs(30))
+            .await
+            != 4
+        {
+            assert!(Instant::now() < deadline, "node 4 never took the lead");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for i in 0..20 {
+            admin
+                .send(vec![format!("while 1 was down {i}")])
+                .await
+                .expect("send");
+        }
+
+        cluster.launch(1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let leader = admin.status(4).await.expect("leader status");
+            let lagging = admin.status(1).await.ok();
+            if lagging.as_ref().is_some_and(|s| {
+                s.commit == leader.commit && s.membership.is_voter(4) && s.leader == Some(4)
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node 1 never caught up with leader 4: {lagging:?}\n{}",
+                cluster.log(1)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            cluster.log(1).contains("learned members"),
+            "node 1 should say where it learned of node 4:\n{}",
+            cluster.log(1)
+        );
+    });
+}

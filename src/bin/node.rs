@@ -546,7 +546,6 @@ fn run_node(args: RunArgs) -> Result<()> {
         .data
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("data/node-{id}")));
-    let data_in_use = std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some());
     let listen = match &args.listen {
         Some(listen) => Some(
             listen
@@ -555,11 +554,12 @@ fn run_node(args: RunArgs) -> Result<()> {
                 .next()
                 .ok_or_else(|| anyhow!("--listen {listen:?} resolves to no address"))?,
         ),
-        // Else this node's address in the stored configuration (or the one
-        // learned with --join): a data directory in use has one, and the
-        // node may have moved since --peers was written
-        // (`node member update`). A new node's is in --peers.
-        None if data_in_use => None,
+        // Else its own entry in --peers (what the operator gave this
+        // process: the configuration's address is what others dial, which
+        // behind NAT or a proxy is not where to listen), or without one
+        // this node's address in the stored configuration (or the one
+        // learned with --join). A node moved with `node member update`
+        // gets the new address in --peers or --listen.
         None => match peers.get(&id).or_else(|| learners.get(&id)) {
             Some(own) => Some(
                 own.to_string()

@@ -166,6 +166,11 @@ impl TestCluster {
             .join(",")
     }
 
+    /// `id=address,...` for the given nodes.
+    pub fn spec_of(&self, ids: &[NodeId]) -> String {
+        self.spec(ids)
+    }
+
     pub fn peers_spec(&self) -> String {
         self.spec(&self.voters)
     }

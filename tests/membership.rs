@@ -87,6 +87,17 @@ fn members(cluster: &TestCluster) -> BTreeMap<NodeId, (bool, u64, u64)> {
         .collect()
 }
 
+/// Waits until `node member list` shows `id`: a node started with
+/// `--join` before its addition committed is refused and exits, as the
+/// README tells operators.
+async fn wait_listed(cluster: &TestCluster, id: NodeId) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !members(cluster).contains_key(&id) {
+        assert!(Instant::now() < deadline, "node {id} was never added");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The leader's term, as the cluster reports it.
 async fn leader_term(cluster: &TestCluster, client: &Client) -> (NodeId, u64) {
     let leader = cluster
@@ -216,7 +227,7 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
                 })
             };
             // The operator starts the machine while `member add` waits.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            wait_listed(&cluster, id).await;
             cluster.launch_joining(id, &[1, 4]);
             let output = tokio::task::spawn_blocking(move || add.join().expect("member add"))
                 .await
@@ -355,7 +366,7 @@ fn a_node_down_through_changes_finds_a_leader_it_never_heard_of() {
                 .output()
                 .expect("run node member add")
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_listed(&cluster, 4).await;
         cluster.launch_joining(4, &[2, 3]);
         let output = tokio::task::spawn_blocking(move || add.join().expect("member add"))
             .await

@@ -984,9 +984,7 @@ async fn member(command: MemberCommand) -> Result<()> {
             client,
             json,
         } => {
-            let address = cluster_store::address::Address::parse(&address)
-                .map_err(|e| anyhow!("--address: {e}"))?
-                .to_string();
+            let address = member_address(&address)?;
             let client = client_from(&client)?;
             let add = MembershipChange::AddLearner {
                 id,
@@ -1078,9 +1076,7 @@ async fn member(command: MemberCommand) -> Result<()> {
             client,
             json,
         } => {
-            let address = cluster_store::address::Address::parse(&address)
-                .map_err(|e| anyhow!("--address: {e}"))?
-                .to_string();
+            let address = member_address(&address)?;
             change(
                 client,
                 MembershipChange::UpdateAddress { id, address },
@@ -1098,6 +1094,13 @@ async fn change(args: ClientArgs, change: MembershipChange, json: bool) -> Resul
 }
 
 /// Prints what committed, or fails with the refusal.
+/// `--address` of `node member add/update`, checked and normalized.
+fn member_address(address: &str) -> Result<String> {
+    Ok(cluster_store::address::Address::parse(address)
+        .map_err(|e| anyhow!("--address: {e}"))?
+        .to_string())
+}
+
 fn report_change(
     change: &MembershipChange,
     leader: NodeId,

@@ -118,6 +118,22 @@ impl Membership {
     }
 }
 
+#[cfg(test)]
+impl Membership {
+    /// `voters` and `learners`, node `id` at `h{id}:7000`: for unit tests.
+    pub(crate) fn for_tests(voters: &[NodeId], learners: &[NodeId]) -> Membership {
+        Membership {
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            addresses: voters
+                .iter()
+                .chain(learners)
+                .map(|id| (*id, format!("h{id}:7000")))
+                .collect(),
+        }
+    }
+}
+
 impl std::fmt::Display for Membership {
     /// `voters 1=a:1,2=b:2 learners 4=d:4` (ids without an address alone).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -557,15 +573,7 @@ mod tests {
     use super::*;
 
     fn members(voters: &[NodeId], learners: &[NodeId]) -> Membership {
-        Membership {
-            voters: voters.iter().copied().collect(),
-            learners: learners.iter().copied().collect(),
-            addresses: voters
-                .iter()
-                .chain(learners)
-                .map(|id| (*id, format!("h{id}:7000")))
-                .collect(),
-        }
+        Membership::for_tests(voters, learners)
     }
 
     #[test]

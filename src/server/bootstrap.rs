@@ -190,15 +190,7 @@ mod tests {
     use super::*;
 
     fn members(voters: &[NodeId], learners: &[NodeId]) -> Membership {
-        Membership {
-            voters: voters.iter().copied().collect(),
-            learners: learners.iter().copied().collect(),
-            addresses: voters
-                .iter()
-                .chain(learners)
-                .map(|id| (*id, format!("h{id}:7000")))
-                .collect(),
-        }
+        Membership::for_tests(voters, learners)
     }
 
     fn seeds() -> BTreeMap<NodeId, Address> {

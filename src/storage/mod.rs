@@ -371,17 +371,7 @@ impl Store {
     /// replica. It stays recorded; once the log has reached it, it is
     /// ignored.
     pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
-        let Some(bytes) = self
-            .meta
-            .get(CATCH_UP_FLOOR_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        codec()
-            .deserialize(&bytes)
-            .map(Some)
-            .map_err(|e| self.corrupt(format!("catch-up floor record: {e}")))
+        self.meta_record(CATCH_UP_FLOOR_KEY, "catch-up floor record")
     }
 
     fn witness_path(&self) -> PathBuf {
@@ -648,9 +638,19 @@ impl Store {
     }
 
     pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
+        self.meta_record(IDENTITY_KEY, "identity record")
+    }
+
+    /// The record stored in sled's meta tree under `key`, if any; `what`
+    /// names it when it cannot be read.
+    fn meta_record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &str,
+    ) -> Result<Option<T>, StoreError> {
         let Some(bytes) = self
             .meta
-            .get(IDENTITY_KEY)
+            .get(key)
             .map_err(|e| self.corrupt(e.to_string()))?
         else {
             return Ok(None);
@@ -658,22 +658,12 @@ impl Store {
         codec()
             .deserialize(&bytes)
             .map(Some)
-            .map_err(|e| self.corrupt(format!("identity record: {e}")))
+            .map_err(|e| self.corrupt(format!("{what}: {e}")))
     }
 
     /// The bootstrap configuration recorded on this replica's first start.
     pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
-        let Some(bytes) = self
-            .meta
-            .get(BOOTSTRAP_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        codec()
-            .deserialize(&bytes)
-            .map(Some)
-            .map_err(|e| self.corrupt(format!("bootstrap configuration record: {e}")))
+        self.meta_record(BOOTSTRAP_KEY, "bootstrap configuration record")
     }
 
     /// Records the bootstrap configuration, durably, before the node runs.

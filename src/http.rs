@@ -18,13 +18,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 
-use crate::client::Client;
+use crate::client::{Client, LogStream};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, Payload, Status};
 use crate::server::api::Api;
+use crate::wire::{Start, Until};
 
 /// Most messages one `/messages` page returns.
 pub const MAX_PAGE: u64 = 1000;
@@ -308,16 +309,56 @@ async fn send(state: &HttpState, text: String) -> Response {
     }
 }
 
-/// Server-sent events: `commit`, `leader` and `clock`, as they happen.
+/// Where `/events` starts: `?from=INDEX`, or after the `Last-Event-ID` a
+/// reconnecting browser sends (a commit event's id is its index).
+#[derive(Deserialize)]
+struct EventsFrom {
+    from: Option<String>,
+}
+
+/// Server-sent events: `commit` (from this node's own replica, in order,
+/// none dropped), `leader` and `clock`, as they happen.
 async fn events(
     State(state): State<HttpState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = BroadcastStream::new(state.events.subscribe()).filter_map(|event| {
+    headers: header::HeaderMap,
+    Query(query): Query<EventsFrom>,
+) -> Response {
+    let resumed = headers
+        .get("last-event-id")
+        .and_then(|id| id.to_str().ok())
+        .and_then(|id| id.trim().parse::<u64>().ok())
+        .map(|index| index + 1);
+    let start = match number("from", &query.from) {
+        Ok(Some(0)) => return fail(StatusCode::BAD_REQUEST, "`from` starts at 1"),
+        Ok(from) => from.or(resumed).map_or(Start::Last(0), Start::Index),
+        Err(reason) => return fail(StatusCode::BAD_REQUEST, reason),
+    };
+    let commits = LogStream::new(state.cluster.clone(), start, Until::Follow)
+        .only(state.me)
+        .into_stream()
+        .map(|entry| match entry {
+            Ok(entry) => {
+                let mut data = serde_json::to_value(&entry).unwrap_or_default();
+                data["type"] = json!("commit");
+                Ok::<_, Infallible>(
+                    Event::default()
+                        .event("commit")
+                        .id(entry.index.to_string())
+                        .data(data.to_string()),
+                )
+            }
+            Err(error) => Ok(Event::default()
+                .event("error")
+                .data(json!({ "type": "error", "error": format!("{error:#}") }).to_string())),
+        });
+    let others = BroadcastStream::new(state.events.subscribe()).filter_map(|event| {
         let event = event.ok()?;
         let data = serde_json::to_string(&event).ok()?;
         Some(Ok(Event::default().event(event.name()).data(data)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(commits.merge(others))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {

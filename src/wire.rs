@@ -85,7 +85,45 @@ pub enum ClientRequest {
     ChangeMembership(MembershipChange),
     /// The configuration as this node sees it (any node answers).
     Members,
+    /// Follow the committed log from `start` on this one stream: the node
+    /// answers with `Page`s as entries commit (from its own store, never
+    /// past its synced commit), an empty one every `WATCH_HEARTBEAT` when
+    /// nothing commits, and finishes the stream once `until` is reached.
+    /// Any member may serve it, learners included; only `Until::ReadIndex`
+    /// needs the leader.
+    Watch {
+        start: Start,
+        until: Until,
+    },
 }
+
+/// Where a watch starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Start {
+    /// At this index (1 for the whole log).
+    Index(Index),
+    /// So that the last `n` committed messages come first (0: only what
+    /// commits from now on).
+    Last(u64),
+}
+
+/// Where a watch ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Until {
+    /// Never: it follows the log until the client goes away.
+    Follow,
+    /// At a linearizable read index the leader takes when the watch
+    /// starts: a consistent export (the first page tells the index).
+    ReadIndex,
+    /// At what the serving node itself has committed when the watch
+    /// starts: one replica's view (backups).
+    Commit,
+    /// At this index (an export resumed elsewhere keeps its end).
+    Index(Index),
+}
+
+/// How often a watch that has nothing new says it is still there.
+pub const WATCH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientResponse {
@@ -126,6 +164,21 @@ pub enum ClientResponse {
         error: ChangeError,
     },
     Members(Box<MembersView>),
+    /// One page of a watch: committed messages in log order (entries
+    /// without a message, such as configurations, are skipped but counted
+    /// in `next`).
+    Page {
+        entries: Vec<ExportedEntry>,
+        /// Where the next page starts.
+        next: Index,
+        /// The index the watch ends at, if it ends.
+        upto: Option<Index>,
+        /// What the serving node has committed (and synced) so far, and the
+        /// leader it knows of: a reader can tell a node cut off from the
+        /// cluster from a quiet log.
+        commit: Index,
+        leader: Option<NodeId>,
+    },
 }
 
 /// One node's view of the configuration.
@@ -150,6 +203,23 @@ pub struct ExportedEntry {
     pub lamport: u64,
     pub sender: String,
     pub text: String,
+}
+
+impl ExportedEntry {
+    /// The message a log entry carries, as users see it; `None` for entries
+    /// that carry none (no-ops and configurations).
+    pub fn from_entry(entry: crate::raft::Entry) -> Option<ExportedEntry> {
+        match entry.payload {
+            crate::raft::Payload::Command(command) => Some(ExportedEntry {
+                index: entry.index,
+                term: entry.term,
+                lamport: entry.lamport,
+                sender: command.sender,
+                text: String::from_utf8_lossy(&command.data).into_owned(),
+            }),
+            crate::raft::Payload::Noop | crate::raft::Payload::Membership(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

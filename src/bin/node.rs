@@ -10,14 +10,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
-use cluster_store::client::{format_json, format_line, Client};
+use cluster_store::client::{format_json, format_line, Client, LogStream};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, Payload, RebuildPlan};
+use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, RebuildPlan};
+use cluster_store::server::api::PAGE;
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
 use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::{ExportedEntry, MembersView};
+use cluster_store::wire::{ExportedEntry, MembersView, Start, Until};
 
 #[derive(Parser)]
 #[command(
@@ -145,6 +146,27 @@ enum Command {
         local: bool,
         #[arg(long)]
         data: Option<PathBuf>,
+    },
+    /// Follow the committed log: print messages in log order as they
+    /// commit, in `export`'s formats, until interrupted. Any member can
+    /// serve it, learners included; if that node fails or is cut off, the
+    /// watch continues at another member from the next index it has not
+    /// printed: no gap, no repeat.
+    Watch {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Start at this index (1: the whole log, then what follows).
+        #[arg(long, conflicts_with = "last")]
+        from: Option<Index>,
+        /// Start with the last N messages (default: only new ones).
+        #[arg(long)]
+        last: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Read from this member while it answers (default: the leader
+        /// if known, else any).
+        #[arg(long)]
+        node: Option<NodeId>,
     },
     /// List and change the cluster's members (one change at a time).
     Member {
@@ -346,6 +368,16 @@ fn client_from(args: &ClientArgs) -> Result<Client> {
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A reader that went away (`node watch | head`) is not a failure.
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
@@ -733,9 +765,8 @@ fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
     }
 }
 
-fn print_entries(entries: &[ExportedEntry], format: Format) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+/// Writes messages in one of `export`'s formats.
+fn write_entries(out: &mut impl Write, entries: &[ExportedEntry], format: Format) -> Result<()> {
     for entry in entries {
         let line = match format {
             Format::Text => format_line(entry),
@@ -743,28 +774,81 @@ fn print_entries(entries: &[ExportedEntry], format: Format) -> Result<()> {
         };
         writeln!(out, "{line}")?;
     }
+    Ok(())
+}
+
+/// Prints a stopped node's committed log from its data directory, a page
+/// at a time.
+fn export_local(data: &Path, format: Format) -> Result<()> {
+    let store = Store::open_existing(data, false)?;
+    let commit = store.hard_state()?.commit;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut from = 1;
+    while from <= commit {
+        let entries = store.entries(from, commit, PAGE as usize)?;
+        let Some(last) = entries.last() else {
+            bail!(
+                "{} holds no entry at index {from} though it has committed {commit}",
+                data.display()
+            );
+        };
+        from = last.index + 1;
+        let messages: Vec<ExportedEntry> = entries
+            .into_iter()
+            .filter_map(ExportedEntry::from_entry)
+            .collect();
+        write_entries(&mut out, &messages, format)?;
+    }
     out.flush()?;
     Ok(())
 }
 
-fn export_local(data: &Path, format: Format) -> Result<()> {
-    let store = Store::open_existing(data, false)?;
-    let commit = store.hard_state()?.commit;
-    let entries: Vec<ExportedEntry> = store
-        .entries(1, commit, usize::MAX)?
-        .into_iter()
-        .filter_map(|e| match e.payload {
-            Payload::Command(c) => Some(ExportedEntry {
-                index: e.index,
-                term: e.term,
-                lamport: e.lamport,
-                sender: c.sender,
-                text: String::from_utf8_lossy(&c.data).into_owned(),
-            }),
-            Payload::Noop | Payload::Membership(_) => None,
-        })
-        .collect();
-    print_entries(&entries, format)
+/// Prints a stream's pages as they come.
+async fn print_stream(mut stream: LogStream<&Client>, format: Format) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while let Some(page) = stream.next_page().await? {
+        write_entries(&mut out, &page, format)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Writes `node`'s own replica up to its commit into `path`, through a
+/// file beside it that is renamed once complete. Returns the messages
+/// written.
+async fn write_backup(client: &Client, node: NodeId, path: &Path) -> Result<usize> {
+    let partial = path.with_extension("txt.partial");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?,
+    );
+    let mut stream = client
+        .watch(Start::Index(1), Until::Commit)
+        .only(node)
+        .patience(Some(client.give_up_after));
+    let mut written = 0;
+    let copied = async {
+        while let Some(page) = stream.next_page().await? {
+            write_entries(&mut out, &page, Format::Text)?;
+            written += page.len();
+        }
+        out.flush()?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match copied {
+        Ok(()) => {
+            std::fs::rename(&partial, path)
+                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
+            Ok(written)
+        }
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(error)
+        }
+    }
 }
 
 async fn client_command(command: Command) -> Result<()> {
@@ -828,13 +912,18 @@ async fn client_command(command: Command) -> Result<()> {
         } => {
             let client = client_from(&args)?;
             match backup_dir {
-                None => print_entries(&client.export().await?, format),
+                None => {
+                    let stream = client
+                        .watch(Start::Index(1), Until::ReadIndex)
+                        .patience(Some(client.give_up_after));
+                    print_stream(stream, format).await
+                }
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
                     // Backups are taken once each node holds what the
                     // cluster has committed now, so they can be compared.
-                    let target = client.export().await?.last().map_or(0, |e| e.index);
+                    let target = client.read_index().await?;
                     for node in client.nodes() {
                         let deadline = std::time::Instant::now() + Duration::from_secs(30);
                         while client.status(node).await.is_ok_and(|s| s.commit < target)
@@ -843,17 +932,9 @@ async fn client_command(command: Command) -> Result<()> {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         let path = dir.join(format!("backup_{node}.txt"));
-                        match client.local_export(node).await {
-                            Ok(entries) => {
-                                let text: String =
-                                    entries.iter().map(|e| format_line(e) + "\n").collect();
-                                std::fs::write(&path, text)
-                                    .with_context(|| format!("writing {}", path.display()))?;
-                                eprintln!(
-                                    "node {node}: {} messages -> {}",
-                                    entries.len(),
-                                    path.display()
-                                );
+                        match write_backup(&client, node, &path).await {
+                            Ok(written) => {
+                                eprintln!("node {node}: {written} messages -> {}", path.display())
                             }
                             Err(e) => eprintln!("node {node}: no backup ({e:#})"),
                         }
@@ -861,6 +942,28 @@ async fn client_command(command: Command) -> Result<()> {
                     Ok(())
                 }
             }
+        }
+        Command::Watch {
+            client: args,
+            from,
+            last,
+            format,
+            node,
+        } => {
+            let client = client_from(&args)?;
+            let start = match (from, last) {
+                (Some(index), _) => Start::Index(index),
+                (None, Some(n)) => Start::Last(n),
+                (None, None) => Start::Last(0),
+            };
+            let mut stream = client.watch(start, Until::Follow);
+            if let Some(node) = node {
+                if !client.nodes().contains(&node) {
+                    bail!("--node {node} is not in --cluster");
+                }
+                stream = stream.prefer(node);
+            }
+            print_stream(stream, format).await
         }
         Command::Status { client, json } => {
             let client = client_from(&client)?;

@@ -9,12 +9,13 @@ use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
-use super::driver::Input;
+use super::driver::{CommitView, Input};
 use crate::raft::{ChangeError, MembershipChange};
 use crate::raft::{Index, NodeId, Payload, Proposal, ProposeError, RequestId};
 use crate::storage::LogReader;
 use crate::wire::{
-    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView,
+    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
+    Until, WATCH_HEARTBEAT,
 };
 
 /// Most entries one export page returns.
@@ -39,6 +40,8 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Told to joining nodes (`MembersView::cluster_digest`).
     pub cluster_digest: u64,
+    /// The synced commit and leader, for watchers to wait on.
+    pub commits: tokio::sync::watch::Receiver<CommitView>,
 }
 
 /// Admission control: what a node accepts before it says "busy".
@@ -171,6 +174,22 @@ impl Api {
     /// own order; answers go back in the same order. At most `STREAM_WINDOW`
     /// requests per stream are outstanding before reading pauses.
     async fn serve_stream(&self, client: String, mut send: SendStream, mut recv: RecvStream) {
+        // A watch takes the whole stream; anything else starts the
+        // request/answer pipeline.
+        let first: Answer = match read_frame::<_, ClientRequest>(&mut recv).await {
+            Ok(Some(ClientRequest::Watch { start, until })) if !client.starts_with(OUTSIDER) => {
+                self.watch(&client, send, start, until).await;
+                return;
+            }
+            Ok(Some(request)) => self.start(&client, request),
+            Ok(None) => return,
+            Err(e) => {
+                warn!(client, "bad request: {e}");
+                let _ = write_frame(&mut send, &error(format!("bad request: {e}"), false)).await;
+                let _ = send.finish();
+                return;
+            }
+        };
         let (answers, mut pending) = tokio::sync::mpsc::channel::<Answer>(STREAM_WINDOW);
         let writer = tokio::spawn(async move {
             while let Some(answer) = pending.recv().await {
@@ -181,6 +200,9 @@ impl Api {
             }
             let _ = send.finish();
         });
+        if answers.send(first).await.is_err() {
+            return;
+        }
         loop {
             let answer: Answer = match read_frame::<_, ClientRequest>(&mut recv).await {
                 Ok(Some(request)) => self.start(&client, request),
@@ -279,6 +301,9 @@ impl Api {
                 Err(response) => response,
             },
             ClientRequest::ChangeMembership(change) => self.change_membership(change).await,
+            ClientRequest::Watch { .. } => {
+                error("a watch must be the first request on its own stream", false)
+            }
             ClientRequest::Members => {
                 let (reply, answer) = oneshot::channel();
                 if let Err(response) = self.submit(Input::Members(reply)) {
@@ -426,6 +451,137 @@ impl Api {
         answer.await.map_err(|_| error("node shutting down", true))
     }
 
+    /// Serves a watch: pages of committed messages read from this node's
+    /// store as its synced commit passes them. Writing waits for the
+    /// reader (QUIC flow control), so a slow reader holds one page here,
+    /// never a queue: whatever it has not read yet stays on disk.
+    async fn watch(&self, client: &str, mut send: SendStream, start: Start, until: Until) {
+        let outcome = self.follow(&mut send, start, until).await;
+        match outcome {
+            Ok(()) => {
+                let _ = send.finish();
+            }
+            Err(Some(response)) => {
+                debug!(client, ?response, "watch ended");
+                let _ = write_frame(&mut send, &response).await;
+                let _ = send.finish();
+            }
+            // The reader went away.
+            Err(None) => {}
+        }
+    }
+
+    /// The body of `watch`: `Err(Some(answer))` ends it with an answer,
+    /// `Err(None)` when the stream is gone.
+    async fn follow(
+        &self,
+        send: &mut SendStream,
+        start: Start,
+        until: Until,
+    ) -> Result<(), Option<ClientResponse>> {
+        let mut commits = self.commits.clone();
+        let upto = match until {
+            Until::Follow => None,
+            Until::ReadIndex => Some(self.read_index().await.map_err(Some)?),
+            Until::Commit => Some(commits.borrow().commit),
+            Until::Index(index) => Some(index),
+        };
+        let mut next = match start {
+            Start::Index(index) => index.max(1),
+            Start::Last(n) => self
+                .start_of_last(n, commits.borrow().commit)
+                .map_err(|e| Some(error(e, false)))?,
+        };
+        let mut quiet_since = tokio::time::Instant::now();
+        loop {
+            let view = *commits.borrow_and_update();
+            let end = upto.map_or(view.commit, |upto| upto.min(view.commit));
+            let finished = upto.is_some_and(|upto| next > upto);
+            if next <= end || finished {
+                let mut entries = Vec::new();
+                if next <= end {
+                    let read = self
+                        .log
+                        .entries_within(next, end, PAGE as usize, PAGE_BYTES)
+                        .map_err(|e| Some(error(e.to_string(), true)))?;
+                    let Some(last) = read.last() else {
+                        return Err(Some(error(
+                            format!(
+                                "node {} holds no entry at index {next} though it has committed {end}",
+                                self.me
+                            ),
+                            true,
+                        )));
+                    };
+                    next = last.index + 1;
+                    entries = read
+                        .into_iter()
+                        .filter_map(ExportedEntry::from_entry)
+                        .collect();
+                }
+                let page = ClientResponse::Page {
+                    entries,
+                    next,
+                    upto,
+                    commit: view.commit,
+                    leader: view.leader,
+                };
+                write_frame(send, &page).await.map_err(|_| None)?;
+                if upto.is_some_and(|upto| next > upto) {
+                    return Ok(());
+                }
+                quiet_since = tokio::time::Instant::now();
+                continue;
+            }
+            tokio::select! {
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        return Err(Some(error("node shutting down", true)));
+                    }
+                }
+                () = tokio::time::sleep_until(quiet_since + WATCH_HEARTBEAT) => {
+                    let beat = ClientResponse::Page {
+                        entries: Vec::new(),
+                        next,
+                        upto,
+                        commit: view.commit,
+                        leader: view.leader,
+                    };
+                    write_frame(send, &beat).await.map_err(|_| None)?;
+                    quiet_since = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+
+    /// The index from which the last `n` committed messages (up to
+    /// `commit`) follow, scanning back from the end: entries without a
+    /// message (no-ops, configurations) do not count.
+    fn start_of_last(&self, n: u64, commit: Index) -> Result<Index, String> {
+        let mut from = commit + 1;
+        let mut found = 0;
+        while found < n && from > 1 {
+            let lower = from.saturating_sub(n - found).max(1);
+            let mut at = lower;
+            while at < from {
+                let read = self
+                    .log
+                    .entries_within(at, from - 1, PAGE as usize, PAGE_BYTES)
+                    .map_err(|e| e.to_string())?;
+                let Some(last) = read.last() else {
+                    return Err(format!("node {} holds no entry at index {at}", self.me));
+                };
+                at = last.index + 1;
+                found += read
+                    .iter()
+                    .filter(|e| matches!(e.payload, Payload::Command(_)))
+                    .count() as u64;
+            }
+            from = lower;
+        }
+        Ok(from)
+    }
+
     fn page(&self, from: u64, upto: u64, limit: u64) -> ClientResponse {
         let limit = limit.clamp(1, PAGE) as usize;
         match self
@@ -436,16 +592,7 @@ impl Api {
                 let next = entries.last().map_or(from.max(1), |e| e.index + 1);
                 let entries = entries
                     .into_iter()
-                    .filter_map(|e| match e.payload {
-                        Payload::Command(c) => Some(ExportedEntry {
-                            index: e.index,
-                            term: e.term,
-                            lamport: e.lamport,
-                            sender: c.sender,
-                            text: String::from_utf8_lossy(&c.data).into_owned(),
-                        }),
-                        Payload::Noop | Payload::Membership(_) => None,
-                    })
+                    .filter_map(ExportedEntry::from_entry)
                     .collect();
                 ClientResponse::Entries {
                     entries,

@@ -87,6 +87,15 @@ impl Outboxes {
     }
 }
 
+/// What this node has committed and synced, and the leader it knows: what
+/// watchers (`api.rs`) wait on. Only a commit index that would survive a
+/// crash is published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitView {
+    pub commit: Index,
+    pub leader: Option<NodeId>,
+}
+
 /// Why `Outboxes::try_send` dropped a message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unsent {
@@ -130,6 +139,18 @@ pub struct Driver {
     durable_vote: (Term, Option<NodeId>),
     /// The commit index known to be on disk.
     synced_commit: Index,
+    /// Published after every round for watchers.
+    commits: watch::Sender<CommitView>,
+}
+
+/// What the driver tells the rest of the node as it changes.
+pub struct Feeds {
+    /// Leader and clock changes, for the dashboard.
+    pub events: broadcast::Sender<NodeEvent>,
+    /// The configuration in force, for the peer links.
+    pub membership: watch::Sender<super::links::View>,
+    /// The synced commit, for watchers.
+    pub commits: watch::Sender<CommitView>,
 }
 
 impl Driver {
@@ -139,11 +160,15 @@ impl Driver {
         outboxes: Outboxes,
         tick: Duration,
         metrics: Arc<Metrics>,
-        events: broadcast::Sender<NodeEvent>,
-        membership: watch::Sender<super::links::View>,
+        Feeds {
+            events,
+            membership,
+            commits,
+        }: Feeds,
     ) -> Self {
         Driver {
             membership,
+            commits,
             changes: HashMap::new(),
             next_change: 0,
             metrics,
@@ -199,6 +224,7 @@ impl Driver {
                 self.process_ready()?;
             }
             self.serve_reads();
+            self.publish_commit();
             self.metrics
                 .entries_in_memory
                 .store(self.raft.entries_in_memory() as u64, Ordering::Relaxed);
@@ -352,6 +378,19 @@ impl Driver {
         Ok(())
     }
 
+    /// Wakes watchers when the synced commit (or the leader) moved.
+    fn publish_commit(&mut self) {
+        let view = CommitView {
+            commit: self.raft.commit_index().min(self.synced_commit),
+            leader: self.raft.leader(),
+        };
+        self.commits.send_if_modified(|published| {
+            let changed = *published != view;
+            *published = view;
+            changed
+        });
+    }
+
     /// Answers the reads whose index this node's store now holds.
     fn serve_reads(&mut self) {
         if self.reads_waiting.is_empty() {
@@ -426,15 +465,6 @@ impl Driver {
                     .membership_changes_applied
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(index = entry.index, %membership, "configuration committed");
-            }
-            if let (true, Payload::Command(command)) = (subscribed, &entry.payload) {
-                let _ = self.events.send(NodeEvent::Commit {
-                    index: entry.index,
-                    term: entry.term,
-                    lamport: entry.lamport,
-                    sender: command.sender.clone(),
-                    text: String::from_utf8_lossy(&command.data).into_owned(),
-                });
             }
         }
         let (leader, term, lamport) = (self.raft.leader(), self.raft.term(), self.raft.lamport());

@@ -313,6 +313,8 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         peers.clone(),
         outboxes.clone(),
     ));
+    // Watchers wait on the synced commit the driver publishes.
+    let (commits_tx, commits_rx) = watch::channel(driver::CommitView::default());
     let api = api::Api {
         me,
         inputs: inputs.clone(),
@@ -323,6 +325,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         )),
         metrics: metrics.clone(),
         cluster_digest: stored.cluster_digest,
+        commits: commits_rx,
     };
     let api_for_http = api.clone();
     tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api));
@@ -381,8 +384,11 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         outboxes,
         options.tick,
         metrics,
-        events,
-        membership_tx,
+        driver::Feeds {
+            events,
+            membership: membership_tx,
+            commits: commits_tx,
+        },
     );
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))

@@ -9,15 +9,18 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+mod watch;
 use quinn::{Connection, Endpoint};
+pub use watch::LogStream;
 
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, ProposeError, Status};
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{
-    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, WireError,
-    MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
+    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
+    Until, WireError, MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
 };
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
@@ -786,78 +789,42 @@ impl Client {
         }
     }
 
-    /// A linearizable read of the whole committed log, in order.
+    /// A linearizable read of the whole committed log, in order, collected
+    /// in memory (`watch` streams it instead).
     pub async fn export(&self) -> Result<Vec<ExportedEntry>> {
-        let mut all = Vec::new();
-        let mut from = 1;
-        let mut upto = None;
-        loop {
-            let request = ClientRequest::Export {
-                from,
-                limit: crate::server::api::PAGE,
-                upto,
-            };
-            match self.to_leader(&request).await? {
-                (
-                    _,
-                    ClientResponse::Entries {
-                        entries,
-                        upto: end,
-                        next,
-                    },
-                ) => {
-                    all.extend(entries);
-                    upto = Some(end);
-                    if next > end {
-                        return Ok(all);
-                    }
-                    // A page that moved nothing is a node's fault, never
-                    // the end: an export ends only at the index it pinned.
-                    if next <= from {
-                        bail!("the export stopped at index {from} of {end}: a node answered a page without entries");
-                    }
-                    from = next;
-                }
-                (node, other) => bail!("node {node} answered an export with {other:?}"),
-            }
-        }
+        self.watch(Start::Index(1), Until::ReadIndex)
+            .patience(Some(self.give_up_after))
+            .collect()
+            .await
     }
 
-    /// What `node` itself has committed, from its own replica.
-    /// A page that fails (the node busy, slow or restarting) is asked for
-    /// again until `give_up_after`.
+    /// What `node` itself has committed, from its own replica, collected in
+    /// memory. A node that fails (busy, slow or restarting) is asked again
+    /// until `give_up_after` passes without progress.
     pub async fn local_export(&self, node: NodeId) -> Result<Vec<ExportedEntry>> {
-        let mut all = Vec::new();
-        let mut from = 1;
-        loop {
-            let request = ClientRequest::LocalExport {
-                from,
-                limit: crate::server::api::PAGE,
-            };
-            let deadline = Instant::now() + self.give_up_after;
-            let response = loop {
-                match self.request_with(node, &request, false).await {
-                    Ok(ClientResponse::Busy { .. }) | Err(_) if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    other => break other?,
-                }
-            };
-            match response {
-                ClientResponse::Entries {
-                    entries,
-                    upto,
-                    next,
-                } => {
-                    all.extend(entries);
-                    if next > upto || next == from {
-                        return Ok(all);
-                    }
-                    from = next;
-                }
-                other => bail!("node {node} answered a local export with {other:?}"),
-            }
-        }
+        self.watch(Start::Index(1), Until::Commit)
+            .only(node)
+            .patience(Some(self.give_up_after))
+            .collect()
+            .await
+    }
+
+    /// A linearizable read index: everything committed when it was asked
+    /// lies at or below it.
+    pub async fn read_index(&self) -> Result<Index> {
+        let mut stream = self
+            .watch(Start::Last(0), Until::ReadIndex)
+            .patience(Some(self.give_up_after));
+        while stream.next_page().await?.is_some() {}
+        stream
+            .end()
+            .ok_or_else(|| anyhow!("the watch ended without a read index"))
+    }
+
+    /// The committed log from `start` to `until`, page by page, from any
+    /// member (see `LogStream`).
+    pub fn watch(&self, start: Start, until: Until) -> LogStream<&Client> {
+        LogStream::new(self, start, until)
     }
 
     /// Asks for a configuration change, following the leader; a leader

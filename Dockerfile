@@ -6,11 +6,24 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
+# Dependencies first, in a layer of their own: it is rebuilt only when
+# Cargo.toml or Cargo.lock change, not on every source change. Stubs stand
+# in for the targets Cargo.toml declares (the library, `node`, the benches:
+# cargo wants every declared target's file to exist).
 COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src/bin benches \
+    && touch src/lib.rs \
+    && echo 'fn main() {}' > src/bin/node.rs \
+    && for bench in cluster etcd commit; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && cargo build --release --locked --bin node \
+    && rm -rf src benches
 COPY src ./src
 # Declared in Cargo.toml; not built here.
 COPY benches ./benches
-RUN cargo build --release --locked --bin node
+# COPY keeps the files' own times, which may be older than the stubs' build:
+# touch the crate roots so cargo rebuilds this crate (and only this crate).
+RUN touch src/lib.rs src/bin/node.rs \
+    && cargo build --release --locked --bin node
 
 FROM ${RUNTIME_IMAGE}
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/cluster-store --create-home cluster-store \

@@ -13,8 +13,9 @@ Creates, unless they exist:
   cluster-store-base:bookworm   Debian bookworm (debootstrap, minbase + gcc)
   cluster-store-rust:local      the same plus this machine's Rust toolchain
 
-Then build with:
+Then build with (docker compose v2, or docker-compose v1):
   RUST_IMAGE=cluster-store-rust:local RUNTIME_IMAGE=cluster-store-base:bookworm docker compose up --build
+  RUST_IMAGE=cluster-store-rust:local RUNTIME_IMAGE=cluster-store-base:bookworm docker-compose up --build
 
 Needs root (debootstrap), Docker, and Debian's package mirror.
 Environment:

@@ -364,7 +364,7 @@ async fn events(
 async fn metrics(State(state): State<HttpState>) -> Response {
     match local_status(&state).await {
         Ok(status) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
             state.metrics.render(&status),
         )
             .into_response(),

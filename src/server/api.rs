@@ -138,12 +138,7 @@ impl Api {
         let limits = &self.limits;
         if limits.clients.fetch_add(1, Ordering::SeqCst) >= limits.max_clients {
             limits.clients.fetch_sub(1, Ordering::SeqCst);
-            if self
-                .metrics
-                .busy_connections
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(1000)
-            {
+            if self.metrics.busy_connections.inc().is_multiple_of(1000) {
                 warn!(
                     max = limits.max_clients,
                     "refusing client connections: too many open (--max-clients)"
@@ -398,7 +393,7 @@ impl Api {
             .clone()
             .try_acquire_many_owned(cost as u32)
         else {
-            self.metrics.busy_sends.fetch_add(1, Ordering::Relaxed);
+            self.metrics.busy_sends.inc();
             return Err(ClientResponse::Busy {
                 message: format!(
                     "node busy: {} KiB of messages are waiting to commit (limit {} KiB); retry",

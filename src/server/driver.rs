@@ -6,7 +6,6 @@
 //! a vote.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -227,7 +226,7 @@ impl Driver {
             self.publish_commit();
             self.metrics
                 .entries_in_memory
-                .store(self.raft.entries_in_memory() as u64, Ordering::Relaxed);
+                .set(self.raft.entries_in_memory() as u64);
         }
     }
 
@@ -245,9 +244,7 @@ impl Driver {
                         reply: Some(reply),
                     },
                 );
-                self.metrics
-                    .proposals
-                    .fetch_add(proposals.len() as u64, Ordering::Relaxed);
+                self.metrics.proposals.inc_by(proposals.len() as u64);
                 let now = Instant::now();
                 for (slot, proposal) in proposals.into_iter().enumerate() {
                     self.waiting
@@ -455,21 +452,17 @@ impl Driver {
 
     /// Publishes commits, a new leader and the clock to live subscribers.
     fn announce(&mut self, committed: &[crate::raft::Entry]) {
-        self.metrics
-            .commits
-            .fetch_add(committed.len() as u64, Ordering::Relaxed);
+        self.metrics.commits.inc_by(committed.len() as u64);
         let subscribed = self.events.receiver_count() > 0;
         for entry in committed {
             if let Payload::Membership(membership) = &entry.payload {
-                self.metrics
-                    .membership_changes_applied
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.membership_changes_applied.inc();
                 tracing::info!(index = entry.index, %membership, "configuration committed");
             }
         }
         let (leader, term, lamport) = (self.raft.leader(), self.raft.term(), self.raft.lamport());
         if term != self.announced.1 {
-            self.metrics.elections.fetch_add(1, Ordering::Relaxed);
+            self.metrics.elections.inc();
         }
         if (leader, term) != (self.announced.0, self.announced.1) && subscribed {
             let _ = self.events.send(NodeEvent::Leader { leader, term });
@@ -485,7 +478,9 @@ impl Driver {
             return;
         };
         if result.is_ok() {
-            self.metrics.commit_latency.observe(since.elapsed());
+            self.metrics
+                .commit_latency
+                .observe(since.elapsed().as_secs_f64());
         }
         for (batch, slot) in slots {
             let Some(waiter) = self.batches.get_mut(&batch) else {

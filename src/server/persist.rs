@@ -177,7 +177,7 @@ impl Persister {
         self.store.stage(&writes)?;
         let synced = must_sync && self.store.sync_staged()?;
         if synced {
-            self.metrics.fsync.observe(started.elapsed());
+            self.metrics.fsync.observe(started.elapsed().as_secs_f64());
         }
         for job in jobs {
             match job {

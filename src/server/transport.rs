@@ -91,12 +91,7 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            if api
-                .metrics
-                .busy_connections
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                .is_multiple_of(1000)
-            {
+            if api.metrics.busy_connections.inc().is_multiple_of(1000) {
                 warn!("refusing connections: {MAX_HANDSHAKES} handshakes already under way");
             }
             incoming.refuse();
@@ -232,9 +227,7 @@ pub async fn read_peer(connection: Connection, peer: NodeId, peers: Peers) {
             loop {
                 match read_frame_sized::<_, PeerFrame>(&mut stream).await {
                     Ok(Some((PeerFrame::Raft(envelope), size))) => {
-                        metrics
-                            .quic_bytes_received
-                            .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
+                        metrics.quic_bytes_received.inc_by(size as u64);
                         if envelope.from != peer {
                             warn!(
                                 peer,
@@ -390,7 +383,7 @@ pub async fn run_link(
                         debug!(peer, "peer link broke: {error}");
                         break;
                     }
-                    peers.metrics.quic_bytes_sent.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                    peers.metrics.quic_bytes_sent.inc_by(size);
                 }
                 _ = &mut bulk_writer => break,
                 _ = connection.closed() => break,

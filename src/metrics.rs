@@ -55,6 +55,8 @@ pub struct Metrics {
     pub entries_in_memory: Count,
     /// Configuration entries this node has applied (committed).
     pub membership_changes_applied: Counter,
+    /// Watches this node serves now (`node watch`, exports, `/events`).
+    pub watchers: Count,
     registry: Registry,
 }
 
@@ -119,6 +121,12 @@ impl Default for Metrics {
                 r,
                 "log_entries_in_memory",
                 "Log entries held in memory; older ones are read from the store when needed",
+                Count::default(),
+            ),
+            watchers: registered(
+                r,
+                "watchers",
+                "Watches of the committed log this node serves now (node watch, exports, /events)",
                 Count::default(),
             ),
             fsync: registered(
@@ -261,6 +269,7 @@ mod tests {
                 "cluster_store_quic_bytes_received_total counter",
                 "cluster_store_quic_bytes_sent_total counter",
                 "cluster_store_term gauge",
+                "cluster_store_watchers gauge",
             ]
         );
         for line in [

@@ -451,7 +451,9 @@ impl Api {
     /// reader (QUIC flow control), so a slow reader holds one page here,
     /// never a queue: whatever it has not read yet stays on disk.
     async fn watch(&self, client: &str, mut send: SendStream, start: Start, until: Until) {
+        self.metrics.watchers.inc();
         let outcome = self.follow(&mut send, start, until).await;
+        self.metrics.watchers.dec();
         match outcome {
             Ok(()) => {
                 let _ = send.finish();

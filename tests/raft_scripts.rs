@@ -1072,9 +1072,28 @@ macro_rules! scripts {
 }
 
 scripts! {
+    check_quorum,
+    divergent_tail,
     election,
+    figure_8,
+    lagging_follower,
+    lamport,
+    learners,
+    pre_vote,
+    priorities,
+    read_index,
+    rebuilt_follower,
+    rebuilt_learner,
+    rebuilt_voter_floor,
+    refused_proposals,
+    released_entries,
     replication,
+    retries,
+    sessions,
+    shorter_log,
     single_node,
     split_vote,
+    stale_leader,
+    transfer,
     vote_persistence,
 }

@@ -273,9 +273,22 @@ pub fn run_script(path: &Path, driver: &mut dyn Driver) {
             }
             let mut parsed = Command::parse(command.trim(), *line)
                 .unwrap_or_else(|e| panic!("{name}:{line}: {e}: {command}"));
-            let output = driver
-                .run(&mut parsed)
-                .unwrap_or_else(|e| panic!("{name}:{line}: {e}: {command}"));
+            // A panic inside the driver (a harness assertion) names the
+            // script line that led to it.
+            let run =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run(&mut parsed)));
+            let output = match run {
+                Ok(Ok(output)) => output,
+                Ok(Err(e)) => panic!("{name}:{line}: {e}: {command}"),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)");
+                    panic!("{name}:{line}: `{}` panicked: {why}", command.trim())
+                }
+            };
             for out in output.lines() {
                 assert!(
                     !out.trim().is_empty(),

@@ -3,8 +3,8 @@
 //! `raft_scenarios.rs` uses). The format and how to update expectations
 //! are in `tests/scripts/runner.rs` and `tests/scripts/README.md`.
 //!
-//! After every command but the queries (`status`, `log`, `disk`, `queue`),
-//! the output ends with one line per node:
+//! After every command but `trace` and the queries (`status`, `log`,
+//! `disk`, `queue`), the output ends with one line per node:
 //!
 //! ```text
 //! n1@2 leader last=5@2 commit=5

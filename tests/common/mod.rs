@@ -1,4 +1,5 @@
-//! A hand-driven cluster for scenario tests: persistence is immediate, and
+//! A hand-driven cluster for scenario tests: persistence is immediate
+//! (unless `manual_sync` is set: then log writes wait for `persist`), and
 //! the test decides which messages travel, which links are cut and which
 //! nodes are down.
 
@@ -8,9 +9,9 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use cluster_store::raft::{
-    ChangeResponse, Config, Entry, Envelope, HardState, LogPosition, MembershipChange, Message,
-    NodeId, Proposal, ProposeResponse, RaftNode, ReadResponse, RebuildPlan, RequestId, Restorer,
-    Role, Status,
+    ChangeResponse, Config, Entry, Envelope, HardState, LogPosition, LogWrite, MembershipChange,
+    Message, NodeId, Proposal, ProposeResponse, RaftNode, ReadResponse, RebuildPlan, RequestId,
+    Restorer, Role, Status,
 };
 
 pub struct Disk {
@@ -31,6 +32,28 @@ pub struct Cluster {
     pub changes: Vec<ChangeResponse>,
     /// Every message delivered, for tests that count them.
     pub delivered: Vec<Envelope>,
+    /// Log writes are durable only once `persist` says so (the hard state
+    /// always is at once: the core asks for it before anything leaves).
+    pub manual_sync: bool,
+    /// With `manual_sync`: each node's log writes not yet durable, in
+    /// order, with the acknowledgements that may leave once they are.
+    pub unsynced: BTreeMap<NodeId, VecDeque<Unsynced>>,
+    /// When set, what became of each message taken off the queue.
+    pub trace: Option<Vec<Hop>>,
+}
+
+/// A log write waiting for `Cluster::persist`, and the messages that must
+/// wait for it (`Ready::persisted_messages`).
+pub struct Unsynced {
+    pub write: Option<LogWrite>,
+    pub messages: Vec<Envelope>,
+}
+
+/// A message taken off the queue.
+pub enum Hop {
+    Delivered(Envelope),
+    /// Lost: its link was cut, or its receiver was down.
+    Dropped(Envelope, &'static str),
 }
 
 impl Cluster {
@@ -45,6 +68,9 @@ impl Cluster {
             reads: Vec::new(),
             changes: Vec::new(),
             delivered: Vec::new(),
+            manual_sync: false,
+            unsynced: BTreeMap::new(),
+            trace: None,
         };
         for id in voters.iter().chain(learners) {
             let mut config = Config::new(*id, voters.iter().copied());
@@ -117,14 +143,22 @@ impl Cluster {
                 disk.hard_state = hard_state;
             }
             self.queue.extend(ready.messages);
-            if let Some(write) = ready.log_write {
-                disk.log.truncate(write.from as usize - 1);
-                disk.log.extend(write.entries.iter().cloned());
-                if let Some((index, term)) = write.last() {
-                    node.persisted(index, term);
+            let unsynced = self.unsynced.entry(id).or_default();
+            if self.manual_sync && (ready.log_write.is_some() || !unsynced.is_empty()) {
+                unsynced.push_back(Unsynced {
+                    write: ready.log_write,
+                    messages: ready.persisted_messages,
+                });
+            } else {
+                if let Some(write) = ready.log_write {
+                    disk.log.truncate(write.from as usize - 1);
+                    disk.log.extend(write.entries.iter().cloned());
+                    if let Some((index, term)) = write.last() {
+                        node.persisted(index, term);
+                    }
                 }
+                self.queue.extend(ready.persisted_messages);
             }
-            self.queue.extend(ready.persisted_messages);
             self.responses.extend(ready.responses);
             self.reads.extend(ready.reads);
             self.changes.extend(ready.changes);
@@ -148,15 +182,41 @@ impl Cluster {
             return false;
         };
         if self.cut.contains(&(envelope.from, envelope.to)) {
+            if let Some(trace) = &mut self.trace {
+                trace.push(Hop::Dropped(envelope, "link cut"));
+            }
             return true;
         }
         let to = envelope.to;
         if let Some(node) = self.nodes.get_mut(&to) {
             self.delivered.push(envelope.clone());
+            if let Some(trace) = &mut self.trace {
+                trace.push(Hop::Delivered(envelope.clone()));
+            }
             node.step(envelope);
             self.drain(to);
+        } else if let Some(trace) = &mut self.trace {
+            trace.push(Hop::Dropped(envelope, "receiver down"));
         }
         true
+    }
+
+    /// With `manual_sync`: makes `id`'s pending log writes durable, in
+    /// order, tells the node, and lets the acknowledgements they held go.
+    pub fn persist(&mut self, id: NodeId) {
+        let pending = self.unsynced.remove(&id).unwrap_or_default();
+        for Unsynced { write, messages } in pending {
+            if let Some(write) = write {
+                let disk = self.disks.get_mut(&id).expect("every node has a disk");
+                disk.log.truncate(write.from as usize - 1);
+                disk.log.extend(write.entries.iter().cloned());
+                if let (Some((index, term)), Some(node)) = (write.last(), self.nodes.get_mut(&id)) {
+                    node.persisted(index, term);
+                }
+            }
+            self.queue.extend(messages);
+        }
+        self.drain(id);
     }
 
     /// Delivers until the network is quiet.
@@ -268,8 +328,11 @@ impl Cluster {
         self.cut.clear();
     }
 
+    /// Stops `id`: what it had not persisted is lost, and so is what was
+    /// on its way to it.
     pub fn crash(&mut self, id: NodeId) {
         self.nodes.remove(&id);
+        self.unsynced.remove(&id);
         self.queue.retain(|m| m.to != id);
     }
 

@@ -12,7 +12,7 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use futures_util::Stream;
+use futures_util::stream::{BoxStream, StreamExt};
 use quinn::RecvStream;
 
 use super::Client;
@@ -340,7 +340,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
     }
 
     /// The stream one message at a time.
-    pub fn into_stream(self) -> impl Stream<Item = Result<ExportedEntry>> + Send
+    pub fn into_stream(self) -> BoxStream<'static, Result<ExportedEntry>>
     where
         C: Send + Sync + 'static,
     {
@@ -362,6 +362,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                 }
             },
         )
+        .boxed()
     }
 }
 

@@ -3,10 +3,10 @@
 //! asserts nothing.
 //!
 //! - A pipelined client writes `BENCH_WATCH` messages (default 1,000,000)
-//!   with no watcher, then as many again while a slow watcher (one message
-//!   a second) follows the leader: the writer's rate and the nodes' peak
-//!   RSS, side by side, `BENCH_RUNS` times (default 3, a fresh cluster
-//!   each), medians.
+//!   with no watcher, then as many while a slow watcher (one message a
+//!   second) follows the leader, then as many alone again: the writer's
+//!   rate and the nodes' peak RSS, side by side, `BENCH_RUNS` times
+//!   (default 3, a fresh cluster each), medians.
 //! - `node export` of the whole log (2 x `BENCH_WATCH`) under
 //!   `/usr/bin/time -v`: wall time and the client's peak RSS.
 //! - A watcher replaying `BENCH_WATCH` messages from index 1, and one
@@ -152,8 +152,11 @@ fn main() {
     );
     let mut rows: Vec<(String, String)> = Vec::new();
     runtime.block_on(async {
-        let (mut alone, mut watched, mut alone_rss, mut watched_rss) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Per run: the writer alone, with the slow watcher, alone again
+        // (the log is longer by then: a node's index of the log grows
+        // with it, so "after" is the fair comparison for memory).
+        let (mut before, mut watched, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut before_rss, mut watched_rss, mut after_rss) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..runs {
             let cluster = start(&format!("bench-watch-{run}"), 153 + run as u8, 3, false);
             let admin = Arc::new(cluster.client("client"));
@@ -162,59 +165,71 @@ fn main() {
                 .await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let (rate, rss) = write(&cluster, count).await;
-            alone.push(rate);
-            alone_rss.push(rss);
+            before.push(rate);
+            before_rss.push(rss);
             let watcher = slow_watcher(admin.clone(), leader);
             tokio::time::sleep(Duration::from_millis(500)).await;
             let (rate, rss) = write(&cluster, count).await;
             watched.push(rate);
             watched_rss.push(rss);
-            eprintln!(
-                "run {run}: pipelined {:.0}/s alone, {:.0}/s with a slow watcher; peak node RSS {:.0} / {:.0} MB",
-                alone[run], watched[run], alone_rss[run], watched_rss[run]
-            );
             watcher.abort();
-            if run > 0 {
-                continue;
-            }
-            // The rest once: the log now holds 2 x count messages.
-            if let Some((seconds, peak)) = export_under_time(&cluster) {
+            if run == 0 {
+                // The log holds 2 x count messages now.
+                if let Some((seconds, peak)) = export_under_time(&cluster) {
+                    rows.push((
+                        format!("node export of {} messages: time, client peak RSS", 2 * count),
+                        format!("{seconds:.2} s, {peak:.0} MB"),
+                    ));
+                }
+                let replay = receive(&admin, Start::Index(1), Until::Index(count), count).await;
                 rows.push((
-                    format!("node export of {} messages: time, client peak RSS", 2 * count),
-                    format!("{seconds:.2} s, {peak:.0} MB"),
+                    format!("watcher replaying {count} from index 1"),
+                    format!("{replay:.0} msg/s"),
                 ));
             }
-            let replay = receive(&admin, Start::Index(1), Until::Index(count), count).await;
-            rows.push((
-                format!("watcher replaying {count} from index 1"),
-                format!("{replay:.0} msg/s"),
-            ));
-            let follower = {
-                let admin = admin.clone();
-                tokio::spawn(async move {
-                    receive(&admin, Start::Last(0), Until::Follow, count).await
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let (written, _) = write(&cluster, count).await;
-            let following = tokio::time::timeout(Duration::from_secs(60), follower)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0.0);
-            rows.push((
-                format!("watcher following a pipelined writer ({written:.0} msg/s written)"),
-                format!("{following:.0} msg/s received"),
-            ));
+            let (rate, rss) = write(&cluster, count).await;
+            after.push(rate);
+            after_rss.push(rss);
+            eprintln!(
+                "run {run}: pipelined {:.0}/s alone, {:.0}/s with a slow watcher, {:.0}/s alone again; peak node RSS {:.0} / {:.0} / {:.0} MB",
+                before[run], watched[run], after[run], before_rss[run], watched_rss[run], after_rss[run]
+            );
+            if run == 0 {
+                let follower = {
+                    let admin = admin.clone();
+                    tokio::spawn(async move {
+                        receive(&admin, Start::Last(0), Until::Follow, count).await
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let (written, _) = write(&cluster, count).await;
+                let following = tokio::time::timeout(Duration::from_secs(60), follower)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0.0);
+                rows.push((
+                    format!("watcher following a pipelined writer ({written:.0} msg/s written)"),
+                    format!("{following:.0} msg/s received"),
+                ));
+            }
         }
-        let (alone, watched) = (median(alone), median(watched));
+        let (before, watched, after) = (median(before), median(watched), median(after));
         rows.push((
-            format!("pipelined writer, {count} messages: alone / with a slow watcher on the leader"),
-            format!("{alone:.0} / {watched:.0} msg/s ({:.0}%)", 100.0 * watched / alone),
+            format!("pipelined writer, {count} messages: alone / with a slow watcher on the leader / alone again"),
+            format!(
+                "{before:.0} / {watched:.0} / {after:.0} msg/s (with the watcher: {:.0}% of alone)",
+                200.0 * watched / (before + after)
+            ),
         ));
         rows.push((
-            "peak node RSS during those writes: alone / with the slow watcher".into(),
-            format!("{:.0} / {:.0} MB", median(alone_rss), median(watched_rss)),
+            "peak node RSS during those writes".into(),
+            format!(
+                "{:.0} / {:.0} / {:.0} MB",
+                median(before_rss),
+                median(watched_rss),
+                median(after_rss)
+            ),
         ));
     });
     println!("\n| measurement | median |\n| --- | --- |");

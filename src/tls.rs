@@ -93,7 +93,24 @@ const STREAM_WINDOW: u32 = 32 << 20;
 /// shrinks the window as usual.
 const INITIAL_WINDOW: u64 = 1 << 20;
 
+/// Bytes a node may send a client on one stream before the client reads
+/// them: two of the largest watch pages (4 MB). A client that prints an
+/// export more slowly than the node reads it from disk holds this much,
+/// not 32 MB (`node export` of 2 million messages peaked at 54 MB with
+/// the peers' window, the target being 50).
+const CLIENT_STREAM_WINDOW: u32 = 8 << 20;
+
+fn client_transport() -> Arc<quinn::TransportConfig> {
+    transport_with(CLIENT_STREAM_WINDOW)
+}
+
 fn transport() -> Arc<quinn::TransportConfig> {
+    transport_with(STREAM_WINDOW)
+}
+
+/// `stream_window`: bytes the other end may send on one stream before we
+/// read them.
+fn transport_with(stream_window: u32) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     // A crashed peer is noticed within a few seconds even when nothing is
     // sent; links reconnect as soon as it is back.
@@ -107,7 +124,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // appends, and followers start elections under steady load. Flow
     // control should never be the limit between nodes; Raft's own window
     // (64 appends in flight) is.
-    transport.stream_receive_window(STREAM_WINDOW.into());
+    transport.stream_receive_window(stream_window.into());
     transport.send_window(4 * u64::from(STREAM_WINDOW));
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window(INITIAL_WINDOW);
@@ -142,15 +159,19 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
 /// Dials nodes as a client, presenting our certificate and trusting only
 /// the CA.
 pub fn client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
-    dial_config(creds, ALPN)
+    dial_config(creds, ALPN, client_transport())
 }
 
 /// Dials a peer for its Raft link (or a knock).
 pub fn peer_client_config(creds: &Credentials) -> Result<quinn::ClientConfig, TlsError> {
-    dial_config(creds, PEER_ALPN)
+    dial_config(creds, PEER_ALPN, transport())
 }
 
-fn dial_config(creds: &Credentials, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+fn dial_config(
+    creds: &Credentials,
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(creds.roots()?),
         provider(),
@@ -167,7 +188,7 @@ fn dial_config(creds: &Credentials, alpn: &[u8]) -> Result<quinn::ClientConfig, 
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport);
     Ok(config)
 }
 

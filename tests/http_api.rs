@@ -364,18 +364,48 @@ fn events_stream_commits_as_they_happen() {
     std::thread::sleep(Duration::from_millis(300));
     let (code, _) = http.json(1, "POST", "/?message=live", None);
     assert_eq!(code, 200);
-    let mut saw_commit = false;
+    let (id, data) = next_commit_event(&mut reader).expect("no commit event");
+    assert!(data.contains("\"text\":\"live\""), "{data}");
+
+    // A browser reconnecting with the last id it saw gets what followed;
+    // with an earlier one, what it missed, in order.
+    let (code, _) = http.json(1, "POST", "/?message=after", None);
+    assert_eq!(code, 200);
+    let last_seen: u64 = id.parse().expect("a commit event's id is its index");
+    let mut resumed = TcpStream::connect(http.addr(2)).expect("connect");
+    resumed
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        resumed,
+        "GET /events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\nLast-Event-ID: {}\r\n\r\n",
+        last_seen - 1
+    )
+    .expect("request");
+    let mut resumed = BufReader::new(resumed);
+    let (again, data) = next_commit_event(&mut resumed).expect("no replayed event");
+    assert_eq!(again, id, "the replay starts after Last-Event-ID");
+    assert!(data.contains("\"text\":\"live\""), "{data}");
+    let (_, data) = next_commit_event(&mut resumed).expect("no following event");
+    assert!(data.contains("\"text\":\"after\""), "{data}");
+    drop(cluster);
+}
+
+/// Reads server-sent events until a `commit` one: its id and data line.
+fn next_commit_event(reader: &mut impl BufRead) -> Option<(String, String)> {
+    let mut id = None;
     let mut line = String::new();
-    while reader.read_line(&mut line).expect("read event") > 0 {
-        if line.starts_with("data:") && line.contains("\"type\":\"commit\"") {
-            assert!(line.contains("\"text\":\"live\""), "{line}");
-            saw_commit = true;
-            break;
+    while reader.read_line(&mut line).ok()? > 0 {
+        if let Some(value) = line.strip_prefix("id:") {
+            id = Some(value.trim().to_string());
+        } else if line.starts_with("data:") && line.contains("\"type\":\"commit\"") {
+            return Some((id?, line.trim().to_string()));
+        } else if line.trim().is_empty() {
+            id = None;
         }
         line.clear();
     }
-    assert!(saw_commit, "no commit event");
-    drop(cluster);
+    None
 }
 
 /// The page in headless Chromium, driven over WebDriver: it shows the

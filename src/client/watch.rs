@@ -23,12 +23,14 @@ use crate::wire::{
 };
 
 /// A node silent this long (no page, not even a heartbeat) is given up.
-const SILENT_FOR: Duration = Duration::from_secs(3);
+/// Longer than QUIC's idle timeout (3 s), which notices a dead node
+/// first; this catches one that is alive but stuck.
+const SILENT_FOR: Duration = Duration::from_secs(5);
 /// A node that knows no leader, or cannot reach an export's end, this long
 /// is left for another member (unless the stream is held to one node).
 const STUCK_FOR: Duration = Duration::from_secs(5);
 /// Pauses between attempts grow from the first to the last.
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const LAST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Which nodes may serve the stream.
@@ -132,6 +134,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
             if self.done {
                 return Ok(None);
             }
+            self.check_patience()?;
             let Some(reading) = self.reading.as_mut() else {
                 self.open().await?;
                 continue;
@@ -146,14 +149,17 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                 Ok(Ok(Some(response))) => response,
                 Ok(Ok(None)) => {
                     self.failed(node, format!("node {node} ended the stream early"));
+                    self.wait().await?;
                     continue;
                 }
                 Ok(Err(error)) => {
                     self.failed(node, format!("node {node}: {error}"));
+                    self.wait().await?;
                     continue;
                 }
                 Err(_) => {
                     self.failed(node, format!("node {node} stopped answering"));
+                    self.wait().await?;
                     continue;
                 }
             };
@@ -191,6 +197,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                 } => {
                     self.client.set_leader(None);
                     self.failed(node, format!("node {node}: {message}"));
+                    self.wait().await?;
                 }
                 ClientResponse::Error { message, .. } => bail!("node {node}: {message}"),
                 other => bail!("node {node} answered a watch with {other:?}"),
@@ -226,7 +233,9 @@ impl<C: Deref<Target = Client>> LogStream<C> {
             return None;
         }
         let now = Instant::now();
-        if from != Some(next) || !entries.is_empty() {
+        // Progress: the stream moved, or (while following, where a quiet
+        // log is no fault) a node answers.
+        if from != Some(next) || !entries.is_empty() || self.end().is_none() {
             self.progress_at = now;
             self.pause = FIRST_PAUSE;
         }
@@ -313,18 +322,22 @@ impl<C: Deref<Target = Client>> LogStream<C> {
         self.reading = None;
     }
 
+    /// Fails once `patience` has passed without progress.
+    fn check_patience(&self) -> Result<()> {
+        match self.patience {
+            Some(patience) if self.progress_at.elapsed() > patience => Err(anyhow!(
+                "gave up after {patience:?} without progress at index {}: {}",
+                self.next_index()
+                    .map_or_else(|| "?".to_string(), |i| i.to_string()),
+                self.last_error
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Pauses before the next attempt, or gives up once out of patience.
     async fn wait(&mut self) -> Result<()> {
-        if let Some(patience) = self.patience {
-            if self.progress_at.elapsed() > patience {
-                return Err(anyhow!(
-                    "gave up after {patience:?} without progress at index {}: {}",
-                    self.next_index()
-                        .map_or_else(|| "?".to_string(), |i| i.to_string()),
-                    self.last_error
-                ));
-            }
-        }
+        self.check_patience()?;
         tokio::time::sleep(self.pause).await;
         self.pause = (self.pause * 2).min(LAST_PAUSE);
         Ok(())

@@ -165,7 +165,7 @@ impl Driver {
             commits,
         }: Feeds,
     ) -> Self {
-        Driver {
+        let mut driver = Driver {
             membership,
             commits,
             changes: HashMap::new(),
@@ -191,7 +191,9 @@ impl Driver {
             reads: HashMap::new(),
             next_read: 0,
             reads_waiting: Vec::new(),
-        }
+        };
+        driver.publish_commit();
+        driver
     }
 
     /// Runs until every sender of `inputs` is gone. A storage failure ends
@@ -265,6 +267,8 @@ impl Driver {
                 // Report only a commit index that would survive a crash.
                 let mut status = self.raft.status();
                 status.commit = status.commit.min(self.synced_commit);
+                // A watch asked after this answer never sees less.
+                self.publish_commit();
                 let _ = reply.send(status);
             }
             Input::ChangeMembership(change, reply) => {

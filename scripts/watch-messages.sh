@@ -52,4 +52,6 @@ if [[ -z "$CLUSTER" ]]; then
 fi
 
 "$NODE_BIN" watch "${START[@]}" "${NODE[@]}" --cluster "$CLUSTER" --certs "$CERTS" --name "$NAME" |
-    awk -F'\t' '{ printf "%6d  L%-6d %-12s %s\n", $1, $2, $3, $4; fflush() }'
+    while IFS=$'\t' read -r index lamport sender text; do
+        printf '%6d  L%-6d %-12s %s\n' "$index" "$lamport" "$sender" "$text"
+    done

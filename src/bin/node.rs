@@ -156,7 +156,7 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
         /// Start at this index (1: the whole log, then what follows).
-        #[arg(long, conflicts_with = "last")]
+        #[arg(long, conflicts_with = "last", value_parser = clap::value_parser!(u64).range(1..))]
         from: Option<Index>,
         /// Start with the last N messages (default: only new ones).
         #[arg(long)]

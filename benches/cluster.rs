@@ -100,16 +100,7 @@ async fn catch_up(cluster: &mut TestCluster, admin: &Client, count: usize) -> (N
 fn rss_mb(cluster: &TestCluster, id: NodeId) -> f64 {
     cluster
         .pid(id)
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+        .map_or(0.0, |pid| common::nodes::rss_kib(pid) as f64 / 1024.0)
 }
 
 fn main() {

@@ -28,17 +28,7 @@ use futures_util::StreamExt;
 
 /// Resident memory of a process, in MB.
 fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    common::nodes::rss_kib(pid) as f64 / 1024.0
 }
 
 /// Writes `count` 100-byte messages in pipelined batches of 1,000 and

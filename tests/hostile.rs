@@ -241,18 +241,6 @@ fn metric(http: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn overload_is_answered_busy_and_loses_nothing() {
     serial(|| async {
@@ -388,7 +376,7 @@ fn overload_is_answered_busy_and_loses_nothing() {
         let until = Instant::now() + Duration::from_secs(8);
         while Instant::now() < until {
             for pid in &pids {
-                peak_kib = peak_kib.max(rss_kib(*pid));
+                peak_kib = peak_kib.max(nodes::rss_kib(*pid));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -351,16 +351,7 @@ fn dashboards_and_http_writes_on_every_node_survive_a_leader_kill() {
 fn events_stream_commits_as_they_happen() {
     let (cluster, http) = start("sse", 20);
     http.wait_for_leader();
-    let mut stream = TcpStream::connect(http.addr(3)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET /events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .expect("request");
-    let mut reader = BufReader::new(stream);
+    let mut reader = open_events(http.addr(3), "");
     std::thread::sleep(Duration::from_millis(300));
     let (code, _) = http.json(1, "POST", "/?message=live", None);
     assert_eq!(code, 200);
@@ -372,23 +363,30 @@ fn events_stream_commits_as_they_happen() {
     let (code, _) = http.json(1, "POST", "/?message=after", None);
     assert_eq!(code, 200);
     let last_seen: u64 = id.parse().expect("a commit event's id is its index");
-    let mut resumed = TcpStream::connect(http.addr(2)).expect("connect");
-    resumed
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        resumed,
-        "GET /events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\nLast-Event-ID: {}\r\n\r\n",
-        last_seen - 1
-    )
-    .expect("request");
-    let mut resumed = BufReader::new(resumed);
+    let mut resumed = open_events(
+        http.addr(2),
+        &format!("Last-Event-ID: {}\r\n", last_seen - 1),
+    );
     let (again, data) = next_commit_event(&mut resumed).expect("no replayed event");
     assert_eq!(again, id, "the replay starts after Last-Event-ID");
     assert!(data.contains("\"text\":\"live\""), "{data}");
     let (_, data) = next_commit_event(&mut resumed).expect("no following event");
     assert!(data.contains("\"text\":\"after\""), "{data}");
     drop(cluster);
+}
+
+/// `GET /events` with extra header lines, its answer to be read.
+fn open_events(addr: String, headers: &str) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /events HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{headers}\r\n"
+    )
+    .expect("request");
+    BufReader::new(stream)
 }
 
 /// Reads server-sent events until a `commit` one: its id and data line.

@@ -57,6 +57,19 @@ pub struct TestCluster {
     pub env: Vec<(String, String)>,
 }
 
+/// Resident memory of a process in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn port(id: NodeId) -> u16 {
     7000 + id as u16
 }

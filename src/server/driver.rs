@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
@@ -20,7 +20,8 @@ use crate::raft::{
 };
 use crate::storage::StoreError;
 
-use super::persist::{self, Job, StoreHandle};
+use super::outbox::Outboxes;
+use super::persist::{Job, StoreHandle};
 
 /// Work for the driver.
 pub enum Input {
@@ -43,49 +44,6 @@ pub enum Input {
     StoreProgress,
 }
 
-/// Where outgoing Raft messages go: one queue per peer, added and removed
-/// as the configuration changes (`links.rs`).
-#[derive(Clone, Default)]
-pub struct Outboxes(Arc<RwLock<HashMap<NodeId, mpsc::Sender<Envelope>>>>);
-
-impl Outboxes {
-    /// Queues `envelope` for its peer's link, without waiting.
-    pub fn try_send(&self, envelope: Envelope) -> Result<(), Unsent> {
-        let map = match self.0.read() {
-            Ok(map) => map,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let outbox = map.get(&envelope.to).ok_or(Unsent::NoLink)?;
-        outbox.try_send(envelope).map_err(|_| Unsent::Full)
-    }
-
-    pub fn insert(&self, peer: NodeId, outbox: mpsc::Sender<Envelope>) {
-        match self.0.write() {
-            Ok(mut map) => map.insert(peer, outbox),
-            Err(poisoned) => poisoned.into_inner().insert(peer, outbox),
-        };
-    }
-
-    /// Removes `peer`'s outbox if it is still `outbox` (a link opened
-    /// since for the same peer keeps its own).
-    pub fn remove_if_same(&self, peer: NodeId, outbox: &mpsc::Sender<Envelope>) {
-        let mut map = match self.0.write() {
-            Ok(map) => map,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if map.get(&peer).is_some_and(|o| o.same_channel(outbox)) {
-            map.remove(&peer);
-        }
-    }
-
-    pub fn remove(&self, peer: NodeId) {
-        match self.0.write() {
-            Ok(mut map) => map.remove(&peer),
-            Err(poisoned) => poisoned.into_inner().remove(&peer),
-        };
-    }
-}
-
 /// What this node has committed and synced, and the leader it knows: what
 /// watchers (`api.rs`) wait on. Only a commit index that would survive a
 /// crash is published.
@@ -93,15 +51,6 @@ impl Outboxes {
 pub struct CommitView {
     pub commit: Index,
     pub leader: Option<NodeId>,
-}
-
-/// Why `Outboxes::try_send` dropped a message.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Unsent {
-    /// The peer has no link (just added, or just removed).
-    NoLink,
-    /// Its queue is full (it is far behind or unreachable).
-    Full,
 }
 
 /// A batch proposal collecting one answer per message.
@@ -332,7 +281,7 @@ impl Driver {
         //    appends leave before its fsync, so its disk and its followers'
         //    work in parallel.
         for envelope in ready.messages {
-            persist::send(&self.outboxes, envelope);
+            self.outboxes.send(envelope);
         }
         // 3. The store thread syncs everything queued since its last sync,
         //    then sends what acknowledges those entries and reports back

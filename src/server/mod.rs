@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod catch_up;
 pub mod driver;
 pub mod links;
+pub mod outbox;
 pub mod persist;
 pub mod transport;
 
@@ -23,7 +24,8 @@ use crate::raft::{Config, NodeId, RaftNode, Restorer};
 use crate::storage::Store;
 use crate::tls::{self, Credentials};
 use bootstrap::Plan;
-use driver::{Driver, Input, Outboxes};
+use driver::{Driver, Input};
+use outbox::Outboxes;
 use transport::Peers;
 
 /// Everything a node needs to run.

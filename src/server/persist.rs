@@ -12,9 +12,8 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
-
-use super::driver::{Input, Outboxes, Unsent};
+use super::driver::Input;
+use super::outbox::Outboxes;
 use crate::metrics::Metrics;
 use crate::raft::{Envelope, HardState, Index, LogWrite, NodeId, Term};
 use crate::storage::{LogReader, Store, StoreError};
@@ -183,7 +182,7 @@ impl Persister {
             match job {
                 Job::Write { then_send, .. } => {
                     for envelope in then_send {
-                        send(&self.outboxes, envelope);
+                        self.outboxes.send(envelope);
                     }
                 }
                 Job::Barrier(done) => {
@@ -203,17 +202,5 @@ impl Persister {
         // A full queue means the driver is busy and will look soon.
         let _ = self.driver.try_send(Input::StoreProgress);
         Ok(())
-    }
-}
-
-/// Queues a message for its peer's link. Raft tolerates loss: a full queue
-/// means the peer is far behind or unreachable, and probing catches it up.
-pub fn send(outboxes: &Outboxes, envelope: Envelope) {
-    let to = envelope.to;
-    match outboxes.try_send(envelope) {
-        Ok(()) => {}
-        // A member just added (its link is being set up) or just removed.
-        Err(Unsent::NoLink) => tracing::debug!(to, "no link to peer, dropping a message"),
-        Err(Unsent::Full) => warn!("outbound queue full, dropping a message"),
     }
 }

@@ -83,8 +83,6 @@ pub struct Driver {
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
     announced: (Option<NodeId>, Term, Lamport),
-    /// The term and vote known to be on disk.
-    durable_vote: (Term, Option<NodeId>),
     /// The commit index known to be on disk.
     synced_commit: Index,
     /// Published after every round for watchers.
@@ -122,10 +120,6 @@ impl Driver {
             metrics,
             events,
             announced: (None, 0, 0),
-            durable_vote: {
-                let status = raft.status();
-                (status.term, raft.vote())
-            },
             synced_commit: store
                 .progress
                 .lock()
@@ -246,17 +240,13 @@ impl Driver {
         //    A commit index alone needs no such ordering, so it rides along
         //    with the log write below.
         let mut hard_state = ready.hard_state;
-        if let Some(hs) = hard_state {
-            if (hs.term, hs.vote) != self.durable_vote {
-                self.queue(Job::Write {
-                    hard_state: Some(hs),
-                    log_write: None,
-                    then_send: Vec::new(),
-                })?;
-                self.wait_for_store()?;
-                self.durable_vote = (hs.term, hs.vote);
-                hard_state = None;
-            }
+        if ready.must_sync {
+            self.queue(Job::Write {
+                hard_state: hard_state.take(),
+                log_write: None,
+                then_send: Vec::new(),
+            })?;
+            self.wait_for_store()?;
         }
         // The peer links follow the configuration in force at once: a
         // member just added should be dialed before the first append to it.

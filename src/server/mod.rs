@@ -382,6 +382,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         .map_err(|e| NodeError::Driver(e.to_string()))?;
     let driver = Driver::new(
         raft,
+        input_rx,
         store,
         outboxes,
         options.tick,
@@ -394,7 +395,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     );
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))
-        .spawn(move || driver.run(input_rx))
+        .spawn(move || driver.run())
         .map_err(|e| NodeError::Driver(e.to_string()))?;
     drop(inputs);
     let result = tokio::task::spawn_blocking(move || handle.join())

@@ -498,6 +498,8 @@ impl RaftNode {
 
         let hard_state = self.hard_state();
         if hard_state != self.durable_hard_state {
+            self.out.must_sync = (hard_state.term, hard_state.vote)
+                != (self.durable_hard_state.term, self.durable_hard_state.vote);
             self.out.hard_state = Some(hard_state);
             self.durable_hard_state = hard_state;
         }

@@ -11,8 +11,9 @@ use super::types::{Entry, HardState, Index, NodeId, RequestId};
 /// Everything the driver must do after feeding the core some input.
 ///
 /// The order matters for safety:
-/// 1. write `hard_state` durably, before anything else leaves the node
-///    (a vote must never be forgotten);
+/// 1. if `must_sync`, write `hard_state` durably before anything else
+///    leaves the node (a vote must never be forgotten); otherwise it only
+///    moves the commit index, which may ride along with the log write;
 /// 2. send `messages`, and start writing `log_write` (a leader replicates
 ///    to followers while it writes its own log);
 /// 3. once `log_write` is durable, send `persisted_messages` (they
@@ -23,6 +24,13 @@ use super::types::{Entry, HardState, Index, NodeId, RequestId};
 #[derive(Debug, Default)]
 pub struct Ready {
     pub hard_state: Option<HardState>,
+    /// `hard_state` holds a new term or vote: it must be durable before
+    /// any message of this ready leaves. False when only the commit index
+    /// moved (a restarted node learns that again from the leader). Unlike
+    /// raft-rs's `must_sync` it says nothing of `log_write`, which is
+    /// always synced, but may be synced after `messages` leave. The core
+    /// sets it because it knows the hard state it last handed out.
+    pub must_sync: bool,
     pub messages: Vec<Envelope>,
     pub log_write: Option<LogWrite>,
     pub persisted_messages: Vec<Envelope>,

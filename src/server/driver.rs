@@ -1,26 +1,28 @@
 //! The thread that owns the Raft core: it feeds it ticks, peer messages and
 //! client requests, and carries out each `Ready` in the order the core's
 //! contract demands. Durable writes go to the store thread
-//! (`persist.rs`), which syncs them in order and sends the messages that
-//! must wait for them; the core never waits for the disk except to record
+//! (`persist.rs`), which syncs them in order, sends the messages that
+//! must wait for them, and reports back on this thread's own input queue
+//! (`Input::Store`); the driver never waits for the disk except to record
 //! a vote.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
-    ChangeError, Committed, Envelope, Index, Lamport, Membership, MembershipChange, NodeId,
-    Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
+    ChangeError, Committed, Envelope, HardState, Index, Lamport, Membership, MembershipChange,
+    NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
 };
 use crate::storage::StoreError;
 
-use super::persist::{self, Job, StoreHandle};
+use super::outbox::Outboxes;
+use super::persist::{Job, StoreEvent, StoreHandle};
 
 /// Work for the driver.
 pub enum Input {
@@ -36,53 +38,15 @@ pub enum Input {
         MembershipChange,
         oneshot::Sender<Result<Index, ChangeError>>,
     ),
-    /// The status and the latest committed configuration.
     /// The status, the committed configuration and its index.
     Members(oneshot::Sender<(Status, Membership, Index)>),
-    /// From the store thread: look at its `Progress`.
-    StoreProgress,
+    /// From the store thread: what it made durable, or why it stopped.
+    Store(StoreEvent),
 }
 
-/// Where outgoing Raft messages go: one queue per peer, added and removed
-/// as the configuration changes (`links.rs`).
-#[derive(Clone, Default)]
-pub struct Outboxes(Arc<RwLock<HashMap<NodeId, mpsc::Sender<Envelope>>>>);
-
-impl Outboxes {
-    /// Queues `envelope` for its peer's link, without waiting.
-    pub fn try_send(&self, envelope: Envelope) -> Result<(), Unsent> {
-        let map = match self.0.read() {
-            Ok(map) => map,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let outbox = map.get(&envelope.to).ok_or(Unsent::NoLink)?;
-        outbox.try_send(envelope).map_err(|_| Unsent::Full)
-    }
-
-    pub fn insert(&self, peer: NodeId, outbox: mpsc::Sender<Envelope>) {
-        match self.0.write() {
-            Ok(mut map) => map.insert(peer, outbox),
-            Err(poisoned) => poisoned.into_inner().insert(peer, outbox),
-        };
-    }
-
-    /// Removes `peer`'s outbox if it is still `outbox` (a link opened
-    /// since for the same peer keeps its own).
-    pub fn remove_if_same(&self, peer: NodeId, outbox: &mpsc::Sender<Envelope>) {
-        let mut map = match self.0.write() {
-            Ok(map) => map,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if map.get(&peer).is_some_and(|o| o.same_channel(outbox)) {
-            map.remove(&peer);
-        }
-    }
-
-    pub fn remove(&self, peer: NodeId) {
-        match self.0.write() {
-            Ok(mut map) => map.remove(&peer),
-            Err(poisoned) => poisoned.into_inner().remove(&peer),
-        };
+impl From<StoreEvent> for Input {
+    fn from(event: StoreEvent) -> Self {
+        Input::Store(event)
     }
 }
 
@@ -95,13 +59,51 @@ pub struct CommitView {
     pub leader: Option<NodeId>,
 }
 
-/// Why `Outboxes::try_send` dropped a message.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Unsent {
-    /// The peer has no link (just added, or just removed).
-    NoLink,
-    /// Its queue is full (it is far behind or unreachable).
-    Full,
+/// What the store thread has reported synced: the one place the driver
+/// keeps what is on disk. (How far the log is durable is the core's
+/// business: `StoreEvent::Durable` goes straight to `RaftNode::persisted`.)
+#[derive(Clone, Copy, Debug)]
+struct Synced {
+    /// The term and vote on disk: a vote wait ends when they are the ones
+    /// it queued.
+    term: Term,
+    vote: Option<NodeId>,
+    /// The commit index on disk. The node reports (`Status`, `CommitView`)
+    /// no more than this, so what it reports survives a crash.
+    commit: Index,
+}
+
+/// The driver's one input queue (peers, clients, the store thread), and
+/// the inputs held back while it waited for a vote to be synced.
+struct Inbox {
+    queue: Receiver<Input>,
+    /// Taken before the queue, in order.
+    held: VecDeque<Input>,
+}
+
+impl Inbox {
+    fn next(&mut self, timeout: Duration) -> Result<Input, RecvTimeoutError> {
+        match self.held.pop_front() {
+            Some(input) => Ok(input),
+            None => self.queue.recv_timeout(timeout),
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Input> {
+        self.held.pop_front().or_else(|| self.queue.try_recv().ok())
+    }
+
+    /// A failure the store thread reported that is still held back.
+    fn take_failure(&mut self) -> Option<StoreError> {
+        let at = self
+            .held
+            .iter()
+            .position(|input| matches!(input, Input::Store(StoreEvent::Failed(_))))?;
+        match self.held.remove(at) {
+            Some(Input::Store(StoreEvent::Failed(error))) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// A batch proposal collecting one answer per message.
@@ -113,8 +115,11 @@ struct BatchWaiter {
 
 pub struct Driver {
     raft: RaftNode,
-    /// The store thread: writes go there, in order; it reports progress.
+    inbox: Inbox,
+    /// The store thread: writes go there, in order; it reports back
+    /// through `inbox`.
     store: StoreHandle,
+    synced: Synced,
     outboxes: Outboxes,
     tick: Duration,
     batches: HashMap<u64, BatchWaiter>,
@@ -134,10 +139,6 @@ pub struct Driver {
     events: broadcast::Sender<NodeEvent>,
     /// What the last announcement said, to announce only changes.
     announced: (Option<NodeId>, Term, Lamport),
-    /// The term and vote known to be on disk.
-    durable_vote: (Term, Option<NodeId>),
-    /// The commit index known to be on disk.
-    synced_commit: Index,
     /// Published after every round for watchers.
     commits: watch::Sender<CommitView>,
 }
@@ -155,6 +156,7 @@ pub struct Feeds {
 impl Driver {
     pub fn new(
         raft: RaftNode,
+        inputs: Receiver<Input>,
         store: StoreHandle,
         outboxes: Outboxes,
         tick: Duration,
@@ -173,15 +175,17 @@ impl Driver {
             metrics,
             events,
             announced: (None, 0, 0),
-            durable_vote: {
-                let status = raft.status();
-                (status.term, raft.vote())
+            // What the core was restored from is what is on disk.
+            synced: Synced {
+                term: raft.term(),
+                vote: raft.vote(),
+                commit: store.synced_commit,
             },
-            synced_commit: store
-                .progress
-                .lock()
-                .map_or(0, |progress| progress.synced_commit),
             raft,
+            inbox: Inbox {
+                queue: inputs,
+                held: VecDeque::new(),
+            },
             store,
             outboxes,
             tick,
@@ -196,18 +200,21 @@ impl Driver {
         driver
     }
 
-    /// Runs until every sender of `inputs` is gone. A storage failure ends
-    /// it: a node that cannot persist must not keep voting.
-    pub fn run(mut self, inputs: Receiver<Input>) -> Result<(), StoreError> {
+    /// Runs until every sender of its inputs is gone. A storage failure
+    /// ends it: a node that cannot persist must not keep voting.
+    pub fn run(mut self) -> Result<(), StoreError> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            match inputs.recv_timeout(wait) {
+            match self.inbox.next(wait) {
                 Ok(input) => {
-                    self.handle(input);
+                    self.handle(input)?;
                     // Take whatever else is queued into the same batch.
-                    for input in inputs.try_iter().take(100_000) {
-                        self.handle(input);
+                    for _ in 0..100_000 {
+                        let Some(input) = self.inbox.try_next() else {
+                            break;
+                        };
+                        self.handle(input)?;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -220,7 +227,6 @@ impl Driver {
                     next_tick = Instant::now() + self.tick;
                 }
             }
-            self.take_progress()?;
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
@@ -232,7 +238,7 @@ impl Driver {
         }
     }
 
-    fn handle(&mut self, input: Input) {
+    fn handle(&mut self, input: Input) -> Result<(), StoreError> {
         match input {
             Input::Peer(envelope) => self.raft.step(envelope),
             Input::Propose(proposals, reply) => {
@@ -266,7 +272,7 @@ impl Driver {
             Input::Status(reply) => {
                 // Report only a commit index that would survive a crash.
                 let mut status = self.raft.status();
-                status.commit = status.commit.min(self.synced_commit);
+                status.commit = status.commit.min(self.synced.commit);
                 // A watch asked after this answer never sees less.
                 self.publish_commit();
                 let _ = reply.send(status);
@@ -279,34 +285,43 @@ impl Driver {
             }
             Input::Members(reply) => {
                 let mut status = self.raft.status();
-                status.commit = status.commit.min(self.synced_commit);
+                status.commit = status.commit.min(self.synced.commit);
                 let _ = reply.send((
                     status,
                     self.raft.committed_membership().clone(),
                     self.raft.committed_membership_index(),
                 ));
             }
-            // Picked up by `take_progress` after this batch of inputs.
-            Input::StoreProgress => {}
+            Input::Store(event) => self.stored(event)?,
         }
+        Ok(())
+    }
+
+    /// Takes in what the store thread made durable; its failure ends the
+    /// driver with the store's error.
+    fn stored(&mut self, event: StoreEvent) -> Result<(), StoreError> {
+        match event {
+            // Which is when a leader counts its own copy towards commit.
+            StoreEvent::Durable { index, term } => self.raft.persisted(index, term),
+            StoreEvent::HardStateSynced { term, vote } => {
+                self.synced.term = term;
+                self.synced.vote = vote;
+            }
+            StoreEvent::CommitSynced(commit) => self.synced.commit = commit,
+            StoreEvent::Failed(error) => return Err(error),
+        }
+        Ok(())
     }
 
     fn process_ready(&mut self) -> Result<(), StoreError> {
         let ready = self.raft.ready();
-        // 1. A new term or vote must be durable before anything leaves.
-        //    A commit index alone needs no such ordering, so it rides along
-        //    with the log write below.
+        // 1. A new term or vote (the core says so: `must_sync`) must be
+        //    durable before anything leaves. A commit index alone needs no
+        //    such ordering, so it rides along with the log write below.
         let mut hard_state = ready.hard_state;
-        if let Some(hs) = hard_state {
-            if (hs.term, hs.vote) != self.durable_vote {
-                self.queue(Job::Write {
-                    hard_state: Some(hs),
-                    log_write: None,
-                    then_send: Vec::new(),
-                })?;
-                self.wait_for_store()?;
-                self.durable_vote = (hs.term, hs.vote);
-                hard_state = None;
+        if ready.must_sync {
+            if let Some(hard_state) = hard_state.take() {
+                self.sync_hard_state(hard_state)?;
             }
         }
         // The peer links follow the configuration in force at once: a
@@ -332,11 +347,11 @@ impl Driver {
         //    appends leave before its fsync, so its disk and its followers'
         //    work in parallel.
         for envelope in ready.messages {
-            persist::send(&self.outboxes, envelope);
+            self.outboxes.send(envelope);
         }
         // 3. The store thread syncs everything queued since its last sync,
         //    then sends what acknowledges those entries and reports back
-        //    (`Input::Persisted`), which is when the leader counts itself.
+        //    (`StoreEvent::Durable`), which is when the leader counts itself.
         if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
         {
             self.queue(Job::Write {
@@ -382,7 +397,7 @@ impl Driver {
     /// Wakes watchers when the synced commit (or the leader) moved.
     fn publish_commit(&mut self) {
         let view = CommitView {
-            commit: self.raft.commit_index().min(self.synced_commit),
+            commit: self.raft.commit_index().min(self.synced.commit),
             leader: self.raft.leader(),
         };
         self.commits.send_if_modified(|published| {
@@ -407,21 +422,27 @@ impl Driver {
         }
     }
 
-    /// Hands the core what the store thread has made durable since the last
-    /// look, which is when a leader counts its own copy towards commit.
-    fn take_progress(&mut self) -> Result<(), StoreError> {
-        let (durable, failed) = match self.store.progress.lock() {
-            Ok(mut progress) => {
-                self.synced_commit = progress.synced_commit;
-                (progress.durable.take(), progress.failed.take())
-            }
-            Err(_) => (None, None),
-        };
-        if let Some(error) = failed {
+    /// Queues a new term or vote and waits until the store thread reports
+    /// it synced: nothing may leave the node before (a vote sent and then
+    /// forgotten in a crash can elect two leaders in one term). No barrier
+    /// of its own: the report comes on the input queue, and whatever else
+    /// arrives meanwhile is held, in order, for the next round, so the core
+    /// is stepped only between readies.
+    fn sync_hard_state(&mut self, hard_state: HardState) -> Result<(), StoreError> {
+        self.queue(Job::HardState(hard_state))?;
+        // The store thread may have failed and stopped during an earlier
+        // wait of this round: its report is then held, and no other comes.
+        if let Some(error) = self.inbox.take_failure() {
             return Err(error);
         }
-        if let Some((index, term)) = durable {
-            self.raft.persisted(index, term);
+        while (self.synced.term, self.synced.vote) != (hard_state.term, hard_state.vote) {
+            match self.inbox.queue.recv() {
+                Ok(Input::Store(event @ StoreEvent::HardStateSynced { .. }))
+                | Ok(Input::Store(event @ StoreEvent::Failed(_))) => self.stored(event)?,
+                Ok(input) => self.inbox.held.push_back(input),
+                // Not while the store thread holds a sender.
+                Err(_) => return Err(self.store_stopped()),
+            }
         }
         Ok(())
     }
@@ -430,28 +451,17 @@ impl Driver {
         self.store.jobs.send(job).map_err(|_| self.store_stopped())
     }
 
-    /// Blocks until everything queued so far is durable.
-    fn wait_for_store(&mut self) -> Result<(), StoreError> {
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        self.queue(Job::Barrier(done))?;
-        wait.recv().map_err(|_| self.store_stopped())
-    }
-
-    /// The store thread stopped: its reason, if it has left one.
+    /// The store thread stopped: its reason, which it reported before it
+    /// let go of its jobs, if it left one.
     fn store_stopped(&mut self) -> StoreError {
-        if let Some(error) = self
-            .store
-            .progress
-            .lock()
-            .ok()
-            .and_then(|mut p| p.failed.take())
-        {
-            return error;
-        }
-        StoreError::Write {
-            dir: self.store.log.dir().to_path_buf(),
-            what: "the store thread stopped (its error is logged above)".into(),
-        }
+        let queued: Vec<Input> = self.inbox.queue.try_iter().collect();
+        self.inbox.held.extend(queued);
+        self.inbox
+            .take_failure()
+            .unwrap_or_else(|| StoreError::Write {
+                dir: self.store.log.dir().to_path_buf(),
+                what: "the store thread stopped (its error is logged above)".into(),
+            })
     }
 
     /// Publishes commits, a new leader and the clock to live subscribers.
@@ -503,5 +513,180 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::SyncSender;
+    use std::thread::JoinHandle;
+
+    use super::*;
+    use crate::raft::Config;
+    use crate::storage::Store;
+
+    struct Node {
+        inputs: SyncSender<Input>,
+        driver: JoinHandle<Result<(), StoreError>>,
+        commits: watch::Receiver<CommitView>,
+    }
+
+    /// A one-voter node over a real store in `dir`, wired as `server::run`
+    /// wires it, without the network.
+    fn start(dir: &std::path::Path) -> Node {
+        let _ = std::fs::remove_dir_all(dir);
+        let (store, _) = Store::open(dir, "c1", 1).unwrap();
+        let mut config = Config::new(1, [1]);
+        config.seed = 1;
+        let raft = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
+        let (inputs, input_rx) = std::sync::mpsc::sync_channel(1024);
+        let metrics = Arc::new(Metrics::default());
+        let outboxes = Outboxes::default();
+        let store = super::super::persist::start(
+            1,
+            store,
+            inputs.clone(),
+            outboxes.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
+        let (membership, _) = watch::channel(super::super::links::View {
+            index: 0,
+            membership: raft.membership().clone(),
+            committed: raft.committed_membership().clone(),
+        });
+        let (commits_tx, commits) = watch::channel(CommitView::default());
+        let driver = Driver::new(
+            raft,
+            input_rx,
+            store,
+            outboxes,
+            Duration::from_millis(1),
+            metrics,
+            Feeds {
+                events: broadcast::channel(16).0,
+                membership,
+                commits: commits_tx,
+            },
+        );
+        Node {
+            inputs,
+            driver: std::thread::spawn(move || driver.run()),
+            commits,
+        }
+    }
+
+    /// Waits (at most 10 s) for an answer the driver owes.
+    fn answer<T>(mut reply: oneshot::Receiver<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match reply.try_recv() {
+                Ok(value) => return value,
+                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(error) => panic!("no answer: {error}"),
+            }
+        }
+    }
+
+    /// Sends one message, always the same (a retry is not written twice).
+    fn send(node: &Node) -> Result<Committed, ProposeError> {
+        let proposal = Proposal {
+            id: RequestId {
+                client_id: 7,
+                seq: 1,
+            },
+            lamport: 0,
+            since: 0,
+            sender: "test".into(),
+            data: bytes::Bytes::from_static(b"hi"),
+        };
+        let (reply, answer_rx) = oneshot::channel();
+        node.inputs
+            .send(Input::Propose(vec![proposal], reply))
+            .unwrap();
+        answer(answer_rx).remove(0)
+    }
+
+    fn status(node: &Node) -> Status {
+        let (reply, answer_rx) = oneshot::channel();
+        node.inputs.send(Input::Status(reply)).unwrap();
+        answer(answer_rx)
+    }
+
+    /// The whole conversation: the vote is synced before the node leads
+    /// (`HardStateSynced`), the proposal commits once its entry is durable
+    /// (`Durable`), and the commit is reported once synced (`CommitSynced`).
+    #[test]
+    fn a_lone_voter_votes_writes_and_commits_through_the_store_thread() {
+        let dir = std::env::temp_dir().join(format!("cs-driver-lone-{}", std::process::id()));
+        let node = start(&dir);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let committed = loop {
+            match send(&node) {
+                Ok(committed) => break committed,
+                // Refused until the election is over.
+                Err(ProposeError::NotLeader { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(other) => panic!("{other}"),
+            }
+        };
+        assert_eq!(committed.index, 2, "after the new leader's no-op");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let synced = loop {
+            let status = status(&node);
+            if status.commit >= 2 || Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!((synced.term, synced.commit), (1, 2));
+        assert_eq!(
+            node.commits.borrow().commit,
+            2,
+            "published before the status answer"
+        );
+        assert!(stop(node).is_err());
+        // The store thread lets go of the directory a moment after the
+        // driver, and sled a moment after it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (_, recovered) = loop {
+            match Store::open(&dir, "c1", 1) {
+                Ok(opened) => break opened,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(error) => panic!("{error}"),
+            }
+        };
+        assert_eq!(
+            (recovered.hard_state.vote, recovered.hard_state.commit),
+            (Some(1), 2)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Stops the driver the way a failing disk does, and waits for it.
+    fn stop(node: Node) -> Result<(), StoreError> {
+        node.inputs
+            .send(Input::Store(StoreEvent::Failed(StoreError::Write {
+                dir: "test".into(),
+                what: "the disk caught fire".into(),
+            })))
+            .unwrap();
+        node.driver.join().unwrap()
+    }
+
+    #[test]
+    fn a_store_failure_stops_the_driver_with_the_stores_error() {
+        let dir = std::env::temp_dir().join(format!("cs-driver-fail-{}", std::process::id()));
+        let node = start(&dir);
+        match stop(node) {
+            Err(StoreError::Write { what, .. }) => assert_eq!(what, "the disk caught fire"),
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

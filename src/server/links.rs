@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::driver::Outboxes;
+use super::outbox::Outboxes;
 use super::transport::{self, Peers, CLOSE_REMOVED, LINGER, OUTBOX};
 use crate::address::Address;
 use crate::raft::{Envelope, Index, Membership, NodeId};

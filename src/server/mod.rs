@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod catch_up;
 pub mod driver;
 pub mod links;
+pub mod outbox;
 pub mod persist;
 pub mod transport;
 
@@ -23,7 +24,8 @@ use crate::raft::{Config, NodeId, RaftNode, Restorer};
 use crate::storage::Store;
 use crate::tls::{self, Credentials};
 use bootstrap::Plan;
-use driver::{Driver, Input, Outboxes};
+use driver::{Driver, Input};
+use outbox::Outboxes;
 use transport::Peers;
 
 /// Everything a node needs to run.
@@ -380,6 +382,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
         .map_err(|e| NodeError::Driver(e.to_string()))?;
     let driver = Driver::new(
         raft,
+        input_rx,
         store,
         outboxes,
         options.tick,
@@ -392,7 +395,7 @@ pub async fn run(options: NodeOptions) -> Result<(), NodeError> {
     );
     let handle = std::thread::Builder::new()
         .name(format!("raft-{me}"))
-        .spawn(move || driver.run(input_rx))
+        .spawn(move || driver.run())
         .map_err(|e| NodeError::Driver(e.to_string()))?;
     drop(inputs);
     let result = tokio::task::spawn_blocking(move || handle.join())

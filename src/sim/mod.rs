@@ -1020,6 +1020,7 @@ impl Simulation {
     fn handle_ready(&mut self, id: NodeId, ready: Ready) -> Result<(), Violation> {
         let Ready {
             hard_state,
+            must_sync,
             messages,
             log_write,
             persisted_messages,
@@ -1042,6 +1043,17 @@ impl Simulation {
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
         };
+        // The driver trusts `must_sync` to say when a vote or term must be
+        // durable before anything leaves: it must be exactly that.
+        let changed = hard_state.is_some_and(|hs| {
+            (hs.term, hs.vote) != (node.disk_hard_state.term, node.disk_hard_state.vote)
+        });
+        if must_sync != changed {
+            return Err(format!(
+                "node {id}'s ready says must_sync = {must_sync}, yet its term or vote {}",
+                if changed { "changed" } else { "did not change" }
+            ));
+        }
         if let Some(hard_state) = hard_state {
             if hard_state.term < node.disk_hard_state.term {
                 return Err(format!("node {id} persisted a lower term"));

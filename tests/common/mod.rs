@@ -140,6 +140,14 @@ impl Cluster {
             let ready = node.ready();
             let disk = self.disks.get_mut(&id).expect("every node has a disk");
             if let Some(hard_state) = ready.hard_state {
+                // `must_sync` is what a driver trusts to make a new term or
+                // vote durable before anything leaves.
+                assert_eq!(
+                    ready.must_sync,
+                    (hard_state.term, hard_state.vote)
+                        != (disk.hard_state.term, disk.hard_state.vote),
+                    "node {id}: must_sync disagrees with the hard state"
+                );
                 disk.hard_state = hard_state;
             }
             self.queue.extend(ready.messages);

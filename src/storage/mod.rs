@@ -27,13 +27,15 @@ use std::path::{Path, PathBuf};
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Journal;
 use crate::raft::{
     Entry, HardState, Index, LogPosition, LogWrite, Membership, NodeId, RebuildPlan,
 };
 
 mod chunk;
+pub mod journal;
 pub mod segments;
+
+use journal::Journal;
 
 use segments::{LogError, ScanError, SegmentLog, SegmentReader};
 
@@ -557,7 +559,7 @@ impl Store {
         let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
             dir: dir.to_path_buf(),
-            file: dir.join(crate::journal::JOURNAL_FILE),
+            file: dir.join(journal::JOURNAL_FILE),
             what,
         })?;
         let mut store = Store {
@@ -585,9 +587,9 @@ impl Store {
             None
         } else {
             Some(
-                crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
+                journal::collapse(records).map_err(|what| StoreError::Damaged {
                     dir: dir.to_path_buf(),
-                    file: dir.join(crate::journal::JOURNAL_FILE),
+                    file: dir.join(journal::JOURNAL_FILE),
                     what,
                 })?,
             )
@@ -1153,8 +1155,8 @@ mod tests {
             )
             .unwrap();
         let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
-        let mut journal = read(crate::journal::JOURNAL_FILE);
-        let (records, valid) = crate::journal::decode(&journal).unwrap();
+        let mut journal = read(journal::JOURNAL_FILE);
+        let (records, valid) = journal::decode(&journal).unwrap();
         assert_eq!((records.len(), valid), (2, journal.len()));
         let mut at = 0;
         while at < journal.len() {
@@ -1421,7 +1423,7 @@ mod tests {
                 .unwrap();
         }
         drop(store);
-        let journal = dir.join(crate::journal::JOURNAL_FILE);
+        let journal = dir.join(journal::JOURNAL_FILE);
         let bytes = std::fs::read(&journal).unwrap();
         (journal, bytes)
     }

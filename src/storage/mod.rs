@@ -32,6 +32,7 @@ use crate::raft::{
 };
 
 mod chunk;
+mod codec;
 pub mod journal;
 pub mod segments;
 
@@ -106,29 +107,22 @@ pub enum StoreError {
     Write { dir: PathBuf, what: String },
 }
 
-fn codec() -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .reject_trailing_bytes()
-        .with_limit(64 << 20)
-}
-
-fn encode_entry(entry: &Entry) -> Result<Vec<u8>, bincode::Error> {
-    codec().serialize(entry)
-}
-
 /// Decodes one stored log entry as the store does; public for the fuzz
 /// targets and property tests, which feed it arbitrary bytes.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
-    codec().deserialize(bytes).map_err(|e| e.to_string())
+    codec::decode_entry(bytes)
 }
 
 /// Decodes the metadata records of a data directory (hard state, and the
 /// directory's identity) as the store does; public for the fuzz targets.
 pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataIdentity, String>) {
     (
-        codec().deserialize(bytes).map_err(|e| e.to_string()),
-        codec().deserialize(bytes).map_err(|e| e.to_string()),
+        codec::options()
+            .deserialize(bytes)
+            .map_err(|e| e.to_string()),
+        codec::options()
+            .deserialize(bytes)
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -194,42 +188,32 @@ struct Witness {
     commit: Index,
 }
 
+/// Term, vote, last index and commit: four u64s.
+const WITNESS_FIELDS: usize = 32;
+
 impl Witness {
-    fn encode(&self) -> [u8; 40] {
-        let mut bytes = [0u8; 40];
-        bytes[..4].copy_from_slice(WITNESS_MAGIC);
-        for (i, value) in [self.term, self.vote, self.last_index, self.commit]
-            .iter()
-            .enumerate()
-        {
-            bytes[4 + 8 * i..12 + 8 * i].copy_from_slice(&value.to_le_bytes());
+    /// A sealed record (`codec.rs`): magic, the four fields, checksum.
+    fn encode(&self) -> Vec<u8> {
+        let mut fields = Vec::with_capacity(WITNESS_FIELDS);
+        for value in [self.term, self.vote, self.last_index, self.commit] {
+            codec::put_u64(&mut fields, value);
         }
-        let crc = crc32fast::hash(&bytes[..36]);
-        bytes[36..].copy_from_slice(&crc.to_le_bytes());
-        bytes
+        codec::seal(WITNESS_MAGIC, &fields)
     }
 
     fn decode(bytes: &[u8]) -> Result<Witness, String> {
-        if bytes.len() != 40 || &bytes[..4] != WITNESS_MAGIC {
-            return Err(format!(
-                "{} bytes, not a cluster-store witness",
-                bytes.len()
-            ));
-        }
-        let crc = u32::from_le_bytes([bytes[36], bytes[37], bytes[38], bytes[39]]);
-        if crc != crc32fast::hash(&bytes[..36]) {
-            return Err("checksum mismatch".into());
-        }
-        let field = |i: usize| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[4 + 8 * i..12 + 8 * i]);
-            u64::from_le_bytes(word)
-        };
+        let mut fields =
+            codec::unseal(bytes, WITNESS_MAGIC, WITNESS_FIELDS).map_err(|error| match error {
+                codec::SealError::Shape => {
+                    format!("{} bytes, not a cluster-store witness", bytes.len())
+                }
+                codec::SealError::Checksum => "checksum mismatch".to_string(),
+            })?;
         Ok(Witness {
-            term: field(0),
-            vote: field(1),
-            last_index: field(2),
-            commit: field(3),
+            term: fields.u64()?,
+            vote: fields.u64()?,
+            last_index: fields.u64()?,
+            commit: fields.u64()?,
         })
     }
 }
@@ -295,7 +279,7 @@ impl Store {
                 if store.log.last_index() > 0 {
                     return Err(store.corrupt("log entries without a recorded identity"));
                 }
-                let bytes = codec()
+                let bytes = codec::options()
                     .serialize(&expected)
                     .map_err(|e| store.write_error(e))?;
                 store
@@ -357,7 +341,7 @@ impl Store {
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
-            let bytes = codec()
+            let bytes = codec::options()
                 .serialize(&floor)
                 .map_err(|e| store.write_error(e))?;
             store
@@ -657,7 +641,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        codec()
+        codec::options()
             .deserialize(&bytes)
             .map(Some)
             .map_err(|e| self.corrupt(format!("{what}: {e}")))
@@ -670,7 +654,7 @@ impl Store {
 
     /// Records the bootstrap configuration, durably, before the node runs.
     pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
-        let bytes = codec()
+        let bytes = codec::options()
             .serialize(bootstrap)
             .map_err(|e| self.write_error(e))?;
         self.meta
@@ -685,7 +669,7 @@ impl Store {
             .get(HARD_STATE_KEY)
             .map_err(|e| self.corrupt(e.to_string()))?
         {
-            Some(bytes) => codec()
+            Some(bytes) => codec::options()
                 .deserialize(&bytes)
                 .map_err(|e| self.corrupt(format!("hard state record: {e}"))),
             None => Ok(HardState::default()),
@@ -982,7 +966,7 @@ impl Store {
                 write
                     .entries
                     .iter()
-                    .map(|entry| encode_entry(entry).map_err(|e| self.write_error(e)))
+                    .map(|entry| codec::encode_entry(entry).map_err(|e| self.write_error(e)))
                     .collect::<Result<Vec<_>, _>>()?,
             )),
             None => None,
@@ -1008,7 +992,7 @@ impl Store {
                 .map_err(|e| self.write_error(format!("{}: {}", e.file.display(), e.what)))?;
         }
         if let Some(hard_state) = hard_state {
-            let bytes = codec()
+            let bytes = codec::options()
                 .serialize(&hard_state)
                 .map_err(|e| self.write_error(e))?;
             self.meta
@@ -1180,7 +1164,7 @@ mod tests {
             ("witness kept", meta(WITNESS_KEPT_KEY)),
             (
                 "catch-up floor",
-                hex(&codec()
+                hex(&codec::options()
                     .serialize(&LogPosition { term: 6, index: 42 })
                     .unwrap()),
             ),
@@ -1350,7 +1334,7 @@ mod tests {
             for index in 1..=2500u64 {
                 old.insert(
                     index.to_be_bytes(),
-                    codec().serialize(&entry(index, 1)).unwrap(),
+                    codec::options().serialize(&entry(index, 1)).unwrap(),
                 )
                 .unwrap();
             }
@@ -1383,7 +1367,7 @@ mod tests {
             for index in (1..=10u64).chain(15..=20) {
                 old.insert(
                     index.to_be_bytes(),
-                    codec().serialize(&entry(index, 1)).unwrap(),
+                    codec::options().serialize(&entry(index, 1)).unwrap(),
                 )
                 .unwrap();
             }

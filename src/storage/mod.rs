@@ -34,11 +34,14 @@ use crate::raft::{
 mod chunk;
 mod codec;
 pub mod journal;
+mod reader;
 pub mod segments;
+
+pub use reader::LogReader;
 
 use journal::Journal;
 
-use segments::{LogError, ScanError, SegmentLog, SegmentReader};
+use segments::{LogError, SegmentLog};
 
 /// The sled tree in which stores written before segments kept the log,
 /// one key per entry. Opening such a store moves the log into segments
@@ -105,6 +108,36 @@ pub enum StoreError {
     },
     #[error("writing to the store in {dir} failed: {what}")]
     Write { dir: PathBuf, what: String },
+}
+
+impl StoreError {
+    fn corrupt(dir: &Path, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    fn write(dir: &Path, what: impl ToString) -> StoreError {
+        StoreError::Write {
+            dir: dir.to_path_buf(),
+            what: what.to_string(),
+        }
+    }
+
+    /// A problem with a file of the log: damage (rebuild the replica), or
+    /// an I/O failure (a full disk, say) that is not.
+    fn from_log(dir: &Path, error: LogError) -> StoreError {
+        if error.damaged {
+            StoreError::Damaged {
+                dir: dir.to_path_buf(),
+                file: error.file,
+                what: error.what,
+            }
+        } else {
+            StoreError::write(dir, format!("{}: {}", error.file.display(), error.what))
+        }
+    }
 }
 
 /// Decodes one stored log entry as the store does; public for the fuzz
@@ -538,7 +571,7 @@ impl Store {
             .flush_every_ms(if durable { Some(500) } else { None })
             .open()
             .map_err(open_error)?;
-        let log = SegmentLog::open(dir).map_err(|e| log_error(dir, e))?;
+        let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
         let meta = db.open_tree("meta").map_err(open_error)?;
         let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
@@ -610,17 +643,11 @@ impl Store {
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            dir: self.dir.clone(),
-            what: what.into(),
-        }
+        StoreError::corrupt(&self.dir, what)
     }
 
     fn write_error(&self, what: impl ToString) -> StoreError {
-        StoreError::Write {
-            dir: self.dir.clone(),
-            what: what.to_string(),
-        }
+        StoreError::write(&self.dir, what)
     }
 
     pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
@@ -690,7 +717,9 @@ impl Store {
             .db
             .open_tree(SLED_LOG_TREE)
             .map_err(|e| self.corrupt(e.to_string()))?;
-        self.log.clear().map_err(|e| log_error(&self.dir, e))?;
+        self.log
+            .clear()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut next = 1;
         for item in old.iter() {
@@ -715,16 +744,18 @@ impl Store {
             if pending.len() == 1024 {
                 self.log
                     .replace_from(next - 1024, &pending)
-                    .map_err(|e| log_error(&self.dir, e))?;
+                    .map_err(|e| StoreError::from_log(&self.dir, e))?;
                 pending.clear();
             }
         }
         if !pending.is_empty() {
             self.log
                 .replace_from(next - pending.len() as Index, &pending)
-                .map_err(|e| log_error(&self.dir, e))?;
+                .map_err(|e| StoreError::from_log(&self.dir, e))?;
         }
-        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
+        self.log
+            .checkpoint()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
         tracing::info!(
             dir = %self.dir.display(),
             entries = next - 1,
@@ -753,94 +784,11 @@ impl Store {
 
     /// A handle that reads the log from other threads.
     pub fn reader(&self) -> LogReader {
-        LogReader {
-            dir: self.dir.clone(),
-            log: self.log.reader(),
-        }
+        LogReader::new(&self.dir, self.log.reader())
     }
 
     pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
         self.reader().entries(from, to, limit)
-    }
-}
-
-/// Reads committed entries while the driver keeps writing.
-#[derive(Clone)]
-pub struct LogReader {
-    dir: PathBuf,
-    log: SegmentReader,
-}
-
-impl LogReader {
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            dir: self.dir.clone(),
-            what: what.into(),
-        }
-    }
-
-    /// Entries `from..=to`, at most `limit`, checked to be contiguous.
-    pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        self.entries_within(from, to, limit, usize::MAX)
-    }
-
-    /// Like `entries`, and no more than `max_bytes` of them (`Entry::size`)
-    /// unless the first alone is larger: then just that one.
-    pub fn entries_within(
-        &self,
-        from: Index,
-        to: Index,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let mut entries = Vec::new();
-        self.scan(from, to, limit, max_bytes, &mut |entry| {
-            entries.push(entry);
-            Ok(())
-        })?;
-        Ok(entries)
-    }
-
-    /// Hands entries `from..=to` (at most `limit`) to `each` in order,
-    /// checking that they decode and are contiguous from `from`; returns
-    /// the index of the last one handed over.
-    fn scan(
-        &self,
-        from: Index,
-        to: Index,
-        limit: usize,
-        max_bytes: usize,
-        each: &mut dyn FnMut(Entry) -> Result<(), String>,
-    ) -> Result<Index, StoreError> {
-        self.log
-            .scan(from, to, limit, max_bytes, each)
-            .map_err(|error| match error {
-                ScanError::Damaged(error) => log_error(&self.dir, error),
-                ScanError::Refused { index, what } => {
-                    self.corrupt(format!("log entry {index}: {what}"))
-                }
-            })
-    }
-}
-
-/// A problem with a file of the log, as a store error: damage (rebuild
-/// the replica), or an I/O failure (a full disk, say) that is not.
-fn log_error(dir: &Path, error: LogError) -> StoreError {
-    if error.damaged {
-        StoreError::Damaged {
-            dir: dir.to_path_buf(),
-            file: error.file,
-            what: error.what,
-        }
-    } else {
-        StoreError::Write {
-            dir: dir.to_path_buf(),
-            what: format!("{}: {}", error.file.display(), error.what),
-        }
     }
 }
 
@@ -989,7 +937,7 @@ impl Store {
         if let Some((from, entries)) = log {
             self.log
                 .replace_from(from, entries)
-                .map_err(|e| self.write_error(format!("{}: {}", e.file.display(), e.what)))?;
+                .map_err(|e| StoreError::from_log(&self.dir, e))?;
         }
         if let Some(hard_state) = hard_state {
             let bytes = codec::options()
@@ -1026,7 +974,9 @@ impl Store {
     /// Syncs the segments (recording how far) and flushes sled; then the
     /// journal's records are no longer needed.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
+        self.log
+            .checkpoint()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
         self.flush_sled()?;
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));

@@ -20,8 +20,6 @@
 //! a witness, so a witness deleted or emptied is damage too, not a store
 //! written before witnesses existed.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
@@ -34,31 +32,21 @@ use crate::raft::{
 mod chunk;
 mod codec;
 pub mod journal;
+mod meta;
+mod migration;
 mod reader;
 pub mod segments;
+mod witness;
 
 pub use reader::LogReader;
+
+use meta::Meta;
+use witness::{Witness, WitnessFile};
 
 use journal::Journal;
 
 use segments::{LogError, SegmentLog};
 
-/// The sled tree in which stores written before segments kept the log,
-/// one key per entry. Opening such a store moves the log into segments
-/// (`move_sled_log`).
-const SLED_LOG_TREE: &str = "log";
-const IDENTITY_KEY: &[u8] = b"identity";
-/// Present once the store keeps a witness file: from then on a missing
-/// witness is damage, not a store written before witnesses existed.
-const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
-const HARD_STATE_KEY: &[u8] = b"hard_state";
-/// Written once by `node rebuild` (`RebuildPlan::floor`); absent otherwise.
-const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
-/// The configuration this replica started from (`StoredBootstrap`);
-/// absent in stores written before membership lived in the log.
-const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
-/// Page cache for sled; its default of 1 GB is far more than a node needs.
-const CACHE_BYTES: u64 = 32 << 20;
 /// Journal size that triggers a checkpoint (a flush of sled).
 const CHECKPOINT_BYTES: u64 = 16 << 20;
 
@@ -165,14 +153,6 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, String> {
     chunk::split(bytes)?.into_iter().map(decode_entry).collect()
 }
 
-/// The index a log key names (8 bytes, big-endian).
-fn index_of(key: &[u8]) -> Result<Index, String> {
-    let key: [u8; 8] = key
-        .try_into()
-        .map_err(|_| format!("log key of {} bytes", key.len()))?;
-    Ok(Index::from_be_bytes(key))
-}
-
 /// Decodes a witness file's contents as the store does (term, vote, last
 /// index, commit); public for the fuzz targets and property tests.
 pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
@@ -181,11 +161,9 @@ pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
 
 pub struct Store {
     dir: PathBuf,
-    db: sled::Db,
+    /// sled: hard state, identity and the like.
+    meta: Meta,
     log: SegmentLog,
-    meta: sled::Tree,
-    /// sled's data file, fsynced at every checkpoint.
-    data_file: Option<File>,
     /// Makes writes durable between checkpoints.
     journal: Journal,
     /// See `open_without_sync_unsafely`.
@@ -201,54 +179,10 @@ pub struct Store {
     /// journal is left as found until the store has passed its checks
     /// (`finish_recovery`).
     replayed: bool,
-    /// The witness file and what it says; see the module comment.
-    witness_file: Option<File>,
-    witness: Witness,
+    /// The witness file and what it says (`witness.rs`).
+    witness: WitnessFile,
     /// The last index in the log as written.
     last_index: Index,
-}
-
-const WITNESS_FILE: &str = "witness";
-const WITNESS_MAGIC: &[u8; 4] = b"CSW1";
-
-/// How far the store had got at its last sync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Witness {
-    term: u64,
-    /// 0 for no vote (node ids start at 1).
-    vote: u64,
-    last_index: Index,
-    commit: Index,
-}
-
-/// Term, vote, last index and commit: four u64s.
-const WITNESS_FIELDS: usize = 32;
-
-impl Witness {
-    /// A sealed record (`codec.rs`): magic, the four fields, checksum.
-    fn encode(&self) -> Vec<u8> {
-        let mut fields = Vec::with_capacity(WITNESS_FIELDS);
-        for value in [self.term, self.vote, self.last_index, self.commit] {
-            codec::put_u64(&mut fields, value);
-        }
-        codec::seal(WITNESS_MAGIC, &fields)
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Witness, String> {
-        let mut fields =
-            codec::unseal(bytes, WITNESS_MAGIC, WITNESS_FIELDS).map_err(|error| match error {
-                codec::SealError::Shape => {
-                    format!("{} bytes, not a cluster-store witness", bytes.len())
-                }
-                codec::SealError::Checksum => "checksum mismatch".to_string(),
-            })?;
-        Ok(Witness {
-            term: fields.u64()?,
-            vote: fields.u64()?,
-            last_index: fields.u64()?,
-            commit: fields.u64()?,
-        })
-    }
 }
 
 /// What a node restarts from: its hard state and how long its log is.
@@ -312,13 +246,7 @@ impl Store {
                 if store.log.last_index() > 0 {
                     return Err(store.corrupt("log entries without a recorded identity"));
                 }
-                let bytes = codec::options()
-                    .serialize(&expected)
-                    .map_err(|e| store.write_error(e))?;
-                store
-                    .meta
-                    .insert(IDENTITY_KEY, bytes)
-                    .map_err(|e| store.write_error(e))?;
+                store.meta.put_identity(&expected)?;
                 store.checkpoint()?;
             }
         }
@@ -374,13 +302,7 @@ impl Store {
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
-            let bytes = codec::options()
-                .serialize(&floor)
-                .map_err(|e| store.write_error(e))?;
-            store
-                .meta
-                .insert(CATCH_UP_FLOOR_KEY, bytes)
-                .map_err(|e| store.write_error(e))?;
+            store.meta.put_catch_up_floor(&floor)?;
             store.checkpoint()?;
         }
         store.write(Some(plan.hard_state(node_id)), None)
@@ -390,40 +312,24 @@ impl Store {
     /// replica. It stays recorded; once the log has reached it, it is
     /// ignored.
     pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
-        self.meta_record(CATCH_UP_FLOOR_KEY, "catch-up floor record")
+        self.meta.catch_up_floor()
     }
 
-    fn witness_path(&self) -> PathBuf {
-        self.dir.join(WITNESS_FILE)
-    }
-
-    /// Compares what sled recovered with what the witness says was synced.
+    /// Compares what sled and the segments recovered with what the witness
+    /// says was synced.
     fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
-        let path = self.witness_path();
-        let kept = self
-            .meta
-            .get(WITNESS_KEPT_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-            .is_some();
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && kept => {
+        let kept = self.meta.keeps_witness()?;
+        let bytes = match self.witness.read().map_err(|e| self.write_error(e))? {
+            Some(bytes) => bytes,
+            None if kept => {
                 return Err(self.witness_damaged(
                     "it is missing, yet this store has kept one: without it nothing shows \
                      whether the store lost acknowledged entries or a vote",
                 ))
             }
             // A new store, or one written before witnesses existed.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.create_witness(),
-            Err(e) => return Err(self.write_error(format!("{}: {e}", path.display()))),
+            None => return self.create_witness(),
         };
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
         if bytes.is_empty() {
             if kept {
                 return Err(self.witness_damaged("it is empty, yet this store has kept one"));
@@ -432,31 +338,7 @@ impl Store {
             return self.create_witness();
         }
         let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
-        let hs = &recovered.hard_state;
-        let problem = if hs.term < witness.term {
-            Some(format!(
-                "it holds term {} but term {} was synced",
-                hs.term, witness.term
-            ))
-        } else if hs.term == witness.term && witness.vote != 0 && hs.vote != Some(witness.vote) {
-            Some(format!(
-                "it lost the vote for node {} in term {}",
-                witness.vote, witness.term
-            ))
-        } else if self.last_index < witness.last_index {
-            Some(format!(
-                "it holds log entries up to index {} but entries up to {} were synced",
-                self.last_index, witness.last_index
-            ))
-        } else if hs.commit < witness.commit {
-            Some(format!(
-                "it records commit index {} but {} was synced",
-                hs.commit, witness.commit
-            ))
-        } else {
-            None
-        };
-        if let Some(what) = problem {
+        if let Some(what) = witness.lost(&recovered.hard_state, self.last_index) {
             // A journal cut short lost its last writes; otherwise the log
             // lives in the segments, everything else in sled.
             let (file, what) = if self.journal.has_torn_tail() {
@@ -477,11 +359,10 @@ impl Store {
                 ),
             });
         }
-        self.witness = witness;
-        self.witness_file = Some(file);
+        self.witness.adopt(witness);
         if !kept {
             // A witness written before stores recorded keeping one.
-            self.record_witness_kept()?;
+            self.meta.record_witness_kept()?;
         }
         Ok(())
     }
@@ -489,53 +370,18 @@ impl Store {
     fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
         StoreError::Damaged {
             dir: self.dir.clone(),
-            file: self.witness_path(),
+            file: self.witness.path().to_path_buf(),
             what: what.into(),
         }
     }
 
-    /// Creates the witness of a store that has none yet (new, or written
-    /// before witnesses existed), claiming nothing until the next sync. Its
-    /// contents and its name in the directory are synced before the store
-    /// records keeping it, so a crash can never lose a witness the store
-    /// says it keeps.
+    /// Creates the witness of a store that has none yet, then records
+    /// keeping it: a crash can never lose a witness the store says it keeps.
     fn create_witness(&mut self) -> Result<(), StoreError> {
-        let path = self.witness_path();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
-        self.witness_file = Some(file);
-        self.witness = Witness::default();
-        self.write_witness(true)?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| self.write_error(format!("{}: {e}", self.dir.display())))?;
-        self.record_witness_kept()
-    }
-
-    /// Records in sled, durably, that this store keeps a witness.
-    fn record_witness_kept(&mut self) -> Result<(), StoreError> {
-        self.meta
-            .insert(WITNESS_KEPT_KEY, &[1u8][..])
+        self.witness
+            .create(&self.dir)
             .map_err(|e| self.write_error(e))?;
-        self.flush_sled()
-    }
-
-    /// Records the witness; `sync` when it must survive a power loss
-    /// before anything else happens (votes, terms, truncations).
-    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
-        let Some(file) = &self.witness_file else {
-            return Ok(());
-        };
-        let bytes = self.witness.encode();
-        let result =
-            file.write_all_at(&bytes, 0)
-                .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
-        result.map_err(|e| self.write_error(format!("{}: {e}", self.witness_path().display())))
+        self.meta.record_witness_kept()
     }
 
     /// Opens a store without checking whose it is (`node export --local`,
@@ -555,25 +401,8 @@ impl Store {
                 source: sled::Error::Unsupported("no cluster-store data here".into()),
             });
         }
-        let open_error = |source: sled::Error| match source {
-            sled::Error::Corruption { .. } => StoreError::Corrupt {
-                dir: dir.to_path_buf(),
-                what: source.to_string(),
-            },
-            source => StoreError::Open {
-                dir: dir.to_path_buf(),
-                source,
-            },
-        };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(if durable { Some(500) } else { None })
-            .open()
-            .map_err(open_error)?;
+        let meta = Meta::open(dir, durable)?;
         let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
-        let meta = db.open_tree("meta").map_err(open_error)?;
-        let data_file = File::open(dir.join("db")).ok();
         let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
             dir: dir.to_path_buf(),
             file: dir.join(journal::JOURNAL_FILE),
@@ -581,10 +410,8 @@ impl Store {
         })?;
         let mut store = Store {
             dir: dir.to_path_buf(),
-            db,
-            log,
             meta,
-            data_file,
+            log,
             journal,
             skip_sync: false,
             deferred: Vec::new(),
@@ -592,8 +419,7 @@ impl Store {
             staged_hard_state: None,
             last_applied: std::time::Instant::now(),
             replayed: false,
-            witness_file: None,
-            witness: Witness::default(),
+            witness: WitnessFile::unopened(dir),
             last_index: 0,
         };
         // Writes journaled since the last checkpoint: the segments were cut
@@ -611,7 +437,10 @@ impl Store {
                 })?,
             )
         };
-        store.move_sled_log(
+        migration::move_sled_log(
+            &store.dir,
+            &store.meta,
+            &mut store.log,
             net.as_ref()
                 .and_then(|net| net.log.as_ref())
                 .map(|(from, _)| *from),
@@ -651,120 +480,22 @@ impl Store {
     }
 
     pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
-        self.meta_record(IDENTITY_KEY, "identity record")
-    }
-
-    /// The record stored in sled's meta tree under `key`, if any; `what`
-    /// names it when it cannot be read.
-    fn meta_record<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-        what: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = self
-            .meta
-            .get(key)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        codec::options()
-            .deserialize(&bytes)
-            .map(Some)
-            .map_err(|e| self.corrupt(format!("{what}: {e}")))
+        self.meta.identity()
     }
 
     /// The bootstrap configuration recorded on this replica's first start.
     pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
-        self.meta_record(BOOTSTRAP_KEY, "bootstrap configuration record")
+        self.meta.bootstrap()
     }
 
     /// Records the bootstrap configuration, durably, before the node runs.
     pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
-        let bytes = codec::options()
-            .serialize(bootstrap)
-            .map_err(|e| self.write_error(e))?;
-        self.meta
-            .insert(BOOTSTRAP_KEY, bytes)
-            .map_err(|e| self.write_error(e))?;
+        self.meta.put_bootstrap(bootstrap)?;
         self.checkpoint()
     }
 
     pub fn hard_state(&self) -> Result<HardState, StoreError> {
-        match self
-            .meta
-            .get(HARD_STATE_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        {
-            Some(bytes) => codec::options()
-                .deserialize(&bytes)
-                .map_err(|e| self.corrupt(format!("hard state record: {e}"))),
-            None => Ok(HardState::default()),
-        }
-    }
-
-    /// Moves a log kept in sled, one key per entry (stores written before
-    /// segments), into segments, then drops the sled tree. A move cut short
-    /// by a crash starts over on the next open: the tree is dropped last.
-    /// `journal_from`: the journal, replayed next, rewrites the log from
-    /// there on.
-    fn move_sled_log(&mut self, journal_from: Option<Index>) -> Result<(), StoreError> {
-        let names = self.db.tree_names();
-        if !names.iter().any(|n| n == SLED_LOG_TREE.as_bytes()) {
-            return Ok(());
-        }
-        let old = self
-            .db
-            .open_tree(SLED_LOG_TREE)
-            .map_err(|e| self.corrupt(e.to_string()))?;
-        self.log
-            .clear()
-            .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut next = 1;
-        for item in old.iter() {
-            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-            let index = index_of(&key).map_err(|e| self.corrupt(e))?;
-            if index != next {
-                // A crash in the middle of a write can leave a gap, which
-                // the journal, replayed next, fills; any other gap is
-                // damage, and the tree stays as it is.
-                if journal_from.is_none_or(|from| from > next) {
-                    return Err(self.corrupt(format!("log entry {next} missing (found {index})")));
-                }
-                tracing::warn!(
-                    dir = %self.dir.display(),
-                    "the log kept in sled skips from {} to {index}; moving what precedes the gap",
-                    next - 1
-                );
-                break;
-            }
-            pending.push(value.to_vec());
-            next += 1;
-            if pending.len() == 1024 {
-                self.log
-                    .replace_from(next - 1024, &pending)
-                    .map_err(|e| StoreError::from_log(&self.dir, e))?;
-                pending.clear();
-            }
-        }
-        if !pending.is_empty() {
-            self.log
-                .replace_from(next - pending.len() as Index, &pending)
-                .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        }
-        self.log
-            .checkpoint()
-            .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        tracing::info!(
-            dir = %self.dir.display(),
-            entries = next - 1,
-            "moved the log from sled into segment files"
-        );
-        self.db
-            .drop_tree(SLED_LOG_TREE)
-            .map_err(|e| self.write_error(e))?;
-        self.flush_sled()
+        self.meta.hard_state()
     }
 
     /// Hands every log entry to `each`, in order, checking that they are
@@ -846,8 +577,11 @@ impl Store {
             // durably, so it never claims more than the store holds.
             if let Some(write) = write {
                 if write.from <= self.last_index {
-                    self.witness.last_index =
-                        self.witness.last_index.min(write.from.saturating_sub(1));
+                    self.witness.claims.last_index = self
+                        .witness
+                        .claims
+                        .last_index
+                        .min(write.from.saturating_sub(1));
                     self.write_witness(true)?;
                 }
             }
@@ -871,7 +605,7 @@ impl Store {
             // Pretend, as `write_many` does in this mode; the witness file
             // is left alone so that the node still restarts.
             if let Some(hs) = self.staged_hard_state.take() {
-                self.witness.commit = hs.commit;
+                self.witness.claims.commit = hs.commit;
             }
             return Ok(true);
         }
@@ -880,12 +614,12 @@ impl Store {
         let mut vote_changed = false;
         if let Some(hs) = self.staged_hard_state.take() {
             let vote = hs.vote.unwrap_or(0);
-            vote_changed = hs.term != self.witness.term || vote != self.witness.vote;
-            self.witness.term = hs.term;
-            self.witness.vote = vote;
-            self.witness.commit = hs.commit;
+            vote_changed = hs.term != self.witness.claims.term || vote != self.witness.claims.vote;
+            self.witness.claims.term = hs.term;
+            self.witness.claims.vote = vote;
+            self.witness.claims.commit = hs.commit;
         }
-        self.witness.last_index = self.last_index;
+        self.witness.claims.last_index = self.last_index;
         // Entries are durable in the journal already; the witness only has to
         // outlive a crash of this process (the page cache does that), except
         // for votes, which are synced because they are rare and precious.
@@ -900,7 +634,7 @@ impl Store {
 
     /// The commit index the last sync made durable.
     pub fn synced_commit(&self) -> Index {
-        self.witness.commit
+        self.witness.claims.commit
     }
 
     fn apply(
@@ -940,12 +674,7 @@ impl Store {
                 .map_err(|e| StoreError::from_log(&self.dir, e))?;
         }
         if let Some(hard_state) = hard_state {
-            let bytes = codec::options()
-                .serialize(&hard_state)
-                .map_err(|e| self.write_error(e))?;
-            self.meta
-                .insert(HARD_STATE_KEY, bytes)
-                .map_err(|e| self.write_error(e))?;
+            self.meta.put_hard_state(&hard_state)?;
         }
         Ok(())
     }
@@ -962,13 +691,10 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes sled and fsyncs its data file.
-    fn flush_sled(&mut self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.write_error(e))?;
-        if let Some(file) = &self.data_file {
-            file.sync_data().map_err(|e| self.write_error(e))?;
-        }
-        Ok(())
+    /// Records the witness's claims; `sync` when they must survive a power
+    /// loss before anything else happens (votes, terms, truncations).
+    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
+        self.witness.write(sync).map_err(|e| self.write_error(e))
     }
 
     /// Syncs the segments (recording how far) and flushes sled; then the
@@ -977,7 +703,7 @@ impl Store {
         self.log
             .checkpoint()
             .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        self.flush_sled()?;
+        self.meta.flush()?;
         if let Err(e) = self.journal.reset() {
             return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
         }
@@ -995,7 +721,9 @@ mod tests {
     /// background threads let go of the directory's lock a moment after the
     /// drop, so a lock conflict is waited out (briefly); any other outcome
     /// is returned.
-    fn released<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    pub(super) fn released<T, E: std::fmt::Display>(
+        open: impl Fn() -> Result<T, E>,
+    ) -> Result<T, E> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match open() {
@@ -1010,7 +738,7 @@ mod tests {
         }
     }
 
-    fn open_released(
+    pub(super) fn open_released(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
@@ -1018,11 +746,11 @@ mod tests {
         released(|| Store::open(dir, cluster_id, node_id))
     }
 
-    fn reopen(dir: &Path) -> (Store, Recovered) {
+    pub(super) fn reopen(dir: &Path) -> (Store, Recovered) {
         open_released(dir, "c1", 1).unwrap()
     }
 
-    fn entry(index: Index, term: u64) -> Entry {
+    pub(super) fn entry(index: Index, term: u64) -> Entry {
         Entry {
             index,
             term,
@@ -1101,17 +829,17 @@ mod tests {
         }
         let before_checkpoint = read("log/position");
         store.checkpoint().unwrap();
-        let meta = |key: &[u8]| hex(&store.meta.get(key).unwrap().unwrap());
+        let meta = |key: &str| hex(&store.meta.raw(key).unwrap());
         let pinned = [
-            ("witness", hex(&read(WITNESS_FILE))),
+            ("witness", hex(&read(witness::WITNESS_FILE))),
             ("position", hex(&before_checkpoint)),
             ("position after a checkpoint", hex(&read("log/position"))),
             ("segment", hex(&read("log/00000000.seg"))),
             ("journal", hex(&journal)),
-            ("identity", meta(IDENTITY_KEY)),
-            ("hard state", meta(HARD_STATE_KEY)),
-            ("bootstrap", meta(BOOTSTRAP_KEY)),
-            ("witness kept", meta(WITNESS_KEPT_KEY)),
+            ("identity", meta("identity")),
+            ("hard state", meta("hard state")),
+            ("bootstrap", meta("bootstrap")),
+            ("witness kept", meta("witness kept")),
             (
                 "catch-up floor",
                 hex(&codec::options()
@@ -1266,80 +994,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn moves_a_log_kept_in_sled_into_segments() {
-        let dir = std::env::temp_dir().join(format!("cs-store-convert-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            // A store as versions before chunks left it: identity, hard
-            // state and one sled key per entry, all flushed.
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: Some(1),
-                commit: 2000,
-            };
-            store.write(Some(hs), None).unwrap();
-            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
-            for index in 1..=2500u64 {
-                old.insert(
-                    index.to_be_bytes(),
-                    codec::options().serialize(&entry(index, 1)).unwrap(),
-                )
-                .unwrap();
-            }
-            store.checkpoint().unwrap();
-        }
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 2500);
-        assert_eq!(recovered.hard_state.commit, 2000);
-        assert_eq!(store.verify().unwrap(), 2500);
-        assert_eq!(
-            store.entries(1020, 1030, 100).unwrap(),
-            (1020..=1030).map(|i| entry(i, 1)).collect::<Vec<_>>()
-        );
-        assert!(!store
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n == SLED_LOG_TREE.as_bytes()));
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_gap_in_a_log_kept_in_sled_is_refused_and_the_tree_kept() {
-        let dir = std::env::temp_dir().join(format!("cs-store-gap-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
-            for index in (1..=10u64).chain(15..=20) {
-                old.insert(
-                    index.to_be_bytes(),
-                    codec::options().serialize(&entry(index, 1)).unwrap(),
-                )
-                .unwrap();
-            }
-            store.checkpoint().unwrap();
-        }
-        match open_released(&dir, "c1", 1) {
-            Err(StoreError::Corrupt { what, .. }) => {
-                assert!(what.contains("log entry 11 missing"), "{what}")
-            }
-            Err(other) => panic!("unexpected error: {other}"),
-            Ok(_) => panic!("a log with a gap was accepted"),
-        }
-        let db = released(|| sled::open(&dir)).unwrap();
-        assert_eq!(
-            db.open_tree(SLED_LOG_TREE).unwrap().len(),
-            16,
-            "the tree is kept"
-        );
-        drop(db);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
     /// Four writes, one journal record each, left in the journal (no
     /// checkpoint); returns the journal's path and bytes.
     fn four_journaled_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -1426,68 +1080,6 @@ mod tests {
             cut,
             "the journal was cut before the witness was checked"
         );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_missing_or_empty_witness_is_refused_by_name() {
-        let dir = std::env::temp_dir().join(format!("cs-store-witness-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: Some(1),
-                commit: 0,
-            };
-            let write = LogWrite {
-                from: 1,
-                entries: vec![entry(1, 1)],
-            };
-            store.write(Some(hs), Some(&write)).unwrap();
-        }
-        let witness = dir.join(WITNESS_FILE);
-        let saved = std::fs::read(&witness).unwrap();
-        std::fs::remove_file(&witness).unwrap();
-        for (what, contents) in [("missing", None), ("empty", Some(&b""[..]))] {
-            if let Some(contents) = contents {
-                std::fs::write(&witness, contents).unwrap();
-            }
-            let error = match open_released(&dir, "c1", 1) {
-                Ok(_) => panic!("a store with its witness {what} opened"),
-                Err(error) => error,
-            };
-            let StoreError::Damaged { file, .. } = &error else {
-                panic!("unexpected error: {error}")
-            };
-            assert_eq!(file, &witness);
-            let message = error.to_string();
-            assert!(
-                message.contains(what) && message.contains("node rebuild"),
-                "{message}"
-            );
-            if contents.is_none() {
-                assert!(!witness.exists(), "the refused open created a new witness");
-            }
-        }
-        std::fs::write(&witness, &saved).unwrap();
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 1);
-        // A store from before stores recorded keeping a witness, and
-        // without one: it opens, and keeps a witness from then on.
-        store.meta.remove(WITNESS_KEPT_KEY).unwrap();
-        store.db.flush().unwrap();
-        drop(store);
-        std::fs::remove_file(&witness).unwrap();
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 1);
-        drop(store);
-        assert!(witness.exists());
-        std::fs::remove_file(&witness).unwrap();
-        assert!(matches!(
-            open_released(&dir, "c1", 1),
-            Err(StoreError::Damaged { .. })
-        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

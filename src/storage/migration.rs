@@ -113,7 +113,7 @@ mod tests {
                 commit: 2000,
             };
             store.write(Some(hs), None).unwrap();
-            let old = store.meta.db.open_tree(SLED_LOG_TREE).unwrap();
+            let old = store.disk.meta.db.open_tree(SLED_LOG_TREE).unwrap();
             for index in 1..=2500u64 {
                 old.insert(
                     index.to_be_bytes(),
@@ -121,7 +121,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            store.checkpoint().unwrap();
+            store.disk.checkpoint().unwrap();
         }
         let (store, recovered) = reopen(&dir);
         assert_eq!(recovered.last_index, 2500);
@@ -132,6 +132,7 @@ mod tests {
             (1020..=1030).map(|i| entry(i, 1)).collect::<Vec<_>>()
         );
         assert!(!store
+            .disk
             .meta
             .db
             .tree_names()
@@ -147,7 +148,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let old = store.meta.db.open_tree(SLED_LOG_TREE).unwrap();
+            let old = store.disk.meta.db.open_tree(SLED_LOG_TREE).unwrap();
             for index in (1..=10u64).chain(15..=20) {
                 old.insert(
                     index.to_be_bytes(),
@@ -155,7 +156,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            store.checkpoint().unwrap();
+            store.disk.checkpoint().unwrap();
         }
         match open_released(&dir, "c1", 1) {
             Err(StoreError::Corrupt { what, .. }) => {

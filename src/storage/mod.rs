@@ -1,24 +1,25 @@
-//! The node's durable state: the log in segment files (`segments.rs`),
-//! and in sled the hard state (term, vote, commit), the identity of the
-//! data directory and, for a replica rebuilt by `node rebuild`, its
-//! catch-up floor.
+//! The node's durable state, behind one facade, [`Store`]:
 //!
-//! Every write batch is made durable by appending it to the journal
-//! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
-//! commit. The segments and sled get the same changes unsynced and are
-//! synced (sled's data file fsynced too: its own flush stops at
-//! `sync_file_range`) at checkpoints, after which the journal starts over;
-//! on open, the journal's records are applied to them again.
-//!
-//! sled takes a truncated or damaged data file for a torn write and
-//! silently recovers to an earlier point, which for a Raft node means
-//! forgetting entries it acknowledged or a vote it cast. So a small
-//! checksummed witness file beside sled's records, after every sync, how
-//! far the store had got (term, vote, last index, commit); a store that
-//! opens behind its witness is reported as damaged, naming the file,
-//! instead of serving a shorter history. sled records that the store keeps
-//! a witness, so a witness deleted or emptied is damage too, not a store
-//! written before witnesses existed.
+//! - the log, in append-only segment files of checksummed records
+//!   (`segments.rs`, entries packed by `chunk.rs`);
+//! - in sled, the hard state (term, vote, commit), the identity of the data
+//!   directory, the configuration the replica started from and, for a
+//!   replica rebuilt by `node rebuild`, its catch-up floor (`meta.rs`);
+//! - the write-ahead journal (`journal.rs`), and staging and group commit
+//!   over it (`commit.rs`): every write batch is made durable by appending
+//!   it to the journal with one `fdatasync`, one sync for all the writes
+//!   staged since the last. The segments and sled get the same changes
+//!   unsynced and are synced (sled's data file fsynced too: its own flush
+//!   stops at `sync_file_range`) at checkpoints, after which the journal
+//!   starts over; on open, the journal's records are applied to them again;
+//! - the witness (`witness.rs`), which exposes a store that silently
+//!   rolled back to an earlier state;
+//! - the bytes of every record above, laid out in one place (`codec.rs`);
+//! - data directories of earlier versions, whose log is moved out of sled
+//!   on open (`migration.rs`);
+//! - reading the log from other threads (`reader.rs`);
+//! - the unsafe no-sync mode, for the chaos tests' proof only
+//!   (`unsynced.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -31,24 +32,23 @@ use crate::raft::{
 
 mod chunk;
 mod codec;
+mod commit;
 pub mod journal;
 mod meta;
 mod migration;
 mod reader;
 pub mod segments;
+mod unsynced;
 mod witness;
 
 pub use reader::LogReader;
 
-use meta::Meta;
-use witness::{Witness, WitnessFile};
-
+use commit::{Durability, GroupCommit};
 use journal::Journal;
-
+use meta::Meta;
 use segments::{LogError, SegmentLog};
-
-/// Journal size that triggers a checkpoint (a flush of sled).
-const CHECKPOINT_BYTES: u64 = 16 << 20;
+use unsynced::Unsynced;
+use witness::{Witness, WitnessFile};
 
 /// The configuration a replica starts from before its log says otherwise:
 /// `--peers`/`--learner` on a new cluster's first start, or what a joining
@@ -160,26 +160,26 @@ pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
 }
 
 pub struct Store {
+    disk: Disk,
+    /// When staged writes reach the disk: group commit (`commit.rs`), or
+    /// in the unsafe no-sync mode, never in time (`unsynced.rs`).
+    durability: Box<dyn Durability>,
+}
+
+/// The store's files and what it knows of them: everything but its
+/// durability, which works on this.
+struct Disk {
     dir: PathBuf,
     /// sled: hard state, identity and the like.
     meta: Meta,
     log: SegmentLog,
     /// Makes writes durable between checkpoints.
     journal: Journal,
-    /// See `open_without_sync_unsafely`.
-    skip_sync: bool,
-    /// Unsafe mode only: acknowledged writes not yet applied, and when
-    /// they were last applied.
-    deferred: Vec<(Option<HardState>, Option<LogWrite>)>,
-    /// Applied since the last sync, and the latest hard state among them.
-    staged: bool,
-    staged_hard_state: Option<HardState>,
-    last_applied: std::time::Instant,
     /// Journal records applied on open and not yet checkpointed: the
     /// journal is left as found until the store has passed its checks
     /// (`finish_recovery`).
     replayed: bool,
-    /// The witness file and what it says (`witness.rs`).
+    /// The witness file and what it says.
     witness: WitnessFile,
     /// The last index in the log as written.
     last_index: Index,
@@ -204,34 +204,35 @@ impl Store {
         cluster_id: &str,
         node_id: NodeId,
     ) -> Result<(Store, Recovered), StoreError> {
-        Store::open_with(dir, cluster_id, node_id, true)
+        Store::open_with(dir, cluster_id, node_id, Box::new(GroupCommit::default()))
     }
 
-    /// Breaks durability on purpose: writes are acknowledged and never
-    /// flushed, so a crash loses them. It exists only so the chaos tests can
-    /// show that their checker notices acknowledged messages being lost
-    /// (`CLUSTER_STORE_UNSAFE_SKIP_SYNC=1`). Never use it otherwise.
+    /// Breaks durability on purpose: writes are acknowledged and written
+    /// seconds later, so a crash loses them (`unsynced.rs`). It exists only
+    /// so the chaos tests can show that their checker notices acknowledged
+    /// messages being lost (`CLUSTER_STORE_UNSAFE_SKIP_SYNC=1`). Never use
+    /// it otherwise.
     pub fn open_without_sync_unsafely(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
     ) -> Result<(Store, Recovered), StoreError> {
-        Store::open_with(dir, cluster_id, node_id, false)
+        Store::open_with(dir, cluster_id, node_id, Box::new(Unsynced::new()))
     }
 
     fn open_with(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
-        durable: bool,
+        durability: Box<dyn Durability>,
     ) -> Result<(Store, Recovered), StoreError> {
-        let mut store = Store::open_dir(dir, true, durable)?;
-        store.skip_sync = !durable;
+        let durable = durability.durable();
+        let mut disk = Disk::open(dir, true, durable)?;
         let expected = DataIdentity {
             cluster_id: cluster_id.to_string(),
             node_id,
         };
-        match store.identity()? {
+        match disk.meta.identity()? {
             Some(found) if found != expected => {
                 return Err(StoreError::Foreign {
                     dir: dir.to_path_buf(),
@@ -243,25 +244,28 @@ impl Store {
             }
             Some(_) => {}
             None => {
-                if store.log.last_index() > 0 {
-                    return Err(store.corrupt("log entries without a recorded identity"));
+                if disk.log.last_index() > 0 {
+                    return Err(StoreError::corrupt(
+                        dir,
+                        "log entries without a recorded identity",
+                    ));
                 }
-                store.meta.put_identity(&expected)?;
-                store.checkpoint()?;
+                disk.meta.put_identity(&expected)?;
+                disk.checkpoint()?;
             }
         }
-        let last_index = store.log.last_index();
+        let last_index = disk.log.last_index();
         let recovered = Recovered {
-            hard_state: store.hard_state()?,
+            hard_state: disk.meta.hard_state()?,
             last_index,
-            catch_up_floor: store.catch_up_floor()?,
+            catch_up_floor: disk.meta.catch_up_floor()?,
         };
-        store.last_index = last_index;
+        disk.last_index = last_index;
         if durable {
-            store.check_witness(&recovered)?;
+            disk.check_witness(&recovered)?;
         }
-        store.finish_recovery()?;
-        Ok((store, recovered))
+        disk.finish_recovery()?;
+        Ok((Store { disk, durability }, recovered))
     }
 
     /// Creates a fresh replica for node `node_id` after its store was lost
@@ -290,10 +294,10 @@ impl Store {
         bootstrap: Option<&StoredBootstrap>,
     ) -> Result<(), StoreError> {
         if dir.join("db").exists() {
-            return Err(StoreError::Write {
-                dir: dir.to_path_buf(),
-                what: "a store is already there; move it aside first".into(),
-            });
+            return Err(StoreError::write(
+                dir,
+                "a store is already there; move it aside first",
+            ));
         }
         let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
         if let Some(bootstrap) = bootstrap {
@@ -302,24 +306,188 @@ impl Store {
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
-            store.meta.put_catch_up_floor(&floor)?;
-            store.checkpoint()?;
+            store.disk.meta.put_catch_up_floor(&floor)?;
+            store.disk.checkpoint()?;
         }
         store.write(Some(plan.hard_state(node_id)), None)
+    }
+
+    /// Opens a store without checking whose it is (`node export --local`,
+    /// `node rebuild`'s check). Even with `create` false it may write: the
+    /// journal is replayed and checkpointed, and a log kept in sled by an
+    /// earlier version is moved into segments.
+    pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
+        let mut disk = Disk::open(dir, create, true)?;
+        disk.finish_recovery()?;
+        Ok(Store {
+            disk,
+            durability: Box::new(GroupCommit::default()),
+        })
+    }
+
+    pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
+        self.disk.meta.identity()
+    }
+
+    pub fn hard_state(&self) -> Result<HardState, StoreError> {
+        self.disk.meta.hard_state()
+    }
+
+    /// The bootstrap configuration recorded on this replica's first start.
+    pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
+        self.disk.meta.bootstrap()
+    }
+
+    /// Records the bootstrap configuration, durably, before the node runs.
+    pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
+        self.disk.meta.put_bootstrap(bootstrap)?;
+        self.disk.checkpoint()
     }
 
     /// The catch-up floor `node rebuild` recorded, if this is a rebuilt
     /// replica. It stays recorded; once the log has reached it, it is
     /// ignored.
     pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
-        self.meta.catch_up_floor()
+        self.disk.meta.catch_up_floor()
+    }
+
+    /// Hands every log entry to `each`, in order, checking that they are
+    /// contiguous from index 1 and decode; the first error stops it.
+    pub fn replay(
+        &self,
+        mut each: impl FnMut(Entry) -> Result<(), String>,
+    ) -> Result<Index, StoreError> {
+        self.reader()
+            .scan(1, Index::MAX, usize::MAX, usize::MAX, &mut each)
+    }
+
+    /// Reads the whole store once, as a restart would.
+    pub fn verify(&self) -> Result<Index, StoreError> {
+        self.replay(|_| Ok(()))
+    }
+
+    /// A handle that reads the log from other threads.
+    pub fn reader(&self) -> LogReader {
+        LogReader::new(&self.disk.dir, self.disk.log.reader())
+    }
+
+    pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.reader().entries(from, to, limit)
+    }
+
+    /// Applies one ready's durable changes and syncs them to disk.
+    pub fn write(
+        &mut self,
+        hard_state: Option<HardState>,
+        write: Option<&LogWrite>,
+    ) -> Result<(), StoreError> {
+        self.write_many(&[(hard_state, write)])
+    }
+
+    /// Applies several readies' durable changes, in order, and makes them
+    /// durable with one sync (together with anything staged before):
+    /// group commit across readies.
+    pub fn write_many(
+        &mut self,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError> {
+        self.stage(writes)?;
+        self.sync_staged().map(|_| ())
+    }
+
+    /// Applies writes without syncing them: the next sync covers them. A
+    /// crash before it loses them, so only what needs no acknowledgement
+    /// may wait here (a new commit index: the leader tells it again).
+    pub fn stage(
+        &mut self,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError> {
+        self.durability.stage(&mut self.disk, writes)
+    }
+
+    /// Makes everything staged durable with one sync, if anything is
+    /// staged; says whether it synced.
+    pub fn sync_staged(&mut self) -> Result<bool, StoreError> {
+        self.durability.sync_staged(&mut self.disk)
+    }
+
+    /// Whether writes are applied but not yet synced.
+    pub fn has_staged(&self) -> bool {
+        self.durability.has_staged()
+    }
+
+    /// The commit index the last sync made durable.
+    pub fn synced_commit(&self) -> Index {
+        self.durability.synced_commit(&self.disk)
+    }
+}
+
+impl Disk {
+    /// Opens the store's files in `dir` (creating them if `create`), moves
+    /// a log kept in sled by an earlier version into segments, and applies
+    /// the journal's records again. `durable` false only for the unsafe
+    /// no-sync mode.
+    fn open(dir: &Path, create: bool, durable: bool) -> Result<Disk, StoreError> {
+        if !create && !dir.join("db").exists() {
+            return Err(StoreError::Open {
+                dir: dir.to_path_buf(),
+                source: sled::Error::Unsupported("no cluster-store data here".into()),
+            });
+        }
+        let meta = Meta::open(dir, durable)?;
+        let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
+        let journal_damaged = |what| StoreError::Damaged {
+            dir: dir.to_path_buf(),
+            file: dir.join(journal::JOURNAL_FILE),
+            what,
+        };
+        let (journal, records) = Journal::open(dir).map_err(journal_damaged)?;
+        let mut disk = Disk {
+            dir: dir.to_path_buf(),
+            meta,
+            log,
+            journal,
+            replayed: false,
+            witness: WitnessFile::unopened(dir),
+            last_index: 0,
+        };
+        // Writes journaled since the last checkpoint: the segments were cut
+        // back to it and sled may have lost any suffix of them; applying
+        // them again is harmless. They are checkpointed (and the journal
+        // emptied) by `finish_recovery`, once the store has passed its checks.
+        let net = if records.is_empty() {
+            None
+        } else {
+            Some(journal::collapse(records).map_err(journal_damaged)?)
+        };
+        migration::move_sled_log(
+            &disk.dir,
+            &disk.meta,
+            &mut disk.log,
+            net.as_ref()
+                .and_then(|net| net.log.as_ref())
+                .map(|(from, _)| *from),
+        )?;
+        if let Some(net) = net {
+            let log = net
+                .log
+                .as_ref()
+                .map(|(from, entries)| (*from, entries.as_slice()));
+            disk.apply_encoded(net.hard_state, log)?;
+            disk.replayed = true;
+        }
+        Ok(disk)
     }
 
     /// Compares what sled and the segments recovered with what the witness
     /// says was synced.
     fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
         let kept = self.meta.keeps_witness()?;
-        let bytes = match self.witness.read().map_err(|e| self.write_error(e))? {
+        let bytes = match self
+            .witness
+            .read()
+            .map_err(|e| StoreError::write(&self.dir, e))?
+        {
             Some(bytes) => bytes,
             None if kept => {
                 return Err(self.witness_damaged(
@@ -380,80 +548,8 @@ impl Store {
     fn create_witness(&mut self) -> Result<(), StoreError> {
         self.witness
             .create(&self.dir)
-            .map_err(|e| self.write_error(e))?;
+            .map_err(|e| StoreError::write(&self.dir, e))?;
         self.meta.record_witness_kept()
-    }
-
-    /// Opens a store without checking whose it is (`node export --local`,
-    /// `node rebuild`'s check). Even with `create` false it may write: the
-    /// journal is replayed and checkpointed, and a log kept in sled by an
-    /// earlier version is moved into segments.
-    pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
-        let mut store = Store::open_dir(dir, create, true)?;
-        store.finish_recovery()?;
-        Ok(store)
-    }
-
-    fn open_dir(dir: &Path, create: bool, durable: bool) -> Result<Store, StoreError> {
-        if !create && !dir.join("db").exists() {
-            return Err(StoreError::Open {
-                dir: dir.to_path_buf(),
-                source: sled::Error::Unsupported("no cluster-store data here".into()),
-            });
-        }
-        let meta = Meta::open(dir, durable)?;
-        let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
-        let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
-            dir: dir.to_path_buf(),
-            file: dir.join(journal::JOURNAL_FILE),
-            what,
-        })?;
-        let mut store = Store {
-            dir: dir.to_path_buf(),
-            meta,
-            log,
-            journal,
-            skip_sync: false,
-            deferred: Vec::new(),
-            staged: false,
-            staged_hard_state: None,
-            last_applied: std::time::Instant::now(),
-            replayed: false,
-            witness: WitnessFile::unopened(dir),
-            last_index: 0,
-        };
-        // Writes journaled since the last checkpoint: the segments were cut
-        // back to it and sled may have lost any suffix of them; applying
-        // them again is harmless. They are checkpointed (and the journal
-        // emptied) by `finish_recovery`, once the store has passed its checks.
-        let net = if records.is_empty() {
-            None
-        } else {
-            Some(
-                journal::collapse(records).map_err(|what| StoreError::Damaged {
-                    dir: dir.to_path_buf(),
-                    file: dir.join(journal::JOURNAL_FILE),
-                    what,
-                })?,
-            )
-        };
-        migration::move_sled_log(
-            &store.dir,
-            &store.meta,
-            &mut store.log,
-            net.as_ref()
-                .and_then(|net| net.log.as_ref())
-                .map(|(from, _)| *from),
-        )?;
-        if let Some(net) = net {
-            let log = net
-                .log
-                .as_ref()
-                .map(|(from, entries)| (*from, entries.as_slice()));
-            store.apply_encoded(net.hard_state, log)?;
-            store.replayed = true;
-        }
-        Ok(store)
     }
 
     /// Ends opening once the store has passed its checks: the journal's
@@ -466,248 +562,8 @@ impl Store {
             return self.checkpoint();
         }
         if let Err(e) = self.journal.cut_torn_tail() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
+            return Err(self.journal_error(e));
         }
-        Ok(())
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::corrupt(&self.dir, what)
-    }
-
-    fn write_error(&self, what: impl ToString) -> StoreError {
-        StoreError::write(&self.dir, what)
-    }
-
-    pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
-        self.meta.identity()
-    }
-
-    /// The bootstrap configuration recorded on this replica's first start.
-    pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
-        self.meta.bootstrap()
-    }
-
-    /// Records the bootstrap configuration, durably, before the node runs.
-    pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
-        self.meta.put_bootstrap(bootstrap)?;
-        self.checkpoint()
-    }
-
-    pub fn hard_state(&self) -> Result<HardState, StoreError> {
-        self.meta.hard_state()
-    }
-
-    /// Hands every log entry to `each`, in order, checking that they are
-    /// contiguous from index 1 and decode; the first error stops it.
-    pub fn replay(
-        &self,
-        mut each: impl FnMut(Entry) -> Result<(), String>,
-    ) -> Result<Index, StoreError> {
-        self.reader()
-            .scan(1, Index::MAX, usize::MAX, usize::MAX, &mut each)
-    }
-
-    /// Reads the whole store once, as a restart would.
-    pub fn verify(&self) -> Result<Index, StoreError> {
-        self.replay(|_| Ok(()))
-    }
-
-    /// A handle that reads the log from other threads.
-    pub fn reader(&self) -> LogReader {
-        LogReader::new(&self.dir, self.log.reader())
-    }
-
-    pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        self.reader().entries(from, to, limit)
-    }
-}
-
-impl Store {
-    /// Applies one ready's durable changes and syncs them to disk.
-    pub fn write(
-        &mut self,
-        hard_state: Option<HardState>,
-        write: Option<&LogWrite>,
-    ) -> Result<(), StoreError> {
-        self.write_many(&[(hard_state, write)])
-    }
-
-    /// Applies several readies' durable changes, in order, and makes them
-    /// durable with one sync (together with anything staged before):
-    /// group commit across readies.
-    pub fn write_many(
-        &mut self,
-        writes: &[(Option<HardState>, Option<&LogWrite>)],
-    ) -> Result<(), StoreError> {
-        if self.skip_sync {
-            // Acknowledge now, write seconds later: a crash in between loses
-            // acknowledged entries. Only for proving the checkers work.
-            self.deferred
-                .extend(writes.iter().map(|(hs, w)| (*hs, w.cloned())));
-            if self.last_applied.elapsed() < std::time::Duration::from_secs(3) {
-                return Ok(());
-            }
-            self.last_applied = std::time::Instant::now();
-            for (hard_state, write) in std::mem::take(&mut self.deferred) {
-                self.apply(hard_state, write.as_ref())?;
-            }
-            return self.sync();
-        }
-        self.stage(writes)?;
-        self.sync_staged().map(|_| ())
-    }
-
-    /// Applies writes without syncing them: the next sync covers them. A
-    /// crash before it loses them, so only what needs no acknowledgement
-    /// may wait here (a new commit index: the leader tells it again).
-    pub fn stage(
-        &mut self,
-        writes: &[(Option<HardState>, Option<&LogWrite>)],
-    ) -> Result<(), StoreError> {
-        if self.skip_sync {
-            for (hard_state, write) in writes {
-                self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
-                self.staged |= hard_state.is_some() || write.is_some();
-            }
-            return self.write_many(writes);
-        }
-        for (hard_state, write) in writes {
-            // A truncation may shorten the log: lower the witness first, and
-            // durably, so it never claims more than the store holds.
-            if let Some(write) = write {
-                if write.from <= self.last_index {
-                    self.witness.claims.last_index = self
-                        .witness
-                        .claims
-                        .last_index
-                        .min(write.from.saturating_sub(1));
-                    self.write_witness(true)?;
-                }
-            }
-            self.apply(*hard_state, *write)?;
-            if let Some(write) = write {
-                self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
-            }
-            self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
-            self.staged |= hard_state.is_some() || write.is_some();
-        }
-        Ok(())
-    }
-
-    /// Makes everything staged durable with one sync, if anything is
-    /// staged; says whether it synced.
-    pub fn sync_staged(&mut self) -> Result<bool, StoreError> {
-        if !std::mem::take(&mut self.staged) {
-            return Ok(false);
-        }
-        if self.skip_sync {
-            // Pretend, as `write_many` does in this mode; the witness file
-            // is left alone so that the node still restarts.
-            if let Some(hs) = self.staged_hard_state.take() {
-                self.witness.claims.commit = hs.commit;
-            }
-            return Ok(true);
-        }
-        self.sync()?;
-        // The witness may only claim what is now durable.
-        let mut vote_changed = false;
-        if let Some(hs) = self.staged_hard_state.take() {
-            let vote = hs.vote.unwrap_or(0);
-            vote_changed = hs.term != self.witness.claims.term || vote != self.witness.claims.vote;
-            self.witness.claims.term = hs.term;
-            self.witness.claims.vote = vote;
-            self.witness.claims.commit = hs.commit;
-        }
-        self.witness.claims.last_index = self.last_index;
-        // Entries are durable in the journal already; the witness only has to
-        // outlive a crash of this process (the page cache does that), except
-        // for votes, which are synced because they are rare and precious.
-        self.write_witness(vote_changed)?;
-        Ok(true)
-    }
-
-    /// Whether writes are applied but not yet synced.
-    pub fn has_staged(&self) -> bool {
-        self.staged
-    }
-
-    /// The commit index the last sync made durable.
-    pub fn synced_commit(&self) -> Index {
-        self.witness.claims.commit
-    }
-
-    fn apply(
-        &mut self,
-        hard_state: Option<HardState>,
-        write: Option<&LogWrite>,
-    ) -> Result<(), StoreError> {
-        let encoded = match write {
-            Some(write) => Some((
-                write.from,
-                write
-                    .entries
-                    .iter()
-                    .map(|entry| codec::encode_entry(entry).map_err(|e| self.write_error(e)))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )),
-            None => None,
-        };
-        let log = encoded
-            .as_ref()
-            .map(|(from, entries)| (*from, entries.as_slice()));
-        self.apply_encoded(hard_state, log)?;
-        self.journal.add(hard_state, log);
-        Ok(())
-    }
-
-    /// Applies a write to the segments and sled (unsynced): entries from
-    /// `from` on are replaced by `entries`, stored as encoded.
-    fn apply_encoded(
-        &mut self,
-        hard_state: Option<HardState>,
-        log: Option<(Index, &[Vec<u8>])>,
-    ) -> Result<(), StoreError> {
-        if let Some((from, entries)) = log {
-            self.log
-                .replace_from(from, entries)
-                .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        }
-        if let Some(hard_state) = hard_state {
-            self.meta.put_hard_state(&hard_state)?;
-        }
-        Ok(())
-    }
-
-    /// Makes every write applied so far durable: one journal sync, and a
-    /// checkpoint when the journal has grown large.
-    fn sync(&mut self) -> Result<(), StoreError> {
-        if let Err(e) = self.journal.sync() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
-        }
-        if self.journal.len() > CHECKPOINT_BYTES {
-            self.checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// Records the witness's claims; `sync` when they must survive a power
-    /// loss before anything else happens (votes, terms, truncations).
-    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
-        self.witness.write(sync).map_err(|e| self.write_error(e))
-    }
-
-    /// Syncs the segments (recording how far) and flushes sled; then the
-    /// journal's records are no longer needed.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.log
-            .checkpoint()
-            .map_err(|e| StoreError::from_log(&self.dir, e))?;
-        self.meta.flush()?;
-        if let Err(e) = self.journal.reset() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
-        }
-        self.replayed = false;
         Ok(())
     }
 }
@@ -828,8 +684,8 @@ mod tests {
             at += 20 + len;
         }
         let before_checkpoint = read("log/position");
-        store.checkpoint().unwrap();
-        let meta = |key: &str| hex(&store.meta.raw(key).unwrap());
+        store.disk.checkpoint().unwrap();
+        let meta = |key: &str| hex(&store.disk.meta.raw(key).unwrap());
         let pinned = [
             ("witness", hex(&read(witness::WITNESS_FILE))),
             ("position", hex(&before_checkpoint)),
@@ -913,7 +769,7 @@ mod tests {
                     .unwrap();
             }
             // The segments keep a part of them on their own.
-            store.log.checkpoint().unwrap();
+            store.disk.log.checkpoint().unwrap();
             store
                 .write(
                     Some(HardState {
@@ -936,7 +792,7 @@ mod tests {
         assert_eq!(entries[1799], entry(1800, 1));
         assert_eq!(entries[1801], entry(1802, 2));
         assert!(
-            store.journal.is_empty(),
+            store.disk.journal.is_empty(),
             "replayed records are checkpointed"
         );
         drop(store);

@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(recovered.last_index, 1);
         // A store from before stores recorded keeping a witness, and
         // without one: it opens, and keeps a witness from then on.
-        store.meta.forget_witness_kept();
+        store.disk.meta.forget_witness_kept();
         drop(store);
         std::fs::remove_file(&witness).unwrap();
         let (store, recovered) = reopen(&dir);

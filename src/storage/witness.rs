@@ -9,6 +9,10 @@
 //! a witness (`meta.rs`), so a witness deleted or emptied is damage too,
 //! not a store written before witnesses existed.
 //!
+//! The witness is checked on open (`check_witness`, below), lowered
+//! (synced) before a truncation and raised after each sync (`commit.rs`).
+//! A store opened in the unsafe no-sync mode keeps none.
+//!
 //! The file is one sealed record (`codec.rs`): `[magic "CSW1"][term][vote
 //! or 0][last index][commit][crc32]`, numbers as u64 LE.
 
@@ -17,6 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::codec::{self, SealError};
+use super::{segments, Disk, Recovered, StoreError};
 use crate::raft::{HardState, Index};
 
 pub(super) const WITNESS_FILE: &str = "witness";
@@ -169,12 +174,88 @@ impl WitnessFile {
     }
 }
 
+impl Disk {
+    /// On open: compares what sled and the segments recovered with what
+    /// the witness says was synced, and refuses a store that lost any of
+    /// it, naming the file most likely at fault.
+    pub(super) fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
+        let kept = self.meta.keeps_witness()?;
+        let bytes = match self
+            .witness
+            .read()
+            .map_err(|e| StoreError::write(&self.dir, e))?
+        {
+            Some(bytes) => bytes,
+            None if kept => {
+                return Err(self.witness_damaged(
+                    "it is missing, yet this store has kept one: without it nothing shows \
+                     whether the store lost acknowledged entries or a vote",
+                ))
+            }
+            // A new store, or one written before witnesses existed.
+            None => return self.create_witness(),
+        };
+        if bytes.is_empty() {
+            if kept {
+                return Err(self.witness_damaged("it is empty, yet this store has kept one"));
+            }
+            // Created, never written, by a version that created it empty.
+            return self.create_witness();
+        }
+        let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
+        if let Some(what) = witness.lost(&recovered.hard_state, self.last_index) {
+            // A journal cut short lost its last writes; otherwise the log
+            // lives in the segments, everything else in sled.
+            let (file, what) = if self.journal.has_torn_tail() {
+                (
+                    self.journal.path().to_path_buf(),
+                    format!("{what}, and the journal ends in a torn record"),
+                )
+            } else if self.last_index < witness.last_index {
+                (self.dir.join(segments::LOG_DIR), what)
+            } else {
+                (self.dir.join("db"), what)
+            };
+            return Err(StoreError::Damaged {
+                dir: self.dir.clone(),
+                file,
+                what: format!(
+                    "the store recovered an earlier state than this node had synced: {what}"
+                ),
+            });
+        }
+        self.witness.adopt(witness);
+        if !kept {
+            // A witness written before stores recorded keeping one.
+            self.meta.record_witness_kept()?;
+        }
+        Ok(())
+    }
+
+    fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Damaged {
+            dir: self.dir.clone(),
+            file: self.witness.path().to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    /// Creates the witness of a store that has none yet, then records
+    /// keeping it: a crash can never lose a witness the store says it keeps.
+    fn create_witness(&mut self) -> Result<(), StoreError> {
+        self.witness
+            .create(&self.dir)
+            .map_err(|e| StoreError::write(&self.dir, e))?;
+        self.meta.record_witness_kept()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::raft::LogWrite;
     use crate::storage::tests::{entry, open_released, reopen};
-    use crate::storage::{Store, StoreError};
+    use crate::storage::Store;
 
     #[test]
     fn a_missing_or_empty_witness_is_refused_by_name() {

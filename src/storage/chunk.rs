@@ -1,8 +1,9 @@
 //! How a record of the log (`segments.rs`) packs consecutive entries:
 //! `[count: u32 LE]` followed, per entry, by `[length: u32 LE][entry as
-//! bincode]` (a list, `codec.rs`). A write's entries are split into chunks of at most
-//! `CHUNK_BYTES`, so that reading one entry (a lagging follower's next
-//! batch, a page of an export) never reads much more than it needs.
+//! bincode]` (a list, `codec.rs`). A write's entries are split into chunks
+//! of at most `CHUNK_BYTES`, so that reading one entry (a lagging
+//! follower's next batch, a page of an export) never reads much more than
+//! it needs.
 
 use super::codec::{self, Reader};
 use crate::raft::Index;

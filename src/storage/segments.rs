@@ -10,18 +10,20 @@
 //! node's memory.
 //!
 //! A record is `[payload length: u32 LE][crc32 of payload: u32 LE]
-//! [payload]` (a frame, `codec.rs`), the payload `[from: u64 LE]` followed by a chunk of entries
-//! (`chunk.rs`) or by nothing: "entries from `from` on are replaced by
-//! these", or, without a chunk, "are removed". Reading the records in
-//! order gives the log. A write's entries are split into records of at
-//! most `CHUNK_BYTES`, so reading one entry never reads much more.
+//! [payload]` (a frame, `codec.rs`), the payload `[from: u64 LE]` followed
+//! by a chunk of entries (`chunk.rs`) or by nothing: "entries from `from`
+//! on are replaced by these", or, without a chunk, "are removed". Reading
+//! the records in order gives the log. A write's entries are split into
+//! records of at most `CHUNK_BYTES`, so reading one entry never reads much
+//! more.
 //!
 //! Durability comes from the store's journal, as before: segments are
 //! written without a sync and fsynced at checkpoints, when the position
 //! they are durable up to is recorded in `log/position` (replaced
-//! atomically by a rename; a sealed record of `codec.rs`). On open, whatever lies past that position was
-//! written after the last checkpoint, is covered by the journal, and is
-//! cut off; damage before it is reported, naming the file.
+//! atomically by a rename; a sealed record of `codec.rs`). On open,
+//! whatever lies past that position was written after the last checkpoint,
+//! is covered by the journal, and is cut off; damage before it is reported,
+//! naming the file.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

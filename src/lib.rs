@@ -3,7 +3,6 @@ pub mod client;
 pub mod events;
 pub mod http;
 pub mod identity;
-pub mod journal;
 pub mod latency;
 pub mod metrics;
 pub mod raft;

@@ -86,7 +86,7 @@ proptest! {
         let _ = decode_segment(&bytes);
         let _ = decode_metadata(&bytes);
         let _ = decode_witness(&bytes);
-        let _ = cluster_store::journal::decode(&bytes);
+        let _ = cluster_store::storage::journal::decode(&bytes);
     }
 
     #[test]
@@ -97,7 +97,7 @@ proptest! {
         ),
         bit in any::<proptest::sample::Index>(),
     ) {
-        use cluster_store::journal::{decode, Journal, Record};
+        use cluster_store::storage::journal::{decode, Journal, Record};
         let dir = std::env::temp_dir().join(format!("cs-journal-prop-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");

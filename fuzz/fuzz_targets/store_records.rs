@@ -12,5 +12,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = cluster_store::storage::segments::decode_segment(data);
     let _ = decode_metadata(data);
     let _ = decode_witness(data);
-    let _ = cluster_store::journal::decode(data);
+    let _ = cluster_store::storage::journal::decode(data);
 });

@@ -1,9 +1,11 @@
 //! How a record of the log (`segments.rs`) packs consecutive entries:
 //! `[count: u32 LE]` followed, per entry, by `[length: u32 LE][entry as
-//! bincode]`. A write's entries are split into chunks of at most
-//! `CHUNK_BYTES`, so that reading one entry (a lagging follower's next
-//! batch, a page of an export) never reads much more than it needs.
+//! bincode]` (a list, `codec.rs`). A write's entries are split into chunks
+//! of at most `CHUNK_BYTES`, so that reading one entry (a lagging
+//! follower's next batch, a page of an export) never reads much more than
+//! it needs.
 
+use super::codec::{self, Reader};
 use crate::raft::Index;
 
 /// Largest chunk, unless a single entry is larger.
@@ -33,26 +35,16 @@ pub fn runs(entries: &[Vec<u8>]) -> Vec<(usize, &[Vec<u8>])> {
 pub fn encode(entries: &[Vec<u8>]) -> Vec<u8> {
     let size = 4 + entries.iter().map(|e| 4 + e.len()).sum::<usize>();
     let mut bytes = Vec::with_capacity(size);
-    bytes.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for entry in entries {
-        bytes.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(entry);
-    }
+    codec::put_list(&mut bytes, entries);
     bytes
 }
 
 /// How many entries a stored value holds, from its header alone.
 pub fn count(bytes: &[u8]) -> Result<u64, String> {
-    match bytes.get(..4) {
-        Some(word) => {
-            let count = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            if count == 0 {
-                Err("a log chunk with no entries".into())
-            } else {
-                Ok(count as Index)
-            }
-        }
-        None => Err(format!("a log chunk of {} bytes", bytes.len())),
+    match Reader::new(bytes).u32() {
+        Ok(0) => Err("a log chunk with no entries".into()),
+        Ok(count) => Ok(count as Index),
+        Err(_) => Err(format!("a log chunk of {} bytes", bytes.len())),
     }
 }
 
@@ -60,24 +52,23 @@ pub fn count(bytes: &[u8]) -> Result<u64, String> {
 pub fn split(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
     let count = count(bytes)?;
     let mut entries = Vec::with_capacity((count as usize).min(bytes.len() / 4));
-    let mut rest = &bytes[4..];
+    let mut rest = Reader::new(&bytes[4..]);
     for i in 0..count {
-        let Some(word) = rest.get(..4) else {
+        let Ok(len) = rest.u32() else {
             return Err(format!("log chunk ends inside entry {i} of {count}"));
         };
-        let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
-        let Some(entry) = rest.get(4..4 + len) else {
+        let len = len as usize;
+        let Ok(entry) = rest.take(len) else {
             return Err(format!(
                 "log chunk ends inside entry {i} of {count} ({len} bytes announced)"
             ));
         };
         entries.push(entry);
-        rest = &rest[4 + len..];
     }
     if !rest.is_empty() {
         return Err(format!(
             "{} stray bytes after the {count} entries of a log chunk",
-            rest.len()
+            rest.rest().len()
         ));
     }
     Ok(entries)

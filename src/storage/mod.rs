@@ -1,60 +1,54 @@
-//! The node's durable state: the log in segment files (`segments.rs`),
-//! and in sled the hard state (term, vote, commit), the identity of the
-//! data directory and, for a replica rebuilt by `node rebuild`, its
-//! catch-up floor.
+//! The node's durable state, behind one facade, [`Store`]:
 //!
-//! Every write batch is made durable by appending it to the journal
-//! (`journal.rs`) with one `fdatasync`: one batch, one sync, that is group
-//! commit. The segments and sled get the same changes unsynced and are
-//! synced (sled's data file fsynced too: its own flush stops at
-//! `sync_file_range`) at checkpoints, after which the journal starts over;
-//! on open, the journal's records are applied to them again.
-//!
-//! sled takes a truncated or damaged data file for a torn write and
-//! silently recovers to an earlier point, which for a Raft node means
-//! forgetting entries it acknowledged or a vote it cast. So a small
-//! checksummed witness file beside sled's records, after every sync, how
-//! far the store had got (term, vote, last index, commit); a store that
-//! opens behind its witness is reported as damaged, naming the file,
-//! instead of serving a shorter history. sled records that the store keeps
-//! a witness, so a witness deleted or emptied is damage too, not a store
-//! written before witnesses existed.
+//! - the log, in append-only segment files of checksummed records
+//!   (`segments.rs`, entries packed by `chunk.rs`);
+//! - in sled, the hard state (term, vote, commit), the identity of the data
+//!   directory, the configuration the replica started from and, for a
+//!   replica rebuilt by `node rebuild`, its catch-up floor (`meta.rs`);
+//! - the write-ahead journal (`journal.rs`), and staging and group commit
+//!   over it (`commit.rs`): every write batch is made durable by appending
+//!   it to the journal with one `fdatasync`, one sync for all the writes
+//!   staged since the last. The segments and sled get the same changes
+//!   unsynced and are synced (sled's data file fsynced too: its own flush
+//!   stops at `sync_file_range`) at checkpoints, after which the journal
+//!   starts over; on open, the journal's records are applied to them again;
+//! - the witness (`witness.rs`), which exposes a store that silently
+//!   rolled back to an earlier state;
+//! - the bytes of every record above, laid out in one place (`codec.rs`);
+//! - data directories of earlier versions, whose log is moved out of sled
+//!   on open (`migration.rs`);
+//! - reading the log from other threads (`reader.rs`);
+//! - the unsafe no-sync mode, for the chaos tests' proof only
+//!   (`unsynced.rs`).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Journal;
 use crate::raft::{
     Entry, HardState, Index, LogPosition, LogWrite, Membership, NodeId, RebuildPlan,
 };
 
 mod chunk;
+mod codec;
+mod commit;
+pub mod journal;
+mod meta;
+mod migration;
+mod reader;
 pub mod segments;
+mod unsynced;
+mod witness;
 
-use segments::{LogError, ScanError, SegmentLog, SegmentReader};
+pub use reader::LogReader;
 
-/// The sled tree in which stores written before segments kept the log,
-/// one key per entry. Opening such a store moves the log into segments
-/// (`move_sled_log`).
-const SLED_LOG_TREE: &str = "log";
-const IDENTITY_KEY: &[u8] = b"identity";
-/// Present once the store keeps a witness file: from then on a missing
-/// witness is damage, not a store written before witnesses existed.
-const WITNESS_KEPT_KEY: &[u8] = b"witness_kept";
-const HARD_STATE_KEY: &[u8] = b"hard_state";
-/// Written once by `node rebuild` (`RebuildPlan::floor`); absent otherwise.
-const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
-/// The configuration this replica started from (`StoredBootstrap`);
-/// absent in stores written before membership lived in the log.
-const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
-/// Page cache for sled; its default of 1 GB is far more than a node needs.
-const CACHE_BYTES: u64 = 32 << 20;
-/// Journal size that triggers a checkpoint (a flush of sled).
-const CHECKPOINT_BYTES: u64 = 16 << 20;
+use commit::{Durability, GroupCommit};
+use journal::Journal;
+use meta::Meta;
+use segments::{LogError, SegmentLog};
+use unsynced::Unsynced;
+use witness::{Witness, WitnessFile};
 
 /// The configuration a replica starts from before its log says otherwise:
 /// `--peers`/`--learner` on a new cluster's first start, or what a joining
@@ -104,29 +98,52 @@ pub enum StoreError {
     Write { dir: PathBuf, what: String },
 }
 
-fn codec() -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .reject_trailing_bytes()
-        .with_limit(64 << 20)
-}
+impl StoreError {
+    fn corrupt(dir: &Path, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            what: what.into(),
+        }
+    }
 
-fn encode_entry(entry: &Entry) -> Result<Vec<u8>, bincode::Error> {
-    codec().serialize(entry)
+    fn write(dir: &Path, what: impl ToString) -> StoreError {
+        StoreError::Write {
+            dir: dir.to_path_buf(),
+            what: what.to_string(),
+        }
+    }
+
+    /// A problem with a file of the log: damage (rebuild the replica), or
+    /// an I/O failure (a full disk, say) that is not.
+    fn from_log(dir: &Path, error: LogError) -> StoreError {
+        if error.damaged {
+            StoreError::Damaged {
+                dir: dir.to_path_buf(),
+                file: error.file,
+                what: error.what,
+            }
+        } else {
+            StoreError::write(dir, format!("{}: {}", error.file.display(), error.what))
+        }
+    }
 }
 
 /// Decodes one stored log entry as the store does; public for the fuzz
 /// targets and property tests, which feed it arbitrary bytes.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
-    codec().deserialize(bytes).map_err(|e| e.to_string())
+    codec::decode_entry(bytes)
 }
 
 /// Decodes the metadata records of a data directory (hard state, and the
 /// directory's identity) as the store does; public for the fuzz targets.
 pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataIdentity, String>) {
     (
-        codec().deserialize(bytes).map_err(|e| e.to_string()),
-        codec().deserialize(bytes).map_err(|e| e.to_string()),
+        codec::options()
+            .deserialize(bytes)
+            .map_err(|e| e.to_string()),
+        codec::options()
+            .deserialize(bytes)
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -136,14 +153,6 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, String> {
     chunk::split(bytes)?.into_iter().map(decode_entry).collect()
 }
 
-/// The index a log key names (8 bytes, big-endian).
-fn index_of(key: &[u8]) -> Result<Index, String> {
-    let key: [u8; 8] = key
-        .try_into()
-        .map_err(|_| format!("log key of {} bytes", key.len()))?;
-    Ok(Index::from_be_bytes(key))
-}
-
 /// Decodes a witness file's contents as the store does (term, vote, last
 /// index, commit); public for the fuzz targets and property tests.
 pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
@@ -151,85 +160,29 @@ pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
 }
 
 pub struct Store {
+    disk: Disk,
+    /// When staged writes reach the disk: group commit (`commit.rs`), or
+    /// in the unsafe no-sync mode, never in time (`unsynced.rs`).
+    durability: Box<dyn Durability>,
+}
+
+/// The store's files and what it knows of them: everything but its
+/// durability, which works on this.
+struct Disk {
     dir: PathBuf,
-    db: sled::Db,
+    /// sled: hard state, identity and the like.
+    meta: Meta,
     log: SegmentLog,
-    meta: sled::Tree,
-    /// sled's data file, fsynced at every checkpoint.
-    data_file: Option<File>,
     /// Makes writes durable between checkpoints.
     journal: Journal,
-    /// See `open_without_sync_unsafely`.
-    skip_sync: bool,
-    /// Unsafe mode only: acknowledged writes not yet applied, and when
-    /// they were last applied.
-    deferred: Vec<(Option<HardState>, Option<LogWrite>)>,
-    /// Applied since the last sync, and the latest hard state among them.
-    staged: bool,
-    staged_hard_state: Option<HardState>,
-    last_applied: std::time::Instant,
     /// Journal records applied on open and not yet checkpointed: the
     /// journal is left as found until the store has passed its checks
     /// (`finish_recovery`).
     replayed: bool,
-    /// The witness file and what it says; see the module comment.
-    witness_file: Option<File>,
-    witness: Witness,
+    /// The witness file and what it says.
+    witness: WitnessFile,
     /// The last index in the log as written.
     last_index: Index,
-}
-
-const WITNESS_FILE: &str = "witness";
-const WITNESS_MAGIC: &[u8; 4] = b"CSW1";
-
-/// How far the store had got at its last sync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Witness {
-    term: u64,
-    /// 0 for no vote (node ids start at 1).
-    vote: u64,
-    last_index: Index,
-    commit: Index,
-}
-
-impl Witness {
-    fn encode(&self) -> [u8; 40] {
-        let mut bytes = [0u8; 40];
-        bytes[..4].copy_from_slice(WITNESS_MAGIC);
-        for (i, value) in [self.term, self.vote, self.last_index, self.commit]
-            .iter()
-            .enumerate()
-        {
-            bytes[4 + 8 * i..12 + 8 * i].copy_from_slice(&value.to_le_bytes());
-        }
-        let crc = crc32fast::hash(&bytes[..36]);
-        bytes[36..].copy_from_slice(&crc.to_le_bytes());
-        bytes
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Witness, String> {
-        if bytes.len() != 40 || &bytes[..4] != WITNESS_MAGIC {
-            return Err(format!(
-                "{} bytes, not a cluster-store witness",
-                bytes.len()
-            ));
-        }
-        let crc = u32::from_le_bytes([bytes[36], bytes[37], bytes[38], bytes[39]]);
-        if crc != crc32fast::hash(&bytes[..36]) {
-            return Err("checksum mismatch".into());
-        }
-        let field = |i: usize| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[4 + 8 * i..12 + 8 * i]);
-            u64::from_le_bytes(word)
-        };
-        Ok(Witness {
-            term: field(0),
-            vote: field(1),
-            last_index: field(2),
-            commit: field(3),
-        })
-    }
 }
 
 /// What a node restarts from: its hard state and how long its log is.
@@ -251,34 +204,35 @@ impl Store {
         cluster_id: &str,
         node_id: NodeId,
     ) -> Result<(Store, Recovered), StoreError> {
-        Store::open_with(dir, cluster_id, node_id, true)
+        Store::open_with(dir, cluster_id, node_id, Box::new(GroupCommit::default()))
     }
 
-    /// Breaks durability on purpose: writes are acknowledged and never
-    /// flushed, so a crash loses them. It exists only so the chaos tests can
-    /// show that their checker notices acknowledged messages being lost
-    /// (`CLUSTER_STORE_UNSAFE_SKIP_SYNC=1`). Never use it otherwise.
+    /// Breaks durability on purpose: writes are acknowledged and written
+    /// seconds later, so a crash loses them (`unsynced.rs`). It exists only
+    /// so the chaos tests can show that their checker notices acknowledged
+    /// messages being lost (`CLUSTER_STORE_UNSAFE_SKIP_SYNC=1`). Never use
+    /// it otherwise.
     pub fn open_without_sync_unsafely(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
     ) -> Result<(Store, Recovered), StoreError> {
-        Store::open_with(dir, cluster_id, node_id, false)
+        Store::open_with(dir, cluster_id, node_id, Box::new(Unsynced::new()))
     }
 
     fn open_with(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
-        durable: bool,
+        durability: Box<dyn Durability>,
     ) -> Result<(Store, Recovered), StoreError> {
-        let mut store = Store::open_dir(dir, true, durable)?;
-        store.skip_sync = !durable;
+        let durable = durability.durable();
+        let mut disk = Disk::open(dir, true, durable)?;
         let expected = DataIdentity {
             cluster_id: cluster_id.to_string(),
             node_id,
         };
-        match store.identity()? {
+        match disk.meta.identity()? {
             Some(found) if found != expected => {
                 return Err(StoreError::Foreign {
                     dir: dir.to_path_buf(),
@@ -290,31 +244,28 @@ impl Store {
             }
             Some(_) => {}
             None => {
-                if store.log.last_index() > 0 {
-                    return Err(store.corrupt("log entries without a recorded identity"));
+                if disk.log.last_index() > 0 {
+                    return Err(StoreError::corrupt(
+                        dir,
+                        "log entries without a recorded identity",
+                    ));
                 }
-                let bytes = codec()
-                    .serialize(&expected)
-                    .map_err(|e| store.write_error(e))?;
-                store
-                    .meta
-                    .insert(IDENTITY_KEY, bytes)
-                    .map_err(|e| store.write_error(e))?;
-                store.checkpoint()?;
+                disk.meta.put_identity(&expected)?;
+                disk.checkpoint()?;
             }
         }
-        let last_index = store.log.last_index();
+        let last_index = disk.log.last_index();
         let recovered = Recovered {
-            hard_state: store.hard_state()?,
+            hard_state: disk.meta.hard_state()?,
             last_index,
-            catch_up_floor: store.catch_up_floor()?,
+            catch_up_floor: disk.meta.catch_up_floor()?,
         };
-        store.last_index = last_index;
+        disk.last_index = last_index;
         if durable {
-            store.check_witness(&recovered)?;
+            disk.check_witness(&recovered)?;
         }
-        store.finish_recovery()?;
-        Ok((store, recovered))
+        disk.finish_recovery()?;
+        Ok((Store { disk, durability }, recovered))
     }
 
     /// Creates a fresh replica for node `node_id` after its store was lost
@@ -343,10 +294,10 @@ impl Store {
         bootstrap: Option<&StoredBootstrap>,
     ) -> Result<(), StoreError> {
         if dir.join("db").exists() {
-            return Err(StoreError::Write {
-                dir: dir.to_path_buf(),
-                what: "a store is already there; move it aside first".into(),
-            });
+            return Err(StoreError::write(
+                dir,
+                "a store is already there; move it aside first",
+            ));
         }
         let (mut store, _) = Store::open(dir, cluster_id, node_id)?;
         if let Some(bootstrap) = bootstrap {
@@ -355,168 +306,10 @@ impl Store {
         // The floor is made durable first: a rebuild cut short may leave
         // a floor without the term, never the term without its floor.
         if let Some(floor) = plan.floor {
-            let bytes = codec()
-                .serialize(&floor)
-                .map_err(|e| store.write_error(e))?;
-            store
-                .meta
-                .insert(CATCH_UP_FLOOR_KEY, bytes)
-                .map_err(|e| store.write_error(e))?;
-            store.checkpoint()?;
+            store.disk.meta.put_catch_up_floor(&floor)?;
+            store.disk.checkpoint()?;
         }
         store.write(Some(plan.hard_state(node_id)), None)
-    }
-
-    /// The catch-up floor `node rebuild` recorded, if this is a rebuilt
-    /// replica. It stays recorded; once the log has reached it, it is
-    /// ignored.
-    pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
-        self.meta_record(CATCH_UP_FLOOR_KEY, "catch-up floor record")
-    }
-
-    fn witness_path(&self) -> PathBuf {
-        self.dir.join(WITNESS_FILE)
-    }
-
-    /// Compares what sled recovered with what the witness says was synced.
-    fn check_witness(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
-        let path = self.witness_path();
-        let kept = self
-            .meta
-            .get(WITNESS_KEPT_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-            .is_some();
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && kept => {
-                return Err(self.witness_damaged(
-                    "it is missing, yet this store has kept one: without it nothing shows \
-                     whether the store lost acknowledged entries or a vote",
-                ))
-            }
-            // A new store, or one written before witnesses existed.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.create_witness(),
-            Err(e) => return Err(self.write_error(format!("{}: {e}", path.display()))),
-        };
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
-        if bytes.is_empty() {
-            if kept {
-                return Err(self.witness_damaged("it is empty, yet this store has kept one"));
-            }
-            // Created, never written, by a version that created it empty.
-            return self.create_witness();
-        }
-        let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
-        let hs = &recovered.hard_state;
-        let problem = if hs.term < witness.term {
-            Some(format!(
-                "it holds term {} but term {} was synced",
-                hs.term, witness.term
-            ))
-        } else if hs.term == witness.term && witness.vote != 0 && hs.vote != Some(witness.vote) {
-            Some(format!(
-                "it lost the vote for node {} in term {}",
-                witness.vote, witness.term
-            ))
-        } else if self.last_index < witness.last_index {
-            Some(format!(
-                "it holds log entries up to index {} but entries up to {} were synced",
-                self.last_index, witness.last_index
-            ))
-        } else if hs.commit < witness.commit {
-            Some(format!(
-                "it records commit index {} but {} was synced",
-                hs.commit, witness.commit
-            ))
-        } else {
-            None
-        };
-        if let Some(what) = problem {
-            // A journal cut short lost its last writes; otherwise the log
-            // lives in the segments, everything else in sled.
-            let (file, what) = if self.journal.has_torn_tail() {
-                (
-                    self.journal.path().to_path_buf(),
-                    format!("{what}, and the journal ends in a torn record"),
-                )
-            } else if self.last_index < witness.last_index {
-                (self.dir.join(segments::LOG_DIR), what)
-            } else {
-                (self.dir.join("db"), what)
-            };
-            return Err(StoreError::Damaged {
-                dir: self.dir.clone(),
-                file,
-                what: format!(
-                    "the store recovered an earlier state than this node had synced: {what}"
-                ),
-            });
-        }
-        self.witness = witness;
-        self.witness_file = Some(file);
-        if !kept {
-            // A witness written before stores recorded keeping one.
-            self.record_witness_kept()?;
-        }
-        Ok(())
-    }
-
-    fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Damaged {
-            dir: self.dir.clone(),
-            file: self.witness_path(),
-            what: what.into(),
-        }
-    }
-
-    /// Creates the witness of a store that has none yet (new, or written
-    /// before witnesses existed), claiming nothing until the next sync. Its
-    /// contents and its name in the directory are synced before the store
-    /// records keeping it, so a crash can never lose a witness the store
-    /// says it keeps.
-    fn create_witness(&mut self) -> Result<(), StoreError> {
-        let path = self.witness_path();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| self.write_error(format!("{}: {e}", path.display())))?;
-        self.witness_file = Some(file);
-        self.witness = Witness::default();
-        self.write_witness(true)?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| self.write_error(format!("{}: {e}", self.dir.display())))?;
-        self.record_witness_kept()
-    }
-
-    /// Records in sled, durably, that this store keeps a witness.
-    fn record_witness_kept(&mut self) -> Result<(), StoreError> {
-        self.meta
-            .insert(WITNESS_KEPT_KEY, &[1u8][..])
-            .map_err(|e| self.write_error(e))?;
-        self.flush_sled()
-    }
-
-    /// Records the witness; `sync` when it must survive a power loss
-    /// before anything else happens (votes, terms, truncations).
-    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
-        let Some(file) = &self.witness_file else {
-            return Ok(());
-        };
-        let bytes = self.witness.encode();
-        let result =
-            file.write_all_at(&bytes, 0)
-                .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
-        result.map_err(|e| self.write_error(format!("{}: {e}", self.witness_path().display())))
     }
 
     /// Opens a store without checking whose it is (`node export --local`,
@@ -524,230 +317,38 @@ impl Store {
     /// journal is replayed and checkpointed, and a log kept in sled by an
     /// earlier version is moved into segments.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
-        let mut store = Store::open_dir(dir, create, true)?;
-        store.finish_recovery()?;
-        Ok(store)
-    }
-
-    fn open_dir(dir: &Path, create: bool, durable: bool) -> Result<Store, StoreError> {
-        if !create && !dir.join("db").exists() {
-            return Err(StoreError::Open {
-                dir: dir.to_path_buf(),
-                source: sled::Error::Unsupported("no cluster-store data here".into()),
-            });
-        }
-        let open_error = |source: sled::Error| match source {
-            sled::Error::Corruption { .. } => StoreError::Corrupt {
-                dir: dir.to_path_buf(),
-                what: source.to_string(),
-            },
-            source => StoreError::Open {
-                dir: dir.to_path_buf(),
-                source,
-            },
-        };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(if durable { Some(500) } else { None })
-            .open()
-            .map_err(open_error)?;
-        let log = SegmentLog::open(dir).map_err(|e| log_error(dir, e))?;
-        let meta = db.open_tree("meta").map_err(open_error)?;
-        let data_file = File::open(dir.join("db")).ok();
-        let (journal, records) = Journal::open(dir).map_err(|what| StoreError::Damaged {
-            dir: dir.to_path_buf(),
-            file: dir.join(crate::journal::JOURNAL_FILE),
-            what,
-        })?;
-        let mut store = Store {
-            dir: dir.to_path_buf(),
-            db,
-            log,
-            meta,
-            data_file,
-            journal,
-            skip_sync: false,
-            deferred: Vec::new(),
-            staged: false,
-            staged_hard_state: None,
-            last_applied: std::time::Instant::now(),
-            replayed: false,
-            witness_file: None,
-            witness: Witness::default(),
-            last_index: 0,
-        };
-        // Writes journaled since the last checkpoint: the segments were cut
-        // back to it and sled may have lost any suffix of them; applying
-        // them again is harmless. They are checkpointed (and the journal
-        // emptied) by `finish_recovery`, once the store has passed its checks.
-        let net = if records.is_empty() {
-            None
-        } else {
-            Some(
-                crate::journal::collapse(records).map_err(|what| StoreError::Damaged {
-                    dir: dir.to_path_buf(),
-                    file: dir.join(crate::journal::JOURNAL_FILE),
-                    what,
-                })?,
-            )
-        };
-        store.move_sled_log(
-            net.as_ref()
-                .and_then(|net| net.log.as_ref())
-                .map(|(from, _)| *from),
-        )?;
-        if let Some(net) = net {
-            let log = net
-                .log
-                .as_ref()
-                .map(|(from, entries)| (*from, entries.as_slice()));
-            store.apply_encoded(net.hard_state, log)?;
-            store.replayed = true;
-        }
-        Ok(store)
-    }
-
-    /// Ends opening once the store has passed its checks: the journal's
-    /// replayed records are checkpointed, which empties it, or else a torn
-    /// tail is cut off it. Until then the journal stays as it was found, so
-    /// a store refused as damaged keeps the evidence (and `node rebuild`
-    /// sets it aside whole).
-    fn finish_recovery(&mut self) -> Result<(), StoreError> {
-        if self.replayed {
-            return self.checkpoint();
-        }
-        if let Err(e) = self.journal.cut_torn_tail() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
-        }
-        Ok(())
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            dir: self.dir.clone(),
-            what: what.into(),
-        }
-    }
-
-    fn write_error(&self, what: impl ToString) -> StoreError {
-        StoreError::Write {
-            dir: self.dir.clone(),
-            what: what.to_string(),
-        }
+        let mut disk = Disk::open(dir, create, true)?;
+        disk.finish_recovery()?;
+        Ok(Store {
+            disk,
+            durability: Box::new(GroupCommit::default()),
+        })
     }
 
     pub fn identity(&self) -> Result<Option<DataIdentity>, StoreError> {
-        self.meta_record(IDENTITY_KEY, "identity record")
+        self.disk.meta.identity()
     }
 
-    /// The record stored in sled's meta tree under `key`, if any; `what`
-    /// names it when it cannot be read.
-    fn meta_record<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-        what: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = self
-            .meta
-            .get(key)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        codec()
-            .deserialize(&bytes)
-            .map(Some)
-            .map_err(|e| self.corrupt(format!("{what}: {e}")))
+    pub fn hard_state(&self) -> Result<HardState, StoreError> {
+        self.disk.meta.hard_state()
     }
 
     /// The bootstrap configuration recorded on this replica's first start.
     pub fn bootstrap(&self) -> Result<Option<StoredBootstrap>, StoreError> {
-        self.meta_record(BOOTSTRAP_KEY, "bootstrap configuration record")
+        self.disk.meta.bootstrap()
     }
 
     /// Records the bootstrap configuration, durably, before the node runs.
     pub fn set_bootstrap(&mut self, bootstrap: &StoredBootstrap) -> Result<(), StoreError> {
-        let bytes = codec()
-            .serialize(bootstrap)
-            .map_err(|e| self.write_error(e))?;
-        self.meta
-            .insert(BOOTSTRAP_KEY, bytes)
-            .map_err(|e| self.write_error(e))?;
-        self.checkpoint()
+        self.disk.meta.put_bootstrap(bootstrap)?;
+        self.disk.checkpoint()
     }
 
-    pub fn hard_state(&self) -> Result<HardState, StoreError> {
-        match self
-            .meta
-            .get(HARD_STATE_KEY)
-            .map_err(|e| self.corrupt(e.to_string()))?
-        {
-            Some(bytes) => codec()
-                .deserialize(&bytes)
-                .map_err(|e| self.corrupt(format!("hard state record: {e}"))),
-            None => Ok(HardState::default()),
-        }
-    }
-
-    /// Moves a log kept in sled, one key per entry (stores written before
-    /// segments), into segments, then drops the sled tree. A move cut short
-    /// by a crash starts over on the next open: the tree is dropped last.
-    /// `journal_from`: the journal, replayed next, rewrites the log from
-    /// there on.
-    fn move_sled_log(&mut self, journal_from: Option<Index>) -> Result<(), StoreError> {
-        let names = self.db.tree_names();
-        if !names.iter().any(|n| n == SLED_LOG_TREE.as_bytes()) {
-            return Ok(());
-        }
-        let old = self
-            .db
-            .open_tree(SLED_LOG_TREE)
-            .map_err(|e| self.corrupt(e.to_string()))?;
-        self.log.clear().map_err(|e| log_error(&self.dir, e))?;
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut next = 1;
-        for item in old.iter() {
-            let (key, value) = item.map_err(|e| self.corrupt(e.to_string()))?;
-            let index = index_of(&key).map_err(|e| self.corrupt(e))?;
-            if index != next {
-                // A crash in the middle of a write can leave a gap, which
-                // the journal, replayed next, fills; any other gap is
-                // damage, and the tree stays as it is.
-                if journal_from.is_none_or(|from| from > next) {
-                    return Err(self.corrupt(format!("log entry {next} missing (found {index})")));
-                }
-                tracing::warn!(
-                    dir = %self.dir.display(),
-                    "the log kept in sled skips from {} to {index}; moving what precedes the gap",
-                    next - 1
-                );
-                break;
-            }
-            pending.push(value.to_vec());
-            next += 1;
-            if pending.len() == 1024 {
-                self.log
-                    .replace_from(next - 1024, &pending)
-                    .map_err(|e| log_error(&self.dir, e))?;
-                pending.clear();
-            }
-        }
-        if !pending.is_empty() {
-            self.log
-                .replace_from(next - pending.len() as Index, &pending)
-                .map_err(|e| log_error(&self.dir, e))?;
-        }
-        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
-        tracing::info!(
-            dir = %self.dir.display(),
-            entries = next - 1,
-            "moved the log from sled into segment files"
-        );
-        self.db
-            .drop_tree(SLED_LOG_TREE)
-            .map_err(|e| self.write_error(e))?;
-        self.flush_sled()
+    /// The catch-up floor `node rebuild` recorded, if this is a rebuilt
+    /// replica. It stays recorded; once the log has reached it, it is
+    /// ignored.
+    pub fn catch_up_floor(&self) -> Result<Option<LogPosition>, StoreError> {
+        self.disk.meta.catch_up_floor()
     }
 
     /// Hands every log entry to `each`, in order, checking that they are
@@ -767,98 +368,13 @@ impl Store {
 
     /// A handle that reads the log from other threads.
     pub fn reader(&self) -> LogReader {
-        LogReader {
-            dir: self.dir.clone(),
-            log: self.log.reader(),
-        }
+        LogReader::new(&self.disk.dir, self.disk.log.reader())
     }
 
     pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
         self.reader().entries(from, to, limit)
     }
-}
 
-/// Reads committed entries while the driver keeps writing.
-#[derive(Clone)]
-pub struct LogReader {
-    dir: PathBuf,
-    log: SegmentReader,
-}
-
-impl LogReader {
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            dir: self.dir.clone(),
-            what: what.into(),
-        }
-    }
-
-    /// Entries `from..=to`, at most `limit`, checked to be contiguous.
-    pub fn entries(&self, from: Index, to: Index, limit: usize) -> Result<Vec<Entry>, StoreError> {
-        self.entries_within(from, to, limit, usize::MAX)
-    }
-
-    /// Like `entries`, and no more than `max_bytes` of them (`Entry::size`)
-    /// unless the first alone is larger: then just that one.
-    pub fn entries_within(
-        &self,
-        from: Index,
-        to: Index,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let mut entries = Vec::new();
-        self.scan(from, to, limit, max_bytes, &mut |entry| {
-            entries.push(entry);
-            Ok(())
-        })?;
-        Ok(entries)
-    }
-
-    /// Hands entries `from..=to` (at most `limit`) to `each` in order,
-    /// checking that they decode and are contiguous from `from`; returns
-    /// the index of the last one handed over.
-    fn scan(
-        &self,
-        from: Index,
-        to: Index,
-        limit: usize,
-        max_bytes: usize,
-        each: &mut dyn FnMut(Entry) -> Result<(), String>,
-    ) -> Result<Index, StoreError> {
-        self.log
-            .scan(from, to, limit, max_bytes, each)
-            .map_err(|error| match error {
-                ScanError::Damaged(error) => log_error(&self.dir, error),
-                ScanError::Refused { index, what } => {
-                    self.corrupt(format!("log entry {index}: {what}"))
-                }
-            })
-    }
-}
-
-/// A problem with a file of the log, as a store error: damage (rebuild
-/// the replica), or an I/O failure (a full disk, say) that is not.
-fn log_error(dir: &Path, error: LogError) -> StoreError {
-    if error.damaged {
-        StoreError::Damaged {
-            dir: dir.to_path_buf(),
-            file: error.file,
-            what: error.what,
-        }
-    } else {
-        StoreError::Write {
-            dir: dir.to_path_buf(),
-            what: format!("{}: {}", error.file.display(), error.what),
-        }
-    }
-}
-
-impl Store {
     /// Applies one ready's durable changes and syncs them to disk.
     pub fn write(
         &mut self,
@@ -875,20 +391,6 @@ impl Store {
         &mut self,
         writes: &[(Option<HardState>, Option<&LogWrite>)],
     ) -> Result<(), StoreError> {
-        if self.skip_sync {
-            // Acknowledge now, write seconds later: a crash in between loses
-            // acknowledged entries. Only for proving the checkers work.
-            self.deferred
-                .extend(writes.iter().map(|(hs, w)| (*hs, w.cloned())));
-            if self.last_applied.elapsed() < std::time::Duration::from_secs(3) {
-                return Ok(());
-            }
-            self.last_applied = std::time::Instant::now();
-            for (hard_state, write) in std::mem::take(&mut self.deferred) {
-                self.apply(hard_state, write.as_ref())?;
-            }
-            return self.sync();
-        }
         self.stage(writes)?;
         self.sync_staged().map(|_| ())
     }
@@ -900,152 +402,95 @@ impl Store {
         &mut self,
         writes: &[(Option<HardState>, Option<&LogWrite>)],
     ) -> Result<(), StoreError> {
-        if self.skip_sync {
-            for (hard_state, write) in writes {
-                self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
-                self.staged |= hard_state.is_some() || write.is_some();
-            }
-            return self.write_many(writes);
-        }
-        for (hard_state, write) in writes {
-            // A truncation may shorten the log: lower the witness first, and
-            // durably, so it never claims more than the store holds.
-            if let Some(write) = write {
-                if write.from <= self.last_index {
-                    self.witness.last_index =
-                        self.witness.last_index.min(write.from.saturating_sub(1));
-                    self.write_witness(true)?;
-                }
-            }
-            self.apply(*hard_state, *write)?;
-            if let Some(write) = write {
-                self.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
-            }
-            self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
-            self.staged |= hard_state.is_some() || write.is_some();
-        }
-        Ok(())
+        self.durability.stage(&mut self.disk, writes)
     }
 
     /// Makes everything staged durable with one sync, if anything is
     /// staged; says whether it synced.
     pub fn sync_staged(&mut self) -> Result<bool, StoreError> {
-        if !std::mem::take(&mut self.staged) {
-            return Ok(false);
-        }
-        if self.skip_sync {
-            // Pretend, as `write_many` does in this mode; the witness file
-            // is left alone so that the node still restarts.
-            if let Some(hs) = self.staged_hard_state.take() {
-                self.witness.commit = hs.commit;
-            }
-            return Ok(true);
-        }
-        self.sync()?;
-        // The witness may only claim what is now durable.
-        let mut vote_changed = false;
-        if let Some(hs) = self.staged_hard_state.take() {
-            let vote = hs.vote.unwrap_or(0);
-            vote_changed = hs.term != self.witness.term || vote != self.witness.vote;
-            self.witness.term = hs.term;
-            self.witness.vote = vote;
-            self.witness.commit = hs.commit;
-        }
-        self.witness.last_index = self.last_index;
-        // Entries are durable in the journal already; the witness only has to
-        // outlive a crash of this process (the page cache does that), except
-        // for votes, which are synced because they are rare and precious.
-        self.write_witness(vote_changed)?;
-        Ok(true)
+        self.durability.sync_staged(&mut self.disk)
     }
 
     /// Whether writes are applied but not yet synced.
     pub fn has_staged(&self) -> bool {
-        self.staged
+        self.durability.has_staged()
     }
 
     /// The commit index the last sync made durable.
     pub fn synced_commit(&self) -> Index {
-        self.witness.commit
+        self.durability.synced_commit(&self.disk)
     }
+}
 
-    fn apply(
-        &mut self,
-        hard_state: Option<HardState>,
-        write: Option<&LogWrite>,
-    ) -> Result<(), StoreError> {
-        let encoded = match write {
-            Some(write) => Some((
-                write.from,
-                write
-                    .entries
-                    .iter()
-                    .map(|entry| encode_entry(entry).map_err(|e| self.write_error(e)))
-                    .collect::<Result<Vec<_>, _>>()?,
-            )),
-            None => None,
+impl Disk {
+    /// Opens the store's files in `dir` (creating them if `create`), moves
+    /// a log kept in sled by an earlier version into segments, and applies
+    /// the journal's records again. `durable` false only for the unsafe
+    /// no-sync mode.
+    fn open(dir: &Path, create: bool, durable: bool) -> Result<Disk, StoreError> {
+        if !create && !dir.join("db").exists() {
+            return Err(StoreError::Open {
+                dir: dir.to_path_buf(),
+                source: sled::Error::Unsupported("no cluster-store data here".into()),
+            });
+        }
+        let meta = Meta::open(dir, durable)?;
+        let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
+        let journal_damaged = |what| StoreError::Damaged {
+            dir: dir.to_path_buf(),
+            file: dir.join(journal::JOURNAL_FILE),
+            what,
         };
-        let log = encoded
-            .as_ref()
-            .map(|(from, entries)| (*from, entries.as_slice()));
-        self.apply_encoded(hard_state, log)?;
-        self.journal.add(hard_state, log);
-        Ok(())
+        let (journal, records) = Journal::open(dir).map_err(journal_damaged)?;
+        let mut disk = Disk {
+            dir: dir.to_path_buf(),
+            meta,
+            log,
+            journal,
+            replayed: false,
+            witness: WitnessFile::unopened(dir),
+            last_index: 0,
+        };
+        // Writes journaled since the last checkpoint: the segments were cut
+        // back to it and sled may have lost any suffix of them; applying
+        // them again is harmless. They are checkpointed (and the journal
+        // emptied) by `finish_recovery`, once the store has passed its checks.
+        let net = if records.is_empty() {
+            None
+        } else {
+            Some(journal::collapse(records).map_err(journal_damaged)?)
+        };
+        migration::move_sled_log(
+            &disk.dir,
+            &disk.meta,
+            &mut disk.log,
+            net.as_ref()
+                .and_then(|net| net.log.as_ref())
+                .map(|(from, _)| *from),
+        )?;
+        if let Some(net) = net {
+            let log = net
+                .log
+                .as_ref()
+                .map(|(from, entries)| (*from, entries.as_slice()));
+            disk.apply_encoded(net.hard_state, log)?;
+            disk.replayed = true;
+        }
+        Ok(disk)
     }
 
-    /// Applies a write to the segments and sled (unsynced): entries from
-    /// `from` on are replaced by `entries`, stored as encoded.
-    fn apply_encoded(
-        &mut self,
-        hard_state: Option<HardState>,
-        log: Option<(Index, &[Vec<u8>])>,
-    ) -> Result<(), StoreError> {
-        if let Some((from, entries)) = log {
-            self.log
-                .replace_from(from, entries)
-                .map_err(|e| self.write_error(format!("{}: {}", e.file.display(), e.what)))?;
+    /// Ends opening once the store has passed its checks: the journal's
+    /// replayed records are checkpointed, which empties it, or else a torn
+    /// tail is cut off it. Until then the journal stays as it was found, so
+    /// a store refused as damaged keeps the evidence (and `node rebuild`
+    /// sets it aside whole).
+    fn finish_recovery(&mut self) -> Result<(), StoreError> {
+        if self.replayed {
+            return self.checkpoint();
         }
-        if let Some(hard_state) = hard_state {
-            let bytes = codec()
-                .serialize(&hard_state)
-                .map_err(|e| self.write_error(e))?;
-            self.meta
-                .insert(HARD_STATE_KEY, bytes)
-                .map_err(|e| self.write_error(e))?;
+        if let Err(e) = self.journal.cut_torn_tail() {
+            return Err(self.journal_error(e));
         }
-        Ok(())
-    }
-
-    /// Makes every write applied so far durable: one journal sync, and a
-    /// checkpoint when the journal has grown large.
-    fn sync(&mut self) -> Result<(), StoreError> {
-        if let Err(e) = self.journal.sync() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
-        }
-        if self.journal.len() > CHECKPOINT_BYTES {
-            self.checkpoint()?;
-        }
-        Ok(())
-    }
-
-    /// Flushes sled and fsyncs its data file.
-    fn flush_sled(&mut self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.write_error(e))?;
-        if let Some(file) = &self.data_file {
-            file.sync_data().map_err(|e| self.write_error(e))?;
-        }
-        Ok(())
-    }
-
-    /// Syncs the segments (recording how far) and flushes sled; then the
-    /// journal's records are no longer needed.
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.log.checkpoint().map_err(|e| log_error(&self.dir, e))?;
-        self.flush_sled()?;
-        if let Err(e) = self.journal.reset() {
-            return Err(self.write_error(format!("{}: {e}", self.journal.path().display())));
-        }
-        self.replayed = false;
         Ok(())
     }
 }
@@ -1059,7 +504,9 @@ mod tests {
     /// background threads let go of the directory's lock a moment after the
     /// drop, so a lock conflict is waited out (briefly); any other outcome
     /// is returned.
-    fn released<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    pub(super) fn released<T, E: std::fmt::Display>(
+        open: impl Fn() -> Result<T, E>,
+    ) -> Result<T, E> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match open() {
@@ -1074,7 +521,7 @@ mod tests {
         }
     }
 
-    fn open_released(
+    pub(super) fn open_released(
         dir: &Path,
         cluster_id: &str,
         node_id: NodeId,
@@ -1082,17 +529,125 @@ mod tests {
         released(|| Store::open(dir, cluster_id, node_id))
     }
 
-    fn reopen(dir: &Path) -> (Store, Recovered) {
+    pub(super) fn reopen(dir: &Path) -> (Store, Recovered) {
         open_released(dir, "c1", 1).unwrap()
     }
 
-    fn entry(index: Index, term: u64) -> Entry {
+    pub(super) fn entry(index: Index, term: u64) -> Entry {
         Entry {
             index,
             term,
             lamport: index,
             payload: Payload::Noop,
         }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The bytes of every file and record the store writes, for a fixed
+    /// history: a change of format shows here first. (The journal's
+    /// sequence numbers start at random, so they and the checksums that
+    /// cover them are zeroed after the journal has been checked to decode.)
+    #[test]
+    fn the_bytes_it_writes_are_pinned() {
+        let dir = std::env::temp_dir().join(format!("cs-store-pinned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
+        let bootstrap = StoredBootstrap {
+            membership: crate::raft::Membership {
+                voters: [1, 2].into(),
+                learners: [3].into(),
+                addresses: (1..=3).map(|id| (id, format!("h{id}:7000"))).collect(),
+            },
+            index: 5,
+            cluster_digest: 99,
+        };
+        store.set_bootstrap(&bootstrap).unwrap();
+        let command = Entry {
+            index: 2,
+            term: 2,
+            lamport: 9,
+            payload: Payload::Command(crate::raft::Command {
+                client_id: 7,
+                seq: 1,
+                sender: "alice".into(),
+                data: "hi".into(),
+            }),
+        };
+        let hs = HardState {
+            term: 2,
+            vote: Some(1),
+            commit: 1,
+        };
+        store
+            .write(
+                Some(hs),
+                Some(&LogWrite {
+                    from: 1,
+                    entries: vec![entry(1, 1), command],
+                }),
+            )
+            .unwrap();
+        store
+            .write(
+                None,
+                Some(&LogWrite {
+                    from: 2,
+                    entries: vec![],
+                }),
+            )
+            .unwrap();
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let mut journal = read(journal::JOURNAL_FILE);
+        let (records, valid) = journal::decode(&journal).unwrap();
+        assert_eq!((records.len(), valid), (2, journal.len()));
+        let mut at = 0;
+        while at < journal.len() {
+            let len = u32::from_le_bytes(journal[at + 8..at + 12].try_into().unwrap()) as usize;
+            journal[at + 4..at + 8].fill(0);
+            journal[at + 12..at + 20].fill(0);
+            at += 20 + len;
+        }
+        let before_checkpoint = read("log/position");
+        store.disk.checkpoint().unwrap();
+        let meta = |key: &str| hex(&store.disk.meta.raw(key).unwrap());
+        let pinned = [
+            ("witness", hex(&read(witness::WITNESS_FILE))),
+            ("position", hex(&before_checkpoint)),
+            ("position after a checkpoint", hex(&read("log/position"))),
+            ("segment", hex(&read("log/00000000.seg"))),
+            ("journal", hex(&journal)),
+            ("identity", meta("identity")),
+            ("hard state", meta("hard state")),
+            ("bootstrap", meta("bootstrap")),
+            ("witness kept", meta("witness kept")),
+            (
+                "catch-up floor",
+                hex(&codec::options()
+                    .serialize(&LogPosition { term: 6, index: 42 })
+                    .unwrap()),
+            ),
+        ];
+        let expected = [
+            ("witness", "43535731020000000000000001000000000000000100000000000000010000000000000012821d0d"),
+            ("position", "4353503100000000000000000000000021780d89"),
+            ("position after a checkpoint", "43535031000000008b00000000000000ade15c87"),
+            ("segment", "730000009ac8a3c00100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c696365020000000000000068690800000014d807270200000000000000"),
+            ("journal", "43534a32000000008c0000000000000000000000030200000000000000010000000000000001000000000000000100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c6963650200000000000000686943534a32000000000d000000000000000000000002020000000000000000000000"),
+            ("identity", "020000000000000063310100000000000000"),
+            ("hard state", "02000000000000000101000000000000000100000000000000"),
+            ("bootstrap", "0200000000000000010000000000000002000000000000000100000000000000030000000000000003000000000000000100000000000000070000000000000068313a373030300200000000000000070000000000000068323a373030300300000000000000070000000000000068333a3730303005000000000000006300000000000000"),
+            ("witness kept", "01"),
+            ("catch-up floor", "06000000000000002a00000000000000"),
+        ];
+        assert_eq!(pinned.len(), expected.len());
+        for ((what, bytes), (name, expected)) in pinned.iter().zip(expected) {
+            assert_eq!((*what, bytes.as_str()), (name, expected));
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1141,7 +696,7 @@ mod tests {
                     .unwrap();
             }
             // The segments keep a part of them on their own.
-            store.log.checkpoint().unwrap();
+            store.disk.log.checkpoint().unwrap();
             store
                 .write(
                     Some(HardState {
@@ -1164,7 +719,7 @@ mod tests {
         assert_eq!(entries[1799], entry(1800, 1));
         assert_eq!(entries[1801], entry(1802, 2));
         assert!(
-            store.journal.is_empty(),
+            store.disk.journal.is_empty(),
             "replayed records are checkpointed"
         );
         drop(store);
@@ -1222,80 +777,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn moves_a_log_kept_in_sled_into_segments() {
-        let dir = std::env::temp_dir().join(format!("cs-store-convert-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            // A store as versions before chunks left it: identity, hard
-            // state and one sled key per entry, all flushed.
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: Some(1),
-                commit: 2000,
-            };
-            store.write(Some(hs), None).unwrap();
-            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
-            for index in 1..=2500u64 {
-                old.insert(
-                    index.to_be_bytes(),
-                    codec().serialize(&entry(index, 1)).unwrap(),
-                )
-                .unwrap();
-            }
-            store.checkpoint().unwrap();
-        }
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 2500);
-        assert_eq!(recovered.hard_state.commit, 2000);
-        assert_eq!(store.verify().unwrap(), 2500);
-        assert_eq!(
-            store.entries(1020, 1030, 100).unwrap(),
-            (1020..=1030).map(|i| entry(i, 1)).collect::<Vec<_>>()
-        );
-        assert!(!store
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n == SLED_LOG_TREE.as_bytes()));
-        drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_gap_in_a_log_kept_in_sled_is_refused_and_the_tree_kept() {
-        let dir = std::env::temp_dir().join(format!("cs-store-gap-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let old = store.db.open_tree(SLED_LOG_TREE).unwrap();
-            for index in (1..=10u64).chain(15..=20) {
-                old.insert(
-                    index.to_be_bytes(),
-                    codec().serialize(&entry(index, 1)).unwrap(),
-                )
-                .unwrap();
-            }
-            store.checkpoint().unwrap();
-        }
-        match open_released(&dir, "c1", 1) {
-            Err(StoreError::Corrupt { what, .. }) => {
-                assert!(what.contains("log entry 11 missing"), "{what}")
-            }
-            Err(other) => panic!("unexpected error: {other}"),
-            Ok(_) => panic!("a log with a gap was accepted"),
-        }
-        let db = released(|| sled::open(&dir)).unwrap();
-        assert_eq!(
-            db.open_tree(SLED_LOG_TREE).unwrap().len(),
-            16,
-            "the tree is kept"
-        );
-        drop(db);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
     /// Four writes, one journal record each, left in the journal (no
     /// checkpoint); returns the journal's path and bytes.
     fn four_journaled_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -1313,7 +794,7 @@ mod tests {
                 .unwrap();
         }
         drop(store);
-        let journal = dir.join(crate::journal::JOURNAL_FILE);
+        let journal = dir.join(journal::JOURNAL_FILE);
         let bytes = std::fs::read(&journal).unwrap();
         (journal, bytes)
     }
@@ -1382,68 +863,6 @@ mod tests {
             cut,
             "the journal was cut before the witness was checked"
         );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_missing_or_empty_witness_is_refused_by_name() {
-        let dir = std::env::temp_dir().join(format!("cs-store-witness-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        {
-            let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: Some(1),
-                commit: 0,
-            };
-            let write = LogWrite {
-                from: 1,
-                entries: vec![entry(1, 1)],
-            };
-            store.write(Some(hs), Some(&write)).unwrap();
-        }
-        let witness = dir.join(WITNESS_FILE);
-        let saved = std::fs::read(&witness).unwrap();
-        std::fs::remove_file(&witness).unwrap();
-        for (what, contents) in [("missing", None), ("empty", Some(&b""[..]))] {
-            if let Some(contents) = contents {
-                std::fs::write(&witness, contents).unwrap();
-            }
-            let error = match open_released(&dir, "c1", 1) {
-                Ok(_) => panic!("a store with its witness {what} opened"),
-                Err(error) => error,
-            };
-            let StoreError::Damaged { file, .. } = &error else {
-                panic!("unexpected error: {error}")
-            };
-            assert_eq!(file, &witness);
-            let message = error.to_string();
-            assert!(
-                message.contains(what) && message.contains("node rebuild"),
-                "{message}"
-            );
-            if contents.is_none() {
-                assert!(!witness.exists(), "the refused open created a new witness");
-            }
-        }
-        std::fs::write(&witness, &saved).unwrap();
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 1);
-        // A store from before stores recorded keeping a witness, and
-        // without one: it opens, and keeps a witness from then on.
-        store.meta.remove(WITNESS_KEPT_KEY).unwrap();
-        store.db.flush().unwrap();
-        drop(store);
-        std::fs::remove_file(&witness).unwrap();
-        let (store, recovered) = reopen(&dir);
-        assert_eq!(recovered.last_index, 1);
-        drop(store);
-        assert!(witness.exists());
-        std::fs::remove_file(&witness).unwrap();
-        assert!(matches!(
-            open_released(&dir, "c1", 1),
-            Err(StoreError::Damaged { .. })
-        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

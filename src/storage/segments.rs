@@ -10,18 +10,20 @@
 //! node's memory.
 //!
 //! A record is `[payload length: u32 LE][crc32 of payload: u32 LE]
-//! [payload]`, the payload `[from: u64 LE]` followed by a chunk of entries
-//! (`chunk.rs`) or by nothing: "entries from `from` on are replaced by
-//! these", or, without a chunk, "are removed". Reading the records in
-//! order gives the log. A write's entries are split into records of at
-//! most `CHUNK_BYTES`, so reading one entry never reads much more.
+//! [payload]` (a frame, `codec.rs`), the payload `[from: u64 LE]` followed
+//! by a chunk of entries (`chunk.rs`) or by nothing: "entries from `from`
+//! on are replaced by these", or, without a chunk, "are removed". Reading
+//! the records in order gives the log. A write's entries are split into
+//! records of at most `CHUNK_BYTES`, so reading one entry never reads much
+//! more.
 //!
 //! Durability comes from the store's journal, as before: segments are
 //! written without a sync and fsynced at checkpoints, when the position
 //! they are durable up to is recorded in `log/position` (replaced
-//! atomically by a rename). On open, whatever lies past that position was
-//! written after the last checkpoint, is covered by the journal, and is
-//! cut off; damage before it is reported, naming the file.
+//! atomically by a rename; a sealed record of `codec.rs`). On open,
+//! whatever lies past that position was written after the last checkpoint,
+//! is covered by the journal, and is cut off; damage before it is reported,
+//! naming the file.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::chunk;
+use super::codec::{self, FrameError, Reader, SealError, MAX_RECORD};
 use crate::raft::{Entry, Index};
 
 /// The directory of the segments, inside the data directory.
@@ -38,9 +41,7 @@ const POSITION_MAGIC: &[u8; 4] = b"CSP1";
 /// A new segment starts once the active one has grown past this (small
 /// in unit tests, so that they cross segments).
 const SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 64 << 20 };
-const HEADER: usize = 8;
-/// Larger than any record the store writes; a length above it is damage.
-const MAX_RECORD: usize = 256 << 20;
+const HEADER: usize = codec::FRAME_HEADER;
 /// Records read per look at the index, so a long scan never holds the
 /// lock, or a copy of the whole index, for long.
 const SCAN_BATCH: usize = 256;
@@ -272,14 +273,12 @@ impl SegmentLog {
         let mut locs = Vec::new();
         let push = |first: Index, chunk: Option<Vec<u8>>, bytes: &mut Vec<u8>| {
             let mut payload = Vec::with_capacity(8 + chunk.as_ref().map_or(0, Vec::len));
-            payload.extend_from_slice(&first.to_le_bytes());
+            codec::put_u64(&mut payload, first);
             if let Some(chunk) = &chunk {
                 payload.extend_from_slice(chunk);
             }
             let offset = self.active_len + bytes.len() as u64;
-            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
+            codec::put_frame(bytes, &payload);
             (offset, HEADER + payload.len())
         };
         let runs = chunk::runs(entries);
@@ -522,7 +521,7 @@ impl SegmentReader {
                     if index > to || left == 0 {
                         return Ok(expected - 1);
                     }
-                    let entry = super::decode_entry(bytes).map_err(|what| {
+                    let entry = codec::decode_entry(bytes).map_err(|what| {
                         ScanError::Damaged(damage(&path, format!("log entry {index}: {what}")))
                     })?;
                     if entry.index != index {
@@ -553,31 +552,20 @@ type Record<'a> = (Index, Option<&'a [u8]>);
 /// it does, else the record (or why it is damaged) and its length.
 #[allow(clippy::type_complexity)]
 fn parse_record(bytes: &[u8]) -> Result<(Result<Record<'_>, String>, usize), String> {
-    let Some(header) = bytes.get(..HEADER) else {
-        return Err(format!(
-            "a record header cut short at {} bytes",
-            bytes.len()
-        ));
-    };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if !(8..=MAX_RECORD).contains(&len) {
-        return Err(format!("a record length of {len} bytes"));
+    let frame = codec::frame_at(bytes, 8..=MAX_RECORD).map_err(|error| match error {
+        FrameError::HeaderCut { have } => format!("a record header cut short at {have} bytes"),
+        FrameError::Length { len } => format!("a record length of {len} bytes"),
+        FrameError::PayloadCut { len, have } => {
+            format!("a record of {len} bytes cut short at {have}")
+        }
+    })?;
+    if !frame.intact() {
+        return Ok((Err("checksum mismatch".into()), frame.len()));
     }
-    let Some(payload) = bytes.get(HEADER..HEADER + len) else {
-        return Err(format!(
-            "a record of {len} bytes cut short at {}",
-            bytes.len() - HEADER
-        ));
-    };
-    if crc32fast::hash(payload) != crc {
-        return Ok((Err("checksum mismatch".into()), HEADER + len));
-    }
-    let mut from = [0u8; 8];
-    from.copy_from_slice(&payload[..8]);
-    let from = Index::from_le_bytes(from);
-    let chunk = (payload.len() > 8).then(|| &payload[8..]);
-    Ok((Ok((from, chunk)), HEADER + len))
+    let mut payload = Reader::new(frame.payload);
+    let from = payload.u64()?;
+    let chunk = (!payload.is_empty()).then(|| payload.rest());
+    Ok((Ok((from, chunk)), frame.len()))
 }
 
 /// Decodes a segment's records as the store does on open: each record's
@@ -639,31 +627,25 @@ fn read_segment(
     Ok(())
 }
 
-fn encode_position(position: Position) -> [u8; 20] {
-    let mut bytes = [0u8; 20];
-    bytes[..4].copy_from_slice(POSITION_MAGIC);
-    bytes[4..8].copy_from_slice(&position.segment.to_le_bytes());
-    bytes[8..16].copy_from_slice(&position.len.to_le_bytes());
-    let crc = crc32fast::hash(&bytes[..16]);
-    bytes[16..].copy_from_slice(&crc.to_le_bytes());
-    bytes
+/// The position's fields: segment (u32) and length (u64).
+const POSITION_FIELDS: usize = 12;
+
+fn encode_position(position: Position) -> Vec<u8> {
+    let mut fields = Vec::with_capacity(POSITION_FIELDS);
+    codec::put_u32(&mut fields, position.segment);
+    codec::put_u64(&mut fields, position.len);
+    codec::seal(POSITION_MAGIC, &fields)
 }
 
 fn decode_position(bytes: &[u8]) -> Result<Position, String> {
-    if bytes.len() != 20 || &bytes[..4] != POSITION_MAGIC {
-        return Err(format!("{} bytes, not a log position", bytes.len()));
-    }
-    let crc = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-    if crc != crc32fast::hash(&bytes[..16]) {
-        return Err("checksum mismatch".into());
-    }
-    let mut segment = [0u8; 4];
-    segment.copy_from_slice(&bytes[4..8]);
-    let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[8..16]);
+    let mut fields =
+        codec::unseal(bytes, POSITION_MAGIC, POSITION_FIELDS).map_err(|error| match error {
+            SealError::Shape => format!("{} bytes, not a log position", bytes.len()),
+            SealError::Checksum => "checksum mismatch".to_string(),
+        })?;
     Ok(Position {
-        segment: u32::from_le_bytes(segment),
-        len: u64::from_le_bytes(len),
+        segment: fields.u32()?,
+        len: fields.u64()?,
     })
 }
 
@@ -681,7 +663,7 @@ mod tests {
                     lamport: index,
                     payload: Payload::Noop,
                 };
-                super::super::encode_entry(&entry).unwrap()
+                codec::encode_entry(&entry).unwrap()
             })
             .collect()
     }

@@ -34,25 +34,25 @@
 //! are still read. (Such a length is at most `MAX_RECORD`, so its last byte
 //! is never the magic's.) The store checkpoints what it replays, so the
 //! records written after them start a new journal.
+//!
+//! Both layouts are the store's shared ones (`codec.rs`: a sequenced frame,
+//! and a frame); this file says what a payload holds and how a torn tail
+//! is told from damage.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::codec::{self, FrameError, Reader, MAX_RECORD};
 use crate::raft::{HardState, Index};
 
 pub const JOURNAL_FILE: &str = "journal";
 const HAS_HARD_STATE: u8 = 1;
 const HAS_LOG: u8 = 2;
-/// Larger than any write batch the node produces; a length above it is
-/// damage, not a record.
-const MAX_RECORD: usize = 256 << 20;
 const MAGIC: [u8; 4] = *b"CSJ2";
 /// Magic, checksum, length, sequence number.
-const HEADER: usize = 20;
-/// Length and checksum: records of journals written before the magic.
-const LEGACY_HEADER: usize = 8;
+const HEADER: usize = codec::SEQUENCED_HEADER;
 /// The smallest record: a header and a flags byte.
 const MIN_RECORD: usize = HEADER + 1;
 
@@ -160,7 +160,7 @@ impl Journal {
     /// Queues a record; `sync` makes it durable.
     pub fn add(&mut self, hard_state: Option<HardState>, log: Option<(Index, &[Vec<u8>])>) {
         let payload = encode_payload(hard_state, log);
-        encode_record(&mut self.pending, self.next_seq, &payload);
+        codec::put_sequenced(&mut self.pending, &MAGIC, self.next_seq, &payload);
         self.next_seq = self.next_seq.wrapping_add(1);
     }
 
@@ -206,31 +206,14 @@ fn encode_payload(hard_state: Option<HardState>, log: Option<(Index, &[Vec<u8>])
     payload.push(flags);
     if let Some(hs) = hard_state {
         for value in [hs.term, hs.vote.unwrap_or(0), hs.commit] {
-            payload.extend_from_slice(&value.to_le_bytes());
+            codec::put_u64(&mut payload, value);
         }
     }
     if let Some((from, entries)) = log {
-        payload.extend_from_slice(&from.to_le_bytes());
-        payload.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-        for entry in entries {
-            payload.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-            payload.extend_from_slice(entry);
-        }
+        codec::put_u64(&mut payload, from);
+        codec::put_list(&mut payload, entries);
     }
     payload
-}
-
-/// Appends one record to `out`: magic, checksum, length, sequence number,
-/// payload.
-fn encode_record(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(payload);
-    let crc = crc32fast::hash(&out[start + 8..]);
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The net effect of `records`, as one change: the last hard state, and
@@ -318,59 +301,37 @@ fn decode_journal(bytes: &[u8]) -> Result<Decoded, String> {
     })
 }
 
-/// A record header of the current format at `at`: checksum, payload
-/// length and sequence number; `None` if the magic is not there or the
-/// header runs past the end of the file.
-fn header_at(bytes: &[u8], at: usize) -> Option<(u32, usize, u64)> {
-    let header = bytes.get(at..)?.get(..HEADER)?;
-    if header[..4] != MAGIC {
-        return None;
+/// What is wrong with a record's framing, as a journal says it.
+fn framing_problem(error: FrameError) -> String {
+    match error {
+        FrameError::HeaderCut { have } => format!("its header is cut short at {have} bytes"),
+        FrameError::Length { len } => format!("length {len}, more than any record"),
+        FrameError::PayloadCut { len, .. } => format!("length {len} runs past the end of the file"),
     }
-    let crc = u32::from_le_bytes(word(&header[4..8]));
-    let len = u32::from_le_bytes(word(&header[8..12])) as usize;
-    let seq = u64::from_le_bytes(dword(&header[12..20]));
-    Some((crc, len, seq))
 }
 
 /// The record starting at `at`, its sequence number (none in the old
 /// format) and where it ends; or what is wrong with it.
 fn record_at(bytes: &[u8], at: usize) -> Result<(Record, Option<u64>, usize), String> {
     let rest = bytes.get(at..).unwrap_or_default();
-    if !rest.starts_with(&MAGIC) {
+    let Some(frame) = codec::sequenced_at(rest, &MAGIC, ..=MAX_RECORD) else {
         return legacy_record_at(rest).map(|(record, len)| (record, None, at + len));
-    }
-    let (crc, len, seq) = header_at(bytes, at)
-        .ok_or_else(|| format!("its header is cut short at {} bytes", rest.len()))?;
-    if len > MAX_RECORD {
-        return Err(format!("length {len}, more than any record"));
-    }
-    let covered = rest
-        .get(8..HEADER + len)
-        .ok_or_else(|| format!("length {len} runs past the end of the file"))?;
-    if crc32fast::hash(covered) != crc {
+    };
+    let frame = frame.map_err(framing_problem)?;
+    if !frame.intact() {
         return Err("checksum mismatch".into());
     }
-    let record = parse_payload(&covered[HEADER - 8..], true)?;
-    Ok((record, Some(seq), at + HEADER + len))
+    let record = parse_payload(frame.payload, true)?;
+    Ok((record, Some(frame.seq), at + frame.len()))
 }
 
 /// A record of the old format at the start of `rest`, and its size.
 fn legacy_record_at(rest: &[u8]) -> Result<(Record, usize), String> {
-    let header = rest
-        .get(..LEGACY_HEADER)
-        .ok_or_else(|| format!("its header is cut short at {} bytes", rest.len()))?;
-    let len = u32::from_le_bytes(word(&header[..4])) as usize;
-    let crc = u32::from_le_bytes(word(&header[4..]));
-    if len > MAX_RECORD {
-        return Err(format!("length {len}, more than any record"));
-    }
-    let payload = rest
-        .get(LEGACY_HEADER..LEGACY_HEADER + len)
-        .ok_or_else(|| format!("length {len} runs past the end of the file"))?;
-    if crc32fast::hash(payload) != crc {
+    let frame = codec::frame_at(rest, ..=MAX_RECORD).map_err(framing_problem)?;
+    if !frame.intact() {
         return Err("checksum mismatch".into());
     }
-    Ok((parse_payload(payload, true)?, LEGACY_HEADER + len))
+    Ok((parse_payload(frame.payload, true)?, frame.len()))
 }
 
 /// Where the first intact record after the bad one at `at` starts, if one
@@ -386,16 +347,19 @@ fn intact_record_after(
     legacy: bool,
 ) -> Option<usize> {
     (at + 1..bytes.len()).find(|&offset| {
-        if let Some((_, _, seq)) = header_at(bytes, offset) {
-            // The sequence number is checked before the checksum is
-            // computed: a record that cannot be ours costs nothing.
-            let follows = last_seq.is_none_or(|last| {
-                let most = 1 + ((offset - at) / MIN_RECORD) as u64;
-                (1..=most).contains(&seq.wrapping_sub(last))
-            });
-            follows && record_at(bytes, offset).is_ok()
-        } else {
-            legacy && legacy_record_is_intact(bytes.get(offset..).unwrap_or_default())
+        let rest = bytes.get(offset..).unwrap_or_default();
+        match codec::sequenced_at(rest, &MAGIC, ..=MAX_RECORD) {
+            Some(Ok(frame)) => {
+                // The sequence number is checked before the checksum is
+                // computed: a record that cannot be ours costs nothing.
+                let follows = last_seq.is_none_or(|last| {
+                    let most = 1 + ((offset - at) / MIN_RECORD) as u64;
+                    (1..=most).contains(&frame.seq.wrapping_sub(last))
+                });
+                follows && frame.intact() && parse_payload(frame.payload, false).is_ok()
+            }
+            Some(Err(_)) => false,
+            None => legacy && legacy_record_is_intact(rest),
         }
     })
 }
@@ -403,34 +367,17 @@ fn intact_record_after(
 /// Whether an intact record of the old format starts `rest`. Its shape is
 /// checked first, so at most offsets no checksum is computed.
 fn legacy_record_is_intact(rest: &[u8]) -> bool {
-    let Some(header) = rest.get(..LEGACY_HEADER) else {
+    let Ok(frame) = codec::frame_at(rest, ..) else {
         return false;
     };
-    let len = u32::from_le_bytes(word(&header[..4])) as usize;
-    let Some(payload) = rest.get(LEGACY_HEADER..).and_then(|body| body.get(..len)) else {
-        return false;
-    };
-    parse_payload(payload, false).is_ok()
-        && crc32fast::hash(payload) == u32::from_le_bytes(word(&header[4..]))
-}
-
-fn word(bytes: &[u8]) -> [u8; 4] {
-    let mut word = [0u8; 4];
-    word.copy_from_slice(bytes);
-    word
-}
-
-fn dword(bytes: &[u8]) -> [u8; 8] {
-    let mut word = [0u8; 8];
-    word.copy_from_slice(bytes);
-    word
+    parse_payload(frame.payload, false).is_ok() && frame.intact()
 }
 
 /// Decodes a record's payload; with `keep_entries` false it only checks
 /// its shape, copying nothing (the entries come back empty).
 fn parse_payload(payload: &[u8], keep_entries: bool) -> Result<Record, String> {
-    let mut reader = Reader { bytes: payload };
-    let flags = reader.take(1)?[0];
+    let mut reader = Reader::new(payload);
+    let flags = reader.u8()?;
     if flags & !(HAS_HARD_STATE | HAS_LOG) != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
@@ -450,7 +397,7 @@ fn parse_payload(payload: &[u8], keep_entries: bool) -> Result<Record, String> {
         let count = reader.u32()? as usize;
         let mut entries = Vec::new();
         if keep_entries {
-            entries.reserve(count.min(reader.bytes.len() / 4));
+            entries.reserve(count.min(reader.rest().len() / 4));
         }
         for _ in 0..count {
             let len = reader.u32()? as usize;
@@ -461,33 +408,10 @@ fn parse_payload(payload: &[u8], keep_entries: bool) -> Result<Record, String> {
         }
         record.log = Some((from, entries));
     }
-    if !reader.bytes.is_empty() {
-        return Err(format!("{} trailing bytes", reader.bytes.len()));
+    if !reader.is_empty() {
+        return Err(format!("{} trailing bytes", reader.rest().len()));
     }
     Ok(record)
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < n {
-            return Err(format!("{n} bytes wanted, {} left", self.bytes.len()));
-        }
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(word(self.take(4)?)))
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(dword(self.take(8)?)))
-    }
 }
 
 #[cfg(test)]
@@ -754,8 +678,9 @@ mod tests {
         // A client's message holding the bytes of a record, its sequence
         // number guessed wrong; the write carrying it is torn after it.
         let mut forged = Vec::new();
-        encode_record(
+        codec::put_sequenced(
             &mut forged,
+            &MAGIC,
             seq.wrapping_add(1000),
             &encode_payload(Some(hs(66)), None),
         );

@@ -1,0 +1,201 @@
+//! How writes become durable: staging, group commit and checkpoints.
+//!
+//! `stage` applies writes to the segments and sled, unsynced, and adds them
+//! to the journal; `sync_staged` makes everything staged since the last
+//! sync durable with one `fdatasync` of the journal: one sync for many
+//! writes, that is group commit. The witness is lowered (synced) before a
+//! truncation and raised only after a sync, so it never claims more than
+//! the store holds. When the journal has grown past `CHECKPOINT_BYTES`, a
+//! checkpoint syncs the segments and sled and empties it.
+//!
+//! The store delegates staging and syncing to a [`Durability`]:
+//! [`GroupCommit`] here, or the unsafe no-sync mode of `unsynced.rs`.
+
+use super::{codec, Disk, StoreError};
+use crate::raft::{HardState, Index, LogWrite};
+
+/// Journal size that triggers a checkpoint (a flush of sled).
+const CHECKPOINT_BYTES: u64 = 16 << 20;
+
+/// When staged writes reach the disk.
+pub(super) trait Durability: Send {
+    /// Whether the store keeps the records that make a crash safe: sled
+    /// flushed in the background, and the witness checked and written.
+    /// False only for the unsafe no-sync mode.
+    fn durable(&self) -> bool {
+        true
+    }
+
+    /// Applies writes without syncing them: the next sync covers them.
+    fn stage(
+        &mut self,
+        disk: &mut Disk,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError>;
+
+    /// Makes everything staged durable with one sync, if anything is
+    /// staged; says whether it synced.
+    fn sync_staged(&mut self, disk: &mut Disk) -> Result<bool, StoreError>;
+
+    /// Whether writes are applied but not yet synced.
+    fn has_staged(&self) -> bool;
+
+    /// The commit index the last sync made durable.
+    fn synced_commit(&self, disk: &Disk) -> Index;
+}
+
+/// The store's durability: every write staged since the last sync made
+/// durable by one journal sync.
+#[derive(Default)]
+pub(super) struct GroupCommit {
+    /// Applied since the last sync, and the latest hard state among them.
+    staged: bool,
+    staged_hard_state: Option<HardState>,
+}
+
+impl Durability for GroupCommit {
+    fn stage(
+        &mut self,
+        disk: &mut Disk,
+        writes: &[(Option<HardState>, Option<&LogWrite>)],
+    ) -> Result<(), StoreError> {
+        for (hard_state, write) in writes {
+            // A truncation may shorten the log: lower the witness first, and
+            // durably, so it never claims more than the store holds.
+            if let Some(write) = write {
+                if write.from <= disk.last_index {
+                    let claims = &mut disk.witness.claims;
+                    claims.last_index = claims.last_index.min(write.from.saturating_sub(1));
+                    disk.write_witness(true)?;
+                }
+            }
+            disk.apply(*hard_state, *write)?;
+            if let Some(write) = write {
+                disk.last_index = write.from.saturating_sub(1) + write.entries.len() as Index;
+            }
+            self.staged_hard_state = (*hard_state).or(self.staged_hard_state);
+            self.staged |= hard_state.is_some() || write.is_some();
+        }
+        Ok(())
+    }
+
+    fn sync_staged(&mut self, disk: &mut Disk) -> Result<bool, StoreError> {
+        if !std::mem::take(&mut self.staged) {
+            return Ok(false);
+        }
+        disk.sync()?;
+        // The witness may only claim what is now durable.
+        let claims = &mut disk.witness.claims;
+        let mut vote_changed = false;
+        if let Some(hs) = self.staged_hard_state.take() {
+            let vote = hs.vote.unwrap_or(0);
+            vote_changed = hs.term != claims.term || vote != claims.vote;
+            claims.term = hs.term;
+            claims.vote = vote;
+            claims.commit = hs.commit;
+        }
+        claims.last_index = disk.last_index;
+        // Entries are durable in the journal already; the witness only has to
+        // outlive a crash of this process (the page cache does that), except
+        // for votes, which are synced because they are rare and precious.
+        disk.write_witness(vote_changed)?;
+        Ok(true)
+    }
+
+    fn has_staged(&self) -> bool {
+        self.staged
+    }
+
+    fn synced_commit(&self, disk: &Disk) -> Index {
+        disk.witness.claims.commit
+    }
+}
+
+impl Disk {
+    /// Applies a write to the segments and sled (unsynced) and adds it to
+    /// the journal (unsynced too, until `sync`).
+    pub(super) fn apply(
+        &mut self,
+        hard_state: Option<HardState>,
+        write: Option<&LogWrite>,
+    ) -> Result<(), StoreError> {
+        let encoded = match write {
+            Some(write) => Some((
+                write.from,
+                write
+                    .entries
+                    .iter()
+                    .map(|entry| {
+                        codec::encode_entry(entry).map_err(|e| StoreError::write(&self.dir, e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )),
+            None => None,
+        };
+        let log = encoded
+            .as_ref()
+            .map(|(from, entries)| (*from, entries.as_slice()));
+        self.apply_encoded(hard_state, log)?;
+        self.journal.add(hard_state, log);
+        Ok(())
+    }
+
+    /// Applies a write to the segments and sled (unsynced): entries from
+    /// `from` on are replaced by `entries`, stored as encoded.
+    pub(super) fn apply_encoded(
+        &mut self,
+        hard_state: Option<HardState>,
+        log: Option<(Index, &[Vec<u8>])>,
+    ) -> Result<(), StoreError> {
+        if let Some((from, entries)) = log {
+            self.log
+                .replace_from(from, entries)
+                .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        }
+        if let Some(hard_state) = hard_state {
+            self.meta.put_hard_state(&hard_state)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write applied so far durable: one journal sync, and a
+    /// checkpoint when the journal has grown large.
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
+        if let Err(e) = self.journal.sync() {
+            return Err(self.journal_error(e));
+        }
+        if self.journal.len() > CHECKPOINT_BYTES {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Records the witness's claims; `sync` when they must survive a power
+    /// loss before anything else happens (votes, terms, truncations).
+    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
+        self.witness
+            .write(sync)
+            .map_err(|e| StoreError::write(&self.dir, e))
+    }
+
+    /// Syncs the segments (recording how far) and flushes sled; then the
+    /// journal's records are no longer needed.
+    pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.log
+            .checkpoint()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        self.meta.flush()?;
+        if let Err(e) = self.journal.reset() {
+            return Err(self.journal_error(e));
+        }
+        self.replayed = false;
+        Ok(())
+    }
+
+    pub(super) fn journal_error(&self, error: std::io::Error) -> StoreError {
+        StoreError::write(
+            &self.dir,
+            format!("{}: {error}", self.journal.path().display()),
+        )
+    }
+}

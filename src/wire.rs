@@ -20,6 +20,24 @@ pub const MAX_MESSAGE_BYTES: usize = crate::raft::MAX_COMMAND_BYTES;
 /// messages still fits a frame with room to spare.
 pub const MAX_SEND_BYTES: usize = 4 << 20;
 
+/// Most messages one send request may carry.
+pub const MAX_BATCH: usize = 4096;
+
+/// Most requests one client stream may have outstanding: a node reads no
+/// further ahead on a stream until it has answered the oldest.
+pub const STREAM_WINDOW: usize = 64;
+
+/// Most entries one export or watch page returns.
+pub const PAGE: u64 = 10_000;
+
+/// Most bytes of entries (`Entry::size`) one page returns, at least one
+/// entry: pages of 10,000 entries over ~1.6 KB each exceeded a frame.
+pub const PAGE_BYTES: usize = 4 << 20;
+
+/// The QUIC close code of a client connection refused because the node
+/// has too many open: the client retries after a pause.
+pub const CLOSE_BUSY: u32 = 5;
+
 /// The QUIC application protocol of clients (and of a node's HTTP side
 /// reaching the cluster): requests on bidirectional streams. The version
 /// moves with the wire format (bincode, positional): nodes and clients of

@@ -13,12 +13,11 @@ use cluster_store::address::Address;
 use cluster_store::client::{format_json, format_line, Client, LogStream};
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, RebuildPlan};
-use cluster_store::server::api::PAGE;
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
 use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::{ExportedEntry, MembersView, Start, Until};
+use cluster_store::wire::{ExportedEntry, MembersView, Start, Until, PAGE};
 
 #[derive(Parser)]
 #[command(

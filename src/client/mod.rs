@@ -20,7 +20,7 @@ use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, Propo
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, WireError, MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
+    Until, WireError, CLOSE_BUSY, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
 };
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
@@ -29,7 +29,7 @@ use crate::wire::{
 /// round trip could not pass 8,000 messages per commit latency, ~42,000/s.
 /// A node deduplicates retries within `Config::session_window` of a
 /// client's latest messages, which must stay above this many batches.
-pub const PIPELINE_WINDOW: usize = crate::server::api::STREAM_WINDOW;
+pub const PIPELINE_WINDOW: usize = STREAM_WINDOW;
 
 /// While a request is pending, the node is asked whether it is alive this
 /// often; one that does not answer a probe in time is treated as down
@@ -339,7 +339,7 @@ impl Client {
                         // A node over its connection limit is alive: retry
                         // it after a pause rather than suspecting it.
                         if let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() {
-                            if close.error_code == crate::server::api::CLOSE_BUSY.into() {
+                            if close.error_code == CLOSE_BUSY.into() {
                                 if let Ok(mut connections) = self.connections.lock() {
                                     connections.remove(&node);
                                 }
@@ -928,8 +928,10 @@ impl Client {
     }
 }
 
-/// Most messages `Batches` puts in one send request.
+/// Most messages `Batches` puts in one send request (the protocol allows
+/// `MAX_BATCH`).
 pub const LINES_PER_BATCH: usize = 1000;
+const _: () = assert!(LINES_PER_BATCH <= MAX_BATCH);
 
 /// Why `Batches` stopped before the end of its input.
 #[derive(Debug, thiserror::Error)]

@@ -23,9 +23,9 @@ use tokio_stream::StreamExt;
 use crate::client::{Client, LogStream};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
-use crate::raft::{NodeId, Payload, Status};
+use crate::raft::{NodeId, Status};
 use crate::server::api::Api;
-use crate::wire::{Start, Until};
+use crate::wire::{ExportedEntry, Start, Until};
 
 /// Most messages one `/messages` page returns.
 pub const MAX_PAGE: u64 = 1000;
@@ -205,18 +205,9 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let next = entries.last().map_or(from, |e| e.index + 1);
-    let mut out: Vec<serde_json::Value> = entries
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Payload::Command(c) => Some(json!({
-                "index": e.index,
-                "term": e.term,
-                "lamport": e.lamport,
-                "sender": c.sender,
-                "text": String::from_utf8_lossy(&c.data),
-            })),
-            Payload::Noop | Payload::Membership(_) => None,
-        })
+    let mut out: Vec<ExportedEntry> = entries
+        .into_iter()
+        .filter_map(ExportedEntry::from_entry)
         .collect();
     if last.is_some() {
         let skip = out.len().saturating_sub(limit as usize);
@@ -225,11 +216,10 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         out.truncate(limit as usize);
     }
     let next = match (last, out.last()) {
-        (None, Some(last)) if out.len() as u64 == limit => {
-            last["index"].as_u64().map_or(next, |i| i + 1)
-        }
+        (None, Some(last)) if out.len() as u64 == limit => last.index + 1,
         _ => next,
     };
+    let out: Vec<serde_json::Value> = out.iter().map(ExportedEntry::to_json).collect();
     Json(json!({ "messages": out, "next": next, "commit": status.commit })).into_response()
 }
 
@@ -338,7 +328,7 @@ async fn events(
         .into_stream()
         .map(|entry| match entry {
             Ok(entry) => {
-                let mut data = serde_json::to_value(&entry).unwrap_or_default();
+                let mut data = entry.to_json();
                 data["type"] = json!("commit");
                 Ok::<_, Infallible>(
                     Event::default()

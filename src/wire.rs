@@ -213,7 +213,9 @@ pub struct MembersView {
     pub cluster_digest: u64,
 }
 
-/// A committed message as exports show it.
+/// A committed message as users see it: in exports and watches, on the
+/// wire, in `/messages` and `/events`. Its text and JSON forms are stable
+/// (README, "Stable formats").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportedEntry {
     pub index: Index,
@@ -237,6 +239,43 @@ impl ExportedEntry {
             }),
             crate::raft::Payload::Noop | crate::raft::Payload::Membership(_) => None,
         }
+    }
+
+    /// The text form: one line, `index<TAB>lamport<TAB>sender<TAB>text`,
+    /// with backslash, tab, newline and carriage return in the text
+    /// written `\\`, `\t`, `\n` and `\r`.
+    pub fn format_line(&self) -> String {
+        let mut text = String::with_capacity(self.text.len());
+        for c in self.text.chars() {
+            match c {
+                '\\' => text.push_str("\\\\"),
+                '\t' => text.push_str("\\t"),
+                '\n' => text.push_str("\\n"),
+                '\r' => text.push_str("\\r"),
+                c => text.push(c),
+            }
+        }
+        format!(
+            "{}\t{}\t{}\t{}",
+            self.index, self.lamport, self.sender, text
+        )
+    }
+
+    /// The JSON form: an object with `index`, `term`, `lamport`, `sender`
+    /// and `text`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "index": self.index,
+            "term": self.term,
+            "lamport": self.lamport,
+            "sender": self.sender,
+            "text": self.text,
+        })
+    }
+
+    /// The JSON form on one line.
+    pub fn format_json(&self) -> String {
+        self.to_json().to_string()
     }
 }
 
@@ -320,6 +359,22 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_has_a_stable_text_line_and_json_object() {
+        let message = ExportedEntry {
+            index: 7,
+            term: 2,
+            lamport: 12,
+            sender: "alice".into(),
+            text: "a\tb\\c\nd\re".into(),
+        };
+        assert_eq!(message.format_line(), "7\t12\talice\ta\\tb\\\\c\\nd\\re");
+        assert_eq!(
+            message.format_json(),
+            r#"{"index":7,"lamport":12,"sender":"alice","term":2,"text":"a\tb\\c\nd\re"}"#
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_garbage_is_refused() {

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
-use cluster_store::client::{format_json, format_line, Client, LogStream};
+use cluster_store::client::{Client, LogStream};
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, RebuildPlan};
 use cluster_store::server::{self, NodeOptions};
@@ -768,8 +768,8 @@ fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
 fn write_entries(out: &mut impl Write, entries: &[ExportedEntry], format: Format) -> Result<()> {
     for entry in entries {
         let line = match format {
-            Format::Text => format_line(entry),
-            Format::Json => format_json(entry),
+            Format::Text => entry.format_line(),
+            Format::Json => entry.format_json(),
         };
         writeln!(out, "{line}")?;
     }

@@ -1008,38 +1008,6 @@ impl<I: Iterator<Item = std::io::Result<String>>> Iterator for Batches<I> {
     }
 }
 
-/// The stable text format of exports: one line per message,
-/// `index<TAB>lamport<TAB>sender<TAB>text`, with backslash, tab and newline
-/// in the text escaped as `\\`, `\t` and `\n`.
-pub fn format_line(entry: &ExportedEntry) -> String {
-    let mut text = String::with_capacity(entry.text.len());
-    for c in entry.text.chars() {
-        match c {
-            '\\' => text.push_str("\\\\"),
-            '\t' => text.push_str("\\t"),
-            '\n' => text.push_str("\\n"),
-            '\r' => text.push_str("\\r"),
-            c => text.push(c),
-        }
-    }
-    format!(
-        "{}\t{}\t{}\t{}",
-        entry.index, entry.lamport, entry.sender, text
-    )
-}
-
-/// The JSON line format of exports: index, term, lamport, sender, text.
-pub fn format_json(entry: &ExportedEntry) -> String {
-    serde_json::json!({
-        "index": entry.index,
-        "term": entry.term,
-        "lamport": entry.lamport,
-        "sender": entry.sender,
-        "text": entry.text,
-    })
-    .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

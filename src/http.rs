@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
-use crate::client::{Client, LogStream};
+use crate::client::{render, Client, LogStream};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, Status};
@@ -278,10 +278,7 @@ async fn send(state: &HttpState, text: String) -> Response {
     }
     match state.cluster.send(vec![text]).await {
         Ok((leader, committed)) => match committed.first() {
-            Some(c) => Json(json!({
-                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-            }))
-            .into_response(),
+            Some(c) => Json(render::committed_json(c, leader)).into_response(),
             None => fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the leader answered without a result",

@@ -10,14 +10,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
-use cluster_store::client::{Client, LogStream};
+use cluster_store::client::{render, AddProgress, Added, ChangeReport, Client, LogStream};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, RebuildPlan};
+use cluster_store::raft::{Index, MembershipChange, NodeId, RebuildPlan};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
 use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::{ExportedEntry, MembersView, Start, Until, PAGE};
+use cluster_store::wire::{ExportedEntry, Start, Until, PAGE};
 
 #[derive(Parser)]
 #[command(
@@ -860,16 +860,9 @@ async fn client_command(command: Command) -> Result<()> {
                 let (leader, committed) = client.send(vec![text]).await?;
                 for c in &committed {
                     if json {
-                        let object = serde_json::json!({
-                            "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-                        });
-                        writeln!(out, "{object}")?;
+                        writeln!(out, "{}", render::committed_json(c, leader))?;
                     } else {
-                        writeln!(
-                            out,
-                            "committed at index {} (term {}, lamport {}) by leader {leader}",
-                            c.index, c.term, c.lamport
-                        )?;
+                        writeln!(out, "{}", render::committed_text(c, leader))?;
                     }
                 }
                 out.flush()?;
@@ -881,18 +874,19 @@ async fn client_command(command: Command) -> Result<()> {
             let mut batches = cluster_store::client::Batches::new(std::io::stdin().lock().lines());
             let mut sent = 0usize;
             client
-                .send_pipelined(&mut batches, cluster_store::client::PIPELINE_WINDOW, |leader, committed| {
-                    if json {
-                        for c in committed {
-                            let object = serde_json::json!({
-                                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-                            });
-                            writeln!(out, "{object}")?;
+                .send_pipelined(
+                    &mut batches,
+                    cluster_store::client::PIPELINE_WINDOW,
+                    |leader, committed| {
+                        if json {
+                            for c in committed {
+                                writeln!(out, "{}", render::committed_json(c, leader))?;
+                            }
                         }
-                    }
-                    sent += committed.len();
-                    Ok(())
-                })
+                        sent += committed.len();
+                        Ok(())
+                    },
+                )
                 .await?;
             if let Some(error) = batches.error {
                 bail!("standard input, {error}; the {sent} messages before it were committed");
@@ -965,97 +959,11 @@ async fn client_command(command: Command) -> Result<()> {
             print_stream(stream, format).await
         }
         Command::Status { client, json } => {
-            let client = client_from(&client)?;
-            let mut statuses = Vec::new();
-            // Members the answers name that --cluster did not (added since)
-            // are asked too.
-            let mut asked = std::collections::BTreeSet::new();
-            while let Some(node) = client.nodes().into_iter().find(|n| !asked.contains(n)) {
-                asked.insert(node);
-                match client.status(node).await {
-                    Ok(status) => {
-                        client.learn_members(&status.membership.addresses);
-                        statuses.push(Ok(status))
-                    }
-                    Err(e) => statuses.push(Err((node, format!("{e:#}")))),
-                }
-            }
-            let leader = statuses
-                .iter()
-                .filter_map(|s| s.as_ref().ok())
-                .filter(|s| s.leader == Some(s.id))
-                .max_by_key(|s| s.term)
-                .map(|s| s.id);
-            if statuses.iter().all(|s| s.is_err()) {
-                let reasons: Vec<String> = statuses
-                    .iter()
-                    .filter_map(|s| s.as_ref().err())
-                    .map(|(node, error)| format!("node {node}: {error}"))
-                    .collect();
-                bail!("no node answered: {}", reasons.join("; "));
-            }
+            let answers = client_from(&client)?.cluster_status().await?;
             if json {
-                let nodes: Vec<serde_json::Value> = statuses
-                    .iter()
-                    .map(|s| match s {
-                        Ok(status) => serde_json::to_value(status).unwrap_or_default(),
-                        Err((node, error)) => serde_json::json!({"id": node, "error": error}),
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({"leader": leader, "nodes": nodes}));
+                println!("{}", render::status_json(&answers));
             } else {
-                println!(
-                    "leader: {}",
-                    leader.map_or("none".to_string(), |l| l.to_string())
-                );
-                // The configuration as the leader sees it, else the latest
-                // any node reports.
-                if let Some(s) = statuses
-                    .iter()
-                    .filter_map(|s| s.as_ref().ok())
-                    .max_by_key(|s| (Some(s.id) == leader, s.membership_index))
-                {
-                    println!(
-                        "configuration (index {}, as node {} sees it): {}{}",
-                        s.membership_index,
-                        s.id,
-                        s.membership,
-                        if s.change_in_progress {
-                            "; a change is in progress (not committed yet)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                for status in &statuses {
-                    match status {
-                        Ok(s) => {
-                            let lag: Vec<String> = s
-                                .peers
-                                .iter()
-                                .map(|p| format!("{}:{}", p.id, p.lag))
-                                .collect();
-                            println!(
-                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}{}",
-                                s.id,
-                                s.role,
-                                s.term,
-                                s.commit,
-                                s.last_index,
-                                s.lamport,
-                                if lag.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(", follower lag {}", lag.join(" "))
-                                },
-                                s.catch_up_floor.map_or(String::new(), |floor| format!(
-                                    ", rebuilt replica catching up to {floor}"
-                                ))
-                            );
-                        }
-                        Err((node, error)) => println!("node {node}: unreachable ({error})"),
-                    }
-                }
+                print!("{}", render::status_text(&answers));
             }
             Ok(())
         }
@@ -1066,16 +974,15 @@ async fn client_command(command: Command) -> Result<()> {
     }
 }
 
-/// How long a member command waits for a leader that is not ready, or
-/// busy with another change.
-const CHANGE_PATIENCE: Duration = Duration::from_secs(30);
-
 async fn member(command: MemberCommand) -> Result<()> {
     match command {
         MemberCommand::List { client, json } => {
-            let client = client_from(&client)?;
-            let view = client.members().await?;
-            print_members(&view, json);
+            let view = client_from(&client)?.members().await?;
+            if json {
+                println!("{}", render::members_json(&view));
+            } else {
+                print!("{}", render::members_text(&view));
+            }
             Ok(())
         }
         MemberCommand::Add {
@@ -1088,89 +995,48 @@ async fn member(command: MemberCommand) -> Result<()> {
         } => {
             let address = member_address(&address)?;
             let client = client_from(&client)?;
-            let add = MembershipChange::AddLearner {
-                id,
-                address: address.clone(),
-            };
-            let (leader, outcome) = client.change_membership(&add, CHANGE_PATIENCE).await?;
-            match outcome {
-                // With --json and a promotion to come, the promotion's
-                // report is the one document printed.
-                Ok(index) if !json || learner => report_change(&add, leader, Ok(index), json)?,
-                Ok(_) => {}
-                // A retry of an add that committed: done, or go on to the
-                // promotion.
-                Err(ChangeError::AlreadyMember(_)) => {
-                    let view = client.members().await?;
-                    let membership = &view.status.membership;
-                    if membership.addresses.get(&id) != Some(&address) {
-                        return report_change(&add, leader, outcome, json);
+            let timeout = Duration::from_secs(timeout);
+            let added = client
+                .add_member(id, &address, learner, timeout, |step| match step {
+                    // With --json the promotion's report is the one
+                    // document printed.
+                    AddProgress::Added(report) if !json => {
+                        println!("{}", render::change_text(report).unwrap_or_default())
                     }
-                    if learner || membership.is_voter(id) {
-                        let role = if membership.is_voter(id) {
-                            "voter"
-                        } else {
-                            "learner"
-                        };
-                        if json {
-                            println!(
-                                "{}",
-                                serde_json::json!({
-                                    "committed": true, "change": add.to_string(), "already": role,
-                                    "index": view.status.membership_index, "leader": leader,
-                                })
-                            );
-                        } else {
-                            println!("node {id} is already a {role} at {address}");
-                        }
-                        return Ok(());
+                    AddProgress::AlreadyLearner if !json => {
+                        println!("{}", render::already_text(id, "learner", &address))
                     }
-                    if !json {
-                        println!("node {id} is already a learner at {address}");
+                    AddProgress::Waiting(Some(lag)) => {
+                        eprintln!("waiting for node {id} to catch up (lag {lag})")
                     }
+                    AddProgress::Waiting(None) => {
+                        eprintln!("waiting for node {id} to answer the leader (is it running?)")
+                    }
+                    AddProgress::Added(_) | AddProgress::AlreadyLearner => {}
+                })
+                .await?;
+            match added {
+                Added::Change(report) => print_change(report, json),
+                Added::Already(already) if json => {
+                    println!("{}", render::already_json(&already));
+                    Ok(())
                 }
-                Err(_) => return report_change(&add, leader, outcome, json),
-            }
-            if learner {
-                return Ok(());
-            }
-            let promote = MembershipChange::Promote { id };
-            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
-            let mut told: Option<Index> = None;
-            loop {
-                let (leader, outcome) = client.change_membership(&promote, CHANGE_PATIENCE).await?;
-                let lag = match &outcome {
-                    Err(ChangeError::NotCaughtUp {
-                        match_index,
-                        last_index,
-                        ..
-                    }) => last_index.saturating_sub(*match_index),
-                    Err(ChangeError::NotResponding(_)) => Index::MAX,
-                    _ => return report_change(&promote, leader, outcome, json),
-                };
-                if std::time::Instant::now() >= deadline {
-                    bail!(
-                        "node {id} did not catch up within {timeout} s (last: {}); it stays a learner: \
-                         check that it runs (`node --id {id} --join ...`), then `node member promote {id}`",
-                        outcome.err().map_or(String::new(), |e| e.to_string())
+                Added::Already(already) => {
+                    println!(
+                        "{}",
+                        render::already_text(id, already.role, &already.address)
                     );
+                    Ok(())
                 }
-                if told != Some(lag) {
-                    if lag == Index::MAX {
-                        eprintln!("waiting for node {id} to answer the leader (is it running?)");
-                    } else {
-                        eprintln!("waiting for node {id} to catch up (lag {lag})");
-                    }
-                    told = Some(lag);
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
         MemberCommand::Promote { id, client, json } => {
-            change(client, MembershipChange::Promote { id }, json).await
+            let change = MembershipChange::Promote { id };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
         MemberCommand::Remove { id, client, json } => {
-            change(client, MembershipChange::Remove { id }, json).await
+            let change = MembershipChange::Remove { id };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
         MemberCommand::Update {
             id,
@@ -1179,23 +1045,12 @@ async fn member(command: MemberCommand) -> Result<()> {
             json,
         } => {
             let address = member_address(&address)?;
-            change(
-                client,
-                MembershipChange::UpdateAddress { id, address },
-                json,
-            )
-            .await
+            let change = MembershipChange::UpdateAddress { id, address };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
     }
 }
 
-async fn change(args: ClientArgs, change: MembershipChange, json: bool) -> Result<()> {
-    let client = client_from(&args)?;
-    let (leader, outcome) = client.change_membership(&change, CHANGE_PATIENCE).await?;
-    report_change(&change, leader, outcome, json)
-}
-
-/// Prints what committed, or fails with the refusal.
 /// `--address` of `node member add/update`, checked and normalized.
 fn member_address(address: &str) -> Result<String> {
     Ok(cluster_store::address::Address::parse(address)
@@ -1203,135 +1058,15 @@ fn member_address(address: &str) -> Result<String> {
         .to_string())
 }
 
-fn report_change(
-    change: &MembershipChange,
-    leader: NodeId,
-    outcome: Result<Index, ChangeError>,
-    json: bool,
-) -> Result<()> {
-    match outcome {
-        Ok(index) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "committed": true, "change": change.to_string(), "index": index, "leader": leader,
-                    })
-                );
-            } else {
-                println!("committed: {change} (configuration index {index}, leader {leader})");
-            }
-            Ok(())
-        }
-        Err(error) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "committed": false, "change": change.to_string(), "error": error.to_string(),
-                        "refusal": serde_json::to_value(&error).unwrap_or_default(), "leader": leader,
-                    })
-                );
-            }
-            if error == ChangeError::LeadershipLost {
-                bail!("{change}: outcome unknown: node {leader} lost leadership before it committed; it may still commit: check `node member list` before retrying")
-            }
-            bail!("{change}: refused by node {leader}: {error}")
-        }
-    }
-}
-
-/// One row of `node member list`.
-#[derive(Debug, PartialEq, serde::Serialize)]
-struct MemberRow {
-    id: NodeId,
-    address: Option<String>,
-    role: &'static str,
-    /// From the leader's view only.
-    match_index: Option<Index>,
-    lag: Option<Index>,
-}
-
-fn member_rows(view: &MembersView) -> Vec<MemberRow> {
-    let status = &view.status;
-    let leading = status.leader == Some(status.id);
-    status
-        .membership
-        .members()
-        .map(|id| {
-            let peer = status.peers.iter().find(|p| p.id == id);
-            let (match_index, lag) = match peer {
-                Some(peer) => (Some(peer.match_index), Some(peer.lag)),
-                None if leading && id == status.id => (Some(status.last_index), Some(0)),
-                None => (None, None),
-            };
-            MemberRow {
-                id,
-                address: status.membership.addresses.get(&id).cloned(),
-                role: if status.membership.is_voter(id) {
-                    "voter"
-                } else {
-                    "learner"
-                },
-                match_index,
-                lag,
-            }
-        })
-        .collect()
-}
-
-fn print_members(view: &MembersView, json: bool) {
-    let status = &view.status;
-    let rows = member_rows(view);
-    let leading = status.leader == Some(status.id);
+/// Prints what committed, or fails with the refusal (printed too, with
+/// `--json`).
+fn print_change(report: ChangeReport, json: bool) -> Result<()> {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "leader": status.leader,
-                "answered_by": status.id,
-                "configuration_index": status.membership_index,
-                "change_in_progress": status.change_in_progress,
-                "digest": format!("{:016x}", status.membership.digest()),
-                "cluster_digest": format!("{:016x}", view.cluster_digest),
-                "members": rows,
-            })
-        );
-        return;
+        println!("{}", render::change_json(&report));
+    } else if let Some(text) = render::change_text(&report) {
+        println!("{text}");
     }
-    println!(
-        "configuration index {}{}, leader {}{}",
-        status.membership_index,
-        if status.change_in_progress {
-            " (change in progress: not committed yet)"
-        } else {
-            ""
-        },
-        status.leader.map_or("none".to_string(), |l| l.to_string()),
-        if leading {
-            String::new()
-        } else {
-            format!(
-                " (as node {} sees it; the leader did not answer, so no lag)",
-                status.id
-            )
-        }
-    );
-    println!(
-        "{:>4}  {:<24} {:<8} {:>10} {:>8}",
-        "id", "address", "role", "match", "lag"
-    );
-    for row in rows {
-        let number = |n: Option<Index>| n.map_or("-".to_string(), |n| n.to_string());
-        println!(
-            "{:>4}  {:<24} {:<8} {:>10} {:>8}",
-            row.id,
-            row.address.as_deref().unwrap_or("-"),
-            row.role,
-            number(row.match_index),
-            number(row.lag)
-        );
-    }
+    report.into_result().map(drop)
 }
 
 #[cfg(test)]
@@ -1369,61 +1104,5 @@ mod tests {
         assert!(Cli::try_parse_from(["node", "member", "remove", "x"]).is_err());
         let cli = Cli::try_parse_from(["node", "--id", "4", "--join", "1=h1:7000"]).unwrap();
         assert_eq!(cli.run.join.as_deref(), Some("1=h1:7000"));
-    }
-
-    #[test]
-    fn the_member_list_takes_match_and_lag_from_the_leader() {
-        use cluster_store::raft::{Config, HardState, Membership, PeerStatus, RaftNode};
-        let membership = Membership {
-            voters: [1, 2].into(),
-            learners: [3].into(),
-            addresses: (1..=3).map(|id| (id, format!("h{id}:7000"))).collect(),
-        };
-        let mut config = Config::new(1, [1, 2]);
-        config.learners = [3].into();
-        let node = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
-        let mut status = node.status();
-        status.membership = membership.clone();
-        status.last_index = 50;
-        status.leader = Some(1);
-        status.peers = vec![PeerStatus {
-            id: 3,
-            voter: false,
-            match_index: 20,
-            lag: 30,
-        }];
-        let view = MembersView {
-            status,
-            committed: membership,
-            committed_index: 0,
-            cluster_digest: 0,
-        };
-        let rows = member_rows(&view);
-        assert_eq!(
-            rows,
-            vec![
-                MemberRow {
-                    id: 1,
-                    address: Some("h1:7000".into()),
-                    role: "voter",
-                    match_index: Some(50),
-                    lag: Some(0),
-                },
-                MemberRow {
-                    id: 2,
-                    address: Some("h2:7000".into()),
-                    role: "voter",
-                    match_index: None,
-                    lag: None,
-                },
-                MemberRow {
-                    id: 3,
-                    address: Some("h3:7000".into()),
-                    role: "learner",
-                    match_index: Some(20),
-                    lag: Some(30),
-                },
-            ]
-        );
     }
 }

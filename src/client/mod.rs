@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+mod members;
+pub mod render;
 mod watch;
+pub use members::{AddProgress, Added, AlreadyMember, ChangeReport, CHANGE_PATIENCE};
 use quinn::{Connection, Endpoint};
 pub use watch::LogStream;
 
@@ -915,6 +918,33 @@ impl Client {
             }
         }
         best.ok_or_else(|| anyhow!("no node answered: {}", errors.join("; ")))
+    }
+
+    /// Every node's status, or why it did not answer: the nodes the client
+    /// was given, and the members their answers name that it was not
+    /// (added since). Fails if no node answers.
+    pub async fn cluster_status(&self) -> Result<Vec<render::StatusAnswer>> {
+        let mut answers = Vec::new();
+        let mut asked = std::collections::BTreeSet::new();
+        while let Some(node) = self.nodes().into_iter().find(|n| !asked.contains(n)) {
+            asked.insert(node);
+            match self.status(node).await {
+                Ok(status) => {
+                    self.learn_members(&status.membership.addresses);
+                    answers.push(Ok(status))
+                }
+                Err(e) => answers.push(Err((node, format!("{e:#}")))),
+            }
+        }
+        if answers.iter().all(|s| s.is_err()) {
+            let reasons: Vec<String> = answers
+                .iter()
+                .filter_map(|s| s.as_ref().err())
+                .map(|(node, error)| format!("node {node}: {error}"))
+                .collect();
+            bail!("no node answered: {}", reasons.join("; "));
+        }
+        Ok(answers)
     }
 
     pub async fn status(&self, node: NodeId) -> Result<Status> {

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
+use cluster_store::client::export::{self, LocalLog};
 use cluster_store::client::{render, AddProgress, Added, ChangeReport, Client, LogStream};
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{Index, MembershipChange, NodeId, RebuildPlan};
@@ -17,7 +18,7 @@ use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
 use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::{ExportedEntry, Start, Until, PAGE};
+use cluster_store::wire::{Start, Until};
 
 #[derive(Parser)]
 #[command(
@@ -330,6 +331,15 @@ enum Format {
     Json,
 }
 
+impl From<Format> for export::Format {
+    fn from(format: Format) -> export::Format {
+        match format {
+            Format::Text => export::Format::Text,
+            Format::Json => export::Format::Json,
+        }
+    }
+}
+
 fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, Address>> {
     Ok(cluster_store::address::parse_members(spec, what)?)
 }
@@ -412,11 +422,12 @@ fn run() -> Result<()> {
             data,
             format,
             ..
-        }) => export_local(
-            data.as_deref()
-                .ok_or_else(|| anyhow!("--local needs --data"))?,
-            format,
-        ),
+        }) => {
+            let data = data.ok_or_else(|| anyhow!("--local needs --data"))?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            LocalLog::open(&data)?.write_all(&mut out, format.into())
+        }
         Some(Command::Rebuild {
             id,
             data,
@@ -764,90 +775,11 @@ fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
     }
 }
 
-/// Writes messages in one of `export`'s formats.
-fn write_entries(out: &mut impl Write, entries: &[ExportedEntry], format: Format) -> Result<()> {
-    for entry in entries {
-        let line = match format {
-            Format::Text => entry.format_line(),
-            Format::Json => entry.format_json(),
-        };
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
-}
-
-/// Prints a stopped node's committed log from its data directory, a page
-/// at a time.
-fn export_local(data: &Path, format: Format) -> Result<()> {
-    let store = Store::open_existing(data, false)?;
-    let commit = store.hard_state()?.commit;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut from = 1;
-    while from <= commit {
-        let entries = store.entries(from, commit, PAGE as usize)?;
-        let Some(last) = entries.last() else {
-            bail!(
-                "{} holds no entry at index {from} though it has committed {commit}",
-                data.display()
-            );
-        };
-        from = last.index + 1;
-        let messages: Vec<ExportedEntry> = entries
-            .into_iter()
-            .filter_map(ExportedEntry::from_entry)
-            .collect();
-        write_entries(&mut out, &messages, format)?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
 /// Prints a stream's pages as they come.
-async fn print_stream(mut stream: LogStream<&Client>, format: Format) -> Result<()> {
+async fn print_stream(stream: LogStream<&Client>, format: Format) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    while let Some(page) = stream.next_page().await? {
-        write_entries(&mut out, &page, format)?;
-        out.flush()?;
-    }
-    Ok(())
-}
-
-/// Writes `node`'s own replica up to its commit into `path`, through a
-/// file beside it that is renamed once complete. Returns the messages
-/// written.
-async fn write_backup(client: &Client, node: NodeId, path: &Path) -> Result<usize> {
-    let partial = path.with_extension("txt.partial");
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?,
-    );
-    let mut stream = client
-        .watch(Start::Index(1), Until::Commit)
-        .only(node)
-        .patience(Some(client.give_up_after));
-    let mut written = 0;
-    let copied = async {
-        while let Some(page) = stream.next_page().await? {
-            write_entries(&mut out, &page, Format::Text)?;
-            written += page.len();
-        }
-        out.flush()?;
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
-    match copied {
-        Ok(()) => {
-            std::fs::rename(&partial, path)
-                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
-            Ok(written)
-        }
-        Err(error) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(error)
-        }
-    }
+    export::write_stream(stream, &mut out, format.into()).await
 }
 
 async fn client_command(command: Command) -> Result<()> {
@@ -912,27 +844,13 @@ async fn client_command(command: Command) -> Result<()> {
                     print_stream(stream, format).await
                 }
                 Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                    // Backups are taken once each node holds what the
-                    // cluster has committed now, so they can be compared.
-                    let target = client.read_index().await?;
-                    for node in client.nodes() {
-                        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                        while client.status(node).await.is_ok_and(|s| s.commit < target)
-                            && std::time::Instant::now() < deadline
-                        {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                    export::write_backups(&client, &dir, |node, backup| match backup {
+                        Ok((written, path)) => {
+                            eprintln!("node {node}: {written} messages -> {}", path.display())
                         }
-                        let path = dir.join(format!("backup_{node}.txt"));
-                        match write_backup(&client, node, &path).await {
-                            Ok(written) => {
-                                eprintln!("node {node}: {written} messages -> {}", path.display())
-                            }
-                            Err(e) => eprintln!("node {node}: no backup ({e:#})"),
-                        }
-                    }
-                    Ok(())
+                        Err(e) => eprintln!("node {node}: no backup ({e:#})"),
+                    })
+                    .await
                 }
             }
         }

@@ -7,6 +7,7 @@ pub mod journal;
 pub mod latency;
 pub mod metrics;
 pub mod raft;
+pub mod rebuild;
 pub mod server;
 pub mod sim;
 pub mod storage;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::ToSocketAddrs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,10 +13,10 @@ use cluster_store::address::Address;
 use cluster_store::client::export::{self, LocalLog};
 use cluster_store::client::{render, AddProgress, Added, ChangeReport, Client, LogStream};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{Index, MembershipChange, NodeId, RebuildPlan};
+use cluster_store::raft::{Index, MembershipChange, NodeId};
+use cluster_store::rebuild::{self, Note, RebuildOptions};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
 use cluster_store::wire::{Start, Until};
 
@@ -434,135 +434,25 @@ fn run() -> Result<()> {
             client,
             force,
         }) => {
-            let data = data.unwrap_or_else(|| PathBuf::from(format!("data/node-{id}")));
-            tokio::runtime::Runtime::new()?.block_on(rebuild(id, &data, &client, force))
+            let options = RebuildOptions {
+                id,
+                data: data.unwrap_or_else(|| PathBuf::from(format!("data/node-{id}"))),
+                certs: client.certs.clone(),
+                force,
+            };
+            let rebuilt = tokio::runtime::Runtime::new()?.block_on(rebuild::rebuild(
+                &options,
+                || client_from(&client),
+                |note| match note {
+                    Note::MovedAside(_) => println!("{note}"),
+                    _ => eprintln!("{note}"),
+                },
+            ))?;
+            println!("{rebuilt}");
+            Ok(())
         }
         Some(command) => tokio::runtime::Runtime::new()?.block_on(client_command(command)),
     }
-}
-
-async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Result<()> {
-    let (ca, _) = identity::ca_path(&args.certs);
-    let ca_cert = identity::load_certs(&ca)?.remove(0);
-    let cluster_id = identity::cluster_id(&ca_cert);
-    if data.join("db").exists() {
-        match Store::open(data, &cluster_id, id).and_then(|(store, _)| store.verify()) {
-            Ok(_) if !force => bail!(
-                "the store in {} opens cleanly: rebuild only a lost or damaged one (--force to rebuild anyway)",
-                data.display()
-            ),
-            Ok(_) => {}
-            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => bail!(
-                "{} is in use: stop node {id} first ({source})",
-                data.display()
-            ),
-            Err(StoreError::Foreign { .. }) if !force => bail!(
-                "{} belongs to another node or cluster; check --id and --data",
-                data.display()
-            ),
-            Err(error) => eprintln!("the store is damaged, as expected: {error}"),
-        }
-    }
-    let client = client_from(args)?;
-    // The cluster's configuration first: every member of it must answer,
-    // not only those `--cluster` names (members added since would be
-    // missed: their terms and logs are what the plan must cover), and the
-    // rebuilt replica starts from it, as a joining node does, not from a
-    // command line that may predate changes (its peers would refuse a
-    // different digest).
-    let view = client.members().await;
-    let asked: Vec<NodeId> = match &view {
-        Ok(view) => view
-            .committed
-            .members()
-            .chain(view.status.membership.members())
-            .filter(|n| *n != id)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect(),
-        Err(error) => {
-            eprintln!(
-                "warning: no node told the cluster's configuration ({error:#}); asking the nodes \
-                 --cluster names"
-            );
-            client.nodes().into_iter().filter(|n| *n != id).collect()
-        }
-    };
-    let mut answers = Vec::new();
-    for other in asked {
-        match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
-            Ok(Ok(status)) => {
-                if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
-                    bail!(
-                        "node {other} is itself a rebuilt replica still catching up (its log is \
-                         below {floor}). Rebuild one node at a time: retry once `node status` no \
-                         longer shows it catching up, or pass --force"
-                    );
-                }
-                answers.push(status);
-            }
-            Ok(Err(error)) if !force => bail!(
-                "node {other} did not answer ({error:#}). Every other node must answer, so that \
-                 the rebuilt node starts past any term it may have voted in and never votes for a \
-                 log missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
-            Err(_) if !force => bail!(
-                "node {other} did not answer in 5 s. Every other node must answer, so that the \
-                 rebuilt node starts past any term it may have voted in and never votes for a log \
-                 missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
-            _ => eprintln!(
-                "warning: node {other} did not answer; continuing (--force). If it alone holds \
-                 entries this node had acknowledged, the rebuilt node may vote for a log without them"
-            ),
-        }
-    }
-    // The rebuilt directory still records that this node has loaded a
-    // revocation list, so it still refuses to start without one.
-    let crl_seen = identity::crl_seen_path(data).exists();
-    // The term to start at, and the catch-up floor: see `RebuildPlan`.
-    let plan = RebuildPlan::from_peers(&answers);
-    let bootstrap = match view {
-        Ok(view) => Some(StoredBootstrap {
-            index: view.committed_index,
-            membership: view.committed,
-            cluster_digest: view.cluster_digest,
-        }),
-        Err(error) => {
-            eprintln!(
-                "warning: no node told the cluster's configuration ({error:#}); the rebuilt node \
-                 will take its command line's --peers/--learner (or --join) as its configuration"
-            );
-            None
-        }
-    };
-    let term = plan.term;
-    if data.exists() {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut aside = data.as_os_str().to_owned();
-        aside.push(format!(".damaged-{stamp}"));
-        let aside = PathBuf::from(aside);
-        std::fs::rename(data, &aside)
-            .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
-        println!("moved the old store to {}", aside.display());
-    }
-    Store::create_rebuilt_with(data, &cluster_id, id, &plan, bootstrap.as_ref())?;
-    if crl_seen {
-        identity::record_crl_seen(data)?;
-    }
-    let floor = match plan.floor {
-        Some(floor) => {
-            format!("; until its log reaches {floor} it votes only for nodes whose logs do")
-        }
-        None => String::new(),
-    };
-    println!(
-        "rebuilt an empty replica for node {id} in {} at term {term}{floor}; start the node as before and it copies the log from the leader",
-        data.display()
-    );
-    Ok(())
 }
 
 fn run_node(args: RunArgs) -> Result<()> {

@@ -5,6 +5,7 @@
 //! `http@node-<id>`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +20,14 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
+use tracing::info;
 
 use crate::client::{render, Client, LogStream};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, Status};
 use crate::server::api::Api;
+use crate::server::{NodeError, NodeHandle};
 use crate::wire::{ExportedEntry, Start, Until};
 
 /// Most messages one `/messages` page returns.
@@ -39,6 +42,52 @@ pub struct HttpState {
     pub write: bool,
     /// Reaches the leader (and every node's status) over QUIC.
     pub cluster: Arc<Client>,
+}
+
+/// Binds the HTTP port. A node binds it before it starts, so that a port
+/// in use stops it before it takes any part in the cluster.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, NodeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr,
+            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process holds that port: stop it or choose another --http)"
+            } else {
+                ""
+            },
+            error: source,
+        })
+}
+
+/// Serves the dashboard and the JSON API of the running `node` on
+/// `listener`, beside it (it stops with the node). Writes, if `write`
+/// allows them, and other nodes' status go through a cluster client of
+/// the HTTP side's own, with the node's certificate.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    node: &NodeHandle,
+    write: bool,
+) -> Result<(), NodeError> {
+    let cluster = Client::new(node.members().clone(), node.credentials())
+        .map_err(|e| NodeError::Http(format!("{e:#}")))?;
+    let state = HttpState {
+        me: node.id(),
+        api: node.api().clone(),
+        events: node.events().clone(),
+        metrics: node.metrics().clone(),
+        write,
+        cluster: Arc::new(cluster),
+    };
+    if let Ok(http) = listener.local_addr() {
+        info!(node = node.id(), %http, write, "dashboard at http://{http}/dashboard");
+    }
+    node.spawn(async move {
+        if let Err(error) = axum::serve(listener, router(state)).await {
+            tracing::error!("HTTP server stopped: {error}");
+        }
+    });
+    Ok(())
 }
 
 pub fn router(state: HttpState) -> Router {

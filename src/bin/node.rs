@@ -530,16 +530,6 @@ fn run_node(args: RunArgs) -> Result<()> {
         election_ticks: args.election_ticks,
         heartbeat_ticks: args.heartbeat_ticks,
         priorities,
-        http: match &args.http {
-            Some(http) => Some(
-                http.to_socket_addrs()
-                    .with_context(|| format!("--http {http:?}"))?
-                    .next()
-                    .ok_or_else(|| anyhow!("--http {http:?} resolves to no address"))?,
-            ),
-            None => None,
-        },
-        http_write: args.http_write,
         max_clients: args.max_clients,
         max_pending_bytes: args.max_pending_mb << 20,
         simulate_delay: match &args.simulate_delay {
@@ -547,8 +537,28 @@ fn run_node(args: RunArgs) -> Result<()> {
             None => Default::default(),
         },
     };
+    let http = match &args.http {
+        Some(http) => Some(
+            http.to_socket_addrs()
+                .with_context(|| format!("--http {http:?}"))?
+                .next()
+                .ok_or_else(|| anyhow!("--http {http:?} resolves to no address"))?,
+        ),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(server::run(options)).map_err(Into::into)
+    runtime.block_on(async {
+        let node = server::open(options).await?;
+        let listener = match http {
+            Some(http) => Some(cluster_store::http::bind(http).await?),
+            None => None,
+        };
+        let running = node.run()?;
+        if let Some(listener) = listener {
+            cluster_store::http::serve(listener, &running, args.http_write)?;
+        }
+        Ok(running.wait().await?)
+    })
 }
 
 fn certs(command: CertsCommand) -> Result<()> {

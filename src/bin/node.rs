@@ -584,25 +584,9 @@ fn certs(command: CertsCommand) -> Result<()> {
                 bail!("--nodes lists no node");
             }
             let hosts = parse_hosts(&hosts)?;
-            identity::init_ca(&out, force)?;
-            for id in &ids {
-                identity::issue_node(
-                    &out,
-                    *id,
-                    hosts.get(id).map_or(&[][..], |h| &h[..]),
-                    Validity::days(days),
-                )?;
-            }
-            let mut names: Vec<&str> = vec!["client"];
-            names.extend(
-                clients
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty() && *s != "client"),
-            );
-            for name in &names {
-                identity::issue_client(&out, name, Validity::days(days))?;
-            }
+            let clients: Vec<&str> = clients.split(',').collect();
+            let names =
+                identity::init_cluster(&out, &ids, &hosts, &clients, force, Validity::days(days))?;
             println!(
                 "wrote the cluster CA, certificates for nodes {ids:?} and clients {names:?} to {}",
                 out.display()
@@ -634,13 +618,7 @@ fn certs(command: CertsCommand) -> Result<()> {
             Ok(())
         }
         CertsCommand::Revoke { who, out } => {
-            let path = if let Some(name) = who.strip_prefix("client:") {
-                identity::client_cert_path(&out, name).0
-            } else if let Ok(id) = who.parse::<NodeId>() {
-                identity::node_cert_path(&out, id).0
-            } else {
-                PathBuf::from(&who)
-            };
+            let path = identity::certificate_named(&out, &who);
             let serial = identity::revoke(&out, &path)?;
             let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
             println!(

@@ -5,6 +5,7 @@
 //! `http@node-<id>`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +20,15 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
+use tracing::info;
 
-use crate::client::{Client, LogStream};
+use crate::client::{render, Client, LogStream};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
-use crate::raft::{NodeId, Payload, Status};
+use crate::raft::{NodeId, Status};
 use crate::server::api::Api;
-use crate::wire::{Start, Until};
+use crate::server::{NodeError, NodeHandle};
+use crate::wire::{ExportedEntry, Start, Until};
 
 /// Most messages one `/messages` page returns.
 pub const MAX_PAGE: u64 = 1000;
@@ -39,6 +42,52 @@ pub struct HttpState {
     pub write: bool,
     /// Reaches the leader (and every node's status) over QUIC.
     pub cluster: Arc<Client>,
+}
+
+/// Binds the HTTP port. A node binds it before it starts, so that a port
+/// in use stops it before it takes any part in the cluster.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, NodeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr,
+            hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process holds that port: stop it or choose another --http)"
+            } else {
+                ""
+            },
+            error: source,
+        })
+}
+
+/// Serves the dashboard and the JSON API of the running `node` on
+/// `listener`, beside it (it stops with the node). Writes, if `write`
+/// allows them, and other nodes' status go through a cluster client of
+/// the HTTP side's own, with the node's certificate.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    node: &NodeHandle,
+    write: bool,
+) -> Result<(), NodeError> {
+    let cluster = Client::new(node.members().clone(), node.credentials())
+        .map_err(|e| NodeError::Http(format!("{e:#}")))?;
+    let state = HttpState {
+        me: node.id(),
+        api: node.api().clone(),
+        events: node.events().clone(),
+        metrics: node.metrics().clone(),
+        write,
+        cluster: Arc::new(cluster),
+    };
+    if let Ok(http) = listener.local_addr() {
+        info!(node = node.id(), %http, write, "dashboard at http://{http}/dashboard");
+    }
+    node.spawn(async move {
+        if let Err(error) = axum::serve(listener, router(state)).await {
+            tracing::error!("HTTP server stopped: {error}");
+        }
+    });
+    Ok(())
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -205,18 +254,9 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let next = entries.last().map_or(from, |e| e.index + 1);
-    let mut out: Vec<serde_json::Value> = entries
-        .iter()
-        .filter_map(|e| match &e.payload {
-            Payload::Command(c) => Some(json!({
-                "index": e.index,
-                "term": e.term,
-                "lamport": e.lamport,
-                "sender": c.sender,
-                "text": String::from_utf8_lossy(&c.data),
-            })),
-            Payload::Noop | Payload::Membership(_) => None,
-        })
+    let mut out: Vec<ExportedEntry> = entries
+        .into_iter()
+        .filter_map(ExportedEntry::from_entry)
         .collect();
     if last.is_some() {
         let skip = out.len().saturating_sub(limit as usize);
@@ -225,11 +265,10 @@ async fn messages(State(state): State<HttpState>, Query(page): Query<Page>) -> R
         out.truncate(limit as usize);
     }
     let next = match (last, out.last()) {
-        (None, Some(last)) if out.len() as u64 == limit => {
-            last["index"].as_u64().map_or(next, |i| i + 1)
-        }
+        (None, Some(last)) if out.len() as u64 == limit => last.index + 1,
         _ => next,
     };
+    let out: Vec<serde_json::Value> = out.iter().map(ExportedEntry::to_json).collect();
     Json(json!({ "messages": out, "next": next, "commit": status.commit })).into_response()
 }
 
@@ -288,10 +327,7 @@ async fn send(state: &HttpState, text: String) -> Response {
     }
     match state.cluster.send(vec![text]).await {
         Ok((leader, committed)) => match committed.first() {
-            Some(c) => Json(json!({
-                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-            }))
-            .into_response(),
+            Some(c) => Json(render::committed_json(c, leader)).into_response(),
             None => fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the leader answered without a result",
@@ -338,7 +374,7 @@ async fn events(
         .into_stream()
         .map(|entry| match entry {
             Ok(entry) => {
-                let mut data = serde_json::to_value(&entry).unwrap_or_default();
+                let mut data = entry.to_json();
                 data["type"] = json!("commit");
                 Ok::<_, Infallible>(
                     Event::default()

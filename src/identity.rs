@@ -171,6 +171,52 @@ fn load_issuer(dir: &Path) -> Result<Issuer, IdentityError> {
     Ok(Issuer { cert, key })
 }
 
+/// A new cluster's certificates in `dir`: its CA (an existing one is
+/// replaced only if `force`), a certificate for each of `nodes` (valid for
+/// the extra names `hosts` gives it), and one for each client name, with
+/// `client` always first. Returns the client names, in that order.
+pub fn init_cluster(
+    dir: &Path,
+    nodes: &[NodeId],
+    hosts: &std::collections::BTreeMap<NodeId, Vec<String>>,
+    clients: &[&str],
+    force: bool,
+    validity: Validity,
+) -> Result<Vec<String>, IdentityError> {
+    init_ca(dir, force)?;
+    for id in nodes {
+        issue_node(
+            dir,
+            *id,
+            hosts.get(id).map_or(&[][..], |h| &h[..]),
+            validity,
+        )?;
+    }
+    let mut names = vec!["client".to_string()];
+    names.extend(
+        clients
+            .iter()
+            .map(|name| name.trim())
+            .filter(|name| !name.is_empty() && *name != "client")
+            .map(str::to_string),
+    );
+    for name in &names {
+        issue_client(dir, name, validity)?;
+    }
+    Ok(names)
+}
+
+/// The certificate `who` names: a node id, `client:NAME`, or a file's path.
+pub fn certificate_named(dir: &Path, who: &str) -> PathBuf {
+    if let Some(name) = who.strip_prefix("client:") {
+        client_cert_path(dir, name).0
+    } else if let Ok(id) = who.parse::<NodeId>() {
+        node_cert_path(dir, id).0
+    } else {
+        PathBuf::from(who)
+    }
+}
+
 /// Signs a certificate for node `id`, valid for the given extra DNS names
 /// and IP addresses, usable both to serve and to dial peers.
 pub fn issue_node(

@@ -6,6 +6,7 @@ pub mod identity;
 pub mod latency;
 pub mod metrics;
 pub mod raft;
+pub mod rebuild;
 pub mod server;
 pub mod sim;
 pub mod storage;

@@ -33,6 +33,18 @@ pub struct Credentials {
     pub crl_path: std::path::PathBuf,
 }
 
+impl Clone for Credentials {
+    fn clone(&self) -> Self {
+        Credentials {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            crls: self.crls.clone(),
+            crl_path: self.crl_path.clone(),
+        }
+    }
+}
+
 impl Credentials {
     /// Loads everything, refusing a certificate of ours that has expired
     /// or is not valid yet: better a clear error now than refused

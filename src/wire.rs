@@ -20,6 +20,24 @@ pub const MAX_MESSAGE_BYTES: usize = crate::raft::MAX_COMMAND_BYTES;
 /// messages still fits a frame with room to spare.
 pub const MAX_SEND_BYTES: usize = 4 << 20;
 
+/// Most messages one send request may carry.
+pub const MAX_BATCH: usize = 4096;
+
+/// Most requests one client stream may have outstanding: a node reads no
+/// further ahead on a stream until it has answered the oldest.
+pub const STREAM_WINDOW: usize = 64;
+
+/// Most entries one export or watch page returns.
+pub const PAGE: u64 = 10_000;
+
+/// Most bytes of entries (`Entry::size`) one page returns, at least one
+/// entry: pages of 10,000 entries over ~1.6 KB each exceeded a frame.
+pub const PAGE_BYTES: usize = 4 << 20;
+
+/// The QUIC close code of a client connection refused because the node
+/// has too many open: the client retries after a pause.
+pub const CLOSE_BUSY: u32 = 5;
+
 /// The QUIC application protocol of clients (and of a node's HTTP side
 /// reaching the cluster): requests on bidirectional streams. The version
 /// moves with the wire format (bincode, positional): nodes and clients of
@@ -195,7 +213,9 @@ pub struct MembersView {
     pub cluster_digest: u64,
 }
 
-/// A committed message as exports show it.
+/// A committed message as users see it: in exports and watches, on the
+/// wire, in `/messages` and `/events`. Its text and JSON forms are stable
+/// (README, "Stable formats").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportedEntry {
     pub index: Index,
@@ -219,6 +239,43 @@ impl ExportedEntry {
             }),
             crate::raft::Payload::Noop | crate::raft::Payload::Membership(_) => None,
         }
+    }
+
+    /// The text form: one line, `index<TAB>lamport<TAB>sender<TAB>text`,
+    /// with backslash, tab, newline and carriage return in the text
+    /// written `\\`, `\t`, `\n` and `\r`.
+    pub fn format_line(&self) -> String {
+        let mut text = String::with_capacity(self.text.len());
+        for c in self.text.chars() {
+            match c {
+                '\\' => text.push_str("\\\\"),
+                '\t' => text.push_str("\\t"),
+                '\n' => text.push_str("\\n"),
+                '\r' => text.push_str("\\r"),
+                c => text.push(c),
+            }
+        }
+        format!(
+            "{}\t{}\t{}\t{}",
+            self.index, self.lamport, self.sender, text
+        )
+    }
+
+    /// The JSON form: an object with `index`, `term`, `lamport`, `sender`
+    /// and `text`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "index": self.index,
+            "term": self.term,
+            "lamport": self.lamport,
+            "sender": self.sender,
+            "text": self.text,
+        })
+    }
+
+    /// The JSON form on one line.
+    pub fn format_json(&self) -> String {
+        self.to_json().to_string()
     }
 }
 
@@ -302,6 +359,22 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_has_a_stable_text_line_and_json_object() {
+        let message = ExportedEntry {
+            index: 7,
+            term: 2,
+            lamport: 12,
+            sender: "alice".into(),
+            text: "a\tb\\c\nd\re".into(),
+        };
+        assert_eq!(message.format_line(), "7\t12\talice\ta\\tb\\\\c\\nd\\re");
+        assert_eq!(
+            message.format_json(),
+            r#"{"index":7,"lamport":12,"sender":"alice","term":2,"text":"a\tb\\c\nd\re"}"#
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_garbage_is_refused() {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster_store::client::{format_line, Client};
+use cluster_store::client::Client;
 use cluster_store::raft::{Committed, Envelope, Message, Role};
 use cluster_store::wire::{encode, ExportedEntry, PeerFrame, PeerHello};
 use nodes::{check_export, serial, TestCluster};
@@ -84,7 +84,7 @@ fn three_nodes_three_clients_a_thousand_messages_each() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let expected: String = export.iter().map(|e| format_line(e) + "\n").collect();
+        let expected: String = export.iter().map(|e| e.format_line() + "\n").collect();
         assert_eq!(String::from_utf8_lossy(&output.stdout), expected);
     });
 }
@@ -119,7 +119,7 @@ fn leader_killed_during_load_loses_and_doubles_nothing() {
         check_export(&export);
         check_acked(&export, &acked);
 
-        let expected: Vec<String> = export.iter().map(format_line).collect();
+        let expected: Vec<String> = export.iter().map(ExportedEntry::format_line).collect();
         for node in [1, 2, 3] {
             cluster.kill(node);
         }

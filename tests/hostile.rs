@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster_store::client::{format_line, Client};
+use cluster_store::client::Client;
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{Committed, NodeId, Role};
 use cluster_store::tls::{self, Credentials};
+use cluster_store::wire::ExportedEntry;
 use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
@@ -559,7 +560,7 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
         assert_eq!(export.len(), 3500);
         check_export(&export);
         cluster.kill(target);
-        let expected: Vec<String> = export.iter().map(format_line).collect();
+        let expected: Vec<String> = export.iter().map(ExportedEntry::format_line).collect();
         assert_eq!(
             cluster.local_export(target),
             expected,

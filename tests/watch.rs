@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_store::client::format_line;
 use cluster_store::raft::NodeId;
 use cluster_store::wire::{ExportedEntry, Start, Until};
 use nodes::{check_export, serial, TestCluster, BIN};
@@ -217,7 +216,10 @@ fn watches_start_where_asked_and_learners_serve_them() {
         let mut new_only = Watcher::start(&cluster, "new", &[]);
         assert_eq!(
             last.wait_for(3, SECONDS_30).await,
-            export[7..].iter().map(format_line).collect::<Vec<_>>(),
+            export[7..]
+                .iter()
+                .map(ExportedEntry::format_line)
+                .collect::<Vec<_>>(),
             "--last 3"
         );
         assert_eq!(at.wait_for(3, SECONDS_30).await.len(), 3, "--from");
@@ -232,7 +234,7 @@ fn watches_start_where_asked_and_learners_serve_them() {
             admin.send(vec![format!("second-{i}")]).await.expect("send");
         }
         let export = admin.export().await.expect("export");
-        let expected: Vec<String> = export.iter().map(format_line).collect();
+        let expected: Vec<String> = export.iter().map(ExportedEntry::format_line).collect();
         assert_eq!(last.wait_for(5, SECONDS_30).await, expected[7..]);
         assert_eq!(at.wait_for(5, SECONDS_30).await, expected[7..]);
         assert_eq!(new_only.wait_for(2, SECONDS_30).await, expected[10..]);

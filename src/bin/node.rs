@@ -3,22 +3,22 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::ToSocketAddrs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
-use cluster_store::client::{format_json, format_line, Client, LogStream};
+use cluster_store::client::export::{self, LocalLog};
+use cluster_store::client::{render, AddProgress, Added, ChangeReport, Client, LogStream};
 use cluster_store::identity::{self, Validity};
-use cluster_store::raft::{ChangeError, Index, MembershipChange, NodeId, RebuildPlan};
-use cluster_store::server::api::PAGE;
+use cluster_store::raft::{Index, MembershipChange, NodeId};
+use cluster_store::rebuild::{self, Note, RebuildOptions};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::storage::{Store, StoreError, StoredBootstrap};
 use cluster_store::tls::Credentials;
-use cluster_store::wire::{ExportedEntry, MembersView, Start, Until};
+use cluster_store::wire::{Start, Until};
 
 #[derive(Parser)]
 #[command(
@@ -331,6 +331,15 @@ enum Format {
     Json,
 }
 
+impl From<Format> for export::Format {
+    fn from(format: Format) -> export::Format {
+        match format {
+            Format::Text => export::Format::Text,
+            Format::Json => export::Format::Json,
+        }
+    }
+}
+
 fn parse_members(spec: &str, what: &str) -> Result<BTreeMap<NodeId, Address>> {
     Ok(cluster_store::address::parse_members(spec, what)?)
 }
@@ -413,146 +422,37 @@ fn run() -> Result<()> {
             data,
             format,
             ..
-        }) => export_local(
-            data.as_deref()
-                .ok_or_else(|| anyhow!("--local needs --data"))?,
-            format,
-        ),
+        }) => {
+            let data = data.ok_or_else(|| anyhow!("--local needs --data"))?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            LocalLog::open(&data)?.write_all(&mut out, format.into())
+        }
         Some(Command::Rebuild {
             id,
             data,
             client,
             force,
         }) => {
-            let data = data.unwrap_or_else(|| PathBuf::from(format!("data/node-{id}")));
-            tokio::runtime::Runtime::new()?.block_on(rebuild(id, &data, &client, force))
+            let options = RebuildOptions {
+                id,
+                data: data.unwrap_or_else(|| PathBuf::from(format!("data/node-{id}"))),
+                certs: client.certs.clone(),
+                force,
+            };
+            let rebuilt = tokio::runtime::Runtime::new()?.block_on(rebuild::rebuild(
+                &options,
+                || client_from(&client),
+                |note| match note {
+                    Note::MovedAside(_) => println!("{note}"),
+                    _ => eprintln!("{note}"),
+                },
+            ))?;
+            println!("{rebuilt}");
+            Ok(())
         }
         Some(command) => tokio::runtime::Runtime::new()?.block_on(client_command(command)),
     }
-}
-
-async fn rebuild(id: NodeId, data: &Path, args: &ClientArgs, force: bool) -> Result<()> {
-    let (ca, _) = identity::ca_path(&args.certs);
-    let ca_cert = identity::load_certs(&ca)?.remove(0);
-    let cluster_id = identity::cluster_id(&ca_cert);
-    if data.join("db").exists() {
-        match Store::open(data, &cluster_id, id).and_then(|(store, _)| store.verify()) {
-            Ok(_) if !force => bail!(
-                "the store in {} opens cleanly: rebuild only a lost or damaged one (--force to rebuild anyway)",
-                data.display()
-            ),
-            Ok(_) => {}
-            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => bail!(
-                "{} is in use: stop node {id} first ({source})",
-                data.display()
-            ),
-            Err(StoreError::Foreign { .. }) if !force => bail!(
-                "{} belongs to another node or cluster; check --id and --data",
-                data.display()
-            ),
-            Err(error) => eprintln!("the store is damaged, as expected: {error}"),
-        }
-    }
-    let client = client_from(args)?;
-    // The cluster's configuration first: every member of it must answer,
-    // not only those `--cluster` names (members added since would be
-    // missed: their terms and logs are what the plan must cover), and the
-    // rebuilt replica starts from it, as a joining node does, not from a
-    // command line that may predate changes (its peers would refuse a
-    // different digest).
-    let view = client.members().await;
-    let asked: Vec<NodeId> = match &view {
-        Ok(view) => view
-            .committed
-            .members()
-            .chain(view.status.membership.members())
-            .filter(|n| *n != id)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect(),
-        Err(error) => {
-            eprintln!(
-                "warning: no node told the cluster's configuration ({error:#}); asking the nodes \
-                 --cluster names"
-            );
-            client.nodes().into_iter().filter(|n| *n != id).collect()
-        }
-    };
-    let mut answers = Vec::new();
-    for other in asked {
-        match tokio::time::timeout(Duration::from_secs(5), client.status(other)).await {
-            Ok(Ok(status)) => {
-                if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
-                    bail!(
-                        "node {other} is itself a rebuilt replica still catching up (its log is \
-                         below {floor}). Rebuild one node at a time: retry once `node status` no \
-                         longer shows it catching up, or pass --force"
-                    );
-                }
-                answers.push(status);
-            }
-            Ok(Err(error)) if !force => bail!(
-                "node {other} did not answer ({error:#}). Every other node must answer, so that \
-                 the rebuilt node starts past any term it may have voted in and never votes for a \
-                 log missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
-            Err(_) if !force => bail!(
-                "node {other} did not answer in 5 s. Every other node must answer, so that the \
-                 rebuilt node starts past any term it may have voted in and never votes for a log \
-                 missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
-            _ => eprintln!(
-                "warning: node {other} did not answer; continuing (--force). If it alone holds \
-                 entries this node had acknowledged, the rebuilt node may vote for a log without them"
-            ),
-        }
-    }
-    // The rebuilt directory still records that this node has loaded a
-    // revocation list, so it still refuses to start without one.
-    let crl_seen = identity::crl_seen_path(data).exists();
-    // The term to start at, and the catch-up floor: see `RebuildPlan`.
-    let plan = RebuildPlan::from_peers(&answers);
-    let bootstrap = match view {
-        Ok(view) => Some(StoredBootstrap {
-            index: view.committed_index,
-            membership: view.committed,
-            cluster_digest: view.cluster_digest,
-        }),
-        Err(error) => {
-            eprintln!(
-                "warning: no node told the cluster's configuration ({error:#}); the rebuilt node \
-                 will take its command line's --peers/--learner (or --join) as its configuration"
-            );
-            None
-        }
-    };
-    let term = plan.term;
-    if data.exists() {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut aside = data.as_os_str().to_owned();
-        aside.push(format!(".damaged-{stamp}"));
-        let aside = PathBuf::from(aside);
-        std::fs::rename(data, &aside)
-            .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
-        println!("moved the old store to {}", aside.display());
-    }
-    Store::create_rebuilt_with(data, &cluster_id, id, &plan, bootstrap.as_ref())?;
-    if crl_seen {
-        identity::record_crl_seen(data)?;
-    }
-    let floor = match plan.floor {
-        Some(floor) => {
-            format!("; until its log reaches {floor} it votes only for nodes whose logs do")
-        }
-        None => String::new(),
-    };
-    println!(
-        "rebuilt an empty replica for node {id} in {} at term {term}{floor}; start the node as before and it copies the log from the leader",
-        data.display()
-    );
-    Ok(())
 }
 
 fn run_node(args: RunArgs) -> Result<()> {
@@ -630,16 +530,6 @@ fn run_node(args: RunArgs) -> Result<()> {
         election_ticks: args.election_ticks,
         heartbeat_ticks: args.heartbeat_ticks,
         priorities,
-        http: match &args.http {
-            Some(http) => Some(
-                http.to_socket_addrs()
-                    .with_context(|| format!("--http {http:?}"))?
-                    .next()
-                    .ok_or_else(|| anyhow!("--http {http:?} resolves to no address"))?,
-            ),
-            None => None,
-        },
-        http_write: args.http_write,
         max_clients: args.max_clients,
         max_pending_bytes: args.max_pending_mb << 20,
         simulate_delay: match &args.simulate_delay {
@@ -647,8 +537,28 @@ fn run_node(args: RunArgs) -> Result<()> {
             None => Default::default(),
         },
     };
+    let http = match &args.http {
+        Some(http) => Some(
+            http.to_socket_addrs()
+                .with_context(|| format!("--http {http:?}"))?
+                .next()
+                .ok_or_else(|| anyhow!("--http {http:?} resolves to no address"))?,
+        ),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(server::run(options)).map_err(Into::into)
+    runtime.block_on(async {
+        let node = server::open(options).await?;
+        let listener = match http {
+            Some(http) => Some(cluster_store::http::bind(http).await?),
+            None => None,
+        };
+        let running = node.run()?;
+        if let Some(listener) = listener {
+            cluster_store::http::serve(listener, &running, args.http_write)?;
+        }
+        Ok(running.wait().await?)
+    })
 }
 
 fn certs(command: CertsCommand) -> Result<()> {
@@ -674,25 +584,9 @@ fn certs(command: CertsCommand) -> Result<()> {
                 bail!("--nodes lists no node");
             }
             let hosts = parse_hosts(&hosts)?;
-            identity::init_ca(&out, force)?;
-            for id in &ids {
-                identity::issue_node(
-                    &out,
-                    *id,
-                    hosts.get(id).map_or(&[][..], |h| &h[..]),
-                    Validity::days(days),
-                )?;
-            }
-            let mut names: Vec<&str> = vec!["client"];
-            names.extend(
-                clients
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty() && *s != "client"),
-            );
-            for name in &names {
-                identity::issue_client(&out, name, Validity::days(days))?;
-            }
+            let clients: Vec<&str> = clients.split(',').collect();
+            let names =
+                identity::init_cluster(&out, &ids, &hosts, &clients, force, Validity::days(days))?;
             println!(
                 "wrote the cluster CA, certificates for nodes {ids:?} and clients {names:?} to {}",
                 out.display()
@@ -724,13 +618,7 @@ fn certs(command: CertsCommand) -> Result<()> {
             Ok(())
         }
         CertsCommand::Revoke { who, out } => {
-            let path = if let Some(name) = who.strip_prefix("client:") {
-                identity::client_cert_path(&out, name).0
-            } else if let Ok(id) = who.parse::<NodeId>() {
-                identity::node_cert_path(&out, id).0
-            } else {
-                PathBuf::from(&who)
-            };
+            let path = identity::certificate_named(&out, &who);
             let serial = identity::revoke(&out, &path)?;
             let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
             println!(
@@ -765,90 +653,11 @@ fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
     }
 }
 
-/// Writes messages in one of `export`'s formats.
-fn write_entries(out: &mut impl Write, entries: &[ExportedEntry], format: Format) -> Result<()> {
-    for entry in entries {
-        let line = match format {
-            Format::Text => format_line(entry),
-            Format::Json => format_json(entry),
-        };
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
-}
-
-/// Prints a stopped node's committed log from its data directory, a page
-/// at a time.
-fn export_local(data: &Path, format: Format) -> Result<()> {
-    let store = Store::open_existing(data, false)?;
-    let commit = store.hard_state()?.commit;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut from = 1;
-    while from <= commit {
-        let entries = store.entries(from, commit, PAGE as usize)?;
-        let Some(last) = entries.last() else {
-            bail!(
-                "{} holds no entry at index {from} though it has committed {commit}",
-                data.display()
-            );
-        };
-        from = last.index + 1;
-        let messages: Vec<ExportedEntry> = entries
-            .into_iter()
-            .filter_map(ExportedEntry::from_entry)
-            .collect();
-        write_entries(&mut out, &messages, format)?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
 /// Prints a stream's pages as they come.
-async fn print_stream(mut stream: LogStream<&Client>, format: Format) -> Result<()> {
+async fn print_stream(stream: LogStream<&Client>, format: Format) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    while let Some(page) = stream.next_page().await? {
-        write_entries(&mut out, &page, format)?;
-        out.flush()?;
-    }
-    Ok(())
-}
-
-/// Writes `node`'s own replica up to its commit into `path`, through a
-/// file beside it that is renamed once complete. Returns the messages
-/// written.
-async fn write_backup(client: &Client, node: NodeId, path: &Path) -> Result<usize> {
-    let partial = path.with_extension("txt.partial");
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?,
-    );
-    let mut stream = client
-        .watch(Start::Index(1), Until::Commit)
-        .only(node)
-        .patience(Some(client.give_up_after));
-    let mut written = 0;
-    let copied = async {
-        while let Some(page) = stream.next_page().await? {
-            write_entries(&mut out, &page, Format::Text)?;
-            written += page.len();
-        }
-        out.flush()?;
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
-    match copied {
-        Ok(()) => {
-            std::fs::rename(&partial, path)
-                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
-            Ok(written)
-        }
-        Err(error) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(error)
-        }
-    }
+    export::write_stream(stream, &mut out, format.into()).await
 }
 
 async fn client_command(command: Command) -> Result<()> {
@@ -861,16 +670,9 @@ async fn client_command(command: Command) -> Result<()> {
                 let (leader, committed) = client.send(vec![text]).await?;
                 for c in &committed {
                     if json {
-                        let object = serde_json::json!({
-                            "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-                        });
-                        writeln!(out, "{object}")?;
+                        writeln!(out, "{}", render::committed_json(c, leader))?;
                     } else {
-                        writeln!(
-                            out,
-                            "committed at index {} (term {}, lamport {}) by leader {leader}",
-                            c.index, c.term, c.lamport
-                        )?;
+                        writeln!(out, "{}", render::committed_text(c, leader))?;
                     }
                 }
                 out.flush()?;
@@ -882,18 +684,19 @@ async fn client_command(command: Command) -> Result<()> {
             let mut batches = cluster_store::client::Batches::new(std::io::stdin().lock().lines());
             let mut sent = 0usize;
             client
-                .send_pipelined(&mut batches, cluster_store::client::PIPELINE_WINDOW, |leader, committed| {
-                    if json {
-                        for c in committed {
-                            let object = serde_json::json!({
-                                "index": c.index, "term": c.term, "lamport": c.lamport, "leader": leader,
-                            });
-                            writeln!(out, "{object}")?;
+                .send_pipelined(
+                    &mut batches,
+                    cluster_store::client::PIPELINE_WINDOW,
+                    |leader, committed| {
+                        if json {
+                            for c in committed {
+                                writeln!(out, "{}", render::committed_json(c, leader))?;
+                            }
                         }
-                    }
-                    sent += committed.len();
-                    Ok(())
-                })
+                        sent += committed.len();
+                        Ok(())
+                    },
+                )
                 .await?;
             if let Some(error) = batches.error {
                 bail!("standard input, {error}; the {sent} messages before it were committed");
@@ -919,27 +722,13 @@ async fn client_command(command: Command) -> Result<()> {
                     print_stream(stream, format).await
                 }
                 Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                    // Backups are taken once each node holds what the
-                    // cluster has committed now, so they can be compared.
-                    let target = client.read_index().await?;
-                    for node in client.nodes() {
-                        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                        while client.status(node).await.is_ok_and(|s| s.commit < target)
-                            && std::time::Instant::now() < deadline
-                        {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                    export::write_backups(&client, &dir, |node, backup| match backup {
+                        Ok((written, path)) => {
+                            eprintln!("node {node}: {written} messages -> {}", path.display())
                         }
-                        let path = dir.join(format!("backup_{node}.txt"));
-                        match write_backup(&client, node, &path).await {
-                            Ok(written) => {
-                                eprintln!("node {node}: {written} messages -> {}", path.display())
-                            }
-                            Err(e) => eprintln!("node {node}: no backup ({e:#})"),
-                        }
-                    }
-                    Ok(())
+                        Err(e) => eprintln!("node {node}: no backup ({e:#})"),
+                    })
+                    .await
                 }
             }
         }
@@ -966,97 +755,11 @@ async fn client_command(command: Command) -> Result<()> {
             print_stream(stream, format).await
         }
         Command::Status { client, json } => {
-            let client = client_from(&client)?;
-            let mut statuses = Vec::new();
-            // Members the answers name that --cluster did not (added since)
-            // are asked too.
-            let mut asked = std::collections::BTreeSet::new();
-            while let Some(node) = client.nodes().into_iter().find(|n| !asked.contains(n)) {
-                asked.insert(node);
-                match client.status(node).await {
-                    Ok(status) => {
-                        client.learn_members(&status.membership.addresses);
-                        statuses.push(Ok(status))
-                    }
-                    Err(e) => statuses.push(Err((node, format!("{e:#}")))),
-                }
-            }
-            let leader = statuses
-                .iter()
-                .filter_map(|s| s.as_ref().ok())
-                .filter(|s| s.leader == Some(s.id))
-                .max_by_key(|s| s.term)
-                .map(|s| s.id);
-            if statuses.iter().all(|s| s.is_err()) {
-                let reasons: Vec<String> = statuses
-                    .iter()
-                    .filter_map(|s| s.as_ref().err())
-                    .map(|(node, error)| format!("node {node}: {error}"))
-                    .collect();
-                bail!("no node answered: {}", reasons.join("; "));
-            }
+            let answers = client_from(&client)?.cluster_status().await?;
             if json {
-                let nodes: Vec<serde_json::Value> = statuses
-                    .iter()
-                    .map(|s| match s {
-                        Ok(status) => serde_json::to_value(status).unwrap_or_default(),
-                        Err((node, error)) => serde_json::json!({"id": node, "error": error}),
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({"leader": leader, "nodes": nodes}));
+                println!("{}", render::status_json(&answers));
             } else {
-                println!(
-                    "leader: {}",
-                    leader.map_or("none".to_string(), |l| l.to_string())
-                );
-                // The configuration as the leader sees it, else the latest
-                // any node reports.
-                if let Some(s) = statuses
-                    .iter()
-                    .filter_map(|s| s.as_ref().ok())
-                    .max_by_key(|s| (Some(s.id) == leader, s.membership_index))
-                {
-                    println!(
-                        "configuration (index {}, as node {} sees it): {}{}",
-                        s.membership_index,
-                        s.id,
-                        s.membership,
-                        if s.change_in_progress {
-                            "; a change is in progress (not committed yet)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                for status in &statuses {
-                    match status {
-                        Ok(s) => {
-                            let lag: Vec<String> = s
-                                .peers
-                                .iter()
-                                .map(|p| format!("{}:{}", p.id, p.lag))
-                                .collect();
-                            println!(
-                                "node {}: {:?}, term {}, commit {}, last {}, lamport {}{}{}",
-                                s.id,
-                                s.role,
-                                s.term,
-                                s.commit,
-                                s.last_index,
-                                s.lamport,
-                                if lag.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(", follower lag {}", lag.join(" "))
-                                },
-                                s.catch_up_floor.map_or(String::new(), |floor| format!(
-                                    ", rebuilt replica catching up to {floor}"
-                                ))
-                            );
-                        }
-                        Err((node, error)) => println!("node {node}: unreachable ({error})"),
-                    }
-                }
+                print!("{}", render::status_text(&answers));
             }
             Ok(())
         }
@@ -1067,16 +770,15 @@ async fn client_command(command: Command) -> Result<()> {
     }
 }
 
-/// How long a member command waits for a leader that is not ready, or
-/// busy with another change.
-const CHANGE_PATIENCE: Duration = Duration::from_secs(30);
-
 async fn member(command: MemberCommand) -> Result<()> {
     match command {
         MemberCommand::List { client, json } => {
-            let client = client_from(&client)?;
-            let view = client.members().await?;
-            print_members(&view, json);
+            let view = client_from(&client)?.members().await?;
+            if json {
+                println!("{}", render::members_json(&view));
+            } else {
+                print!("{}", render::members_text(&view));
+            }
             Ok(())
         }
         MemberCommand::Add {
@@ -1089,89 +791,48 @@ async fn member(command: MemberCommand) -> Result<()> {
         } => {
             let address = member_address(&address)?;
             let client = client_from(&client)?;
-            let add = MembershipChange::AddLearner {
-                id,
-                address: address.clone(),
-            };
-            let (leader, outcome) = client.change_membership(&add, CHANGE_PATIENCE).await?;
-            match outcome {
-                // With --json and a promotion to come, the promotion's
-                // report is the one document printed.
-                Ok(index) if !json || learner => report_change(&add, leader, Ok(index), json)?,
-                Ok(_) => {}
-                // A retry of an add that committed: done, or go on to the
-                // promotion.
-                Err(ChangeError::AlreadyMember(_)) => {
-                    let view = client.members().await?;
-                    let membership = &view.status.membership;
-                    if membership.addresses.get(&id) != Some(&address) {
-                        return report_change(&add, leader, outcome, json);
+            let timeout = Duration::from_secs(timeout);
+            let added = client
+                .add_member(id, &address, learner, timeout, |step| match step {
+                    // With --json the promotion's report is the one
+                    // document printed.
+                    AddProgress::Added(report) if !json => {
+                        println!("{}", render::change_text(report).unwrap_or_default())
                     }
-                    if learner || membership.is_voter(id) {
-                        let role = if membership.is_voter(id) {
-                            "voter"
-                        } else {
-                            "learner"
-                        };
-                        if json {
-                            println!(
-                                "{}",
-                                serde_json::json!({
-                                    "committed": true, "change": add.to_string(), "already": role,
-                                    "index": view.status.membership_index, "leader": leader,
-                                })
-                            );
-                        } else {
-                            println!("node {id} is already a {role} at {address}");
-                        }
-                        return Ok(());
+                    AddProgress::AlreadyLearner if !json => {
+                        println!("{}", render::already_text(id, "learner", &address))
                     }
-                    if !json {
-                        println!("node {id} is already a learner at {address}");
+                    AddProgress::Waiting(Some(lag)) => {
+                        eprintln!("waiting for node {id} to catch up (lag {lag})")
                     }
+                    AddProgress::Waiting(None) => {
+                        eprintln!("waiting for node {id} to answer the leader (is it running?)")
+                    }
+                    AddProgress::Added(_) | AddProgress::AlreadyLearner => {}
+                })
+                .await?;
+            match added {
+                Added::Change(report) => print_change(report, json),
+                Added::Already(already) if json => {
+                    println!("{}", render::already_json(&already));
+                    Ok(())
                 }
-                Err(_) => return report_change(&add, leader, outcome, json),
-            }
-            if learner {
-                return Ok(());
-            }
-            let promote = MembershipChange::Promote { id };
-            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
-            let mut told: Option<Index> = None;
-            loop {
-                let (leader, outcome) = client.change_membership(&promote, CHANGE_PATIENCE).await?;
-                let lag = match &outcome {
-                    Err(ChangeError::NotCaughtUp {
-                        match_index,
-                        last_index,
-                        ..
-                    }) => last_index.saturating_sub(*match_index),
-                    Err(ChangeError::NotResponding(_)) => Index::MAX,
-                    _ => return report_change(&promote, leader, outcome, json),
-                };
-                if std::time::Instant::now() >= deadline {
-                    bail!(
-                        "node {id} did not catch up within {timeout} s (last: {}); it stays a learner: \
-                         check that it runs (`node --id {id} --join ...`), then `node member promote {id}`",
-                        outcome.err().map_or(String::new(), |e| e.to_string())
+                Added::Already(already) => {
+                    println!(
+                        "{}",
+                        render::already_text(id, already.role, &already.address)
                     );
+                    Ok(())
                 }
-                if told != Some(lag) {
-                    if lag == Index::MAX {
-                        eprintln!("waiting for node {id} to answer the leader (is it running?)");
-                    } else {
-                        eprintln!("waiting for node {id} to catch up (lag {lag})");
-                    }
-                    told = Some(lag);
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
         MemberCommand::Promote { id, client, json } => {
-            change(client, MembershipChange::Promote { id }, json).await
+            let change = MembershipChange::Promote { id };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
         MemberCommand::Remove { id, client, json } => {
-            change(client, MembershipChange::Remove { id }, json).await
+            let change = MembershipChange::Remove { id };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
         MemberCommand::Update {
             id,
@@ -1180,23 +841,12 @@ async fn member(command: MemberCommand) -> Result<()> {
             json,
         } => {
             let address = member_address(&address)?;
-            change(
-                client,
-                MembershipChange::UpdateAddress { id, address },
-                json,
-            )
-            .await
+            let change = MembershipChange::UpdateAddress { id, address };
+            print_change(client_from(&client)?.change(change).await?, json)
         }
     }
 }
 
-async fn change(args: ClientArgs, change: MembershipChange, json: bool) -> Result<()> {
-    let client = client_from(&args)?;
-    let (leader, outcome) = client.change_membership(&change, CHANGE_PATIENCE).await?;
-    report_change(&change, leader, outcome, json)
-}
-
-/// Prints what committed, or fails with the refusal.
 /// `--address` of `node member add/update`, checked and normalized.
 fn member_address(address: &str) -> Result<String> {
     Ok(cluster_store::address::Address::parse(address)
@@ -1204,135 +854,15 @@ fn member_address(address: &str) -> Result<String> {
         .to_string())
 }
 
-fn report_change(
-    change: &MembershipChange,
-    leader: NodeId,
-    outcome: Result<Index, ChangeError>,
-    json: bool,
-) -> Result<()> {
-    match outcome {
-        Ok(index) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "committed": true, "change": change.to_string(), "index": index, "leader": leader,
-                    })
-                );
-            } else {
-                println!("committed: {change} (configuration index {index}, leader {leader})");
-            }
-            Ok(())
-        }
-        Err(error) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "committed": false, "change": change.to_string(), "error": error.to_string(),
-                        "refusal": serde_json::to_value(&error).unwrap_or_default(), "leader": leader,
-                    })
-                );
-            }
-            if error == ChangeError::LeadershipLost {
-                bail!("{change}: outcome unknown: node {leader} lost leadership before it committed; it may still commit: check `node member list` before retrying")
-            }
-            bail!("{change}: refused by node {leader}: {error}")
-        }
-    }
-}
-
-/// One row of `node member list`.
-#[derive(Debug, PartialEq, serde::Serialize)]
-struct MemberRow {
-    id: NodeId,
-    address: Option<String>,
-    role: &'static str,
-    /// From the leader's view only.
-    match_index: Option<Index>,
-    lag: Option<Index>,
-}
-
-fn member_rows(view: &MembersView) -> Vec<MemberRow> {
-    let status = &view.status;
-    let leading = status.leader == Some(status.id);
-    status
-        .membership
-        .members()
-        .map(|id| {
-            let peer = status.peers.iter().find(|p| p.id == id);
-            let (match_index, lag) = match peer {
-                Some(peer) => (Some(peer.match_index), Some(peer.lag)),
-                None if leading && id == status.id => (Some(status.last_index), Some(0)),
-                None => (None, None),
-            };
-            MemberRow {
-                id,
-                address: status.membership.addresses.get(&id).cloned(),
-                role: if status.membership.is_voter(id) {
-                    "voter"
-                } else {
-                    "learner"
-                },
-                match_index,
-                lag,
-            }
-        })
-        .collect()
-}
-
-fn print_members(view: &MembersView, json: bool) {
-    let status = &view.status;
-    let rows = member_rows(view);
-    let leading = status.leader == Some(status.id);
+/// Prints what committed, or fails with the refusal (printed too, with
+/// `--json`).
+fn print_change(report: ChangeReport, json: bool) -> Result<()> {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "leader": status.leader,
-                "answered_by": status.id,
-                "configuration_index": status.membership_index,
-                "change_in_progress": status.change_in_progress,
-                "digest": format!("{:016x}", status.membership.digest()),
-                "cluster_digest": format!("{:016x}", view.cluster_digest),
-                "members": rows,
-            })
-        );
-        return;
+        println!("{}", render::change_json(&report));
+    } else if let Some(text) = render::change_text(&report) {
+        println!("{text}");
     }
-    println!(
-        "configuration index {}{}, leader {}{}",
-        status.membership_index,
-        if status.change_in_progress {
-            " (change in progress: not committed yet)"
-        } else {
-            ""
-        },
-        status.leader.map_or("none".to_string(), |l| l.to_string()),
-        if leading {
-            String::new()
-        } else {
-            format!(
-                " (as node {} sees it; the leader did not answer, so no lag)",
-                status.id
-            )
-        }
-    );
-    println!(
-        "{:>4}  {:<24} {:<8} {:>10} {:>8}",
-        "id", "address", "role", "match", "lag"
-    );
-    for row in rows {
-        let number = |n: Option<Index>| n.map_or("-".to_string(), |n| n.to_string());
-        println!(
-            "{:>4}  {:<24} {:<8} {:>10} {:>8}",
-            row.id,
-            row.address.as_deref().unwrap_or("-"),
-            row.role,
-            number(row.match_index),
-            number(row.lag)
-        );
-    }
+    report.into_result().map(drop)
 }
 
 #[cfg(test)]
@@ -1370,61 +900,5 @@ mod tests {
         assert!(Cli::try_parse_from(["node", "member", "remove", "x"]).is_err());
         let cli = Cli::try_parse_from(["node", "--id", "4", "--join", "1=h1:7000"]).unwrap();
         assert_eq!(cli.run.join.as_deref(), Some("1=h1:7000"));
-    }
-
-    #[test]
-    fn the_member_list_takes_match_and_lag_from_the_leader() {
-        use cluster_store::raft::{Config, HardState, Membership, PeerStatus, RaftNode};
-        let membership = Membership {
-            voters: [1, 2].into(),
-            learners: [3].into(),
-            addresses: (1..=3).map(|id| (id, format!("h{id}:7000"))).collect(),
-        };
-        let mut config = Config::new(1, [1, 2]);
-        config.learners = [3].into();
-        let node = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
-        let mut status = node.status();
-        status.membership = membership.clone();
-        status.last_index = 50;
-        status.leader = Some(1);
-        status.peers = vec![PeerStatus {
-            id: 3,
-            voter: false,
-            match_index: 20,
-            lag: 30,
-        }];
-        let view = MembersView {
-            status,
-            committed: membership,
-            committed_index: 0,
-            cluster_digest: 0,
-        };
-        let rows = member_rows(&view);
-        assert_eq!(
-            rows,
-            vec![
-                MemberRow {
-                    id: 1,
-                    address: Some("h1:7000".into()),
-                    role: "voter",
-                    match_index: Some(50),
-                    lag: Some(0),
-                },
-                MemberRow {
-                    id: 2,
-                    address: Some("h2:7000".into()),
-                    role: "voter",
-                    match_index: None,
-                    lag: None,
-                },
-                MemberRow {
-                    id: 3,
-                    address: Some("h3:7000".into()),
-                    role: "learner",
-                    match_index: Some(20),
-                    lag: Some(30),
-                },
-            ]
-        );
     }
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod export;
+mod members;
+pub mod render;
 mod watch;
+pub use members::{AddProgress, Added, AlreadyMember, ChangeReport, CHANGE_PATIENCE};
 use quinn::{Connection, Endpoint};
 pub use watch::LogStream;
 
@@ -20,7 +24,7 @@ use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, Propo
 use crate::tls::{self, peer_identity, Credentials};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, WireError, MAX_MESSAGE_BYTES, MAX_SEND_BYTES,
+    Until, WireError, CLOSE_BUSY, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
 };
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
@@ -29,7 +33,7 @@ use crate::wire::{
 /// round trip could not pass 8,000 messages per commit latency, ~42,000/s.
 /// A node deduplicates retries within `Config::session_window` of a
 /// client's latest messages, which must stay above this many batches.
-pub const PIPELINE_WINDOW: usize = crate::server::api::STREAM_WINDOW;
+pub const PIPELINE_WINDOW: usize = STREAM_WINDOW;
 
 /// While a request is pending, the node is asked whether it is alive this
 /// often; one that does not answer a probe in time is treated as down
@@ -339,7 +343,7 @@ impl Client {
                         // A node over its connection limit is alive: retry
                         // it after a pause rather than suspecting it.
                         if let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() {
-                            if close.error_code == crate::server::api::CLOSE_BUSY.into() {
+                            if close.error_code == CLOSE_BUSY.into() {
                                 if let Ok(mut connections) = self.connections.lock() {
                                     connections.remove(&node);
                                 }
@@ -917,6 +921,33 @@ impl Client {
         best.ok_or_else(|| anyhow!("no node answered: {}", errors.join("; ")))
     }
 
+    /// Every node's status, or why it did not answer: the nodes the client
+    /// was given, and the members their answers name that it was not
+    /// (added since). Fails if no node answers.
+    pub async fn cluster_status(&self) -> Result<Vec<render::StatusAnswer>> {
+        let mut answers = Vec::new();
+        let mut asked = std::collections::BTreeSet::new();
+        while let Some(node) = self.nodes().into_iter().find(|n| !asked.contains(n)) {
+            asked.insert(node);
+            match self.status(node).await {
+                Ok(status) => {
+                    self.learn_members(&status.membership.addresses);
+                    answers.push(Ok(status))
+                }
+                Err(e) => answers.push(Err((node, format!("{e:#}")))),
+            }
+        }
+        if answers.iter().all(|s| s.is_err()) {
+            let reasons: Vec<String> = answers
+                .iter()
+                .filter_map(|s| s.as_ref().err())
+                .map(|(node, error)| format!("node {node}: {error}"))
+                .collect();
+            bail!("no node answered: {}", reasons.join("; "));
+        }
+        Ok(answers)
+    }
+
     pub async fn status(&self, node: NodeId) -> Result<Status> {
         match self
             .request_with(node, &ClientRequest::Status, false)
@@ -928,8 +959,10 @@ impl Client {
     }
 }
 
-/// Most messages `Batches` puts in one send request.
+/// Most messages `Batches` puts in one send request (the protocol allows
+/// `MAX_BATCH`).
 pub const LINES_PER_BATCH: usize = 1000;
+const _: () = assert!(LINES_PER_BATCH <= MAX_BATCH);
 
 /// Why `Batches` stopped before the end of its input.
 #[derive(Debug, thiserror::Error)]
@@ -1004,38 +1037,6 @@ impl<I: Iterator<Item = std::io::Result<String>>> Iterator for Batches<I> {
         }
         (!batch.is_empty()).then_some(batch)
     }
-}
-
-/// The stable text format of exports: one line per message,
-/// `index<TAB>lamport<TAB>sender<TAB>text`, with backslash, tab and newline
-/// in the text escaped as `\\`, `\t` and `\n`.
-pub fn format_line(entry: &ExportedEntry) -> String {
-    let mut text = String::with_capacity(entry.text.len());
-    for c in entry.text.chars() {
-        match c {
-            '\\' => text.push_str("\\\\"),
-            '\t' => text.push_str("\\t"),
-            '\n' => text.push_str("\\n"),
-            '\r' => text.push_str("\\r"),
-            c => text.push(c),
-        }
-    }
-    format!(
-        "{}\t{}\t{}\t{}",
-        entry.index, entry.lamport, entry.sender, text
-    )
-}
-
-/// The JSON line format of exports: index, term, lamport, sender, text.
-pub fn format_json(entry: &ExportedEntry) -> String {
-    serde_json::json!({
-        "index": entry.index,
-        "term": entry.term,
-        "lamport": entry.lamport,
-        "sender": entry.sender,
-        "text": entry.text,
-    })
-    .to_string()
 }
 
 #[cfg(test)]

@@ -15,16 +15,9 @@ use crate::raft::{Index, NodeId, Payload, Proposal, ProposeError, RequestId};
 use crate::storage::LogReader;
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, WATCH_HEARTBEAT,
+    Until, CLOSE_BUSY, MAX_BATCH, PAGE, PAGE_BYTES, STREAM_WINDOW, WATCH_HEARTBEAT,
 };
 
-/// Most entries one export page returns.
-pub const PAGE: u64 = 10_000;
-/// Most bytes of entries (`Entry::size`) one export page returns, at least
-/// one entry: pages of 10,000 entries over ~1.6 KB each exceeded a frame.
-pub const PAGE_BYTES: usize = 4 << 20;
-/// Most messages one send request may carry.
-pub const MAX_BATCH: usize = 4096;
 /// Default bound on the messages waiting to commit, in bytes: beyond it a
 /// node answers "busy, retry" instead of queueing without end.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 << 20;
@@ -78,9 +71,6 @@ impl Drop for ClientSlot<'_> {
 /// A request's answer, still to come.
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send>>;
 
-/// Most requests one stream may have outstanding.
-pub const STREAM_WINDOW: usize = 64;
-
 /// Turns the driver's verdict on a send into the client's answer.
 fn sent(
     me: NodeId,
@@ -123,9 +113,6 @@ fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
         detail: None,
     }
 }
-
-/// Closes a client connection that came over the limit.
-pub const CLOSE_BUSY: u32 = 5;
 
 /// How a node certificate outside this node's configuration is named: it
 /// may ask for the configuration and status only (`Api::start`).

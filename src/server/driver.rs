@@ -42,6 +42,8 @@ pub enum Input {
     Members(oneshot::Sender<(Status, Membership, Index)>),
     /// From the store thread: what it made durable, or why it stopped.
     Store(StoreEvent),
+    /// Stop the driver (`NodeHandle::stop`).
+    Stop,
 }
 
 impl From<StoreEvent> for Input {
@@ -207,6 +209,7 @@ impl Driver {
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.inbox.next(wait) {
+                Ok(Input::Stop) => return Ok(()),
                 Ok(input) => {
                     self.handle(input)?;
                     // Take whatever else is queued into the same batch.
@@ -214,6 +217,9 @@ impl Driver {
                         let Some(input) = self.inbox.try_next() else {
                             break;
                         };
+                        if let Input::Stop = input {
+                            return Ok(());
+                        }
                         self.handle(input)?;
                     }
                 }
@@ -293,6 +299,8 @@ impl Driver {
                 ));
             }
             Input::Store(event) => self.stored(event)?,
+            // `run` stops at it.
+            Input::Stop => {}
         }
         Ok(())
     }
@@ -542,7 +550,7 @@ mod tests {
         let (inputs, input_rx) = std::sync::mpsc::sync_channel(1024);
         let metrics = Arc::new(Metrics::default());
         let outboxes = Outboxes::default();
-        let store = super::super::persist::start(
+        let (store, _) = super::super::persist::start(
             1,
             store,
             inputs.clone(),

@@ -81,6 +81,17 @@ pub struct Links {
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Links {
+    /// Ends every link at once (the node stops).
+    pub fn abort_all(&self) {
+        let links = match self.links.lock() {
+            Ok(mut links) => std::mem::take(&mut *links),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for link in links.into_values() {
+            link.task.abort();
+        }
+    }
+
     /// Where a connection `peer` dials to us goes, if `peer` is a member.
     pub fn inbound_slot(&self, peer: NodeId) -> Option<watch::Sender<Option<Connection>>> {
         let links = self.links.lock().ok()?;

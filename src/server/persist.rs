@@ -89,14 +89,16 @@ pub struct StoreHandle {
     pub log: LogReader,
 }
 
-/// Starts the store thread of node `me`, reporting on `driver`.
+/// Starts the store thread of node `me`, reporting on `driver`. The
+/// thread ends once the driver drops its handle (after writing what was
+/// queued) or the store fails.
 pub fn start<I>(
     me: NodeId,
     store: Store,
     driver: SyncSender<I>,
     outboxes: Outboxes,
     metrics: Arc<Metrics>,
-) -> std::io::Result<StoreHandle>
+) -> std::io::Result<(StoreHandle, std::thread::JoinHandle<()>)>
 where
     I: From<StoreEvent> + Send + 'static,
 {
@@ -112,14 +114,17 @@ where
         outboxes,
         metrics,
     };
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("store-{me}"))
         .spawn(move || persister.run())?;
-    Ok(StoreHandle {
-        jobs,
-        synced_commit,
-        log,
-    })
+    Ok((
+        StoreHandle {
+            jobs,
+            synced_commit,
+            log,
+        },
+        thread,
+    ))
 }
 
 struct Persister<I: From<StoreEvent>> {
@@ -289,7 +294,7 @@ mod tests {
         let outboxes = Outboxes::default();
         let (outbox, mut sent) = tokio::sync::mpsc::channel(8);
         outboxes.insert(2, outbox);
-        let handle = start(1, store, events, outboxes, Arc::new(Metrics::default())).unwrap();
+        let (handle, _) = start(1, store, events, outboxes, Arc::new(Metrics::default())).unwrap();
         let ack = Envelope {
             from: 1,
             to: 2,

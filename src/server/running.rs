@@ -1,0 +1,502 @@
+//! Running an opened node: its QUIC endpoint (peers and clients on one
+//! UDP socket), the peer links, catch-up, the client API, the revocation
+//! watcher, and the store and driver threads. `OpenNode::run` returns a
+//! `NodeHandle` to wait on or stop, and through which the HTTP side
+//! (`crate::http`) is started beside the node.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+use tracing::info;
+
+use super::driver::{self, Driver, Input};
+use super::outbox::Outboxes;
+use super::transport::{self, Peers};
+use super::{api, catch_up, links, persist, NodeError, OpenNode};
+use crate::address::Address;
+use crate::events::NodeEvent;
+use crate::identity;
+use crate::metrics::Metrics;
+use crate::raft::NodeId;
+use crate::storage::StoreError;
+use crate::tls::{self, Credentials};
+
+/// Election timeouts without a leader before a node asks the members it
+/// knows for a newer configuration (`catch_up.rs`): long enough for an
+/// ordinary election to finish first.
+const CATCH_UP_AFTER_ELECTIONS: u32 = 4;
+/// ...and never sooner than this, whatever the tick.
+const MIN_CATCH_UP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// A running node.
+pub struct NodeHandle {
+    me: NodeId,
+    listen: SocketAddr,
+    api: api::Api,
+    events: broadcast::Sender<NodeEvent>,
+    metrics: Arc<Metrics>,
+    creds: Credentials,
+    /// The members' addresses when the node started (this node's own
+    /// included).
+    members: BTreeMap<NodeId, Address>,
+    endpoint: quinn::Endpoint,
+    links: links::Links,
+    inputs: SyncSender<Input>,
+    /// The tasks to end when the node stops.
+    tasks: Mutex<Vec<AbortHandle>>,
+    driver: std::thread::JoinHandle<Result<(), StoreError>>,
+    /// The store thread, which ends after the driver.
+    store_thread: std::thread::JoinHandle<()>,
+}
+
+impl OpenNode {
+    /// Binds the node's UDP socket and starts it: peers and clients are
+    /// served, links dialed, and the driver thread steps the Raft core.
+    /// Call it within a Tokio runtime.
+    pub fn run(self) -> Result<NodeHandle, NodeError> {
+        let OpenNode {
+            options,
+            creds,
+            cluster_id,
+            store,
+            raft,
+            stored,
+            in_force,
+            listen,
+        } = self;
+        let me = options.id;
+        let endpoint = bind_endpoint(listen, &creds, &options.simulate_delay)?;
+        let client_config = Arc::new(RwLock::new(tls::peer_client_config(&creds)?));
+        let (revoked_tx, revoked) =
+            watch::channel(Arc::new(identity::revoked_serials(&creds.crls)));
+        let mut tasks = Vec::new();
+
+        let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
+        let metrics = Arc::new(Metrics::default());
+        let (events, _) = broadcast::channel(4096);
+        let outboxes = Outboxes::default();
+        let (membership_tx, membership_rx) = watch::channel(links::View {
+            index: raft.membership_index(),
+            membership: raft.membership().clone(),
+            committed: raft.committed_membership().clone(),
+        });
+        let peers = Peers {
+            me,
+            links: links::Links::default(),
+            hello: crate::wire::PeerHello {
+                cluster_id,
+                cluster_digest: stored.cluster_digest,
+            },
+            inputs: inputs.clone(),
+            metrics: metrics.clone(),
+            client_config: client_config.clone(),
+            revoked,
+            contact: catch_up::LeaderContact::default(),
+        };
+        // The first links exist before any peer can connect.
+        peers.links.follow(
+            &in_force,
+            raft.committed_membership(),
+            None,
+            &endpoint,
+            &peers,
+            &outboxes,
+        );
+        // A node that missed membership changes asks for the newer view.
+        let stored_at = (stored.index, stored.membership.clone());
+        let (learned_tx, learned_rx) = watch::channel(None);
+        tasks.push(
+            tokio::spawn(catch_up::run(catch_up::CatchUp {
+                me,
+                bootstrap: stored_at.clone(),
+                view: membership_rx.clone(),
+                learned: learned_tx,
+                contact: peers.contact.clone(),
+                inputs: inputs.clone(),
+                creds: creds.clone(),
+                patience: options
+                    .tick
+                    .saturating_mul(u32::try_from(options.election_ticks).unwrap_or(u32::MAX))
+                    .saturating_mul(CATCH_UP_AFTER_ELECTIONS)
+                    .max(MIN_CATCH_UP_PATIENCE),
+            }))
+            .abort_handle(),
+        );
+        tasks.push(
+            tokio::spawn(links::follow_membership(
+                peers.links.clone(),
+                stored_at,
+                membership_rx,
+                learned_rx,
+                endpoint.clone(),
+                peers.clone(),
+                outboxes.clone(),
+            ))
+            .abort_handle(),
+        );
+        // Watchers wait on the synced commit the driver publishes.
+        let (commits_tx, commits_rx) = watch::channel(driver::CommitView::default());
+        let api = api::Api {
+            me,
+            inputs: inputs.clone(),
+            log: store.reader(),
+            limits: Arc::new(api::Limits::new(
+                options.max_pending_bytes,
+                options.max_clients,
+            )),
+            metrics: metrics.clone(),
+            cluster_digest: stored.cluster_digest,
+            commits: commits_rx,
+        };
+        let links = peers.links.clone();
+        tasks.push(
+            tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api.clone()))
+                .abort_handle(),
+        );
+        info!(node = me, %listen, "serving");
+        tasks.push(
+            tokio::spawn(watch_revocations(
+                endpoint.clone(),
+                creds.clone(),
+                client_config,
+                revoked_tx,
+                options.data.clone(),
+            ))
+            .abort_handle(),
+        );
+
+        let (store, store_thread) =
+            persist::start(me, store, inputs.clone(), outboxes.clone(), metrics.clone())
+                .map_err(|e| NodeError::Driver(e.to_string()))?;
+        let driver = Driver::new(
+            raft,
+            input_rx,
+            store,
+            outboxes,
+            options.tick,
+            metrics.clone(),
+            driver::Feeds {
+                events: events.clone(),
+                membership: membership_tx,
+                commits: commits_tx,
+            },
+        );
+        let driver = std::thread::Builder::new()
+            .name(format!("raft-{me}"))
+            .spawn(move || driver.run())
+            .map_err(|e| NodeError::Driver(e.to_string()))?;
+
+        let mut members: BTreeMap<NodeId, Address> = in_force
+            .addresses
+            .iter()
+            .filter_map(|(id, address)| Some((*id, Address::parse(address).ok()?)))
+            .collect();
+        members.entry(me).or_insert_with(|| Address::from(listen));
+        Ok(NodeHandle {
+            me,
+            listen,
+            api,
+            events,
+            metrics,
+            creds,
+            members,
+            endpoint,
+            links,
+            inputs,
+            tasks: Mutex::new(tasks),
+            driver,
+            store_thread,
+        })
+    }
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// The address the node listens on.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The client API, for local callers such as the HTTP side.
+    pub fn api(&self) -> &api::Api {
+        &self.api
+    }
+
+    /// Leader and clock changes, as they happen.
+    pub fn events(&self) -> &broadcast::Sender<NodeEvent> {
+        &self.events
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The node's own credentials (the HTTP side reaches the cluster with
+    /// them).
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// Every member's address when the node started, its own included.
+    pub fn members(&self) -> &BTreeMap<NodeId, Address> {
+        &self.members
+    }
+
+    /// Runs `task` beside the node; `stop` ends it with the node.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        match self.tasks.lock() {
+            Ok(mut tasks) => tasks.push(handle),
+            Err(poisoned) => poisoned.into_inner().push(handle),
+        }
+    }
+
+    /// Waits until the driver stops: never while the node runs well; a
+    /// storage failure stops it (a node that cannot persist must not keep
+    /// voting), and so does `stop`. The store thread has ended (and closed
+    /// the store) when it returns.
+    pub async fn wait(self) -> Result<(), NodeError> {
+        let NodeHandle {
+            driver,
+            store_thread,
+            inputs,
+            ..
+        } = self;
+        drop(inputs);
+        let result = tokio::task::spawn_blocking(move || {
+            let result = driver.join();
+            let _ = store_thread.join();
+            result
+        })
+        .await
+        .map_err(|e| NodeError::Driver(e.to_string()))?;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(store_error)) => Err(store_error.into()),
+            Err(_) => Err(NodeError::Driver("the driver thread panicked".into())),
+        }
+    }
+
+    /// Stops the node: its tasks and peer links end, its connections close
+    /// and its socket is released; the driver stops at its next round and
+    /// the store thread once it has written what was queued. Returns as
+    /// `wait` does.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        let tasks = match self.tasks.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for task in tasks {
+            task.abort();
+        }
+        self.links.abort_all();
+        self.endpoint.close(0u32.into(), b"node stopping");
+        let inputs = self.inputs.clone();
+        // The driver's queue is bounded: wait for room off the runtime.
+        let _ = tokio::task::spawn_blocking(move || inputs.send(Input::Stop)).await;
+        self.wait().await
+    }
+}
+
+/// Binds the node's UDP socket (delaying datagrams as `simulate_delay`
+/// says, for tests) and opens the QUIC endpoint on it.
+fn bind_endpoint(
+    listen: SocketAddr,
+    creds: &Credentials,
+    simulate_delay: &std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
+) -> Result<quinn::Endpoint, NodeError> {
+    let bind_error = |source: std::io::Error| NodeError::Bind {
+        addr: listen,
+        hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process holds that port: stop it or choose another --listen)"
+        } else {
+            ""
+        },
+        error: source,
+    };
+    let server_config = tls::server_config(creds)?;
+    let socket = bind_udp(listen).map_err(bind_error)?;
+    let socket: Arc<dyn quinn::AsyncUdpSocket> = if simulate_delay.is_empty() {
+        quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind_error)?
+    } else {
+        tracing::warn!(links = ?simulate_delay, "simulating network delay (testing only)");
+        crate::latency::DelayedSocket::new(socket, simulate_delay.clone()).map_err(bind_error)?
+    };
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)
+}
+
+/// Reloads the revocation list when it changes: new handshakes use it at
+/// once, and live connections of newly revoked certificates are closed.
+/// A list that disappears is kept (see `Credentials::reload_crls`), and
+/// the data directory `data` records that a list was loaded, so that the
+/// node refuses to restart without it. A problem is logged once, not at
+/// every reload.
+async fn watch_revocations(
+    endpoint: quinn::Endpoint,
+    mut creds: Credentials,
+    client_config: Arc<RwLock<quinn::ClientConfig>>,
+    revoked: watch::Sender<transport::Revoked>,
+    data: PathBuf,
+) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut problem: Option<String> = None;
+    loop {
+        interval.tick().await;
+        let reloaded = creds.reload_crls();
+        if reloaded.is_ok() && problem.take().is_some() {
+            info!(
+                "the revocation list {} reads again",
+                creds.crl_path.display()
+            );
+        }
+        match reloaded {
+            Ok(false) => {}
+            Ok(true) => match (tls::server_config(&creds), tls::peer_client_config(&creds)) {
+                (Ok(server), Ok(client)) => {
+                    endpoint.set_server_config(Some(server));
+                    match client_config.write() {
+                        Ok(mut config) => *config = client,
+                        Err(poisoned) => *poisoned.into_inner() = client,
+                    }
+                    let serials = identity::revoked_serials(&creds.crls);
+                    info!(
+                        revoked = serials.len(),
+                        "loaded a new revocation list from {}",
+                        creds.crl_path.display()
+                    );
+                    revoked.send_replace(Arc::new(serials));
+                    if let Err(error) = identity::record_crl_seen(&data) {
+                        tracing::warn!(
+                            "cannot record that a revocation list was loaded (a restart without ca.crl would not be refused): {error}"
+                        );
+                    }
+                }
+                (Err(error), _) | (_, Err(error)) => {
+                    tracing::warn!("ignoring the new revocation list: {error}")
+                }
+            },
+            Err(error) => {
+                let text = error.to_string();
+                if problem.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(
+                        "cannot reload the revocation list, keeping the previous one: {text}"
+                    );
+                    problem = Some(text);
+                }
+            }
+        }
+    }
+}
+
+/// Kernel buffers asked for on the node's UDP socket (the kernel caps them
+/// at `net.core.rmem_max` / `wmem_max`).
+const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// Binds the node's UDP socket with large kernel buffers. With the
+/// default (about 208 KB) a burst from a fast peer overflows the receive
+/// buffer while the node is busy; QUIC takes the dropped datagrams for
+/// congestion and halves its window. Across a 140 ms round trip that cut a
+/// pipelined client's rate by more than half.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: a smaller buffer works, only less well.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Validity;
+    use crate::server::{open, NodeOptions};
+
+    /// A one-node cluster opened, run, serving, stopped, and opened again
+    /// from the same data directory: stopping releases the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_opens_runs_and_stops() {
+        let dir = std::env::temp_dir().join(format!("cs-node-handle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = dir.join("certs");
+        identity::init_ca(&certs, false).unwrap();
+        identity::issue_node(&certs, 1, &[], Validity::days(1)).unwrap();
+        let options = NodeOptions {
+            id: 1,
+            peers: [(1, Address::parse("127.0.0.1:0").unwrap())].into(),
+            learners: BTreeMap::new(),
+            join: None,
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            data: dir.join("data"),
+            certs,
+            tick: Duration::from_millis(5),
+            election_ticks: 4,
+            heartbeat_ticks: 1,
+            priorities: BTreeMap::new(),
+            max_clients: 16,
+            max_pending_bytes: 1 << 20,
+            simulate_delay: Default::default(),
+        };
+        for _ in 0..2 {
+            let node = open(options.clone()).await.unwrap();
+            assert_eq!(node.id(), 1);
+            let listener = crate::http::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let http = listener.local_addr().unwrap();
+            let running = node.run().unwrap();
+            crate::http::serve(listener, &running, false).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let status = running.api().local_status().await.unwrap();
+                if status.leader == Some(1) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no leader: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let status = get(http, "/status").await;
+            assert!(status.contains(r#""id":1"#), "{status}");
+            running.stop().await.unwrap();
+            // The HTTP side stopped with it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while tokio::net::TcpStream::connect(http).await.is_ok() {
+                assert!(std::time::Instant::now() < deadline, "HTTP still served");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+}

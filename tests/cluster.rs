@@ -591,7 +591,7 @@ fn bad_starts_fail_with_clear_errors() {
                 }
             }
         }
-        for file in [damaged.join("db"), damaged.join("log").join("00000000.seg")] {
+        for file in [damaged.join("db"), damaged.join("log").join("00000000.wal")] {
             let mut bytes = std::fs::read(&file).expect("read a store file");
             for i in (200..bytes.len()).step_by(997) {
                 bytes[i] ^= 0xff;

@@ -10,6 +10,7 @@ use std::io::Write;
 use cluster_store::address::parse_members;
 use cluster_store::identity;
 use cluster_store::raft::{Entry, Envelope, Message, Payload};
+use cluster_store::storage::migration::{journal, old_segments};
 use cluster_store::storage::segments::decode_segment;
 use cluster_store::storage::{
     decode_chunk, decode_entry, decode_metadata, decode_witness, Store, StoreError,
@@ -86,7 +87,8 @@ proptest! {
         let _ = decode_segment(&bytes);
         let _ = decode_metadata(&bytes);
         let _ = decode_witness(&bytes);
-        let _ = cluster_store::storage::journal::decode(&bytes);
+        let _ = journal::decode(&bytes);
+        let _ = old_segments::decode_segment(&bytes);
     }
 
     #[test]
@@ -97,7 +99,7 @@ proptest! {
         ),
         bit in any::<proptest::sample::Index>(),
     ) {
-        use cluster_store::storage::journal::{decode, Journal, Record};
+        use journal::{decode, Journal, Record};
         let dir = std::env::temp_dir().join(format!("cs-journal-prop-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -192,12 +194,13 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// Garbage written over the start of a real store's log segment (made
-    /// the only copy by a checkpoint): opening it gives a clear "damaged"
-    /// error naming the file, never a panic.
+    /// Garbage written anywhere over a real store's log segment (the only
+    /// copy of its entries): opening it gives a clear "damaged" error
+    /// naming the file, never a panic, and never a shorter log.
     #[test]
     fn garbage_in_a_log_segment_is_reported_as_damaged(
         garbage in proptest::collection::vec(any::<u8>(), 1..64),
+        at in any::<proptest::sample::Index>(),
     ) {
         let dir = std::env::temp_dir().join(format!("cs-prop-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -210,13 +213,12 @@ proptest! {
                 .write(None, Some(&cluster_store::raft::LogWrite { from: 1, entries }))
                 .expect("write");
         }
-        // Opening replays the journal into the segment and checkpoints it.
-        drop(released(|| Store::open(&dir, "c", 1)).expect("reopen"));
-        let segment = dir.join("log").join("00000000.seg");
+        let segment = dir.join("log").join("00000000.wal");
         let mut bytes = std::fs::read(&segment).expect("segment");
         let before = bytes.clone();
-        let n = garbage.len().min(bytes.len());
-        bytes[..n].copy_from_slice(&garbage[..n]);
+        let start = at.index(bytes.len());
+        let n = garbage.len().min(bytes.len() - start);
+        bytes[start..start + n].copy_from_slice(&garbage[..n]);
         std::fs::write(&segment, &bytes).expect("write");
         match released(|| Store::open(&dir, "c", 1)).and_then(|(store, _)| store.verify()) {
             // Only if the garbage happens to equal what was there.

@@ -462,30 +462,26 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
         assert!(!refused.status.success());
         assert!(String::from_utf8_lossy(&refused.stderr).contains("opens cleanly"));
 
-        // A flipped byte in the journal with records after it; then, once a
-        // checkpoint has made the log's segment file the only copy (reading
-        // the stopped store does that), that file truncated, and a flipped
-        // byte inside a stored message. The node refuses to start and names
-        // the store.
-        let journal = data.join("journal");
-        assert!(
-            std::fs::metadata(pristine.join("journal"))
-                .expect("journal")
-                .len()
-                > 0,
-            "the journal holds the recent writes"
-        );
-        let damages: [(&str, bool, Damage); 3] = [
+        // The log's segment, the only copy of the entries, with a flipped
+        // byte early on and intact records after it; truncated to half;
+        // with a flipped byte inside the last stored message (a torn write,
+        // were it not for the witness, which saw it synced). The node
+        // refuses to start and names the store.
+        let damages: [(&str, Damage); 3] = [
             (
-                "flipped byte in the journal",
-                false,
-                Box::new(|data: &Path| flip(&data.join("journal"), b"disk message 2", false)),
+                "flipped byte early in the segment",
+                Box::new(|data: &Path| {
+                    flip(
+                        &data.join("log").join("00000000.wal"),
+                        b"disk message 2",
+                        false,
+                    )
+                }),
             ),
             (
                 "truncated",
-                true,
                 Box::new(|data: &Path| {
-                    let segment = data.join("log").join("00000000.seg");
+                    let segment = data.join("log").join("00000000.wal");
                     let len = std::fs::metadata(&segment).expect("segment").len();
                     let file = std::fs::OpenOptions::new()
                         .write(true)
@@ -496,23 +492,18 @@ fn damaged_store_is_refused_by_name_and_rebuilt_from_peers() {
             ),
             (
                 "flipped byte",
-                true,
                 Box::new(|data: &Path| {
                     flip(
-                        &data.join("log").join("00000000.seg"),
+                        &data.join("log").join("00000000.wal"),
                         b"disk message 2999",
                         true,
                     )
                 }),
             ),
         ];
-        for (what, checkpoint, damage) in damages {
+        for (what, damage) in damages {
             let _ = std::fs::remove_dir_all(&data);
             copy_dir(&pristine, &data);
-            if checkpoint {
-                cluster.local_export(target);
-                assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 0);
-            }
             damage(&data);
             cluster.launch(target);
             let status = cluster.wait_exit(target, Duration::from_secs(20));

@@ -6,24 +6,20 @@
 //! - Inside a record, numbers are little-endian (written with [`put_u32`],
 //!   [`put_u64`], read with [`Reader`]), and a list of byte strings is
 //!   `[count: u32][length: u32][bytes]...` ([`put_list`]).
-//! - A checksummed record comes in one of three layouts, each the one its
-//!   file has always had:
-//!   - a *frame*, `[payload length: u32][crc32 of payload: u32][payload]`:
-//!     the log's segments, and journals written before their records
-//!     carried a magic ([`put_frame`], [`frame_at`]);
+//! - A checksummed record comes in one of three layouts:
 //!   - a *sequenced frame*, `[magic: 4 bytes][crc32: u32][payload length:
 //!     u32][sequence number: u64][payload]`, the checksum covering
-//!     everything after it: the journal ([`put_sequenced`],
-//!     [`sequenced_at`]);
+//!     everything after it: the log's segments, which are its write-ahead
+//!     log ([`put_sequenced`], [`sequenced_at`], [`intact_sequenced_at`]);
 //!   - a *sealed* record of fixed size, `[magic: 4 bytes][fields][crc32 of
-//!     magic and fields: u32]`: the witness and the log's position
-//!     ([`seal`], [`unseal`]).
+//!     magic and fields: u32]`: the witness ([`seal`], [`unseal`]);
+//!   - a *frame*, `[payload length: u32][crc32 of payload: u32][payload]`:
+//!     only in data directories of earlier versions (their segments and
+//!     first journals), read once to upgrade them (`migration/`)
+//!     ([`frame_at`]).
 //!
-//! Three layouts rather than one because data directories written by
-//! earlier versions hold all three, and the bytes stay as they are: one
-//! layout would mean a new format and an upgrade of every directory. What
-//! they share lives here once: the checksum, the little-endian fields, the
-//! length checks, and the kinds of damage a reader can find
+//! What they share lives here once: the checksum, the little-endian
+//! fields, the length checks, and the kinds of damage a reader can find
 //! ([`FrameError`]), which each file words in its own error messages.
 
 use std::ops::RangeBounds;
@@ -141,6 +137,7 @@ pub(super) enum FrameError {
 }
 
 /// Appends `[payload length][crc32 of payload][payload]` to `out`.
+#[cfg(test)]
 pub(super) fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
     put_u32(out, payload.len() as u32);
     put_u32(out, checksum(payload));
@@ -249,6 +246,34 @@ pub(super) fn sequenced_at<'a>(
         crc,
         covered: &bytes[8..SEQUENCED_HEADER + len],
     }))
+}
+
+/// Whether an intact sequenced frame with `magic` starts `rest`, `None`
+/// if no frame of ours starts there at all. Used to tell damage from a
+/// torn tail: an intact record after a bad one means the bad one was not
+/// the last write. The frame counts only if its sequence number can follow
+/// `last_seq` (one more than it, plus at most one per `min_record` bytes of
+/// the `gap` since the bad record) and `payload_ok` accepts its payload;
+/// the sequence number is checked before the checksum is computed, so a
+/// frame that cannot be ours costs nothing.
+pub(super) fn intact_sequenced_at(
+    rest: &[u8],
+    magic: &[u8; 4],
+    last_seq: Option<u64>,
+    gap: usize,
+    min_record: usize,
+    payload_ok: impl Fn(&[u8]) -> bool,
+) -> Option<bool> {
+    match sequenced_at(rest, magic, ..=MAX_RECORD)? {
+        Ok(frame) => {
+            let follows = last_seq.is_none_or(|last| {
+                let most = 1 + (gap / min_record) as u64;
+                (1..=most).contains(&frame.seq.wrapping_sub(last))
+            });
+            Some(follows && frame.intact() && payload_ok(frame.payload))
+        }
+        Err(_) => Some(false),
+    }
 }
 
 /// Why a sealed record was refused.

@@ -1,12 +1,12 @@
 //! How writes become durable: staging, group commit and checkpoints.
 //!
-//! `stage` applies writes to the segments and sled, unsynced, and adds them
-//! to the journal; `sync_staged` makes everything staged since the last
-//! sync durable with one `fdatasync` of the journal: one sync for many
-//! writes, that is group commit. The witness is lowered (synced) before a
-//! truncation and raised only after a sync, so it never claims more than
-//! the store holds. When the journal has grown past `CHECKPOINT_BYTES`, a
-//! checkpoint syncs the segments and sled and empties it.
+//! `stage` appends writes to the log, unsynced; `sync_staged` makes
+//! everything staged since the last sync durable with one `fdatasync` of
+//! the log's active segment: one sync for many writes, that is group
+//! commit. The witness is lowered (synced) before a truncation and raised
+//! only after a sync, so it never claims more than the store holds. Every
+//! `CHECKPOINT_BYTES` of log, a checkpoint copies the hard state into sled
+//! and flushes it.
 //!
 //! The store delegates staging and syncing to a [`Durability`]:
 //! [`GroupCommit`] here, or the unsafe no-sync mode of `unsynced.rs`.
@@ -14,7 +14,7 @@
 use super::{codec, Disk, StoreError};
 use crate::raft::{HardState, Index, LogWrite};
 
-/// Journal size that triggers a checkpoint (a flush of sled).
+/// Log bytes written between checkpoints (a flush of sled).
 const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// When staged writes reach the disk.
@@ -45,7 +45,7 @@ pub(super) trait Durability: Send {
 }
 
 /// The store's durability: every write staged since the last sync made
-/// durable by one journal sync.
+/// durable by one sync of the log.
 #[derive(Default)]
 pub(super) struct GroupCommit {
     /// Applied since the last sync, and the latest hard state among them.
@@ -95,7 +95,7 @@ impl Durability for GroupCommit {
             claims.commit = hs.commit;
         }
         claims.last_index = disk.last_index;
-        // Entries are durable in the journal already; the witness only has to
+        // Entries are durable in the log already; the witness only has to
         // outlive a crash of this process (the page cache does that), except
         // for votes, which are synced because they are rare and precious.
         disk.write_witness(vote_changed)?;
@@ -112,59 +112,42 @@ impl Durability for GroupCommit {
 }
 
 impl Disk {
-    /// Applies a write to the segments and sled (unsynced) and adds it to
-    /// the journal (unsynced too, until `sync`).
+    /// Appends a write to the log (unsynced, until `sync`): its entries,
+    /// then its hard state, so a torn write never keeps a commit index
+    /// without the entries it covers.
     pub(super) fn apply(
         &mut self,
         hard_state: Option<HardState>,
         write: Option<&LogWrite>,
     ) -> Result<(), StoreError> {
-        let encoded = match write {
-            Some(write) => Some((
-                write.from,
-                write
-                    .entries
-                    .iter()
-                    .map(|entry| {
-                        codec::encode_entry(entry).map_err(|e| StoreError::write(&self.dir, e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            )),
-            None => None,
-        };
-        let log = encoded
-            .as_ref()
-            .map(|(from, entries)| (*from, entries.as_slice()));
-        self.apply_encoded(hard_state, log)?;
-        self.journal.add(hard_state, log);
-        Ok(())
-    }
-
-    /// Applies a write to the segments and sled (unsynced): entries from
-    /// `from` on are replaced by `entries`, stored as encoded.
-    pub(super) fn apply_encoded(
-        &mut self,
-        hard_state: Option<HardState>,
-        log: Option<(Index, &[Vec<u8>])>,
-    ) -> Result<(), StoreError> {
-        if let Some((from, entries)) = log {
+        if let Some(write) = write {
+            let entries = write
+                .entries
+                .iter()
+                .map(|entry| {
+                    codec::encode_entry(entry).map_err(|e| StoreError::write(&self.dir, e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             self.log
-                .replace_from(from, entries)
+                .replace_from(write.from, &entries)
                 .map_err(|e| StoreError::from_log(&self.dir, e))?;
         }
         if let Some(hard_state) = hard_state {
-            self.meta.put_hard_state(&hard_state)?;
+            self.log
+                .put_hard_state(hard_state)
+                .map_err(|e| StoreError::from_log(&self.dir, e))?;
+            self.hard_state = hard_state;
         }
         Ok(())
     }
 
-    /// Makes every write applied so far durable: one journal sync, and a
-    /// checkpoint when the journal has grown large.
+    /// Makes every write applied so far durable: one sync of the log, and
+    /// a checkpoint when enough has been written since the last.
     pub(super) fn sync(&mut self) -> Result<(), StoreError> {
-        if let Err(e) = self.journal.sync() {
-            return Err(self.journal_error(e));
-        }
-        if self.journal.len() > CHECKPOINT_BYTES {
+        self.log
+            .sync()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        if self.log.appended() - self.checkpointed > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }
         Ok(())
@@ -178,24 +161,13 @@ impl Disk {
             .map_err(|e| StoreError::write(&self.dir, e))
     }
 
-    /// Syncs the segments (recording how far) and flushes sled; then the
-    /// journal's records are no longer needed.
+    /// Copies the hard state into sled and flushes it, with anything else
+    /// put there. Only a hard state the log holds durably is copied, so
+    /// sled never runs ahead of the log by more than a torn write.
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
-        self.log
-            .checkpoint()
-            .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        self.meta.put_hard_state(&self.hard_state)?;
         self.meta.flush()?;
-        if let Err(e) = self.journal.reset() {
-            return Err(self.journal_error(e));
-        }
-        self.replayed = false;
+        self.checkpointed = self.log.appended();
         Ok(())
-    }
-
-    pub(super) fn journal_error(&self, error: std::io::Error) -> StoreError {
-        StoreError::write(
-            &self.dir,
-            format!("{}: {error}", self.journal.path().display()),
-        )
     }
 }

@@ -1,12 +1,14 @@
 //! What the store keeps in sled: the hard state (term, vote, commit), the
 //! data directory's identity, the configuration the replica started from,
 //! the catch-up floor of a replica rebuilt by `node rebuild`, and whether
-//! the store keeps a witness. Values are bincode (`codec.rs`) under fixed
-//! keys of sled's `meta` tree.
+//! the store keeps a witness, and the format of the log's files. Values are
+//! bincode (`codec.rs`) under fixed keys of sled's `meta` tree.
 //!
-//! Inserts are not synced: the journal makes them durable until the next
-//! checkpoint, which `flush`es sled. sled's own flush stops at
-//! `sync_file_range`, so `flush` also fsyncs its data file.
+//! Inserts are not synced; the store `flush`es sled explicitly whenever
+//! what it put must be durable (identity, bootstrap, floor, log format),
+//! and at checkpoints, which copy the hard state here from the log (the
+//! log's own hard-state records make it durable between them). sled's own
+//! flush stops at `sync_file_range`, so `flush` also fsyncs its data file.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,9 @@ const CATCH_UP_FLOOR_KEY: &[u8] = b"catch_up_floor";
 /// The configuration this replica started from (`StoredBootstrap`);
 /// absent in stores written before membership lived in the log.
 const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
+/// The format of the log's files (`LOG_FORMAT`); absent in data
+/// directories of earlier versions.
+const LOG_FORMAT_KEY: &[u8] = b"log_format";
 /// Page cache for sled; its default of 1 GB is far more than a node needs.
 const CACHE_BYTES: u64 = 32 << 20;
 
@@ -123,6 +128,15 @@ impl Meta {
         self.put(CATCH_UP_FLOOR_KEY, floor)
     }
 
+    /// The format the log's files are in, if recorded (`migration/`).
+    pub(super) fn log_format(&self) -> Result<Option<u32>, StoreError> {
+        self.get(LOG_FORMAT_KEY, "log format record")
+    }
+
+    pub(super) fn put_log_format(&self, format: u32) -> Result<(), StoreError> {
+        self.put(LOG_FORMAT_KEY, &format)
+    }
+
     /// Whether the store has recorded keeping a witness file.
     pub(super) fn keeps_witness(&self) -> Result<bool, StoreError> {
         Ok(self
@@ -176,9 +190,16 @@ mod tests {
                 "bootstrap" => BOOTSTRAP_KEY,
                 "witness kept" => WITNESS_KEPT_KEY,
                 "catch-up floor" => CATCH_UP_FLOOR_KEY,
+                "log format" => LOG_FORMAT_KEY,
                 other => panic!("no key {other}"),
             };
             self.tree.get(key).unwrap().map(|bytes| bytes.to_vec())
+        }
+
+        /// Forgets the log's format, as data directories of earlier
+        /// versions never recorded it.
+        pub(in crate::storage) fn forget_log_format(&self) {
+            self.tree.remove(LOG_FORMAT_KEY).unwrap();
         }
 
         /// Forgets that the store keeps a witness, as stores written before

@@ -1,22 +1,20 @@
 //! The node's durable state, behind one facade, [`Store`]:
 //!
-//! - the log, in append-only segment files of checksummed records
-//!   (`segments.rs`, entries packed by `chunk.rs`);
-//! - in sled, the hard state (term, vote, commit), the identity of the data
-//!   directory, the configuration the replica started from and, for a
-//!   replica rebuilt by `node rebuild`, its catch-up floor (`meta.rs`);
-//! - the write-ahead journal (`journal.rs`), and staging and group commit
-//!   over it (`commit.rs`): every write batch is made durable by appending
-//!   it to the journal with one `fdatasync`, one sync for all the writes
-//!   staged since the last. The segments and sled get the same changes
-//!   unsynced and are synced (sled's data file fsynced too: its own flush
-//!   stops at `sync_file_range`) at checkpoints, after which the journal
-//!   starts over; on open, the journal's records are applied to them again;
+//! - the log, in append-only segment files of checksummed records that are
+//!   also its write-ahead log (`segments.rs`, entries packed by
+//!   `chunk.rs`): a write batch is its entries and hard state appended as
+//!   records, made durable with one `fdatasync`;
+//! - staging and group commit (`commit.rs`): one sync for all the writes
+//!   staged since the last;
+//! - in sled, the identity of the data directory, the configuration the
+//!   replica started from, for a replica rebuilt by `node rebuild` its
+//!   catch-up floor, and a copy of the hard state (term, vote, commit) as
+//!   of the last checkpoint (`meta.rs`), each flushed explicitly;
 //! - the witness (`witness.rs`), which exposes a store that silently
 //!   rolled back to an earlier state;
 //! - the bytes of every record above, laid out in one place (`codec.rs`);
-//! - data directories of earlier versions, whose log is moved out of sled
-//!   on open (`migration.rs`);
+//! - data directories of earlier versions, upgraded on open
+//!   (`migration/`);
 //! - reading the log from other threads (`reader.rs`);
 //! - the unsafe no-sync mode, for the chaos tests' proof only
 //!   (`unsynced.rs`).
@@ -33,9 +31,8 @@ use crate::raft::{
 mod chunk;
 mod codec;
 mod commit;
-pub mod journal;
 mod meta;
-mod migration;
+pub mod migration;
 mod reader;
 pub mod segments;
 mod unsynced;
@@ -44,7 +41,6 @@ mod witness;
 pub use reader::LogReader;
 
 use commit::{Durability, GroupCommit};
-use journal::Journal;
 use meta::Meta;
 use segments::{LogError, SegmentLog};
 use unsynced::Unsynced;
@@ -173,12 +169,14 @@ struct Disk {
     /// sled: hard state, identity and the like.
     meta: Meta,
     log: SegmentLog,
-    /// Makes writes durable between checkpoints.
-    journal: Journal,
-    /// Journal records applied on open and not yet checkpointed: the
-    /// journal is left as found until the store has passed its checks
-    /// (`finish_recovery`).
-    replayed: bool,
+    /// The hard state as last written to the log (durable at its next
+    /// sync; copied to sled at checkpoints).
+    hard_state: HardState,
+    /// `log.appended()` at the last checkpoint.
+    checkpointed: u64,
+    /// A data directory of an earlier version, whose new log takes effect
+    /// once the store has passed its checks (`finish_recovery`).
+    upgrade: Option<migration::Upgrade>,
     /// The witness file and what it says.
     witness: WitnessFile,
     /// The last index in the log as written.
@@ -256,7 +254,7 @@ impl Store {
         }
         let last_index = disk.log.last_index();
         let recovered = Recovered {
-            hard_state: disk.meta.hard_state()?,
+            hard_state: disk.hard_state,
             last_index,
             catch_up_floor: disk.meta.catch_up_floor()?,
         };
@@ -313,9 +311,9 @@ impl Store {
     }
 
     /// Opens a store without checking whose it is (`node export --local`,
-    /// `node rebuild`'s check). Even with `create` false it may write: the
-    /// journal is replayed and checkpointed, and a log kept in sled by an
-    /// earlier version is moved into segments.
+    /// `node rebuild`'s check). Even with `create` false it may write: a
+    /// torn write is cut off the log, and a data directory of an earlier
+    /// version is upgraded.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
         let mut disk = Disk::open(dir, create, true)?;
         disk.finish_recovery()?;
@@ -330,7 +328,7 @@ impl Store {
     }
 
     pub fn hard_state(&self) -> Result<HardState, StoreError> {
-        self.disk.meta.hard_state()
+        Ok(self.disk.hard_state)
     }
 
     /// The bootstrap configuration recorded on this replica's first start.
@@ -423,10 +421,9 @@ impl Store {
 }
 
 impl Disk {
-    /// Opens the store's files in `dir` (creating them if `create`), moves
-    /// a log kept in sled by an earlier version into segments, and applies
-    /// the journal's records again. `durable` false only for the unsafe
-    /// no-sync mode.
+    /// Opens the store's files in `dir` (creating them if `create`),
+    /// writing a data directory of an earlier version's log in the current
+    /// format. `durable` false only for the unsafe no-sync mode.
     fn open(dir: &Path, create: bool, durable: bool) -> Result<Disk, StoreError> {
         if !create && !dir.join("db").exists() {
             return Err(StoreError::Open {
@@ -435,63 +432,43 @@ impl Disk {
             });
         }
         let meta = Meta::open(dir, durable)?;
-        let log = SegmentLog::open(dir).map_err(|e| StoreError::from_log(dir, e))?;
-        let journal_damaged = |what| StoreError::Damaged {
-            dir: dir.to_path_buf(),
-            file: dir.join(journal::JOURNAL_FILE),
-            what,
-        };
-        let (journal, records) = Journal::open(dir).map_err(journal_damaged)?;
-        let mut disk = Disk {
+        let (log, upgrade) = migration::open_log(dir, &meta)?;
+        // The log's hard-state records are newer than sled's copy, unless
+        // a checkpoint copied one the log then lost with a torn write.
+        let hard_state = latest(meta.hard_state()?, log.hard_state());
+        Ok(Disk {
             dir: dir.to_path_buf(),
             meta,
             log,
-            journal,
-            replayed: false,
+            hard_state,
+            checkpointed: 0,
+            upgrade,
             witness: WitnessFile::unopened(dir),
             last_index: 0,
-        };
-        // Writes journaled since the last checkpoint: the segments were cut
-        // back to it and sled may have lost any suffix of them; applying
-        // them again is harmless. They are checkpointed (and the journal
-        // emptied) by `finish_recovery`, once the store has passed its checks.
-        let net = if records.is_empty() {
-            None
-        } else {
-            Some(journal::collapse(records).map_err(journal_damaged)?)
-        };
-        migration::move_sled_log(
-            &disk.dir,
-            &disk.meta,
-            &mut disk.log,
-            net.as_ref()
-                .and_then(|net| net.log.as_ref())
-                .map(|(from, _)| *from),
-        )?;
-        if let Some(net) = net {
-            let log = net
-                .log
-                .as_ref()
-                .map(|(from, entries)| (*from, entries.as_slice()));
-            disk.apply_encoded(net.hard_state, log)?;
-            disk.replayed = true;
-        }
-        Ok(disk)
+        })
     }
 
-    /// Ends opening once the store has passed its checks: the journal's
-    /// replayed records are checkpointed, which empties it, or else a torn
-    /// tail is cut off it. Until then the journal stays as it was found, so
-    /// a store refused as damaged keeps the evidence (and `node rebuild`
-    /// sets it aside whole).
+    /// Ends opening once the store has passed its checks: a torn write is
+    /// cut off the log, an upgrade takes effect, and sled gets the hard
+    /// state. Until then every file stays as it was found, so a store
+    /// refused as damaged keeps the evidence (and `node rebuild` sets it
+    /// aside whole).
     fn finish_recovery(&mut self) -> Result<(), StoreError> {
-        if self.replayed {
-            return self.checkpoint();
-        }
-        if let Err(e) = self.journal.cut_torn_tail() {
-            return Err(self.journal_error(e));
-        }
-        Ok(())
+        self.log
+            .cut_torn_tail()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        self.checkpoint()?;
+        migration::finish(&self.dir, &self.meta, self.upgrade.take())
+    }
+}
+
+/// The later of two hard states of one node: terms only grow, a vote is
+/// cast once per term, and the commit index only grows.
+fn latest(sled: HardState, log: Option<HardState>) -> HardState {
+    let key = |hs: &HardState| (hs.term, hs.vote.is_some(), hs.commit);
+    match log {
+        Some(log) if key(&log) >= key(&sled) => log,
+        _ => sled,
     }
 }
 
@@ -547,9 +524,9 @@ mod tests {
     }
 
     /// The bytes of every file and record the store writes, for a fixed
-    /// history: a change of format shows here first. (The journal's
-    /// sequence numbers start at random, so they and the checksums that
-    /// cover them are zeroed after the journal has been checked to decode.)
+    /// history: a change of format shows here first. (The log's sequence
+    /// numbers start at random, so they and the checksums that cover them
+    /// are zeroed after the segment has been checked to decode.)
     #[test]
     fn the_bytes_it_writes_are_pinned() {
         let dir = std::env::temp_dir().join(format!("cs-store-pinned-{}", std::process::id()));
@@ -600,29 +577,30 @@ mod tests {
             )
             .unwrap();
         let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
-        let mut journal = read(journal::JOURNAL_FILE);
-        let (records, valid) = journal::decode(&journal).unwrap();
-        assert_eq!((records.len(), valid), (2, journal.len()));
+        // The segment's records, with their sequence numbers and the
+        // checksums that cover them zeroed once they have been read back.
+        let mut segment = read("log/00000000.wal");
+        assert_eq!(
+            segments::decode_segment(&segment).unwrap(),
+            vec![(1, 2), (2, 0)]
+        );
         let mut at = 0;
-        while at < journal.len() {
-            let len = u32::from_le_bytes(journal[at + 8..at + 12].try_into().unwrap()) as usize;
-            journal[at + 4..at + 8].fill(0);
-            journal[at + 12..at + 20].fill(0);
-            at += 20 + len;
+        while at < segment.len() {
+            let len = u32::from_le_bytes(segment[at + 8..at + 12].try_into().unwrap()) as usize;
+            segment[at + 4..at + 8].fill(0);
+            segment[at + 12..at + 20].fill(0);
+            at += codec::SEQUENCED_HEADER + len;
         }
-        let before_checkpoint = read("log/position");
         store.disk.checkpoint().unwrap();
         let meta = |key: &str| hex(&store.disk.meta.raw(key).unwrap());
         let pinned = [
             ("witness", hex(&read(witness::WITNESS_FILE))),
-            ("position", hex(&before_checkpoint)),
-            ("position after a checkpoint", hex(&read("log/position"))),
-            ("segment", hex(&read("log/00000000.seg"))),
-            ("journal", hex(&journal)),
+            ("segment", hex(&segment)),
             ("identity", meta("identity")),
             ("hard state", meta("hard state")),
             ("bootstrap", meta("bootstrap")),
             ("witness kept", meta("witness kept")),
+            ("log format", meta("log format")),
             (
                 "catch-up floor",
                 hex(&codec::options()
@@ -632,14 +610,12 @@ mod tests {
         ];
         let expected = [
             ("witness", "43535731020000000000000001000000000000000100000000000000010000000000000012821d0d"),
-            ("position", "4353503100000000000000000000000021780d89"),
-            ("position after a checkpoint", "43535031000000008b00000000000000ade15c87"),
-            ("segment", "730000009ac8a3c00100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c696365020000000000000068690800000014d807270200000000000000"),
-            ("journal", "43534a32000000008c0000000000000000000000030200000000000000010000000000000001000000000000000100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c6963650200000000000000686943534a32000000000d000000000000000000000002020000000000000000000000"),
+            ("segment", "43534c3200000000740000000000000000000000010100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c6963650200000000000000686943534c32000000001900000000000000000000000302000000000000000100000000000000010000000000000043534c3200000000090000000000000000000000020200000000000000"),
             ("identity", "020000000000000063310100000000000000"),
             ("hard state", "02000000000000000101000000000000000100000000000000"),
             ("bootstrap", "0200000000000000010000000000000002000000000000000100000000000000030000000000000003000000000000000100000000000000070000000000000068313a373030300200000000000000070000000000000068323a373030300300000000000000070000000000000068333a3730303005000000000000006300000000000000"),
             ("witness kept", "01"),
+            ("log format", "02000000"),
             ("catch-up floor", "06000000000000002a00000000000000"),
         ];
         assert_eq!(pinned.len(), expected.len());
@@ -678,9 +654,14 @@ mod tests {
     }
 
     #[test]
-    fn replays_its_journal_over_whatever_sled_kept() {
-        let dir = std::env::temp_dir().join(format!("cs-store-journal-{}", std::process::id()));
+    fn the_log_keeps_the_hard_state_between_checkpoints() {
+        let dir = std::env::temp_dir().join(format!("cs-store-hard-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let hs = HardState {
+            term: 2,
+            vote: Some(1),
+            commit: 1500,
+        };
         {
             let (mut store, _) = Store::open(&dir, "c1", 1).unwrap();
             // Many small writes, then a new leader's truncation and rewrite.
@@ -695,33 +676,29 @@ mod tests {
                     )
                     .unwrap();
             }
-            // The segments keep a part of them on their own.
-            store.disk.log.checkpoint().unwrap();
             store
                 .write(
-                    Some(HardState {
-                        term: 2,
-                        vote: Some(1),
-                        commit: 1500,
-                    }),
+                    Some(hs),
                     Some(&LogWrite {
                         from: 1801,
                         entries: vec![entry(1801, 2), entry(1802, 2)],
                     }),
                 )
                 .unwrap();
+            assert_eq!(
+                store.disk.meta.hard_state().unwrap(),
+                HardState::default(),
+                "sled has no copy until a checkpoint"
+            );
         }
         let (store, recovered) = reopen(&dir);
         assert_eq!(recovered.last_index, 1802);
-        assert_eq!(recovered.hard_state.commit, 1500);
+        assert_eq!(recovered.hard_state, hs);
         let entries = store.entries(1, 1802, usize::MAX).unwrap();
         assert_eq!(entries.len(), 1802);
         assert_eq!(entries[1799], entry(1800, 1));
         assert_eq!(entries[1801], entry(1802, 2));
-        assert!(
-            store.disk.journal.is_empty(),
-            "replayed records are checkpointed"
-        );
+        assert_eq!(store.disk.meta.hard_state().unwrap(), hs, "copied on open");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -777,9 +754,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Four writes, one journal record each, left in the journal (no
-    /// checkpoint); returns the journal's path and bytes.
-    fn four_journaled_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
+    /// Four writes, one record each in the log's only segment; returns
+    /// the segment's path and bytes.
+    fn four_logged_writes(dir: &Path) -> (PathBuf, Vec<u8>) {
         let _ = std::fs::remove_dir_all(dir);
         let (mut store, _) = Store::open(dir, "c1", 1).unwrap();
         for index in 1..=4 {
@@ -794,27 +771,27 @@ mod tests {
                 .unwrap();
         }
         drop(store);
-        let journal = dir.join(journal::JOURNAL_FILE);
-        let bytes = std::fs::read(&journal).unwrap();
-        (journal, bytes)
+        let segment = segments::segment_path(&dir.join(segments::LOG_DIR), 0);
+        let bytes = std::fs::read(&segment).unwrap();
+        (segment, bytes)
     }
 
-    /// Where the journal's second record starts: a record is a 20-byte
+    /// Where the segment's second record starts: a record is a 20-byte
     /// header (magic, checksum, payload length at bytes 8..12, sequence
     /// number) and its payload.
-    fn second_record(journal: &[u8]) -> usize {
-        20 + u32::from_le_bytes(journal[8..12].try_into().unwrap()) as usize
+    fn second_record(segment: &[u8]) -> usize {
+        20 + u32::from_le_bytes(segment[8..12].try_into().unwrap()) as usize
     }
 
     #[test]
-    fn a_journal_with_a_damaged_length_is_refused_by_name_and_left_as_found() {
+    fn a_segment_with_a_damaged_length_is_refused_by_name_and_left_as_found() {
         let dir = std::env::temp_dir().join(format!("cs-store-length-{}", std::process::id()));
-        let (journal, intact) = four_journaled_writes(&dir);
+        let (segment, intact) = four_logged_writes(&dir);
         let second = second_record(&intact);
         assert!(second < intact.len());
         let mut damaged = intact.clone();
         damaged[second + 8..second + 12].copy_from_slice(&u32::MAX.to_le_bytes());
-        std::fs::write(&journal, &damaged).unwrap();
+        std::fs::write(&segment, &damaged).unwrap();
         let error = match open_released(&dir, "c1", 1) {
             Ok(_) => panic!("a damaged length was read as a torn tail"),
             Err(error) => error,
@@ -822,19 +799,19 @@ mod tests {
         let StoreError::Damaged { file, .. } = &error else {
             panic!("unexpected error: {error}")
         };
-        assert_eq!(file, &journal);
+        assert_eq!(file, &segment);
         let message = error.to_string();
         assert!(
-            message.contains("record 2") && message.contains("node rebuild"),
+            message.contains(&format!("offset {second}")) && message.contains("node rebuild"),
             "{message}"
         );
         assert_eq!(
-            std::fs::read(&journal).unwrap(),
+            std::fs::read(&segment).unwrap(),
             damaged,
-            "the refused journal was changed"
+            "the refused segment was changed"
         );
         // Mended, the store opens with every write.
-        std::fs::write(&journal, &intact).unwrap();
+        std::fs::write(&segment, &intact).unwrap();
         let (store, recovered) = reopen(&dir);
         assert_eq!(recovered.last_index, 4);
         assert_eq!(store.verify().unwrap(), 4);
@@ -843,12 +820,12 @@ mod tests {
     }
 
     #[test]
-    fn a_journal_cut_short_after_a_sync_is_refused_before_it_is_cut() {
+    fn a_torn_write_is_cut_unless_it_had_been_synced() {
         let dir = std::env::temp_dir().join(format!("cs-store-cut-{}", std::process::id()));
-        let (journal, intact) = four_journaled_writes(&dir);
+        let (segment, intact) = four_logged_writes(&dir);
         // The last record reads as torn, but the witness saw it synced.
         let cut = &intact[..intact.len() - 10];
-        std::fs::write(&journal, cut).unwrap();
+        std::fs::write(&segment, cut).unwrap();
         let error = match open_released(&dir, "c1", 1) {
             Ok(_) => panic!("a synced write was dropped as a torn tail"),
             Err(error) => error,
@@ -856,13 +833,55 @@ mod tests {
         let StoreError::Damaged { file, what, .. } = &error else {
             panic!("unexpected error: {error}")
         };
-        assert_eq!(file, &journal);
+        assert_eq!(file, &segment);
         assert!(what.contains("torn"), "{what}");
         assert_eq!(
-            std::fs::read(&journal).unwrap(),
+            std::fs::read(&segment).unwrap(),
             cut,
-            "the journal was cut before the witness was checked"
+            "the segment was cut before the witness was checked"
         );
+        // A write torn before it was synced (the witness never saw it) is
+        // cut off, and the log goes on from the last intact record.
+        std::fs::write(&segment, &intact).unwrap();
+        let (mut store, _) = reopen(&dir);
+        store
+            .write(
+                None,
+                Some(&LogWrite {
+                    from: 5,
+                    entries: vec![entry(5, 1)],
+                }),
+            )
+            .unwrap();
+        drop(store);
+        let whole = std::fs::read(&segment).unwrap();
+        let torn = &whole[..whole.len() - 10];
+        std::fs::write(&segment, torn).unwrap();
+        let witness = dir.join(witness::WITNESS_FILE);
+        let mut claims = Witness::decode(&std::fs::read(&witness).unwrap()).unwrap();
+        claims.last_index = 4;
+        std::fs::write(&witness, claims.encode()).unwrap();
+        let (mut store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 4);
+        assert_eq!(
+            std::fs::read(&segment).unwrap(),
+            intact,
+            "the torn write was cut"
+        );
+        store
+            .write(
+                None,
+                Some(&LogWrite {
+                    from: 5,
+                    entries: vec![entry(5, 2)],
+                }),
+            )
+            .unwrap();
+        drop(store);
+        let (store, recovered) = reopen(&dir);
+        assert_eq!(recovered.last_index, 5);
+        assert_eq!(store.entries(5, 5, 1).unwrap(), vec![entry(5, 2)]);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

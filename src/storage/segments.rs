@@ -1,5 +1,7 @@
-//! The log in append-only segment files under `<data>/log/`, with an
-//! in-memory index of where each record lies.
+//! The log in append-only segment files under `<data>/log/`, which are
+//! also its write-ahead log: a write batch is appended as records and made
+//! durable with one `fdatasync` of the active segment. Nothing else holds
+//! a copy of the entries.
 //!
 //! Why not sled: sled copies a leaf on every insert (most of a store
 //! thread's time under load), and it keeps every page a scan touched in
@@ -9,21 +11,30 @@
 //! per record; the kernel's page cache does the caching, outside the
 //! node's memory.
 //!
-//! A record is `[payload length: u32 LE][crc32 of payload: u32 LE]
-//! [payload]` (a frame, `codec.rs`), the payload `[from: u64 LE]` followed
-//! by a chunk of entries (`chunk.rs`) or by nothing: "entries from `from`
-//! on are replaced by these", or, without a chunk, "are removed". Reading
-//! the records in order gives the log. A write's entries are split into
-//! records of at most `CHUNK_BYTES`, so reading one entry never reads much
-//! more.
+//! A record is a sequenced frame (`codec.rs`): `[magic "CSL2"][crc32]
+//! [payload length][sequence number][payload]`, the sequence number one
+//! more per record across all segments, from a random start. The payload
+//! is a kind byte and then:
+//! - entries: `[from: u64 LE]` and a chunk of entries (`chunk.rs`):
+//!   "entries from `from` on are replaced by these";
+//! - removal: `[from: u64 LE]`: "entries from `from` on are removed";
+//! - hard state: `[term][vote or 0][commit]` (u64 LE): the node's hard
+//!   state from here on (sled keeps a copy as of the last checkpoint).
 //!
-//! Durability comes from the store's journal, as before: segments are
-//! written without a sync and fsynced at checkpoints, when the position
-//! they are durable up to is recorded in `log/position` (replaced
-//! atomically by a rename; a sealed record of `codec.rs`). On open,
-//! whatever lies past that position was written after the last checkpoint,
-//! is covered by the journal, and is cut off; damage before it is reported,
-//! naming the file.
+//! Reading the records in order gives the log and the latest hard state.
+//! A write's entries are split into records of at most `CHUNK_BYTES`, so
+//! reading one entry never reads much more.
+//!
+//! On open, a bad record is either a torn tail (a crash during a write
+//! that was never acknowledged: cut off, once the store has passed its
+//! checks) or damage (the file changed after it was written: refused,
+//! naming the file, because acknowledged writes after it would be lost).
+//! What tells them apart is an intact record after the bad one: every
+//! later offset is tried, as a damaged length says nothing of where the
+//! next record starts; the magic makes that cheap, and the sequence
+//! numbers keep the bytes of a record inside a client's message from
+//! passing for one of ours. Only the last segment can end in a torn write:
+//! a segment is synced before the next one is created.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -31,17 +42,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::chunk;
-use super::codec::{self, FrameError, Reader, SealError, MAX_RECORD};
-use crate::raft::{Entry, Index};
+use super::codec::{self, FrameError, Reader, MAX_RECORD};
+use crate::raft::{Entry, HardState, Index};
 
 /// The directory of the segments, inside the data directory.
 pub const LOG_DIR: &str = "log";
-const POSITION_FILE: &str = "position";
-const POSITION_MAGIC: &[u8; 4] = b"CSP1";
+/// The file name extension of a segment.
+pub const SEGMENT_EXTENSION: &str = "wal";
+const MAGIC: [u8; 4] = *b"CSL2";
+const KIND_ENTRIES: u8 = 1;
+const KIND_REMOVAL: u8 = 2;
+const KIND_HARD_STATE: u8 = 3;
+/// The smallest record: a header, a kind and a `from`.
+const MIN_RECORD: usize = codec::SEQUENCED_HEADER + 9;
 /// A new segment starts once the active one has grown past this (small
 /// in unit tests, so that they cross segments).
 const SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 64 << 20 };
-const HEADER: usize = codec::FRAME_HEADER;
 /// Records read per look at the index, so a long scan never holds the
 /// lock, or a copy of the whole index, for long.
 const SCAN_BATCH: usize = 256;
@@ -57,7 +73,7 @@ pub struct LogError {
 }
 
 /// An I/O failure on `file`.
-fn error(file: &Path, what: impl ToString) -> LogError {
+pub(super) fn error(file: &Path, what: impl ToString) -> LogError {
     LogError {
         file: file.to_path_buf(),
         what: what.to_string(),
@@ -66,7 +82,7 @@ fn error(file: &Path, what: impl ToString) -> LogError {
 }
 
 /// Damage found in `file`.
-fn damage(file: &Path, what: impl ToString) -> LogError {
+pub(super) fn damage(file: &Path, what: impl ToString) -> LogError {
     LogError {
         damaged: true,
         ..error(file, what)
@@ -82,8 +98,16 @@ pub enum ScanError {
     Refused { index: Index, what: String },
 }
 
-/// Where a record lies: `count` entries from `first`, in `segment` at
-/// `offset`, `len` bytes with its header.
+/// One record of the log.
+#[derive(Debug, PartialEq, Eq)]
+enum Record<'a> {
+    Entries { from: Index, chunk: &'a [u8] },
+    Removal { from: Index },
+    HardState(HardState),
+}
+
+/// Where a record of entries lies: `count` entries from `first`, in
+/// `segment` at `offset`, `len` bytes with its header.
 #[derive(Clone, Copy, Debug)]
 struct Loc {
     first: Index,
@@ -134,8 +158,18 @@ impl Shared {
     }
 }
 
-fn segment_path(dir: &Path, id: u32) -> PathBuf {
-    dir.join(format!("{id:08}.seg"))
+/// The path of segment `id` in the log directory `dir`.
+pub(super) fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("{id:08}.{SEGMENT_EXTENSION}"))
+}
+
+/// A torn write found at the end of the last segment on open.
+#[derive(Clone, Debug)]
+pub(super) struct TornTail {
+    pub(super) file: PathBuf,
+    /// Where the intact records end, and how long the file was.
+    pub(super) valid: u64,
+    pub(super) len: u64,
 }
 
 /// The writer's side of the log; `reader` hands out readers.
@@ -144,110 +178,101 @@ pub struct SegmentLog {
     /// The segment written to, and how long it is.
     active: u32,
     active_len: u64,
-    /// Segments written since the last checkpoint.
-    unsynced: Vec<u32>,
-    /// A segment was created since the last checkpoint.
-    new_segment: bool,
-}
-
-/// Durable up to `len` bytes of segment `segment` (and all before it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Position {
-    segment: u32,
-    len: u64,
+    /// The sequence number of the next record.
+    next_seq: u64,
+    /// Written since the last sync.
+    unsynced: bool,
+    /// Bytes appended since this log was opened.
+    appended: u64,
+    /// Cut before anything is written after it (`cut_torn_tail`).
+    torn_tail: Option<TornTail>,
+    /// The latest hard state the log records.
+    hard_state: Option<HardState>,
 }
 
 impl SegmentLog {
-    /// Opens the log in `data_dir`, creating it if there is none, and
-    /// cuts off whatever was written after the last checkpoint.
+    /// Opens the log in `data_dir`, creating it if there is none. A torn
+    /// write at its end is left in the file until `cut_torn_tail` (or the
+    /// next write), so a store that its other checks refuse keeps the file
+    /// as it was found.
     pub fn open(data_dir: &Path) -> Result<SegmentLog, LogError> {
         let dir = data_dir.join(LOG_DIR);
         if !dir.exists() {
             std::fs::create_dir(&dir).map_err(|e| error(&dir, e))?;
-            File::open(data_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| error(data_dir, e))?;
+            sync_dir(data_dir)?;
         }
-        let mut ids = Vec::new();
-        for item in std::fs::read_dir(&dir).map_err(|e| error(&dir, e))? {
-            let item = item.map_err(|e| error(&dir, e))?;
-            let name = item.file_name().to_string_lossy().to_string();
-            if let Some(id) = name.strip_suffix(".seg") {
-                let id = id
-                    .parse::<u32>()
-                    .map_err(|_| damage(&item.path(), "not a segment of this log"))?;
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        let position_path = dir.join(POSITION_FILE);
-        let position = match std::fs::read(&position_path) {
-            Ok(bytes) => decode_position(&bytes).map_err(|what| damage(&position_path, what))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(id) = ids.first() {
-                    let path = segment_path(&dir, *id);
-                    let len = std::fs::metadata(&path).map_err(|e| error(&path, e))?.len();
-                    if ids.len() > 1 || len > 0 {
-                        return Err(damage(
-                            &position_path,
-                            "missing, while the log has segments: how far they are durable is unknown",
-                        ));
-                    }
-                }
-                Position::default()
-            }
-            Err(e) => return Err(error(&position_path, e)),
-        };
-        let shared = Arc::new(Shared {
-            dir: dir.clone(),
-            index: RwLock::new(Index_::default()),
-        });
+        let ids = segment_ids(&dir)?;
         let mut index = Index_::default();
-        for id in 0..=position.segment {
-            let path = shared.segment_path(id);
-            if id < position.segment && !ids.contains(&id) {
-                return Err(damage(&path, "missing"));
+        let mut hard_state = None;
+        let mut last_seq = None;
+        let mut torn_tail = None;
+        let mut active_len = 0;
+        for (position, id) in ids.iter().enumerate() {
+            let path = segment_path(&dir, *id);
+            if *id as usize != position {
+                return Err(damage(
+                    &segment_path(&dir, position as u32),
+                    "missing, while later segments are there",
+                ));
             }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(id == position.segment)
-                .truncate(false)
                 .open(&path)
                 .map_err(|e| error(&path, e))?;
-            let len = file.metadata().map_err(|e| error(&path, e))?.len();
-            let durable = if id == position.segment {
-                position.len
-            } else {
-                len
-            };
-            if len < durable {
-                return Err(damage(
-                    &path,
-                    format!("it holds {len} bytes, but {durable} were checkpointed"),
-                ));
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| error(&path, e))?;
+            let last = position + 1 == ids.len();
+            let valid = read_segment(&bytes, last, &mut last_seq, &mut |offset, len, record| {
+                apply_to_index(&mut index, &mut hard_state, *id, offset, len, record)
+            })
+            .map_err(|what| damage(&path, what))?;
+            if valid < bytes.len() {
+                torn_tail = Some(TornTail {
+                    file: path.clone(),
+                    valid: valid as u64,
+                    len: bytes.len() as u64,
+                });
             }
-            if id == position.segment && len > durable {
-                // Written after the last checkpoint: the journal has it.
-                file.set_len(durable)
-                    .and_then(|_| file.sync_data())
-                    .map_err(|e| error(&path, e))?;
-            }
-            read_segment(&file, &path, id, durable, &mut index)?;
+            active_len = valid as u64;
             index.segments.push(Arc::new(file));
         }
-        for id in ids.into_iter().filter(|id| *id > position.segment) {
-            let path = shared.segment_path(id);
-            std::fs::remove_file(&path).map_err(|e| error(&path, e))?;
+        let active = ids.len().saturating_sub(1) as u32;
+        if ids.is_empty() {
+            let path = segment_path(&dir, 0);
+            let file = create_segment(&dir, &path)?;
+            index.segments.push(Arc::new(file));
         }
-        *shared.index.write().map_err(|_| error(&dir, "poisoned"))? = index;
         Ok(SegmentLog {
-            shared,
-            active: position.segment,
-            active_len: position.len,
-            unsynced: Vec::new(),
-            new_segment: false,
+            shared: Arc::new(Shared {
+                dir,
+                index: RwLock::new(index),
+            }),
+            active,
+            active_len,
+            next_seq: last_seq.map_or_else(random_seq, |seq: u64| seq.wrapping_add(1)),
+            unsynced: false,
+            appended: 0,
+            torn_tail,
+            hard_state,
         })
+    }
+
+    /// Removes every segment in `data_dir` (durably), then opens an empty
+    /// log there: to fill it again from elsewhere.
+    pub(super) fn create_empty(data_dir: &Path) -> Result<SegmentLog, LogError> {
+        let dir = data_dir.join(LOG_DIR);
+        if dir.exists() {
+            let ids = segment_ids(&dir)?;
+            for id in ids.iter().rev() {
+                let path = segment_path(&dir, *id);
+                std::fs::remove_file(&path).map_err(|e| error(&path, e))?;
+            }
+            if !ids.is_empty() {
+                sync_dir(&dir)?;
+            }
+        }
+        SegmentLog::open(data_dir)
     }
 
     pub fn last_index(&self) -> Index {
@@ -257,6 +282,21 @@ impl SegmentLog {
             .map_or(0, |index| index.last_index())
     }
 
+    /// The latest hard state the log records, if any.
+    pub(super) fn hard_state(&self) -> Option<HardState> {
+        self.hard_state
+    }
+
+    /// The torn write found at the end on open, until it is cut.
+    pub(super) fn torn_tail(&self) -> Option<&TornTail> {
+        self.torn_tail.as_ref()
+    }
+
+    /// Bytes appended since the log was opened.
+    pub(super) fn appended(&self) -> u64 {
+        self.appended
+    }
+
     pub fn reader(&self) -> SegmentReader {
         SegmentReader {
             shared: self.shared.clone(),
@@ -264,32 +304,28 @@ impl SegmentLog {
     }
 
     /// Replaces the entries from `from` on with `entries` (encoded), or
-    /// removes them if there are none. Not durable until `checkpoint`.
+    /// removes them if there are none. Durable at the next `sync`.
     pub fn replace_from(&mut self, from: Index, entries: &[Vec<u8>]) -> Result<(), LogError> {
-        if self.active_len >= SEGMENT_BYTES {
-            self.rotate()?;
-        }
+        self.prepare_append()?;
         let mut bytes = Vec::new();
         let mut locs = Vec::new();
-        let push = |first: Index, chunk: Option<Vec<u8>>, bytes: &mut Vec<u8>| {
-            let mut payload = Vec::with_capacity(8 + chunk.as_ref().map_or(0, Vec::len));
-            codec::put_u64(&mut payload, first);
-            if let Some(chunk) = &chunk {
-                payload.extend_from_slice(chunk);
-            }
-            let offset = self.active_len + bytes.len() as u64;
-            codec::put_frame(bytes, &payload);
-            (offset, HEADER + payload.len())
-        };
         let runs = chunk::runs(entries);
         if runs.is_empty() {
-            push(from, None, &mut bytes);
+            let mut payload = vec![KIND_REMOVAL];
+            codec::put_u64(&mut payload, from);
+            self.frame(&mut bytes, &payload);
         }
         let path = self.shared.segment_path(self.active);
         let too_large = |what: &str| error(&path, format!("{what} too large for a segment"));
         for (offset, run) in runs {
             let first = from + offset as Index;
-            let (at, len) = push(first, Some(chunk::encode(run)), &mut bytes);
+            let chunk = chunk::encode(run);
+            let mut payload = Vec::with_capacity(9 + chunk.len());
+            payload.push(KIND_ENTRIES);
+            codec::put_u64(&mut payload, first);
+            payload.extend_from_slice(&chunk);
+            let at = self.active_len + bytes.len() as u64;
+            let len = self.frame(&mut bytes, &payload);
             locs.push(Loc {
                 first,
                 count: u32::try_from(run.len()).map_err(|_| too_large("a write"))?,
@@ -301,19 +337,12 @@ impl SegmentLog {
         // This is the only writer: the index cannot change until the end,
         // so readers are held up only while it is updated, not during the
         // write.
-        let (last, file) = {
-            let index = self
-                .shared
-                .index
-                .read()
-                .map_err(|_| error(&path, "poisoned"))?;
-            let file = index
-                .segments
-                .get(self.active as usize)
-                .cloned()
-                .ok_or_else(|| error(&path, "not open"))?;
-            (index.last_index(), file)
-        };
+        let last = self
+            .shared
+            .index
+            .read()
+            .map_err(|_| error(&path, "poisoned"))?
+            .last_index();
         if from == 0 || from > last + 1 {
             return Err(error(
                 &path,
@@ -322,12 +351,7 @@ impl SegmentLog {
         }
         // Bytes first, then the index: a reader never finds a record
         // that is not there yet.
-        file.write_all_at(&bytes, self.active_len)
-            .map_err(|e| error(&path, e))?;
-        self.active_len += bytes.len() as u64;
-        if self.unsynced.last() != Some(&self.active) {
-            self.unsynced.push(self.active);
-        }
+        self.append(&bytes)?;
         let mut index = self
             .shared
             .index
@@ -338,17 +362,103 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Starts a new segment.
+    /// Records `hard_state` as the node's from here on. Durable at the
+    /// next `sync`.
+    pub fn put_hard_state(&mut self, hard_state: HardState) -> Result<(), LogError> {
+        self.prepare_append()?;
+        let mut payload = vec![KIND_HARD_STATE];
+        for value in [
+            hard_state.term,
+            hard_state.vote.unwrap_or(0),
+            hard_state.commit,
+        ] {
+            codec::put_u64(&mut payload, value);
+        }
+        let mut bytes = Vec::new();
+        self.frame(&mut bytes, &payload);
+        self.append(&bytes)?;
+        self.hard_state = Some(hard_state);
+        Ok(())
+    }
+
+    /// Makes everything written durable: one `fdatasync` of the active
+    /// segment (the ones before it were synced when it was created).
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        if !std::mem::take(&mut self.unsynced) {
+            return Ok(());
+        }
+        let path = self.shared.segment_path(self.active);
+        self.active_file()?.sync_data().map_err(|e| error(&path, e))
+    }
+
+    /// Drops the torn write found on open, if any: records written after
+    /// it would be followed by its leftovers.
+    pub fn cut_torn_tail(&mut self) -> Result<(), LogError> {
+        let Some(torn) = self.torn_tail.take() else {
+            return Ok(());
+        };
+        let file = self.active_file()?;
+        file.set_len(torn.valid)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| error(&torn.file, e))?;
+        tracing::warn!(
+            file = %torn.file.display(),
+            kept = torn.valid,
+            cut = torn.len - torn.valid,
+            "cut a torn write off the end of the log (a crash during a write that was never acknowledged)"
+        );
+        Ok(())
+    }
+
+    /// Appends a sequenced frame of `payload` to `bytes`; its length.
+    fn frame(&mut self, bytes: &mut Vec<u8>, payload: &[u8]) -> usize {
+        let start = bytes.len();
+        codec::put_sequenced(bytes, &MAGIC, self.next_seq, payload);
+        self.next_seq = self.next_seq.wrapping_add(1);
+        bytes.len() - start
+    }
+
+    /// Before a write: the torn tail goes, and a full segment makes way
+    /// for a new one.
+    fn prepare_append(&mut self) -> Result<(), LogError> {
+        self.cut_torn_tail()?;
+        if self.active_len >= SEGMENT_BYTES {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), LogError> {
+        let path = self.shared.segment_path(self.active);
+        self.active_file()?
+            .write_all_at(bytes, self.active_len)
+            .map_err(|e| error(&path, e))?;
+        self.active_len += bytes.len() as u64;
+        self.appended += bytes.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    fn active_file(&self) -> Result<Arc<File>, LogError> {
+        let path = self.shared.segment_path(self.active);
+        self.shared
+            .index
+            .read()
+            .map_err(|_| error(&path, "poisoned"))?
+            .segments
+            .get(self.active as usize)
+            .cloned()
+            .ok_or_else(|| error(&path, "not open"))
+    }
+
+    /// Starts a new segment. The full one is synced first, so that only
+    /// the last segment can ever end in a torn write, and the new one's
+    /// name is synced before anything in it is.
     fn rotate(&mut self) -> Result<(), LogError> {
+        self.sync()?;
         let id = self.active + 1;
         let path = self.shared.segment_path(id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| error(&path, e))?;
+        let file = create_segment(&self.shared.dir, &path)?;
         self.shared
             .index
             .write()
@@ -357,86 +467,201 @@ impl SegmentLog {
             .push(Arc::new(file));
         self.active = id;
         self.active_len = 0;
-        self.new_segment = true;
         Ok(())
     }
+}
 
-    /// Makes everything written durable and records how far that is.
-    pub fn checkpoint(&mut self) -> Result<(), LogError> {
-        {
-            let index = self
-                .shared
-                .index
-                .read()
-                .map_err(|_| error(&self.shared.dir, "poisoned"))?;
-            for id in &self.unsynced {
-                if let Some(file) = index.segments.get(*id as usize) {
-                    file.sync_data()
-                        .map_err(|e| error(&self.shared.segment_path(*id), e))?;
+/// Creates an empty segment at `path` and syncs its name into `dir`.
+fn create_segment(dir: &Path, path: &Path) -> Result<File, LogError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| error(path, e))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| error(dir, e))
+}
+
+/// The ids of the segments in the log directory `dir`, in order.
+fn segment_ids(dir: &Path) -> Result<Vec<u32>, LogError> {
+    let mut ids = Vec::new();
+    for item in std::fs::read_dir(dir).map_err(|e| error(dir, e))? {
+        let item = item.map_err(|e| error(dir, e))?;
+        let name = item.file_name().to_string_lossy().to_string();
+        if let Some(id) = name.strip_suffix(&format!(".{SEGMENT_EXTENSION}")) {
+            let id = id
+                .parse::<u32>()
+                .map_err(|_| damage(&item.path(), "not a segment of this log"))?;
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// A first sequence number nobody outside this process can predict (std's
+/// hasher keys come from the operating system's random source).
+fn random_seq() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Applies one record read on open to the index being built.
+fn apply_to_index(
+    index: &mut Index_,
+    hard_state: &mut Option<HardState>,
+    segment: u32,
+    offset: usize,
+    len: usize,
+    record: Record<'_>,
+) -> Result<(), String> {
+    let (from, chunk) = match record {
+        Record::HardState(recorded) => {
+            *hard_state = Some(recorded);
+            return Ok(());
+        }
+        Record::Removal { from } => (from, None),
+        Record::Entries { from, chunk } => (from, Some(chunk)),
+    };
+    let last = index.last_index();
+    if from == 0 || from > last + 1 {
+        return Err(format!(
+            "offset {offset}: a record from index {from} after a log ending at {last}"
+        ));
+    }
+    index.truncate(from);
+    if let Some(chunk) = chunk {
+        let count = chunk::count(chunk).map_err(|what| format!("offset {offset}: {what}"))?;
+        index.locs.push(Loc {
+            first: from,
+            count: u32::try_from(count).map_err(|_| format!("offset {offset}: {count} entries"))?,
+            segment,
+            offset: u32::try_from(offset).map_err(|_| format!("offset {offset}: too far"))?,
+            len: len as u32,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the records of one segment in order, handing each to `each` with
+/// its offset and length; `last_seq` carries the sequence numbers from one
+/// segment to the next. Returns how many bytes the intact records span:
+/// less than `bytes` only for a torn write at the end of the `last`
+/// segment. Damage is an error.
+fn read_segment(
+    bytes: &[u8],
+    last: bool,
+    last_seq: &mut Option<u64>,
+    each: &mut dyn FnMut(usize, usize, Record<'_>) -> Result<(), String>,
+) -> Result<usize, String> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let problem = match record_at(&bytes[at..]) {
+            Ok((seq, record, len)) => match *last_seq {
+                Some(previous) if seq != previous.wrapping_add(1) => {
+                    format!("sequence number {seq} after {previous}")
                 }
+                _ => {
+                    each(at, len, record)?;
+                    *last_seq = Some(seq);
+                    at += len;
+                    continue;
+                }
+            },
+            Err(problem) => problem,
+        };
+        if !last {
+            return Err(format!(
+                "the record at offset {at} is damaged ({problem}), and later segments follow"
+            ));
+        }
+        if let Some(intact) = intact_record_after(bytes, at, *last_seq) {
+            return Err(format!(
+                "the record at offset {at} is damaged ({problem}) and an intact record follows at offset {intact}"
+            ));
+        }
+        return Ok(at);
+    }
+    Ok(at)
+}
+
+/// The record at the start of `rest`: its sequence number, what it says
+/// and its length; or what is wrong with it.
+fn record_at(rest: &[u8]) -> Result<(u64, Record<'_>, usize), String> {
+    let frame = codec::sequenced_at(rest, &MAGIC, 9..=MAX_RECORD)
+        .ok_or("no record starts here")?
+        .map_err(|error| match error {
+            FrameError::HeaderCut { have } => format!("its header is cut short at {have} bytes"),
+            FrameError::Length { len } => format!("a length of {len} bytes"),
+            FrameError::PayloadCut { len, .. } => {
+                format!("its length {len} runs past the end of the file")
+            }
+        })?;
+    if !frame.intact() {
+        return Err("checksum mismatch".into());
+    }
+    let record = parse_payload(frame.payload)?;
+    Ok((frame.seq, record, frame.len()))
+}
+
+fn parse_payload(payload: &[u8]) -> Result<Record<'_>, String> {
+    let mut reader = Reader::new(payload);
+    let record = match reader.u8()? {
+        KIND_ENTRIES => {
+            let from = reader.u64()?;
+            if reader.is_empty() {
+                return Err("a record of entries without entries".into());
+            }
+            Record::Entries {
+                from,
+                chunk: reader.rest(),
             }
         }
-        self.unsynced.clear();
-        // A segment created since the last checkpoint must be in the
-        // directory before the position can name it.
-        if std::mem::take(&mut self.new_segment) {
-            File::open(&self.shared.dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| error(&self.shared.dir, e))?;
+        KIND_REMOVAL => Record::Removal {
+            from: reader.u64()?,
+        },
+        KIND_HARD_STATE => {
+            let term = reader.u64()?;
+            let vote = reader.u64()?;
+            let commit = reader.u64()?;
+            Record::HardState(HardState {
+                term,
+                vote: (vote != 0).then_some(vote),
+                commit,
+            })
         }
-        let position = Position {
-            segment: self.active,
-            len: self.active_len,
-        };
-        let path = self.shared.dir.join(POSITION_FILE);
-        let temporary = self.shared.dir.join(format!("{POSITION_FILE}.new"));
-        std::fs::write(&temporary, encode_position(position))
-            .and_then(|_| File::open(&temporary)?.sync_all())
-            .and_then(|_| std::fs::rename(&temporary, &path))
-            .and_then(|_| File::open(&self.shared.dir)?.sync_all())
-            .map_err(|e| error(&path, e))?;
-        Ok(())
+        kind => return Err(format!("unknown record kind {kind}")),
+    };
+    if !matches!(record, Record::Entries { .. }) && !reader.is_empty() {
+        return Err(format!("{} trailing bytes", reader.rest().len()));
     }
+    Ok(record)
+}
 
-    /// Empties the log (durably), to fill it again from elsewhere.
-    pub fn clear(&mut self) -> Result<(), LogError> {
-        let path = self.shared.dir.join(POSITION_FILE);
-        let segments = {
-            let mut index = self
-                .shared
-                .index
-                .write()
-                .map_err(|_| error(&path, "poisoned"))?;
-            index.locs.clear();
-            index.segments.len() as u32
-        };
-        // The position first: a crash part way leaves an empty log, not
-        // a position past the end of what is there.
-        self.active = 0;
-        self.active_len = 0;
-        self.unsynced.clear();
-        self.checkpoint()?;
-        let index = self
-            .shared
-            .index
-            .read()
-            .map_err(|_| error(&path, "poisoned"))?;
-        if let Some(first) = index.segments.first() {
-            first
-                .set_len(0)
-                .and_then(|_| first.sync_data())
-                .map_err(|e| error(&self.shared.segment_path(0), e))?;
-        }
-        drop(index);
-        for id in 1..segments {
-            let path = self.shared.segment_path(id);
-            let _ = std::fs::remove_file(&path);
-        }
-        if let Ok(mut index) = self.shared.index.write() {
-            index.segments.truncate(1);
-        }
-        Ok(())
-    }
+/// Where the first intact record after the bad one at `at` starts, if one
+/// does: one whose sequence number can follow the last good record's.
+fn intact_record_after(bytes: &[u8], at: usize, last_seq: Option<u64>) -> Option<usize> {
+    (at + 1..bytes.len()).find(|&offset| {
+        codec::intact_sequenced_at(
+            &bytes[offset..],
+            &MAGIC,
+            last_seq,
+            offset - at,
+            MIN_RECORD,
+            |payload| parse_payload(payload).is_ok(),
+        )
+        .unwrap_or(false)
+    })
 }
 
 /// Reads the log while the store keeps writing it.
@@ -485,32 +710,24 @@ impl SegmentReader {
             }
             for (loc, file) in batch {
                 let path = self.shared.segment_path(loc.segment);
+                let damaged = |what: String| {
+                    ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
+                };
                 let mut bytes = vec![0u8; loc.len as usize];
                 file.read_exact_at(&mut bytes, loc.offset as u64)
-                    .map_err(|e| {
-                        ScanError::Damaged(damage(&path, format!("offset {}: {e}", loc.offset)))
-                    })?;
-                let record = parse_record(&bytes)
-                    .and_then(|(record, _)| record)
-                    .map_err(|what| {
-                        ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
-                    })?;
-                let (first, Some(chunk)) = record else {
-                    return Err(ScanError::Damaged(damage(
-                        &path,
-                        format!("offset {}: the index points at a removal", loc.offset),
-                    )));
+                    .map_err(|e| damaged(e.to_string()))?;
+                let (first, chunk) = match record_at(&bytes).map_err(damaged)? {
+                    (_, Record::Entries { from, chunk }, _) => (from, chunk),
+                    _ => {
+                        return Err(damaged(
+                            "the index points at a record without entries".into(),
+                        ))
+                    }
                 };
-                let entries = chunk::split(chunk).map_err(|what| {
-                    ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
-                })?;
+                let entries = chunk::split(chunk).map_err(damaged)?;
                 if first != loc.first || first > expected {
-                    return Err(ScanError::Damaged(damage(
-                        &path,
-                        format!(
-                            "offset {}: a record from index {first} where {expected} was expected",
-                            loc.offset
-                        ),
+                    return Err(damaged(format!(
+                        "a record from index {first} where {expected} was expected"
                     )));
                 }
                 let skip = (expected - first) as usize;
@@ -545,108 +762,21 @@ impl SegmentReader {
     }
 }
 
-/// A record's `from` and chunk (none for a removal).
-type Record<'a> = (Index, Option<&'a [u8]>);
-
-/// Parses the record at the start of `bytes`: `None` if they end before
-/// it does, else the record (or why it is damaged) and its length.
-#[allow(clippy::type_complexity)]
-fn parse_record(bytes: &[u8]) -> Result<(Result<Record<'_>, String>, usize), String> {
-    let frame = codec::frame_at(bytes, 8..=MAX_RECORD).map_err(|error| match error {
-        FrameError::HeaderCut { have } => format!("a record header cut short at {have} bytes"),
-        FrameError::Length { len } => format!("a record length of {len} bytes"),
-        FrameError::PayloadCut { len, have } => {
-            format!("a record of {len} bytes cut short at {have}")
-        }
-    })?;
-    if !frame.intact() {
-        return Ok((Err("checksum mismatch".into()), frame.len()));
-    }
-    let mut payload = Reader::new(frame.payload);
-    let from = payload.u64()?;
-    let chunk = (!payload.is_empty()).then(|| payload.rest());
-    Ok((Ok((from, chunk)), frame.len()))
-}
-
-/// Decodes a segment's records as the store does on open: each record's
-/// `from` and entry count (0 for a removal). Public for the fuzz targets
-/// and property tests.
+/// Decodes a segment's records as the store does on open: each record of
+/// entries' `from` and entry count (0 for a removal; hard states are
+/// skipped). Damage is an error, a torn end is not. Public for the fuzz
+/// targets and property tests.
 pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, String> {
     let mut records = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let (record, len) = parse_record(&bytes[at..]).map_err(|e| format!("offset {at}: {e}"))?;
-        let (from, chunk) = record.map_err(|e| format!("offset {at}: {e}"))?;
-        let count = match chunk {
-            Some(chunk) => chunk::count(chunk).map_err(|e| format!("offset {at}: {e}"))?,
-            None => 0,
-        };
-        records.push((from, count));
-        at += len;
-    }
+    read_segment(bytes, true, &mut None, &mut |_, _, record| {
+        match record {
+            Record::Entries { from, chunk } => records.push((from, chunk::count(chunk)?)),
+            Record::Removal { from } => records.push((from, 0)),
+            Record::HardState(_) => {}
+        }
+        Ok(())
+    })?;
     Ok(records)
-}
-
-/// Reads the first `len` bytes of segment `id` into the index.
-fn read_segment(
-    file: &File,
-    path: &Path,
-    id: u32,
-    len: u64,
-    index: &mut Index_,
-) -> Result<(), LogError> {
-    let mut bytes = vec![0u8; len as usize];
-    file.read_exact_at(&mut bytes, 0)
-        .map_err(|e| error(path, e))?;
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let (record, record_len) = parse_record(&bytes[at..])
-            .map_err(|what| damage(path, format!("offset {at}: {what}")))?;
-        let (from, chunk) = record.map_err(|what| damage(path, format!("offset {at}: {what}")))?;
-        let last = index.last_index();
-        if from == 0 || from > last + 1 {
-            return Err(damage(
-                path,
-                format!("offset {at}: a record from index {from} after a log ending at {last}"),
-            ));
-        }
-        index.truncate(from);
-        if let Some(chunk) = chunk {
-            let count =
-                chunk::count(chunk).map_err(|what| damage(path, format!("offset {at}: {what}")))?;
-            index.locs.push(Loc {
-                first: from,
-                count: count as u32,
-                segment: id,
-                offset: at as u32,
-                len: record_len as u32,
-            });
-        }
-        at += record_len;
-    }
-    Ok(())
-}
-
-/// The position's fields: segment (u32) and length (u64).
-const POSITION_FIELDS: usize = 12;
-
-fn encode_position(position: Position) -> Vec<u8> {
-    let mut fields = Vec::with_capacity(POSITION_FIELDS);
-    codec::put_u32(&mut fields, position.segment);
-    codec::put_u64(&mut fields, position.len);
-    codec::seal(POSITION_MAGIC, &fields)
-}
-
-fn decode_position(bytes: &[u8]) -> Result<Position, String> {
-    let mut fields =
-        codec::unseal(bytes, POSITION_MAGIC, POSITION_FIELDS).map_err(|error| match error {
-            SealError::Shape => format!("{} bytes, not a log position", bytes.len()),
-            SealError::Checksum => "checksum mismatch".to_string(),
-        })?;
-    Ok(Position {
-        segment: fields.u32()?,
-        len: fields.u64()?,
-    })
 }
 
 #[cfg(test)]
@@ -680,7 +810,7 @@ mod tests {
     }
 
     #[test]
-    fn crosses_segments_truncates_and_cuts_what_was_not_checkpointed() {
+    fn crosses_segments_truncates_and_keeps_what_it_wrote() {
         let dir = std::env::temp_dir().join(format!("cs-segments-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -692,6 +822,12 @@ mod tests {
         // A new leader replaces everything from 1500 on, then 1800 on goes.
         log.replace_from(1500, &encoded(1500, 1900, 2)).unwrap();
         log.replace_from(1800, &[]).unwrap();
+        let hard_state = HardState {
+            term: 2,
+            vote: Some(3),
+            commit: 1700,
+        };
+        log.put_hard_state(hard_state).unwrap();
         assert_eq!(log.last_index(), 1799);
         let seen = terms(&log, 1495, 5000);
         assert_eq!(seen.len(), 305);
@@ -701,22 +837,76 @@ mod tests {
             log.replace_from(1801, &encoded(1801, 1801, 2)).is_err(),
             "a gap"
         );
-        log.checkpoint().unwrap();
-        // Written after the checkpoint: cut off on open.
-        log.replace_from(1800, &encoded(1800, 1900, 3)).unwrap();
+        log.sync().unwrap();
         drop(log);
-        let log = SegmentLog::open(&dir).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
         assert_eq!(log.last_index(), 1799);
+        assert_eq!(log.hard_state(), Some(hard_state));
+        assert!(log.torn_tail().is_none());
         assert_eq!(terms(&log, 1, 5000).len(), 1799);
         assert_eq!(terms(&log, 1799, 1799), vec![(1799, 2)]);
+        // Writing on after a reopen continues the sequence.
+        log.replace_from(1800, &encoded(1800, 1800, 3)).unwrap();
         drop(log);
-        // A checkpointed segment gone missing is damage, named.
+        let log = SegmentLog::open(&dir).unwrap();
+        assert_eq!(terms(&log, 1800, 1800), vec![(1800, 3)]);
+        drop(log);
+        // A segment gone missing before the last is damage, named.
         let victim = segment_path(&dir.join(LOG_DIR), 1);
         std::fs::remove_file(&victim).unwrap();
         let err = SegmentLog::open(&dir)
             .err()
             .expect("opened without a segment");
         assert_eq!(err.file, victim);
+        assert!(err.damaged);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_damage_before_intact_records_refused() {
+        let dir = std::env::temp_dir().join(format!("cs-segments-torn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
+        for from in 1..=4 {
+            log.replace_from(from, &encoded(from, from, 1)).unwrap();
+        }
+        log.sync().unwrap();
+        drop(log);
+        let path = segment_path(&dir.join(LOG_DIR), 0);
+        let intact = std::fs::read(&path).unwrap();
+        let record = intact.len() / 4;
+        // The last record cut short: a torn write, cut once asked.
+        std::fs::write(&path, &intact[..intact.len() - 5]).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
+        assert_eq!(log.last_index(), 3);
+        assert_eq!(log.torn_tail().map(|t| t.valid), Some(3 * record as u64));
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            intact.len() - 5,
+            "cut before being asked"
+        );
+        log.cut_torn_tail().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 3 * record);
+        log.replace_from(4, &encoded(4, 4, 2)).unwrap();
+        drop(log);
+        assert_eq!(
+            terms(&SegmentLog::open(&dir).unwrap(), 1, 10),
+            vec![(1, 1), (2, 1), (3, 1), (4, 2)]
+        );
+        // A flipped byte in the second record, with intact ones after it:
+        // damage, named, and the file left as it was.
+        let mut damaged = std::fs::read(&path).unwrap();
+        damaged[record + 30] ^= 0xff;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = SegmentLog::open(&dir).err().expect("opened damaged");
+        assert_eq!(err.file, path);
+        assert!(
+            err.damaged && err.what.contains("offset") && err.what.contains("intact"),
+            "{}",
+            err.what
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), damaged);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -204,12 +204,12 @@ impl Disk {
         }
         let witness = Witness::decode(&bytes).map_err(|what| self.witness_damaged(what))?;
         if let Some(what) = witness.lost(&recovered.hard_state, self.last_index) {
-            // A journal cut short lost its last writes; otherwise the log
-            // lives in the segments, everything else in sled.
-            let (file, what) = if self.journal.has_torn_tail() {
+            // A log cut short lost its last writes; otherwise the log lives
+            // in the segments, everything else in sled.
+            let (file, what) = if let Some(torn) = self.log.torn_tail() {
                 (
-                    self.journal.path().to_path_buf(),
-                    format!("{what}, and the journal ends in a torn record"),
+                    torn.file.clone(),
+                    format!("{what}, and the log ends in a torn record"),
                 )
             } else if self.last_index < witness.last_index {
                 (self.dir.join(segments::LOG_DIR), what)

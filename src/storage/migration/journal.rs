@@ -1,13 +1,10 @@
-//! The store's write-ahead journal. Every write batch is appended here and
-//! made durable with one `fdatasync` of this small file; the log's segments
-//! and sled receive the same changes unsynced, and are synced only at
-//! checkpoints, after which the journal starts over. On open, the records
-//! since the last checkpoint are applied to them again.
-//!
-//! Why not sync them every time: sled's flush hands the buffer to its I/O
-//! thread pool (waking every idle thread in it), calls `sync_file_range`,
-//! and still needs an fsync of its data file for the disk cache; with the
-//! segments that would be two or three syncs per write instead of one.
+//! The write-ahead journal of data directories written before the log's
+//! segments became its write-ahead log (up to e7fdae5): every write batch
+//! was appended here with one `fdatasync`, and the segments (`*.seg`) and
+//! sled got the same changes unsynced, synced only at checkpoints. On
+//! upgrade (`mod.rs`) the records since the last checkpoint are applied
+//! over the old segments one last time. The writer is kept, unused by the
+//! store, so tests can write journals as those versions did.
 //!
 //! A record is `[magic "CSJ2"][crc32: u32 LE][payload length: u32 LE]
 //! [sequence number: u64 LE][payload]`, the checksum covering everything
@@ -19,33 +16,20 @@
 //! applied) ends in the same state.
 //!
 //! A bad record is either a torn tail (a crash during the last write, never
-//! acknowledged: it is cut) or damage (the file changed after it was
-//! written: refused, or acknowledged writes after it would be lost). What
-//! tells them apart is an intact record after the bad one. A damaged length
-//! field says nothing about where the next record starts, so every later
-//! offset is tried; the magic makes that cheap, and the sequence numbers
-//! (one more per record, from a random start) keep the bytes of a record
-//! inside a client's message from passing for one of ours. A write torn so
-//! that its end reached the disk and its start did not reads as damage too:
-//! the node refuses to start rather than guess.
-//!
-//! Journals written before records carried a magic and a sequence number
-//! hold `[payload length: u32 LE][crc32 of payload: u32 LE][payload]` and
-//! are still read. (Such a length is at most `MAX_RECORD`, so its last byte
-//! is never the magic's.) The store checkpoints what it replays, so the
-//! records written after them start a new journal.
-//!
-//! Both layouts are the store's shared ones (`codec.rs`: a sequenced frame,
-//! and a frame); this file says what a payload holds and how a torn tail
-//! is told from damage.
+//! acknowledged) or damage (refused: acknowledged writes after it would be
+//! lost), told apart by an intact record after the bad one, as in the
+//! segments (`segments.rs`). Journals written before records carried a
+//! magic and a sequence number hold `[payload length: u32 LE][crc32 of
+//! payload: u32 LE][payload]` and are still read. (Such a length is at most
+//! `MAX_RECORD`, so its last byte is never the magic's.)
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::codec::{self, FrameError, Reader, MAX_RECORD};
 use crate::raft::{HardState, Index};
+use crate::storage::codec::{self, FrameError, Reader, MAX_RECORD};
 
 pub const JOURNAL_FILE: &str = "journal";
 const HAS_HARD_STATE: u8 = 1;
@@ -348,19 +332,10 @@ fn intact_record_after(
 ) -> Option<usize> {
     (at + 1..bytes.len()).find(|&offset| {
         let rest = bytes.get(offset..).unwrap_or_default();
-        match codec::sequenced_at(rest, &MAGIC, ..=MAX_RECORD) {
-            Some(Ok(frame)) => {
-                // The sequence number is checked before the checksum is
-                // computed: a record that cannot be ours costs nothing.
-                let follows = last_seq.is_none_or(|last| {
-                    let most = 1 + ((offset - at) / MIN_RECORD) as u64;
-                    (1..=most).contains(&frame.seq.wrapping_sub(last))
-                });
-                follows && frame.intact() && parse_payload(frame.payload, false).is_ok()
-            }
-            Some(Err(_)) => false,
-            None => legacy && legacy_record_is_intact(rest),
-        }
+        codec::intact_sequenced_at(rest, &MAGIC, last_seq, offset - at, MIN_RECORD, |p| {
+            parse_payload(p, false).is_ok()
+        })
+        .unwrap_or_else(|| legacy && legacy_record_is_intact(rest))
     })
 }
 

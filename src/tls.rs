@@ -327,6 +327,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_file_is_named_once_with_the_command_that_makes_it() {
+        let dir = std::env::temp_dir().join(format!("cs-tls-missing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = Holder::Node {
+            id: 2,
+            nodes: &[1, 2, 3],
+        };
+        let error = Credentials::of(&dir, node)
+            .err()
+            .expect("loaded from nothing");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot read {}", dir.join("ca.crt").display()))
+                && message.contains(&format!(
+                    "`node certs init --out {} --nodes 1,2,3`",
+                    dir.display()
+                )),
+            "{message}"
+        );
+        // The cause is in the message, so it is not chained again.
+        assert!(std::error::Error::source(&error).is_none(), "{message}");
+        assert_eq!(
+            message.matches("No such file or directory").count(),
+            1,
+            "{message}"
+        );
+
+        identity::init_ca(&dir, false).unwrap();
+        let message = Credentials::of(&dir, node)
+            .err()
+            .expect("no node certificate")
+            .to_string();
+        assert!(
+            message.contains("node-2.crt")
+                && message.contains(&format!("`node certs add-node 2 --out {}`", dir.display())),
+            "{message}"
+        );
+        identity::issue_node(&dir, 2, &[], identity::Validity::days(1)).unwrap();
+        Credentials::of(&dir, node).expect("loaded");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_revocation_list_that_disappears_is_kept() {
         let dir = std::env::temp_dir().join(format!("cs-tls-crl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -652,7 +652,11 @@ fn missing_certificates_are_named_once_with_the_way_to_make_them() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let once = |text: &str, part: &str| {
-        assert_eq!(text.matches(part).count(), 1, "{part:?} not said once: {text}");
+        assert_eq!(
+            text.matches(part).count(),
+            1,
+            "{part:?} not said once: {text}"
+        );
     };
     let reason = "No such file or directory";
 

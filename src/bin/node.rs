@@ -890,6 +890,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cause_already_said_is_not_printed_again() {
+        let cause = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // A message that names its cause, and chains it too.
+        let both = anyhow::Error::new(cause()).context(format!("cannot read x: {}", cause()));
+        assert_eq!(report(&both), "cannot read x: no such file");
+        // A context over a cause it does not name: both, once each.
+        let chained = anyhow::Error::new(cause()).context("reading x");
+        assert_eq!(report(&chained), "reading x: no such file");
+    }
+
+    #[test]
     fn member_commands_parse() {
         let cli = Cli::try_parse_from([
             "node",

@@ -76,11 +76,11 @@ pub enum MembersError {
     Form { what: String, item: String },
     #[error("{what}: {id:?} is not a node id (a whole number from 1)")]
     Id { what: String, id: String },
-    #[error("{what}: node {id}: {source}")]
+    #[error("{what}: node {id}: {error}")]
     Address {
         what: String,
         id: crate::raft::NodeId,
-        source: AddressError,
+        error: AddressError,
     },
     #[error("{what}: node {id} is listed twice")]
     Twice {
@@ -111,10 +111,10 @@ pub fn parse_members(
                 })
             }
         };
-        let address = Address::parse(address).map_err(|source| MembersError::Address {
+        let address = Address::parse(address).map_err(|error| MembersError::Address {
             what: what.to_string(),
             id,
-            source,
+            error,
         })?;
         if members.insert(id, address).is_some() {
             return Err(MembersError::Twice {

@@ -70,7 +70,7 @@ pub fn serve(
     write: bool,
 ) -> Result<(), NodeError> {
     let cluster = Client::new(node.members().clone(), node.credentials())
-        .map_err(|e| NodeError::Http(format!("{e:#}")))?;
+        .map_err(|e| NodeError::Http(e.to_string()))?;
     let state = HttpState {
         me: node.id(),
         api: node.api().clone(),
@@ -151,7 +151,7 @@ async fn cluster(State(state): State<HttpState>) -> Response {
             state.api.local_status().await.map_err(|e| e.to_string())
         } else {
             match tokio::time::timeout(Duration::from_secs(1), state.cluster.status(id)).await {
-                Ok(result) => result.map_err(|e| format!("{e:#}")),
+                Ok(result) => result.map_err(|e| e.to_string()),
                 Err(_) => Err("no answer within 1 s".to_string()),
             }
         };
@@ -334,13 +334,12 @@ async fn send(state: &HttpState, text: String) -> Response {
             ),
         },
         Err(e) => {
-            let reason = format!("{e:#}");
-            let code = if reason.contains("exceeds the limit") {
+            let code = if e.is_too_large() {
                 StatusCode::PAYLOAD_TOO_LARGE
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            fail(code, reason)
+            fail(code, e.to_string())
         }
     }
 }
@@ -385,7 +384,7 @@ async fn events(
             }
             Err(error) => Ok(Event::default()
                 .event("error")
-                .data(json!({ "type": "error", "error": format!("{error:#}") }).to_string())),
+                .data(json!({ "type": "error", "error": error.to_string() }).to_string())),
         });
     let others = BroadcastStream::new(state.events.subscribe()).filter_map(|event| {
         let event = event.ok()?;

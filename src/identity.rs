@@ -27,17 +27,39 @@ pub enum Identity {
     Client(String),
 }
 
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Node(id) => write!(f, "the certificate of node {id}"),
+            Identity::Client(name) => write!(f, "the certificate of client {name:?}"),
+        }
+    }
+}
+
+/// Why a certificate, key or revocation list cannot be made, read or
+/// used. Each message names the file and, where there is one, the next
+/// step; causes are part of the message, never chained as a `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{path}: {source}")]
+    /// A file that cannot be read, written or moved.
+    #[error("cannot {action} {path} ({})", os_reason(error))]
     Io {
+        /// "read", "write", "create", "rename to", ...
+        action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// A credential file that does not exist, and how to make or find it.
+    #[error("cannot read {path} ({}); {next}", os_reason(error))]
+    Missing {
+        path: PathBuf,
+        error: std::io::Error,
+        next: String,
     },
     #[error("{path} already exists; pass --force to replace the cluster CA (every certificate it signed stops working)")]
     Exists { path: PathBuf },
     #[error("certificate generation failed: {0}")]
-    Rcgen(#[from] rcgen::Error),
+    Rcgen(rcgen::Error),
     #[error("{path}: no PEM {what} found")]
     Empty { path: PathBuf, what: &'static str },
     #[error("the peer presented no certificate")]
@@ -81,11 +103,58 @@ impl Validity {
 /// Certificates last ten years unless told otherwise.
 pub const DEFAULT_DAYS: u32 = 3650;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
-    move |source| IdentityError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<rcgen::Error> for IdentityError {
+    fn from(error: rcgen::Error) -> Self {
+        IdentityError::Rcgen(error)
     }
+}
+
+impl IdentityError {
+    /// A missing file (`Missing` with `next` as the next step), else
+    /// `self` unchanged.
+    pub fn if_missing(self, next: impl FnOnce(&Path) -> String) -> IdentityError {
+        match self {
+            IdentityError::Io {
+                action: "read",
+                path,
+                error,
+            } if error.kind() == std::io::ErrorKind::NotFound => IdentityError::Missing {
+                next: next(&path),
+                path,
+                error,
+            },
+            other => other,
+        }
+    }
+}
+
+/// An I/O error in the OS's words, without the "(os error N)" they end
+/// with: "No such file or directory".
+pub fn os_reason(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match error.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .unwrap_or(&text)
+            .to_string(),
+        None => text,
+    }
+}
+
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> IdentityError + 'a {
+    move |error| IdentityError::Io {
+        action,
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// Reads a credential file.
+fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    fs::read(path).map_err(io_err("read", path))
 }
 
 /// The DNS name a node's certificate always carries and that peers check.
@@ -125,17 +194,18 @@ fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(io_err(path))?;
-    file.write_all(contents.as_bytes()).map_err(io_err(path))
+        .map_err(io_err("write", path))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io_err("write", path))
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), IdentityError> {
-    fs::write(path, contents).map_err(io_err(path))
+    fs::write(path, contents).map_err(io_err("write", path))
 }
 
 /// Creates the cluster CA in `dir`.
 pub fn init_ca(dir: &Path, force: bool) -> Result<(), IdentityError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let (cert_path, key_path) = ca_path(dir);
     if !force && (cert_path.exists() || key_path.exists()) {
         return Err(IdentityError::Exists { path: cert_path });
@@ -160,10 +230,23 @@ struct Issuer {
     key: KeyPair,
 }
 
+/// The cluster CA in `dir`, to sign with: `ca.crt` and `ca.key`, which
+/// only the CA machine holds.
 fn load_issuer(dir: &Path) -> Result<Issuer, IdentityError> {
     let (cert_path, key_path) = ca_path(dir);
-    let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-    let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+    let cert_pem = read_text(&cert_path).map_err(|error| {
+        error.if_missing(|_| {
+            format!(
+                "make the cluster's CA first with `node certs init --out {} --nodes <ids>` (see certs/README.md), or give --out the directory that holds ca.crt and ca.key",
+                dir.display()
+            )
+        })
+    })?;
+    let key_pem = read_text(&key_path).map_err(|error| {
+        error.if_missing(|_| {
+            "signing needs the cluster CA's key, which stays on the CA machine: run this there, or give --out the directory that holds ca.crt and ca.key (see certs/README.md)".to_string()
+        })
+    })?;
     let key = KeyPair::from_pem(&key_pem)?;
     // Re-signing the CA's own parameters with its key reproduces an issuer
     // whose name and key match the certificate on disk.
@@ -279,11 +362,27 @@ pub fn issue_client(dir: &Path, name: &str, validity: Validity) -> Result<(), Id
     write_private(&key_path, &key.serialize_pem())
 }
 
+/// Reads a PEM file as text.
+fn read_text(path: &Path) -> Result<String, IdentityError> {
+    String::from_utf8(read(path)?).map_err(|_| IdentityError::BadCertificateFile {
+        path: path.to_path_buf(),
+        reason: "not a PEM file (not text)".into(),
+    })
+}
+
+/// A PEM file's armour that does not hold what it says.
+fn bad_pem(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |error| IdentityError::BadCertificateFile {
+        path: path.to_path_buf(),
+        reason: format!("not a valid PEM file: {error}"),
+    }
+}
+
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let pem = fs::read(path).map_err(io_err(path))?;
+    let pem = read(path)?;
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
-        .map_err(io_err(path))?;
+        .map_err(bad_pem(path))?;
     if certs.is_empty() {
         return Err(IdentityError::Empty {
             path: path.to_path_buf(),
@@ -294,9 +393,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
-    let pem = fs::read(path).map_err(io_err(path))?;
+    let pem = read(path)?;
     rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(io_err(path))?
+        .map_err(bad_pem(path))?
         .ok_or_else(|| IdentityError::Empty {
             path: path.to_path_buf(),
             what: "private key",
@@ -370,7 +469,7 @@ pub fn read_crls(
     let pem = match fs::read(path) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
+        Err(e) => return Err(io_err("read", path)(e)),
     };
     let crls = rustls_pemfile::crls(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -425,16 +524,16 @@ pub fn record_crl_seen(data: &Path) -> Result<(), IdentityError> {
     if seen.exists() {
         return Ok(());
     }
-    fs::create_dir_all(data).map_err(io_err(data))?;
-    let mut file = fs::File::create(&seen).map_err(io_err(&seen))?;
+    fs::create_dir_all(data).map_err(io_err("create", data))?;
+    let mut file = fs::File::create(&seen).map_err(io_err("write", &seen))?;
     file.write_all(
         b"This node has loaded the cluster's revocation list (ca.crl) and refuses to start without it.\n",
     )
     .and_then(|_| file.sync_all())
-    .map_err(io_err(&seen))?;
+    .map_err(io_err("write", &seen))?;
     fs::File::open(data)
         .and_then(|dir| dir.sync_all())
-        .map_err(io_err(data))
+        .map_err(io_err("sync", data))
 }
 
 /// The serial numbers a revocation list names.
@@ -525,7 +624,7 @@ pub fn revoke(dir: &Path, cert_path: &Path) -> Result<Vec<u8>, IdentityError> {
     // Write then rename, so a node never reads half a list.
     let partial = dir.join("ca.crl.partial");
     write_public(&partial, &crl.pem()?)?;
-    fs::rename(&partial, &path).map_err(io_err(&path))?;
+    fs::rename(&partial, &path).map_err(io_err("replace", &path))?;
     Ok(serial)
 }
 

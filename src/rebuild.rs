@@ -11,12 +11,67 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-
-use crate::client::Client;
-use crate::identity;
-use crate::raft::{NodeId, RebuildPlan};
+use crate::client::{Client, ClientError};
+use crate::identity::{self, IdentityError};
+use crate::raft::{LogPosition, NodeId, RebuildPlan};
 use crate::storage::{Store, StoreError, StoredBootstrap};
+
+/// Why a rebuild stopped (before it moved anything, except for `MoveAside`
+/// and the store's own errors after it). Causes are part of each message,
+/// never chained as a `source` too.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// The cluster's CA (its id names the cluster in the data directory).
+    #[error("{0}")]
+    Identity(IdentityError),
+    #[error("the store in {} opens cleanly: rebuild only a lost or damaged one (--force to rebuild anyway)", data.display())]
+    Clean { data: PathBuf },
+    #[error("{} is in use: stop node {id} first ({reason})", data.display())]
+    InUse {
+        data: PathBuf,
+        id: NodeId,
+        reason: String,
+    },
+    #[error("{} belongs to another node or cluster; check --id and --data", data.display())]
+    Foreign { data: PathBuf },
+    /// The client to ask the other members could not be made.
+    #[error("{0}")]
+    Client(ClientError),
+    #[error("node {node} is itself a rebuilt replica still catching up (its log is below {floor}). Rebuild one node at a time: retry once `node status` no longer shows it catching up, or pass --force")]
+    CatchingUp { node: NodeId, floor: LogPosition },
+    #[error("node {node} did not answer ({reason}). Every other node must answer, so that the rebuilt node starts past any term it may have voted in and never votes for a log missing entries it had acknowledged; retry when they are up, or pass --force")]
+    Unanswered { node: NodeId, reason: String },
+    #[error("cannot move {} to {} ({})", from.display(), to.display(), identity::os_reason(error))]
+    MoveAside {
+        from: PathBuf,
+        to: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+// By hand rather than `#[from]`, which would chain each as a `source`
+// that the message already says.
+impl From<IdentityError> for RebuildError {
+    fn from(error: IdentityError) -> Self {
+        RebuildError::Identity(error)
+    }
+}
+
+impl From<ClientError> for RebuildError {
+    fn from(error: ClientError) -> Self {
+        RebuildError::Client(error)
+    }
+}
+
+impl From<StoreError> for RebuildError {
+    fn from(error: StoreError) -> Self {
+        RebuildError::Store(error)
+    }
+}
+
+type Result<T, E = RebuildError> = std::result::Result<T, E>;
 
 /// How long each other member has to tell its status.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
@@ -111,7 +166,7 @@ impl fmt::Display for Rebuilt {
 /// creates the rebuilt store. `note` hears what happens on the way.
 pub async fn rebuild(
     options: &RebuildOptions,
-    connect: impl FnOnce() -> Result<Client>,
+    connect: impl FnOnce() -> Result<Client, ClientError>,
     mut note: impl FnMut(Note),
 ) -> Result<Rebuilt> {
     let RebuildOptions {
@@ -125,19 +180,18 @@ pub async fn rebuild(
     let cluster_id = identity::cluster_id(&ca_cert);
     if data.join("db").exists() {
         match Store::open(data, &cluster_id, id).and_then(|(store, _)| store.verify()) {
-            Ok(_) if !force => bail!(
-                "the store in {} opens cleanly: rebuild only a lost or damaged one (--force to rebuild anyway)",
-                data.display()
-            ),
+            Ok(_) if !force => return Err(RebuildError::Clean { data: data.clone() }),
             Ok(_) => {}
-            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => bail!(
-                "{} is in use: stop node {id} first ({source})",
-                data.display()
-            ),
-            Err(StoreError::Foreign { .. }) if !force => bail!(
-                "{} belongs to another node or cluster; check --id and --data",
-                data.display()
-            ),
+            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => {
+                return Err(RebuildError::InUse {
+                    data: data.clone(),
+                    id,
+                    reason: source.to_string(),
+                })
+            }
+            Err(StoreError::Foreign { .. }) if !force => {
+                return Err(RebuildError::Foreign { data: data.clone() })
+            }
             Err(error) => note(Note::Damaged(error)),
         }
     }
@@ -148,7 +202,7 @@ pub async fn rebuild(
     // the rebuilt replica starts from it, as a joining node does, not from
     // a command line that may predate changes (its peers would refuse a
     // different digest).
-    let view = client.members().await.map_err(|error| format!("{error:#}"));
+    let view = client.members().await.map_err(|error| error.to_string());
     let asked: Vec<NodeId> = match &view {
         Ok(view) => view
             .committed
@@ -168,24 +222,22 @@ pub async fn rebuild(
         match tokio::time::timeout(ANSWER_WITHIN, client.status(other)).await {
             Ok(Ok(status)) => {
                 if let Some(floor) = status.catch_up_floor.filter(|_| !force) {
-                    bail!(
-                        "node {other} is itself a rebuilt replica still catching up (its log is \
-                         below {floor}). Rebuild one node at a time: retry once `node status` no \
-                         longer shows it catching up, or pass --force"
-                    );
+                    return Err(RebuildError::CatchingUp { node: other, floor });
                 }
                 answers.push(status);
             }
-            Ok(Err(error)) if !force => bail!(
-                "node {other} did not answer ({error:#}). Every other node must answer, so that \
-                 the rebuilt node starts past any term it may have voted in and never votes for a \
-                 log missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
-            Err(_) if !force => bail!(
-                "node {other} did not answer in 5 s. Every other node must answer, so that the \
-                 rebuilt node starts past any term it may have voted in and never votes for a log \
-                 missing entries it had acknowledged; retry when they are up, or pass --force"
-            ),
+            Ok(Err(error)) if !force => {
+                return Err(RebuildError::Unanswered {
+                    node: other,
+                    reason: error.to_string(),
+                })
+            }
+            Err(_) if !force => {
+                return Err(RebuildError::Unanswered {
+                    node: other,
+                    reason: format!("nothing within {} s", ANSWER_WITHIN.as_secs()),
+                })
+            }
             _ => note(Note::Unanswered(other)),
         }
     }
@@ -227,7 +279,10 @@ fn move_aside(data: &Path) -> Result<PathBuf> {
     let mut aside = data.as_os_str().to_owned();
     aside.push(format!(".damaged-{stamp}"));
     let aside = PathBuf::from(aside);
-    std::fs::rename(data, &aside)
-        .with_context(|| format!("moving {} to {}", data.display(), aside.display()))?;
+    std::fs::rename(data, &aside).map_err(|error| RebuildError::MoveAside {
+        from: data.to_path_buf(),
+        to: aside.clone(),
+        error,
+    })?;
     Ok(aside)
 }

@@ -1,7 +1,7 @@
 //! rustls and quinn configuration: TLS 1.3 only, ring provider, and every
 //! connection authenticated both ways by the cluster CA.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,18 +9,94 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::RootCertStore;
 
 use crate::identity::{self, IdentityError};
+use crate::raft::NodeId;
 use crate::wire::{ALPN, PEER_ALPN};
 
+/// Why credentials cannot be loaded or a TLS configuration made. The
+/// cause is part of each message (none is chained as a `source`).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     #[error("certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
     #[error("QUIC crypto configuration: {0}")]
     Quic(String),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(error: rustls::Error) -> Self {
+        TlsError::Rustls(error)
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsError {
+    fn from(error: rustls::server::VerifierBuilderError) -> Self {
+        TlsError::Verifier(error)
+    }
+}
+
+/// Whose credentials `Credentials::of` loads from a certificate
+/// directory: which files, and how to make them when they are missing.
+#[derive(Clone, Copy, Debug)]
+pub enum Holder<'a> {
+    /// Node `id`, of a cluster whose nodes (as far as it knows) are `nodes`.
+    Node { id: NodeId, nodes: &'a [NodeId] },
+    /// The client certificate `name`, for a cluster of `nodes`.
+    Client { name: &'a str, nodes: &'a [NodeId] },
+}
+
+impl Holder<'_> {
+    /// This holder's certificate and key in `dir`.
+    fn paths(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        match *self {
+            Holder::Node { id, .. } => identity::node_cert_path(dir, id),
+            Holder::Client { name, .. } => identity::client_cert_path(dir, name),
+        }
+    }
+
+    /// The next step when `missing`, one of the files in `dir`, is not there.
+    fn next_step(&self, dir: &Path, missing: &Path) -> String {
+        let (ca, _) = identity::ca_path(dir);
+        let (cert, _) = self.paths(dir);
+        let shown = dir.display();
+        if missing == ca {
+            let nodes = match *self {
+                Holder::Node { nodes, .. } | Holder::Client { nodes, .. } => nodes,
+            };
+            let ids = if nodes.is_empty() {
+                "<ids>".to_string()
+            } else {
+                let ids: Vec<String> = nodes.iter().map(NodeId::to_string).collect();
+                ids.join(",")
+            };
+            return format!(
+                "create the cluster's certificates with `node certs init --out {shown} --nodes {ids}` \
+                 (see certs/README.md), or point --certs at the directory that holds them"
+            );
+        }
+        if missing != cert {
+            let name = cert
+                .file_name()
+                .map_or_else(String::new, |name| name.to_string_lossy().into_owned());
+            return format!(
+                "copy it from the machine that made {name}, into {shown} beside it (see certs/README.md)"
+            );
+        }
+        match *self {
+            Holder::Node { id, .. } => format!(
+                "make it with `node certs add-node {id} --out {shown}` on the machine that holds the \
+                 cluster's CA (see certs/README.md), and check that node {id} is in --peers (a new \
+                 cluster) or was added with `node member add {id}`"
+            ),
+            Holder::Client { name, .. } => format!(
+                "make it with `node certs add-client {name} --out {shown}` on the machine that holds \
+                 the cluster's CA (see certs/README.md), or name another client certificate with --name"
+            ),
+        }
+    }
 }
 
 /// The CA, this end's own certificate chain and key, and the CA's list of
@@ -50,14 +126,29 @@ impl Credentials {
     /// or is not valid yet: better a clear error now than refused
     /// handshakes later.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        identity::check_validity(cert)?;
         let crl_path = identity::crl_path(ca.parent().unwrap_or(Path::new(".")));
+        // The CA first: in a directory without it, it is the one to name.
+        let ca_cert = identity::load_certs(ca)?.remove(0);
+        identity::check_validity(cert)?;
         Ok(Credentials {
-            ca: identity::load_certs(ca)?.remove(0),
+            ca: ca_cert,
             chain: identity::load_certs(cert)?,
             key: identity::load_key(key)?,
             crls: identity::load_crls(&crl_path)?,
             crl_path,
+        })
+    }
+
+    /// `holder`'s credentials from the certificate directory `dir` (as
+    /// `load`); a missing file is named with the way to make or find it.
+    pub fn of(dir: &Path, holder: Holder<'_>) -> Result<Self, TlsError> {
+        let (ca, _) = identity::ca_path(dir);
+        let (cert, key) = holder.paths(dir);
+        Self::load(&ca, &cert, &key).map_err(|error| match error {
+            TlsError::Identity(error) => {
+                TlsError::Identity(error.if_missing(|path| holder.next_step(dir, path)))
+            }
+            other => other,
         })
     }
 
@@ -234,6 +325,49 @@ pub fn peer_serial(connection: &quinn::Connection) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_file_is_named_once_with_the_command_that_makes_it() {
+        let dir = std::env::temp_dir().join(format!("cs-tls-missing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = Holder::Node {
+            id: 2,
+            nodes: &[1, 2, 3],
+        };
+        let error = Credentials::of(&dir, node)
+            .err()
+            .expect("loaded from nothing");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot read {}", dir.join("ca.crt").display()))
+                && message.contains(&format!(
+                    "`node certs init --out {} --nodes 1,2,3`",
+                    dir.display()
+                )),
+            "{message}"
+        );
+        // The cause is in the message, so it is not chained again.
+        assert!(std::error::Error::source(&error).is_none(), "{message}");
+        assert_eq!(
+            message.matches("No such file or directory").count(),
+            1,
+            "{message}"
+        );
+
+        identity::init_ca(&dir, false).unwrap();
+        let message = Credentials::of(&dir, node)
+            .err()
+            .expect("no node certificate")
+            .to_string();
+        assert!(
+            message.contains("node-2.crt")
+                && message.contains(&format!("`node certs add-node 2 --out {}`", dir.display())),
+            "{message}"
+        );
+        identity::issue_node(&dir, 2, &[], identity::Validity::days(1)).unwrap();
+        Credentials::of(&dir, node).expect("loaded");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_revocation_list_that_disappears_is_kept() {

@@ -279,16 +279,97 @@ impl ExportedEntry {
     }
 }
 
+/// Why a frame could not be written or read. Each says what is wrong with
+/// the bytes; the cause is part of the message (none is chained as a
+/// `source`, so a chain printer says it once).
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// A frame (announced or encoded) over `MAX_FRAME`.
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
     TooLarge(usize),
+    /// A frame body that is not a message of the expected type.
     #[error("malformed frame: {0}")]
-    Malformed(#[from] bincode::Error),
+    Malformed(DecodeError),
+    /// The stream ended inside a frame's 4-byte length prefix.
+    #[error("the stream ended {0} bytes into a frame's 4-byte length")]
+    TruncatedLength(usize),
+    /// The stream ended inside a frame's body.
+    #[error("the stream ended {received} bytes into a frame of {expected} bytes")]
+    Truncated { expected: usize, received: usize },
+    /// A value that cannot be encoded (not a size problem).
+    #[error("cannot encode the message: {0}")]
+    Unencodable(String),
+    /// Reading or writing the stream failed.
     #[error("stream error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("stream closed")]
-    Closed,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(error: std::io::Error) -> Self {
+        WireError::Io(error)
+    }
+}
+
+impl From<DecodeError> for WireError {
+    fn from(error: DecodeError) -> Self {
+        WireError::Malformed(error)
+    }
+}
+
+/// What is wrong with a frame body that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The body ends before the message does.
+    #[error("the body ends before the message does")]
+    Truncated,
+    /// Bytes left over after a whole message.
+    #[error("bytes are left over after the message")]
+    TrailingBytes,
+    /// An enum tag (a message or field kind) this version does not know:
+    /// serde's words, which name the tag and the range known.
+    #[error("unknown kind of message or field ({0})")]
+    UnknownVariant(String),
+    /// An optional field's tag that is neither 0 (none) nor 1 (some).
+    #[error("an optional field has tag {0}, not 0 or 1")]
+    BadOptionTag(usize),
+    /// A boolean byte that is neither 0 nor 1.
+    #[error("a boolean field is {0}, not 0 or 1")]
+    BadBool(u8),
+    #[error("a text field is not valid UTF-8")]
+    BadUtf8,
+    #[error("a character field is not a valid character")]
+    BadChar,
+    /// A length inside the body that would exceed the frame limit.
+    #[error("a length inside it exceeds the limit of {MAX_FRAME} bytes")]
+    LengthOverLimit,
+    /// Anything else bincode or serde refused, in their words.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<bincode::Error> for DecodeError {
+    fn from(error: bincode::Error) -> Self {
+        match *error {
+            bincode::ErrorKind::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                DecodeError::Truncated
+            }
+            bincode::ErrorKind::InvalidUtf8Encoding(_) => DecodeError::BadUtf8,
+            bincode::ErrorKind::InvalidBoolEncoding(byte) => DecodeError::BadBool(byte),
+            bincode::ErrorKind::InvalidCharEncoding => DecodeError::BadChar,
+            bincode::ErrorKind::InvalidTagEncoding(tag) => DecodeError::BadOptionTag(tag),
+            bincode::ErrorKind::SizeLimit => DecodeError::LengthOverLimit,
+            // bincode's `reject_trailing_bytes`.
+            bincode::ErrorKind::Custom(message) if message.contains("bytes remaining") => {
+                DecodeError::TrailingBytes
+            }
+            // serde's derived enums: "invalid value: integer `9`, expected
+            // variant index 0 <= i < 9".
+            bincode::ErrorKind::Custom(message) if message.contains("variant index") => {
+                DecodeError::UnknownVariant(message)
+            }
+            other => DecodeError::Invalid(other.to_string()),
+        }
+    }
 }
 
 fn options() -> impl Options {
@@ -299,7 +380,21 @@ fn options() -> impl Options {
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
-    let body = options().serialize(value)?;
+    let body = match options().serialize(value) {
+        Ok(body) => body,
+        // Over the limit: say by how much, so a caller can tell a request
+        // no node would take from one that failed on the way.
+        Err(error) if matches!(*error, bincode::ErrorKind::SizeLimit) => {
+            let size = bincode::DefaultOptions::new()
+                .with_fixint_encoding()
+                .serialized_size(value)
+                .map_or(usize::MAX, |size| {
+                    usize::try_from(size).unwrap_or(usize::MAX)
+                });
+            return Err(WireError::TooLarge(size));
+        }
+        Err(error) => return Err(WireError::Unencodable(error.to_string())),
+    };
     if body.len() > MAX_FRAME {
         return Err(WireError::TooLarge(body.len()));
     }
@@ -310,7 +405,9 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
 }
 
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
-    Ok(options().deserialize(body)?)
+    options()
+        .deserialize(body)
+        .map_err(|error| WireError::Malformed(error.into()))
 }
 
 pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(
@@ -333,11 +430,15 @@ pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
 pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
     reader: &mut R,
 ) -> Result<Option<(T, usize)>, WireError> {
+    // A clean end comes between frames; one inside the length is a cut.
     let mut len = [0u8; 4];
-    match reader.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let mut got = 0;
+    while got < len.len() {
+        match reader.read(&mut len[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(WireError::TruncatedLength(got)),
+            n => got += n,
+        }
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
@@ -351,7 +452,10 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
         .read_to_end(&mut body)
         .await?;
     if read < len {
-        return Err(WireError::Closed);
+        return Err(WireError::Truncated {
+            expected: len,
+            received: read,
+        });
     }
     decode(&body).map(|value| Some((value, 4 + len)))
 }
@@ -428,5 +532,66 @@ mod tests {
             read_frame::<_, ClientRequest>(&mut huge).await,
             Err(WireError::TooLarge(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_is_named_for_what_is_wrong() {
+        let status = encode(&ClientRequest::Status).unwrap();
+        let body = &status[4..];
+
+        // Cut inside the length, inside the body, and inside the message.
+        let mut cut: &[u8] = &status[..2];
+        let error = read_frame::<_, ClientRequest>(&mut cut).await.unwrap_err();
+        assert!(matches!(error, WireError::TruncatedLength(2)), "{error}");
+        let mut cut: &[u8] = &[0, 0, 0, 9, 1, 2];
+        let error = read_frame::<_, ClientRequest>(&mut cut).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WireError::Truncated {
+                    expected: 9,
+                    received: 2
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the stream ended 2 bytes into a frame of 9 bytes"
+        );
+        let error = decode::<ClientRequest>(&body[..body.len() - 1]).unwrap_err();
+        assert!(
+            matches!(error, WireError::Malformed(DecodeError::Truncated)),
+            "{error}"
+        );
+
+        // Bytes after the message, and a kind of request no version has.
+        let mut longer = body.to_vec();
+        longer.push(0);
+        let error = decode::<ClientRequest>(&longer).unwrap_err();
+        assert!(
+            matches!(error, WireError::Malformed(DecodeError::TrailingBytes)),
+            "{error}"
+        );
+        let error = decode::<ClientRequest>(&[200, 0, 0, 0]).unwrap_err();
+        assert!(
+            matches!(error, WireError::Malformed(DecodeError::UnknownVariant(_))),
+            "{error}"
+        );
+        assert!(error.to_string().contains("200"), "{error}");
+
+        // A request over the frame limit is refused as too large before it
+        // is sent (the client gives it up at once instead of retrying).
+        let huge = ClientRequest::Send {
+            client_id: 1,
+            first_seq: 1,
+            lamport: 0,
+            since: 0,
+            texts: vec!["x".repeat(MAX_FRAME)],
+        };
+        match encode(&huge) {
+            Err(WireError::TooLarge(size)) => assert!(size > MAX_FRAME, "{size}"),
+            other => panic!("expected too large, got {other:?}"),
+        }
     }
 }

@@ -630,3 +630,81 @@ fn bad_starts_fail_with_clear_errors() {
             .contains("\"two\" is not of the form id=host:port"));
     });
 }
+
+/// A node or client started without its certificates names the missing
+/// file once, with the OS's reason once, and says how to make it.
+#[test]
+fn missing_certificates_are_named_once_with_the_way_to_make_them() {
+    let dir = std::env::temp_dir().join(format!("cs-missing-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(nodes::BIN)
+            .args(args)
+            .arg("--certs")
+            .arg(&certs)
+            .current_dir(&dir)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run node");
+        assert!(!out.status.success(), "started without certificates");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let once = |text: &str, part: &str| {
+        assert_eq!(
+            text.matches(part).count(),
+            1,
+            "{part:?} not said once: {text}"
+        );
+    };
+    let reason = "No such file or directory";
+
+    // An empty directory: the CA is named, and `node certs init`.
+    let ca = certs.join("ca.crt").display().to_string();
+    for args in [
+        &["--id", "1", "--peers", "1=127.0.0.1:1"][..],
+        &["status", "--cluster", "1=127.0.0.1:1"][..],
+    ] {
+        let stderr = run(args);
+        println!("{args:?}: {stderr}");
+        once(&stderr, &ca);
+        once(&stderr, reason);
+        assert!(!stderr.contains("os error"), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "`node certs init --out {} --nodes 1`",
+                certs.display()
+            )),
+            "{stderr}"
+        );
+    }
+
+    // A CA without this node's or client's certificate: that file, and
+    // the command that signs one.
+    let made = std::process::Command::new(nodes::BIN)
+        .args(["certs", "init", "--nodes", "2", "--out"])
+        .arg(&certs)
+        .output()
+        .expect("certs init");
+    assert!(made.status.success());
+    for (args, file, command) in [
+        (
+            &["--id", "1", "--peers", "1=127.0.0.1:1,2=127.0.0.1:2"][..],
+            "node-1.crt",
+            "`node certs add-node 1 --out",
+        ),
+        (
+            &["status", "--cluster", "2=127.0.0.1:2", "--name", "bob"][..],
+            "client-bob.crt",
+            "`node certs add-client bob --out",
+        ),
+    ] {
+        let stderr = run(args);
+        println!("{args:?}: {stderr}");
+        once(&stderr, &certs.join(file).display().to_string());
+        once(&stderr, reason);
+        assert!(stderr.contains(command), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,9 +32,17 @@ proptest! {
 
     #[test]
     fn arbitrary_frame_bodies_are_values_or_errors(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode::<ClientRequest>(&bytes);
-        let _ = decode::<ClientResponse>(&bytes);
-        let _ = decode::<PeerFrame>(&bytes);
+        // A body that does not decode is refused as malformed, saying what
+        // is wrong with it.
+        let errors = [
+            decode::<ClientRequest>(&bytes).err(),
+            decode::<ClientResponse>(&bytes).err(),
+            decode::<PeerFrame>(&bytes).err(),
+        ];
+        for error in errors.into_iter().flatten() {
+            prop_assert!(matches!(error, WireError::Malformed(_)), "{}", error);
+            prop_assert!(error.to_string().len() > "malformed frame: ".len(), "{}", error);
+        }
     }
 
     #[test]
@@ -48,7 +56,18 @@ proptest! {
                     prop_assert!(len > MAX_FRAME);
                     break;
                 }
-                Err(_) => break,
+                // A stream cut short says where.
+                Err(WireError::TruncatedLength(got)) => {
+                    prop_assert!((1..4).contains(&got));
+                    break;
+                }
+                Err(WireError::Truncated { expected, received }) => {
+                    prop_assert!(received < expected && expected <= MAX_FRAME);
+                    break;
+                }
+                Err(WireError::Malformed(_)) => break,
+                // Reading a slice cannot fail otherwise.
+                Err(other) => prop_assert!(false, "unexpected error: {}", other),
             }
         }
     }

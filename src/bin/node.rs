@@ -11,13 +11,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cluster_store::address::Address;
 use cluster_store::client::export::{self, LocalLog};
-use cluster_store::client::{render, AddProgress, Added, ChangeReport, Client, LogStream};
+use cluster_store::client::{
+    render, AddProgress, Added, ChangeReport, Client, ClientError, LogStream,
+};
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{Index, MembershipChange, NodeId};
 use cluster_store::rebuild::{self, Note, RebuildOptions};
 use cluster_store::server::{self, NodeOptions};
 use cluster_store::sim::{SimConfig, Simulation};
-use cluster_store::tls::Credentials;
 use cluster_store::wire::{Start, Until};
 
 #[derive(Parser)]
@@ -363,15 +364,10 @@ fn parse_hosts(hosts: &[String]) -> Result<BTreeMap<NodeId, Vec<String>>> {
     Ok(map)
 }
 
-fn client_from(args: &ClientArgs) -> Result<Client> {
-    let spec = args.cluster.as_deref().ok_or_else(|| {
-        anyhow!("give the cluster's nodes with --cluster 1=host:port,... (or NODE_CLUSTER)")
-    })?;
-    let cluster = parse_members(spec, "--cluster")?;
-    let (ca, _) = identity::ca_path(&args.certs);
-    let (cert, key) = identity::client_cert_path(&args.certs, &args.name);
-    let creds = Credentials::load(&ca, &cert, &key)?;
-    Client::new(cluster, &creds)
+fn client_from(args: &ClientArgs) -> Result<Client, ClientError> {
+    let spec = args.cluster.as_deref().ok_or(ClientError::NoNodes)?;
+    let cluster = cluster_store::address::parse_members(spec, "--cluster")?;
+    Client::from_certs(cluster, &args.certs, &args.name)
 }
 
 fn main() -> std::process::ExitCode {
@@ -383,15 +379,36 @@ fn main() -> std::process::ExitCode {
                 cause
                     .downcast_ref::<std::io::Error>()
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+                    || cause
+                        .downcast_ref::<ClientError>()
+                        .is_some_and(ClientError::is_broken_pipe)
             }) =>
         {
             std::process::ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", report(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: a cause whose
+/// words the message already holds (a library error that names its
+/// cause and also chains it) is not repeated.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run() -> Result<()> {
@@ -426,7 +443,7 @@ fn run() -> Result<()> {
             let data = data.ok_or_else(|| anyhow!("--local needs --data"))?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            LocalLog::open(&data)?.write_all(&mut out, format.into())
+            Ok(LocalLog::open(&data)?.write_all(&mut out, format.into())?)
         }
         Some(Command::Rebuild {
             id,
@@ -657,7 +674,7 @@ fn simulate(seed: u64, steps: u64, verbose: bool) -> Result<()> {
 async fn print_stream(stream: LogStream<&Client>, format: Format) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    export::write_stream(stream, &mut out, format.into()).await
+    Ok(export::write_stream(stream, &mut out, format.into()).await?)
 }
 
 async fn client_command(command: Command) -> Result<()> {
@@ -690,7 +707,8 @@ async fn client_command(command: Command) -> Result<()> {
                     |leader, committed| {
                         if json {
                             for c in committed {
-                                writeln!(out, "{}", render::committed_json(c, leader))?;
+                                writeln!(out, "{}", render::committed_json(c, leader))
+                                    .map_err(ClientError::Output)?;
                             }
                         }
                         sent += committed.len();
@@ -722,13 +740,15 @@ async fn client_command(command: Command) -> Result<()> {
                     print_stream(stream, format).await
                 }
                 Some(dir) => {
-                    export::write_backups(&client, &dir, |node, backup| match backup {
-                        Ok((written, path)) => {
-                            eprintln!("node {node}: {written} messages -> {}", path.display())
-                        }
-                        Err(e) => eprintln!("node {node}: no backup ({e:#})"),
-                    })
-                    .await
+                    Ok(
+                        export::write_backups(&client, &dir, |node, backup| match backup {
+                            Ok((written, path)) => {
+                                eprintln!("node {node}: {written} messages -> {}", path.display())
+                            }
+                            Err(e) => eprintln!("node {node}: no backup ({e})"),
+                        })
+                        .await?,
+                    )
                 }
             }
         }
@@ -862,12 +882,23 @@ fn print_change(report: ChangeReport, json: bool) -> Result<()> {
     } else if let Some(text) = render::change_text(&report) {
         println!("{text}");
     }
-    report.into_result().map(drop)
+    Ok(report.into_result().map(drop)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_said_is_not_printed_again() {
+        let cause = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // A message that names its cause, and chains it too.
+        let both = anyhow::Error::new(cause()).context(format!("cannot read x: {}", cause()));
+        assert_eq!(report(&both), "cannot read x: no such file");
+        // A context over a cause it does not name: both, once each.
+        let chained = anyhow::Error::new(cause()).context("reading x");
+        assert_eq!(report(&chained), "reading x: no such file");
+    }
 
     #[test]
     fn member_commands_parse() {

@@ -10,13 +10,13 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-
 use crate::raft::{Index, NodeId};
 use crate::storage::{LogReader, Store};
 use crate::wire::{ExportedEntry, Start, Until, PAGE, PAGE_BYTES};
 
-use super::{Client, LogStream};
+use super::{Client, ClientError, LogStream};
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// How messages are written: `format_line` or `format_json`, one per line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,8 +49,9 @@ pub async fn write_stream<C: Deref<Target = Client>>(
     format: Format,
 ) -> Result<()> {
     while let Some(page) = stream.next_page().await? {
-        write_messages(out, &page, format)?;
-        out.flush()?;
+        write_messages(out, &page, format)
+            .and_then(|()| out.flush())
+            .map_err(ClientError::Output)?;
     }
     Ok(())
 }
@@ -70,7 +71,10 @@ pub async fn write_backups(
     dir: &Path,
     mut each: impl FnMut(NodeId, Result<(usize, PathBuf)>),
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|error| ClientError::File {
+        what: format!("create {}", dir.display()),
+        error,
+    })?;
     let target = client.read_index().await?;
     for node in client.nodes() {
         let deadline = Instant::now() + BACKUP_CATCH_UP;
@@ -91,10 +95,11 @@ pub async fn write_backups(
 /// written.
 pub async fn write_backup(client: &Client, node: NodeId, path: &Path) -> Result<usize> {
     let partial = path.with_extension("txt.partial");
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?,
-    );
+    let write_error = |error| ClientError::File {
+        what: format!("write {}", partial.display()),
+        error,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(write_error)?);
     let mut stream = client
         .watch(Start::Index(1), Until::Commit)
         .only(node)
@@ -102,17 +107,18 @@ pub async fn write_backup(client: &Client, node: NodeId, path: &Path) -> Result<
     let mut written = 0;
     let copied = async {
         while let Some(page) = stream.next_page().await? {
-            write_messages(&mut out, &page, Format::Text)?;
+            write_messages(&mut out, &page, Format::Text).map_err(write_error)?;
             written += page.len();
         }
-        out.flush()?;
-        Ok::<_, anyhow::Error>(())
+        out.flush().map_err(write_error)
     }
     .await;
     match copied {
         Ok(()) => {
-            std::fs::rename(&partial, path)
-                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
+            std::fs::rename(&partial, path).map_err(|error| ClientError::File {
+                what: format!("rename {} to {}", partial.display(), path.display()),
+                error,
+            })?;
             Ok(written)
         }
         Err(error) => {
@@ -158,12 +164,11 @@ impl LocalLog {
             .log
             .entries_within(self.next, self.commit, PAGE as usize, PAGE_BYTES)?;
         let Some(last) = entries.last() else {
-            bail!(
-                "{} holds no entry at index {} though it has committed {}",
-                self.data.display(),
-                self.next,
-                self.commit
-            );
+            return Err(ClientError::MissingEntry {
+                data: self.data.clone(),
+                index: self.next,
+                commit: self.commit,
+            });
         };
         self.next = last.index + 1;
         Ok(Some(
@@ -177,9 +182,8 @@ impl LocalLog {
     /// Writes every committed message in `format`.
     pub fn write_all(mut self, out: &mut impl Write, format: Format) -> Result<()> {
         while let Some(page) = self.next_page()? {
-            write_messages(out, &page, format)?;
+            write_messages(out, &page, format).map_err(ClientError::Output)?;
         }
-        out.flush()?;
-        Ok(())
+        out.flush().map_err(ClientError::Output)
     }
 }

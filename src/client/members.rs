@@ -4,11 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-
 use crate::raft::{ChangeError, Index, MembershipChange, NodeId};
 
-use super::Client;
+use super::{Client, ClientError};
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// How long a change waits for a leader that is not ready, or busy with
 /// another change.
@@ -34,10 +34,12 @@ impl ChangeReport {
         } = self;
         match outcome {
             Ok(index) => Ok(index),
-            Err(ChangeError::LeadershipLost) => bail!(
-                "{change}: outcome unknown: node {leader} lost leadership before it committed; it may still commit: check `node member list` before retrying"
-            ),
-            Err(error) => bail!("{change}: refused by node {leader}: {error}"),
+            Err(ChangeError::LeadershipLost) => Err(ClientError::ChangeUnknown { change, leader }),
+            Err(error) => Err(ClientError::ChangeRefused {
+                change,
+                leader,
+                error,
+            }),
         }
     }
 }
@@ -151,12 +153,14 @@ impl Client {
                 _ => return Ok(Added::Change(promote)),
             };
             if Instant::now() >= deadline {
-                bail!(
-                    "node {id} did not catch up within {} s (last: {}); it stays a learner: \
-                     check that it runs (`node --id {id} --join ...`), then `node member promote {id}`",
-                    timeout.as_secs(),
-                    promote.outcome.err().map_or(String::new(), |e| e.to_string())
-                );
+                return Err(ClientError::NotCaughtUp {
+                    id,
+                    after: timeout,
+                    last: promote
+                        .outcome
+                        .err()
+                        .map_or(String::new(), |e| e.to_string()),
+                });
             }
             if told != Some(lag) {
                 progress(AddProgress::Waiting(lag));

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-
+mod error;
 pub mod export;
 mod members;
 pub mod render;
 mod watch;
+pub use error::{ClientError, DialError, Refused};
 pub use members::{AddProgress, Added, AlreadyMember, ChangeReport, CHANGE_PATIENCE};
 use quinn::{Connection, Endpoint};
 pub use watch::LogStream;
@@ -21,7 +21,7 @@ pub use watch::LogStream;
 use crate::address::Address;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, ProposeError, Status};
-use crate::tls::{self, peer_identity, Credentials};
+use crate::tls::{self, peer_identity, Credentials, Holder};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
     Until, WireError, CLOSE_BUSY, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
@@ -89,28 +89,7 @@ struct Session {
     since: Option<Index>,
 }
 
-/// A request given up because another node reported a newer leader: it
-/// may have been appended where it was sent.
-#[derive(Debug, thiserror::Error)]
-#[error("node {0} was replaced by a newer leader")]
-struct Superseded(NodeId, NodeId);
-
-/// A node refused a request for good (`retry: false`).
-#[derive(Debug, thiserror::Error)]
-#[error("node {node}: {message}")]
-pub struct Refused {
-    pub node: NodeId,
-    pub message: String,
-    pub detail: Option<ProposeError>,
-    /// Whether no attempt of the request can have put it in the log (every
-    /// earlier one was answered "not the leader" or "busy").
-    pub first_attempt: bool,
-}
-
-/// A node turned a connection away because it is overloaded.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Busy(String);
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -125,19 +104,37 @@ fn random_u64() -> u64 {
 }
 
 impl Client {
+    /// A client of the nodes `cluster`, with the client certificate
+    /// `name` from the certificate directory `certs`.
+    pub fn from_certs(
+        cluster: BTreeMap<NodeId, Address>,
+        certs: &std::path::Path,
+        name: &str,
+    ) -> Result<Self> {
+        let nodes: Vec<NodeId> = cluster.keys().copied().collect();
+        let creds = Credentials::of(
+            certs,
+            Holder::Client {
+                name,
+                nodes: &nodes,
+            },
+        )?;
+        Client::new(cluster, &creds)
+    }
+
     pub fn new(cluster: BTreeMap<NodeId, Address>, creds: &Credentials) -> Result<Self> {
         if cluster.is_empty() {
-            bail!("no cluster nodes given (use --cluster 1=host:port,...)");
+            return Err(ClientError::NoNodes);
         }
         let bind: SocketAddr = if cluster
             .values()
             .all(|a| a.literal().is_some_and(|a| a.is_ipv6()))
         {
-            "[::]:0".parse()?
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
-            "0.0.0.0:0".parse()?
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = Endpoint::client(bind).context("cannot open a UDP socket")?;
+        let mut endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
         endpoint.set_default_client_config(tls::client_config(creds)?);
         Ok(Client {
             endpoint,
@@ -195,47 +192,70 @@ impl Client {
     }
 
     async fn connection(&self, node: NodeId) -> Result<Connection> {
-        if let Some(connection) = self
-            .connections
-            .lock()
-            .map_err(|_| anyhow!("poisoned"))?
-            .get(&node)
-        {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
-            }
+        let open = |connections: &HashMap<NodeId, Connection>| {
+            connections
+                .get(&node)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(connection) = open(&lock(&self.connections)) {
+            return Ok(connection);
         }
-        let configured = &self
-            .address(node)
-            .ok_or_else(|| anyhow!("node {node} is not in --cluster"))?;
+        let configured = self.address(node).ok_or(ClientError::UnknownNode(node))?;
         let address = configured
             .resolve()
             .await
-            .with_context(|| format!("node {node}: cannot resolve {configured}"))?;
-        let connecting = self.endpoint.connect(address, &node_server_name(node))?;
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| anyhow!("node {node} at {address}: connection timed out"))?
-        {
-            Ok(connection) => connection,
-            Err(quinn::ConnectionError::ConnectionClosed(close))
+            .map_err(|error| DialError::Resolve {
+                node,
+                address: configured.clone(),
+                reason: crate::identity::os_reason(&error),
+            })?;
+        let connect = |reason: String| DialError::Connect {
+            node,
+            address,
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect(address, &node_server_name(node))
+            .map_err(|error| connect(error.to_string()))?;
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(close)))
                 if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
             {
-                return Err(Busy(format!(
-                    "node {node} at {address} refused the connection: busy with other handshakes, retry"
-                ))
+                return Err(DialError::Busy { node, address }.into())
+            }
+            Ok(Err(error)) => return Err(connect(error.to_string()).into()),
+            Err(_) => {
+                return Err(DialError::Timeout {
+                    node,
+                    address,
+                    after: CONNECT_TIMEOUT,
+                }
                 .into())
             }
-            Err(error) => return Err(anyhow!(error).context(format!("node {node} at {address}"))),
         };
-        match peer_identity(&connection)? {
-            Identity::Node(id) if id == node => {}
-            other => bail!("{address} presented {other:?}, expected node {node}"),
+        match peer_identity(&connection) {
+            Ok(Identity::Node(id)) if id == node => {}
+            Ok(presented) => {
+                return Err(DialError::Impostor {
+                    node,
+                    address,
+                    presented,
+                }
+                .into())
+            }
+            Err(error) => {
+                return Err(DialError::Identity {
+                    node,
+                    address,
+                    error,
+                }
+                .into())
+            }
         }
-        self.connections
-            .lock()
-            .map_err(|_| anyhow!("poisoned"))?
-            .insert(node, connection.clone());
+        lock(&self.connections).insert(node, connection.clone());
         Ok(connection)
     }
 
@@ -282,12 +302,9 @@ impl Client {
     /// node reports a newer leader (for requests meant for the leader).
     pub async fn request(&self, node: NodeId, request: &ClientRequest) -> Result<ClientResponse> {
         match self.request_with(node, request, true).await {
-            Err(error) => match error.downcast::<Superseded>() {
-                Ok(Superseded(_, leader)) => Ok(ClientResponse::Redirect {
-                    leader: Some(leader),
-                }),
-                Err(error) => Err(error),
-            },
+            Err(ClientError::Superseded { leader, .. }) => Ok(ClientResponse::Redirect {
+                leader: Some(leader),
+            }),
             answer => answer,
         }
     }
@@ -303,18 +320,25 @@ impl Client {
     ) -> Result<ClientResponse> {
         let connection = match self.connection(node).await {
             Ok(connection) => connection,
-            Err(error) => match error.downcast::<Busy>() {
-                Ok(Busy(message)) => return Ok(ClientResponse::Busy { message }),
-                Err(error) => return Err(error),
-            },
+            // Said as a node's own "busy" answer is: without the node,
+            // which whoever reports it names.
+            Err(ClientError::Dial(DialError::Busy { address, .. })) => {
+                return Ok(ClientResponse::Busy {
+                    message: format!(
+                        "refused the connection at {address}: busy with other handshakes, retry"
+                    ),
+                })
+            }
+            Err(error) => return Err(error),
         };
         let exchange = async {
-            let (mut send, mut recv) = connection.open_bi().await?;
-            write_frame(&mut send, request).await?;
-            send.finish()?;
+            let (mut send, mut recv) = connection.open_bi().await.map_err(link(node))?;
+            write_frame(&mut send, request).await.map_err(wire(node))?;
+            send.finish().map_err(link(node))?;
             read_frame::<_, ClientResponse>(&mut recv)
-                .await?
-                .ok_or_else(|| anyhow!("node {node} closed the stream without answering"))
+                .await
+                .map_err(wire(node))?
+                .ok_or(ClientError::ClosedEarly(node))
         };
         let started = Instant::now();
         let deadline = started + REQUEST_TIMEOUT;
@@ -359,11 +383,11 @@ impl Client {
             leader = &mut replaced => {
                 // Safe to abandon: the retry keeps its sequence numbers.
                 self.forget(node);
-                Err(Superseded(node, leader).into())
+                Err(ClientError::Superseded { node, leader })
             }
             () = &mut dead => {
                 self.forget(node);
-                bail!("node {node} stopped answering")
+                Err(ClientError::Silent(node))
             }
         }
     }
@@ -433,25 +457,33 @@ impl Client {
     /// One status request, without retries or watchers.
     async fn status_of(&self, node: NodeId) -> Result<Status> {
         let connection = self.connection(node).await?;
-        let (mut send, mut recv) = connection.open_bi().await?;
-        write_frame(&mut send, &ClientRequest::Status).await?;
-        send.finish()?;
-        match read_frame::<_, ClientResponse>(&mut recv).await? {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(link(node))?;
+        write_frame(&mut send, &ClientRequest::Status)
+            .await
+            .map_err(wire(node))?;
+        send.finish().map_err(link(node))?;
+        match read_frame::<_, ClientResponse>(&mut recv)
+            .await
+            .map_err(wire(node))?
+        {
             Some(ClientResponse::Status(status)) => Ok(*status),
-            other => bail!("node {node} answered a status request with {other:?}"),
+            Some(other) => Err(unexpected(node, "a status request", &other)),
+            None => Err(ClientError::ClosedEarly(node)),
         }
     }
 
     /// Does the node answer a status request on this connection in time?
     async fn alive(&self, connection: &Connection) -> bool {
         let probe = async {
-            let (mut send, mut recv) = connection.open_bi().await?;
-            write_frame(&mut send, &ClientRequest::Status).await?;
-            send.finish()?;
-            read_frame::<_, ClientResponse>(&mut recv).await?;
-            anyhow::Ok(())
+            let (mut send, mut recv) = connection.open_bi().await.ok()?;
+            write_frame(&mut send, &ClientRequest::Status).await.ok()?;
+            send.finish().ok()?;
+            read_frame::<_, ClientResponse>(&mut recv).await.ok()
         };
-        matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(())))
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+            Ok(Some(_))
+        )
     }
 
     fn leader(&self) -> Option<NodeId> {
@@ -475,7 +507,10 @@ impl Client {
         let mut maybe_sent = false;
         loop {
             if Instant::now() > deadline {
-                bail!("gave up after {:?}: {last_error}", self.give_up_after);
+                return Err(ClientError::NoLeader {
+                    after: self.give_up_after,
+                    last: last_error,
+                });
             }
             let target = self.pick(attempt);
             attempt += 1;
@@ -536,15 +571,15 @@ impl Client {
                 Err(e) => {
                     // A request no node could take fails here at once,
                     // not after every node has been tried for a minute.
-                    if matches!(e.downcast_ref::<WireError>(), Some(WireError::TooLarge(_))) {
+                    if e.is_too_large() {
                         return Err(e);
                     }
                     maybe_sent = true;
-                    if let Some(Superseded(_, leader)) = e.downcast_ref::<Superseded>() {
-                        self.set_leader(Some(*leader));
+                    if let ClientError::Superseded { leader, .. } = e {
+                        self.set_leader(Some(leader));
                         continue;
                     }
-                    last_error = format!("node {target}: {e:#}");
+                    last_error = e.to_string();
                     self.set_leader(None);
                 }
             }
@@ -559,11 +594,10 @@ impl Client {
             .enumerate()
             .find(|(_, t)| t.len() > MAX_MESSAGE_BYTES)
         {
-            bail!(
-                "message {} is {} bytes and exceeds the limit of {MAX_MESSAGE_BYTES} bytes",
-                i + 1,
-                text.len()
-            );
+            return Err(ClientError::TooLarge {
+                number: i + 1,
+                size: text.len(),
+            });
         }
         let count = texts.len() as u64;
         let first_seq = self.next_seq.fetch_add(count, Ordering::SeqCst);
@@ -630,7 +664,7 @@ impl Client {
         each: &mut impl FnMut(NodeId, &[Committed]) -> Result<()>,
     ) -> Result<bool> {
         let connection = self.connection(leader).await?;
-        let (mut send, mut recv) = connection.open_bi().await?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(link(leader))?;
         loop {
             while unanswered.len() < window {
                 let Some(texts) = batches.next() else {
@@ -648,7 +682,9 @@ impl Client {
                     texts: texts.clone(),
                 };
                 unanswered.push_back((session, first_seq, texts));
-                write_frame(&mut send, &request).await?;
+                write_frame(&mut send, &request)
+                    .await
+                    .map_err(wire(leader))?;
             }
             if unanswered.is_empty() {
                 let _ = send.finish();
@@ -657,8 +693,9 @@ impl Client {
             // A dead leader shows as an error here once QUIC's idle timeout
             // (3 s) closes the connection, or sooner as a newer leader.
             let response = tokio::select! {
-                response = read_frame::<_, ClientResponse>(&mut recv) => response?
-                    .ok_or_else(|| anyhow!("node {leader} closed the stream"))?,
+                response = read_frame::<_, ClientResponse>(&mut recv) => response
+                    .map_err(wire(leader))?
+                    .ok_or(ClientError::ClosedEarly(leader))?,
                 newer = self.newer_leader_than(leader) => {
                     self.forget(leader);
                     self.set_leader(Some(newer));
@@ -709,10 +746,10 @@ impl Client {
                     }
                     return Ok((leader, committed));
                 }
-                Ok((node, other)) => bail!("node {node} answered a send with {other:?}"),
+                Ok((node, other)) => return Err(unexpected(node, "a send", &other)),
                 Err(error) => error,
             };
-            let Some(refused) = error.downcast_ref::<Refused>() else {
+            let ClientError::Refused(refused) = &error else {
                 return Err(error);
             };
             if refused.detail != Some(ProposeError::SessionClosed) {
@@ -820,9 +857,7 @@ impl Client {
             .watch(Start::Last(0), Until::ReadIndex)
             .patience(Some(self.give_up_after));
         while stream.next_page().await?.is_some() {}
-        stream
-            .end()
-            .ok_or_else(|| anyhow!("the watch ended without a read index"))
+        stream.end().ok_or(ClientError::NoReadIndex)
     }
 
     /// The committed log from `start` to `until`, page by page, from any
@@ -845,7 +880,7 @@ impl Client {
         // Learns the leader and every member's address first: the leader
         // may be a node added after the client's --cluster list was made.
         if let Err(error) = self.members().await {
-            tracing::debug!("no member list before the change: {error:#}");
+            tracing::debug!("no member list before the change: {error}");
         }
         loop {
             match self.to_leader(&request).await? {
@@ -865,7 +900,7 @@ impl Client {
                     tracing::debug!(node, "membership change refused for now: {error}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                (node, other) => bail!("node {node} answered a membership change with {other:?}"),
+                (node, other) => return Err(unexpected(node, "a membership change", &other)),
             }
         }
     }
@@ -891,11 +926,11 @@ impl Client {
             let view = match answer {
                 Ok(Ok(ClientResponse::Members(view))) => *view,
                 Ok(Ok(other)) => {
-                    errors.push(format!("node {node}: answered {other:?}"));
+                    errors.push(unexpected(node, "a member list request", &other).to_string());
                     continue;
                 }
                 Ok(Err(error)) => {
-                    errors.push(format!("node {node}: {error:#}"));
+                    errors.push(error.to_string());
                     continue;
                 }
                 Err(_) => {
@@ -918,7 +953,7 @@ impl Client {
                 best = Some(view);
             }
         }
-        best.ok_or_else(|| anyhow!("no node answered: {}", errors.join("; ")))
+        best.ok_or(ClientError::NoAnswer(errors))
     }
 
     /// Every node's status, or why it did not answer: the nodes the client
@@ -934,16 +969,16 @@ impl Client {
                     self.learn_members(&status.membership.addresses);
                     answers.push(Ok(status))
                 }
-                Err(e) => answers.push(Err((node, format!("{e:#}")))),
+                Err(e) => answers.push(Err((node, e.to_string()))),
             }
         }
         if answers.iter().all(|s| s.is_err()) {
             let reasons: Vec<String> = answers
-                .iter()
-                .filter_map(|s| s.as_ref().err())
-                .map(|(node, error)| format!("node {node}: {error}"))
+                .into_iter()
+                .filter_map(Result::err)
+                .map(|(_, error)| error)
                 .collect();
-            bail!("no node answered: {}", reasons.join("; "));
+            return Err(ClientError::NoAnswer(reasons));
         }
         Ok(answers)
     }
@@ -954,8 +989,38 @@ impl Client {
             .await?
         {
             ClientResponse::Status(status) => Ok(*status),
-            other => bail!("node {node} answered a status request with {other:?}"),
+            other => Err(unexpected(node, "a status request", &other)),
         }
+    }
+}
+
+/// A mutex's contents, even if a thread panicked holding it (nothing the
+/// client keeps behind one is left half-changed).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A broken connection or stream to `node`.
+fn link<E: std::fmt::Display>(node: NodeId) -> impl Fn(E) -> ClientError {
+    move |error| ClientError::Link {
+        node,
+        reason: error.to_string(),
+    }
+}
+
+/// A frame to or from `node` that failed.
+fn wire(node: NodeId) -> impl Fn(WireError) -> ClientError {
+    move |error| ClientError::Wire { node, error }
+}
+
+/// An answer from `node` that does not fit `request`.
+fn unexpected(node: NodeId, request: &'static str, answer: &ClientResponse) -> ClientError {
+    ClientError::Unexpected {
+        node,
+        request,
+        answer: format!("{answer:?}"),
     }
 }
 
@@ -971,8 +1036,8 @@ pub enum BatchError {
         "line {line} is {size} bytes, over the limit of {MAX_MESSAGE_BYTES} bytes per message"
     )]
     TooLarge { line: u64, size: usize },
-    #[error("reading line {line}: {source}")]
-    Read { line: u64, source: std::io::Error },
+    #[error("reading line {line}: {error}")]
+    Read { line: u64, error: std::io::Error },
 }
 
 /// Cuts lines of input into send batches of at most `LINES_PER_BATCH`
@@ -1011,10 +1076,10 @@ impl<I: Iterator<Item = std::io::Result<String>>> Iterator for Batches<I> {
                         self.line += 1;
                         text
                     }
-                    Some(Err(source)) => {
+                    Some(Err(error)) => {
                         self.error = Some(BatchError::Read {
                             line: self.line + 1,
-                            source,
+                            error,
                         });
                         break;
                     }

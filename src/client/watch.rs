@@ -11,16 +11,17 @@ use std::collections::VecDeque;
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
 use futures_util::stream::{BoxStream, StreamExt};
 use quinn::RecvStream;
 
-use super::Client;
+use super::{link, unexpected, wire, Client, ClientError, Refused};
 use crate::raft::{Index, NodeId};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, Start, Until,
     WATCH_HEARTBEAT,
 };
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// A node silent this long (no page, not even a heartbeat) is given up.
 /// Longer than QUIC's idle timeout (3 s), which notices a dead node
@@ -153,7 +154,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                     continue;
                 }
                 Ok(Err(error)) => {
-                    self.failed(node, format!("node {node}: {error}"));
+                    self.failed(node, wire(node)(error).to_string());
                     self.wait().await?;
                     continue;
                 }
@@ -199,8 +200,18 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                     self.failed(node, format!("node {node}: {message}"));
                     self.wait().await?;
                 }
-                ClientResponse::Error { message, .. } => bail!("node {node}: {message}"),
-                other => bail!("node {node} answered a watch with {other:?}"),
+                ClientResponse::Error {
+                    message, detail, ..
+                } => {
+                    return Err(Refused {
+                        node,
+                        message,
+                        detail,
+                        first_attempt: true,
+                    }
+                    .into())
+                }
+                other => return Err(unexpected(node, "a watch", &other)),
             }
         }
     }
@@ -284,10 +295,10 @@ impl<C: Deref<Target = Client>> LogStream<C> {
         };
         let opened = async {
             let connection = self.client.connection(node).await?;
-            let (mut send, recv) = connection.open_bi().await?;
-            write_frame(&mut send, &request).await?;
-            send.finish()?;
-            Ok::<_, anyhow::Error>(recv)
+            let (mut send, recv) = connection.open_bi().await.map_err(link(node))?;
+            write_frame(&mut send, &request).await.map_err(wire(node))?;
+            send.finish().map_err(link(node))?;
+            Ok::<_, ClientError>(recv)
         };
         match tokio::time::timeout(SILENT_FOR, opened).await {
             Ok(Ok(recv)) => {
@@ -299,7 +310,7 @@ impl<C: Deref<Target = Client>> LogStream<C> {
                 Ok(())
             }
             Ok(Err(error)) => {
-                self.failed(node, format!("node {node}: {error:#}"));
+                self.failed(node, error.to_string());
                 self.wait().await
             }
             Err(_) => {
@@ -325,12 +336,11 @@ impl<C: Deref<Target = Client>> LogStream<C> {
     /// Fails once `patience` has passed without progress.
     fn check_patience(&self) -> Result<()> {
         match self.patience {
-            Some(patience) if self.progress_at.elapsed() > patience => Err(anyhow!(
-                "gave up after {patience:?} without progress at index {}: {}",
-                self.next_index()
-                    .map_or_else(|| "?".to_string(), |i| i.to_string()),
-                self.last_error
-            )),
+            Some(patience) if self.progress_at.elapsed() > patience => Err(ClientError::Stalled {
+                after: patience,
+                index: self.next_index(),
+                last: self.last_error.clone(),
+            }),
             _ => Ok(()),
         }
     }

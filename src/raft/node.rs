@@ -20,9 +20,23 @@ use super::types::{Entry, HardState, Index, Lamport, LogPosition, NodeId, Reques
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RaftError {
     #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     #[error("stored log is corrupt: {0}")]
-    Log(#[from] LogError),
+    Log(LogError),
+}
+
+// By hand rather than `#[from]`, which would also chain the error as a
+// `source` that the message already says.
+impl From<ConfigError> for RaftError {
+    fn from(error: ConfigError) -> Self {
+        RaftError::Config(error)
+    }
+}
+
+impl From<LogError> for RaftError {
+    fn from(error: LogError) -> Self {
+        RaftError::Log(error)
+    }
 }
 
 /// An ongoing leadership transfer.

@@ -116,7 +116,7 @@ pub async fn join(
     creds: &Credentials,
 ) -> Result<StoredBootstrap, BootstrapError> {
     let client = crate::client::Client::new(seeds, creds)
-        .map_err(|e| BootstrapError::Unreachable(format!("{e:#}")))?;
+        .map_err(|e| BootstrapError::Unreachable(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let view = loop {
         match client.members().await {
@@ -145,10 +145,10 @@ pub async fn join(
             }
             Ok(view) => break view,
             Err(error) if tokio::time::Instant::now() >= deadline => {
-                return Err(BootstrapError::Unreachable(format!("{error:#}")))
+                return Err(BootstrapError::Unreachable(error.to_string()))
             }
             Err(error) => {
-                info!("--join: no answer yet ({error:#}); retrying");
+                info!("--join: no answer yet ({error}); retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

@@ -230,14 +230,14 @@ pub async fn run(mut task: CatchUp) {
         let client = match crate::client::Client::new(seeds, &task.creds) {
             Ok(client) => client,
             Err(error) => {
-                warn!("cannot ask the cluster for its configuration: {error:#}");
+                warn!("cannot ask the cluster for its configuration: {error}");
                 continue;
             }
         };
         let view = match client.members().await {
             Ok(view) => view,
             Err(error) => {
-                debug!("no member told the cluster's configuration: {error:#}");
+                debug!("no member told the cluster's configuration: {error}");
                 continue;
             }
         };

@@ -62,6 +62,8 @@ pub struct NodeOptions {
     pub simulate_delay: std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
 }
 
+/// Why a node cannot start or stopped. Causes are part of each message
+/// (none is chained as a `source`), so a chain printer says each once.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("node {0} is listed both in --peers and in --learners")]
@@ -72,8 +74,10 @@ pub enum NodeError {
     Listen(String, String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error(transparent)]
-    Store(#[from] crate::storage::StoreError),
+    // Not `transparent`: that would chain the store error's own `source`,
+    // which its message already says (see `StoreError::Open`).
+    #[error("{0}")]
+    Store(crate::storage::StoreError),
     #[error(transparent)]
     Raft(#[from] crate::raft::RaftError),
     #[error("cannot listen on {addr}: {error}{hint}")]
@@ -86,6 +90,10 @@ pub enum NodeError {
     Driver(String),
     #[error("the HTTP side cannot reach the cluster: {0}")]
     Http(String),
-    #[error("no certificate for node {id} ({}): make one with `node certs add-node {id}`, and check that node {id} is in --peers (a new cluster) or was added with `node member add {id}`", path.display())]
-    NoCertificate { id: NodeId, path: PathBuf },
+}
+
+impl From<crate::storage::StoreError> for NodeError {
+    fn from(error: crate::storage::StoreError) -> Self {
+        NodeError::Store(error)
+    }
 }

@@ -11,10 +11,10 @@ use tracing::info;
 use super::bootstrap::{self, Plan};
 use super::{links, NodeError, NodeOptions};
 use crate::address::Address;
-use crate::identity::{self, node_cert_path};
+use crate::identity;
 use crate::raft::{Config, Membership, NodeId, RaftNode, Restorer};
 use crate::storage::{Recovered, Store, StoredBootstrap};
-use crate::tls::{self, Credentials};
+use crate::tls::{self, Credentials, Holder};
 
 /// A node opened and recovered, not listening yet: `run` starts it.
 pub struct OpenNode {
@@ -131,16 +131,17 @@ fn check_member_lists(options: &NodeOptions) -> Result<(), NodeError> {
 /// loaded a revocation list refuses to start without one, rather than
 /// trust every certificate it revoked again.
 fn load_credentials(options: &NodeOptions) -> Result<Credentials, NodeError> {
-    let me = options.id;
-    let (ca_path, _) = identity::ca_path(&options.certs);
-    let (cert_path, key_path) = node_cert_path(&options.certs, me);
-    if !cert_path.exists() {
-        return Err(NodeError::NoCertificate {
-            id: me,
-            path: cert_path,
-        });
-    }
-    let creds = Credentials::load(&ca_path, &cert_path, &key_path)?;
+    let mut nodes: Vec<NodeId> = std::iter::once(options.id)
+        .chain(options.peers.keys().copied())
+        .chain(options.learners.keys().copied())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let holder = Holder::Node {
+        id: options.id,
+        nodes: &nodes,
+    };
+    let creds = Credentials::of(&options.certs, holder)?;
     if !creds.crls.is_empty() {
         info!(
             revoked = identity::revoked_serials(&creds.crls).len(),

@@ -17,6 +17,7 @@ use super::catch_up::LeaderContact;
 use super::driver::Input;
 use super::links::Links;
 use crate::address::Address;
+use crate::client::DialError;
 use crate::identity::{node_server_name, Identity};
 use crate::raft::{Envelope, Message, NodeId};
 use crate::tls::{peer_identity, peer_serial, protocol};
@@ -508,16 +509,39 @@ async fn connect(
     config: quinn::ClientConfig,
     address: &Address,
     peer: NodeId,
-) -> anyhow::Result<Connection> {
-    let resolved = address.resolve().await?;
+) -> Result<Connection, DialError> {
+    let resolved = address
+        .resolve()
+        .await
+        .map_err(|error| DialError::Resolve {
+            node: peer,
+            address: address.clone(),
+            reason: crate::identity::os_reason(&error),
+        })?;
+    let failed = |reason: String| DialError::Connect {
+        node: peer,
+        address: resolved,
+        reason,
+    };
     let connection = endpoint
-        .connect_with(config, resolved, &node_server_name(peer))?
-        .await?;
-    match peer_identity(&connection)? {
-        Identity::Node(id) if id == peer => Ok(connection),
-        other => {
+        .connect_with(config, resolved, &node_server_name(peer))
+        .map_err(|error| failed(error.to_string()))?
+        .await
+        .map_err(|error| failed(error.to_string()))?;
+    match peer_identity(&connection) {
+        Ok(Identity::Node(id)) if id == peer => Ok(connection),
+        Ok(presented) => {
             connection.close(CLOSE_IMPERSONATION.into(), b"wrong node");
-            anyhow::bail!("{address} presented {other:?}, expected node {peer}")
+            Err(DialError::Impostor {
+                node: peer,
+                address: resolved,
+                presented,
+            })
         }
+        Err(error) => Err(DialError::Identity {
+            node: peer,
+            address: resolved,
+            error,
+        }),
     }
 }

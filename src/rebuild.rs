@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::client::{Client, ClientError};
 use crate::identity::{self, IdentityError};
 use crate::raft::{LogPosition, NodeId, RebuildPlan};
-use crate::storage::{Store, StoreError, StoredBootstrap};
+use crate::storage::{is_lock_conflict, Store, StoreError, StoredBootstrap};
 
 /// Why a rebuild stopped (before it moved anything, except for `MoveAside`
 /// and the store's own errors after it). Causes are part of each message,
@@ -182,12 +182,12 @@ pub async fn rebuild(
         match Store::open(data, &cluster_id, id).and_then(|(store, _)| store.verify()) {
             Ok(_) if !force => return Err(RebuildError::Clean { data: data.clone() }),
             Ok(_) => {}
-            Err(StoreError::Open { source, .. }) if source.to_string().contains("lock") => {
+            Err(StoreError::Open { error, .. }) if is_lock_conflict(&error) => {
                 return Err(RebuildError::InUse {
                     data: data.clone(),
                     id,
-                    reason: source.to_string(),
-                })
+                    reason: error.to_string(),
+                });
             }
             Err(StoreError::Foreign { .. }) if !force => {
                 return Err(RebuildError::Foreign { data: data.clone() })

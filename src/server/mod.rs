@@ -74,9 +74,7 @@ pub enum NodeError {
     Listen(String, String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    // Not `transparent`: that would chain the store error's own `source`,
-    // which its message already says (see `StoreError::Open`).
-    #[error("{0}")]
+    #[error(transparent)]
     Store(crate::storage::StoreError),
     #[error(transparent)]
     Raft(#[from] crate::raft::RaftError),

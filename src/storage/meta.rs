@@ -170,9 +170,9 @@ impl Meta {
 fn open_error(dir: &Path, source: sled::Error) -> StoreError {
     match source {
         sled::Error::Corruption { .. } => StoreError::corrupt(dir, source.to_string()),
-        source => StoreError::Open {
+        error => StoreError::Open {
             dir: dir.to_path_buf(),
-            source,
+            error,
         },
     }
 }

@@ -72,8 +72,10 @@ pub struct DataIdentity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the data directory {dir}: {source}")]
-    Open { dir: PathBuf, source: sled::Error },
+    /// (The cause is in the message, and not chained as a source too, so
+    /// it is said once.)
+    #[error("cannot open the data directory {dir}: {error}")]
+    Open { dir: PathBuf, error: sled::Error },
     #[error("{dir} holds the data of node {found} of cluster {found_cluster}, not of node {expected} of cluster {expected_cluster}; point --data at this node's own directory")]
     Foreign {
         dir: PathBuf,
@@ -122,6 +124,12 @@ impl StoreError {
             StoreError::write(dir, format!("{}: {}", error.file.display(), error.what))
         }
     }
+}
+
+/// Whether sled refused to open a data directory because another process
+/// (a running node) holds it.
+pub fn is_lock_conflict(error: &sled::Error) -> bool {
+    error.to_string().contains("could not acquire lock")
 }
 
 /// Decodes one stored log entry as the store does; public for the fuzz
@@ -428,7 +436,7 @@ impl Disk {
         if !create && !dir.join("db").exists() {
             return Err(StoreError::Open {
                 dir: dir.to_path_buf(),
-                source: sled::Error::Unsupported("no cluster-store data here".into()),
+                error: sled::Error::Unsupported("no cluster-store data here".into()),
             });
         }
         let meta = Meta::open(dir, durable)?;

@@ -34,9 +34,13 @@
 //! Settled means: one running node leads, every running member answers
 //! at its term, names it leader, holds its whole log (same last index and
 //! term), has committed all of it and has no catch-up floor left, no
-//! configuration change is pending; and two polls 100 ms apart agree. A
-//! cluster that does not settle within 30 s prints `not settled` and what
-//! it saw, with real ids and terms: the test fails with that diff.
+//! configuration change is pending; and two polls 100 ms apart agree.
+//! When fewer than a majority of the voters run (every node killed, say),
+//! no leader can be waited for: settled then means nobody leads, every
+//! running node answers, and terms and logs hold still; such rows say
+//! `no-leader` instead of a role. A cluster that does not settle within
+//! 30 s prints `not settled` and what it saw, with real ids and terms: the
+//! test fails with that diff.
 //!
 //! Commands (`NODES` is a number `2`, a name `L1`, `leader`, `follower`
 //! (a running follower with no name, which becomes `F1`, `F2`, ...),
@@ -100,14 +104,19 @@ enum Seen {
 /// What a settled table compares between two polls.
 type Fingerprint = Vec<(NodeId, Option<(Role, u64, Option<NodeId>, u64, u64, u64)>)>;
 
-fn fingerprint(seen: &BTreeMap<NodeId, Seen>) -> Fingerprint {
+/// Without a quorum, who a node follows and whether it is probing with
+/// pre-votes come and go: only its log and term must hold still.
+fn fingerprint(seen: &BTreeMap<NodeId, Seen>, quorum: bool) -> Fingerprint {
     seen.iter()
         .map(|(id, s)| {
             let key = match s {
                 Seen::Up(st) => Some((
-                    st.role,
+                    match st.role {
+                        Role::PreCandidate | Role::Candidate if !quorum => Role::Follower,
+                        role => role,
+                    },
                     st.term,
-                    st.leader,
+                    st.leader.filter(|_| quorum),
                     st.last_index,
                     st.last_term,
                     st.commit,
@@ -119,8 +128,24 @@ fn fingerprint(seen: &BTreeMap<NodeId, Seen>) -> Fingerprint {
         .collect()
 }
 
+/// A cluster without a quorum running has settled once nobody leads any
+/// more (a leader that lost its quorum steps down) and every running node
+/// answers.
+fn leaderless(seen: &BTreeMap<NodeId, Seen>) -> Result<Option<NodeId>, String> {
+    for (id, s) in seen {
+        match s {
+            Seen::Silent(why) => return Err(format!("node {id} does not answer: {why}")),
+            Seen::Up(st) if st.role == Role::Leader => {
+                return Err(format!("node {id} still leads without a quorum"))
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
 /// The leader of a settled cluster, or why it is not settled.
-fn settled(seen: &BTreeMap<NodeId, Seen>) -> Result<NodeId, String> {
+fn settled(seen: &BTreeMap<NodeId, Seen>) -> Result<Option<NodeId>, String> {
     let mut leaders = Vec::new();
     for (id, s) in seen {
         match s {
@@ -155,7 +180,7 @@ fn settled(seen: &BTreeMap<NodeId, Seen>) -> Result<NodeId, String> {
             return Err(format!("node {id} has not caught up"));
         }
     }
-    Ok(leader)
+    Ok(Some(leader))
 }
 
 /// `2m`, `1s`, `500ms`.
@@ -225,6 +250,8 @@ struct ClusterDriver {
     /// The last settled table: leader and each running node's role.
     leader: Option<NodeId>,
     roles: BTreeMap<NodeId, Role>,
+    /// The voters of the configuration the last leader had.
+    voters: BTreeSet<NodeId>,
     /// Last: dropped after the clients.
     runtime: tokio::runtime::Runtime,
 }
@@ -261,6 +288,7 @@ impl ClusterDriver {
             disk: BTreeMap::new(),
             leader: None,
             roles: BTreeMap::new(),
+            voters: BTreeSet::new(),
             runtime,
         }
     }
@@ -440,6 +468,12 @@ impl ClusterDriver {
     /// table (or `not settled` and what it saw).
     fn table(&mut self) -> Res<String> {
         let all = self.all();
+        let running = self
+            .voters
+            .iter()
+            .filter(|id| self.c().is_ok_and(|c| c.is_running(**id)) && !self.paused.contains(id))
+            .count();
+        let quorum = running * 2 > self.voters.len();
         let (outcome, seen) = {
             let cluster = self.c()?;
             let admin = self.admin.as_ref().ok_or("no client")?;
@@ -449,8 +483,12 @@ impl ClusterDriver {
                 let mut before: Option<Fingerprint> = None;
                 loop {
                     let seen = Self::look(cluster, admin, paused, &all).await;
-                    let outcome = settled(&seen);
-                    let print = fingerprint(&seen);
+                    let outcome = if quorum {
+                        settled(&seen)
+                    } else {
+                        leaderless(&seen)
+                    };
+                    let print = fingerprint(&seen, quorum);
                     if outcome.is_ok() && before.as_ref() == Some(&print) {
                         return (outcome, seen);
                     }
@@ -462,10 +500,17 @@ impl ClusterDriver {
                 }
             })
         };
+        self.roles = seen
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Seen::Up(st) => Some((*id, st.role)),
+                _ => None,
+            })
+            .collect();
+        self.leader = None;
         let leader = match outcome {
             Ok(leader) => leader,
             Err(why) => {
-                self.leader = None;
                 self.roles.clear();
                 let mut out = format!("not settled within {SETTLE_WITHIN:?}: {why}\n");
                 for (id, s) in &seen {
@@ -488,27 +533,25 @@ impl ClusterDriver {
                 return Ok(out);
             }
         };
-        if !self
-            .names
-            .get(&leader)
-            .is_some_and(|n| n.iter().any(|n| n.starts_with('L')))
-        {
-            self.leader_aliases += 1;
-            let alias = format!("L{}", self.leader_aliases);
-            self.name(leader, alias);
-        }
-        self.leader = Some(leader);
-        self.roles = seen
-            .iter()
-            .filter_map(|(id, s)| match s {
-                Seen::Up(st) => Some((*id, st.role)),
-                _ => None,
-            })
-            .collect();
-        let leader_label = self.label(leader);
-        let membership = match &seen[&leader] {
-            Seen::Up(st) => st.membership.clone(),
-            _ => unreachable!("the leader answered"),
+        let (leader_label, membership) = match leader {
+            Some(leader) => {
+                if !self
+                    .names
+                    .get(&leader)
+                    .is_some_and(|n| n.iter().any(|n| n.starts_with('L')))
+                {
+                    self.leader_aliases += 1;
+                    let alias = format!("L{}", self.leader_aliases);
+                    self.name(leader, alias);
+                }
+                self.leader = Some(leader);
+                let Seen::Up(st) = &seen[&leader] else {
+                    unreachable!("the leader answered")
+                };
+                self.voters = st.membership.voters.clone();
+                (Some(self.label(leader)), Some(st.membership.clone()))
+            }
+            None => (None, None),
         };
         let mut rows = Vec::new();
         for (id, s) in &seen {
@@ -520,12 +563,14 @@ impl ClusterDriver {
                 Seen::Paused => "paused".into(),
                 Seen::Silent(_) => unreachable!("a settled cluster answers"),
                 Seen::Up(st) => {
-                    let role = match st.role {
-                        Role::Leader => "leader".to_string(),
-                        Role::Follower => format!("follower({leader_label})"),
-                        Role::Learner => format!("learner({leader_label})"),
-                        Role::Candidate => "candidate".into(),
-                        Role::PreCandidate => "pre-candidate".into(),
+                    let role = match (st.role, &leader_label) {
+                        (Role::Leader, _) => "leader".to_string(),
+                        (Role::Learner, Some(l)) => format!("learner({l})"),
+                        (Role::Learner, None) => "learner(no-leader)".into(),
+                        (Role::Follower, Some(l)) => format!("follower({l})"),
+                        (Role::Candidate, Some(_)) => "candidate".into(),
+                        (Role::PreCandidate, Some(_)) => "pre-candidate".into(),
+                        (_, None) => "no-leader".into(),
                     };
                     let mut row = format!(
                         "{role} term={} last={}@{} commit={}",
@@ -534,7 +579,7 @@ impl ClusterDriver {
                         self.term(st.last_term),
                         st.commit
                     );
-                    if !membership.contains(*id) {
+                    if membership.as_ref().is_some_and(|m| !m.contains(*id)) {
                         row.push_str(" not-a-member");
                     }
                     row
@@ -591,6 +636,7 @@ impl ClusterDriver {
         for id in learners {
             self.name(id, format!("n{id}"));
         }
+        self.voters = voters.iter().copied().collect();
         self.refresh_clients()?;
         self.table()
     }
@@ -1040,5 +1086,10 @@ macro_rules! scripts {
 // Each script's cluster listens on 127.0.0.<octet>: 120-129 are free of
 // the other tests' addresses.
 scripts! {
+    follower_catch_up = 122,
+    full_restart = 123,
     leader_failover = 121,
+    learners = 124,
+    rebuilt_follower = 125,
+    stale_leader = 126,
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_store::client::Client;
-use cluster_store::raft::{Committed, Envelope, Message, Role};
+use cluster_store::raft::{Committed, Envelope, Message};
 use cluster_store::wire::{encode, ExportedEntry, PeerFrame, PeerHello};
 use nodes::{check_export, serial, TestCluster};
 
@@ -494,46 +494,6 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
             .expect("send");
         assert!(committed[0].index > 0);
         cluster.wait_caught_up(&admin, SECONDS_30).await;
-    });
-}
-
-#[test]
-fn learner_receives_the_log_and_never_leads() {
-    serial(|| async {
-        let mut cluster = TestCluster::start("learner", 16, &[1, 2, 3], &[4]);
-        let admin = cluster.client("client");
-        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
-        assert_ne!(leader, 4);
-        let texts: Vec<String> = (0..200).map(|i| format!("entry {i}")).collect();
-        admin.send(texts).await.expect("send");
-        cluster.wait_caught_up(&admin, SECONDS_30).await;
-        let status = admin.status(4).await.expect("learner status");
-        assert_eq!(status.role, Role::Learner);
-        let export = admin.export().await.expect("export");
-        assert_eq!(
-            admin.local_export(4).await.expect("learner replica"),
-            export
-        );
-
-        cluster.kill(leader);
-        let next = cluster.wait_for_leader(&admin, SECONDS_30).await;
-        assert_ne!(next, 4, "a learner took leadership");
-        for _ in 0..10 {
-            assert_eq!(
-                admin.status(4).await.expect("learner status").role,
-                Role::Learner
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        admin
-            .send(vec!["after failover".into()])
-            .await
-            .expect("send");
-        cluster.wait_caught_up(&admin, SECONDS_30).await;
-        assert_eq!(
-            admin.local_export(4).await.expect("learner replica").len(),
-            201
-        );
     });
 }
 

@@ -167,6 +167,23 @@ proptest! {
     }
 
     #[test]
+    fn a_witness_of_the_current_layout_with_one_flipped_bit_is_refused(bit in 0usize..(52 * 8)) {
+        // Magic, checksum of what follows, payload length 32, sequence
+        // number 0, the four words.
+        let mut covered = 32u32.to_le_bytes().to_vec();
+        covered.extend_from_slice(&0u64.to_le_bytes());
+        for word in [5u64, 2, 900, 880] {
+            covered.extend_from_slice(&word.to_le_bytes());
+        }
+        let mut bytes = b"CSW2".to_vec();
+        bytes.extend_from_slice(&crc32(&covered).to_le_bytes());
+        bytes.extend_from_slice(&covered);
+        prop_assert_eq!(decode_witness(&bytes), Ok([5, 2, 900, 880]));
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        prop_assert!(decode_witness(&bytes).is_err());
+    }
+
+    #[test]
     fn arbitrary_member_lists_are_parsed_or_refused(spec in ".{0,60}") {
         if let Ok(members) = parse_members(&spec, "--peers") {
             prop_assert!(members.keys().all(|id| *id > 0));

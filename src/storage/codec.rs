@@ -6,17 +6,18 @@
 //! - Inside a record, numbers are little-endian (written with [`put_u32`],
 //!   [`put_u64`], read with [`Reader`]), and a list of byte strings is
 //!   `[count: u32][length: u32][bytes]...` ([`put_list`]).
-//! - A checksummed record comes in one of three layouts:
-//!   - a *sequenced frame*, `[magic: 4 bytes][crc32: u32][payload length:
-//!     u32][sequence number: u64][payload]`, the checksum covering
-//!     everything after it: the log's segments, which are its write-ahead
-//!     log ([`put_sequenced`], [`sequenced_at`], [`intact_sequenced_at`]);
-//!   - a *sealed* record of fixed size, `[magic: 4 bytes][fields][crc32 of
-//!     magic and fields: u32]`: the witness ([`seal`], [`unseal`]);
-//!   - a *frame*, `[payload length: u32][crc32 of payload: u32][payload]`:
-//!     only in data directories of earlier versions (their segments and
-//!     first journals), read once to upgrade them (`migration/`)
-//!     ([`frame_at`]).
+//! - Every checksummed record the store writes is a *sequenced frame*,
+//!   `[magic: 4 bytes][crc32: u32][payload length: u32][sequence number:
+//!   u64][payload]`, the checksum covering everything after it: the log's
+//!   records, which are numbered one more each (`segments.rs`), and the
+//!   witness, a single record numbered 0 (`witness.rs`) ([`put_sequenced`],
+//!   [`sequenced_at`], [`intact_sequenced_at`]).
+//! - Files written by earlier versions hold two more layouts, only read
+//!   (their upgrade is in `migration/`): a *frame*, `[payload length:
+//!   u32][crc32 of payload: u32][payload]` (old segments, first journals;
+//!   [`frame_at`]), and a *sealed* record of fixed size, `[magic][fields]
+//!   [crc32 of magic and fields]` (old witnesses, the old log position;
+//!   [`unseal`]).
 //!
 //! What they share lives here once: the checksum, the little-endian
 //! fields, the length checks, and the kinds of damage a reader can find
@@ -284,7 +285,9 @@ pub(super) enum SealError {
     Checksum,
 }
 
-/// `[magic][fields][crc32 of magic and fields]`.
+/// `[magic][fields][crc32 of magic and fields]` (written only by tests:
+/// the store reads such records, it no longer writes them).
+#[cfg(test)]
 pub(super) fn seal(magic: &[u8; 4], fields: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(magic.len() + fields.len() + 4);
     bytes.extend_from_slice(magic);

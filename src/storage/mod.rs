@@ -260,17 +260,7 @@ impl Store {
                 disk.checkpoint()?;
             }
         }
-        let last_index = disk.log.last_index();
-        let recovered = Recovered {
-            hard_state: disk.hard_state,
-            last_index,
-            catch_up_floor: disk.meta.catch_up_floor()?,
-        };
-        disk.last_index = last_index;
-        if durable {
-            disk.check_witness(&recovered)?;
-        }
-        disk.finish_recovery()?;
+        let recovered = disk.recover(durable)?;
         Ok((Store { disk, durability }, recovered))
     }
 
@@ -318,13 +308,14 @@ impl Store {
         store.write(Some(plan.hard_state(node_id)), None)
     }
 
-    /// Opens a store without checking whose it is (`node export --local`,
-    /// `node rebuild`'s check). Even with `create` false it may write: a
-    /// torn write is cut off the log, and a data directory of an earlier
-    /// version is upgraded.
+    /// Opens a store without checking whose it is (`node export --local`).
+    /// It is checked against its witness all the same, so a store that
+    /// lost acknowledged writes is refused rather than read as a shorter
+    /// history. Even with `create` false it may write: a torn write is cut
+    /// off the log, and a data directory of an earlier version is upgraded.
     pub fn open_existing(dir: &Path, create: bool) -> Result<Store, StoreError> {
         let mut disk = Disk::open(dir, create, true)?;
-        disk.finish_recovery()?;
+        disk.recover(true)?;
         Ok(Store {
             disk,
             durability: Box::new(GroupCommit::default()),
@@ -454,6 +445,23 @@ impl Disk {
             witness: WitnessFile::unopened(dir),
             last_index: 0,
         })
+    }
+
+    /// What the store recovered, checked against the witness (`check`
+    /// false only for the unsafe no-sync mode, which keeps none); then
+    /// `finish_recovery`.
+    fn recover(&mut self, check: bool) -> Result<Recovered, StoreError> {
+        self.last_index = self.log.last_index();
+        let recovered = Recovered {
+            hard_state: self.hard_state,
+            last_index: self.last_index,
+            catch_up_floor: self.meta.catch_up_floor()?,
+        };
+        if check {
+            self.check_witness(&recovered)?;
+        }
+        self.finish_recovery()?;
+        Ok(recovered)
     }
 
     /// Ends opening once the store has passed its checks: a torn write is
@@ -617,7 +625,7 @@ mod tests {
             ),
         ];
         let expected = [
-            ("witness", "43535731020000000000000001000000000000000100000000000000010000000000000012821d0d"),
+            ("witness", "43535732a680561d2000000000000000000000000200000000000000010000000000000001000000000000000100000000000000"),
             ("segment", "43534c3200000000740000000000000000000000010100000000000000020000001c000000010000000000000001000000000000000100000000000000000000004300000002000000000000000200000000000000090000000000000001000000070000000000000001000000000000000500000000000000616c6963650200000000000000686943534c32000000001900000000000000000000000302000000000000000100000000000000010000000000000043534c3200000000090000000000000000000000020200000000000000"),
             ("identity", "020000000000000063310100000000000000"),
             ("hard state", "02000000000000000101000000000000000100000000000000"),
@@ -848,6 +856,13 @@ mod tests {
             cut,
             "the segment was cut before the witness was checked"
         );
+        // Read without an identity check (`node export --local`): refused
+        // too, not read as a shorter history.
+        assert!(matches!(
+            released(|| Store::open_existing(&dir, false)),
+            Err(StoreError::Damaged { .. })
+        ));
+        assert_eq!(std::fs::read(&segment).unwrap(), cut);
         // A write torn before it was synced (the witness never saw it) is
         // cut off, and the log goes on from the last intact record.
         std::fs::write(&segment, &intact).unwrap();

@@ -13,19 +13,24 @@
 //! (synced) before a truncation and raised after each sync (`commit.rs`).
 //! A store opened in the unsafe no-sync mode keeps none.
 //!
-//! The file is one sealed record (`codec.rs`): `[magic "CSW1"][term][vote
-//! or 0][last index][commit][crc32]`, numbers as u64 LE.
+//! The file is one record (`codec.rs`'s sequenced frame, sequence number
+//! 0): `[magic "CSW2"][crc32][payload length 32][0][term][vote or 0][last
+//! index][commit]`, numbers as u64 LE. Witnesses written up to e7fdae5 are
+//! a sealed record, `[magic "CSW1"][the same four numbers][crc32]`, and are
+//! still read; the next write replaces one.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::codec::{self, SealError};
+use super::codec::{self, Reader, SealError};
 use super::{segments, Disk, Recovered, StoreError};
 use crate::raft::{HardState, Index};
 
 pub(super) const WITNESS_FILE: &str = "witness";
-const WITNESS_MAGIC: &[u8; 4] = b"CSW1";
+const WITNESS_MAGIC: &[u8; 4] = b"CSW2";
+/// The sealed record of witnesses written up to e7fdae5.
+const OLD_WITNESS_MAGIC: &[u8; 4] = b"CSW1";
 /// Term, vote, last index and commit: four u64s.
 const WITNESS_FIELDS: usize = 32;
 
@@ -45,15 +50,30 @@ impl Witness {
         for value in [self.term, self.vote, self.last_index, self.commit] {
             codec::put_u64(&mut fields, value);
         }
-        codec::seal(WITNESS_MAGIC, &fields)
+        let mut bytes = Vec::with_capacity(codec::SEQUENCED_HEADER + WITNESS_FIELDS);
+        codec::put_sequenced(&mut bytes, WITNESS_MAGIC, 0, &fields);
+        bytes
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<Witness, String> {
-        let mut fields =
-            codec::unseal(bytes, WITNESS_MAGIC, WITNESS_FIELDS).map_err(|error| match error {
-                SealError::Shape => format!("{} bytes, not a cluster-store witness", bytes.len()),
-                SealError::Checksum => "checksum mismatch".to_string(),
-            })?;
+        let not_one = || format!("{} bytes, not a cluster-store witness", bytes.len());
+        let mut fields = if bytes.starts_with(OLD_WITNESS_MAGIC) {
+            codec::unseal(bytes, OLD_WITNESS_MAGIC, WITNESS_FIELDS).map_err(
+                |error| match error {
+                    SealError::Shape => not_one(),
+                    SealError::Checksum => "checksum mismatch".to_string(),
+                },
+            )?
+        } else {
+            let frame = codec::sequenced_at(bytes, WITNESS_MAGIC, WITNESS_FIELDS..=WITNESS_FIELDS)
+                .and_then(Result::ok)
+                .filter(|frame| frame.len() == bytes.len() && frame.seq == 0)
+                .ok_or_else(not_one)?;
+            if !frame.intact() {
+                return Err("checksum mismatch".to_string());
+            }
+            Reader::new(frame.payload)
+        };
         Ok(Witness {
             term: fields.u64()?,
             vote: fields.u64()?,

@@ -37,16 +37,37 @@ async fn highest_term(cluster: &TestCluster, admin: &Client) -> u64 {
     term
 }
 
-/// kill -9 of the leader while a client writes: time until a write lands again.
+/// Each node's `(id, last index, commit)`, to show how far behind a node is.
+async fn positions(cluster: &TestCluster, admin: &Client) -> Vec<(NodeId, u64, u64)> {
+    let mut rows = Vec::new();
+    for id in cluster.voters.clone() {
+        if let Ok(status) = admin.status(id).await {
+            rows.push((id, status.last_index, status.commit));
+        }
+    }
+    rows
+}
+
+/// kill -9 of the leader while a client writes: time until a write lands
+/// again. Prints, per kill, who was killed, how far each node was, how
+/// many terms the election took and who won, so an outlier can be read.
 async fn failover(cluster: &mut TestCluster, admin: &Client) -> Duration {
     let leader = leader_of(cluster, admin).await;
     let client = cluster.client("bob");
     client.send(vec!["warm".into()]).await.ok();
+    let before = positions(cluster, admin).await;
+    let term_before = highest_term(cluster, admin).await;
     cluster.kill(leader);
     let killed = Instant::now();
     loop {
         if client.send(vec!["after".into()]).await.is_ok() {
             let elapsed = killed.elapsed();
+            let term_after = highest_term(cluster, admin).await;
+            let winner = leader_of(cluster, admin).await;
+            eprintln!(
+                "  kill of node {leader}: {:.2} s, terms {term_before} -> {term_after}, new leader {winner}; (node, last, commit) before {before:?}",
+                elapsed.as_secs_f64()
+            );
             cluster.launch(leader);
             cluster.wait_caught_up(admin, Duration::from_secs(60)).await;
             return elapsed;

@@ -1089,6 +1089,7 @@ scripts! {
     released_entries,
     replication,
     retries,
+    rival_pre_candidates,
     sessions,
     shorter_log,
     single_node,

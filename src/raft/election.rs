@@ -101,7 +101,15 @@ impl RaftNode {
         let up_to_date = candidate >= own.max(floor.unwrap_or_default());
         let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
         let can_vote = free || (pre_vote && term > self.term);
-        let grant = can_vote && up_to_date;
+        // Two pre-candidates granting each other both become candidates and
+        // split the vote; across an ocean they can do so round after round
+        // (both time out within one one-way delay of each other). So a
+        // pre-candidate backs the rival only if it outranks it, and then
+        // gives up its own campaign. Pre-votes decide nothing (the real
+        // vote is what is safe), and the best-ranked rival always wins.
+        let rival = pre_vote && self.role == Role::PreCandidate;
+        let yields = !rival || self.outranked_by(from, candidate);
+        let grant = can_vote && up_to_date && yields;
         debug!(
             node = self.config.id,
             from, term, pre_vote, grant, "vote request"
@@ -118,6 +126,14 @@ impl RaftNode {
             );
         }
         if pre_vote {
+            if rival && grant {
+                debug!(
+                    node = self.config.id,
+                    from, term, "yielding the pre-election to a better-ranked rival"
+                );
+                let own_term = self.term;
+                self.become_follower(own_term, None);
+            }
             let reply_term = if grant { term } else { self.term };
             let envelope = self.envelope(
                 from,
@@ -132,6 +148,15 @@ impl RaftNode {
             }
             self.send(from, Message::VoteResponse { granted: grant });
         }
+    }
+
+    /// Does a rival pre-candidate whose log ends at `candidate` rank above
+    /// this node: a longer log first, then a higher priority, then a lower id
+    /// (the order `consider_priority_transfer` hands over in).
+    fn outranked_by(&self, rival: NodeId, candidate: LogPosition) -> bool {
+        let own = self.log_position();
+        let rank = |id: NodeId| (self.config.priority(id), std::cmp::Reverse(id));
+        candidate > own || (candidate == own && rank(rival) > rank(self.config.id))
     }
 
     /// Where this node's log ends.

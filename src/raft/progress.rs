@@ -25,8 +25,11 @@ pub struct Progress {
     /// In probe state: an append is outstanding, wait for its answer or the
     /// next heartbeat before sending another.
     pub probe_sent: bool,
-    /// In replicate state: last index of each append still in flight.
-    inflight: VecDeque<Index>,
+    /// In replicate state: last index and bytes of each append still in
+    /// flight.
+    inflight: VecDeque<(Index, usize)>,
+    /// The sum of the bytes in `inflight`.
+    inflight_bytes: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
     /// Highest ReadIndex round this follower has acknowledged.
@@ -44,17 +47,33 @@ impl Progress {
             state: ReplicationState::Probe,
             probe_sent: false,
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             recent_active: true,
             read_ack: 0,
             fetching: false,
         }
     }
 
-    /// May the leader send another append now?
-    pub fn is_paused(&self, max_inflight: usize) -> bool {
+    /// May the leader send another append now? In replicate state, not
+    /// once `max_inflight` appends or `max_bytes` bytes of entries are
+    /// unacknowledged.
+    pub fn is_paused(&self, max_inflight: usize, max_bytes: usize) -> bool {
         match self.state {
             ReplicationState::Probe => self.probe_sent,
-            ReplicationState::Replicate => self.inflight.len() >= max_inflight,
+            ReplicationState::Replicate => {
+                self.inflight.len() >= max_inflight || self.inflight_bytes >= max_bytes
+            }
+        }
+    }
+
+    fn clear_inflight(&mut self) {
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+    }
+
+    fn pop_inflight(&mut self) {
+        if let Some((_, bytes)) = self.inflight.pop_front() {
+            self.inflight_bytes -= bytes;
         }
     }
 
@@ -62,24 +81,26 @@ impl Progress {
         self.state = ReplicationState::Probe;
         self.next_index = next_index.max(self.match_index + 1);
         self.probe_sent = false;
-        self.inflight.clear();
+        self.clear_inflight();
     }
 
     pub fn become_replicate(&mut self) {
         self.state = ReplicationState::Replicate;
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
-        self.inflight.clear();
+        self.clear_inflight();
     }
 
-    /// Records an append ending at `last` as sent.
-    pub fn sent(&mut self, last: Option<Index>) {
+    /// Records an append ending at `last`, of `bytes` bytes of entries, as
+    /// sent.
+    pub fn sent(&mut self, last: Option<Index>, bytes: usize) {
         match self.state {
             ReplicationState::Probe => self.probe_sent = true,
             ReplicationState::Replicate => {
                 if let Some(last) = last {
                     self.next_index = last + 1;
-                    self.inflight.push_back(last);
+                    self.inflight.push_back((last, bytes));
+                    self.inflight_bytes += bytes;
                 }
             }
         }
@@ -88,8 +109,12 @@ impl Progress {
     /// The follower acknowledged its log up to `index`. Returns whether this
     /// is news.
     pub fn acknowledge(&mut self, index: Index) -> bool {
-        while self.inflight.front().is_some_and(|&last| last <= index) {
-            self.inflight.pop_front();
+        while self
+            .inflight
+            .front()
+            .is_some_and(|&(last, _)| last <= index)
+        {
+            self.pop_inflight();
         }
         if index > self.match_index {
             self.match_index = index;
@@ -103,7 +128,7 @@ impl Progress {
     /// append out so a lost message cannot stall replication forever.
     pub fn unpause(&mut self) {
         self.probe_sent = false;
-        self.inflight.pop_front();
+        self.pop_inflight();
     }
 }
 
@@ -115,11 +140,11 @@ mod tests {
     fn replicate_window_pauses_and_drains() {
         let mut p = Progress::new(1);
         p.become_replicate();
-        p.sent(Some(5));
-        p.sent(Some(9));
-        assert!(p.is_paused(2));
+        p.sent(Some(5), 10);
+        p.sent(Some(9), 10);
+        assert!(p.is_paused(2, usize::MAX));
         assert!(p.acknowledge(5));
-        assert!(!p.is_paused(2));
+        assert!(!p.is_paused(2, usize::MAX));
         assert_eq!(p.next_index, 10);
         assert!(!p.acknowledge(3), "stale acknowledgements are not news");
     }
@@ -127,10 +152,27 @@ mod tests {
     #[test]
     fn probe_sends_one_at_a_time() {
         let mut p = Progress::new(7);
-        assert!(!p.is_paused(1));
-        p.sent(None);
-        assert!(p.is_paused(1));
+        assert!(!p.is_paused(1, 1));
+        p.sent(None, 0);
+        assert!(p.is_paused(1, 1));
         p.unpause();
-        assert!(!p.is_paused(1));
+        assert!(!p.is_paused(1, 1));
+    }
+
+    #[test]
+    fn replicate_window_counts_bytes_too() {
+        let mut p = Progress::new(1);
+        p.become_replicate();
+        p.sent(Some(1), 600);
+        assert!(!p.is_paused(64, 1000), "600 of 1,000 bytes in flight");
+        p.sent(Some(2), 600);
+        assert!(p.is_paused(64, 1000), "1,200 bytes in flight");
+        p.unpause();
+        assert!(
+            !p.is_paused(64, 1000),
+            "a heartbeat answer lets one more out"
+        );
+        assert!(p.acknowledge(2));
+        assert!(!p.is_paused(1, 1), "nothing in flight");
     }
 }

@@ -175,11 +175,11 @@ impl RaftNode {
 
     /// Sends one append to `to` if its window allows. Returns whether it did.
     pub(super) fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
-        let max_inflight = self.config.max_inflight;
+        let (max_inflight, max_bytes) = (self.config.max_inflight, self.config.max_inflight_bytes);
         let Some(pr) = self.progress.get_mut(&to) else {
             return false;
         };
-        if pr.is_paused(max_inflight) {
+        if pr.is_paused(max_inflight, max_bytes) {
             return false;
         }
         let next = pr.next_index;
@@ -216,7 +216,7 @@ impl RaftNode {
             pr.become_probe(self.log.last_index() + 1);
             return false;
         };
-        pr.sent(entries.last().map(|e| e.index));
+        pr.sent(entries.last().map(|e| e.index), entries_bytes(&entries));
         let commit = self.commit;
         self.send(
             to,
@@ -233,7 +233,7 @@ impl RaftNode {
     /// Entries the driver read back from the store for follower `to` (see
     /// `Ready::fetches`): sent if the follower still needs them.
     pub fn fetched(&mut self, to: NodeId, from: Index, entries: Vec<Entry>) {
-        let max_inflight = self.config.max_inflight;
+        let (max_inflight, max_bytes) = (self.config.max_inflight, self.config.max_inflight_bytes);
         let commit = self.commit;
         let Some(pr) = self.progress.get_mut(&to) else {
             return;
@@ -251,7 +251,7 @@ impl RaftNode {
             return;
         }
         let usable = pr.next_index == from
-            && !pr.is_paused(max_inflight)
+            && !pr.is_paused(max_inflight, max_bytes)
             && entries.first().is_some_and(|e| e.index == from)
             && entries.iter().enumerate().all(|(i, e)| {
                 e.index == from + i as Index && self.log.term(e.index) == Some(e.term)
@@ -274,7 +274,7 @@ impl RaftNode {
         let Some(prev_term) = self.log.term(from - 1) else {
             return;
         };
-        pr.sent(entries.last().map(|e| e.index));
+        pr.sent(entries.last().map(|e| e.index), entries_bytes(&entries));
         self.send(
             to,
             Message::Append {
@@ -602,4 +602,9 @@ impl RaftNode {
         self.release_memory();
         self.membership_committed();
     }
+}
+
+/// What an append's entries weigh against `Config::max_inflight_bytes`.
+fn entries_bytes(entries: &[Entry]) -> usize {
+    entries.iter().map(Entry::size).sum()
 }

@@ -292,6 +292,30 @@ impl Cluster {
         let others: Vec<NodeId> = self.nodes.keys().copied().filter(|n| *n != id).collect();
         let ticks = self.configs[&id].election_ticks;
         self.tick_silently(&others, ticks);
+        // A node whose timer fired meanwhile is pre-campaigning, its requests
+        // lost; its campaign fails (as it would once they go unanswered) so
+        // that it does not rank itself against `id` (see `outranked_by`).
+        for other in others {
+            let Some(node) = self.nodes.get_mut(&other) else {
+                continue;
+            };
+            if node.role() != Role::PreCandidate {
+                continue;
+            }
+            let voters: Vec<NodeId> = node.config().voters.iter().copied().collect();
+            for voter in voters.into_iter().filter(|v| *v != other) {
+                let term = node.term();
+                node.step(Envelope {
+                    from: voter,
+                    to: other,
+                    term,
+                    lamport: 0,
+                    message: Message::PreVoteResponse { granted: false },
+                });
+            }
+            self.drain(other);
+            self.queue.retain(|m| m.from != other);
+        }
         self.node_mut(id).campaign();
         self.drain(id);
     }

@@ -452,7 +452,8 @@ impl Drop for TestCluster {
         for id in ids {
             self.kill(id);
         }
-        if !std::thread::panicking() {
+        // KEEP_CLUSTER_FILES keeps logs and stores to read after a run.
+        if !std::thread::panicking() && std::env::var_os("KEEP_CLUSTER_FILES").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("cluster files kept in {}", self.dir.display());

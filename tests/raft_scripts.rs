@@ -1078,6 +1078,7 @@ scripts! {
     figure_8,
     lagging_follower,
     lamport,
+    late_votes,
     learners,
     pre_vote,
     priorities,

@@ -193,6 +193,41 @@ impl RaftNode {
         None
     }
 
+    /// Counts a vote granted to this node in its current term even if its
+    /// election timed out meanwhile (it is pre-campaigning for the next
+    /// term, its term and its own vote unchanged). Across an ocean the
+    /// answer can take longer than an election timeout: Iowa's candidacies
+    /// timed out 290 ms in, before Sydney's grants arrived 310 ms in, five
+    /// terms in a row. Safe: each voter votes once per term, so a quorum
+    /// of votes for this term still makes this node its only leader, and
+    /// its log has not changed since it asked (no leader of this term can
+    /// have sent it anything if it wins).
+    pub(super) fn record_late_vote(&mut self, from: NodeId) {
+        let me = self.config.id;
+        if self.vote != Some(me) || !self.config.is_voter(from) {
+            return;
+        }
+        if self.granted_in_term.0 != self.term {
+            self.granted_in_term = (self.term, Default::default());
+        }
+        self.granted_in_term.1.insert(from);
+        let granted = self
+            .granted_in_term
+            .1
+            .iter()
+            .filter(|id| self.config.is_voter(**id))
+            .count()
+            + usize::from(self.config.is_voter(me));
+        if self.role == Role::PreCandidate && granted >= self.config.quorum() {
+            info!(
+                node = me,
+                term = self.term,
+                "an earlier candidacy's votes arrived late: they still win this term"
+            );
+            self.become_leader();
+        }
+    }
+
     pub(super) fn record_vote(&mut self, from: NodeId, granted: bool) {
         if self.config.is_voter(from) {
             self.votes.entry(from).or_insert(granted);

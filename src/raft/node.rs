@@ -2,7 +2,7 @@
 //! the role-specific handlers in `election`, `replication`, `read` and
 //! `leadership`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
@@ -67,6 +67,9 @@ pub struct RaftNode {
     pub(super) heartbeat_elapsed: u64,
     /// Votes received in the current (pre-)election: true is a grant.
     pub(super) votes: BTreeMap<NodeId, bool>,
+    /// Real votes granted to this node in the term it campaigned in, kept
+    /// past that election's timeout (see `record_late_vote`).
+    pub(super) granted_in_term: (Term, BTreeSet<NodeId>),
     /// Leader only: replication state of every other member.
     pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Leader only: uncommitted proposals in its log, for deduplication.
@@ -207,6 +210,7 @@ impl RaftNode {
             randomized_timeout: 0,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
+            granted_in_term: (0, BTreeSet::new()),
             progress: BTreeMap::new(),
             pending: HashMap::new(),
             waiters: HashSet::new(),
@@ -453,6 +457,9 @@ impl RaftNode {
                 }
             }
             Message::VoteResponse { granted } => {
+                if granted {
+                    self.record_late_vote(from);
+                }
                 if self.role == Role::Candidate {
                     self.record_vote(from, granted);
                 }

@@ -98,7 +98,9 @@ impl SimConfig {
             network: NetworkFaults {
                 drop: 0.02,
                 duplicate: 0.01,
-                max_delay: 3,
+                // One run in four is a WAN: delays near the election
+                // timeout, where votes can come back after it.
+                max_delay: if rng.chance(0.25) { 12 } else { 3 },
             },
             max_persist_delay: 2,
             propose_rate: 0.3,

@@ -230,7 +230,7 @@ impl TestCluster {
             .arg(self.data_dir(id))
             .arg("--certs")
             .arg(self.certs())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", node_log_filter())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::null())
@@ -275,7 +275,7 @@ impl TestCluster {
             .arg(self.data_dir(id))
             .arg("--certs")
             .arg(self.certs())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", node_log_filter())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::null())
@@ -481,4 +481,10 @@ pub fn check_export(entries: &[ExportedEntry]) {
             entry
         );
     }
+}
+
+/// The nodes' `RUST_LOG`: `info`, or `TEST_NODE_LOG` to read more of what
+/// they did (with `KEEP_CLUSTER_FILES` to keep their logs).
+fn node_log_filter() -> String {
+    std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into())
 }

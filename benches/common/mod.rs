@@ -135,7 +135,8 @@ pub async fn closed_loop_one_stream(cluster: &TestCluster, clients: usize, secon
         async move {
             let mut latencies = Vec::new();
             let payload = "x".repeat(100);
-            let messages = std::iter::from_fn(|| (Instant::now() < until).then(|| vec![payload.clone()]));
+            let messages =
+                std::iter::from_fn(|| (Instant::now() < until).then(|| vec![payload.clone()]));
             let mut last = Instant::now();
             let _ = client
                 .send_pipelined(messages, 1, |_, _| {

@@ -106,6 +106,19 @@ fn sent(
     }
 }
 
+/// The next request on a stream, and the stream to read the one after
+/// from: owning the stream lets a pending read live across `select!`
+/// rounds, so no half-read frame is ever dropped.
+async fn next_request(
+    mut recv: RecvStream,
+) -> (
+    RecvStream,
+    Result<Option<ClientRequest>, crate::wire::WireError>,
+) {
+    let request = read_frame::<_, ClientRequest>(&mut recv).await;
+    (recv, request)
+}
+
 fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
     ClientResponse::Error {
         message: message.into(),
@@ -172,36 +185,40 @@ impl Api {
                 return;
             }
         };
-        let (answers, mut pending) = tokio::sync::mpsc::channel::<Answer>(STREAM_WINDOW);
-        let writer = tokio::spawn(async move {
-            while let Some(answer) = pending.recv().await {
-                let response = answer.await;
-                if write_frame(&mut send, &response).await.is_err() {
-                    return;
-                }
-            }
-            let _ = send.finish();
-        });
-        if answers.send(first).await.is_err() {
-            return;
-        }
+        // One task reads the requests and writes the answers in order: a
+        // writer task of its own would cost a wake-up per answer.
+        let mut answers = futures_util::stream::FuturesOrdered::new();
+        answers.push_back(first);
+        let mut reading = true;
+        let mut next = Box::pin(next_request(recv));
         loop {
-            let answer: Answer = match read_frame::<_, ClientRequest>(&mut recv).await {
-                Ok(Some(request)) => self.start(&client, request),
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(client, "bad request: {e}");
-                    let response = error(format!("bad request: {e}"), false);
-                    let _ = answers.send(Box::pin(async move { response })).await;
-                    break;
+            tokio::select! {
+                // Answers first: they free the window for more requests.
+                biased;
+                Some(response) = futures_util::StreamExt::next(&mut answers) => {
+                    if write_frame(&mut send, &response).await.is_err() {
+                        return;
+                    }
                 }
-            };
-            if answers.send(answer).await.is_err() {
-                break;
+                (rest, request) = &mut next, if reading && answers.len() < STREAM_WINDOW => {
+                    match request {
+                        Ok(Some(request)) => {
+                            answers.push_back(self.start(&client, request));
+                            next = Box::pin(next_request(rest));
+                        }
+                        Ok(None) => reading = false,
+                        Err(e) => {
+                            warn!(client, "bad request: {e}");
+                            let response = error(format!("bad request: {e}"), false);
+                            answers.push_back(Box::pin(async move { response }));
+                            reading = false;
+                        }
+                    }
+                }
+                else => break,
             }
         }
-        drop(answers);
-        let _ = writer.await;
+        let _ = send.finish();
     }
 
     /// Starts a request: a send is validated and handed to the driver now;

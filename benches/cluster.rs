@@ -6,8 +6,6 @@
 //! and prints medians; `BENCH_SECONDS` (default 5) sizes the load phases.
 //! `BENCH_TOPOLOGY=loopback`, `=wan` or `=none` (catch-up and memory only)
 //! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it).
-//! `BENCH_ONE_STREAM=1` adds closed-loop phases where each client keeps
-//! one stream open for all its messages.
 
 mod common;
 
@@ -179,17 +177,6 @@ fn main() {
                 let load = closed_loop(&cluster, 64, seconds).await;
                 many.push(load.throughput);
                 many_p99.push(load.p99.as_secs_f64() * 1000.0);
-                if std::env::var_os("BENCH_ONE_STREAM").is_some() {
-                    for clients in [1, 64] {
-                        let load = common::closed_loop_one_stream(&cluster, clients, seconds).await;
-                        eprintln!(
-                            "{topology} run {run}: {clients} clients, one stream each: {:.0}/s p50 {:.2} ms p99 {:.1} ms",
-                            load.throughput,
-                            load.p50.as_secs_f64() * 1000.0,
-                            load.p99.as_secs_f64() * 1000.0
-                        );
-                    }
-                }
                 bulk.push(pipelined(&cluster, seconds, 1000).await);
                 let terms = highest_term(&cluster, &admin).await.saturating_sub(term_before);
                 elections += terms;

@@ -125,32 +125,6 @@ pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) ->
     .await
 }
 
-/// Like `closed_loop`, but each client keeps one stream open and writes
-/// its next message on it once the last is answered (`send_pipelined`
-/// with a window of one), instead of a new stream per message: what the
-/// per-request stream costs.
-pub async fn closed_loop_one_stream(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
-    closed_loop_with(clients, seconds, |c, until| {
-        let client = cluster.client(["alice", "bob", "carol"][c % 3]);
-        async move {
-            let mut latencies = Vec::new();
-            let payload = "x".repeat(100);
-            let messages =
-                std::iter::from_fn(|| (Instant::now() < until).then(|| vec![payload.clone()]));
-            let mut last = Instant::now();
-            let _ = client
-                .send_pipelined(messages, 1, |_, _| {
-                    latencies.push(last.elapsed());
-                    last = Instant::now();
-                    Ok(())
-                })
-                .await;
-            latencies
-        }
-    })
-    .await
-}
-
 /// One client sending batches of `batch` messages for `seconds` the way
 /// `node send -` does: in order on one stream, `PIPELINE_WINDOW` batches
 /// outstanding. Messages committed per second.

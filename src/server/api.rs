@@ -1,4 +1,5 @@
-//! The client API: one request and one response per QUIC stream.
+//! The client API: requests and their answers, in order, on QUIC streams
+//! (a client keeps one open for many requests).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};

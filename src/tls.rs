@@ -226,7 +226,7 @@ fn transport_with(stream_window: u32) -> Arc<quinn::TransportConfig> {
     // client writes. The Raft stream then backs up, heartbeats queue behind
     // appends, and followers start elections under steady load. Flow
     // control should never be the limit between nodes; Raft's own window
-    // (256 appends or 16 MB in flight, `Config::max_inflight`) is.
+    // (256 appends or 32 MB in flight, `Config::max_inflight`) is.
     transport.stream_receive_window(stream_window.into());
     transport.send_window(4 * u64::from(STREAM_WINDOW));
     let mut cubic = quinn::congestion::CubicConfig::default();

@@ -111,7 +111,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             max_inflight: 256,
-            max_inflight_bytes: 16 << 20,
+            max_inflight_bytes: 32 << 20,
             max_append_entries: 1024,
             max_append_bytes: 4 << 20,
             max_command_bytes: MAX_COMMAND_BYTES,

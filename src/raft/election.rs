@@ -1,9 +1,11 @@
 //! Elections: timeouts, pre-votes, votes and role changes.
 
+use std::collections::BTreeSet;
+
 use tracing::{debug, info};
 
 use super::message::Message;
-use super::node::RaftNode;
+use super::node::{Candidacy, RaftNode};
 use super::progress::Progress;
 use super::ready::ProposeError;
 use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};
@@ -44,6 +46,11 @@ impl RaftNode {
             self.role = Role::Candidate;
             self.term += 1;
             self.vote = Some(self.config.id);
+            self.candidacy = Some(Candidacy {
+                term: self.term,
+                log: self.log_position(),
+                granted: BTreeSet::new(),
+            });
             self.term
         };
         debug!(
@@ -193,27 +200,31 @@ impl RaftNode {
         None
     }
 
-    /// Counts a vote granted to this node in its current term even if its
-    /// election timed out meanwhile (it is pre-campaigning for the next
-    /// term, its term and its own vote unchanged). Across an ocean the
-    /// answer can take longer than an election timeout: Iowa's candidacies
-    /// timed out 290 ms in, before Sydney's grants arrived 310 ms in, five
-    /// terms in a row. Safe: each voter votes once per term, so a quorum
-    /// of votes for this term still makes this node its only leader, and
-    /// its log has not changed since it asked (no leader of this term can
-    /// have sent it anything if it wins).
+    /// Counts a vote granted to this node's candidacy even if that election
+    /// timed out meanwhile (the node is pre-campaigning for the next term).
+    /// Across an ocean the answer can take longer than an election timeout:
+    /// Iowa's candidacies timed out 290 ms in, before Sydney's grants arrived
+    /// 310 ms in, five terms in a row. Safe while the node is still in that
+    /// term with its own vote and the log it asked with (each voter votes
+    /// once per term, and judged that log), and only in the process that
+    /// asked: a restarted node may have lost unsynced entries it asked with,
+    /// and a rebuilt one its whole log.
     pub(super) fn record_late_vote(&mut self, from: NodeId) {
         let me = self.config.id;
-        if self.vote != Some(me) || !self.config.is_voter(from) {
+        let (term, log) = (self.term, self.log_position());
+        let Some(candidacy) = self
+            .candidacy
+            .as_mut()
+            .filter(|c| c.term == term && c.log == log && self.vote == Some(me))
+        else {
+            return;
+        };
+        if !self.config.is_voter(from) {
             return;
         }
-        if self.granted_in_term.0 != self.term {
-            self.granted_in_term = (self.term, Default::default());
-        }
-        self.granted_in_term.1.insert(from);
-        let granted = self
-            .granted_in_term
-            .1
+        candidacy.granted.insert(from);
+        let granted = candidacy
+            .granted
             .iter()
             .filter(|id| self.config.is_voter(**id))
             .count()
@@ -221,8 +232,7 @@ impl RaftNode {
         if self.role == Role::PreCandidate && granted >= self.config.quorum() {
             info!(
                 node = me,
-                term = self.term,
-                "an earlier candidacy's votes arrived late: they still win this term"
+                term, "an earlier candidacy's votes arrived late: they still win this term"
             );
             self.become_leader();
         }

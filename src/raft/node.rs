@@ -47,6 +47,17 @@ pub(super) struct Transfer {
     pub timeout_sent: bool,
 }
 
+/// A candidacy of this process: its term, where its log ended when it
+/// asked for votes, and the voters that granted them so far. In memory
+/// only, so a restarted or rebuilt node never counts the answers its
+/// earlier self was sent.
+#[derive(Debug)]
+pub(super) struct Candidacy {
+    pub(super) term: Term,
+    pub(super) log: LogPosition,
+    pub(super) granted: BTreeSet<NodeId>,
+}
+
 /// A Raft node as a deterministic state machine: no clock, no I/O.
 /// Feed it `tick`, `step`, `propose`, `read_index`; drain `ready`.
 pub struct RaftNode {
@@ -67,9 +78,9 @@ pub struct RaftNode {
     pub(super) heartbeat_elapsed: u64,
     /// Votes received in the current (pre-)election: true is a grant.
     pub(super) votes: BTreeMap<NodeId, bool>,
-    /// Real votes granted to this node in the term it campaigned in, kept
-    /// past that election's timeout (see `record_late_vote`).
-    pub(super) granted_in_term: (Term, BTreeSet<NodeId>),
+    /// This process's last candidacy, kept past its election timeout (see
+    /// `record_late_vote`).
+    pub(super) candidacy: Option<Candidacy>,
     /// Leader only: replication state of every other member.
     pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Leader only: uncommitted proposals in its log, for deduplication.
@@ -210,7 +221,7 @@ impl RaftNode {
             randomized_timeout: 0,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
-            granted_in_term: (0, BTreeSet::new()),
+            candidacy: None,
             progress: BTreeMap::new(),
             pending: HashMap::new(),
             waiters: HashSet::new(),

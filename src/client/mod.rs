@@ -65,7 +65,7 @@ pub struct Client {
     cluster: std::sync::RwLock<BTreeMap<NodeId, Address>>,
     connections: Mutex<HashMap<NodeId, Connection>>,
     /// Streams whose last request was answered, ready for the next one
-    /// (`idle_stream`).
+    /// (`Client::stream`).
     idle_streams: Mutex<HashMap<NodeId, Vec<IdleStream>>>,
     leader: Mutex<Option<NodeId>>,
     /// Nodes that recently failed, and until when to avoid them.
@@ -279,7 +279,7 @@ impl Client {
     /// A stream to `node` on `connection` for one request: an idle one
     /// if there is one, else a new one. Many requests on one stream, one at
     /// a time, spare the node a stream (and a task) per request: 64
-    /// closed-loop clients wrote 12-29% more per second that way.
+    /// closed-loop clients wrote 10% more per second (BENCHMARKS.md).
     async fn stream(
         &self,
         node: NodeId,

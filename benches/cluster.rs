@@ -5,7 +5,8 @@
 //! it asserts nothing. `BENCH_RUNS` (default 3) repeats each measurement
 //! and prints medians; `BENCH_SECONDS` (default 5) sizes the load phases.
 //! `BENCH_TOPOLOGY=loopback`, `=wan` or `=none` (catch-up and memory only)
-//! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it).
+//! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it);
+//! `BENCH_ONLY=one`, `=many` or `=pipelined` runs that load phase alone.
 
 mod common;
 
@@ -166,9 +167,24 @@ fn main() {
                 let admin = cluster.client("client");
                 leader_of(&cluster, &admin).await;
                 tokio::time::sleep(Duration::from_secs(if wan { 3 } else { 1 })).await;
-                if std::env::var("BENCH_ONLY_PIPELINED").is_ok() {
-                    eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000).await);
-                    continue;
+                // One phase alone, for quick A/B runs of a lever.
+                match std::env::var("BENCH_ONLY").as_deref() {
+                    Ok("one") | Ok("many") => {
+                        let clients = if std::env::var("BENCH_ONLY").as_deref() == Ok("one") { 1 } else { 64 };
+                        let load = closed_loop(&cluster, clients, seconds).await;
+                        eprintln!(
+                            "{clients} clients: {:.0}/s p50 {:.3} ms p99 {:.2} ms",
+                            load.throughput,
+                            load.p50.as_secs_f64() * 1000.0,
+                            load.p99.as_secs_f64() * 1000.0
+                        );
+                        continue;
+                    }
+                    Ok("pipelined") => {
+                        eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000).await);
+                        continue;
+                    }
+                    _ => {}
                 }
                 let term_before = highest_term(&cluster, &admin).await;
                 let load = closed_loop(&cluster, 1, seconds).await;

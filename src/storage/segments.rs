@@ -35,8 +35,16 @@
 //! numbers keep the bytes of a record inside a client's message from
 //! passing for one of ours. Only the last segment can end in a torn write:
 //! a segment is synced before the next one is created.
+//!
+//! The active segment is allocated ahead of its records (`PREALLOCATE`
+//! bytes at a time, zeros until written): an `fdatasync` that does not
+//! also have to record a longer file is cheaper (0.10 ms instead of 0.14
+//! on this machine's ext4), and one runs per write batch on every node.
+//! Zeros after the last record are therefore room, not a torn write; a
+//! full segment is trimmed to its records before the next one starts.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -58,6 +66,9 @@ const MIN_RECORD: usize = codec::SEQUENCED_HEADER + 9;
 /// A new segment starts once the active one has grown past this (small
 /// in unit tests, so that they cross segments).
 const SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 64 << 20 };
+/// How far ahead of its records the active segment is allocated (small in
+/// unit tests, so that they cross it).
+const PREALLOCATE: u64 = if cfg!(test) { 1 << 10 } else { 4 << 20 };
 /// Records read per look at the index, so a long scan never holds the
 /// lock, or a copy of the whole index, for long.
 const SCAN_BATCH: usize = 256;
@@ -178,6 +189,12 @@ pub struct SegmentLog {
     /// The segment written to, and how long it is.
     active: u32,
     active_len: u64,
+    /// How long the active segment's file is: records, then zeros
+    /// allocated ahead of them.
+    allocated: u64,
+    /// Off after allocating ahead failed once (the file system cannot, or
+    /// is full): writes then only append.
+    preallocate: bool,
     /// The sequence number of the next record.
     next_seq: u64,
     /// Written since the last sync.
@@ -207,6 +224,7 @@ impl SegmentLog {
         let mut last_seq = None;
         let mut torn_tail = None;
         let mut active_len = 0;
+        let mut allocated = 0;
         for (position, id) in ids.iter().enumerate() {
             let path = segment_path(&dir, *id);
             if *id as usize != position {
@@ -227,7 +245,7 @@ impl SegmentLog {
                 apply_to_index(&mut index, &mut hard_state, *id, offset, len, record)
             })
             .map_err(|what| damage(&path, what))?;
-            if valid < bytes.len() {
+            if !is_room(&bytes[valid..]) {
                 torn_tail = Some(TornTail {
                     file: path.clone(),
                     valid: valid as u64,
@@ -235,6 +253,7 @@ impl SegmentLog {
                 });
             }
             active_len = valid as u64;
+            allocated = bytes.len() as u64;
             index.segments.push(Arc::new(file));
         }
         let active = ids.len().saturating_sub(1) as u32;
@@ -250,6 +269,8 @@ impl SegmentLog {
             }),
             active,
             active_len,
+            allocated,
+            preallocate: true,
             next_seq: last_seq.map_or_else(random_seq, |seq: u64| seq.wrapping_add(1)),
             unsynced: false,
             appended: 0,
@@ -401,6 +422,7 @@ impl SegmentLog {
         file.set_len(torn.valid)
             .and_then(|_| file.sync_data())
             .map_err(|e| error(&torn.file, e))?;
+        self.allocated = torn.valid;
         tracing::warn!(
             file = %torn.file.display(),
             kept = torn.valid,
@@ -430,13 +452,43 @@ impl SegmentLog {
 
     fn append(&mut self, bytes: &[u8]) -> Result<(), LogError> {
         let path = self.shared.segment_path(self.active);
-        self.active_file()?
-            .write_all_at(bytes, self.active_len)
+        let file = self.active_file()?;
+        let end = self.active_len + bytes.len() as u64;
+        if end > self.allocated && self.preallocate {
+            self.allocate_ahead(&file, &path, end);
+        }
+        file.write_all_at(bytes, self.active_len)
             .map_err(|e| error(&path, e))?;
         self.active_len += bytes.len() as u64;
         self.appended += bytes.len() as u64;
         self.unsynced = true;
         Ok(())
+    }
+
+    /// Allocates the active segment up to `PREALLOCATE` bytes past `end`.
+    /// Only an optimization: a failure turns it off and the write goes on.
+    fn allocate_ahead(&mut self, file: &File, path: &Path, end: u64) {
+        let target = end + PREALLOCATE;
+        let (Ok(offset), Ok(len)) = (
+            libc::off_t::try_from(self.active_len),
+            libc::off_t::try_from(target - self.active_len),
+        ) else {
+            self.preallocate = false;
+            return;
+        };
+        // SAFETY: `file` is an open file descriptor for the whole call;
+        // posix_fallocate reads nothing from our memory.
+        let failed = unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) };
+        if failed == 0 {
+            self.allocated = target;
+        } else {
+            self.preallocate = false;
+            tracing::warn!(
+                file = %path.display(),
+                error = %std::io::Error::from_raw_os_error(failed),
+                "cannot allocate the log ahead of its writes; appending without (each sync costs a little more)"
+            );
+        }
     }
 
     fn active_file(&self) -> Result<Arc<File>, LogError> {
@@ -455,6 +507,13 @@ impl SegmentLog {
     /// the last segment can ever end in a torn write, and the new one's
     /// name is synced before anything in it is.
     fn rotate(&mut self) -> Result<(), LogError> {
+        if self.allocated > self.active_len {
+            let path = self.shared.segment_path(self.active);
+            self.active_file()?
+                .set_len(self.active_len)
+                .map_err(|e| error(&path, e))?;
+            self.unsynced = true;
+        }
         self.sync()?;
         let id = self.active + 1;
         let path = self.shared.segment_path(id);
@@ -467,6 +526,7 @@ impl SegmentLog {
             .push(Arc::new(file));
         self.active = id;
         self.active_len = 0;
+        self.allocated = 0;
         Ok(())
     }
 }
@@ -580,6 +640,12 @@ fn read_segment(
             },
             Err(problem) => problem,
         };
+        // Allocated ahead and never written (a segment full before this
+        // version trimmed it; the next segment's sequence numbers show
+        // whether records were lost).
+        if is_room(&bytes[at..]) {
+            return Ok(at);
+        }
         if !last {
             return Err(format!(
                 "the record at offset {at} is damaged ({problem}), and later segments follow"
@@ -593,6 +659,12 @@ fn read_segment(
         return Ok(at);
     }
     Ok(at)
+}
+
+/// Whether `tail`, after a segment's last record, is only space allocated
+/// ahead (zeros), as opposed to a torn write.
+fn is_room(tail: &[u8]) -> bool {
+    tail.iter().all(|byte| *byte == 0)
 }
 
 /// The record at the start of `rest`: its sequence number, what it says
@@ -779,6 +851,16 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, String> {
     Ok(records)
 }
 
+/// The records of the segment file at `path`, without the room allocated
+/// after them.
+#[cfg(test)]
+pub(crate) fn written(path: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).expect("read a segment");
+    let end = read_segment(&bytes, true, &mut None, &mut |_, _, _| Ok(())).expect("a segment");
+    bytes.truncate(end);
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -874,7 +956,7 @@ mod tests {
         log.sync().unwrap();
         drop(log);
         let path = segment_path(&dir.join(LOG_DIR), 0);
-        let intact = std::fs::read(&path).unwrap();
+        let intact = written(&path);
         let record = intact.len() / 4;
         // The last record cut short: a torn write, cut once asked.
         std::fs::write(&path, &intact[..intact.len() - 5]).unwrap();
@@ -907,6 +989,64 @@ mod tests {
             err.what
         );
         assert_eq!(std::fs::read(&path).unwrap(), damaged);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn room_allocated_ahead_is_neither_records_nor_a_torn_write() {
+        let dir = std::env::temp_dir().join(format!("cs-segments-room-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
+        log.replace_from(1, &encoded(1, 3, 1)).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let first = segment_path(&dir.join(LOG_DIR), 0);
+        let records = written(&first).len() as u64;
+        let len = std::fs::metadata(&first).unwrap().len();
+        assert!(
+            len >= records + PREALLOCATE,
+            "{len} bytes for {records} of records"
+        );
+        // Reopened: the zeros are room, not a torn write, and the next
+        // write lands right after the records.
+        let mut log = SegmentLog::open(&dir).unwrap();
+        assert!(log.torn_tail().is_none());
+        assert_eq!(log.last_index(), 3);
+        log.replace_from(4, &encoded(4, 4, 1)).unwrap();
+        log.sync().unwrap();
+        // Filled past a segment: the full one is trimmed to its records.
+        let mut next = 5;
+        while segment_ids(&dir.join(LOG_DIR)).unwrap().len() < 2 {
+            log.replace_from(next, &encoded(next, next, 1)).unwrap();
+            next += 1;
+        }
+        log.sync().unwrap();
+        drop(log);
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().len(),
+            written(&first).len() as u64,
+            "the full segment keeps room after its records"
+        );
+        let log = SegmentLog::open(&dir).unwrap();
+        assert_eq!(log.last_index(), next - 1);
+        assert_eq!(terms(&log, 1, 3), vec![(1, 1), (2, 1), (3, 1)]);
+        drop(log);
+        // Bytes in the room are a torn write: cut, and the log goes on.
+        let active = segment_path(&dir.join(LOG_DIR), 1);
+        let end = written(&active).len();
+        let mut bytes = std::fs::read(&active).unwrap();
+        assert!(bytes.len() > end + 10);
+        bytes[end + 7] = 0x5a;
+        std::fs::write(&active, &bytes).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
+        assert_eq!(log.torn_tail().map(|torn| torn.valid), Some(end as u64));
+        log.replace_from(next, &encoded(next, next, 2)).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(&dir).unwrap();
+        assert!(log.torn_tail().is_none());
+        assert_eq!(terms(&log, next, next), vec![(next, 2)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

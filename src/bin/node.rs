@@ -101,6 +101,11 @@ struct RunArgs {
     /// "busy, retry" (clients back off and retry), so memory stays bounded.
     #[arg(long, env = "NODE_MAX_PENDING_MB", default_value_t = cluster_store::server::api::DEFAULT_MAX_PENDING_BYTES >> 20)]
     max_pending_mb: usize,
+    /// Microseconds a busy node's Raft and store threads look for more
+    /// work before they sleep: waking a sleeping thread is slow on virtual
+    /// machines. 0 never spins; an idle node does not spin either.
+    #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
+    spin_us: u64,
 }
 
 #[derive(Args, Clone)]
@@ -549,6 +554,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         priorities,
         max_clients: args.max_clients,
         max_pending_bytes: args.max_pending_mb << 20,
+        spin: Duration::from_micros(args.spin_us),
         simulate_delay: match &args.simulate_delay {
             Some(spec) => cluster_store::latency::parse_delays(spec)?,
             None => Default::default(),

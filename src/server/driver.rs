@@ -23,6 +23,7 @@ use crate::storage::StoreError;
 
 use super::outbox::Outboxes;
 use super::persist::{Job, StoreEvent, StoreHandle};
+use super::spin::Spinner;
 
 /// Work for the driver.
 pub enum Input {
@@ -79,6 +80,7 @@ struct Synced {
 /// the inputs held back while it waited for a vote to be synced.
 struct Inbox {
     queue: Receiver<Input>,
+    spinner: Spinner,
     /// Taken before the queue, in order.
     held: VecDeque<Input>,
 }
@@ -87,7 +89,7 @@ impl Inbox {
     fn next(&mut self, timeout: Duration) -> Result<Input, RecvTimeoutError> {
         match self.held.pop_front() {
             Some(input) => Ok(input),
-            None => self.queue.recv_timeout(timeout),
+            None => self.spinner.recv(&self.queue, Some(timeout)),
         }
     }
 
@@ -145,6 +147,14 @@ pub struct Driver {
     commits: watch::Sender<CommitView>,
 }
 
+/// How often the driver ticks the core, and how long it spins for more
+/// input while busy (`spin.rs`).
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub tick: Duration,
+    pub spin: Duration,
+}
+
 /// What the driver tells the rest of the node as it changes.
 pub struct Feeds {
     /// Leader and clock changes, for the dashboard.
@@ -161,7 +171,7 @@ impl Driver {
         inputs: Receiver<Input>,
         store: StoreHandle,
         outboxes: Outboxes,
-        tick: Duration,
+        Pace { tick, spin }: Pace,
         metrics: Arc<Metrics>,
         Feeds {
             events,
@@ -186,6 +196,7 @@ impl Driver {
             raft,
             inbox: Inbox {
                 queue: inputs,
+                spinner: Spinner::new(spin),
                 held: VecDeque::new(),
             },
             store,
@@ -556,6 +567,7 @@ mod tests {
             inputs.clone(),
             outboxes.clone(),
             metrics.clone(),
+            crate::server::spin::DEFAULT_SPIN,
         )
         .unwrap();
         let (membership, _) = watch::channel(super::super::links::View {
@@ -569,7 +581,10 @@ mod tests {
             input_rx,
             store,
             outboxes,
-            Duration::from_millis(1),
+            Pace {
+                tick: Duration::from_millis(1),
+                spin: crate::server::spin::DEFAULT_SPIN,
+            },
             metrics,
             Feeds {
                 events: broadcast::channel(16).0,

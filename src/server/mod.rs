@@ -21,6 +21,7 @@ mod open;
 pub mod outbox;
 pub mod persist;
 mod running;
+pub mod spin;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,9 @@ pub struct NodeOptions {
     pub max_clients: usize,
     /// Most bytes of messages waiting to commit before sends are "busy".
     pub max_pending_bytes: usize,
+    /// How long the driver and store threads look for more work before
+    /// they sleep, while busy (`spin.rs`).
+    pub spin: Duration,
     /// Testing only: delay datagrams to these addresses (simulated WAN).
     pub simulate_delay: std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
 }

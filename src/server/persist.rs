@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::outbox::Outboxes;
+use super::spin::Spinner;
 use crate::metrics::Metrics;
 use crate::raft::{Envelope, HardState, Index, LogWrite, NodeId, Term};
 use crate::storage::{LogReader, Store, StoreError};
@@ -98,6 +99,7 @@ pub fn start<I>(
     driver: SyncSender<I>,
     outboxes: Outboxes,
     metrics: Arc<Metrics>,
+    spin: Duration,
 ) -> std::io::Result<(StoreHandle, std::thread::JoinHandle<()>)>
 where
     I: From<StoreEvent> + Send + 'static,
@@ -113,6 +115,7 @@ where
         reported_commit: synced_commit,
         outboxes,
         metrics,
+        spinner: Spinner::new(spin),
     };
     let thread = std::thread::Builder::new()
         .name(format!("store-{me}"))
@@ -137,6 +140,7 @@ struct Persister<I: From<StoreEvent>> {
     reported_commit: Index,
     outboxes: Outboxes,
     metrics: Arc<Metrics>,
+    spinner: Spinner,
 }
 
 impl<I: From<StoreEvent>> Persister<I> {
@@ -145,13 +149,13 @@ impl<I: From<StoreEvent>> Persister<I> {
     fn run(mut self) {
         loop {
             let first = if self.store.has_staged() {
-                match self.jobs.recv_timeout(COMMIT_LINGER) {
+                match self.spinner.recv(&self.jobs, Some(COMMIT_LINGER)) {
                     Ok(job) => Some(job),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             } else {
-                match self.jobs.recv() {
+                match self.spinner.recv(&self.jobs, None) {
                     Ok(job) => Some(job),
                     Err(_) => return,
                 }
@@ -294,7 +298,15 @@ mod tests {
         let outboxes = Outboxes::default();
         let (outbox, mut sent) = tokio::sync::mpsc::channel(8);
         outboxes.insert(2, outbox);
-        let (handle, _) = start(1, store, events, outboxes, Arc::new(Metrics::default())).unwrap();
+        let (handle, _) = start(
+            1,
+            store,
+            events,
+            outboxes,
+            Arc::new(Metrics::default()),
+            Duration::ZERO,
+        )
+        .unwrap();
         let ack = Envelope {
             from: 1,
             to: 2,

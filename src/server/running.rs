@@ -171,15 +171,24 @@ impl OpenNode {
             .abort_handle(),
         );
 
-        let (store, store_thread) =
-            persist::start(me, store, inputs.clone(), outboxes.clone(), metrics.clone())
-                .map_err(|e| NodeError::Driver(e.to_string()))?;
+        let (store, store_thread) = persist::start(
+            me,
+            store,
+            inputs.clone(),
+            outboxes.clone(),
+            metrics.clone(),
+            options.spin,
+        )
+        .map_err(|e| NodeError::Driver(e.to_string()))?;
         let driver = Driver::new(
             raft,
             input_rx,
             store,
             outboxes,
-            options.tick,
+            driver::Pace {
+                tick: options.tick,
+                spin: options.spin,
+            },
             metrics.clone(),
             driver::Feeds {
                 events: events.clone(),
@@ -449,6 +458,7 @@ mod tests {
             data: dir.join("data"),
             certs,
             tick: Duration::from_millis(5),
+            spin: crate::server::spin::DEFAULT_SPIN,
             election_ticks: 4,
             heartbeat_ticks: 1,
             priorities: BTreeMap::new(),

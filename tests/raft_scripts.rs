@@ -1098,4 +1098,5 @@ scripts! {
     stale_leader,
     transfer,
     vote_persistence,
+    vote_with_pre_vote,
 }

@@ -148,6 +148,20 @@ impl RaftNode {
                 Message::PreVoteResponse { granted: grant },
             );
             self.out.messages.push(envelope);
+            if grant && self.decides_pre_election(from, term) {
+                // Vote for real at once (durably, before either answer
+                // leaves): the pre-candidate becomes a candidate on our
+                // pre-vote and counts this vote as soon as it arrives, one
+                // round trip sooner (180-310 ms across the WAN bench's
+                // oceans).
+                debug!(
+                    node = self.config.id,
+                    from, term, "voting with the pre-vote"
+                );
+                self.become_follower(term, None);
+                self.vote = Some(from);
+                self.send(from, Message::VoteResponse { granted: true });
+            }
         } else {
             if grant {
                 self.vote = Some(from);
@@ -155,6 +169,23 @@ impl RaftNode {
             }
             self.send(from, Message::VoteResponse { granted: grant });
         }
+    }
+
+    /// Whether this node's pre-vote alone wins `from` its pre-election for
+    /// `term`: the two of them are a quorum of this node's configuration (a
+    /// cluster of two or three voters). The real vote that would follow is
+    /// then certain, so it is cast with the pre-vote; with more voters a
+    /// pre-vote stays a pre-vote, so that a node cut off with a few others
+    /// cannot raise their terms and depose a live leader when it returns.
+    /// Safe whatever the configuration: it is an ordinary vote (one per
+    /// term, for a log at least as up to date), synced before it is sent.
+    fn decides_pre_election(&self, from: NodeId, term: Term) -> bool {
+        term > self.term
+            && self.role != Role::Leader
+            && self.role != Role::Candidate
+            && self.config.is_voter(self.config.id)
+            && self.config.is_voter(from)
+            && self.config.quorum() <= 2
     }
 
     /// Does a rival pre-candidate whose log ends at `candidate` rank above

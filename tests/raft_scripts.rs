@@ -202,13 +202,15 @@ fn message_line(m: &Envelope) -> String {
             reject_index,
             hint_index,
             hint_term,
+            lost,
         }) => format!(
-            "AppendResponse term={} reject at={reject_index} hint={}",
+            "AppendResponse term={} reject at={reject_index} hint={}{}",
             m.term,
             match hint_term {
                 Some(t) => format!("{hint_index}@{t}"),
                 None => format!("{hint_index} (log ends before)"),
-            }
+            },
+            if *lost { " lost" } else { "" }
         ),
         Message::Heartbeat { commit, read_seq } => {
             format!("Heartbeat term={} commit={commit} read={read_seq}", m.term)

@@ -68,11 +68,15 @@ pub enum AppendResult {
     /// (its `prev_index`). The hint lets the leader skip a whole term at once:
     /// the follower holds `hint_term` at `reject_index`, first appearing at
     /// `hint_index`; with no term, the follower's log ends before
-    /// `hint_index`.
+    /// `hint_index`. `lost`: the follower knows it lost entries it
+    /// acknowledged (a heartbeat's commit index, which the leader caps at
+    /// what this follower acknowledged, is past its log: its replica was
+    /// rebuilt).
     Rejected {
         reject_index: Index,
         hint_index: Index,
         hint_term: Option<Term>,
+        lost: bool,
     },
 }
 

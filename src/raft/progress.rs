@@ -37,6 +37,10 @@ pub struct Progress {
     /// Entries released from memory were asked of the driver for this
     /// follower; wait for `RaftNode::fetched`.
     pub fetching: bool,
+    /// The highest `prev_index` of any append sent to the follower.
+    highest_prev_sent: Index,
+    /// `highest_prev_sent` when `match_index` last rose (`sent_since_ack`).
+    prev_sent_at_ack: Index,
 }
 
 impl Progress {
@@ -51,6 +55,8 @@ impl Progress {
             recent_active: true,
             read_ack: 0,
             fetching: false,
+            highest_prev_sent: 0,
+            prev_sent_at_ack: 0,
         }
     }
 
@@ -91,9 +97,10 @@ impl Progress {
         self.clear_inflight();
     }
 
-    /// Records an append ending at `last`, of `bytes` bytes of entries, as
-    /// sent.
-    pub fn sent(&mut self, last: Option<Index>, bytes: usize) {
+    /// Records an append after `prev_index`, ending at `last`, of `bytes`
+    /// bytes of entries, as sent.
+    pub fn sent(&mut self, prev_index: Index, last: Option<Index>, bytes: usize) {
+        self.highest_prev_sent = self.highest_prev_sent.max(prev_index);
         match self.state {
             ReplicationState::Probe => self.probe_sent = true,
             ReplicationState::Replicate => {
@@ -117,11 +124,22 @@ impl Progress {
             self.pop_inflight();
         }
         if index > self.match_index {
+            self.prev_sent_at_ack = self.highest_prev_sent;
             self.match_index = index;
             self.next_index = self.next_index.max(index + 1);
             return true;
         }
         false
+    }
+
+    /// Whether the append after `prev_index` that the follower answered was
+    /// certainly sent after its latest acknowledgement arrived, so that the
+    /// answer describes its log since then. Messages can arrive out of
+    /// order and twice: an answer to an earlier append (its `prev_index`
+    /// no higher than any sent before) may describe the log before the
+    /// acknowledged entries reached it.
+    pub fn sent_since_ack(&self, prev_index: Index) -> bool {
+        prev_index > self.prev_sent_at_ack
     }
 
     /// A heartbeat answer proves the follower is reachable: let one more
@@ -140,8 +158,8 @@ mod tests {
     fn replicate_window_pauses_and_drains() {
         let mut p = Progress::new(1);
         p.become_replicate();
-        p.sent(Some(5), 10);
-        p.sent(Some(9), 10);
+        p.sent(0, Some(5), 10);
+        p.sent(5, Some(9), 10);
         assert!(p.is_paused(2, usize::MAX));
         assert!(p.acknowledge(5));
         assert!(!p.is_paused(2, usize::MAX));
@@ -153,7 +171,7 @@ mod tests {
     fn probe_sends_one_at_a_time() {
         let mut p = Progress::new(7);
         assert!(!p.is_paused(1, 1));
-        p.sent(None, 0);
+        p.sent(0, None, 0);
         assert!(p.is_paused(1, 1));
         p.unpause();
         assert!(!p.is_paused(1, 1));
@@ -163,9 +181,9 @@ mod tests {
     fn replicate_window_counts_bytes_too() {
         let mut p = Progress::new(1);
         p.become_replicate();
-        p.sent(Some(1), 600);
+        p.sent(0, Some(1), 600);
         assert!(!p.is_paused(64, 1000), "600 of 1,000 bytes in flight");
-        p.sent(Some(2), 600);
+        p.sent(1, Some(2), 600);
         assert!(p.is_paused(64, 1000), "1,200 bytes in flight");
         p.unpause();
         assert!(
@@ -174,5 +192,27 @@ mod tests {
         );
         assert!(p.acknowledge(2));
         assert!(!p.is_paused(1, 1), "nothing in flight");
+    }
+
+    #[test]
+    fn only_appends_sent_after_the_latest_acknowledgement_count_as_since() {
+        let mut p = Progress::new(9);
+        p.become_replicate();
+        // Two appends in flight: after 8 (9..=11) and after 11 (12..=13).
+        p.sent(8, Some(11), 30);
+        p.sent(11, Some(13), 20);
+        assert!(p.acknowledge(11));
+        // A rejection of the second append may have been written before
+        // the first arrived: it says nothing of the log since.
+        assert!(!p.sent_since_ack(11));
+        assert!(!p.sent_since_ack(8));
+        // An append sent now, after a higher index than any before.
+        p.sent(13, Some(14), 10);
+        assert!(p.sent_since_ack(13));
+        // A stale acknowledgement moves nothing.
+        assert!(!p.acknowledge(10));
+        assert!(p.sent_since_ack(13));
+        assert!(p.acknowledge(14));
+        assert!(!p.sent_since_ack(13));
     }
 }

@@ -351,14 +351,17 @@ impl RaftNode {
         self.heartbeat_elapsed = 0;
         let next = self.log.last_index() + 1;
         // Members a change in flight removes are still sent the log until
-        // it commits (see `membership_changed`).
+        // it commits (see `membership_changed`). Each most likely holds
+        // our log (its voters granted their votes to it): replicate at
+        // once rather than wait a round trip for a probe's answer before
+        // the first client's message may leave (`Progress::optimistic`).
         let committed = self.committed_membership().clone();
         let me = self.config.id;
         self.progress = self
             .config
             .peers()
             .chain(committed.members().filter(|id| *id != me))
-            .map(|id| (id, Progress::new(next)))
+            .map(|id| (id, Progress::optimistic(next)))
             .collect();
         self.pending = self
             .log

@@ -60,6 +60,19 @@ impl Progress {
         }
     }
 
+    /// A new leader's progress for a member that most likely holds its log
+    /// up to `next_index - 1`: appends go out in the replicate state at
+    /// once, without waiting for a probe's answer; the first rejection
+    /// falls back to probing. A probe first cost a round trip before the
+    /// first client message after an election could even leave: 310 ms of
+    /// the 1.1-1.3 s a kill of the WAN bench's São Paulo leader took.
+    pub fn optimistic(next_index: Index) -> Self {
+        Progress {
+            state: ReplicationState::Replicate,
+            ..Progress::new(next_index)
+        }
+    }
+
     /// May the leader send another append now? In replicate state, not
     /// once `max_inflight` appends or `max_bytes` bytes of entries are
     /// unacknowledged.

@@ -355,12 +355,12 @@ impl RaftNode {
                 // probe from its end, or it would never be caught up.
                 // Only the follower saying so (`lost`: a heartbeat's commit
                 // is past its log), or a rejection of an append certainly
-                // sent since it acknowledged `match_index`, shows that: an older one, delayed or
-                // duplicated, describes the follower as it was then. With
-                // a guess (`reject_index >= match_index`) in its place, the
-                // simulator's reordered answers threw followers back 810
-                // times in one run (seed 5480), and a rebuilt one could not
-                // catch up within the 600 steps after healing.
+                // sent since it acknowledged `match_index`, shows that: an
+                // older one, delayed or duplicated, describes the follower
+                // as it was then. With a guess (`reject_index >=
+                // match_index`) in its place, the simulator's reordered
+                // answers threw followers back to probing 810 times in one
+                // run (seed 5480).
                 let lost = hint_term.is_none()
                     && hint_index <= pr.match_index
                     && (lost || pr.sent_since_ack(reject_index));

@@ -169,8 +169,8 @@ fn main() {
                 tokio::time::sleep(Duration::from_secs(if wan { 3 } else { 1 })).await;
                 // One phase alone, for quick A/B runs of a lever.
                 match std::env::var("BENCH_ONLY").as_deref() {
-                    Ok("one") | Ok("many") => {
-                        let clients = if std::env::var("BENCH_ONLY").as_deref() == Ok("one") { 1 } else { 64 };
+                    Ok(phase @ ("one" | "many")) => {
+                        let clients = if phase == "one" { 1 } else { 64 };
                         let load = closed_loop(&cluster, clients, seconds).await;
                         eprintln!(
                             "{clients} clients: {:.0}/s p50 {:.3} ms p99 {:.2} ms",

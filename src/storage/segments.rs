@@ -640,10 +640,10 @@ fn read_segment(
             },
             Err(problem) => problem,
         };
-        // Allocated ahead and never written (a segment full before this
-        // version trimmed it; the next segment's sequence numbers show
-        // whether records were lost).
-        if is_room(&bytes[at..]) {
+        // Allocated ahead and never written: only the active segment has
+        // such room (a full one is trimmed and synced before the next is
+        // created), so zeros at the end of an earlier one are damage.
+        if last && is_room(&bytes[at..]) {
             return Ok(at);
         }
         if !last {
@@ -1032,6 +1032,16 @@ mod tests {
         assert_eq!(log.last_index(), next - 1);
         assert_eq!(terms(&log, 1, 3), vec![(1, 1), (2, 1), (3, 1)]);
         drop(log);
+        // Zeros after the records of a full segment are not room: damage.
+        let full = std::fs::read(&first).unwrap();
+        let mut padded = full.clone();
+        padded.extend_from_slice(&[0; 64]);
+        std::fs::write(&first, &padded).unwrap();
+        let err = SegmentLog::open(&dir)
+            .err()
+            .expect("opened a padded full segment");
+        assert!(err.damaged && err.file == first, "{}", err.what);
+        std::fs::write(&first, &full).unwrap();
         // Bytes in the room are a torn write: cut, and the log goes on.
         let active = segment_path(&dir.join(LOG_DIR), 1);
         let end = written(&active).len();

@@ -1096,6 +1096,7 @@ scripts! {
     sessions,
     shorter_log,
     single_node,
+    slow_round_trip,
     split_vote,
     stale_leader,
     transfer,

@@ -250,8 +250,13 @@ fn checker_catches_a_forgotten_vote() {
         cfg.network.max_delay = 10;
     })
     .expect("forgetting votes across restarts went unnoticed for 1000 seeds");
+    // The simulator looks for leaders once per step: a second leader of a
+    // term that leads only between two looks shows instead as its entries
+    // of that term conflicting with the first leader's (log matching).
+    // Either way two nodes led one term, and the same seed passes without
+    // the sabotage (`first_failure`).
     assert!(
-        violation.contains("two leaders in term"),
+        violation.contains("two leaders in term") || violation.contains("log matching violated"),
         "unexpected violation: {violation}"
     );
 }

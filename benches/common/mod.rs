@@ -108,8 +108,19 @@ where
 
 /// `clients` clients each sending one message at a time for `seconds`.
 pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
+    // One socket for all the clients, as one process with many writers
+    // would use the library (`Client::on_endpoint`); each client still has
+    // its own connection, certificate and session. `BENCH_OWN_SOCKETS=1`
+    // gives each client a socket of its own (the A/B in BENCHMARKS.md).
+    let shared = std::env::var_os("BENCH_OWN_SOCKETS")
+        .is_none()
+        .then(|| cluster.client("client").endpoint().clone());
     closed_loop_with(clients, seconds, |c, until| {
-        let client = cluster.client(["alice", "bob", "carol"][c % 3]);
+        let name = ["alice", "bob", "carol"][c % 3];
+        let client = match &shared {
+            Some(endpoint) => cluster.client_on(name, endpoint.clone()),
+            None => cluster.client(name),
+        };
         async move {
             let mut latencies = Vec::new();
             let payload = "x".repeat(100);

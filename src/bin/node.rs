@@ -65,10 +65,11 @@ struct RunArgs {
     /// Directory with ca.crt and node-<id>.crt/.key.
     #[arg(long, env = "NODE_CERTS", default_value = "certs")]
     certs: PathBuf,
-    /// Length of one Raft tick in milliseconds. The defaults elect a new
-    /// leader 200-400 ms after the old one dies, and stay stable across
+    /// Length of one Raft tick in milliseconds. The defaults start an
+    /// election 200-400 ms after the old leader dies, and stay stable across
     /// round trips of 300 ms and more (heartbeats keep flowing; their delay
-    /// does not matter, only gaps between them).
+    /// does not matter, only gaps between them; an election that waits for
+    /// answers backs off until they can arrive).
     #[arg(long, env = "NODE_TICK_MS", default_value_t = 20)]
     tick_ms: u64,
     /// Ticks without a leader before an election (randomized up to twice this).

@@ -60,6 +60,9 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Client {
     endpoint: Endpoint,
+    /// This client's certificate and trust, per connection: clients that
+    /// share an endpoint (`Client::on_endpoint`) may hold different ones.
+    config: quinn::ClientConfig,
     /// The nodes it knows: `--cluster`, and members it learned of since
     /// (`learn_members`).
     cluster: std::sync::RwLock<BTreeMap<NodeId, Address>>,
@@ -150,10 +153,27 @@ impl Client {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
-        endpoint.set_default_client_config(tls::client_config(creds)?);
+        let endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
+        Client::on_endpoint(cluster, creds, endpoint)
+    }
+
+    /// A client that dials from `endpoint`, which other clients of this
+    /// process may share (`Client::endpoint`): one UDP socket, and one task
+    /// reading it, for all of them. Each client keeps its own connections,
+    /// certificate, session and leader. Many clients in one process spend
+    /// less CPU this way than with a socket each (BENCHMARKS.md).
+    pub fn on_endpoint(
+        cluster: BTreeMap<NodeId, Address>,
+        creds: &Credentials,
+        endpoint: Endpoint,
+    ) -> Result<Self> {
+        if cluster.is_empty() {
+            return Err(ClientError::NoNodes);
+        }
+        let config = tls::client_config(creds)?;
         Ok(Client {
             endpoint,
+            config,
             cluster: std::sync::RwLock::new(cluster),
             connections: Mutex::new(HashMap::new()),
             idle_streams: Mutex::new(HashMap::new()),
@@ -169,6 +189,12 @@ impl Client {
             latency_us: AtomicU64::new(0),
             give_up_after: Duration::from_secs(60),
         })
+    }
+
+    /// The endpoint this client dials from, to share with other clients
+    /// (`Client::on_endpoint`).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     pub fn nodes(&self) -> Vec<NodeId> {
@@ -234,7 +260,7 @@ impl Client {
         };
         let connecting = self
             .endpoint
-            .connect(address, &node_server_name(node))
+            .connect_with(self.config.clone(), address, &node_server_name(node))
             .map_err(|error| connect(error.to_string()))?;
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(connection)) => connection,

@@ -14,6 +14,7 @@ impl RaftNode {
     pub(super) fn tick_election(&mut self) {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_timeout {
+            self.leaderless_elections = self.leaderless_elections.saturating_add(1);
             let pre_vote = self.config.pre_vote;
             self.start_campaign(pre_vote, false);
         }
@@ -158,6 +159,7 @@ impl RaftNode {
                     node = self.config.id,
                     from, term, "voting with the pre-vote"
                 );
+                self.leaderless_elections = self.leaderless_elections.saturating_add(1);
                 self.become_follower(term, None);
                 self.vote = Some(from);
                 self.send(from, Message::VoteResponse { granted: true });
@@ -165,6 +167,7 @@ impl RaftNode {
         } else {
             if grant {
                 self.vote = Some(from);
+                self.leaderless_elections = self.leaderless_elections.saturating_add(1);
                 self.reset_election_timer();
             }
             self.send(from, Message::VoteResponse { granted: grant });
@@ -349,6 +352,10 @@ impl RaftNode {
         self.transfer = None;
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
+        // Its followers answer a round trip from now; the longer the
+        // election took, the longer that may be (`election_backoff`).
+        self.quorum_grace = self.election_backoff() - 1;
+        self.heard_from_leader();
         let next = self.log.last_index() + 1;
         // Members a change in flight removes are still sent the log until
         // it commits (see `membership_changed`). Each most likely holds

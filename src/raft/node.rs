@@ -58,6 +58,11 @@ pub(super) struct Candidacy {
     pub(super) granted: BTreeSet<NodeId>,
 }
 
+/// Most doublings of the election timeout (`RaftNode::election_backoff`):
+/// 8 times `election_ticks`, 1.6-3.2 s with the defaults, enough for any
+/// round trip on Earth.
+const MAX_BACKOFF: u32 = 3;
+
 /// A Raft node as a deterministic state machine: no clock, no I/O.
 /// Feed it `tick`, `step`, `propose`, `read_index`; drain `ready`.
 pub struct RaftNode {
@@ -75,6 +80,15 @@ pub struct RaftNode {
     /// round (leaders).
     pub(super) election_elapsed: u64,
     pub(super) randomized_timeout: u64,
+    /// Elections this node started, or decided with its vote, since it
+    /// last heard from a leader. Each doubles the next election timeout
+    /// (up to `MAX_BACKOFF`): an election waits for answers, and across an
+    /// ocean a round trip can outlast an election timeout meant only to
+    /// notice a silent leader (`election_backoff`).
+    pub(super) leaderless_elections: u32,
+    /// Quorum checks a new leader skips: its first answers are a round
+    /// trip away, which may be longer than one check period.
+    pub(super) quorum_grace: u64,
     pub(super) heartbeat_elapsed: u64,
     /// Votes received in the current (pre-)election: true is a grant.
     pub(super) votes: BTreeMap<NodeId, bool>,
@@ -219,6 +233,8 @@ impl RaftNode {
             lamport,
             election_elapsed: 0,
             randomized_timeout: 0,
+            leaderless_elections: 0,
+            quorum_grace: 0,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             candidacy: None,
@@ -430,6 +446,20 @@ impl RaftNode {
                 // A pre-vote changes no term; a granted pre-vote echoes the
                 // term we would campaign in.
                 Message::PreVote { .. } | Message::PreVoteResponse { granted: true } => {}
+                // A voter that decides our pre-election votes with its
+                // pre-vote (`decides_pre_election`). If the vote overtakes
+                // the pre-vote (the simulator reorders), it stands for
+                // both: deposing ourselves for its term would throw away
+                // the vote, and with it the election, round after round.
+                Message::VoteResponse { granted: true }
+                    if self.role == Role::PreCandidate && term == self.term + 1 =>
+                {
+                    self.record_vote(from, true);
+                    if self.role == Role::Candidate && self.term == term {
+                        self.record_vote(from, true);
+                    }
+                    return;
+                }
                 Message::Append { .. } | Message::Heartbeat { .. } | Message::TimeoutNow => {
                     self.become_follower(term, Some(from))
                 }
@@ -596,8 +626,28 @@ impl RaftNode {
 
     pub(super) fn reset_election_timer(&mut self) {
         self.election_elapsed = 0;
-        let base = self.config.election_ticks;
+        let base = self.config.election_ticks * self.election_backoff();
         self.randomized_timeout = self.rng.range(base, 2 * base);
+    }
+
+    /// How many times longer than `election_ticks` the next timeout is:
+    /// 1 while the node hears from a leader (noticing a silent one stays
+    /// quick), doubling with each election since. A (pre-)candidate then
+    /// waits longer for its answers and a voter for its new leader's first
+    /// message, so elections settle whatever the round trip: with both
+    /// waits shorter than the 310 ms Iowa-Sydney round trip, the two
+    /// survivors of São Paulo's death took turns deposing each other's
+    /// fresh candidacies for 70-100 s (election ticks of 160 ms).
+    pub(super) fn election_backoff(&self) -> u64 {
+        1 << self.leaderless_elections.min(MAX_BACKOFF)
+    }
+
+    /// Heard from the leader of this term: elections are over, and the
+    /// timer drawn with a backoff shrinks back to the plain range (scaled,
+    /// not drawn again, so that a seed replays the same draws).
+    pub(super) fn heard_from_leader(&mut self) {
+        self.randomized_timeout /= self.election_backoff();
+        self.leaderless_elections = 0;
     }
 }
 

@@ -33,7 +33,9 @@ impl RaftNode {
         }
         if self.election_elapsed >= self.config.election_ticks {
             self.election_elapsed = 0;
-            if self.config.check_quorum && !self.quorum_active() {
+            if self.quorum_grace > 0 {
+                self.quorum_grace -= 1;
+            } else if self.config.check_quorum && !self.quorum_active() {
                 info!(
                     node = self.config.id,
                     term = self.term,
@@ -467,6 +469,7 @@ impl RaftNode {
         }
         self.leader = Some(from);
         self.election_elapsed = 0;
+        self.heard_from_leader();
 
         if entries.first().is_some_and(|e| e.index != prev_index + 1) {
             error!(
@@ -574,6 +577,7 @@ impl RaftNode {
         }
         self.leader = Some(from);
         self.election_elapsed = 0;
+        self.heard_from_leader();
         // The leader sends what it knows we hold (`commit` is capped at
         // our match index). Holding less, we lost entries we had
         // acknowledged (a rebuilt replica): say so, as a rejection of an

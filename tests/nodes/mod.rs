@@ -337,15 +337,30 @@ impl TestCluster {
     }
 
     pub fn client_with(&self, name: &str, certs: &Path) -> Client {
+        Client::new(self.cluster_map(), &self.client_creds(name, certs)).expect("client")
+    }
+
+    /// A client `name` dialing from `endpoint`, which other clients share.
+    pub fn client_on(&self, name: &str, endpoint: quinn::Endpoint) -> Client {
+        Client::on_endpoint(
+            self.cluster_map(),
+            &self.client_creds(name, &self.certs()),
+            endpoint,
+        )
+        .expect("client")
+    }
+
+    fn client_creds(&self, name: &str, certs: &Path) -> Credentials {
         let (ca, _) = identity::ca_path(certs);
         let (cert, key) = identity::client_cert_path(certs, name);
-        let creds = Credentials::load(&ca, &cert, &key).expect("client credentials");
-        let cluster = self
-            .all()
+        Credentials::load(&ca, &cert, &key).expect("client credentials")
+    }
+
+    fn cluster_map(&self) -> std::collections::BTreeMap<NodeId, cluster_store::address::Address> {
+        self.all()
             .into_iter()
             .map(|id| (id, self.addr(id).into()))
-            .collect();
-        Client::new(cluster, &creds).expect("client")
+            .collect()
     }
 
     /// Waits until the running nodes agree on one leader.

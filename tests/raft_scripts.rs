@@ -180,7 +180,7 @@ fn message_line(m: &Envelope) -> String {
             m.term,
             if *transfer { " transfer" } else { "" }
         ),
-        Message::VoteResponse { granted } => format!(
+        Message::VoteResponse { granted, .. } => format!(
             "VoteResponse term={} {}",
             m.term,
             if *granted { "granted" } else { "refused" }

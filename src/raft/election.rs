@@ -162,7 +162,13 @@ impl RaftNode {
                 self.leaderless_elections = self.leaderless_elections.saturating_add(1);
                 self.become_follower(term, None);
                 self.vote = Some(from);
-                self.send(from, Message::VoteResponse { granted: true });
+                self.send(
+                    from,
+                    Message::VoteResponse {
+                        granted: true,
+                        judged: Some(candidate),
+                    },
+                );
             }
         } else {
             if grant {
@@ -170,7 +176,13 @@ impl RaftNode {
                 self.leaderless_elections = self.leaderless_elections.saturating_add(1);
                 self.reset_election_timer();
             }
-            self.send(from, Message::VoteResponse { granted: grant });
+            self.send(
+                from,
+                Message::VoteResponse {
+                    granted: grant,
+                    judged: None,
+                },
+            );
         }
     }
 

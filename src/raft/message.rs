@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Entry, Index, Lamport, NodeId, Term};
+use super::types::{Entry, Index, Lamport, LogPosition, NodeId, Term};
 
 /// A message with its routing header.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,12 @@ pub enum Message {
     },
     VoteResponse {
         granted: bool,
+        /// A vote cast with a pre-vote (`decides_pre_election`) names the
+        /// log it judged: the pre-vote's. The pre-candidate may have asked
+        /// again since with another log (a leader of its term truncated
+        /// it), and counts the vote only for that log. `None` for an answer
+        /// to a `Vote`, which judged the candidacy's own log.
+        judged: Option<LogPosition>,
     },
     /// Log replication: `entries` follow the entry at `prev_index`, which the
     /// receiver must hold with `prev_term`.

@@ -451,8 +451,14 @@ impl RaftNode {
                 // the pre-vote (the simulator reorders), it stands for
                 // both: deposing ourselves for its term would throw away
                 // the vote, and with it the election, round after round.
-                Message::VoteResponse { granted: true }
-                    if self.role == Role::PreCandidate && term == self.term + 1 =>
+                // Only for the log it judged: one this node no longer holds
+                // may lack entries the voter's log had.
+                Message::VoteResponse {
+                    granted: true,
+                    judged: Some(judged),
+                } if self.role == Role::PreCandidate
+                    && term == self.term + 1
+                    && judged == self.log_position() =>
                 {
                     self.record_vote(from, true);
                     if self.role == Role::Candidate && self.term == term {
@@ -497,7 +503,13 @@ impl RaftNode {
                     self.record_vote(from, false);
                 }
             }
-            Message::VoteResponse { granted } => {
+            // A vote cast with a pre-vote for a log this node no longer
+            // holds vouches for nothing here: its pre-vote round is over.
+            Message::VoteResponse {
+                judged: Some(judged),
+                ..
+            } if judged != self.log_position() => {}
+            Message::VoteResponse { granted, .. } => {
                 if granted {
                     self.record_late_vote(from);
                 }

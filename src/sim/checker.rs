@@ -225,13 +225,21 @@ impl Checker {
     }
 
     /// Leader completeness: a leader of `term` holds every entry committed
-    /// in earlier terms (and its own).
+    /// in earlier terms (and its own). Checked while no later term has
+    /// had a leader: a stale leader, cut off from a newer one, need not
+    /// hold what the newer one committed since, even entries of its own
+    /// term or older that were uncommitted when it was elected. (Stale
+    /// leaders step down after their quorum checks; a new leader's grace,
+    /// `election_backoff`, can keep one longer.)
     pub fn check_leader_complete(
         &self,
         node: NodeId,
         term: Term,
         chain: &[u64],
     ) -> Result<(), Violation> {
+        if self.leaders.keys().any(|t| *t > term) {
+            return Ok(());
+        }
         let prefix = self.canonical.partition_point(|e| e.term <= term);
         if prefix == 0 {
             return Ok(());

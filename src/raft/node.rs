@@ -59,9 +59,10 @@ pub(super) struct Candidacy {
 }
 
 /// Most doublings of the election timeout (`RaftNode::election_backoff`):
-/// 8 times `election_ticks`, 1.6-3.2 s with the defaults, enough for any
-/// round trip on Earth.
-const MAX_BACKOFF: u32 = 3;
+/// 4 times `election_ticks`, 0.8-1.6 s with the defaults, more than any
+/// round trip on Earth, and the longest a cluster leaderless for a while
+/// (a partition with no majority anywhere) waits once it heals.
+const MAX_BACKOFF: u32 = 2;
 
 /// A Raft node as a deterministic state machine: no clock, no I/O.
 /// Feed it `tick`, `step`, `propose`, `read_index`; drain `ready`.
@@ -82,9 +83,9 @@ pub struct RaftNode {
     pub(super) randomized_timeout: u64,
     /// Elections this node started, or decided with its vote, since it
     /// last heard from a leader. Each doubles the next election timeout
-    /// (up to `MAX_BACKOFF`): an election waits for answers, and across an
-    /// ocean a round trip can outlast an election timeout meant only to
-    /// notice a silent leader (`election_backoff`).
+    /// (at most `MAX_BACKOFF` times): an election waits for answers, and
+    /// across an ocean a round trip can outlast an election timeout meant
+    /// only to notice a silent leader (`election_backoff`).
     pub(super) leaderless_elections: u32,
     /// Quorum checks a new leader skips: its first answers are a round
     /// trip away, which may be longer than one check period.
@@ -649,7 +650,7 @@ impl RaftNode {
     /// message, so elections settle whatever the round trip: with both
     /// waits shorter than the 310 ms Iowa-Sydney round trip, the two
     /// survivors of São Paulo's death took turns deposing each other's
-    /// fresh candidacies for 70-100 s (election ticks of 160 ms).
+    /// fresh leaders for up to four minutes (election ticks of 160 ms).
     pub(super) fn election_backoff(&self) -> u64 {
         1 << self.leaderless_elections.min(MAX_BACKOFF)
     }

@@ -139,20 +139,9 @@ fn leader_killed_during_load_loses_and_doubles_nothing() {
 #[test]
 fn survivors_a_long_round_trip_apart_elect_a_leader_that_holds() {
     serial(|| async {
-        let far = |id: u64| -> Vec<String> {
-            let delay = |peer: u64| if id + peer == 5 { 250 } else { 10 };
-            let spec: Vec<String> = [1u64, 2, 3]
-                .into_iter()
-                .filter(|peer| *peer != id)
-                .map(|peer| format!("127.0.0.24:{}={}ms", nodes::port(peer), delay(peer)))
-                .collect();
-            vec![
-                "--simulate-delay".into(),
-                spec.join(","),
-                "--priorities".into(),
-                "1=10".into(),
-            ]
-        };
+        // Nodes 2 and 3 are 250 ms apart each way, node 1 10 ms from both.
+        let far =
+            |id| nodes::delayed_args(24, id, &[1, 2, 3], |a, b| if a + b == 5 { 250 } else { 10 });
         let mut cluster = TestCluster::start_with("far", 24, &[1, 2, 3], &[], far);
         let admin = cluster.client("client");
         // Node 1, near both others, leads (its priority takes over).

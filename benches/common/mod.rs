@@ -42,23 +42,8 @@ pub fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
         if !wan {
             return Vec::new();
         }
-        let spec: Vec<String> = (1..=nodes)
-            .filter(|peer| *peer != id)
-            .map(|peer| {
-                format!(
-                    "127.0.0.{ip}:{}={}ms",
-                    nodes::port(peer),
-                    wan_delay(id, peer)
-                )
-            })
-            .collect();
         // Iowa should lead (it is nearest to the others on average).
-        vec![
-            "--simulate-delay".into(),
-            spec.join(","),
-            "--priorities".into(),
-            "1=10".into(),
-        ]
+        nodes::delayed_args(ip, id, &ids, wan_delay)
     })
 }
 

@@ -74,6 +74,28 @@ pub fn port(id: NodeId) -> u16 {
     7000 + id as u16
 }
 
+/// Arguments that make node `id` of `nodes` (on 127.0.0.`ip`) hold each
+/// datagram to a peer for `delay_ms(id, peer)` (`--simulate-delay`), with
+/// node 1 preferred as leader.
+pub fn delayed_args(
+    ip: u8,
+    id: NodeId,
+    nodes: &[NodeId],
+    delay_ms: impl Fn(NodeId, NodeId) -> u64,
+) -> Vec<String> {
+    let spec: Vec<String> = nodes
+        .iter()
+        .filter(|peer| **peer != id)
+        .map(|peer| format!("127.0.0.{ip}:{}={}ms", port(*peer), delay_ms(id, *peer)))
+        .collect();
+    vec![
+        "--simulate-delay".into(),
+        spec.join(","),
+        "--priorities".into(),
+        "1=10".into(),
+    ]
+}
+
 impl TestCluster {
     /// Makes certificates and starts every node.
     pub fn start(name: &str, ip_octet: u8, voters: &[NodeId], learners: &[NodeId]) -> Self {

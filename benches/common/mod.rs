@@ -93,12 +93,12 @@ where
 
 /// `clients` clients each sending one message at a time for `seconds`.
 pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) -> Load {
-    // One socket for all the clients, as one process with many writers
-    // would use the library (`Client::on_endpoint`); each client still has
-    // its own connection, certificate and session. `BENCH_OWN_SOCKETS=1`
-    // gives each client a socket of its own (the A/B in BENCHMARKS.md).
-    let shared = std::env::var_os("BENCH_OWN_SOCKETS")
-        .is_none()
+    // A socket per client, like NATS's connection per client.
+    // `BENCH_SHARED_SOCKET=1` puts them all on one (`Client::on_endpoint`):
+    // less client CPU, the same throughput, but a slow start on the WAN
+    // topology that is not understood yet (BENCHMARKS.md).
+    let shared = std::env::var_os("BENCH_SHARED_SOCKET")
+        .is_some()
         .then(|| cluster.client("client").endpoint().clone());
     closed_loop_with(clients, seconds, |c, until| {
         let name = ["alice", "bob", "carol"][c % 3];

@@ -161,7 +161,8 @@ impl Client {
     /// process may share (`Client::endpoint`): one UDP socket, and one task
     /// reading it, for all of them. Each client keeps its own connections,
     /// certificate, session and leader. Many clients in one process spend
-    /// less CPU this way than with a socket each (BENCHMARKS.md).
+    /// less CPU this way than with a socket each (BENCHMARKS.md; 64 of them
+    /// started slowly on a simulated WAN, not yet understood).
     pub fn on_endpoint(
         cluster: BTreeMap<NodeId, Address>,
         creds: &Credentials,

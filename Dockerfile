@@ -33,6 +33,7 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/cluster-store 
 COPY --from=builder /src/target/release/node /usr/local/bin/node
 USER cluster-store
 ENV NODE_DATA=/data NODE_CERTS=/certs
-EXPOSE 7000 8000
+# 7000: QUIC (peers, clients) and TLS over TCP (clients, the default); 8000: HTTP.
+EXPOSE 7000/udp 7000/tcp 8000
 VOLUME ["/data"]
 ENTRYPOINT ["/usr/local/bin/node"]

@@ -239,6 +239,25 @@ fn transport_with(stream_window: u32) -> Arc<quinn::TransportConfig> {
 
 /// Accepts connections only from holders of a certificate signed by the CA.
 pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls_server(creds)?;
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec(), ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The node's TLS-over-TCP listener for clients: the same certificates,
+/// trust and revocation list as its QUIC side, the client protocol only.
+pub fn tcp_server_config(creds: &Credentials) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut tls = rustls_server(creds)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// TLS 1.3 that requires a certificate of the CA from the other end.
+fn rustls_server(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(creds.roots()?),
         provider(),
@@ -247,16 +266,10 @@ pub fn server_config(creds: &Credentials) -> Result<quinn::ServerConfig, TlsErro
     .only_check_end_entity_revocation()
     .allow_unknown_revocation_status()
     .build()?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
-    tls.alpn_protocols = vec![PEER_ALPN.to_vec(), ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport());
-    Ok(config)
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?)
 }
 
 /// Dials nodes as a client, presenting our certificate and trusting only
@@ -275,6 +288,21 @@ fn dial_config(
     alpn: &[u8],
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    let tls = rustls_client(creds, alpn)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport);
+    Ok(config)
+}
+
+/// Dials nodes as a client over TLS over TCP (`client::Transport::Tcp`).
+pub fn tcp_client_config(creds: &Credentials) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(Arc::new(rustls_client(creds, ALPN)?))
+}
+
+/// TLS 1.3 presenting our certificate and trusting only the CA.
+fn rustls_client(creds: &Credentials, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(creds.roots()?),
         provider(),
@@ -288,21 +316,31 @@ fn dial_config(
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
     tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport);
-    Ok(config)
+    Ok(tls)
 }
 
 /// The verified identity of the other end of a connection.
 pub fn peer_identity(connection: &quinn::Connection) -> Result<identity::Identity, IdentityError> {
     let certs = connection
         .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    chain_identity(certs.as_deref().map(Vec::as_slice))
+}
+
+/// The identity in the leaf of a verified certificate chain (a TLS
+/// session's `peer_certificates`).
+pub fn chain_identity(
+    certs: Option<&[CertificateDer<'_>]>,
+) -> Result<identity::Identity, IdentityError> {
+    let leaf = certs
+        .and_then(|certs| certs.first())
         .ok_or(IdentityError::NoCertificate)?;
-    let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
     identity::identity_of(leaf)
+}
+
+/// The serial number of the leaf of a certificate chain.
+pub fn chain_serial(certs: Option<&[CertificateDer<'_>]>) -> Option<Vec<u8>> {
+    identity::serial_of(certs?.first()?).ok()
 }
 
 /// The application protocol the other end chose in the handshake.
@@ -319,7 +357,7 @@ pub fn peer_serial(connection: &quinn::Connection) -> Option<Vec<u8>> {
     let certs = connection
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())?;
-    identity::serial_of(certs.first()?).ok()
+    chain_serial(Some(&certs))
 }
 
 #[cfg(test)]

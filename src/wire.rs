@@ -416,6 +416,8 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(
 ) -> Result<(), WireError> {
     let frame = encode(value)?;
     writer.write_all(&frame).await?;
+    // TLS over TCP holds a record until flushed; a QUIC stream sends anyway.
+    writer.flush().await?;
     Ok(())
 }
 

@@ -89,6 +89,99 @@ fn three_nodes_three_clients_a_thousand_messages_each() {
     });
 }
 
+/// Clients over QUIC and over TLS over TCP (a node serves both on one
+/// port number) write to one log, each through a leader kill, and read the
+/// same log back; `node send --transport` picks one from the command line.
+#[test]
+fn clients_over_quic_and_tcp_share_one_log_through_a_leader_kill() {
+    use cluster_store::client::Transport;
+    use cluster_store::wire::{Start, Until};
+    serial(|| async {
+        let mut cluster = TestCluster::start("transports", 26, &[1, 2, 3], &[]);
+        let certs = cluster.certs();
+        let quic = Arc::new(cluster.client_over("alice", &certs, Transport::Quic));
+        let tcp = Arc::new(cluster.client_over("bob", &certs, Transport::Tcp));
+        assert!(quic.endpoint().is_some() && tcp.endpoint().is_none());
+        let first_leader = cluster.wait_for_leader(&quic, SECONDS_30).await;
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = [
+            tokio::spawn(send_many(quic.clone(), "alice", 200, sent.clone())),
+            tokio::spawn(send_many(tcp.clone(), "bob", 200, sent.clone())),
+        ];
+        while sent.load(Ordering::SeqCst) < 100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cluster.kill(first_leader);
+        let mut acked = Vec::new();
+        for task in tasks {
+            acked.extend(task.await.expect("client task"));
+        }
+        // Pipelined batches on one stream, over each transport.
+        for (client, name) in [(&quic, "alice"), (&tcp, "bob")] {
+            let lines: Vec<String> = (0..3000).map(|i| format!("{name}-bulk-{i}")).collect();
+            let mut landed = 0;
+            client
+                .send_pipelined(
+                    lines.chunks(100).map(<[String]>::to_vec),
+                    cluster_store::client::PIPELINE_WINDOW,
+                    |_, committed| {
+                        landed += committed.len();
+                        Ok(())
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{name}'s pipelined send: {e:#}"));
+            assert_eq!(landed, 3000, "{name}'s pipelined messages");
+        }
+        let from_quic = quic.export().await.expect("export over QUIC");
+        let from_tcp = tcp.export().await.expect("export over TCP");
+        assert_eq!(from_quic.len(), 6400, "every message exactly once");
+        assert_eq!(
+            from_quic, from_tcp,
+            "the two transports read different logs"
+        );
+        check_export(&from_quic);
+        check_acked(&from_quic, &acked);
+        // A watch over each, from the start to the commit.
+        for (client, transport) in [(&quic, "QUIC"), (&tcp, "TCP")] {
+            let watched = client
+                .watch(Start::Index(1), Until::Commit)
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("watch over {transport}: {e:#}"));
+            assert_eq!(watched, from_quic, "a watch over {transport}");
+        }
+        // The command line, both ways, and a transport it does not know.
+        for transport in ["quic", "tcp"] {
+            let text = format!("from the command line over {transport}");
+            let out = cluster.run_cli(&["send", &text, "--transport", transport], None);
+            assert!(
+                out.status.success(),
+                "node send --transport {transport}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = cluster.run_cli(&["send", "x", "--transport", "udp"], None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains("unknown transport \"udp\": expected tcp or quic"),
+            "{stderr}"
+        );
+        let texts: Vec<String> = tcp
+            .export()
+            .await
+            .expect("export")
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        for transport in ["quic", "tcp"] {
+            let text = format!("from the command line over {transport}");
+            assert!(texts.contains(&text), "{text:?} is not in the log");
+        }
+    });
+}
+
 #[test]
 fn leader_killed_during_load_loses_and_doubles_nothing() {
     serial(|| async {
@@ -582,6 +675,19 @@ fn bad_starts_fail_with_clear_errors() {
         assert!(!out.status.success());
         assert!(
             stderr.contains("another process holds that port"),
+            "{stderr}"
+        );
+        // Only its TCP side (for clients) taken: named as such.
+        let holder = std::net::TcpListener::bind((cluster.addr(1).ip(), 0)).expect("bind TCP");
+        let listen = holder.local_addr().expect("address").to_string();
+        let out = run(&[
+            "--id", "1", "--peers", &peers, "--data", &dir, "--listen", &listen,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(&format!("cannot listen on {listen}"))
+                && stderr.contains("TCP, for clients: another process holds that port"),
             "{stderr}"
         );
 

@@ -16,7 +16,7 @@ use cluster_store::client::Client;
 use cluster_store::identity::{self, Validity};
 use cluster_store::raft::{Committed, NodeId, Role};
 use cluster_store::tls::{self, Credentials};
-use cluster_store::wire::ExportedEntry;
+use cluster_store::wire::{ClientResponse, ExportedEntry};
 use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
@@ -335,6 +335,70 @@ fn overload_is_answered_busy_and_loses_nothing() {
             connection.close(0u32.into(), b"done");
         }
         drop(open);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // The same crowd over TLS over TCP (a connection per stream): at
+        // most 200 served, every other one answered "busy" in its frame.
+        let tls = tokio_rustls::TlsConnector::from(tls::tcp_client_config(&creds).expect("tls"));
+        let mut attempts = Vec::new();
+        for i in 0..1500 {
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (tls, addr) = (tls.clone(), cluster.addr(leader));
+            attempts.push(tokio::spawn(async move {
+                let exchange = async {
+                    let socket = tokio::net::TcpStream::connect(addr).await?;
+                    let name = identity::node_server_name(leader).try_into()?;
+                    let mut stream = tls.connect(name, socket).await?;
+                    cluster_store::wire::write_frame(
+                        &mut stream,
+                        &cluster_store::wire::ClientRequest::Status,
+                    )
+                    .await?;
+                    let answer = cluster_store::wire::read_frame::<
+                        _,
+                        cluster_store::wire::ClientResponse,
+                    >(&mut stream)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no answer"))?;
+                    anyhow::Ok((answer, stream))
+                };
+                match tokio::time::timeout(Duration::from_secs(20), exchange).await {
+                    Ok(Ok((ClientResponse::Status(_), stream))) => Ok(stream),
+                    Ok(Ok((ClientResponse::Busy { message }, _))) => Err(message),
+                    Ok(Ok((other, _))) => Err(format!("{other:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".into()),
+                }
+            }));
+        }
+        let mut open = Vec::new();
+        let mut refusals: HashMap<String, usize> = HashMap::new();
+        for attempt in attempts {
+            match attempt.await.expect("task") {
+                Ok(stream) => open.push(stream),
+                Err(reason) => *refusals.entry(reason).or_default() += 1,
+            }
+        }
+        println!(
+            "{} TCP connections served, refused: {refusals:?}",
+            open.len()
+        );
+        assert!(
+            !open.is_empty() && open.len() <= 200,
+            "{} TCP connections served",
+            open.len()
+        );
+        assert!(
+            refusals.keys().all(|r| r.contains("busy")),
+            "TCP connections refused without a busy answer: {refusals:?}"
+        );
+        drop(open);
+        admin
+            .status(leader)
+            .await
+            .expect("the leader stopped answering under a TCP connection flood");
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         // 100 clients, 4 writers each, sending 16 KiB batches as fast as they

@@ -7,6 +7,7 @@ pub mod nodes;
 
 use std::time::{Duration, Instant};
 
+use cluster_store::client::Transport;
 use cluster_store::raft::NodeId;
 use nodes::TestCluster;
 
@@ -97,9 +98,13 @@ pub async fn closed_loop(cluster: &TestCluster, clients: usize, seconds: u64) ->
     // `BENCH_SHARED_SOCKET=1` puts them all on one (`Client::on_endpoint`):
     // less client CPU, the same throughput, but a slow start on the WAN
     // topology that is not understood yet (BENCHMARKS.md).
-    let shared = std::env::var_os("BENCH_SHARED_SOCKET")
-        .is_some()
-        .then(|| cluster.client("client").endpoint().clone());
+    let shared = std::env::var_os("BENCH_SHARED_SOCKET").is_some().then(|| {
+        cluster
+            .client_over("client", &cluster.certs(), Transport::Quic)
+            .endpoint()
+            .cloned()
+            .expect("a QUIC client has an endpoint")
+    });
     closed_loop_with(clients, seconds, |c, until| {
         let name = ["alice", "bob", "carol"][c % 3];
         let client = match &shared {

@@ -120,6 +120,10 @@ struct ClientArgs {
     /// Which client certificate to use.
     #[arg(long, env = "NODE_CLIENT_NAME", default_value = "client")]
     name: String,
+    /// How to reach the nodes: `tcp` (TLS over TCP) or `quic`; a node
+    /// listens for both on its one port number.
+    #[arg(long, env = "NODE_TRANSPORT", default_value = "tcp")]
+    transport: cluster_store::client::Transport,
 }
 
 #[derive(Subcommand)]
@@ -373,7 +377,7 @@ fn parse_hosts(hosts: &[String]) -> Result<BTreeMap<NodeId, Vec<String>>> {
 fn client_from(args: &ClientArgs) -> Result<Client, ClientError> {
     let spec = args.cluster.as_deref().ok_or(ClientError::NoNodes)?;
     let cluster = cluster_store::address::parse_members(spec, "--cluster")?;
-    Client::from_certs(cluster, &args.certs, &args.name)
+    Client::from_certs(cluster, &args.certs, &args.name, args.transport)
 }
 
 fn main() -> std::process::ExitCode {

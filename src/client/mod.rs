@@ -5,17 +5,21 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod error;
 pub mod export;
+mod link;
 mod members;
 pub mod render;
 mod watch;
 pub use error::{ClientError, DialError, Refused};
+pub use link::Transport;
+use link::{Link, Recv, Send, TcpLink};
 pub use members::{AddProgress, Added, AlreadyMember, ChangeReport, CHANGE_PATIENCE};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::Endpoint;
+use tokio::io::AsyncWriteExt;
 pub use watch::LogStream;
 
 use crate::address::Address;
@@ -24,7 +28,7 @@ use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, Propo
 use crate::tls::{self, peer_identity, Credentials, Holder};
 use crate::wire::{
     read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, WireError, CLOSE_BUSY, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
+    Until, WireError, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
 };
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
@@ -59,14 +63,12 @@ const LOOK_EVERY: Duration = Duration::from_millis(50);
 const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Client {
-    endpoint: Endpoint,
-    /// This client's certificate and trust, per connection: clients that
-    /// share an endpoint (`Client::on_endpoint`) may hold different ones.
-    config: quinn::ClientConfig,
+    /// How this client reaches nodes, with its certificate and trust.
+    dialer: Dialer,
     /// The nodes it knows: `--cluster`, and members it learned of since
     /// (`learn_members`).
     cluster: std::sync::RwLock<BTreeMap<NodeId, Address>>,
-    connections: Mutex<HashMap<NodeId, Connection>>,
+    connections: Mutex<HashMap<NodeId, Link>>,
     /// Streams whose last request was answered, ready for the next one
     /// (`Client::stream`).
     idle_streams: Mutex<HashMap<NodeId, Vec<IdleStream>>>,
@@ -88,12 +90,24 @@ pub struct Client {
     pub give_up_after: Duration,
 }
 
-/// A stream left open after its request was answered, on the connection
-/// `connection` (a `Connection::stable_id`).
+/// How a client dials nodes (`Transport`).
+enum Dialer {
+    /// From `endpoint`, which clients may share (`Client::on_endpoint`):
+    /// the TLS settings are per client, as they may hold different
+    /// certificates.
+    Quic {
+        endpoint: Endpoint,
+        config: quinn::ClientConfig,
+    },
+    Tcp(Arc<rustls::ClientConfig>),
+}
+
+/// A stream left open after its request was answered, on the link
+/// `link` (`Link::id`).
 struct IdleStream {
-    connection: usize,
-    send: SendStream,
-    recv: RecvStream,
+    link: usize,
+    send: Send,
+    recv: Recv,
 }
 
 /// Idle streams kept per node: one per task that shares the client sends
@@ -129,6 +143,7 @@ impl Client {
         cluster: BTreeMap<NodeId, Address>,
         certs: &std::path::Path,
         name: &str,
+        transport: Transport,
     ) -> Result<Self> {
         let nodes: Vec<NodeId> = cluster.keys().copied().collect();
         let creds = Credentials::of(
@@ -138,12 +153,28 @@ impl Client {
                 nodes: &nodes,
             },
         )?;
-        Client::new(cluster, &creds)
+        Client::with_transport(cluster, &creds, transport)
     }
 
+    /// A client of the nodes `cluster` over the default transport (TLS
+    /// over TCP).
     pub fn new(cluster: BTreeMap<NodeId, Address>, creds: &Credentials) -> Result<Self> {
+        Client::with_transport(cluster, creds, Transport::default())
+    }
+
+    pub fn with_transport(
+        cluster: BTreeMap<NodeId, Address>,
+        creds: &Credentials,
+        transport: Transport,
+    ) -> Result<Self> {
         if cluster.is_empty() {
             return Err(ClientError::NoNodes);
+        }
+        if transport == Transport::Tcp {
+            return Ok(Client::with_dialer(
+                cluster,
+                Dialer::Tcp(tls::tcp_client_config(creds)?),
+            ));
         }
         let bind: SocketAddr = if cluster
             .values()
@@ -157,9 +188,9 @@ impl Client {
         Client::on_endpoint(cluster, creds, endpoint)
     }
 
-    /// A client that dials from `endpoint`, which other clients of this
-    /// process may share (`Client::endpoint`): one UDP socket, and one task
-    /// reading it, for all of them. Each client keeps its own connections,
+    /// A QUIC client that dials from `endpoint`, which other clients of
+    /// this process may share (`Client::endpoint`): one UDP socket, and one
+    /// task reading it, for all of them. Each client keeps its own connections,
     /// certificate, session and leader. Many clients in one process spend
     /// less CPU this way than with a socket each (BENCHMARKS.md; 64 of them
     /// started slowly on a simulated WAN, not yet understood).
@@ -172,9 +203,15 @@ impl Client {
             return Err(ClientError::NoNodes);
         }
         let config = tls::client_config(creds)?;
-        Ok(Client {
-            endpoint,
-            config,
+        Ok(Client::with_dialer(
+            cluster,
+            Dialer::Quic { endpoint, config },
+        ))
+    }
+
+    fn with_dialer(cluster: BTreeMap<NodeId, Address>, dialer: Dialer) -> Client {
+        Client {
+            dialer,
             cluster: std::sync::RwLock::new(cluster),
             connections: Mutex::new(HashMap::new()),
             idle_streams: Mutex::new(HashMap::new()),
@@ -189,13 +226,16 @@ impl Client {
             leader_term: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
             give_up_after: Duration::from_secs(60),
-        })
+        }
     }
 
-    /// The endpoint this client dials from, to share with other clients
-    /// (`Client::on_endpoint`).
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// The QUIC endpoint this client dials from, to share with other
+    /// clients (`Client::on_endpoint`); `None` over TCP.
+    pub fn endpoint(&self) -> Option<&Endpoint> {
+        match &self.dialer {
+            Dialer::Quic { endpoint, .. } => Some(endpoint),
+            Dialer::Tcp(_) => None,
+        }
     }
 
     pub fn nodes(&self) -> Vec<NodeId> {
@@ -235,12 +275,11 @@ impl Client {
         self.lamport.load(Ordering::SeqCst)
     }
 
-    async fn connection(&self, node: NodeId) -> Result<Connection> {
-        let open = |connections: &HashMap<NodeId, Connection>| {
-            connections
-                .get(&node)
-                .filter(|c| c.close_reason().is_none())
-                .cloned()
+    /// The link to `node`, dialed (and its identity checked) if there is
+    /// none open.
+    async fn connection(&self, node: NodeId) -> Result<Link> {
+        let open = |connections: &HashMap<NodeId, Link>| {
+            connections.get(&node).filter(|c| c.is_open()).cloned()
         };
         if let Some(connection) = open(&lock(&self.connections)) {
             return Ok(connection);
@@ -254,90 +293,110 @@ impl Client {
                 address: configured.clone(),
                 reason: crate::identity::os_reason(&error),
             })?;
-        let connect = |reason: String| DialError::Connect {
+        let timeout = || DialError::Timeout {
             node,
             address,
-            reason,
+            after: CONNECT_TIMEOUT,
         };
-        let connecting = self
-            .endpoint
-            .connect_with(self.config.clone(), address, &node_server_name(node))
-            .map_err(|error| connect(error.to_string()))?;
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(quinn::ConnectionError::ConnectionClosed(close)))
-                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-            {
-                return Err(DialError::Busy { node, address }.into())
+        let link = match &self.dialer {
+            Dialer::Quic { endpoint, config } => {
+                let connection = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    dial_quic(endpoint, config, node, address),
+                )
+                .await
+                .map_err(|_| timeout())??;
+                Link::Quic(node, connection)
             }
-            Ok(Err(error)) => return Err(connect(error.to_string()).into()),
-            Err(_) => {
-                return Err(DialError::Timeout {
-                    node,
-                    address,
-                    after: CONNECT_TIMEOUT,
-                }
-                .into())
+            Dialer::Tcp(tls) => {
+                // The first stream proves the node is there and who it is,
+                // and serves the first request.
+                let link = TcpLink::new(node, address, tls.clone());
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, link.connect())
+                    .await
+                    .map_err(|_| timeout())??;
+                let link = Link::Tcp(link);
+                let (recv, send) = tokio::io::split(stream);
+                self.keep_stream(node, &link, Send::Tcp(send), Recv::Tcp(recv));
+                link
             }
         };
-        match peer_identity(&connection) {
-            Ok(Identity::Node(id)) if id == node => {}
-            Ok(presented) => {
-                return Err(DialError::Impostor {
-                    node,
-                    address,
-                    presented,
-                }
-                .into())
-            }
-            Err(error) => {
-                return Err(DialError::Identity {
-                    node,
-                    address,
-                    error,
-                }
-                .into())
-            }
-        }
-        lock(&self.connections).insert(node, connection.clone());
-        Ok(connection)
+        lock(&self.connections).insert(node, link.clone());
+        Ok(link)
     }
 
-    /// A stream to `node` on `connection` for one request: an idle one
-    /// if there is one, else a new one. Many requests on one stream, one at
-    /// a time, spare the node a stream (and a task) per request: 64
-    /// closed-loop clients wrote 10% more per second (BENCHMARKS.md).
-    async fn stream(
+    /// A stream to `node` on `link` left idle after its last request was
+    /// answered. Many requests on one stream, one at a time, spare the node
+    /// a stream (and a task) per request: 64 closed-loop clients wrote 10%
+    /// more per second (BENCHMARKS.md).
+    fn idle_stream(&self, node: NodeId, link: &Link) -> Option<(Send, Recv)> {
+        let mut idle = lock(&self.idle_streams);
+        let streams = idle.entry(node).or_default();
+        // Streams of an earlier link to the node are dropped.
+        streams.retain(|s| s.link == link.id());
+        streams.pop().map(|s| (s.send, s.recv))
+    }
+
+    /// An idle stream to `node` (`idle_stream`), else a new one.
+    async fn stream(&self, node: NodeId, link: &Link) -> Result<(Send, Recv)> {
+        match self.idle_stream(node, link) {
+            Some(stream) => Ok(stream),
+            None => link.open().await,
+        }
+    }
+
+    /// One request and its answer on a stream to `node`. A stream kept
+    /// idle may have died meanwhile (the node restarted; over TCP nothing
+    /// says so until it is used): then the request goes once more on a
+    /// new stream, as any retry would (sends keep their sequence numbers).
+    async fn exchange(
         &self,
         node: NodeId,
-        connection: &Connection,
-    ) -> Result<(SendStream, RecvStream)> {
-        let idle = {
-            let mut idle = lock(&self.idle_streams);
-            let streams = idle.entry(node).or_default();
-            // Streams of an earlier connection to the node are dropped.
-            streams.retain(|s| s.connection == connection.stable_id());
-            streams.pop()
+        link: &Link,
+        request: &ClientRequest,
+    ) -> Result<ClientResponse> {
+        let idle = self.idle_stream(node, link);
+        let reused = idle.is_some();
+        let stream = match idle {
+            Some(stream) => stream,
+            None => link.open().await?,
         };
-        match idle {
-            Some(IdleStream { send, recv, .. }) => Ok((send, recv)),
-            None => connection.open_bi().await.map_err(link(node)),
+        match self.exchange_on(node, link, stream, request).await {
+            Err(ClientError::Wire { .. } | ClientError::ClosedEarly(_)) if reused => {
+                let stream = link.open().await?;
+                self.exchange_on(node, link, stream, request).await
+            }
+            result => result,
         }
+    }
+
+    async fn exchange_on(
+        &self,
+        node: NodeId,
+        link: &Link,
+        (mut send, mut recv): (Send, Recv),
+        request: &ClientRequest,
+    ) -> Result<ClientResponse> {
+        write_frame(&mut send, request).await.map_err(wire(node))?;
+        let response = read_frame::<_, ClientResponse>(&mut recv)
+            .await
+            .map_err(wire(node))?
+            .ok_or(ClientError::ClosedEarly(node))?;
+        // After an error the node may have closed the stream: a new one
+        // for the next request.
+        if !matches!(response, ClientResponse::Error { .. }) {
+            self.keep_stream(node, link, send, recv);
+        }
+        Ok(response)
     }
 
     /// Keeps a stream whose request was answered for the next request.
-    fn keep_stream(
-        &self,
-        node: NodeId,
-        connection: &Connection,
-        send: SendStream,
-        recv: RecvStream,
-    ) {
+    fn keep_stream(&self, node: NodeId, link: &Link, send: Send, recv: Recv) {
         let mut idle = lock(&self.idle_streams);
         let streams = idle.entry(node).or_default();
-        if streams.len() < IDLE_STREAMS && connection.close_reason().is_none() {
+        if streams.len() < IDLE_STREAMS && link.is_open() {
             streams.push(IdleStream {
-                connection: connection.stable_id(),
+                link: link.id(),
                 send,
                 recv,
             });
@@ -417,20 +476,7 @@ impl Client {
             }
             Err(error) => return Err(error),
         };
-        let exchange = async {
-            let (mut send, mut recv) = self.stream(node, &connection).await?;
-            write_frame(&mut send, request).await.map_err(wire(node))?;
-            let response = read_frame::<_, ClientResponse>(&mut recv)
-                .await
-                .map_err(wire(node))?
-                .ok_or(ClientError::ClosedEarly(node))?;
-            // After an error the node may have closed the stream: a new
-            // one for the next request.
-            if !matches!(response, ClientResponse::Error { .. }) {
-                self.keep_stream(node, &connection, send, recv);
-            }
-            Ok(response)
-        };
+        let exchange = self.exchange(node, &connection, request);
         let started = Instant::now();
         let deadline = started + REQUEST_TIMEOUT;
         let dead = async {
@@ -457,15 +503,11 @@ impl Client {
                     if result.is_err() {
                         // A node over its connection limit is alive: retry
                         // it after a pause rather than suspecting it.
-                        if let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() {
-                            if close.error_code == CLOSE_BUSY.into() {
-                                if let Ok(mut connections) = self.connections.lock() {
-                                    connections.remove(&node);
-                                }
-                                return Ok(ClientResponse::Busy {
-                                    message: String::from_utf8_lossy(&close.reason).into_owned(),
-                                });
+                        if let Some(message) = connection.busy() {
+                            if let Ok(mut connections) = self.connections.lock() {
+                                connections.remove(&node);
                             }
+                            return Ok(ClientResponse::Busy { message });
                         }
                         self.forget(node);
                     }
@@ -548,27 +590,21 @@ impl Client {
     /// One status request, without retries or watchers.
     async fn status_of(&self, node: NodeId) -> Result<Status> {
         let connection = self.connection(node).await?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(link(node))?;
-        write_frame(&mut send, &ClientRequest::Status)
-            .await
-            .map_err(wire(node))?;
-        send.finish().map_err(link(node))?;
-        match read_frame::<_, ClientResponse>(&mut recv)
-            .await
-            .map_err(wire(node))?
+        match self
+            .exchange(node, &connection, &ClientRequest::Status)
+            .await?
         {
-            Some(ClientResponse::Status(status)) => Ok(*status),
-            Some(other) => Err(unexpected(node, "a status request", &other)),
-            None => Err(ClientError::ClosedEarly(node)),
+            ClientResponse::Status(status) => Ok(*status),
+            other => Err(unexpected(node, "a status request", &other)),
         }
     }
 
     /// Does the node answer a status request on this connection in time?
-    async fn alive(&self, connection: &Connection) -> bool {
+    async fn alive(&self, connection: &Link) -> bool {
         let probe = async {
-            let (mut send, mut recv) = connection.open_bi().await.ok()?;
+            let (mut send, mut recv) = connection.open().await.ok()?;
             write_frame(&mut send, &ClientRequest::Status).await.ok()?;
-            send.finish().ok()?;
+            send.shutdown().await.ok()?;
             read_frame::<_, ClientResponse>(&mut recv).await.ok()
         };
         matches!(
@@ -755,7 +791,7 @@ impl Client {
         each: &mut impl FnMut(NodeId, &[Committed]) -> Result<()>,
     ) -> Result<bool> {
         let connection = self.connection(leader).await?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(link(leader))?;
+        let (mut send, mut recv) = self.stream(leader, &connection).await?;
         loop {
             while unanswered.len() < window {
                 let Some(texts) = batches.next() else {
@@ -778,11 +814,12 @@ impl Client {
                     .map_err(wire(leader))?;
             }
             if unanswered.is_empty() {
-                let _ = send.finish();
+                self.keep_stream(leader, &connection, send, recv);
                 return Ok(true);
             }
             // A dead leader shows as an error here once QUIC's idle timeout
-            // (3 s) closes the connection, or sooner as a newer leader.
+            // (3 s) closes the connection (at once over TCP: the node's
+            // kernel resets it), or sooner as a newer leader.
             let response = tokio::select! {
                 response = read_frame::<_, ClientResponse>(&mut recv) => response
                     .map_err(wire(leader))?
@@ -1087,6 +1124,49 @@ impl Client {
 
 /// A mutex's contents, even if a thread panicked holding it (nothing the
 /// client keeps behind one is left half-changed).
+/// A QUIC connection to `node` at `address`, from the node its
+/// certificate says it is.
+async fn dial_quic(
+    endpoint: &Endpoint,
+    config: &quinn::ClientConfig,
+    node: NodeId,
+    address: SocketAddr,
+) -> Result<quinn::Connection> {
+    let connect = |reason: String| DialError::Connect {
+        node,
+        address,
+        reason,
+    };
+    let connection = match endpoint
+        .connect_with(config.clone(), address, &node_server_name(node))
+        .map_err(|error| connect(error.to_string()))?
+        .await
+    {
+        Ok(connection) => connection,
+        Err(quinn::ConnectionError::ConnectionClosed(close))
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            return Err(DialError::Busy { node, address }.into())
+        }
+        Err(error) => return Err(connect(error.to_string()).into()),
+    };
+    match peer_identity(&connection) {
+        Ok(Identity::Node(id)) if id == node => Ok(connection),
+        Ok(presented) => Err(DialError::Impostor {
+            node,
+            address,
+            presented,
+        }
+        .into()),
+        Err(error) => Err(DialError::Identity {
+            node,
+            address,
+            error,
+        }
+        .into()),
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

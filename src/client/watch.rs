@@ -12,7 +12,7 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{BoxStream, StreamExt};
-use quinn::RecvStream;
+use tokio::io::AsyncWriteExt;
 
 use super::{link, unexpected, wire, Client, ClientError, Refused};
 use crate::raft::{Index, NodeId};
@@ -46,7 +46,7 @@ enum Source {
 /// The node being read and how it has been doing.
 struct Reading {
     node: NodeId,
-    recv: RecvStream,
+    recv: super::Recv,
     /// Since when the node has said it knows no leader.
     leaderless_since: Option<Instant>,
 }
@@ -295,9 +295,10 @@ impl<C: Deref<Target = Client>> LogStream<C> {
         };
         let opened = async {
             let connection = self.client.connection(node).await?;
-            let (mut send, recv) = connection.open_bi().await.map_err(link(node))?;
+            // A watch takes a stream of its own, never an idle one.
+            let (mut send, recv) = connection.open().await?;
             write_frame(&mut send, &request).await.map_err(wire(node))?;
-            send.finish().map_err(link(node))?;
+            send.shutdown().await.map_err(link(node))?;
             Ok::<_, ClientError>(recv)
         };
         match tokio::time::timeout(SILENT_FOR, opened).await {

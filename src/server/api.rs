@@ -6,7 +6,8 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::Connection;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, warn};
 
@@ -69,6 +70,14 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
+/// The half of a client stream the node writes answers to: a QUIC stream,
+/// or a TLS-over-TCP connection (`super::tcp`).
+pub trait Writer: AsyncWrite + Unpin + Send {}
+impl<T: AsyncWrite + Unpin + Send> Writer for T {}
+/// The half of a client stream the node reads requests from.
+pub trait Reader: AsyncRead + Unpin + Send + 'static {}
+impl<T: AsyncRead + Unpin + Send + 'static> Reader for T {}
+
 /// A request's answer, still to come.
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send>>;
 
@@ -110,12 +119,9 @@ fn sent(
 /// The next request on a stream, and the stream to read the one after
 /// from: owning the stream lets a pending read live across `select!`
 /// rounds, so no half-read frame is ever dropped.
-async fn next_request(
-    mut recv: RecvStream,
-) -> (
-    RecvStream,
-    Result<Option<ClientRequest>, crate::wire::WireError>,
-) {
+async fn next_request<R: Reader>(
+    mut recv: R,
+) -> (R, Result<Option<ClientRequest>, crate::wire::WireError>) {
     let request = read_frame::<_, ClientRequest>(&mut recv).await;
     (recv, request)
 }
@@ -136,6 +142,19 @@ impl Api {
     /// Serves a client's connection, unless too many are open already:
     /// then it is closed at once with `CLOSE_BUSY`, and the client retries.
     pub async fn serve_client(&self, connection: Connection, client: String) {
+        let Some(_slot) = self.client_slot() else {
+            connection.close(
+                CLOSE_BUSY.into(),
+                b"busy: too many client connections, retry later",
+            );
+            return;
+        };
+        self.serve(connection, client).await;
+    }
+
+    /// A client connection's place under `--max-clients`, held while it is
+    /// served; `None` (and a warning now and then) when all are taken.
+    pub fn client_slot(&self) -> Option<impl Drop + '_> {
         let limits = &self.limits;
         if limits.clients.fetch_add(1, Ordering::SeqCst) >= limits.max_clients {
             limits.clients.fetch_sub(1, Ordering::SeqCst);
@@ -145,14 +164,9 @@ impl Api {
                     "refusing client connections: too many open (--max-clients)"
                 );
             }
-            connection.close(
-                CLOSE_BUSY.into(),
-                b"busy: too many client connections, retry later",
-            );
-            return;
+            return None;
         }
-        let _slot = ClientSlot(limits);
-        self.serve(connection, client).await;
+        Some(ClientSlot(limits))
     }
 
     pub async fn serve(&self, connection: Connection, client: String) {
@@ -169,7 +183,12 @@ impl Api {
     /// they were written, so one client's messages enter the log in its
     /// own order; answers go back in the same order. At most `STREAM_WINDOW`
     /// requests per stream are outstanding before reading pauses.
-    async fn serve_stream(&self, client: String, mut send: SendStream, mut recv: RecvStream) {
+    pub async fn serve_stream<W: Writer, R: Reader>(
+        &self,
+        client: String,
+        mut send: W,
+        mut recv: R,
+    ) {
         // A watch takes the whole stream; anything else starts the
         // request/answer pipeline.
         let first: Answer = match read_frame::<_, ClientRequest>(&mut recv).await {
@@ -182,7 +201,7 @@ impl Api {
             Err(e) => {
                 warn!(client, "bad request: {e}");
                 let _ = write_frame(&mut send, &error(format!("bad request: {e}"), false)).await;
-                let _ = send.finish();
+                let _ = send.shutdown().await;
                 return;
             }
         };
@@ -219,7 +238,7 @@ impl Api {
                 else => break,
             }
         }
-        let _ = send.finish();
+        let _ = send.shutdown().await;
     }
 
     /// Starts a request: a send is validated and handed to the driver now;
@@ -455,18 +474,18 @@ impl Api {
     /// store as its synced commit passes them. Writing waits for the
     /// reader (QUIC flow control), so a slow reader holds one page here,
     /// never a queue: whatever it has not read yet stays on disk.
-    async fn watch(&self, client: &str, mut send: SendStream, start: Start, until: Until) {
+    async fn watch<W: Writer>(&self, client: &str, mut send: W, start: Start, until: Until) {
         self.metrics.watchers.inc();
         let outcome = self.follow(&mut send, start, until).await;
         self.metrics.watchers.dec();
         match outcome {
             Ok(()) => {
-                let _ = send.finish();
+                let _ = send.shutdown().await;
             }
             Err(Some(response)) => {
                 debug!(client, ?response, "watch ended");
                 let _ = write_frame(&mut send, &response).await;
-                let _ = send.finish();
+                let _ = send.shutdown().await;
             }
             // The reader went away.
             Err(None) => {}
@@ -475,9 +494,9 @@ impl Api {
 
     /// The body of `watch`: `Err(Some(answer))` ends it with an answer,
     /// `Err(None)` when the stream is gone.
-    async fn follow(
+    async fn follow<W: Writer>(
         &self,
-        send: &mut SendStream,
+        send: &mut W,
         start: Start,
         until: Until,
     ) -> Result<(), Option<ClientResponse>> {

@@ -22,6 +22,7 @@ pub mod outbox;
 pub mod persist;
 mod running;
 pub mod spin;
+pub mod tcp;
 pub mod transport;
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! Running an opened node: its QUIC endpoint (peers and clients on one
-//! UDP socket), the peer links, catch-up, the client API, the revocation
+//! UDP socket) and its TCP port for clients over TLS, the peer links, catch-up, the client API, the revocation
 //! watcher, and the store and driver threads. `OpenNode::run` returns a
 //! `NodeHandle` to wait on or stop, and through which the HTTP side
 //! (`crate::http`) is started beside the node.
@@ -18,7 +18,7 @@ use tracing::info;
 use super::driver::{self, Driver, Input};
 use super::outbox::Outboxes;
 use super::transport::{self, Peers};
-use super::{api, catch_up, links, persist, NodeError, OpenNode};
+use super::{api, catch_up, links, persist, tcp, NodeError, OpenNode};
 use crate::address::Address;
 use crate::events::NodeEvent;
 use crate::identity;
@@ -72,6 +72,8 @@ impl OpenNode {
         } = self;
         let me = options.id;
         let endpoint = bind_endpoint(listen, &creds, &options.simulate_delay)?;
+        let tcp = bind_tcp(&endpoint, listen)?;
+        let (tcp_tls_tx, tcp_tls) = watch::channel(tls::tcp_server_config(&creds)?);
         let client_config = Arc::new(RwLock::new(tls::peer_client_config(&creds)?));
         let (revoked_tx, revoked) =
             watch::channel(Arc::new(identity::revoked_serials(&creds.crls)));
@@ -156,6 +158,9 @@ impl OpenNode {
         };
         let links = peers.links.clone();
         tasks.push(
+            tokio::spawn(tcp::accept_loop(tcp, tcp_tls, peers.clone(), api.clone())).abort_handle(),
+        );
+        tasks.push(
             tokio::spawn(transport::accept_loop(endpoint.clone(), peers, api.clone()))
                 .abort_handle(),
         );
@@ -163,6 +168,7 @@ impl OpenNode {
         tasks.push(
             tokio::spawn(watch_revocations(
                 endpoint.clone(),
+                tcp_tls_tx,
                 creds.clone(),
                 client_config,
                 revoked_tx,
@@ -349,6 +355,36 @@ fn bind_endpoint(
     .map_err(bind_error)
 }
 
+/// Binds the TCP port for clients over TLS (`tcp.rs`): the port number
+/// the QUIC endpoint got, on the same address.
+fn bind_tcp(
+    endpoint: &quinn::Endpoint,
+    listen: SocketAddr,
+) -> Result<tokio::net::TcpListener, NodeError> {
+    let bound = endpoint.local_addr().unwrap_or(listen);
+    let addr = SocketAddr::new(listen.ip(), bound.port());
+    let bind = || -> std::io::Result<tokio::net::TcpListener> {
+        let socket = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        // A restarted node takes its port back despite old connections.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    bind().map_err(|source| NodeError::Bind {
+        addr,
+        hint: if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (TCP, for clients: another process holds that port: stop it or choose another --listen)"
+        } else {
+            " (TCP, for clients)"
+        },
+        error: source,
+    })
+}
+
 /// Reloads the revocation list when it changes: new handshakes use it at
 /// once, and live connections of newly revoked certificates are closed.
 /// A list that disappears is kept (see `Credentials::reload_crls`), and
@@ -357,6 +393,7 @@ fn bind_endpoint(
 /// every reload.
 async fn watch_revocations(
     endpoint: quinn::Endpoint,
+    tcp_tls: watch::Sender<Arc<rustls::ServerConfig>>,
     mut creds: Credentials,
     client_config: Arc<RwLock<quinn::ClientConfig>>,
     revoked: watch::Sender<transport::Revoked>,
@@ -375,9 +412,14 @@ async fn watch_revocations(
         }
         match reloaded {
             Ok(false) => {}
-            Ok(true) => match (tls::server_config(&creds), tls::peer_client_config(&creds)) {
-                (Ok(server), Ok(client)) => {
+            Ok(true) => match (
+                tls::server_config(&creds),
+                tls::tcp_server_config(&creds),
+                tls::peer_client_config(&creds),
+            ) {
+                (Ok(server), Ok(tcp_server), Ok(client)) => {
                     endpoint.set_server_config(Some(server));
+                    tcp_tls.send_replace(tcp_server);
                     match client_config.write() {
                         Ok(mut config) => *config = client,
                         Err(poisoned) => *poisoned.into_inner() = client,
@@ -395,7 +437,7 @@ async fn watch_revocations(
                         );
                     }
                 }
-                (Err(error), _) | (_, Err(error)) => {
+                (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
                     tracing::warn!("ignoring the new revocation list: {error}")
                 }
             },

@@ -63,23 +63,58 @@ pub struct Peers {
 
 /// Closes `connection` as soon as the certificate it presented is revoked,
 /// so revoking takes effect on live connections, not only on new ones.
-pub fn close_when_revoked(connection: Connection, mut revoked: watch::Receiver<Revoked>) {
+pub fn close_when_revoked(connection: Connection, revoked: watch::Receiver<Revoked>) {
     let Some(serial) = peer_serial(&connection) else {
         return;
     };
     tokio::spawn(async move {
-        loop {
-            if revoked.borrow_and_update().contains(&serial) {
+        tokio::select! {
+            () = until_revoked(&serial, revoked) => {
                 warn!(remote = %connection.remote_address(), "closing a connection: its certificate was revoked");
                 connection.close(CLOSE_REVOKED.into(), b"certificate revoked");
-                return;
             }
-            tokio::select! {
-                changed = revoked.changed() => if changed.is_err() { return },
-                _ = connection.closed() => return,
-            }
+            _ = connection.closed() => {}
         }
     });
+}
+
+/// Returns once the certificate with `serial` is revoked (never if the
+/// node stops first).
+pub async fn until_revoked(serial: &[u8], mut revoked: watch::Receiver<Revoked>) {
+    loop {
+        if revoked.borrow_and_update().contains(serial) {
+            return;
+        }
+        if revoked.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Who a connection that is not a peer link speaks for: a client, or a
+/// node's HTTP side reaching the cluster through us. Requests only, never
+/// a Raft link. Any node of this CA may ask (a joining node asks for the
+/// configuration before it is in ours), but a node outside this node's
+/// configuration may only ask for the configuration and status (a removed
+/// node's certificate must not keep writing).
+pub enum Caller {
+    /// Counted against `--max-clients`.
+    Client(String),
+    /// A member's (or our own) HTTP side, or an outsider
+    /// (`api::OUTSIDER`), by the name the API serves it under.
+    Node(String),
+}
+
+impl Caller {
+    pub fn of(identity: Identity, peers: &Peers) -> Caller {
+        match identity {
+            Identity::Client(name) => Caller::Client(name),
+            Identity::Node(id) if id == peers.me || peers.links.inbound_slot(id).is_some() => {
+                Caller::Node(format!("http@node-{id}"))
+            }
+            Identity::Node(id) => Caller::Node(format!("{}{id}", super::api::OUTSIDER)),
+        }
+    }
 }
 
 /// Accepts every incoming connection and routes it by the identity in its
@@ -122,24 +157,9 @@ pub async fn accept_loop(endpoint: Endpoint, peers: Peers, api: Api) {
             if protocol(&connection).as_deref() == Some(PEER_ALPN) {
                 serve_peer(connection, identity, &peers).await;
             } else {
-                // A client, or a node's HTTP side reaching the cluster
-                // through us: requests only, never a Raft link. Any node of
-                // this CA may ask (a joining node asks for the configuration
-                // before it is in ours).
-                // A node outside this node's configuration may only ask for
-                // the configuration and status (a removed node's
-                // certificate must not keep writing).
-                match identity {
-                    Identity::Client(name) => api.serve_client(connection, name).await,
-                    Identity::Node(id)
-                        if id == peers.me || peers.links.inbound_slot(id).is_some() =>
-                    {
-                        api.serve(connection, format!("http@node-{id}")).await
-                    }
-                    Identity::Node(id) => {
-                        api.serve(connection, format!("{}{id}", super::api::OUTSIDER))
-                            .await
-                    }
+                match Caller::of(identity, &peers) {
+                    Caller::Client(name) => api.serve_client(connection, name).await,
+                    Caller::Node(name) => api.serve(connection, name).await,
                 }
             }
         });

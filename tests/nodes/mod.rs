@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster_store::client::Client;
+use cluster_store::client::{Client, Transport};
 use cluster_store::identity;
 use cluster_store::raft::{NodeId, Role};
 use cluster_store::tls::Credentials;
@@ -358,8 +358,19 @@ impl TestCluster {
         self.client_with(name, &self.certs())
     }
 
+    /// A client over the transport `CLUSTER_STORE_CLIENT_TRANSPORT` names
+    /// (`tcp` or `quic`), else the default: the benchmarks compare the two.
     pub fn client_with(&self, name: &str, certs: &Path) -> Client {
-        Client::new(self.cluster_map(), &self.client_creds(name, certs)).expect("client")
+        self.client_over(name, certs, client_transport())
+    }
+
+    pub fn client_over(&self, name: &str, certs: &Path, transport: Transport) -> Client {
+        Client::with_transport(
+            self.cluster_map(),
+            &self.client_creds(name, certs),
+            transport,
+        )
+        .expect("client")
     }
 
     /// A client `name` dialing from `endpoint`, which other clients share.
@@ -372,7 +383,7 @@ impl TestCluster {
         .expect("client")
     }
 
-    fn client_creds(&self, name: &str, certs: &Path) -> Credentials {
+    pub fn client_creds(&self, name: &str, certs: &Path) -> Credentials {
         let (ca, _) = identity::ca_path(certs);
         let (cert, key) = identity::client_cert_path(certs, name);
         Credentials::load(&ca, &cert, &key).expect("client credentials")
@@ -524,4 +535,15 @@ pub fn check_export(entries: &[ExportedEntry]) {
 /// they did (with `KEEP_CLUSTER_FILES` to keep their logs).
 fn node_log_filter() -> String {
     std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// The client transport tests and benchmarks use: `CLUSTER_STORE_CLIENT_TRANSPORT`
+/// (`tcp` or `quic`), else the library's default.
+pub fn client_transport() -> Transport {
+    match std::env::var("CLUSTER_STORE_CLIENT_TRANSPORT") {
+        Ok(name) => name
+            .parse()
+            .unwrap_or_else(|error| panic!("CLUSTER_STORE_CLIENT_TRANSPORT: {error}")),
+        Err(_) => Transport::default(),
+    }
 }

@@ -352,6 +352,12 @@ fn a_node_down_through_changes_finds_a_leader_it_never_heard_of() {
             .send(vec!["before".into()])
             .await
             .expect("send before");
+        // Every link up before node 1 goes: a leader elected by node 1
+        // before node 2 reached it would lose its quorum with node 1, and
+        // the add below would end "outcome unknown", rightly.
+        cluster
+            .wait_caught_up(&admin, Duration::from_secs(30))
+            .await;
         cluster.kill(1);
 
         // Added and promoted while node 1 is down: two changes it misses.

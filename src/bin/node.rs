@@ -91,11 +91,13 @@ struct RunArgs {
     http_write: bool,
     /// Testing only: delay this node's datagrams to given addresses, e.g.
     /// `127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%` (delay, jitter, loss),
-    /// to run a cross-continent cluster on one machine.
+    /// to run a cross-continent cluster on one machine. QUIC datagrams
+    /// only: clients over TCP are not delayed.
     #[arg(long, env = "NODE_SIMULATE_DELAY")]
     simulate_delay: Option<String>,
-    /// Most client connections open at once; more are closed with a
-    /// "busy, retry later" reason. Peers are never refused.
+    /// Most client connections open at once (over TCP a connection per
+    /// stream: a client with requests on four streams holds four); more
+    /// are told "busy, retry later". Peers are never refused.
     #[arg(long, env = "NODE_MAX_CLIENTS", default_value_t = cluster_store::server::api::DEFAULT_MAX_CLIENTS)]
     max_clients: usize,
     /// Most MiB of messages waiting to commit; beyond it sends are answered

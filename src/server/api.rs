@@ -23,7 +23,8 @@ use crate::wire::{
 /// Default bound on the messages waiting to commit, in bytes: beyond it a
 /// node answers "busy, retry" instead of queueing without end.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 << 20;
-/// Default bound on open client connections; peers are never refused.
+/// Default bound on open client connections (over TCP, a connection per
+/// stream); peers are never refused.
 pub const DEFAULT_MAX_CLIENTS: usize = 4096;
 
 #[derive(Clone)]

@@ -61,6 +61,9 @@ const LOOK_AFTER: Duration = Duration::from_millis(100);
 const LOOK_EVERY: Duration = Duration::from_millis(50);
 /// How long one of those questions may take.
 const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a node fails, how long the client asks the others for a newer
+/// leader before it tries them in turn (an election takes 0.2-0.4 s).
+const SUCCESSOR_SEARCH: Duration = Duration::from_secs(1);
 
 pub struct Client {
     /// How this client reaches nodes, with its certificate and trust.
@@ -555,12 +558,21 @@ impl Client {
 
     /// Resolves once another node reports a leader other than `node`,
     /// elected in a later term than any leader this client has seen; never
-    /// while `node` keeps leading.
+    /// while `node` keeps leading. Starts asking after `LOOK_AFTER` (or
+    /// three times the recent request latency).
     async fn newer_leader_than(&self, node: NodeId) -> NodeId {
         let typical = Duration::from_micros(self.latency_us.load(Ordering::Relaxed) * 3);
         tokio::time::sleep(LOOK_AFTER.max(typical)).await;
+        self.leader_other_than(node, 1).await
+    }
+
+    /// Resolves once another node reports a leader other than `node`
+    /// elected at least `later` terms after the latest leader this client
+    /// has seen: `newer_leader_than` without the wait, and with `later` 0
+    /// for a node that failed (any other leader will do).
+    async fn leader_other_than(&self, node: NodeId, later: u64) -> NodeId {
         loop {
-            let known = self.leader_term.load(Ordering::SeqCst);
+            let known = self.leader_term.load(Ordering::SeqCst) + later;
             let mut answers: futures_util::stream::FuturesUnordered<_> = self
                 .nodes()
                 .into_iter()
@@ -577,7 +589,7 @@ impl Client {
             while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {
                 let Some(status) = answer else { continue };
                 if let Some(leader) = status.leader {
-                    if leader != node && status.term > known && self.knows(leader) {
+                    if leader != node && status.term >= known && self.knows(leader) {
                         self.leader_term.fetch_max(status.term, Ordering::SeqCst);
                         return leader;
                     }
@@ -708,6 +720,21 @@ impl Client {
                     }
                     last_error = e.to_string();
                     self.set_leader(None);
+                    // The node failed (a crashed leader's TCP connections
+                    // are reset at once): ask the others for its successor
+                    // now, every `LOOK_EVERY`, rather than trying them in
+                    // turn a pause apart while they elect it.
+                    if self.is_suspect(target) {
+                        if let Ok(leader) = tokio::time::timeout(
+                            SUCCESSOR_SEARCH,
+                            self.leader_other_than(target, 0),
+                        )
+                        .await
+                        {
+                            self.set_leader(Some(leader));
+                        }
+                        continue;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

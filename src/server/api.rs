@@ -127,6 +127,15 @@ async fn next_request<R: Reader>(
     (recv, request)
 }
 
+/// A client that dropped its stream: a TLS-over-TCP connection closed
+/// without TLS's goodbye, or reset (a QUIC stream dropped by its client
+/// ends cleanly instead). Not a bad request.
+fn went_away(error: &crate::wire::WireError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(error, crate::wire::WireError::Io(e)
+        if matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe))
+}
+
 fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
     ClientResponse::Error {
         message: message.into(),
@@ -199,6 +208,10 @@ impl Api {
             }
             Ok(Some(request)) => self.start(&client, request),
             Ok(None) => return,
+            Err(e) if went_away(&e) => {
+                debug!(client, "a stream closed before its first request: {e}");
+                return;
+            }
             Err(e) => {
                 warn!(client, "bad request: {e}");
                 let _ = write_frame(&mut send, &error(format!("bad request: {e}"), false)).await;
@@ -228,6 +241,10 @@ impl Api {
                             next = Box::pin(next_request(rest));
                         }
                         Ok(None) => reading = false,
+                        Err(e) if went_away(&e) => {
+                            debug!(client, "a stream closed between requests: {e}");
+                            reading = false;
+                        }
                         Err(e) => {
                             warn!(client, "bad request: {e}");
                             let response = error(format!("bad request: {e}"), false);

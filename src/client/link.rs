@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::identity::{node_server_name, Identity};
+use crate::identity::{node_server_name, Identity, IdentityError};
 use crate::raft::NodeId;
 use crate::tls::chain_identity;
 use crate::wire::CLOSE_BUSY;
@@ -150,21 +150,36 @@ impl TcpLink {
             .connect(name, socket)
             .await
             .map_err(|error| connect(error.to_string()))?;
-        match chain_identity(stream.get_ref().1.peer_certificates()) {
-            Ok(Identity::Node(id)) if id == node => Ok(Box::new(stream)),
-            Ok(presented) => Err(DialError::Impostor {
-                node,
-                address,
-                presented,
-            }
-            .into()),
-            Err(error) => Err(DialError::Identity {
-                node,
-                address,
-                error,
-            }
-            .into()),
+        is_node(
+            node,
+            address,
+            chain_identity(stream.get_ref().1.peer_certificates()),
+        )?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Whether the certificate that answered at `address` is node `node`'s,
+/// whichever transport presented it.
+pub(super) fn is_node(
+    node: NodeId,
+    address: SocketAddr,
+    identity: Result<Identity, IdentityError>,
+) -> Result<(), ClientError> {
+    match identity {
+        Ok(Identity::Node(id)) if id == node => Ok(()),
+        Ok(presented) => Err(DialError::Impostor {
+            node,
+            address,
+            presented,
         }
+        .into()),
+        Err(error) => Err(DialError::Identity {
+            node,
+            address,
+            error,
+        }
+        .into()),
     }
 }
 

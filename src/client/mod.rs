@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 pub use watch::LogStream;
 
 use crate::address::Address;
-use crate::identity::{node_server_name, Identity};
+use crate::identity::node_server_name;
 use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, ProposeError, Status};
 use crate::tls::{self, peer_identity, Credentials, Holder};
 use crate::wire::{
@@ -1177,21 +1177,8 @@ async fn dial_quic(
         }
         Err(error) => return Err(connect(error.to_string()).into()),
     };
-    match peer_identity(&connection) {
-        Ok(Identity::Node(id)) if id == node => Ok(connection),
-        Ok(presented) => Err(DialError::Impostor {
-            node,
-            address,
-            presented,
-        }
-        .into()),
-        Err(error) => Err(DialError::Identity {
-            node,
-            address,
-            error,
-        }
-        .into()),
-    }
+    link::is_node(node, address, peer_identity(&connection))?;
+    Ok(connection)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

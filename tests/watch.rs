@@ -209,6 +209,10 @@ fn watches_start_where_asked_and_learners_serve_them() {
         }
         let export = admin.export().await.expect("export");
         assert_eq!(export.len(), 10);
+        // `--last` counts back from what the node has synced as committed:
+        // the learner must have caught up first (a watcher that connects
+        // at once over TCP could otherwise start from its older commit).
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
 
         let mut last = Watcher::start(&cluster, "last", &["--last", "3", "--node", "4"]);
         let from = export[7].index.to_string();

@@ -42,6 +42,8 @@ pub async fn accept_loop(listener: TcpListener, tls: TlsConfig, peers: Peers, ap
                 continue;
             }
         };
+        // Requests and answers are small: no waiting to fill a segment.
+        let _ = socket.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.borrow().clone());
         let handshakes = handshakes.clone();
         let peers = peers.clone();
@@ -76,7 +78,6 @@ async fn serve(
     peers: Peers,
     api: Api,
 ) {
-    let _ = stream.get_ref().0.set_nodelay(true);
     let certs = stream.get_ref().1.peer_certificates();
     let identity = match chain_identity(certs) {
         Ok(identity) => identity,

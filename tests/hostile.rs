@@ -145,6 +145,24 @@ fn expired_future_and_revoked_certificates_are_refused() {
             cluster.log(2).contains("revoked"),
             "node 2 did not log the revocation"
         );
+        // Mallory's stream kept open after "mallory before" (a TCP
+        // connection to the node that took it) was closed by that node,
+        // not only refused when dialed anew.
+        let closed = |cluster: &TestCluster| {
+            [1, 2, 3].iter().any(|id| {
+                cluster
+                    .log(*id)
+                    .contains("closing a client connection: its certificate was revoked")
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !closed(&cluster) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            closed(&cluster),
+            "no node closed mallory's live TCP connection after the revocation"
+        );
         let alice = cluster.client("alice");
         alice
             .send(vec!["alice after".into()])

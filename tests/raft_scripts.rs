@@ -1099,6 +1099,7 @@ scripts! {
     slow_round_trip,
     split_vote,
     stale_leader,
+    stale_vote_answers,
     transfer,
     vote_persistence,
     vote_with_pre_vote,

@@ -284,9 +284,22 @@ impl RaftNode {
         }
     }
 
+    /// Counts `from`'s answer in this (pre-)election. A grant counts even
+    /// over a refusal already heard from the same voter: the refusal may
+    /// answer an earlier round. A pre-vote asked with an older log, queued
+    /// until a peer link came up, was refused at the voter's term, which
+    /// was by then this round's, and arrived just before the voter's grant
+    /// for this round; kept, it cancelled the grant and with it the
+    /// election (`stale_vote_answers.txt`). A grant is safe to count: a
+    /// vote is durable and given once per term, and a pre-vote decides
+    /// nothing.
     pub(super) fn record_vote(&mut self, from: NodeId, granted: bool) {
         if self.config.is_voter(from) {
-            self.votes.entry(from).or_insert(granted);
+            if granted {
+                self.votes.insert(from, true);
+            } else {
+                self.votes.entry(from).or_insert(false);
+            }
             self.tally_votes();
         }
     }

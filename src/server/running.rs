@@ -347,7 +347,7 @@ fn bind_endpoint(
         crate::latency::DelayedSocket::new(socket, simulate_delay.clone()).map_err(bind_error)?
     };
     quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
+        creds.endpoint_config(),
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -249,6 +249,7 @@ pub async fn read_peer(connection: Connection, peer: NodeId, peers: Peers) {
                 match read_frame_sized::<_, PeerFrame>(&mut stream).await {
                     Ok(Some((PeerFrame::Raft(envelope), size))) => {
                         metrics.quic_bytes_received.inc_by(size as u64);
+                        tracing::trace!(peer, term = envelope.term, message = ?envelope.message, "received");
                         if envelope.from != peer {
                             warn!(
                                 peer,
@@ -367,7 +368,10 @@ pub async fn run_link(
         let (appends, queued) = mpsc::channel::<Vec<u8>>(OUTBOX);
         let _ = appends.try_send(hello.clone());
         let mut bulk_writer = tokio::spawn(write_frames(bulk, queued));
+        // A knock being checked (`Knocked`), on the dialing side.
+        let mut knocked: Option<Knocked> = None;
         loop {
+            let check_by = knocked.as_ref().map(|k| k.check_by);
             tokio::select! {
                 envelope = outbox.recv() => {
                     let Some(envelope) = envelope else {
@@ -380,6 +384,7 @@ pub async fn run_link(
                         return;
                     };
                     let is_bulk = matches!(&envelope.message, Message::Append { .. });
+                    tracing::trace!(peer, term = envelope.term, message = ?envelope.message, "sending");
                     let frame = match encode(&PeerFrame::Raft(envelope)) {
                         Ok(frame) => frame,
                         Err(error) => {
@@ -410,8 +415,9 @@ pub async fn run_link(
                 _ = connection.closed() => break,
                 // The peer dialed us anew (it restarted): switch at once
                 // rather than writing into the old, dead connection. On the
-                // dialing side, a live connection from the peer is its knock
-                // (it restarted): ours is to its old process, so dial again.
+                // dialing side, a live connection from the peer is its knock:
+                // it may have restarted, or the knock may come from the
+                // process ours reached (`Knocked`).
                 changed = inbound.changed() => {
                     if changed.is_err() {
                         bulk_writer.abort();
@@ -421,13 +427,42 @@ pub async fn run_link(
                         c.stable_id() != connection.stable_id()
                             && (!dial || c.close_reason().is_none())
                     });
-                    if newer {
+                    if newer && !dial {
                         break;
                     }
+                    if newer && knocked.is_none() {
+                        let heard = connection.stats().udp_rx.datagrams;
+                        // Any frame asks for an acknowledgement; a hello
+                        // after the first is ignored.
+                        if let Err(error) = control.write_all(&hello).await {
+                            debug!(peer, "peer link broke: {error}");
+                            break;
+                        }
+                        knocked = Some(Knocked {
+                            heard,
+                            check_by: tokio::time::Instant::now()
+                                + 2 * connection.rtt()
+                                + KNOCK_ANSWER_SLACK,
+                        });
+                    }
+                }
+                _ = tokio::time::sleep_until(check_by.unwrap_or_else(tokio::time::Instant::now)), if check_by.is_some() => {
+                    let heard = knocked.take().map_or(0, |k| k.heard);
+                    if connection.stats().udp_rx.datagrams == heard {
+                        info!(peer, "node {peer} knocked and our connection to it went silent: it restarted, dialing again");
+                        break;
+                    }
+                    debug!(peer, "a knock from the process our connection reached: keeping it");
                 }
             }
         }
         bulk_writer.abort();
+        if matches!(
+            connection.close_reason(),
+            Some(quinn::ConnectionError::Reset)
+        ) {
+            info!(peer, "node {peer} restarted (it reset our connection to its previous process): reconnecting");
+        }
         if let Some(pause) = refused(peer, &connection, &mut told) {
             tokio::time::sleep(pause).await;
         }
@@ -489,12 +524,36 @@ pub const LINGER: Duration = Duration::from_secs(1);
 /// How long a knock stays open: long enough for the peer to notice it.
 const KNOCK_HOLD: Duration = Duration::from_secs(1);
 
+/// A knock the dialing side is checking. A knock means "this process is
+/// new", but it may come from the very process our connection reached: a
+/// node knocks as it starts, and across an ocean its knock's handshake
+/// (1.5 round trips) can finish after our dial did. Taking every knock
+/// for a restart dropped a working connection at startup, and a leader
+/// elected meanwhile lost its quorum waiting for the redial (500 ms round
+/// trips, `survivors_a_long_round_trip_apart_elect_a_leader_that_holds`).
+/// So the connection is asked instead: a frame on it is acknowledged by a
+/// live process, answered with a stateless reset by a restarted one (its
+/// reset key survives restarts, `Credentials::stateless_reset_key`), and
+/// met with silence by one that kept no key; silence until `check_by`
+/// means dial again.
+struct Knocked {
+    /// Datagrams received on our connection when the knock came.
+    heard: u64,
+    check_by: tokio::time::Instant,
+}
+
+/// How much longer than two round trips a live peer may take to
+/// acknowledge (its acknowledgement delay is at most 25 ms), or a
+/// restarted one to reset (quinn resets at most one packet per 20 ms, and
+/// just after a restart every peer and client sends on an old connection).
+const KNOCK_ANSWER_SLACK: Duration = Duration::from_millis(200);
+
 /// Tells `peer`, which dials us, that this process is new. It would
 /// otherwise keep writing into its connection to our previous process until
 /// QUIC's idle timeout (3 s), and an election meanwhile could not count on
 /// us: a leader killed a second after this node restarted took 1.7 s
 /// instead of 0.3 s to replace. A short connection from us makes the peer
-/// dial again at once.
+/// check its connection at once, and dial again if ours is gone (`Knocked`).
 fn knock(endpoint: &Endpoint, peers: &Peers, address: &Address, peer: NodeId) {
     let config = match peers.client_config.read() {
         Ok(config) => config.clone(),

@@ -19,7 +19,6 @@ pub use link::Transport;
 use link::{Link, Recv, Send, TcpLink};
 pub use members::{AddProgress, Added, AlreadyMember, ChangeReport, CHANGE_PATIENCE};
 use quinn::Endpoint;
-use tokio::io::AsyncWriteExt;
 pub use watch::LogStream;
 
 use crate::address::Address;
@@ -485,7 +484,7 @@ impl Client {
         let dead = async {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                if Instant::now() > deadline || !self.alive(&connection).await {
+                if Instant::now() > deadline || !self.alive(node, &connection).await {
                     return;
                 }
             }
@@ -611,18 +610,13 @@ impl Client {
         }
     }
 
-    /// Does the node answer a status request on this connection in time?
-    async fn alive(&self, connection: &Link) -> bool {
-        let probe = async {
-            let (mut send, mut recv) = connection.open().await.ok()?;
-            write_frame(&mut send, &ClientRequest::Status).await.ok()?;
-            send.shutdown().await.ok()?;
-            read_frame::<_, ClientResponse>(&mut recv).await.ok()
-        };
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
-            Ok(Some(_))
-        )
+    /// Does the node answer a status request on this link in time? On an
+    /// idle stream if there is one: over TCP a new stream is a new TLS
+    /// connection, and a probe every 250 ms per slow request made a node
+    /// that was already slow run handshakes for every waiting client.
+    async fn alive(&self, node: NodeId, connection: &Link) -> bool {
+        let probe = self.exchange(node, connection, &ClientRequest::Status);
+        matches!(tokio::time::timeout(PROBE_TIMEOUT, probe).await, Ok(Ok(_)))
     }
 
     fn leader(&self) -> Option<NodeId> {

@@ -313,7 +313,17 @@ pub async fn run_link(
                 Ok(config) => config.clone(),
                 Err(poisoned) => poisoned.into_inner().clone(),
             };
-            match connect(&endpoint, config, &address, peer).await {
+            // A dial sent before the peer listened waits for QUIC's first
+            // retransmission (about a second); the peer's knock says it
+            // listens now, so dial again at once.
+            let dialing = tokio::select! {
+                result = connect(&endpoint, config, &address, peer) => result,
+                () = knocked(&mut inbound) => {
+                    debug!(peer, "node {peer} knocked while we dialed it: dialing again");
+                    continue;
+                }
+            };
+            match dialing {
                 Ok(connection) => {
                     info!(peer, %address, "connected to peer");
                     close_when_revoked(connection.clone(), peers.revoked.clone());
@@ -523,6 +533,24 @@ pub const LINGER: Duration = Duration::from_secs(1);
 
 /// How long a knock stays open: long enough for the peer to notice it.
 const KNOCK_HOLD: Duration = Duration::from_secs(1);
+
+/// Returns when the peer holds a live connection to us that arrived since
+/// `inbound` was last read: a knock, on the dialing side. Never, once the
+/// link is closing.
+async fn knocked(inbound: &mut watch::Receiver<Option<Connection>>) {
+    loop {
+        if inbound.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if inbound
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+        {
+            return;
+        }
+    }
+}
 
 /// A knock the dialing side is checking. A knock means "this process is
 /// new", but it may come from the very process our connection reached: a

@@ -327,16 +327,10 @@ fn peers_reconnect_at_once_to_a_restarted_node() {
             .await
             .expect("write before the restart");
         cluster.wait_caught_up(&admin, SECONDS_30).await;
-        let deadline = std::time::Instant::now() + SECONDS_30;
-        while [1, 2]
-            .iter()
-            .any(|id| !cluster.log(*id).contains("connected to peer peer=3"))
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nodes 1 and 2 never connected to node 3"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for dialer in [1, 2] {
+            cluster
+                .wait_for_log(dialer, "connected to peer peer=3", SECONDS_30)
+                .await;
         }
         cluster.kill(3);
         cluster.launch(3);
@@ -351,16 +345,10 @@ fn peers_reconnect_at_once_to_a_restarted_node() {
         // A follower sends only keep-alives (every 500 ms) on its old
         // connection, or its check of node 3's knock: the reset follows.
         let reset = "node 3 restarted (it reset our connection to its previous process)";
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         for dialer in [1, 2] {
-            while !cluster.log(dialer).contains(reset) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "node {dialer} did not take node 3's stateless reset:\n{}",
-                    cluster.log(dialer)
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            cluster
+                .wait_for_log(dialer, reset, Duration::from_secs(10))
+                .await;
         }
     });
 }

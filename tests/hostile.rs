@@ -711,15 +711,7 @@ fn rebuilt_replica_refuses_votes_until_it_catches_up() {
         cluster.launch(rebuilt);
         cluster.launch(lagging);
         let refusal = "behind this rebuilt replica's catch-up floor";
-        let deadline = std::time::Instant::now() + SECONDS_30;
-        while !cluster.log(rebuilt).contains(refusal) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node {rebuilt} never refused node {lagging} its vote:\n{}",
-                cluster.log(rebuilt)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        cluster.wait_for_log(rebuilt, refusal, SECONDS_30).await;
         // Several election timeouts later, still nobody leads.
         tokio::time::sleep(Duration::from_secs(3)).await;
         for id in [rebuilt, lagging] {

@@ -256,15 +256,9 @@ fn replace_a_dead_voter_grow_to_five_and_shrink_to_three_under_writes() {
             assert_ne!(new_leader, leader, "a removed leader steps down");
             change(format!("remove leader {leader}"), started, term, after);
             // The removed node says why it no longer takes part.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !cluster.log(leader).contains("removed") {
-                assert!(
-                    Instant::now() < deadline,
-                    "node {leader} did not say it was removed:\n{}",
-                    cluster.log(leader)
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            cluster
+                .wait_for_log(leader, "removed", Duration::from_secs(10))
+                .await;
             cluster.kill(leader);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

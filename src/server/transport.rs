@@ -561,7 +561,7 @@ async fn knocked(inbound: &mut watch::Receiver<Option<Connection>>) {
 /// trips, `survivors_a_long_round_trip_apart_elect_a_leader_that_holds`).
 /// So the connection is asked instead: a frame on it is acknowledged by a
 /// live process, answered with a stateless reset by a restarted one (its
-/// reset key survives restarts, `Credentials::stateless_reset_key`), and
+/// keys survive restarts, `Credentials::endpoint_config`), and
 /// met with silence by one that kept no key; silence until `check_by`
 /// means dial again.
 struct Knocked {

@@ -354,6 +354,20 @@ impl TestCluster {
         std::fs::read_to_string(self.dir.join(format!("node-{id}.log"))).unwrap_or_default()
     }
 
+    /// Waits until node `id` has logged `needle`; panics with its log if
+    /// it has not within `within`.
+    pub async fn wait_for_log(&self, id: NodeId, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while !self.log(id).contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {id} did not log {needle:?} within {within:?}:\n{}",
+                self.log(id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn client(&self, name: &str) -> Client {
         self.client_with(name, &self.certs())
     }

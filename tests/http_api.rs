@@ -427,7 +427,16 @@ fn dashboard_in_a_real_browser() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start chromedriver");
-    std::thread::sleep(Duration::from_millis(500));
+    // chromedriver listens once it has started: wait for that, not a
+    // guess (500 ms was too short once on a loaded machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", 9515)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chromedriver did not listen on port 9515 within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let result = runtime.block_on(browse(http, leader));
     let _ = driver.kill();

@@ -412,6 +412,9 @@ fn next_commit_event(reader: &mut impl BufRead) -> Option<(String, String)> {
 /// so it is ignored by a plain `cargo test` (listed as ignored, never as
 /// passed); `.ci/run` installs them and runs it with `--ignored`, where a
 /// missing chromedriver fails it.
+/// Where the browser test's chromedriver listens.
+const CHROMEDRIVER_PORT: u16 = 9515;
+
 #[test]
 #[ignore = "needs chromium and chromium-driver; .ci/run runs it with --ignored"]
 fn dashboard_in_a_real_browser() {
@@ -422,18 +425,18 @@ fn dashboard_in_a_real_browser() {
     let (cluster, http) = start("browser", 21);
     let leader = http.wait_for_leader();
     let mut driver = std::process::Command::new(driver_path)
-        .arg("--port=9515")
+        .arg(format!("--port={CHROMEDRIVER_PORT}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start chromedriver");
     // chromedriver listens once it has started: wait for that, not a
     // guess (500 ms was too short once on a loaded machine).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", 9515)).is_err() {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", CHROMEDRIVER_PORT)).is_err() {
         assert!(
-            std::time::Instant::now() < deadline,
-            "chromedriver did not listen on port 9515 within 30 s"
+            Instant::now() < deadline,
+            "chromedriver did not listen on port {CHROMEDRIVER_PORT} within 30 s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -458,7 +461,7 @@ async fn browse(http: Http, leader: u64) -> anyhow::Result<()> {
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     let browser = ClientBuilder::new(connector)
         .capabilities(caps)
-        .connect("http://127.0.0.1:9515")
+        .connect(&format!("http://127.0.0.1:{CHROMEDRIVER_PORT}"))
         .await?;
     let outcome = async {
         browser

@@ -683,6 +683,19 @@ async fn run_schedule(
         .cluster
         .wait_caught_up(&admin, Duration::from_secs(60))
         .await;
+    // An operator's restart on the idle cluster: with no write to come,
+    // the restarted node must still report everything it holds as
+    // committed (a node once came back reporting its witness's older
+    // commit until the next write).
+    let ids = chaos.ids();
+    let restarted = ids[chaos.rng.range(0, ids.len() as u64) as usize];
+    chaos.cluster.kill(restarted);
+    chaos.cluster.launch(restarted);
+    chaos.note(format!("kill -9 node {restarted} and restart it, idle"));
+    chaos
+        .cluster
+        .wait_caught_up(&admin, Duration::from_secs(30))
+        .await;
 
     let history = history.lock().expect("history").clone();
     let (problems, export_len, terms) = check(&chaos.cluster, &admin, &history).await;

@@ -307,6 +307,63 @@ fn node_down_during_fifty_thousand_messages_catches_up() {
     });
 }
 
+/// A node killed after its log synced a new commit index but before its
+/// witness file recorded it (here by a test hook; the bench smoke's
+/// catch-up met it by chance, killing a node that was catching up) comes
+/// back with the log ahead of the witness. Restarted on an idle cluster,
+/// it must report the commit it recovered, which the leader also has: no
+/// later write will come to move it. Before the store raised its witness
+/// on open, it reported the older commit for as long as the cluster idled.
+#[test]
+fn a_node_killed_before_its_witness_reports_its_commit_after_restart() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("witness-crash", 28, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let client = cluster.client("alice");
+        client
+            .send(vec!["first".into()])
+            .await
+            .expect("first write");
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let commit = admin.status(leader).await.expect("leader status").commit;
+        let follower = if leader == 3 { 2 } else { 3 };
+        // The follower dies once the commit of the last of five writes is
+        // synced in its log, before its witness says so.
+        let target = commit + 5;
+        cluster.kill(follower);
+        cluster.env.push((
+            "CLUSTER_STORE_TEST_CRASH_BEFORE_CLAIMING".into(),
+            target.to_string(),
+        ));
+        cluster.launch(follower);
+        cluster.env.pop();
+        for i in 0..5 {
+            client
+                .send(vec![format!("m{i}")])
+                .await
+                .expect("write while the follower is up");
+        }
+        assert!(
+            cluster
+                .wait_exit(follower, SECONDS_30)
+                .is_some_and(|status| !status.success()),
+            "node {follower} should have killed itself at commit {target}"
+        );
+        assert!(cluster
+            .log(follower)
+            .contains("test hook: killing this process between the log's sync and the witness"));
+        cluster.launch(follower);
+        // No more writes: the restarted node must report what it holds.
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let status = admin.status(follower).await.expect("follower status");
+        assert_eq!(status.commit, target);
+        let replica = admin.local_export(follower).await.expect("replica");
+        assert_eq!(replica, admin.export().await.expect("export"));
+    });
+}
+
 /// A node killed and started again well within QUIC's idle timeout (3 s):
 /// the nodes that dialed it still hold connections to its previous process.
 /// Its new process answers their next packet with a stateless reset they

@@ -165,6 +165,19 @@ fn open_store(options: &NodeOptions, cluster_id: &str) -> Result<(Store, Recover
             cluster_id,
             me,
         )?)
+    } else if let Some(at) = std::env::var("CLUSTER_STORE_TEST_CRASH_BEFORE_CLAIMING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tracing::warn!(
+            "CLUSTER_STORE_TEST_CRASH_BEFORE_CLAIMING={at}: this node kills itself once commit {at} is synced (test hook only)"
+        );
+        Ok(Store::open_crashing_before_claiming(
+            &options.data,
+            cluster_id,
+            me,
+            at,
+        )?)
     } else {
         Ok(Store::open(&options.data, cluster_id, me)?)
     }

@@ -42,6 +42,10 @@ pub(super) trait Durability: Send {
 
     /// The commit index the last sync made durable.
     fn synced_commit(&self, disk: &Disk) -> Index;
+
+    /// Told the commit index the store recovered on open (the witness,
+    /// where kept, already claims it).
+    fn recovered(&mut self, _commit: Index) {}
 }
 
 /// The store's durability: every write staged since the last sync made
@@ -51,6 +55,10 @@ pub(super) struct GroupCommit {
     /// Applied since the last sync, and the latest hard state among them.
     staged: bool,
     staged_hard_state: Option<HardState>,
+    /// Test hook: the process kills itself (SIGKILL) right after the sync
+    /// that makes a commit index at least this durable, before the witness
+    /// claims it (`Store::open_crashing_before_claiming`).
+    pub(super) crash_before_claiming: Option<Index>,
 }
 
 impl Durability for GroupCommit {
@@ -84,6 +92,17 @@ impl Durability for GroupCommit {
             return Ok(false);
         }
         disk.sync()?;
+        if let (Some(at), Some(hs)) = (self.crash_before_claiming, self.staged_hard_state) {
+            if hs.commit >= at {
+                tracing::error!(
+                    commit = hs.commit,
+                    "test hook: killing this process between the log's sync and the witness"
+                );
+                // SAFETY: raise only sends this process a signal; SIGKILL
+                // ends it at once, as `kill -9` would.
+                unsafe { libc::raise(libc::SIGKILL) };
+            }
+        }
         // The witness may only claim what is now durable.
         let claims = &mut disk.witness.claims;
         let mut vote_changed = false;
@@ -155,7 +174,7 @@ impl Disk {
 
     /// Records the witness's claims; `sync` when they must survive a power
     /// loss before anything else happens (votes, terms, truncations).
-    fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
+    pub(super) fn write_witness(&mut self, sync: bool) -> Result<(), StoreError> {
         self.witness
             .write(sync)
             .map_err(|e| StoreError::write(&self.dir, e))

@@ -412,6 +412,14 @@ impl SegmentLog {
         self.active_file()?.sync_data().map_err(|e| error(&path, e))
     }
 
+    /// Syncs the active segment even if this process wrote nothing to it:
+    /// on open, what an earlier process wrote may still be only in the
+    /// page cache.
+    pub fn sync_written(&mut self) -> Result<(), LogError> {
+        self.unsynced = true;
+        self.sync()
+    }
+
     /// Drops the torn write found on open, if any: records written after
     /// it would be followed by its leftovers.
     pub fn cut_torn_tail(&mut self) -> Result<(), LogError> {

@@ -87,6 +87,10 @@ impl Durability for Unsynced {
     fn synced_commit(&self, _disk: &Disk) -> Index {
         self.synced_commit
     }
+
+    fn recovered(&mut self, commit: Index) {
+        self.synced_commit = commit;
+    }
 }
 
 #[cfg(test)]

@@ -252,6 +252,31 @@ impl Disk {
         Ok(())
     }
 
+    /// After the checks: makes what was recovered durable and has the
+    /// witness claim it. A process killed between a sync of the log and
+    /// the witness's write, or while a new commit index lingered unsynced,
+    /// leaves the log ahead of the witness (the page cache kept the
+    /// writes). Left so, the node would report the witness's older commit
+    /// as synced until some later write moved it: on an idle cluster,
+    /// never, though its log and the leader agree.
+    pub(super) fn claim_recovered(&mut self, recovered: &Recovered) -> Result<(), StoreError> {
+        let hs = &recovered.hard_state;
+        let recovered_claims = Witness {
+            term: hs.term,
+            vote: hs.vote.unwrap_or(0),
+            commit: hs.commit,
+            last_index: recovered.last_index,
+        };
+        if self.witness.claims == recovered_claims {
+            return Ok(());
+        }
+        self.log
+            .sync_written()
+            .map_err(|e| StoreError::from_log(&self.dir, e))?;
+        self.witness.claims = recovered_claims;
+        self.write_witness(true)
+    }
+
     fn witness_damaged(&self, what: impl Into<String>) -> StoreError {
         StoreError::Damaged {
             dir: self.dir.clone(),

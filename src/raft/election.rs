@@ -149,6 +149,24 @@ impl RaftNode {
                 Message::PreVoteResponse { granted: grant },
             );
             self.out.messages.push(envelope);
+            if rival && !yields && self.role == Role::PreCandidate {
+                // The rival campaigns, so it no longer hears a leader; but
+                // it may have ignored our own pre-vote while it still did
+                // (its lease outlived ours by less than a timeout's
+                // spread). Ask it again now: it yields to us. Otherwise we
+                // wait for its answer, it for ours, until one times out
+                // again (200-400 ms more on loopback, seen in the bench's
+                // kills).
+                let envelope = self.envelope(
+                    from,
+                    self.term + 1,
+                    Message::PreVote {
+                        last_index: own.index,
+                        last_term: own.term,
+                    },
+                );
+                self.out.messages.push(envelope);
+            }
             if grant && self.decides_pre_election(from, term) {
                 // Vote for real at once (durably, before either answer
                 // leaves): the pre-candidate becomes a candidate on our

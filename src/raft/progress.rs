@@ -41,6 +41,8 @@ pub struct Progress {
     highest_prev_sent: Index,
     /// `highest_prev_sent` when `match_index` last rose (`sent_since_ack`).
     prev_sent_at_ack: Index,
+    /// Where replication last restarted after a missing append (`rewind`).
+    rewound_to: Option<Index>,
 }
 
 impl Progress {
@@ -57,6 +59,7 @@ impl Progress {
             fetching: false,
             highest_prev_sent: 0,
             prev_sent_at_ack: 0,
+            rewound_to: None,
         }
     }
 
@@ -100,7 +103,23 @@ impl Progress {
         self.state = ReplicationState::Probe;
         self.next_index = next_index.max(self.match_index + 1);
         self.probe_sent = false;
+        self.rewound_to = None;
         self.clear_inflight();
+    }
+
+    /// Replicates again from `next_index`, the follower's end, after an
+    /// append went missing (`RaftNode::handle_append_response`), unless it
+    /// already did from there since the follower last acknowledged or
+    /// answered a heartbeat: every append in flight behind the missing one
+    /// is refused with the same hint, and only the first may resend.
+    pub fn rewind(&mut self, next_index: Index) -> bool {
+        if self.rewound_to == Some(next_index) {
+            return false;
+        }
+        self.become_replicate();
+        self.next_index = next_index.max(self.match_index + 1);
+        self.rewound_to = Some(next_index);
+        true
     }
 
     pub fn become_replicate(&mut self) {
@@ -137,6 +156,7 @@ impl Progress {
             self.pop_inflight();
         }
         if index > self.match_index {
+            self.rewound_to = None;
             self.prev_sent_at_ack = self.highest_prev_sent;
             self.match_index = index;
             self.next_index = self.next_index.max(index + 1);
@@ -159,6 +179,7 @@ impl Progress {
     /// append out so a lost message cannot stall replication forever.
     pub fn unpause(&mut self) {
         self.probe_sent = false;
+        self.rewound_to = None;
         self.pop_inflight();
     }
 }

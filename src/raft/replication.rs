@@ -389,6 +389,24 @@ impl RaftNode {
                 if stale {
                     return;
                 }
+                // A gap while replicating: the follower's log ends past
+                // what it acknowledged but before this append, because an
+                // earlier append was overtaken or lost. Send again from its
+                // end and keep replicating, rather than probe a round trip
+                // per reordered append (the simulator's network reorders,
+                // and a rebuilt replica caught up a third as fast); a tail
+                // from an older term there fails the resent append's
+                // consistency check and is probed as before.
+                if pr.state == ReplicationState::Replicate
+                    && hint_term.is_none()
+                    && hint_index > pr.match_index
+                    && hint_index <= reject_index
+                {
+                    if pr.rewind(hint_index) {
+                        while self.send_append(from, false) {}
+                    }
+                    return;
+                }
                 let next = match hint_term {
                     Some(term) => self
                         .log

@@ -177,9 +177,15 @@ impl Progress {
 
     /// A heartbeat answer proves the follower is reachable: let one more
     /// append out so a lost message cannot stall replication forever.
+    /// A rewind that the follower has not acknowledged by then falls back
+    /// to probing from the same place: a resent append lost too would
+    /// otherwise leave every later one refused with the hint already
+    /// rewound to, and ignored.
     pub fn unpause(&mut self) {
         self.probe_sent = false;
-        self.rewound_to = None;
+        if let Some(next_index) = self.rewound_to.take() {
+            self.become_probe(next_index);
+        }
         self.pop_inflight();
     }
 }

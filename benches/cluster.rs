@@ -24,6 +24,32 @@ async fn leader_of(cluster: &TestCluster, admin: &Client) -> NodeId {
         .await
 }
 
+/// The leader once leadership has stopped moving: the same leader and
+/// highest term `SETTLE` apart. After a kill the restarted node catches
+/// up, and on the WAN topology (node 1 preferred) the leader then hands
+/// over to it; a kill racing that hand-over hit a node that no longer led
+/// (a 0.31 s "failover" with no election, lowering the median) or one
+/// mid-transfer.
+async fn settled_leader(cluster: &TestCluster, admin: &Client) -> NodeId {
+    const SETTLE: Duration = Duration::from_millis(1500);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = (
+        leader_of(cluster, admin).await,
+        highest_term(cluster, admin).await,
+    );
+    loop {
+        tokio::time::sleep(SETTLE).await;
+        let now = (
+            leader_of(cluster, admin).await,
+            highest_term(cluster, admin).await,
+        );
+        if now == seen || Instant::now() > deadline {
+            return now.0;
+        }
+        seen = now;
+    }
+}
+
 /// The highest term any node reports: it grows with every election.
 async fn highest_term(cluster: &TestCluster, admin: &Client) -> u64 {
     let mut term = 0;
@@ -53,7 +79,7 @@ async fn positions(cluster: &TestCluster, admin: &Client) -> Vec<(NodeId, u64, u
 /// again. Prints, per kill, who was killed, how far each node was, how
 /// many terms the election took and who won, so an outlier can be read.
 async fn failover(cluster: &mut TestCluster, admin: &Client) -> Duration {
-    let leader = leader_of(cluster, admin).await;
+    let leader = settled_leader(cluster, admin).await;
     let client = cluster.client("bob");
     client.send(vec!["warm".into()]).await.ok();
     let before = positions(cluster, admin).await;

@@ -1,12 +1,10 @@
 //! The thread that owns the Raft core: it feeds it ticks, peer messages and
 //! client requests, and carries out each `Ready` in the order the core's
-//! contract demands. Durable writes go to the store thread
-//! (`persist.rs`), which syncs them in order, sends the messages that
-//! must wait for them, and reports back on this thread's own input queue
-//! (`Input::Store`); the driver never waits for the disk except to record
-//! a vote.
+//! contract demands. It writes and syncs the store itself (`persist.rs`),
+//! after it has sent the round's appends and answered what committed, so
+//! a leader's disk and its followers' work in parallel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,16 +39,8 @@ pub enum Input {
     ),
     /// The status, the committed configuration and its index.
     Members(oneshot::Sender<(Status, Membership, Index)>),
-    /// From the store thread: what it made durable, or why it stopped.
-    Store(StoreEvent),
     /// Stop the driver (`NodeHandle::stop`).
     Stop,
-}
-
-impl From<StoreEvent> for Input {
-    fn from(event: StoreEvent) -> Self {
-        Input::Store(event)
-    }
 }
 
 /// What this node has committed and synced, and the leader it knows: what
@@ -62,51 +52,29 @@ pub struct CommitView {
     pub leader: Option<NodeId>,
 }
 
-/// What the store thread has reported synced: the one place the driver
-/// keeps what is on disk. (How far the log is durable is the core's
-/// business: `StoreEvent::Durable` goes straight to `RaftNode::persisted`.)
+/// What the store has reported synced: the one place the driver keeps
+/// what is on disk. (How far the log is durable is the core's business:
+/// `StoreEvent::Durable` goes straight to `RaftNode::persisted`.)
 #[derive(Clone, Copy, Debug)]
 struct Synced {
-    /// The term and vote on disk: a vote wait ends when they are the ones
-    /// it queued.
-    term: Term,
-    vote: Option<NodeId>,
     /// The commit index on disk. The node reports (`Status`, `CommitView`)
     /// no more than this, so what it reports survives a crash.
     commit: Index,
 }
 
-/// The driver's one input queue (peers, clients, the store thread), and
-/// the inputs held back while it waited for a vote to be synced.
+/// The driver's one input queue (peers and clients).
 struct Inbox {
     queue: Receiver<Input>,
     spinner: Spinner,
-    /// Taken before the queue, in order.
-    held: VecDeque<Input>,
 }
 
 impl Inbox {
     fn next(&mut self, timeout: Duration) -> Result<Input, RecvTimeoutError> {
-        match self.held.pop_front() {
-            Some(input) => Ok(input),
-            None => self.spinner.recv(&self.queue, Some(timeout)),
-        }
+        self.spinner.recv(&self.queue, Some(timeout))
     }
 
     fn try_next(&mut self) -> Option<Input> {
-        self.held.pop_front().or_else(|| self.queue.try_recv().ok())
-    }
-
-    /// A failure the store thread reported that is still held back.
-    fn take_failure(&mut self) -> Option<StoreError> {
-        let at = self
-            .held
-            .iter()
-            .position(|input| matches!(input, Input::Store(StoreEvent::Failed(_))))?;
-        match self.held.remove(at) {
-            Some(Input::Store(StoreEvent::Failed(error))) => Some(error),
-            _ => None,
-        }
+        self.queue.try_recv().ok()
     }
 }
 
@@ -120,8 +88,7 @@ struct BatchWaiter {
 pub struct Driver {
     raft: RaftNode,
     inbox: Inbox,
-    /// The store thread: writes go there, in order; it reports back
-    /// through `inbox`.
+    /// Written and synced on this thread, in order.
     store: StoreHandle,
     synced: Synced,
     outboxes: Outboxes,
@@ -189,15 +156,12 @@ impl Driver {
             announced: (None, 0, 0),
             // What the core was restored from is what is on disk.
             synced: Synced {
-                term: raft.term(),
-                vote: raft.vote(),
                 commit: store.synced_commit,
             },
             raft,
             inbox: Inbox {
                 queue: inputs,
                 spinner: Spinner::new(spin),
-                held: VecDeque::new(),
             },
             store,
             outboxes,
@@ -218,7 +182,11 @@ impl Driver {
     pub fn run(mut self) -> Result<(), StoreError> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let until = match self.store.linger_deadline() {
+                Some(deadline) => deadline.min(next_tick),
+                None => next_tick,
+            };
+            let wait = until.saturating_duration_since(Instant::now());
             match self.inbox.next(wait) {
                 Ok(Input::Stop) => return Ok(()),
                 Ok(input) => {
@@ -236,6 +204,13 @@ impl Driver {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if self
+                .store
+                .linger_deadline()
+                .is_some_and(|deadline| deadline <= Instant::now())
+            {
+                self.carry_out(Vec::new())?;
             }
             if Instant::now() >= next_tick {
                 self.raft.tick();
@@ -309,27 +284,19 @@ impl Driver {
                     self.raft.committed_membership_index(),
                 ));
             }
-            Input::Store(event) => self.stored(event)?,
             // `run` stops at it.
             Input::Stop => {}
         }
         Ok(())
     }
 
-    /// Takes in what the store thread made durable; its failure ends the
-    /// driver with the store's error.
-    fn stored(&mut self, event: StoreEvent) -> Result<(), StoreError> {
+    /// Takes in what the store made durable.
+    fn stored(&mut self, event: StoreEvent) {
         match event {
             // Which is when a leader counts its own copy towards commit.
             StoreEvent::Durable { index, term } => self.raft.persisted(index, term),
-            StoreEvent::HardStateSynced { term, vote } => {
-                self.synced.term = term;
-                self.synced.vote = vote;
-            }
             StoreEvent::CommitSynced(commit) => self.synced.commit = commit,
-            StoreEvent::Failed(error) => return Err(error),
         }
-        Ok(())
     }
 
     fn process_ready(&mut self) -> Result<(), StoreError> {
@@ -368,17 +335,8 @@ impl Driver {
         for envelope in ready.messages {
             self.outboxes.send(envelope);
         }
-        // 3. The store thread syncs everything queued since its last sync,
-        //    then sends what acknowledges those entries and reports back
-        //    (`StoreEvent::Durable`), which is when the leader counts itself.
-        if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
-        {
-            self.queue(Job::Write {
-                hard_state,
-                log_write: ready.log_write,
-                then_send: ready.persisted_messages,
-            })?;
-        }
+        // 3. Answer what committed: on a quorum's disks already, it need
+        //    not wait for this node's write below.
         self.announce(&ready.committed);
         for response in ready.responses {
             self.answer(response.id, response.result);
@@ -409,6 +367,17 @@ impl Driver {
                     .log
                     .entries_within(fetch.from, to, fetch.max, fetch.max_bytes)?;
             self.raft.fetched(fetch.to, fetch.from, entries);
+        }
+        // 5. Write and sync, then send what acknowledges the entries
+        //    written (`persisted_messages`) and take in what is durable
+        //    (`StoreEvent::Durable`: when a leader counts its own copy).
+        if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
+        {
+            self.carry_out(vec![Job::Write {
+                hard_state,
+                log_write: ready.log_write,
+                then_send: ready.persisted_messages,
+            }])?;
         }
         Ok(())
     }
@@ -441,46 +410,21 @@ impl Driver {
         }
     }
 
-    /// Queues a new term or vote and waits until the store thread reports
-    /// it synced: nothing may leave the node before (a vote sent and then
-    /// forgotten in a crash can elect two leaders in one term). No barrier
-    /// of its own: the report comes on the input queue, and whatever else
-    /// arrives meanwhile is held, in order, for the next round, so the core
-    /// is stepped only between readies.
+    /// Makes a new term or vote durable, with whatever was staged before
+    /// it, before anything leaves the node: a vote sent and then forgotten
+    /// in a crash can elect two leaders in one term.
     fn sync_hard_state(&mut self, hard_state: HardState) -> Result<(), StoreError> {
-        self.queue(Job::HardState(hard_state))?;
-        // The store thread may have failed and stopped during an earlier
-        // wait of this round: its report is then held, and no other comes.
-        if let Some(error) = self.inbox.take_failure() {
-            return Err(error);
-        }
-        while (self.synced.term, self.synced.vote) != (hard_state.term, hard_state.vote) {
-            match self.inbox.queue.recv() {
-                Ok(Input::Store(event @ StoreEvent::HardStateSynced { .. }))
-                | Ok(Input::Store(event @ StoreEvent::Failed(_))) => self.stored(event)?,
-                Ok(input) => self.inbox.held.push_back(input),
-                // Not while the store thread holds a sender.
-                Err(_) => return Err(self.store_stopped()),
-            }
+        self.carry_out(vec![Job::HardState(hard_state)])
+    }
+
+    /// Writes and syncs `jobs` (none: the commit index that lingered) and
+    /// takes in what they made durable. A failure ends the driver: a node
+    /// that cannot persist must not keep voting.
+    fn carry_out(&mut self, jobs: Vec<Job>) -> Result<(), StoreError> {
+        for event in self.store.carry_out(jobs)? {
+            self.stored(event);
         }
         Ok(())
-    }
-
-    fn queue(&mut self, job: Job) -> Result<(), StoreError> {
-        self.store.jobs.send(job).map_err(|_| self.store_stopped())
-    }
-
-    /// The store thread stopped: its reason, which it reported before it
-    /// let go of its jobs, if it left one.
-    fn store_stopped(&mut self) -> StoreError {
-        let queued: Vec<Input> = self.inbox.queue.try_iter().collect();
-        self.inbox.held.extend(queued);
-        self.inbox
-            .take_failure()
-            .unwrap_or_else(|| StoreError::Write {
-                dir: self.store.log.dir().to_path_buf(),
-                what: "the store thread stopped (its error is logged above)".into(),
-            })
     }
 
     /// Publishes commits, a new leader and the clock to live subscribers.
@@ -553,6 +497,11 @@ mod tests {
     /// A one-voter node over a real store in `dir`, wired as `server::run`
     /// wires it, without the network.
     fn start(dir: &std::path::Path) -> Node {
+        start_failing(dir, None)
+    }
+
+    /// `start`, with a store whose first write fails with `failure`.
+    fn start_failing(dir: &std::path::Path, failure: Option<StoreError>) -> Node {
         let _ = std::fs::remove_dir_all(dir);
         let (store, _) = Store::open(dir, "c1", 1).unwrap();
         let mut config = Config::new(1, [1]);
@@ -561,15 +510,8 @@ mod tests {
         let (inputs, input_rx) = std::sync::mpsc::sync_channel(1024);
         let metrics = Arc::new(Metrics::default());
         let outboxes = Outboxes::default();
-        let (store, _) = super::super::persist::start(
-            1,
-            store,
-            inputs.clone(),
-            outboxes.clone(),
-            metrics.clone(),
-            crate::server::spin::DEFAULT_SPIN,
-        )
-        .unwrap();
+        let mut store = StoreHandle::new(store, outboxes.clone(), metrics.clone());
+        store.fail_next = failure;
         let (membership, _) = watch::channel(super::super::links::View {
             index: 0,
             membership: raft.membership().clone(),
@@ -638,11 +580,11 @@ mod tests {
         answer(answer_rx)
     }
 
-    /// The whole conversation: the vote is synced before the node leads
-    /// (`HardStateSynced`), the proposal commits once its entry is durable
-    /// (`Durable`), and the commit is reported once synced (`CommitSynced`).
+    /// The whole conversation: the vote is synced before the node leads,
+    /// the proposal commits once its entry is durable (`Durable`), and the
+    /// commit is reported once synced (`CommitSynced`).
     #[test]
-    fn a_lone_voter_votes_writes_and_commits_through_the_store_thread() {
+    fn a_lone_voter_votes_writes_and_commits_through_the_store() {
         let dir = std::env::temp_dir().join(format!("cs-driver-lone-{}", std::process::id()));
         let node = start(&dir);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -671,9 +613,8 @@ mod tests {
             2,
             "published before the status answer"
         );
-        assert!(stop(node).is_err());
-        // The store thread lets go of the directory a moment after the
-        // driver, and sled a moment after it.
+        assert!(stop(node).is_ok());
+        // sled lets go of the directory a moment after the driver.
         let deadline = Instant::now() + Duration::from_secs(10);
         let (_, recovered) = loop {
             match Store::open(&dir, "c1", 1) {
@@ -691,22 +632,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Stops the driver the way a failing disk does, and waits for it.
+    /// Stops the driver as `NodeHandle::stop` does, and waits for it.
     fn stop(node: Node) -> Result<(), StoreError> {
-        node.inputs
-            .send(Input::Store(StoreEvent::Failed(StoreError::Write {
-                dir: "test".into(),
-                what: "the disk caught fire".into(),
-            })))
-            .unwrap();
+        node.inputs.send(Input::Stop).unwrap();
         node.driver.join().unwrap()
     }
 
+    /// The node's first write (its vote for itself) fails: the driver stops
+    /// with the store's error, and nothing was committed.
     #[test]
     fn a_store_failure_stops_the_driver_with_the_stores_error() {
         let dir = std::env::temp_dir().join(format!("cs-driver-fail-{}", std::process::id()));
-        let node = start(&dir);
-        match stop(node) {
+        let node = start_failing(
+            &dir,
+            Some(StoreError::Write {
+                dir: "test".into(),
+                what: "the disk caught fire".into(),
+            }),
+        );
+        let driver = node.driver;
+        match driver.join().unwrap() {
             Err(StoreError::Write { what, .. }) => assert_eq!(what, "the disk caught fire"),
             other => panic!("{other:?}"),
         }

@@ -60,7 +60,7 @@ pub struct NodeOptions {
     pub max_clients: usize,
     /// Most bytes of messages waiting to commit before sends are "busy".
     pub max_pending_bytes: usize,
-    /// How long the driver and store threads look for more work before
+    /// How long the driver thread looks for more work before
     /// they sleep, while busy (`spin.rs`).
     pub spin: Duration,
     /// Testing only: delay datagrams to these addresses (simulated WAN).

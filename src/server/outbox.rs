@@ -1,7 +1,6 @@
 //! The transport's door for outgoing Raft messages: one bounded queue per
 //! peer, which that peer's link (`links.rs`, `transport.rs`) empties onto
-//! its streams. The driver and the store thread both send through it, so
-//! it belongs to neither of them.
+//! its streams. The driver sends through it; it belongs to the transport.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -50,9 +50,8 @@ pub struct NodeHandle {
     inputs: SyncSender<Input>,
     /// The tasks to end when the node stops.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// The driver thread, which owns the store.
     driver: std::thread::JoinHandle<Result<(), StoreError>>,
-    /// The store thread, which ends after the driver.
-    store_thread: std::thread::JoinHandle<()>,
 }
 
 impl OpenNode {
@@ -177,15 +176,7 @@ impl OpenNode {
             .abort_handle(),
         );
 
-        let (store, store_thread) = persist::start(
-            me,
-            store,
-            inputs.clone(),
-            outboxes.clone(),
-            metrics.clone(),
-            options.spin,
-        )
-        .map_err(|e| NodeError::Driver(e.to_string()))?;
+        let store = persist::StoreHandle::new(store, outboxes.clone(), metrics.clone());
         let driver = Driver::new(
             raft,
             input_rx,
@@ -226,7 +217,6 @@ impl OpenNode {
             inputs,
             tasks: Mutex::new(tasks),
             driver,
-            store_thread,
         })
     }
 }
@@ -277,23 +267,14 @@ impl NodeHandle {
 
     /// Waits until the driver stops: never while the node runs well; a
     /// storage failure stops it (a node that cannot persist must not keep
-    /// voting), and so does `stop`. The store thread has ended (and closed
-    /// the store) when it returns.
+    /// voting), and so does `stop`. The driver has closed the store when it
+    /// returns.
     pub async fn wait(self) -> Result<(), NodeError> {
-        let NodeHandle {
-            driver,
-            store_thread,
-            inputs,
-            ..
-        } = self;
+        let NodeHandle { driver, inputs, .. } = self;
         drop(inputs);
-        let result = tokio::task::spawn_blocking(move || {
-            let result = driver.join();
-            let _ = store_thread.join();
-            result
-        })
-        .await
-        .map_err(|e| NodeError::Driver(e.to_string()))?;
+        let result = tokio::task::spawn_blocking(move || driver.join())
+            .await
+            .map_err(|e| NodeError::Driver(e.to_string()))?;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(store_error)) => Err(store_error.into()),
@@ -302,8 +283,8 @@ impl NodeHandle {
     }
 
     /// Stops the node: its tasks and peer links end, its connections close
-    /// and its socket is released; the driver stops at its next round and
-    /// the store thread once it has written what was queued. Returns as
+    /// and its socket is released; the driver stops at its next round,
+    /// after the write it is in. Returns as
     /// `wait` does.
     pub async fn stop(self) -> Result<(), NodeError> {
         let tasks = match self.tasks.lock() {

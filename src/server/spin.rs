@@ -1,9 +1,10 @@
 //! How a busy thread waits for its next input: it looks again for a short
 //! while, yielding the CPU between looks, before it goes to sleep on the
 //! queue. Waking a sleeping thread costs tens of microseconds on a virtual
-//! machine, and a commit passes through the driver and store threads of
-//! two nodes several times: with a 200 us spin, one client's p50 went from
-//! 0.55 to 0.46 ms and 64 clients' throughput up 9% (BENCHMARKS.md).
+//! machine, and a commit passes through the driver threads of two nodes
+//! several times: with a 200 us spin (then on the store threads too), one
+//! client's p50 went from 0.55 to 0.46 ms and 64 clients' throughput up 9%
+//! (BENCHMARKS.md).
 //! An idle node does not spin: only a thread whose last input came soon
 //! after the one before looks again before sleeping.
 

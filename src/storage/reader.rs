@@ -1,5 +1,5 @@
 //! Reading the log from other threads (the driver's fetches, the API's
-//! watches and exports) while the store thread keeps writing it.
+//! watches and exports) while the driver keeps writing it.
 
 use std::path::{Path, PathBuf};
 

@@ -234,7 +234,7 @@ impl ExportedEntry {
                 index: entry.index,
                 term: entry.term,
                 lamport: entry.lamport,
-                sender: command.sender,
+                sender: command.sender.to_string(),
                 text: String::from_utf8_lossy(&command.data).into_owned(),
             }),
             crate::raft::Payload::Noop | crate::raft::Payload::Membership(_) => None,

@@ -571,7 +571,7 @@ impl RaftDriver {
                 },
                 lamport,
                 since,
-                sender: format!("client-{client}"),
+                sender: format!("client-{client}").into(),
                 data: Bytes::from(text),
             });
             c.drain(at);
@@ -781,7 +781,9 @@ impl RaftDriver {
                 if log.offset() > 0 {
                     lines.push(format!("(1..={} released to the store)", log.offset()));
                 }
-                lines.extend(log_lines(log.range(1, log.last_index())));
+                lines.extend(log_lines(
+                    &log.range(1, log.last_index()).cloned().collect::<Vec<_>>(),
+                ));
             }
             if lines.is_empty() {
                 lines.push("(empty)".into());

@@ -416,7 +416,6 @@ impl RaftNode {
         self.pending = self
             .log
             .range(self.commit + 1, self.log.last_index())
-            .iter()
             .filter_map(|e| e.request_id().map(|id| (id, e.index)))
             .collect();
         self.reads.reset();

@@ -1,6 +1,8 @@
 //! The in-memory view of a node's log, and which part of it still has to be
 //! written to disk.
 
+use std::collections::VecDeque;
+
 use super::types::{Entry, Index, Term};
 
 /// A pending change to the durable log: keep entries before `from`, then
@@ -42,8 +44,10 @@ pub enum LogError {
 /// them when a lagging follower needs them (`Ready::fetches`).
 #[derive(Debug, Default)]
 pub struct RaftLog {
-    /// `entries[i]` has index `offset + i + 1`.
-    entries: Vec<Entry>,
+    /// `entries[i]` has index `offset + i + 1`. A deque: releasing from
+    /// the front moves nothing (a `Vec` moved every entry it kept, the
+    /// unapplied tail included, at each release).
+    entries: VecDeque<Entry>,
     /// Entries up to here were released from memory.
     offset: Index,
     /// `(first index, term)` of each run of equal terms, over the whole log.
@@ -93,7 +97,7 @@ impl RaftLog {
         if self.terms.last().map(|run| run.1) != Some(entry.term) {
             self.terms.push((entry.index, entry.term));
         }
-        self.entries.push(entry);
+        self.entries.push_back(entry);
     }
 
     pub fn last_index(&self) -> Index {
@@ -145,38 +149,43 @@ impl RaftLog {
     }
 
     pub fn last(&self) -> Option<&Entry> {
-        self.entries.last()
+        self.entries.back()
     }
 
-    /// Up to `max` entries starting at `from`, as far as they are in
-    /// memory, and no more than `max_bytes` of them (`Entry::size`) unless
-    /// the first alone is larger: then just that one.
-    pub fn slice(&self, from: Index, max: usize, max_bytes: usize) -> &[Entry] {
+    /// Copies of up to `max` entries starting at `from`, as far as they
+    /// are in memory, and no more than `max_bytes` of them (`Entry::size`)
+    /// unless the first alone is larger: then just that one.
+    pub fn slice(&self, from: Index, max: usize, max_bytes: usize) -> Vec<Entry> {
         if from <= self.offset || from > self.last_index() {
-            return &[];
+            return Vec::new();
         }
         let start = (from - self.offset - 1) as usize;
         let end = (start + max).min(self.entries.len());
         let mut bytes = 0usize;
-        let within = self.entries[start..end]
-            .iter()
-            .take_while(|entry| {
-                bytes = bytes.saturating_add(entry.size());
-                bytes <= max_bytes
-            })
-            .count()
-            .max(1);
-        &self.entries[start..start + within.min(end - start)]
+        let mut slice = Vec::new();
+        for entry in self.entries.range(start..end) {
+            bytes = bytes.saturating_add(entry.size());
+            if bytes > max_bytes && !slice.is_empty() {
+                break;
+            }
+            slice.push(entry.clone());
+        }
+        slice
     }
 
     /// Entries `from..=to` held in memory, clamped to the log.
-    pub fn range(&self, from: Index, to: Index) -> &[Entry] {
+    pub fn range(&self, from: Index, to: Index) -> impl Iterator<Item = &Entry> + '_ {
         let to = to.min(self.last_index());
         let from = from.max(self.offset + 1);
-        if from > to {
-            return &[];
-        }
-        &self.entries[(from - self.offset - 1) as usize..(to - self.offset) as usize]
+        let (start, end) = if from > to {
+            (0, 0)
+        } else {
+            (
+                (from - self.offset - 1) as usize,
+                (to - self.offset) as usize,
+            )
+        };
+        self.entries.range(start..end)
     }
 
     /// The first index holding `term`, searching back from `index` no further
@@ -247,7 +256,7 @@ impl RaftLog {
         let from = self.dirty_from.take()?;
         Some(LogWrite {
             from,
-            entries: self.range(from, self.last_index()).to_vec(),
+            entries: self.range(from, self.last_index()).cloned().collect(),
         })
     }
 
@@ -331,8 +340,8 @@ mod tests {
         assert_eq!(log.in_memory(), 4);
         assert_eq!(log.get(6), None);
         assert_eq!(log.get(7).map(|e| e.index), Some(7));
-        assert_eq!(log.slice(5, 10, usize::MAX), &[] as &[Entry]);
-        assert_eq!(log.range(1, 8).len(), 2);
+        assert_eq!(log.slice(5, 10, usize::MAX), Vec::<Entry>::new());
+        assert_eq!(log.range(1, 8).count(), 2);
         for i in 1..=10 {
             assert_eq!(log.term(i), Some(1 + i / 4), "term of {i}");
         }

@@ -107,7 +107,8 @@ pub struct Proposal {
     /// (a commit index it learned before its first send): with it the
     /// leader tells a new client from one whose session was closed.
     pub since: Index,
-    pub sender: String,
+    /// Shared by a batch's proposals (`Command::sender`).
+    pub sender: std::sync::Arc<str>,
     pub data: bytes::Bytes,
 }
 

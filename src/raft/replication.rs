@@ -198,14 +198,11 @@ impl RaftNode {
             }
             return false;
         }
-        let entries = self
-            .log
-            .slice(
-                next,
-                self.config.max_append_entries,
-                self.config.max_append_bytes,
-            )
-            .to_vec();
+        let entries = self.log.slice(
+            next,
+            self.config.max_append_entries,
+            self.config.max_append_bytes,
+        );
         if entries.is_empty() && !allow_empty && pr.state == ReplicationState::Replicate {
             return false;
         }
@@ -626,7 +623,11 @@ impl RaftNode {
         if self.applied >= self.commit {
             return;
         }
-        let entries = self.log.range(self.applied + 1, self.commit).to_vec();
+        let entries: Vec<Entry> = self
+            .log
+            .range(self.applied + 1, self.commit)
+            .cloned()
+            .collect();
         for entry in &entries {
             self.sessions.apply(entry);
             if let Some(id) = entry.request_id() {

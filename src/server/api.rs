@@ -444,6 +444,7 @@ impl Api {
                 ),
             });
         };
+        let sender: std::sync::Arc<str> = client.into();
         let proposals = texts
             .into_iter()
             .enumerate()
@@ -454,7 +455,7 @@ impl Api {
                 },
                 lamport,
                 since,
-                sender: client.to_string(),
+                sender: sender.clone(),
                 data: Bytes::from(text),
             })
             .collect();

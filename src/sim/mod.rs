@@ -1004,7 +1004,7 @@ impl Simulation {
                     },
                     lamport: client.clock,
                     since: 0,
-                    sender: format!("client-{}", client.client_id),
+                    sender: format!("client-{}", client.client_id).into(),
                     data: Bytes::from(sim_message(client.client_id, seq)),
                 };
                 if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {

@@ -406,7 +406,7 @@ impl Cluster {
             id: RequestId { client_id, seq },
             lamport: 0,
             since: 0,
-            sender: format!("client-{client_id}"),
+            sender: format!("client-{client_id}").into(),
             data: Bytes::from(text.to_string()),
         });
         self.drain(at);
@@ -415,7 +415,6 @@ impl Cluster {
     pub fn texts(&self, id: NodeId) -> Vec<String> {
         let log = self.node(id).log();
         log.range(1, log.last_index())
-            .iter()
             .filter_map(|e| match &e.payload {
                 cluster_store::raft::Payload::Command(c) => {
                     Some(String::from_utf8_lossy(&c.data).into_owned())
@@ -427,10 +426,7 @@ impl Cluster {
 
     pub fn terms(&self, id: NodeId) -> Vec<u64> {
         let log = self.node(id).log();
-        log.range(1, log.last_index())
-            .iter()
-            .map(|e| e.term)
-            .collect()
+        log.range(1, log.last_index()).map(|e| e.term).collect()
     }
 
     pub fn count_delivered(&self, pred: impl Fn(&Envelope) -> bool) -> usize {

@@ -2,7 +2,7 @@
 //! the role-specific handlers in `election`, `replication`, `read` and
 //! `leadership`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{debug, info, warn};
 
@@ -15,7 +15,9 @@ use super::read::ReadState;
 use super::ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
 use super::rng::Rng;
 use super::session::Sessions;
-use super::types::{Entry, HardState, Index, Lamport, LogPosition, NodeId, RequestId, Role, Term};
+use super::types::{
+    Entry, FastMap, FastSet, HardState, Index, Lamport, LogPosition, NodeId, RequestId, Role, Term,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RaftError {
@@ -99,9 +101,9 @@ pub struct RaftNode {
     /// Leader only: replication state of every other member.
     pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Leader only: uncommitted proposals in its log, for deduplication.
-    pub(super) pending: HashMap<RequestId, Index>,
+    pub(super) pending: FastMap<RequestId, Index>,
     /// Leader only: proposals whose client awaits an answer.
-    pub(super) waiters: HashSet<RequestId>,
+    pub(super) waiters: FastSet<RequestId>,
     pub(super) sessions: Sessions,
     pub(super) reads: ReadState,
     pub(super) transfer: Option<Transfer>,
@@ -240,8 +242,8 @@ impl RaftNode {
             votes: BTreeMap::new(),
             candidacy: None,
             progress: BTreeMap::new(),
-            pending: HashMap::new(),
-            waiters: HashSet::new(),
+            pending: FastMap::default(),
+            waiters: FastSet::default(),
             sessions,
             reads: ReadState::default(),
             transfer: None,

@@ -4,9 +4,9 @@
 //! Every node builds the same table from the committed log, so it survives
 //! leader changes and restarts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::types::{Entry, Index, Lamport, RequestId, Term};
+use super::types::{Entry, FastMap, Index, Lamport, RequestId, Term};
 
 /// Where a committed proposal landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -58,7 +58,7 @@ pub struct Sessions {
     window: usize,
     max_sessions: usize,
     min_idle: Index,
-    clients: HashMap<u64, Session>,
+    clients: FastMap<u64, Session>,
     /// (last activity, client) of every session, oldest first.
     by_activity: BTreeSet<(Index, u64)>,
     /// Every closed session's last activity was at or below this index.
@@ -71,7 +71,7 @@ impl Sessions {
             window,
             max_sessions: max_sessions.max(1),
             min_idle,
-            clients: HashMap::new(),
+            clients: FastMap::default(),
             by_activity: BTreeSet::new(),
             closed_upto: 0,
         }

@@ -4,6 +4,7 @@
 //! after it has sent the round's appends and answered what committed, so
 //! a leader's disk and its followers' work in parallel.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use tokio::sync::{broadcast, oneshot, watch};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
-    ChangeError, Committed, Envelope, HardState, Index, Lamport, Membership, MembershipChange,
-    Message, NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
+    ChangeError, Committed, Envelope, FastMap, HardState, Index, Lamport, Membership,
+    MembershipChange, Message, NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId,
+    Status, Term,
 };
 use crate::storage::StoreError;
 
@@ -101,6 +103,15 @@ impl Inbox {
     }
 }
 
+/// The batch slots waiting on one request id, and since when. Nearly
+/// always one slot: it is held inline, not in a vector of its own.
+struct Waiting {
+    since: Instant,
+    first: (u64, usize),
+    /// Retries of the same id in later batches.
+    more: Vec<(u64, usize)>,
+}
+
 /// A batch proposal collecting one answer per message.
 struct BatchWaiter {
     results: Vec<Option<Result<Committed, ProposeError>>>,
@@ -116,10 +127,10 @@ pub struct Driver {
     synced: Synced,
     outboxes: Outboxes,
     tick: Duration,
-    batches: HashMap<u64, BatchWaiter>,
+    batches: FastMap<u64, BatchWaiter>,
     next_batch: u64,
     /// Which batch slots wait on a request id, and since when.
-    waiting: HashMap<RequestId, (Instant, Vec<(u64, usize)>)>,
+    waiting: FastMap<RequestId, Waiting>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, ProposeError>>>,
     next_read: u64,
     /// Reads whose index is committed but not yet in this node's store.
@@ -189,9 +200,9 @@ impl Driver {
             store,
             outboxes,
             tick,
-            batches: HashMap::new(),
+            batches: FastMap::default(),
             next_batch: 0,
-            waiting: HashMap::new(),
+            waiting: FastMap::default(),
             reads: HashMap::new(),
             next_read: 0,
             reads_waiting: Vec::new(),
@@ -274,11 +285,16 @@ impl Driver {
                 self.metrics.proposals.inc_by(proposals.len() as u64);
                 let now = Instant::now();
                 for (slot, proposal) in proposals.into_iter().enumerate() {
-                    self.waiting
-                        .entry(proposal.id)
-                        .or_insert_with(|| (now, Vec::new()))
-                        .1
-                        .push((batch, slot));
+                    match self.waiting.entry(proposal.id) {
+                        Entry::Occupied(mut waiting) => waiting.get_mut().more.push((batch, slot)),
+                        Entry::Vacant(vacant) => {
+                            vacant.insert(Waiting {
+                                since: now,
+                                first: (batch, slot),
+                                more: Vec::new(),
+                            });
+                        }
+                    }
                     self.raft.propose(proposal);
                 }
             }
@@ -478,7 +494,7 @@ impl Driver {
     }
 
     fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>) {
-        let Some((since, slots)) = self.waiting.remove(&id) else {
+        let Some(Waiting { since, first, more }) = self.waiting.remove(&id) else {
             return;
         };
         if result.is_ok() {
@@ -486,7 +502,7 @@ impl Driver {
                 .commit_latency
                 .observe(since.elapsed().as_secs_f64());
         }
-        for (batch, slot) in slots {
+        for (batch, slot) in std::iter::once(first).chain(more) {
             let Some(waiter) = self.batches.get_mut(&batch) else {
                 continue;
             };

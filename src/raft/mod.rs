@@ -39,6 +39,6 @@ pub use rebuild::RebuildPlan;
 pub use replication::MAX_CLIENT_CLOCK_SKEW;
 pub use session::Committed;
 pub use types::{
-    Command, Entry, FastMap, FastSet, HardState, Index, Lamport, LogPosition, NodeId, Payload,
-    RequestId, Role, Term,
+    Command, Entry, FastMap, HardState, Index, Lamport, LogPosition, NodeId, Payload, RequestId,
+    Role, Term,
 };

@@ -83,10 +83,14 @@ impl Entry {
 }
 
 /// A hash map for the hot per-message tables (requests waiting to commit,
-/// client sessions): foldhash keyed per map, several times cheaper than
-/// the standard SipHash (whose hashing was a tenth of the leader's Raft
-/// thread under a pipelined client), and still keyed, so ids chosen by a
-/// hostile client cannot be crafted to collide.
+/// client sessions): foldhash, several times cheaper than the standard
+/// SipHash (whose hashing was a tenth of the leader's Raft thread under a
+/// pipelined client). Its seed is random per process and per map, so a
+/// client cannot pick colliding ids in advance as it could against an
+/// unseeded hash; foldhash calls itself "minimally DoS-resistant": it is
+/// not proof against an attacker who studies a long-running node's timing
+/// to recover the seed. These tables are bounded (`--max-pending-mb`,
+/// `Config::max_sessions`).
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// The set of `FastMap`.
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -4,8 +4,7 @@
 //! after it has sent the round's appends and answered what committed, so
 //! a leader's disk and its followers' work in parallel.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{hash_map, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,7 +107,8 @@ impl Inbox {
 struct Waiting {
     since: Instant,
     first: (u64, usize),
-    /// Retries of the same id in later batches.
+    /// Further slots with the same id: a client's retry, sent again before
+    /// the first attempt's answer.
     more: Vec<(u64, usize)>,
 }
 
@@ -286,8 +286,10 @@ impl Driver {
                 let now = Instant::now();
                 for (slot, proposal) in proposals.into_iter().enumerate() {
                     match self.waiting.entry(proposal.id) {
-                        Entry::Occupied(mut waiting) => waiting.get_mut().more.push((batch, slot)),
-                        Entry::Vacant(vacant) => {
+                        hash_map::Entry::Occupied(mut waiting) => {
+                            waiting.get_mut().more.push((batch, slot))
+                        }
+                        hash_map::Entry::Vacant(vacant) => {
                             vacant.insert(Waiting {
                                 since: now,
                                 first: (batch, slot),

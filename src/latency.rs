@@ -7,6 +7,11 @@
 //! The held datagrams leave from a thread of their own that sleeps until
 //! the next one is due: tokio's timers round up to the next millisecond,
 //! which made every hop up to a millisecond longer than its link's delay.
+//! Their buffers go back to a pool once sent: a fresh allocation per held
+//! transmit (up to 64 KiB with GSO) was page faults and glibc heap
+//! consolidation on the sending node's QUIC threads, about a tenth of the
+//! machine in the WAN benchmark's pipelined phase, a cost of the simulation
+//! that a real WAN does not have.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -81,6 +86,34 @@ struct Delayed {
     segment_size: Option<usize>,
 }
 
+/// Buffers of sent transmits, reused for the next ones.
+#[derive(Default)]
+struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    /// Most buffers kept: enough for every transmit in flight on a fast
+    /// link across an ocean (~10 MB of 64 KiB transmits), bounded so a
+    /// burst does not pin its memory for good.
+    const MAX: usize = 512;
+
+    /// A copy of `contents` in a reused buffer if one is spare.
+    fn copy(&self, contents: &[u8]) -> Vec<u8> {
+        let reused = self.0.lock().ok().and_then(|mut spare| spare.pop());
+        let mut buffer = reused.unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(contents);
+        buffer
+    }
+
+    fn give_back(&self, buffer: Vec<u8>) {
+        if let Ok(mut spare) = self.0.lock() {
+            if spare.len() < Self::MAX {
+                spare.push(buffer);
+            }
+        }
+    }
+}
+
 /// Wraps a real socket; datagrams to configured destinations wait their
 /// link's delay in a per-destination FIFO before leaving.
 pub struct DelayedSocket {
@@ -88,6 +121,8 @@ pub struct DelayedSocket {
     delays: HashMap<SocketAddr, LinkDelay>,
     /// To the thread that sends held datagrams when they are due.
     held: Mutex<mpsc::Sender<Delayed>>,
+    /// Where that thread returns the buffers it has sent.
+    spare: Arc<Spare>,
     /// How that thread sends: it turns GSO off if the kernel refuses it.
     state: Arc<quinn::udp::UdpSocketState>,
     rng: Mutex<Rng>,
@@ -113,13 +148,16 @@ impl DelayedSocket {
         let state = Arc::new(quinn::udp::UdpSocketState::new((&sender).into())?);
         let (held, queue) = mpsc::channel();
         let thread_state = state.clone();
+        let spare = Arc::new(Spare::default());
+        let thread_spare = spare.clone();
         std::thread::Builder::new()
             .name("delay-line".into())
-            .spawn(move || send_when_due(&sender, &thread_state, queue))?;
+            .spawn(move || send_when_due(&sender, &thread_state, queue, &thread_spare))?;
         Ok(Arc::new(DelayedSocket {
             inner,
             delays,
             held: Mutex::new(held),
+            spare,
             state,
             rng: Mutex::new(Rng::new(addr.port() as u64)),
         }))
@@ -132,6 +170,7 @@ fn send_when_due(
     socket: &std::net::UdpSocket,
     state: &quinn::udp::UdpSocketState,
     queue: mpsc::Receiver<Delayed>,
+    spare: &Spare,
 ) {
     let mut links: HashMap<SocketAddr, VecDeque<Delayed>> = HashMap::new();
     loop {
@@ -161,6 +200,7 @@ fn send_when_due(
             while link.front().is_some_and(|d| d.due <= now) {
                 if let Some(item) = link.pop_front() {
                     send(socket, state, &item);
+                    spare.give_back(item.contents);
                 }
             }
         }
@@ -216,7 +256,7 @@ impl AsyncUdpSocket for DelayedSocket {
                 due: Instant::now() + link.delay + jitter,
                 destination: transmit.destination,
                 ecn: transmit.ecn,
-                contents: transmit.contents.to_vec(),
+                contents: self.spare.copy(transmit.contents),
                 segment_size: transmit.segment_size,
             });
             return Ok(());
@@ -236,7 +276,7 @@ impl AsyncUdpSocket for DelayedSocket {
                 due: Instant::now() + link.delay + jitter,
                 destination: transmit.destination,
                 ecn: transmit.ecn,
-                contents: datagram.to_vec(),
+                contents: self.spare.copy(datagram),
                 segment_size: None,
             });
         }

@@ -393,6 +393,30 @@ fn a_node_down_through_changes_finds_a_leader_it_never_heard_of() {
                 .await
                 .expect("send");
         }
+        // A user's `node send` that names only the founding nodes (one of
+        // them down) is redirected to node 4, which it was never told of:
+        // it learns the leader's address from the node that redirected it.
+        let founders = cluster.spec_of(&[1, 2, 3]);
+        let certs = cluster.certs();
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(nodes::BIN)
+                .args(["send", "to the leader it never heard of", "--json"])
+                .args(["--cluster", &founders, "--certs"])
+                .arg(certs)
+                .output()
+                .expect("run node send")
+        })
+        .await
+        .expect("join");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "node send naming only nodes 1-3 failed: {}{stdout}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let landed: Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(landed["leader"].as_u64(), Some(4), "landed: {stdout}");
 
         cluster.launch(1);
         let deadline = Instant::now() + Duration::from_secs(60);

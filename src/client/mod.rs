@@ -273,6 +273,37 @@ impl Client {
         }
     }
 
+    /// Learns the address of `leader`, a node this client was not given
+    /// (added to the cluster since), from a configuration a member
+    /// reported. Only the leader's: a send or export otherwise keeps to the
+    /// nodes it was given, but without the leader's address it could not
+    /// land at all. The leader's certificate still proves who answers there.
+    fn learn_leader(&self, leader: NodeId, addresses: &BTreeMap<NodeId, String>) {
+        if self.knows(leader) {
+            return;
+        }
+        if let Some(address) = addresses.get(&leader) {
+            tracing::debug!(leader, %address, "learned the address of a leader added after this client started");
+            self.learn_members(&BTreeMap::from([(leader, address.clone())]));
+        }
+    }
+
+    /// After `node` redirected to a `leader` this client does not know:
+    /// asks `node` where that leader is (its configuration lists it).
+    async fn learn_leader_from(&self, node: NodeId, leader: NodeId) {
+        match tokio::time::timeout(LOOK_TIMEOUT, self.status_of(node)).await {
+            Ok(Ok(status)) => self.learn_leader(leader, &status.membership.addresses),
+            Ok(Err(error)) => {
+                tracing::debug!(node, leader, %error, "no address for the leader it named")
+            }
+            Err(_) => tracing::debug!(
+                node,
+                leader,
+                "no address for the leader it named: timed out"
+            ),
+        }
+    }
+
     pub fn lamport(&self) -> u64 {
         self.lamport.load(Ordering::SeqCst)
     }
@@ -547,7 +578,8 @@ impl Client {
                 self.leader_term.fetch_max(status.term, Ordering::SeqCst);
             }
             // Only member requests widen the nodes a client knows: plain
-            // sends and exports keep to the nodes they were given.
+            // sends and exports keep to the nodes they were given, plus a
+            // leader added since (`learn_leader`).
             ClientResponse::Members(view) => {
                 self.learn_members(&view.status.membership.addresses);
             }
@@ -588,6 +620,7 @@ impl Client {
             while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {
                 let Some(status) = answer else { continue };
                 if let Some(leader) = status.leader {
+                    self.learn_leader(leader, &status.membership.addresses);
                     if leader != node && status.term >= known && self.knows(leader) {
                         self.leader_term.fetch_max(status.term, Ordering::SeqCst);
                         return leader;
@@ -647,7 +680,16 @@ impl Client {
             }
             let target = self.pick(attempt);
             attempt += 1;
-            match self.request_with(target, request, true).await {
+            let answer = self.request_with(target, request, true).await;
+            if let Ok(ClientResponse::Redirect {
+                leader: Some(leader),
+            }) = &answer
+            {
+                if *leader != target && !self.knows(*leader) {
+                    self.learn_leader_from(target, *leader).await;
+                }
+            }
+            match answer {
                 Ok(ClientResponse::Redirect {
                     leader: Some(leader),
                 }) if leader != target && self.knows(leader) => {

@@ -113,11 +113,19 @@ pub fn status_text(answers: &[StatusAnswer]) -> String {
                 );
             }
             Err((node, error)) => {
-                let _ = writeln!(out, "node {node}: unreachable ({error})");
+                let _ = writeln!(out, "{}", unreachable_line(*node, error));
             }
         }
     }
     out
+}
+
+/// `node N: unreachable (...)`, naming the node once: the client's errors
+/// start with "node N at ADDRESS".
+fn unreachable_line(node: NodeId, error: &str) -> String {
+    let own = format!("node {node} ");
+    let error = error.strip_prefix(&own).unwrap_or(error);
+    format!("node {node}: unreachable ({error})")
 }
 
 /// One row of `node member list`.
@@ -264,6 +272,30 @@ pub fn already_text(id: NodeId, role: &str, address: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_node_is_named_once() {
+        let answers: Vec<StatusAnswer> = vec![Err((
+            3,
+            "node 3 at 127.0.0.1:7103: Connection refused".to_string(),
+        ))];
+        assert!(
+            status_text(&answers)
+                .contains("node 3: unreachable (at 127.0.0.1:7103: Connection refused)\n"),
+            "{}",
+            status_text(&answers)
+        );
+        // An error that does not start with the node keeps all it says.
+        assert_eq!(
+            unreachable_line(3, "timed out after 2s"),
+            "node 3: unreachable (timed out after 2s)"
+        );
+        // Node 3 is not node 33.
+        assert_eq!(
+            unreachable_line(3, "node 33 at a:1: refused"),
+            "node 3: unreachable (node 33 at a:1: refused)"
+        );
+    }
 
     #[test]
     fn the_member_list_takes_match_and_lag_from_the_leader() {

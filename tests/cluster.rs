@@ -857,6 +857,34 @@ fn bad_starts_fail_with_clear_errors() {
         let out = run(&["--id", "1", "--peers", "1=127.0.0.1:7000,two"]);
         assert!(String::from_utf8_lossy(&out.stderr)
             .contains("\"two\" is not of the form id=host:port"));
+
+        // No threads at all: refused by name, before anything starts.
+        let out = run(&[
+            "--id",
+            "1",
+            "--peers",
+            &peers,
+            "--data",
+            &dir,
+            "--threads",
+            "0",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("--threads") && stderr.contains("0 is not in 1.."),
+            "{stderr}"
+        );
+        // One thread each, as on a small shared machine: the cluster serves.
+        for id in [1, 2] {
+            cluster.set_args(id, vec!["--threads".into(), "1".into()]);
+            cluster.launch(id);
+        }
+        let (_, committed) = admin
+            .send(vec!["with one network thread per node".into()])
+            .await
+            .expect("a send to nodes with --threads 1");
+        assert_eq!(committed.len(), 1);
     });
 }
 

@@ -109,6 +109,11 @@ struct RunArgs {
     /// machines. 0 never spins; an idle node does not spin either.
     #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
+    /// Threads for network work (QUIC, TLS, the client API); the Raft
+    /// driver has its own. Default: one per core. 1 suits several nodes
+    /// sharing a small machine (faster there; BENCHMARKS.md).
+    #[arg(long, env = "NODE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Args, Clone)]
@@ -576,7 +581,14 @@ fn run_node(args: RunArgs) -> Result<()> {
         ),
         None => None,
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads.into());
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the node's threads")?;
     runtime.block_on(async {
         let node = server::open(options).await?;
         let listener = match http {

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub quic_bytes_received: Counter,
     /// Sends answered "busy" because too much was waiting to commit.
     pub busy_sends: Counter,
+    /// Sends behind others on a pipelined stream that waited for room
+    /// (instead of "busy") because too much was waiting to commit.
+    pub waited_sends: Counter,
     /// Client connections closed at once because too many were open.
     pub busy_connections: Counter,
     /// Log entries the core holds in memory (the rest are in the store).
@@ -103,6 +106,12 @@ impl Default for Metrics {
                 r,
                 "busy_sends",
                 "Sends refused with \"busy, retry\": too much was waiting to commit",
+                counter(),
+            ),
+            waited_sends: registered(
+                r,
+                "waited_sends",
+                "Pipelined sends that waited for room: too much was waiting to commit",
                 counter(),
             ),
             busy_connections: registered(
@@ -269,6 +278,7 @@ mod tests {
                 "cluster_store_quic_bytes_received_total counter",
                 "cluster_store_quic_bytes_sent_total counter",
                 "cluster_store_term gauge",
+                "cluster_store_waited_sends_total counter",
                 "cluster_store_watchers gauge",
             ]
         );

@@ -415,9 +415,12 @@ impl Client {
             .await
             .map_err(wire(node))?
             .ok_or(ClientError::ClosedEarly(node))?;
-        // After an error the node may have closed the stream: a new one
-        // for the next request.
-        if !matches!(response, ClientResponse::Error { .. }) {
+        // After an error or a "busy" the node closes the stream (it reads
+        // nothing behind a refused send): a new one for the next request.
+        if !matches!(
+            response,
+            ClientResponse::Error { .. } | ClientResponse::Busy { .. }
+        ) {
             self.keep_stream(node, link, send, recv);
         }
         Ok(response)

@@ -6,7 +6,8 @@
 //! and prints medians; `BENCH_SECONDS` (default 5) sizes the load phases.
 //! `BENCH_TOPOLOGY=loopback`, `=wan` or `=none` (catch-up and memory only)
 //! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it);
-//! `BENCH_ONLY=one`, `=many` or `=pipelined` runs that load phase alone.
+//! `BENCH_ONLY=one`, `=many` or `=pipelined` runs that load phase alone
+//! (`BENCH_BATCH`: the pipelined client's messages per send, default 1000).
 
 mod common;
 
@@ -215,7 +216,7 @@ fn main() {
                         continue;
                     }
                     Ok("pipelined") => {
-                        eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, 1000).await);
+                        eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, env_u64("BENCH_BATCH", 1000) as usize).await);
                         continue;
                     }
                     _ => {}

@@ -14,8 +14,10 @@
 //! answers, as the README tells an operator to.
 //! The faults users cause run alongside: every node's dashboard is polled
 //! (`/cluster`), writes also go through random nodes' HTTP APIs
-//! (`--http-write`), and messages range from a few bytes to the 1 MiB
-//! limit.
+//! (`--http-write`), messages range from a few bytes to the 1 MiB
+//! limit, and a pipelined writer (as `node send -`) overruns the nodes'
+//! bound on what waits to commit (`--max-pending-mb 1`): its batches must
+//! be acknowledged at increasing log positions, in the order it sent them.
 //!
 //! A run is many short seeded fault schedules. Each is a few seconds of
 //! faults under client load, then healing and a full check of everything
@@ -154,6 +156,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct History {
     acked: Vec<(String, Committed)>,
     failed: Vec<String>,
+    /// Pipelined batches acknowledged out of the order they were sent in.
+    disorder: Vec<String>,
 }
 
 struct Chaos {
@@ -478,6 +482,80 @@ async fn client_loop(
     }
 }
 
+/// `node send -`'s way of writing: batches of small messages pipelined on
+/// one stream, against nodes whose bound on what waits to commit
+/// (`--max-pending-mb 1`) the pipeline overruns, so sends wait for room or
+/// are answered "busy" while faults strike. The answers must come back at
+/// increasing log positions, in the order the batches were read: a
+/// refused batch once landed after the ones written behind it.
+async fn pipeline_loop(
+    client: Arc<cluster_store::client::Client>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<History>>,
+) {
+    let mut round = 0;
+    while !stop.load(Ordering::SeqCst) {
+        round += 1;
+        // Keys of the batches sent and not yet answered, oldest first.
+        let sent: Arc<Mutex<std::collections::VecDeque<Vec<String>>>> = Arc::default();
+        let mut i = 0u64;
+        let batches = std::iter::from_fn(|| {
+            if stop.load(Ordering::SeqCst) || i >= 6_000 {
+                return None;
+            }
+            let batch: Vec<(String, String)> = (0..1000)
+                .map(|_| {
+                    i += 1;
+                    let key = format!("pipe-{seed}-{round}-{i}");
+                    let text = format!("{key}~{}", "x".repeat(100));
+                    (key, text)
+                })
+                .collect();
+            let (keys, texts) = batch.into_iter().unzip();
+            if let Ok(mut sent) = sent.lock() {
+                sent.push_back(keys);
+            }
+            Some(texts)
+        });
+        let mut last = 0;
+        let result = client
+            .send_pipelined(batches, 64, |_, committed| {
+                let keys = sent
+                    .lock()
+                    .ok()
+                    .and_then(|mut sent| sent.pop_front())
+                    .unwrap_or_default();
+                let mut history = history.lock().expect("history");
+                for (key, c) in keys.into_iter().zip(committed) {
+                    if c.index <= last {
+                        history.disorder.push(format!(
+                            "{key} acknowledged at {} after an earlier batch's {last}",
+                            c.index
+                        ));
+                    }
+                    last = c.index;
+                    history.acked.push((key, *c));
+                }
+                Ok(())
+            })
+            .await;
+        let unanswered: Vec<String> = sent
+            .lock()
+            .map(|mut sent| sent.drain(..).flatten().collect())
+            .unwrap_or_default();
+        history.lock().expect("history").failed.extend(unanswered);
+        // A round of 6,000 now and then, as `node send -` batches them
+        // (1,000 a batch, 64 in flight): enough to overrun the bound
+        // (1,024 KiB, a KiB per small message), few enough that every
+        // schedule's full check stays quick. With 100 a batch and a
+        // 2 MiB bound, 12 schedules of the code before the fix found
+        // nothing; this way its first schedule did.
+        let _ = result;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
 /// One HTTP/1.1 exchange with a node's HTTP side; `None` if it is down,
 /// paused or too slow.
 async fn http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
@@ -596,6 +674,8 @@ async fn start_chaos(name: &str, ip: u8, seed: u64) -> Result<Chaos, String> {
                 "--http".into(),
                 format!("{}:{}", cluster.ip, http_port(*id)),
                 "--http-write".into(),
+                "--max-pending-mb".into(),
+                "1".into(),
             ],
         );
         cluster.launch(*id);
@@ -645,6 +725,14 @@ async fn run_schedule(
             history.clone(),
         )));
     }
+    let mut piper = chaos.cluster.client("alice");
+    piper.give_up_after = Duration::from_secs(8);
+    tasks.push(tokio::spawn(pipeline_loop(
+        Arc::new(piper),
+        seed,
+        stop.clone(),
+        history.clone(),
+    )));
     tasks.push(tokio::spawn(dashboard_loop(
         chaos.cluster.ip.clone(),
         stop.clone(),
@@ -723,7 +811,7 @@ async fn check(
     admin: &cluster_store::client::Client,
     history: &History,
 ) -> (Vec<String>, usize, usize) {
-    let mut problems = Vec::new();
+    let mut problems = history.disorder.clone();
     let export = match admin.export().await {
         Ok(export) => export,
         Err(e) => return (vec![format!("export failed: {e:#}")], 0, 0),

@@ -8,30 +8,18 @@
 //! holds writes its segments had not checkpointed. `e7fdae5-node-3.export.gz`
 //! is what that binary's `node export --local` printed for a copy of it.
 
+mod nodes;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+use nodes::export_local;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
         .join(name)
-}
-
-fn export_local(data: &Path) -> String {
-    let output = Command::new(BIN)
-        .args(["export", "--local", "--data"])
-        .arg(data)
-        .output()
-        .expect("run node export --local");
-    assert!(
-        output.status.success(),
-        "export --local failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8 export")
 }
 
 fn files_in(dir: &Path) -> Vec<String> {

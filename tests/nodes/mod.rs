@@ -464,17 +464,7 @@ impl TestCluster {
             !self.is_running(id),
             "stop node {id} before reading its store"
         );
-        let output = Command::new(BIN)
-            .args(["export", "--local", "--data"])
-            .arg(self.data_dir(id))
-            .output()
-            .expect("run node export --local");
-        assert!(
-            output.status.success(),
-            "export --local failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
+        export_local(&self.data_dir(id))
             .lines()
             .map(str::to_string)
             .collect()
@@ -521,6 +511,21 @@ impl Drop for TestCluster {
             eprintln!("cluster files kept in {}", self.dir.display());
         }
     }
+}
+
+/// What `node export --local` prints for the data directory `data`.
+pub fn export_local(data: &Path) -> String {
+    let output = Command::new(BIN)
+        .args(["export", "--local", "--data"])
+        .arg(data)
+        .output()
+        .expect("run node export --local");
+    assert!(
+        output.status.success(),
+        "export --local failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 export")
 }
 
 /// Checks the properties every export must have: each text once, stamps

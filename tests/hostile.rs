@@ -993,43 +993,28 @@ fn pipelined_sends_under_back_pressure_keep_their_order() {
         let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
         let leader_http = format!("127.0.0.{ip}:{}", 8000 + leader);
         const LINES: usize = 20_000;
-        let mut senders = Vec::new();
-        for (prefix, name) in [("a", "alice"), ("b", "bob"), ("c", "carol")] {
-            let input: String = (0..LINES).map(|i| format!("{prefix} {i:05}\n")).collect();
-            let cluster_spec = cluster.cluster_spec();
-            let certs = cluster.certs();
-            senders.push(tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let mut child = std::process::Command::new(nodes::BIN)
-                    .args([
-                        "send",
-                        "-",
-                        "--name",
-                        name,
-                        "--cluster",
-                        &cluster_spec,
-                        "--certs",
-                    ])
-                    .arg(certs)
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .expect("run node send -");
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(input.as_bytes())
-                    .expect("write stdin");
-                (
-                    prefix,
-                    child.wait_with_output().expect("node send - output"),
-                )
-            }));
-        }
-        for sender in senders {
-            let (prefix, out) = sender.await.expect("join");
+        // Three `node send -` at once (each blocks this thread's turn of
+        // the runtime only; the nodes are processes of their own).
+        let outputs: Vec<(&str, std::process::Output)> = std::thread::scope(|scope| {
+            let senders: Vec<_> = [("a", "alice"), ("b", "bob"), ("c", "carol")]
+                .into_iter()
+                .map(|(prefix, name)| {
+                    let input: String = (0..LINES).map(|i| format!("{prefix} {i:05}\n")).collect();
+                    let cluster = &cluster;
+                    scope.spawn(move || {
+                        (
+                            prefix,
+                            cluster.run_cli(&["send", "-", "--name", name], Some(&input)),
+                        )
+                    })
+                })
+                .collect();
+            senders
+                .into_iter()
+                .map(|sender| sender.join().expect("node send - thread"))
+                .collect()
+        });
+        for (prefix, out) in outputs {
             assert!(
                 out.status.success(),
                 "node send - of the {prefix} lines failed: {}",

@@ -43,7 +43,7 @@ pub const CLOSE_BUSY: u32 = 5;
 /// moves with the wire format (bincode, positional): nodes and clients of
 /// different versions refuse each other at the handshake instead of
 /// misreading frames, so a cluster is upgraded all at once.
-pub const ALPN: &[u8] = b"cluster-store/3";
+pub const ALPN: &[u8] = b"cluster-store/4";
 
 /// The QUIC application protocol of peer links: Raft on unidirectional
 /// streams. A connection says what it is for in its handshake, so a node's

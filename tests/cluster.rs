@@ -743,6 +743,29 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
             ),
             "{refused:?}"
         );
+        // Sequence numbers that run past the end of their range (a debug
+        // node's stream task panicked on the addition) are refused by name.
+        let refused = admin
+            .request(
+                leader,
+                &cluster_store::wire::ClientRequest::Send {
+                    client_id: 78,
+                    first_seq: u64::MAX,
+                    lamport: 0,
+                    since: 0,
+                    texts: vec!["a".into(), "b".into()],
+                },
+            )
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                refused,
+                cluster_store::wire::ClientResponse::Error { ref message, retry: false, .. }
+                    if message.contains("run past the end of their range")
+            ),
+            "{refused:?}"
+        );
 
         let (_, committed) = admin
             .send(vec!["still working".into()])

@@ -98,6 +98,7 @@ fn a_client_clock_far_ahead_is_refused_and_stamps_keep_increasing() {
         since: 0,
         sender: "mallory".into(),
         data: "lie".into(),
+        after: None,
     };
     for (seq, lamport) in [(1, u64::MAX), (2, u64::MAX - 1), (3, 1 << 40)] {
         // On a follower: refused as not the leader, its clock untouched.
@@ -148,6 +149,7 @@ fn large_entries_travel_in_appends_that_fit_a_frame() {
             since: 0,
             sender: "client-5".into(),
             data: big.clone().into(),
+            after: None,
         });
     }
     c.drain(1);
@@ -198,6 +200,7 @@ fn proposals_are_batched_and_appends_pipelined() {
             since: 0,
             sender: "bulk".into(),
             data: "x".into(),
+            after: None,
         });
     }
     let ready = c.node_mut(1).ready();

@@ -41,9 +41,12 @@
 //! - `tick-all [n]`: n rounds of ticking every node that is up, delivering
 //!   after each.
 //! - `propose ID TEXT... [client=C] [seq=S] [lamport=L] [since=I]
-//!   [deliver]`: client C (default 1) proposes each TEXT at node ID, with
-//!   sequence numbers from S (default: the client's next). `m{1..5}`
-//!   expands to m1 ... m5. `deliver` delivers everything after each.
+//!   [after=A] [deliver]`: client C (default 1) proposes each TEXT at node
+//!   ID, with sequence numbers from S (default: the client's next).
+//!   `m{1..5}` expands to m1 ... m5. With `after`, the first must follow
+//!   the client's message A and each later one the one before it, as a
+//!   pipelined stream's sends do (`Proposal::after`). `deliver` delivers
+//!   everything after each.
 //! - `deliver [from=IDS] [to=IDS] [n=N]`: delivers queued messages (and
 //!   what they cause) until the network is quiet; with `from`/`to`, only
 //!   messages on those links, the others stay queued; with `n`, at most N.
@@ -549,6 +552,10 @@ impl RaftDriver {
         let seq: Option<u64> = cmd.parsed("seq")?;
         let lamport: u64 = cmd.parsed("lamport")?.unwrap_or(0);
         let since: u64 = cmd.parsed("since")?.unwrap_or(0);
+        let mut after: Option<RequestId> = cmd.parsed("after")?.map(|seq| RequestId {
+            client_id: client,
+            seq,
+        });
         let deliver = cmd.flag("deliver");
         let mut texts = Vec::new();
         while let Some(word) = cmd.next() {
@@ -564,15 +571,21 @@ impl RaftDriver {
             let next = self.next_seq.entry(client).or_insert(1);
             *next = (*next).max(seq + 1);
             let c = self.c()?;
+            let id = RequestId {
+                client_id: client,
+                seq,
+            };
+            let follows = after;
+            if after.is_some() {
+                after = Some(id);
+            }
             c.node_mut(at).propose(Proposal {
-                id: RequestId {
-                    client_id: client,
-                    seq,
-                },
+                id,
                 lamport,
                 since,
                 sender: format!("client-{client}").into(),
                 data: Bytes::from(text),
+                after: follows,
             });
             c.drain(at);
             if deliver {
@@ -1083,6 +1096,7 @@ scripts! {
     lagging_follower,
     lamport,
     late_votes,
+    ordered_proposals,
     learners,
     pre_vote,
     priorities,

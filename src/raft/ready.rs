@@ -110,6 +110,13 @@ pub struct Proposal {
     /// Shared by a batch's proposals (`Command::sender`).
     pub sender: std::sync::Arc<str>,
     pub data: bytes::Bytes,
+    /// A proposal this one must follow in the log: taken only while that
+    /// one is committed or waiting in this leader's log (so at a lower
+    /// index), refused as `EarlierRefused` otherwise. A client pipelining
+    /// sends on one stream had the first refused (a leadership transfer
+    /// under way) and the next accepted moments later (the transfer given
+    /// up); its retry of the first would have landed after the second.
+    pub after: Option<RequestId>,
 }
 
 /// Why a proposal was not (or not yet known to be) committed.
@@ -140,6 +147,10 @@ pub enum ProposeError {
         leader: u64,
         skew: u64,
     },
+    /// The proposal it must follow (`Proposal::after`) is not in this
+    /// leader's log: it was refused or lost. Resend from that one, in order.
+    #[error("an earlier message it must follow (client {}, sequence {}) is not in the log; resend from that one, in order", after.client_id, after.seq)]
+    EarlierRefused { after: RequestId },
     #[error("this client's session was closed after it had been idle while many other clients wrote; whether its unanswered messages are in the log is unknown (check with `node export`), and nothing was written now; start a new session to send more")]
     SessionClosed,
 }

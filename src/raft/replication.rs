@@ -8,7 +8,7 @@ use super::node::RaftNode;
 use super::progress::ReplicationState;
 use super::ready::{Fetch, Proposal, ProposeError};
 use super::session::{Committed, Lookup};
-use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, Role, Term};
+use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, RequestId, Role, Term};
 
 /// How far ahead of the leader's clock a client's may be. An honest
 /// client's clock holds stamps of committed entries, which every leader's
@@ -105,6 +105,9 @@ impl RaftNode {
             Lookup::SessionClosed => return Err(ProposeError::SessionClosed),
             Lookup::New => {}
         }
+        if let Some(after) = proposal.after {
+            self.check_follows(after, proposal.since)?;
+        }
         self.waiters.insert(proposal.id);
         if self.pending.contains_key(&proposal.id) {
             return Ok(());
@@ -118,6 +121,21 @@ impl RaftNode {
         let index = self.append_new(Payload::Command(command), proposal.lamport);
         self.pending.insert(proposal.id, index);
         Ok(())
+    }
+
+    /// Whether a new proposal may follow `after` (`Proposal::after`): only
+    /// if `after` is committed or waiting in this leader's log, below
+    /// anything appended now. A request the table cannot place (its window
+    /// or session forgotten) is let through: it is long past, and refusing
+    /// would stall its client for good.
+    fn check_follows(&self, after: RequestId, since: Index) -> Result<(), ProposeError> {
+        if self.pending.contains_key(&after) {
+            return Ok(());
+        }
+        match self.sessions.lookup(after, since, self.commit) {
+            Lookup::New => Err(ProposeError::EarlierRefused { after }),
+            Lookup::Committed(_) | Lookup::Expired | Lookup::SessionClosed => Ok(()),
+        }
     }
 
     /// Appends a new entry to the leader's log, stamped above the clock, the

@@ -104,8 +104,26 @@ struct WaitingSend {
                 > + Send,
         >,
     >,
-    ids: (u64, u64, u64, Index),
+    send: NewSend,
+}
+
+/// A send as the driver gets it.
+struct NewSend {
+    client_id: u64,
+    first_seq: u64,
+    lamport: u64,
+    since: Index,
     texts: Vec<String>,
+    /// The last message of the send written before this one on its
+    /// stream, while that may still be unanswered: this one's first
+    /// message must follow it in the log (`Proposal::after`).
+    after: Option<RequestId>,
+}
+
+impl NewSend {
+    fn last(&self) -> Option<RequestId> {
+        last_id(self.client_id, self.first_seq, self.texts.len())
+    }
 }
 
 /// Turns the driver's verdict on a send into the client's answer.
@@ -121,7 +139,11 @@ fn sent(
         match result {
             Ok(c) => committed.push(c),
             Err(ProposeError::NotLeader { leader }) => return ClientResponse::Redirect { leader },
-            Err(e @ (ProposeError::LeadershipLost | ProposeError::TransferInProgress)) => {
+            Err(
+                e @ (ProposeError::LeadershipLost
+                | ProposeError::TransferInProgress
+                | ProposeError::EarlierRefused { .. }),
+            ) => {
                 return ClientResponse::Error {
                     message: e.to_string(),
                     retry: true,
@@ -156,6 +178,30 @@ async fn next_request<R: Reader>(
 /// A client that dropped its stream: a TLS-over-TCP connection closed
 /// without TLS's goodbye, or reset (a QUIC stream dropped by its client
 /// ends cleanly instead). Not a bad request.
+/// The request id of a send's last message, if `request` is a send.
+fn last_message(request: &ClientRequest) -> Option<RequestId> {
+    match request {
+        ClientRequest::Send {
+            client_id,
+            first_seq,
+            texts,
+            ..
+        } => last_id(*client_id, *first_seq, texts.len()),
+        _ => None,
+    }
+}
+
+/// The id of the last of `count` messages numbered from `first_seq`;
+/// `None` for none, or if a hostile client's numbers run past the end of
+/// their range.
+fn last_id(client_id: u64, first_seq: u64, count: usize) -> Option<RequestId> {
+    let count = u64::try_from(count).ok()?;
+    Some(RequestId {
+        client_id,
+        seq: first_seq.checked_add(count.checked_sub(1)?)?,
+    })
+}
+
 fn went_away(error: &crate::wire::WireError) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     matches!(error, crate::wire::WireError::Io(e)
@@ -232,7 +278,7 @@ impl Api {
                 self.watch(&client, send, start, until).await;
                 return;
             }
-            Ok(Some(request)) => self.start(&client, request, false),
+            Ok(Some(request)) => request,
             Ok(None) => return,
             Err(e) if went_away(&e) => {
                 debug!(client, "a stream closed before its first request: {e}");
@@ -250,6 +296,8 @@ impl Api {
         let mut answers = futures_util::stream::FuturesOrdered::new();
         let mut reading = true;
         let mut waiting: Option<WaitingSend> = None;
+        let mut last_send = last_message(&first);
+        let first = self.start(&client, first, None);
         self.take_started(first, &mut answers, &mut reading, &mut waiting);
         let mut next = Box::pin(next_request(recv));
         loop {
@@ -269,7 +317,7 @@ impl Api {
                 }, if waiting.is_some() => {
                     if let Some(send) = waiting.take() {
                         let started = match permit {
-                            Ok(permit) => self.propose_send(&client, send.ids, send.texts, permit),
+                            Ok(permit) => self.propose_send(&client, send.send, permit),
                             Err(_) => Started::Refused(error("node shutting down", true)),
                         };
                         self.take_started(started, &mut answers, &mut reading, &mut waiting);
@@ -278,7 +326,11 @@ impl Api {
                 (rest, request) = &mut next, if reading && waiting.is_none() && answers.len() < STREAM_WINDOW => {
                     match request {
                         Ok(Some(request)) => {
-                            let started = self.start(&client, request, !answers.is_empty());
+                            let ahead = if answers.is_empty() { None } else { last_send };
+                            if let Some(last) = last_message(&request) {
+                                last_send = Some(last);
+                            }
+                            let started = self.start(&client, request, ahead);
                             self.take_started(started, &mut answers, &mut reading, &mut waiting);
                             next = Box::pin(next_request(rest));
                         }
@@ -302,9 +354,11 @@ impl Api {
     }
 
     /// Starts a request: a send is validated and handed to the driver now
-    /// (or, `behind` sends still outstanding on its stream, waits its turn
-    /// for room); the answer future waits for the outcome.
-    fn start(&self, client: &str, request: ClientRequest, behind: bool) -> Started {
+    /// (or, behind sends still outstanding on its stream, waits its turn
+    /// for room); the answer future waits for the outcome. `ahead` is the
+    /// last message of the send before it on its stream while anything
+    /// there is unanswered: a send must follow it in the log.
+    fn start(&self, client: &str, request: ClientRequest, ahead: Option<RequestId>) -> Started {
         let lookup = matches!(request, ClientRequest::Members | ClientRequest::Status);
         if client.starts_with(OUTSIDER) && !lookup {
             return Started::Refused(error(
@@ -324,9 +378,14 @@ impl Api {
                 texts,
             } => self.start_send(
                 client,
-                (client_id, first_seq, lamport, since),
-                texts,
-                behind,
+                NewSend {
+                    client_id,
+                    first_seq,
+                    lamport,
+                    since,
+                    texts,
+                    after: ahead,
+                },
             ),
             query => {
                 let api = self.clone();
@@ -449,32 +508,23 @@ impl Api {
         }
     }
 
-    /// `ids` are the client id, first sequence number, Lamport clock and
-    /// session floor (`Proposal::since`) of a send. Over the bound on what
-    /// waits to commit, a send alone on its stream is answered "busy"
-    /// (the client retries it); one `behind` others on a pipelined stream
-    /// waits for room instead, so the pipeline slows down rather than
+    /// Over the bound on what waits to commit, a send alone on its stream
+    /// is answered "busy" (the client retries it); one behind others on a
+    /// pipelined stream (`NewSend::after`) waits for room instead, so the pipeline slows down rather than
     /// falling back to one send at a time across the ocean (a WAN client
     /// with batches of 4,096 went from 268,000 to 38,000 msg/s that way).
-    fn start_send(
-        &self,
-        client: &str,
-        ids: (u64, u64, u64, Index),
-        texts: Vec<String>,
-        behind: bool,
-    ) -> Started {
-        let cost = match self.send_cost(&texts) {
+    fn start_send(&self, client: &str, send: NewSend) -> Started {
+        let cost = match self.send_cost(&send) {
             Ok(cost) => cost,
             Err(response) => return Started::Refused(response),
         };
         match self.limits.pending.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => self.propose_send(client, ids, texts, permit),
-            Err(_) if behind => {
+            Ok(permit) => self.propose_send(client, send, permit),
+            Err(_) if send.after.is_some() => {
                 self.metrics.waited_sends.inc();
                 Started::Waiting(WaitingSend {
                     room: Box::pin(self.limits.pending.clone().acquire_many_owned(cost)),
-                    ids,
-                    texts,
+                    send,
                 })
             }
             Err(_) => {
@@ -492,11 +542,22 @@ impl Api {
 
     /// What a send holds of `Limits::pending` while it waits to commit, in
     /// KiB, or why it is refused whatever the load.
-    fn send_cost(&self, texts: &[String]) -> Result<u32, ClientResponse> {
+    fn send_cost(&self, send: &NewSend) -> Result<u32, ClientResponse> {
+        let texts = &send.texts;
         if texts.is_empty() || texts.len() > MAX_BATCH {
             return Err(error(
                 format!(
                     "a send carries 1 to {MAX_BATCH} messages, not {}",
+                    texts.len()
+                ),
+                false,
+            ));
+        }
+        if send.last().is_none() {
+            return Err(error(
+                format!(
+                    "sequence numbers from {} for {} messages run past the end of their range",
+                    send.first_seq,
                     texts.len()
                 ),
                 false,
@@ -516,27 +577,35 @@ impl Api {
     }
 
     /// Hands an admitted send to the driver; its answer comes when the
-    /// driver says how it ended, and its room is given back then.
+    /// driver says how it ended, and its room is given back then. Each
+    /// message must follow the one before it (`Proposal::after`), so a
+    /// send enters the log as a prefix of itself, never with a hole.
     fn propose_send(
         &self,
         client: &str,
-        (client_id, first_seq, lamport, since): (u64, u64, u64, Index),
-        texts: Vec<String>,
+        send: NewSend,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Started {
         let sender: std::sync::Arc<str> = client.into();
-        let proposals = texts
+        let mut after = send.after;
+        let proposals = send
+            .texts
             .into_iter()
             .enumerate()
-            .map(|(i, text)| Proposal {
-                id: RequestId {
-                    client_id,
-                    seq: first_seq + i as u64,
-                },
-                lamport,
-                since,
-                sender: sender.clone(),
-                data: Bytes::from(text),
+            .map(|(i, text)| {
+                // No overflow: `send_cost` checked the last one.
+                let id = RequestId {
+                    client_id: send.client_id,
+                    seq: send.first_seq + i as u64,
+                };
+                Proposal {
+                    id,
+                    lamport: send.lamport,
+                    since: send.since,
+                    sender: sender.clone(),
+                    data: Bytes::from(text),
+                    after: after.replace(id),
+                }
             })
             .collect();
         let (reply, answer) = oneshot::channel();

@@ -611,6 +611,7 @@ mod tests {
             since: 0,
             sender: "test".into(),
             data: bytes::Bytes::from_static(b"hi"),
+            after: None,
         };
         let (reply, answer_rx) = oneshot::channel();
         node.inputs

@@ -207,6 +207,18 @@ impl Checker {
             }
             let request = entry.request_id();
             if let Some(id) = request {
+                if super::client::ordered(id.client_id)
+                    && id.seq > 1
+                    && !self.committed_requests.contains_key(&RequestId {
+                        client_id: id.client_id,
+                        seq: id.seq - 1,
+                    })
+                {
+                    return Err(format!(
+                        "proposal {id:?} committed at index {index} before the one it follows (sequence {})",
+                        id.seq - 1
+                    ));
+                }
                 if let Some(first) = self.committed_requests.insert(id, index) {
                     return Err(format!(
                         "proposal {id:?} committed twice: at index {first} and {index}"

@@ -960,6 +960,7 @@ impl Simulation {
                     since: 0,
                     sender: "liar".into(),
                     data: Bytes::from_static(b"a lie"),
+                    after: None,
                 });
                 self.drain(target)?;
             }
@@ -1006,6 +1007,12 @@ impl Simulation {
                     since: 0,
                     sender: format!("client-{}", client.client_id).into(),
                     data: Bytes::from(sim_message(client.client_id, seq)),
+                    after: (client::ordered(client.client_id) && seq > 1).then_some(
+                        crate::raft::RequestId {
+                            client_id: client.client_id,
+                            seq: seq - 1,
+                        },
+                    ),
                 };
                 if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
                     raft.propose(proposal);
@@ -1195,7 +1202,9 @@ impl Simulation {
                 client.target = leader.unwrap_or_else(|| self.rng.range(1, nodes + 1));
                 client.retry_at(seq, self.now + 1);
             }
-            Err(ProposeError::LeadershipLost) | Err(ProposeError::TransferInProgress) => {
+            Err(ProposeError::LeadershipLost)
+            | Err(ProposeError::TransferInProgress)
+            | Err(ProposeError::EarlierRefused { .. }) => {
                 client.retry_at(seq, self.now + 2);
             }
             Err(error) => {

@@ -408,6 +408,7 @@ impl Cluster {
             since: 0,
             sender: format!("client-{client_id}").into(),
             data: Bytes::from(text.to_string()),
+            after: None,
         });
         self.drain(at);
     }

@@ -222,6 +222,9 @@ const STREAM_WINDOW: u32 = 32 << 20;
 /// shrinks the window as usual.
 const INITIAL_WINDOW: u64 = 1 << 20;
 
+/// Packets the other end may take before it must acknowledge them.
+const ACK_ELICITING_THRESHOLD: u32 = 10;
+
 /// Bytes a node may send a client on one stream before the client reads
 /// them: two of the largest watch pages (4 MB). A client that prints an
 /// export more slowly than the node reads it from disk holds this much,
@@ -258,6 +261,15 @@ fn transport_with(stream_window: u32) -> Arc<quinn::TransportConfig> {
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window(INITIAL_WINDOW);
     transport.congestion_controller_factory(Arc::new(cubic));
+    // Ask the other end to acknowledge every 11th packet rather than
+    // every 2nd (within its max_ack_delay, and at once when packets come
+    // out of order): pure acknowledgements are packets to send, receive
+    // and wake up for, and most of ours ride on answers anyway. A/B on
+    // loopback, alternating: 64 clients +2-6% (28,196-29,258 vs
+    // 27,516-27,579/s), pipelined +1-3%, on the WAN too; 1 client equal.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    transport.ack_frequency_config(Some(acks));
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(64u32.into());
     Arc::new(transport)

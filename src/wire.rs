@@ -84,6 +84,13 @@ pub enum ClientRequest {
         /// every message of its session (see `Proposal::since`).
         since: Index,
         texts: Vec<String>,
+        /// The sequence number of one of this client's messages that the
+        /// first of these must follow in the log (`Proposal::after`): a
+        /// client pipelining sends names the last message of the send
+        /// before, still unanswered when it wrote this one. Refused
+        /// (retry) while that one is not in the log, so a refused send
+        /// cannot be overtaken by the ones written behind it.
+        after: Option<u64>,
     },
     /// A linearizable read of the committed log from `from`, at most
     /// `limit` entries; `upto` pins later pages to the first page's read.
@@ -490,6 +497,7 @@ mod tests {
             lamport: 3,
             since: 4,
             texts: vec!["hi".into()],
+            after: Some(1),
         };
         let frame = encode(&request).unwrap();
         let mut reader = &frame[..];
@@ -590,6 +598,7 @@ mod tests {
             lamport: 0,
             since: 0,
             texts: vec!["x".repeat(MAX_FRAME)],
+            after: None,
         };
         match encode(&huge) {
             Err(WireError::TooLarge(size)) => assert!(size > MAX_FRAME, "{size}"),

@@ -728,6 +728,7 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
                     lamport: 0,
                     since: 0,
                     texts: vec!["y".repeat(cluster_store::wire::MAX_MESSAGE_BYTES + 1)],
+                    after: None,
                 },
             )
             .await
@@ -754,6 +755,7 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
                     lamport: 0,
                     since: 0,
                     texts: vec!["a".into(), "b".into()],
+                    after: None,
                 },
             )
             .await
@@ -763,6 +765,57 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
                 refused,
                 cluster_store::wire::ClientResponse::Error { ref message, retry: false, .. }
                     if message.contains("run past the end of their range")
+            ),
+            "{refused:?}"
+        );
+
+        // A send that must follow a message not in the log is refused
+        // (retry) until that one is in; then it lands after it.
+        let send = |first_seq: u64, text: &str, after: Option<u64>| {
+            cluster_store::wire::ClientRequest::Send {
+                client_id: 79,
+                first_seq,
+                lamport: 0,
+                since: 0,
+                texts: vec![text.into()],
+                after,
+            }
+        };
+        let refused = admin
+            .request(leader, &send(11, "second", Some(10)))
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                refused,
+                cluster_store::wire::ClientResponse::Error {
+                    detail: Some(cluster_store::raft::ProposeError::EarlierRefused { .. }),
+                    retry: true,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        let mut landed = Vec::new();
+        for request in [send(10, "first", None), send(11, "second", Some(10))] {
+            match admin.request(leader, &request).await.expect("an answer") {
+                cluster_store::wire::ClientResponse::Sent { committed, .. } => {
+                    landed.push(committed[0].index)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(landed[0] < landed[1], "{landed:?}");
+        // And a send cannot follow itself or a later message.
+        let refused = admin
+            .request(leader, &send(12, "third", Some(12)))
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                refused,
+                cluster_store::wire::ClientResponse::Error { ref message, retry: false, .. }
+                    if message.contains("must follow an earlier message")
             ),
             "{refused:?}"
         );

@@ -79,8 +79,9 @@ proptest! {
         lamport in any::<u64>(),
         since in any::<u64>(),
         texts in proptest::collection::vec(".{0,40}", 0..8),
+        after in any::<Option<u64>>(),
     ) {
-        let request = ClientRequest::Send { client_id, first_seq, lamport, since, texts };
+        let request = ClientRequest::Send { client_id, first_seq, lamport, since, texts, after };
         let frame = encode(&request).expect("encode");
         let back: ClientRequest = decode(&frame[4..]).expect("decode");
         prop_assert_eq!(back, request);

@@ -867,12 +867,21 @@ impl Client {
                     .next_seq
                     .fetch_add(texts.len() as u64, Ordering::SeqCst);
                 let session = self.session().await;
+                // Behind a send still unanswered, this one must follow it
+                // in the log: if the node refuses that one (a transfer
+                // under way), this one is refused too rather than taken
+                // before the retry.
+                let after = unanswered
+                    .back()
+                    .filter(|(ahead, _, _)| ahead.id == session.id)
+                    .map(|(_, first, texts)| first + texts.len() as u64 - 1);
                 let request = ClientRequest::Send {
                     client_id: session.id,
                     first_seq,
                     lamport: self.lamport(),
                     since: session.since.unwrap_or(0),
                     texts: texts.clone(),
+                    after,
                 };
                 unanswered.push_back((session, first_seq, texts));
                 write_frame(&mut send, &request)
@@ -932,6 +941,7 @@ impl Client {
                 lamport: self.lamport(),
                 since: session.since.unwrap_or(0),
                 texts,
+                after: None,
             };
             let error = match self.to_leader(&request).await {
                 Ok((leader, ClientResponse::Sent { committed, .. })) => {

@@ -114,15 +114,17 @@ struct NewSend {
     lamport: u64,
     since: Index,
     texts: Vec<String>,
-    /// The last message of the send written before this one on its
-    /// stream, while that may still be unanswered: this one's first
-    /// message must follow it in the log (`Proposal::after`).
-    after: Option<RequestId>,
+    /// The sequence number of the client's message its first must follow
+    /// (`ClientRequest::Send::after`).
+    after: Option<u64>,
 }
 
 impl NewSend {
-    fn last(&self) -> Option<RequestId> {
-        last_id(self.client_id, self.first_seq, self.texts.len())
+    /// The sequence number of its last message; `None` for no message,
+    /// or if a hostile client's numbers run past the end of their range.
+    fn last_seq(&self) -> Option<u64> {
+        let count = u64::try_from(self.texts.len()).ok()?;
+        self.first_seq.checked_add(count.checked_sub(1)?)
     }
 }
 
@@ -178,30 +180,6 @@ async fn next_request<R: Reader>(
 /// A client that dropped its stream: a TLS-over-TCP connection closed
 /// without TLS's goodbye, or reset (a QUIC stream dropped by its client
 /// ends cleanly instead). Not a bad request.
-/// The request id of a send's last message, if `request` is a send.
-fn last_message(request: &ClientRequest) -> Option<RequestId> {
-    match request {
-        ClientRequest::Send {
-            client_id,
-            first_seq,
-            texts,
-            ..
-        } => last_id(*client_id, *first_seq, texts.len()),
-        _ => None,
-    }
-}
-
-/// The id of the last of `count` messages numbered from `first_seq`;
-/// `None` for none, or if a hostile client's numbers run past the end of
-/// their range.
-fn last_id(client_id: u64, first_seq: u64, count: usize) -> Option<RequestId> {
-    let count = u64::try_from(count).ok()?;
-    Some(RequestId {
-        client_id,
-        seq: first_seq.checked_add(count.checked_sub(1)?)?,
-    })
-}
-
 fn went_away(error: &crate::wire::WireError) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     matches!(error, crate::wire::WireError::Io(e)
@@ -296,8 +274,7 @@ impl Api {
         let mut answers = futures_util::stream::FuturesOrdered::new();
         let mut reading = true;
         let mut waiting: Option<WaitingSend> = None;
-        let mut last_send = last_message(&first);
-        let first = self.start(&client, first, None);
+        let first = self.start(&client, first, false);
         self.take_started(first, &mut answers, &mut reading, &mut waiting);
         let mut next = Box::pin(next_request(recv));
         loop {
@@ -326,11 +303,7 @@ impl Api {
                 (rest, request) = &mut next, if reading && waiting.is_none() && answers.len() < STREAM_WINDOW => {
                     match request {
                         Ok(Some(request)) => {
-                            let ahead = if answers.is_empty() { None } else { last_send };
-                            if let Some(last) = last_message(&request) {
-                                last_send = Some(last);
-                            }
-                            let started = self.start(&client, request, ahead);
+                            let started = self.start(&client, request, !answers.is_empty());
                             self.take_started(started, &mut answers, &mut reading, &mut waiting);
                             next = Box::pin(next_request(rest));
                         }
@@ -354,11 +327,9 @@ impl Api {
     }
 
     /// Starts a request: a send is validated and handed to the driver now
-    /// (or, behind sends still outstanding on its stream, waits its turn
-    /// for room); the answer future waits for the outcome. `ahead` is the
-    /// last message of the send before it on its stream while anything
-    /// there is unanswered: a send must follow it in the log.
-    fn start(&self, client: &str, request: ClientRequest, ahead: Option<RequestId>) -> Started {
+    /// (or, `behind` requests still outstanding on its stream, waits its
+    /// turn for room); the answer future waits for the outcome.
+    fn start(&self, client: &str, request: ClientRequest, behind: bool) -> Started {
         let lookup = matches!(request, ClientRequest::Members | ClientRequest::Status);
         if client.starts_with(OUTSIDER) && !lookup {
             return Started::Refused(error(
@@ -376,6 +347,7 @@ impl Api {
                 lamport,
                 since,
                 texts,
+                after,
             } => self.start_send(
                 client,
                 NewSend {
@@ -384,8 +356,9 @@ impl Api {
                     lamport,
                     since,
                     texts,
-                    after: ahead,
+                    after,
                 },
+                behind,
             ),
             query => {
                 let api = self.clone();
@@ -509,18 +482,18 @@ impl Api {
     }
 
     /// Over the bound on what waits to commit, a send alone on its stream
-    /// is answered "busy" (the client retries it); one behind others on a
-    /// pipelined stream (`NewSend::after`) waits for room instead, so the pipeline slows down rather than
+    /// is answered "busy" (the client retries it); one `behind` others on
+    /// a pipelined stream waits for room instead, so the pipeline slows down rather than
     /// falling back to one send at a time across the ocean (a WAN client
     /// with batches of 4,096 went from 268,000 to 38,000 msg/s that way).
-    fn start_send(&self, client: &str, send: NewSend) -> Started {
+    fn start_send(&self, client: &str, send: NewSend, behind: bool) -> Started {
         let cost = match self.send_cost(&send) {
             Ok(cost) => cost,
             Err(response) => return Started::Refused(response),
         };
         match self.limits.pending.clone().try_acquire_many_owned(cost) {
             Ok(permit) => self.propose_send(client, send, permit),
-            Err(_) if send.after.is_some() => {
+            Err(_) if behind => {
                 self.metrics.waited_sends.inc();
                 Started::Waiting(WaitingSend {
                     room: Box::pin(self.limits.pending.clone().acquire_many_owned(cost)),
@@ -553,12 +526,21 @@ impl Api {
                 false,
             ));
         }
-        if send.last().is_none() {
+        if send.last_seq().is_none() {
             return Err(error(
                 format!(
                     "sequence numbers from {} for {} messages run past the end of their range",
                     send.first_seq,
                     texts.len()
+                ),
+                false,
+            ));
+        }
+        if let Some(after) = send.after.filter(|after| *after >= send.first_seq) {
+            return Err(error(
+                format!(
+                    "a send from sequence number {} cannot follow {after}: it must follow an earlier message",
+                    send.first_seq
                 ),
                 false,
             ));
@@ -587,7 +569,10 @@ impl Api {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Started {
         let sender: std::sync::Arc<str> = client.into();
-        let mut after = send.after;
+        let mut after = send.after.map(|seq| RequestId {
+            client_id: send.client_id,
+            seq,
+        });
         let proposals = send
             .texts
             .into_iter()

@@ -537,6 +537,23 @@ fn creds(
     .expect("credentials")
 }
 
+/// A send as a client that checks nothing would write it.
+fn raw_send(
+    client_id: u64,
+    first_seq: u64,
+    texts: Vec<String>,
+    after: Option<u64>,
+) -> cluster_store::wire::ClientRequest {
+    cluster_store::wire::ClientRequest::Send {
+        client_id,
+        first_seq,
+        lamport: 0,
+        since: 0,
+        texts,
+        after,
+    }
+}
+
 fn forged_heartbeat(from: u64, to: u64, term: u64) -> Vec<u8> {
     encode(&PeerFrame::Raft(Envelope {
         from,
@@ -722,14 +739,12 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
         let refused = admin
             .request(
                 leader,
-                &cluster_store::wire::ClientRequest::Send {
-                    client_id: 77,
-                    first_seq: 1,
-                    lamport: 0,
-                    since: 0,
-                    texts: vec!["y".repeat(cluster_store::wire::MAX_MESSAGE_BYTES + 1)],
-                    after: None,
-                },
+                &raw_send(
+                    77,
+                    1,
+                    vec!["y".repeat(cluster_store::wire::MAX_MESSAGE_BYTES + 1)],
+                    None,
+                ),
             )
             .await
             .expect("an answer");
@@ -749,14 +764,7 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
         let refused = admin
             .request(
                 leader,
-                &cluster_store::wire::ClientRequest::Send {
-                    client_id: 78,
-                    first_seq: u64::MAX,
-                    lamport: 0,
-                    since: 0,
-                    texts: vec!["a".into(), "b".into()],
-                    after: None,
-                },
+                &raw_send(78, u64::MAX, vec!["a".into(), "b".into()], None),
             )
             .await
             .expect("an answer");
@@ -771,16 +779,7 @@ fn garbage_and_oversized_frames_leave_the_cluster_working() {
 
         // A send that must follow a message not in the log is refused
         // (retry) until that one is in; then it lands after it.
-        let send = |first_seq: u64, text: &str, after: Option<u64>| {
-            cluster_store::wire::ClientRequest::Send {
-                client_id: 79,
-                first_seq,
-                lamport: 0,
-                since: 0,
-                texts: vec![text.into()],
-                after,
-            }
-        };
+        let send = |first_seq, text: &str, after| raw_send(79, first_seq, vec![text.into()], after);
         let refused = admin
             .request(leader, &send(11, "second", Some(10)))
             .await

@@ -107,7 +107,7 @@ struct WaitingSend {
     send: NewSend,
 }
 
-/// A send as the driver gets it.
+/// A send request, checked and admitted on its way to the driver.
 struct NewSend {
     client_id: u64,
     first_seq: u64,
@@ -483,9 +483,10 @@ impl Api {
 
     /// Over the bound on what waits to commit, a send alone on its stream
     /// is answered "busy" (the client retries it); one `behind` others on
-    /// a pipelined stream waits for room instead, so the pipeline slows down rather than
-    /// falling back to one send at a time across the ocean (a WAN client
-    /// with batches of 4,096 went from 268,000 to 38,000 msg/s that way).
+    /// a pipelined stream waits for room instead, so the pipeline slows
+    /// down rather than falling back to one send at a time across the
+    /// ocean (a WAN client with batches of 4,096 went from 268,000 to
+    /// 38,000 msg/s that way).
     fn start_send(&self, client: &str, send: NewSend, behind: bool) -> Started {
         let cost = match self.send_cost(&send) {
             Ok(cost) => cost,

@@ -49,7 +49,7 @@ pub const ALPN: &[u8] = b"cluster-store/4";
 /// streams. A connection says what it is for in its handshake, so a node's
 /// HTTP side, which dials with the node's own certificate, can never be
 /// taken for that node's Raft link.
-pub const PEER_ALPN: &[u8] = b"cluster-store-peer/5";
+pub const PEER_ALPN: &[u8] = b"cluster-store-peer/6";
 
 /// The first frame of every stream says what the stream is for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

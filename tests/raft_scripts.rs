@@ -193,10 +193,12 @@ fn message_line(m: &Envelope) -> String {
             prev_term,
             entries,
             commit,
+            lazy,
         } => format!(
-            "Append term={} prev={prev_index}@{prev_term} {} commit={commit}",
+            "Append term={} prev={prev_index}@{prev_term} {} commit={commit}{}",
             m.term,
-            entries_brief(entries)
+            entries_brief(entries),
+            if *lazy { " lazy" } else { "" }
         ),
         Message::AppendResponse(AppendResult::Accepted { match_index }) => {
             format!("AppendResponse term={} accept match={match_index}", m.term)
@@ -1096,6 +1098,7 @@ scripts! {
     lagging_follower,
     lamport,
     late_votes,
+    lazy_followers,
     ordered_proposals,
     learners,
     pre_vote,

@@ -39,6 +39,7 @@ impl RaftNode {
             elapsed: 0,
             timeout_sent: false,
         });
+        self.choose_lazy();
         if !self.maybe_finish_transfer(target) {
             self.send_append(target, true);
         }

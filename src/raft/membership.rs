@@ -392,6 +392,7 @@ impl RaftNode {
             }
         }
         let index = self.append_new(Payload::Membership(next), 0);
+        self.choose_lazy();
         self.pending_change = Some(PendingChange { ctx, index });
         Ok(index)
     }

@@ -51,6 +51,10 @@ pub enum Message {
         prev_term: Term,
         entries: Vec<Entry>,
         commit: Index,
+        /// The leader can commit without this follower's answer for now
+        /// (`RaftNode::choose_lazy`): it may hold the write a few
+        /// milliseconds and sync it with later ones (`Ready::linger`).
+        lazy: bool,
     },
     AppendResponse(AppendResult),
     /// Keeps followers from campaigning, carries the commit index they may

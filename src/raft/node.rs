@@ -111,6 +111,10 @@ pub struct RaftNode {
     pub(super) broadcast_pending: bool,
     pub(super) commit_changed: bool,
     pub(super) heartbeat_pending: bool,
+    /// Entries taken from appends marked lazy, and from ones not marked,
+    /// since the last `ready` (`Ready::linger`).
+    pub(super) lazy_appends: bool,
+    pub(super) urgent_appends: bool,
     pub(super) durable_hard_state: HardState,
     pub(super) out: Ready,
     /// A replica rebuilt from nothing (`node rebuild`): the most up-to-date
@@ -250,6 +254,8 @@ impl RaftNode {
             broadcast_pending: false,
             commit_changed: false,
             heartbeat_pending: false,
+            lazy_appends: false,
+            urgent_appends: false,
             durable_hard_state: HardState {
                 commit,
                 ..hard_state
@@ -525,7 +531,8 @@ impl RaftNode {
                 prev_term,
                 entries,
                 commit,
-            } => self.handle_append(from, prev_index, prev_term, entries, commit),
+                lazy,
+            } => self.handle_append(from, prev_index, prev_term, entries, commit, lazy),
             Message::AppendResponse(result) => {
                 if self.role == Role::Leader {
                     self.handle_append_response(from, result);
@@ -581,6 +588,12 @@ impl RaftNode {
             self.durable_hard_state = hard_state;
         }
         self.out.log_write = self.log.take_write();
+        self.out.linger = self.out.log_write.is_some()
+            && std::mem::take(&mut self.lazy_appends)
+            && !std::mem::take(&mut self.urgent_appends)
+            && matches!(self.role, Role::Follower | Role::Learner);
+        self.lazy_appends = false;
+        self.urgent_appends = false;
         self.apply_committed();
         std::mem::take(&mut self.out)
     }

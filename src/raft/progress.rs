@@ -43,6 +43,9 @@ pub struct Progress {
     prev_sent_at_ack: Index,
     /// Where replication last restarted after a missing append (`rewind`).
     rewound_to: Option<Index>,
+    /// Appends to it say `lazy`: commit does not wait for it for now
+    /// (`RaftNode::choose_lazy`).
+    pub lazy: bool,
 }
 
 impl Progress {
@@ -57,6 +60,7 @@ impl Progress {
             recent_active: true,
             read_ack: 0,
             fetching: false,
+            lazy: false,
             highest_prev_sent: 0,
             prev_sent_at_ack: 0,
             rewound_to: None,

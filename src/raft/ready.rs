@@ -33,6 +33,10 @@ pub struct Ready {
     pub must_sync: bool,
     pub messages: Vec<Envelope>,
     pub log_write: Option<LogWrite>,
+    /// `log_write` holds only entries from appends the leader marked lazy
+    /// (`Message::Append::lazy`): it may be staged and synced with later
+    /// writes, up to a linger later, `persisted_messages` waiting with it.
+    pub linger: bool,
     pub persisted_messages: Vec<Envelope>,
     pub committed: Vec<Entry>,
     pub responses: Vec<ProposeResponse>,

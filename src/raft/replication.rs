@@ -238,7 +238,7 @@ impl RaftNode {
             entries.last().map(|e| e.index),
             entries_bytes(&entries),
         );
-        let commit = self.commit;
+        let (commit, lazy) = (self.commit, pr.lazy);
         self.send(
             to,
             Message::Append {
@@ -246,6 +246,7 @@ impl RaftNode {
                 prev_term,
                 entries,
                 commit,
+                lazy,
             },
         );
         true
@@ -300,6 +301,7 @@ impl RaftNode {
             entries.last().map(|e| e.index),
             entries_bytes(&entries),
         );
+        let lazy = pr.lazy;
         self.send(
             to,
             Message::Append {
@@ -307,6 +309,7 @@ impl RaftNode {
                 prev_term,
                 entries,
                 commit,
+                lazy,
             },
         );
         while self.send_append(to, false) {}
@@ -355,6 +358,7 @@ impl RaftNode {
                     pr.become_replicate();
                 }
                 if news {
+                    self.choose_lazy();
                     self.maybe_commit();
                     self.maybe_finish_transfer(from);
                 }
@@ -452,6 +456,46 @@ impl RaftNode {
         }
     }
 
+    /// Chooses the followers whose appends say `lazy`: all but the voters
+    /// commit waits for, the ones whose acknowledgements reach furthest
+    /// (as many as a quorum needs besides this node). A lazy follower
+    /// syncs once per linger instead of once per append: the CPU and disk
+    /// work of most of its syncs saved, which on machines the nodes share
+    /// goes to the leader (64 clients: BENCHMARKS.md). A tie keeps the
+    /// choice, so a lazy follower, at most a linger behind, does not trade
+    /// places with an urgent one; should an urgent one stall, the lazy
+    /// one's next acknowledgement overtakes it and they swap, a linger
+    /// later at most. During a membership change or a leadership transfer
+    /// every follower is urgent: who counts is moving, and the transfer's
+    /// target must catch up without waiting.
+    pub(super) fn choose_lazy(&mut self) {
+        let id = self.config.id;
+        let voters = &self.config.voters;
+        if self.transfer.is_some() || self.change_in_progress() {
+            for (follower, pr) in self.progress.iter_mut() {
+                pr.lazy = !voters.contains(follower);
+            }
+            return;
+        }
+        let needed = self.config.quorum() - usize::from(voters.contains(&id));
+        let mut ranked: Vec<(Index, bool, NodeId)> = self
+            .progress
+            .iter()
+            .filter(|(follower, _)| voters.contains(follower))
+            .map(|(follower, pr)| (pr.match_index, pr.lazy, *follower))
+            .collect();
+        // Furthest first; on a tie the urgent one (`lazy` false) first.
+        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let urgent: Vec<NodeId> = ranked
+            .into_iter()
+            .take(needed)
+            .map(|(_, _, follower)| follower)
+            .collect();
+        for (follower, pr) in self.progress.iter_mut() {
+            pr.lazy = !urgent.contains(follower);
+        }
+    }
+
     /// Commits the highest index stored durably on a quorum of voters, if
     /// it belongs to this term (Raft paper, section 5.4.2: counting
     /// replicas is only safe for the leader's own entries).
@@ -495,6 +539,7 @@ impl RaftNode {
         mut prev_term: Term,
         mut entries: Vec<Entry>,
         leader_commit: Index,
+        lazy: bool,
     ) {
         if self.role != Role::Follower && self.role != Role::Learner {
             let term = self.term;
@@ -594,6 +639,11 @@ impl RaftNode {
         let commit = leader_commit.min(last_new);
         if commit > self.commit {
             self.commit = commit;
+        }
+        if lazy {
+            self.lazy_appends = true;
+        } else {
+            self.urgent_appends = true;
         }
         self.send_after_persist(
             from,

@@ -422,6 +422,7 @@ impl Driver {
                 hard_state,
                 log_write: ready.log_write,
                 then_send: ready.persisted_messages,
+                linger: ready.linger,
             }])?;
         }
         Ok(())

@@ -28,7 +28,7 @@ use crate::storage::{LogReader, Store, StoreError};
 /// Only new entries and votes are synced at once. A write without entries
 /// carries at most a new commit index, which nobody waits for (a restarted
 /// node learns it again from the leader): it is staged and rides along with
-/// the next sync, or is synced on its own `COMMIT_LINGER` after it was
+/// the next sync, or is synced on its own `LINGER` after it was
 /// staged. Its messages can leave at once, since every entry they
 /// acknowledge was synced by an earlier job. One sync per message instead
 /// of two on every node: half the disk work for a lone client.
@@ -38,10 +38,13 @@ pub enum Job {
     HardState(HardState),
     /// Make these durable, then send `then_send`. The hard state here only
     /// ever moves the commit index: a term or vote comes as `HardState`.
+    /// `linger`: entries of lazy appends (`Ready::linger`), staged and
+    /// synced with the next write that must be, or `LINGER` after.
     Write {
         hard_state: Option<HardState>,
         log_write: Option<LogWrite>,
         then_send: Vec<Envelope>,
+        linger: bool,
     },
 }
 
@@ -56,8 +59,9 @@ pub enum StoreEvent {
     CommitSynced(Index),
 }
 
-/// Longest a staged commit index waits for a sync to ride along with.
-pub const COMMIT_LINGER: Duration = Duration::from_millis(5);
+/// Longest a staged commit index, or a lazy append's entries, wait for a
+/// sync to ride along with.
+pub const LINGER: Duration = Duration::from_millis(5);
 
 /// The store, and what carrying out a write needs.
 pub struct StoreHandle {
@@ -66,8 +70,15 @@ pub struct StoreHandle {
     reported_commit: Index,
     outboxes: Outboxes,
     metrics: Arc<Metrics>,
-    /// When a commit index was first staged without a sync.
+    /// When a commit index or lazy entries were first staged without a
+    /// sync.
     staged_since: Option<Instant>,
+    /// Lazy entries are staged, unsynced: what acknowledges them, and
+    /// every message behind it, waits for the sync, in order.
+    held: Vec<Envelope>,
+    /// The log's end as the last staged write left it, reported once
+    /// synced (`None` inside: a truncation, which names no last term).
+    unsynced_end: Option<Option<(Index, Term)>>,
     /// The commit index on disk when the store opened; later ones are
     /// reported as `StoreEvent::CommitSynced`.
     pub synced_commit: Index,
@@ -89,6 +100,8 @@ impl StoreHandle {
             outboxes,
             metrics,
             staged_since: None,
+            held: Vec::new(),
+            unsynced_end: None,
             synced_commit,
             log,
             #[cfg(test)]
@@ -99,7 +112,7 @@ impl StoreHandle {
     /// When a staged commit index must be synced on its own (by
     /// `carry_out` of no jobs).
     pub fn linger_deadline(&self) -> Option<Instant> {
-        self.staged_since.map(|since| since + COMMIT_LINGER)
+        self.staged_since.map(|since| since + LINGER)
     }
 
     /// Applies `jobs`, syncs them and everything staged before if any of
@@ -113,9 +126,6 @@ impl StoreHandle {
         let mut writes = Vec::with_capacity(jobs.len());
         let mut then_send = Vec::new();
         let mut must_sync = jobs.is_empty();
-        // The log's new end, if the last write that changed it says so
-        // (a bare truncation does not name its last term).
-        let mut durable = None;
         for job in jobs {
             match job {
                 Job::HardState(hard_state) => {
@@ -126,10 +136,13 @@ impl StoreHandle {
                     hard_state,
                     log_write,
                     then_send: messages,
+                    linger,
                 } => {
                     if let Some(write) = &log_write {
-                        must_sync = true;
-                        durable = Some(write.last());
+                        must_sync |= !linger;
+                        // The log's new end, if the write says so (a bare
+                        // truncation does not name its last term).
+                        self.unsynced_end = Some(write.last());
                     }
                     writes.push((hard_state, log_write));
                     then_send.extend(messages);
@@ -151,14 +164,18 @@ impl StoreHandle {
         } else {
             self.staged_since = None;
         }
-        for envelope in then_send {
+        if !synced && self.unsynced_end.is_some() {
+            self.held.extend(then_send);
+            return Ok(Vec::new());
+        }
+        for envelope in std::mem::take(&mut self.held).into_iter().chain(then_send) {
             self.outboxes.send(envelope);
         }
         let mut events = Vec::new();
         if !synced {
             return Ok(events);
         }
-        if let Some(Some((index, term))) = durable {
+        if let Some(Some((index, term))) = self.unsynced_end.take() {
             events.push(StoreEvent::Durable { index, term });
         }
         let commit = self.store.synced_commit();
@@ -220,6 +237,7 @@ mod tests {
                     entries: vec![entry(index, 1)],
                 }),
                 then_send: vec![ack.clone()],
+                linger: false,
             })
             .collect();
         assert_eq!(
@@ -236,10 +254,11 @@ mod tests {
             hard_state: Some(HardState { commit, ..vote(1) }),
             log_write: None,
             then_send: Vec::new(),
+            linger: false,
         };
         assert_eq!(handle.carry_out(vec![commit(2)]).unwrap(), []);
         let deadline = handle.linger_deadline().expect("a commit lingers");
-        assert!(deadline <= Instant::now() + COMMIT_LINGER);
+        assert!(deadline <= Instant::now() + LINGER);
         // The linger over, no jobs sync it.
         assert_eq!(
             handle.carry_out(Vec::new()).unwrap(),
@@ -254,6 +273,7 @@ mod tests {
                 entries: vec![entry(4, 1)],
             }),
             then_send: Vec::new(),
+            linger: false,
         };
         assert_eq!(handle.carry_out(vec![commit(3)]).unwrap(), []);
         assert_eq!(
@@ -266,6 +286,90 @@ mod tests {
         drop(handle);
         let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
         assert_eq!(recovered.hard_state.commit, 3);
+        assert_eq!(recovered.last_index, 4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lazy append's entries are staged, not synced: their
+    /// acknowledgement, and every message queued behind it, wait for the
+    /// sync (the linger's, or the next urgent write's), and only then is
+    /// the log reported durable.
+    #[test]
+    fn lazy_entries_wait_for_a_sync_and_hold_what_follows() {
+        let dir = std::env::temp_dir().join(format!("cs-persist-lazy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = Store::open(&dir, "c1", 1).unwrap();
+        let outboxes = Outboxes::default();
+        let (outbox, mut sent) = tokio::sync::mpsc::channel(8);
+        outboxes.insert(2, outbox);
+        let mut handle = StoreHandle::new(store, outboxes, Arc::new(Metrics::default()));
+        let ack = |match_index| Envelope {
+            from: 1,
+            to: 2,
+            term: 1,
+            lamport: 0,
+            message: Message::AppendResponse(crate::raft::AppendResult::Accepted { match_index }),
+        };
+        let write = |index, linger| Job::Write {
+            hard_state: None,
+            log_write: Some(LogWrite {
+                from: index,
+                entries: vec![entry(index, 1)],
+            }),
+            then_send: vec![ack(index)],
+            linger,
+        };
+        let mut sent_now = || {
+            let mut acks = Vec::new();
+            while let Ok(envelope) = sent.try_recv() {
+                if let Message::AppendResponse(crate::raft::AppendResult::Accepted {
+                    match_index,
+                }) = envelope.message
+                {
+                    acks.push(match_index);
+                }
+            }
+            acks
+        };
+        assert_eq!(handle.carry_out(vec![write(1, true)]).unwrap(), []);
+        assert!(handle.linger_deadline().is_some(), "lazy entries linger");
+        // A message with no entries of its own queues behind the held ack.
+        let commit_only = Job::Write {
+            hard_state: Some(HardState {
+                commit: 1,
+                ..vote(1)
+            }),
+            log_write: None,
+            then_send: vec![ack(1)],
+            linger: false,
+        };
+        assert_eq!(handle.carry_out(vec![commit_only]).unwrap(), []);
+        assert_eq!(handle.carry_out(vec![write(2, true)]).unwrap(), []);
+        assert_eq!(
+            sent_now(),
+            Vec::<Index>::new(),
+            "nothing leaves before the sync"
+        );
+        // An urgent write syncs it all; the held acks leave first, in order.
+        assert_eq!(
+            handle.carry_out(vec![write(3, false)]).unwrap(),
+            [
+                StoreEvent::Durable { index: 3, term: 1 },
+                StoreEvent::CommitSynced(1)
+            ]
+        );
+        assert_eq!(sent_now(), [1, 1, 2, 3]);
+        assert_eq!(handle.linger_deadline(), None);
+        // Or the linger ends it: no jobs sync what is staged.
+        assert_eq!(handle.carry_out(vec![write(4, true)]).unwrap(), []);
+        assert_eq!(sent_now(), Vec::<Index>::new());
+        assert_eq!(
+            handle.carry_out(Vec::new()).unwrap(),
+            [StoreEvent::Durable { index: 4, term: 1 }]
+        );
+        assert_eq!(sent_now(), [4]);
+        drop(handle);
+        let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
         assert_eq!(recovered.last_index, 4);
         let _ = std::fs::remove_dir_all(&dir);
     }

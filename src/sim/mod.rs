@@ -1041,6 +1041,7 @@ impl Simulation {
             must_sync,
             messages,
             log_write,
+            linger,
             persisted_messages,
             committed: _,
             responses,
@@ -1058,6 +1059,8 @@ impl Simulation {
             self.on_change(id, change)?;
         }
         let delay = self.rng.range(0, self.cfg.max_persist_delay + 1);
+        // A lazy append's write may wait for a later sync: longer.
+        let delay = if linger { 2 * delay + 1 } else { delay };
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(());
         };

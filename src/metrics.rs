@@ -43,6 +43,9 @@ pub struct Metrics {
     pub elections: Counter,
     /// Seconds to write and sync one batch.
     pub fsync: Histogram,
+    /// Writes of lazy appends staged to share a later sync
+    /// (`Message::Append::lazy`): this follower was not needed for commit.
+    pub lazy_writes: Counter,
     /// Seconds from proposal to commit on the leader.
     pub commit_latency: Histogram,
     pub quic_bytes_sent: Counter,
@@ -90,6 +93,12 @@ impl Default for Metrics {
                 counter(),
             ),
             elections: registered(r, "elections", "Term changes seen by this node", counter()),
+            lazy_writes: registered(
+                r,
+                "lazy_writes",
+                "Writes of entries the leader did not need at once, staged to share a later sync",
+                counter(),
+            ),
             quic_bytes_sent: registered(
                 r,
                 "quic_bytes_sent",
@@ -271,6 +280,7 @@ mod tests {
                 "cluster_store_fsync_seconds histogram",
                 "cluster_store_is_leader gauge",
                 "cluster_store_lamport gauge",
+                "cluster_store_lazy_writes_total counter",
                 "cluster_store_log_entries_in_memory gauge",
                 "cluster_store_members gauge",
                 "cluster_store_membership_changes_applied_total counter",

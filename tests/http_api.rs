@@ -228,6 +228,62 @@ fn json_api_against_a_real_cluster() {
     drop(cluster);
 }
 
+/// A follower the leader does not need for a majority is sent its appends
+/// marked lazy and stages their writes to share a later sync
+/// (`cluster_store_lazy_writes_total`); a leader's writes never linger.
+/// Every acknowledged message is on every replica afterwards, in order.
+#[test]
+fn a_follower_commit_does_not_wait_for_stages_its_writes_lazily() {
+    const SENDS: usize = 100;
+    let (cluster, http) = start("lazy", 22);
+    let leader = http.wait_for_leader();
+    for i in 0..SENDS {
+        // Node 1 takes HTTP writes and forwards them if it does not lead.
+        let (code, answer) = http.json(1, "POST", &format!("/?message=m{i}"), None);
+        assert_eq!(code, 200, "{answer}");
+    }
+    let lazy_writes = |node| -> u64 {
+        let (code, metrics) = http.request(node, "GET", "/metrics", None);
+        assert_eq!(code, 200);
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("cluster_store_lazy_writes_total "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no lazy_writes_total on node {node}:\n{metrics}"))
+    };
+    assert_eq!(lazy_writes(leader), 0, "the leader's writes never linger");
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != leader).collect();
+    let lazy: Vec<u64> = followers.iter().map(|n| lazy_writes(*n)).collect();
+    // One follower of two is lazy at any time: about one lazy write a send.
+    assert!(
+        lazy.iter().sum::<u64>() >= SENDS as u64 / 2,
+        "followers {followers:?} staged {lazy:?} lazy writes for {SENDS} sends"
+    );
+    let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i}")).collect();
+    for node in [1, 2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, page) = http.json(node, "GET", "/messages?from=1&limit=1000", None);
+            let texts: Vec<String> = page["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter_map(|m| m["text"].as_str().map(str::to_string))
+                .collect();
+            if texts == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} holds {} of {SENDS} messages",
+                texts.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    drop(cluster);
+}
+
 /// A node's HTTP side reaches the other nodes with the node's own
 /// certificate. It once took over their Raft links: an open dashboard
 /// stopped a node's replication, and writes through the HTTP API kept a

@@ -140,6 +140,9 @@ impl StoreHandle {
                 } => {
                     if let Some(write) = &log_write {
                         must_sync |= !linger;
+                        if linger {
+                            self.metrics.lazy_writes.inc();
+                        }
                         // The log's new end, if the write says so (a bare
                         // truncation does not name its last term).
                         self.unsynced_end = Some(write.last());

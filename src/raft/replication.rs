@@ -467,7 +467,11 @@ impl RaftNode {
     /// one's next acknowledgement overtakes it and they swap, a linger
     /// later at most. During a membership change or a leadership transfer
     /// every follower is urgent: who counts is moving, and the transfer's
-    /// target must catch up without waiting.
+    /// target must catch up without waiting. So is a follower more than one
+    /// append behind the log's end: it is catching up, in few large writes,
+    /// and lingering its acknowledgements slowed that (a restarted node
+    /// caught up with 200,000 entries at ~410k entries/s against ~650k,
+    /// BENCHMARKS.md).
     pub(super) fn choose_lazy(&mut self) {
         let id = self.config.id;
         let voters = &self.config.voters;
@@ -491,8 +495,12 @@ impl RaftNode {
             .take(needed)
             .map(|(_, _, follower)| follower)
             .collect();
+        let caught_up = self
+            .log
+            .last_index()
+            .saturating_sub(self.config.max_append_entries as Index);
         for (follower, pr) in self.progress.iter_mut() {
-            pr.lazy = !urgent.contains(follower);
+            pr.lazy = !urgent.contains(follower) && pr.match_index >= caught_up;
         }
     }
 

@@ -235,8 +235,10 @@ fn json_api_against_a_real_cluster() {
 #[test]
 fn a_follower_commit_does_not_wait_for_stages_its_writes_lazily() {
     const SENDS: usize = 100;
-    let (cluster, http) = start("lazy", 22);
+    let (cluster, http) = start("lazy", 25);
     let leader = http.wait_for_leader();
+    let term = |node| http.json(node, "GET", "/leader", None).1["term"].as_u64();
+    let term_before = term(leader);
     for i in 0..SENDS {
         // Node 1 takes HTTP writes and forwards them if it does not lead.
         let (code, answer) = http.json(1, "POST", &format!("/?message=m{i}"), None);
@@ -251,7 +253,13 @@ fn a_follower_commit_does_not_wait_for_stages_its_writes_lazily() {
             .and_then(|value| value.trim().parse().ok())
             .unwrap_or_else(|| panic!("no lazy_writes_total on node {node}:\n{metrics}"))
     };
-    assert_eq!(lazy_writes(leader), 0, "the leader's writes never linger");
+    // A leader's writes never linger; an election on a busy machine would
+    // have made it a follower for a while, so that is judged in one term.
+    if term(leader) == term_before {
+        assert_eq!(lazy_writes(leader), 0, "the leader's writes never linger");
+    } else {
+        eprintln!("an election during the sends: the leader's count is not judged");
+    }
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != leader).collect();
     let lazy: Vec<u64> = followers.iter().map(|n| lazy_writes(*n)).collect();
     // One follower of two is lazy at any time: about one lazy write a send.

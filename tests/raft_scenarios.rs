@@ -221,3 +221,85 @@ fn proposals_are_batched_and_appends_pipelined() {
         "a window of three full appends"
     );
 }
+
+/// `Ready::linger` says a follower may hold its write for a later sync:
+/// only when every append it answers was marked lazy. An urgent append in
+/// the same ready, even one with nothing new, takes that away, and a
+/// leader's own writes never linger.
+#[test]
+fn a_ready_lingers_only_when_every_append_it_answers_is_lazy() {
+    use cluster_store::raft::{Config, Entry, HardState, Payload, RaftNode};
+
+    let mut follower = RaftNode::new(Config::new(2, [1, 2, 3]), HardState::default(), Vec::new())
+        .expect("a follower");
+    let noop = |index| Entry {
+        index,
+        term: 1,
+        lamport: index,
+        payload: Payload::Noop,
+    };
+    let append = |prev_index, entries: Vec<Entry>, lazy| Envelope {
+        from: 1,
+        to: 2,
+        term: 1,
+        lamport: 0,
+        message: Message::Append {
+            prev_index,
+            prev_term: if prev_index == 0 { 0 } else { 1 },
+            entries,
+            commit: 0,
+            lazy,
+        },
+    };
+    follower.step(append(0, vec![noop(1)], true));
+    let ready = follower.ready();
+    assert!(
+        ready.log_write.is_some() && ready.linger,
+        "a lazy append lingers"
+    );
+    follower.step(append(1, vec![noop(2)], true));
+    follower.step(append(2, vec![noop(3)], false));
+    let ready = follower.ready();
+    assert!(
+        !ready.linger,
+        "an urgent append in the same ready syncs both"
+    );
+    follower.step(append(3, Vec::new(), false));
+    let ready = follower.ready();
+    assert!(
+        ready.log_write.is_none() && !ready.persisted_messages.is_empty() && !ready.linger,
+        "an urgent append with nothing new still answers after a sync"
+    );
+    follower.step(append(3, Vec::new(), true));
+    assert!(
+        follower.ready().linger,
+        "a lazy one with nothing new may wait"
+    );
+
+    let mut c = Cluster::new(&[1, 2, 3], &[], |_| {});
+    c.elect(1);
+    c.tick_all(2);
+    c.node_mut(1).propose(cluster_store::raft::Proposal {
+        id: RequestId {
+            client_id: 1,
+            seq: 1,
+        },
+        lamport: 0,
+        since: 0,
+        sender: "c".into(),
+        data: "x".into(),
+        after: None,
+    });
+    let ready = c.node_mut(1).ready();
+    assert!(
+        ready.log_write.is_some() && !ready.linger,
+        "a leader never lingers"
+    );
+    assert!(
+        ready
+            .messages
+            .iter()
+            .any(|m| matches!(m.message, Message::Append { lazy: true, .. })),
+        "one of the leader's two followers is sent lazy appends"
+    );
+}

@@ -111,8 +111,8 @@ pub struct RaftNode {
     pub(super) broadcast_pending: bool,
     pub(super) commit_changed: bool,
     pub(super) heartbeat_pending: bool,
-    /// Entries taken from appends marked lazy, and from ones not marked,
-    /// since the last `ready` (`Ready::linger`).
+    /// Appends marked lazy, and ones not marked, answered since the last
+    /// `ready` (`Ready::linger`).
     pub(super) lazy_appends: bool,
     pub(super) urgent_appends: bool,
     pub(super) durable_hard_state: HardState,
@@ -588,9 +588,8 @@ impl RaftNode {
             self.durable_hard_state = hard_state;
         }
         self.out.log_write = self.log.take_write();
-        self.out.linger = self.out.log_write.is_some()
-            && std::mem::take(&mut self.lazy_appends)
-            && !std::mem::take(&mut self.urgent_appends)
+        self.out.linger = self.lazy_appends
+            && !self.urgent_appends
             && matches!(self.role, Role::Follower | Role::Learner);
         self.lazy_appends = false;
         self.urgent_appends = false;

@@ -33,9 +33,11 @@ pub struct Ready {
     pub must_sync: bool,
     pub messages: Vec<Envelope>,
     pub log_write: Option<LogWrite>,
-    /// `log_write` holds only entries from appends the leader marked lazy
-    /// (`Message::Append::lazy`): it may be staged and synced with later
-    /// writes, up to a linger later, `persisted_messages` waiting with it.
+    /// Every append this ready answers was marked lazy by the leader
+    /// (`Message::Append::lazy`): `log_write` may be staged and synced with
+    /// later writes, up to a linger later, `persisted_messages` waiting
+    /// with it. False otherwise: an urgent append's answer, even one with
+    /// no new entries, leaves after a sync of everything staged.
     pub linger: bool,
     pub persisted_messages: Vec<Envelope>,
     pub committed: Vec<Entry>,

@@ -398,6 +398,7 @@ impl RaftNode {
                     // over any tail it took from elsewhere.
                     pr.match_index = 0;
                     pr.become_probe(hint_index.max(1));
+                    self.choose_lazy();
                     self.send_append(from, true);
                     return;
                 }
@@ -466,21 +467,29 @@ impl RaftNode {
     /// places with an urgent one; should an urgent one stall, the lazy
     /// one's next acknowledgement overtakes it and they swap, a linger
     /// later at most. During a membership change or a leadership transfer
-    /// every follower is urgent: who counts is moving, and the transfer's
-    /// target must catch up without waiting. So is a follower more than one
-    /// append behind the log's end: it is catching up, in few large writes,
-    /// and lingering its acknowledgements slowed that (a restarted node
-    /// caught up with 200,000 entries at ~410k entries/s against ~650k,
+    /// every voter is urgent: who counts is moving, and the transfer's
+    /// target must catch up without waiting. So is a voter that outranks
+    /// this leader (`--priorities`): the priority hand-over waits for it
+    /// to hold the whole log, which a follower a linger behind never does
+    /// under a steady load. And so is any follower more than one append
+    /// behind the log's end: it is catching up, in few large writes, and
+    /// lingering its acknowledgements slowed that (a restarted node caught
+    /// up with 200,000 entries at ~410k entries/s against ~650k,
     /// BENCHMARKS.md).
     pub(super) fn choose_lazy(&mut self) {
         let id = self.config.id;
-        let voters = &self.config.voters;
+        let caught_up = self
+            .log
+            .last_index()
+            .saturating_sub(self.config.max_append_entries as Index);
         if self.transfer.is_some() || self.change_in_progress() {
+            let voters = &self.config.voters;
             for (follower, pr) in self.progress.iter_mut() {
-                pr.lazy = !voters.contains(follower);
+                pr.lazy = !voters.contains(follower) && pr.match_index >= caught_up;
             }
             return;
         }
+        let voters = &self.config.voters;
         let needed = self.config.quorum() - usize::from(voters.contains(&id));
         let mut ranked: Vec<(Index, bool, NodeId)> = self
             .progress
@@ -495,12 +504,13 @@ impl RaftNode {
             .take(needed)
             .map(|(_, _, follower)| follower)
             .collect();
-        let caught_up = self
-            .log
-            .last_index()
-            .saturating_sub(self.config.max_append_entries as Index);
+        // A voter this leader would hand over to (`--priorities`) must be
+        // able to hold the whole log at some moment under a steady load.
+        let mine = self.config.priority(id);
         for (follower, pr) in self.progress.iter_mut() {
-            pr.lazy = !urgent.contains(follower) && pr.match_index >= caught_up;
+            pr.lazy = !urgent.contains(follower)
+                && pr.match_index >= caught_up
+                && !(voters.contains(follower) && self.config.priority(*follower) > mine);
         }
     }
 
@@ -568,6 +578,7 @@ impl RaftNode {
         if prev_index < self.commit {
             let skip = (self.commit - prev_index) as usize;
             if skip >= entries.len() {
+                self.note_append(lazy);
                 let commit = self.commit;
                 self.send_after_persist(
                     from,
@@ -648,17 +659,22 @@ impl RaftNode {
         if commit > self.commit {
             self.commit = commit;
         }
-        if lazy {
-            self.lazy_appends = true;
-        } else {
-            self.urgent_appends = true;
-        }
+        self.note_append(lazy);
         self.send_after_persist(
             from,
             Message::AppendResponse(AppendResult::Accepted {
                 match_index: last_new,
             }),
         );
+    }
+
+    /// Counts an accepted append towards `Ready::linger`.
+    fn note_append(&mut self, lazy: bool) {
+        if lazy {
+            self.lazy_appends = true;
+        } else {
+            self.urgent_appends = true;
+        }
     }
 
     pub(super) fn handle_heartbeat(&mut self, from: NodeId, commit: Index, read_seq: u64) {

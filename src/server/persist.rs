@@ -38,8 +38,9 @@ pub enum Job {
     HardState(HardState),
     /// Make these durable, then send `then_send`. The hard state here only
     /// ever moves the commit index: a term or vote comes as `HardState`.
-    /// `linger`: entries of lazy appends (`Ready::linger`), staged and
+    /// `linger`: it answers lazy appends only (`Ready::linger`): staged and
     /// synced with the next write that must be, or `LINGER` after.
+    /// Otherwise its messages leave after a sync of everything staged.
     Write {
         hard_state: Option<HardState>,
         log_write: Option<LogWrite>,
@@ -138,6 +139,10 @@ impl StoreHandle {
                     then_send: messages,
                     linger,
                 } => {
+                    // An urgent append's answer leaves after a sync, even
+                    // one with no new entries: it may acknowledge lazy
+                    // entries staged before it.
+                    must_sync |= !linger && !messages.is_empty() && self.unsynced_end.is_some();
                     if let Some(write) = &log_write {
                         must_sync |= !linger;
                         if linger {
@@ -295,8 +300,8 @@ mod tests {
 
     /// A lazy append's entries are staged, not synced: their
     /// acknowledgement, and every message queued behind it, wait for the
-    /// sync (the linger's, or the next urgent write's), and only then is
-    /// the log reported durable.
+    /// sync (the linger's, the next urgent write's or answer's, a vote's),
+    /// and only then is the log reported durable.
     #[test]
     fn lazy_entries_wait_for_a_sync_and_hold_what_follows() {
         let dir = std::env::temp_dir().join(format!("cs-persist-lazy-{}", std::process::id()));
@@ -336,7 +341,8 @@ mod tests {
         };
         assert_eq!(handle.carry_out(vec![write(1, true)]).unwrap(), []);
         assert!(handle.linger_deadline().is_some(), "lazy entries linger");
-        // A message with no entries of its own queues behind the held ack.
+        // A lazy append's answer with no entries of its own queues behind
+        // the held ack.
         let commit_only = Job::Write {
             hard_state: Some(HardState {
                 commit: 1,
@@ -344,7 +350,7 @@ mod tests {
             }),
             log_write: None,
             then_send: vec![ack(1)],
-            linger: false,
+            linger: true,
         };
         assert_eq!(handle.carry_out(vec![commit_only]).unwrap(), []);
         assert_eq!(handle.carry_out(vec![write(2, true)]).unwrap(), []);
@@ -371,9 +377,35 @@ mod tests {
             [StoreEvent::Durable { index: 4, term: 1 }]
         );
         assert_eq!(sent_now(), [4]);
+        // An urgent answer with no entries of its own syncs what is staged
+        // before it leaves: it may acknowledge those entries.
+        assert_eq!(handle.carry_out(vec![write(5, true)]).unwrap(), []);
+        let urgent_ack = Job::Write {
+            hard_state: None,
+            log_write: None,
+            then_send: vec![ack(5)],
+            linger: false,
+        };
+        assert_eq!(
+            handle.carry_out(vec![urgent_ack]).unwrap(),
+            [StoreEvent::Durable { index: 5, term: 1 }]
+        );
+        assert_eq!(sent_now(), [5, 5]);
+        // So does a vote.
+        assert_eq!(handle.carry_out(vec![write(6, true)]).unwrap(), []);
+        assert_eq!(
+            handle
+                .carry_out(vec![Job::HardState(HardState {
+                    commit: 1,
+                    ..vote(2)
+                })])
+                .unwrap(),
+            [StoreEvent::Durable { index: 6, term: 1 }]
+        );
+        assert_eq!(sent_now(), [6]);
         drop(handle);
         let (_, recovered) = Store::open(&dir, "c1", 1).unwrap();
-        assert_eq!(recovered.last_index, 4);
+        assert_eq!(recovered.last_index, 6);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

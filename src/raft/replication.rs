@@ -478,39 +478,33 @@ impl RaftNode {
     /// BENCHMARKS.md).
     pub(super) fn choose_lazy(&mut self) {
         let id = self.config.id;
+        let voters = &self.config.voters;
+        let urgent: Vec<NodeId> = if self.transfer.is_some() || self.change_in_progress() {
+            voters.iter().copied().collect()
+        } else {
+            let needed = self.config.quorum() - usize::from(voters.contains(&id));
+            let mut ranked: Vec<(Index, bool, NodeId)> = self
+                .progress
+                .iter()
+                .filter(|(follower, _)| voters.contains(follower))
+                .map(|(follower, pr)| (pr.match_index, pr.lazy, *follower))
+                .collect();
+            // Furthest first; on a tie the urgent one (`lazy` false) first.
+            ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            ranked
+                .into_iter()
+                .take(needed)
+                .map(|(_, _, follower)| follower)
+                .collect()
+        };
         let caught_up = self
             .log
             .last_index()
             .saturating_sub(self.config.max_append_entries as Index);
-        if self.transfer.is_some() || self.change_in_progress() {
-            let voters = &self.config.voters;
-            for (follower, pr) in self.progress.iter_mut() {
-                pr.lazy = !voters.contains(follower) && pr.match_index >= caught_up;
-            }
-            return;
-        }
-        let voters = &self.config.voters;
-        let needed = self.config.quorum() - usize::from(voters.contains(&id));
-        let mut ranked: Vec<(Index, bool, NodeId)> = self
-            .progress
-            .iter()
-            .filter(|(follower, _)| voters.contains(follower))
-            .map(|(follower, pr)| (pr.match_index, pr.lazy, *follower))
-            .collect();
-        // Furthest first; on a tie the urgent one (`lazy` false) first.
-        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let urgent: Vec<NodeId> = ranked
-            .into_iter()
-            .take(needed)
-            .map(|(_, _, follower)| follower)
-            .collect();
-        // A voter this leader would hand over to (`--priorities`) must be
-        // able to hold the whole log at some moment under a steady load.
         let mine = self.config.priority(id);
         for (follower, pr) in self.progress.iter_mut() {
-            pr.lazy = !urgent.contains(follower)
-                && pr.match_index >= caught_up
-                && !(voters.contains(follower) && self.config.priority(*follower) > mine);
+            let outranks = voters.contains(follower) && self.config.priority(*follower) > mine;
+            pr.lazy = !urgent.contains(follower) && !outranks && pr.match_index >= caught_up;
         }
     }
 

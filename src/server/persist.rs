@@ -209,6 +209,25 @@ mod tests {
         }
     }
 
+    /// A fresh store in a temporary `name` directory, wrapped as the
+    /// driver wraps it, and what it sends to node 2.
+    fn open_handle(
+        name: &str,
+    ) -> (
+        std::path::PathBuf,
+        StoreHandle,
+        tokio::sync::mpsc::Receiver<Envelope>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = Store::open(&dir, "c1", 1).unwrap();
+        let outboxes = Outboxes::default();
+        let (outbox, sent) = tokio::sync::mpsc::channel(8);
+        outboxes.insert(2, outbox);
+        let handle = StoreHandle::new(store, outboxes, Arc::new(Metrics::default()));
+        (dir, handle, sent)
+    }
+
     fn vote(term: Term) -> HardState {
         HardState {
             term,
@@ -222,13 +241,7 @@ mod tests {
     /// the next sync, or for the linger, and survives a restart either way.
     #[test]
     fn writes_are_synced_and_reported_in_order_and_a_lone_commit_lingers() {
-        let dir = std::env::temp_dir().join(format!("cs-persist-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (store, _) = Store::open(&dir, "c1", 1).unwrap();
-        let outboxes = Outboxes::default();
-        let (outbox, mut sent) = tokio::sync::mpsc::channel(8);
-        outboxes.insert(2, outbox);
-        let mut handle = StoreHandle::new(store, outboxes, Arc::new(Metrics::default()));
+        let (dir, mut handle, mut sent) = open_handle("cs-persist");
         let ack = Envelope {
             from: 1,
             to: 2,
@@ -304,13 +317,7 @@ mod tests {
     /// and only then is the log reported durable.
     #[test]
     fn lazy_entries_wait_for_a_sync_and_hold_what_follows() {
-        let dir = std::env::temp_dir().join(format!("cs-persist-lazy-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (store, _) = Store::open(&dir, "c1", 1).unwrap();
-        let outboxes = Outboxes::default();
-        let (outbox, mut sent) = tokio::sync::mpsc::channel(8);
-        outboxes.insert(2, outbox);
-        let mut handle = StoreHandle::new(store, outboxes, Arc::new(Metrics::default()));
+        let (dir, mut handle, mut sent) = open_handle("cs-persist-lazy");
         let ack = |match_index| Envelope {
             from: 1,
             to: 2,

@@ -1119,6 +1119,7 @@ scripts! {
     split_vote,
     stale_leader,
     stale_vote_answers,
+    successor_first,
     transfer,
     vote_persistence,
     vote_with_pre_vote,

@@ -13,7 +13,7 @@ use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};
 impl RaftNode {
     pub(super) fn tick_election(&mut self) {
         self.election_elapsed += 1;
-        if self.election_elapsed >= self.randomized_timeout {
+        if self.election_elapsed >= self.election_timeout() {
             self.leaderless_elections = self.leaderless_elections.saturating_add(1);
             let pre_vote = self.config.pre_vote;
             self.start_campaign(pre_vote, false);

@@ -560,6 +560,7 @@ impl RaftNode {
         self.leader = Some(from);
         self.election_elapsed = 0;
         self.heard_from_leader();
+        self.counted_on = Some(!lazy);
 
         if entries.first().is_some_and(|e| e.index != prev_index + 1) {
             error!(

@@ -30,7 +30,9 @@ pub struct Config {
     /// arrives.
     pub membership_index: Index,
     /// A follower that hears no leader for a random time in
-    /// `election_ticks..2*election_ticks` starts an election.
+    /// `election_ticks..2*election_ticks` starts an election: in the first
+    /// half of that range if its leader counts on it for commit, in the
+    /// second if it is lazy (`RaftNode::election_timeout`).
     pub election_ticks: u64,
     /// How often a leader sends heartbeats; well below `election_ticks`.
     pub heartbeat_ticks: u64,

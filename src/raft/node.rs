@@ -82,6 +82,9 @@ pub struct RaftNode {
     /// Ticks since the last election reset (followers) or check-quorum
     /// round (leaders).
     pub(super) election_elapsed: u64,
+    /// The election timeout drawn at the last reset, in
+    /// `election_ticks..2*election_ticks` times the backoff; a follower
+    /// runs to it as `election_timeout` narrows it.
     pub(super) randomized_timeout: u64,
     /// Elections this node started, or decided with its vote, since it
     /// last heard from a leader. Each doubles the next election timeout

@@ -114,7 +114,7 @@ async fn local_status(state: &HttpState) -> Result<Status, Response> {
         .api
         .local_status()
         .await
-        .map_err(|e| fail(StatusCode::SERVICE_UNAVAILABLE, e))
+        .map_err(|e| fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
 async fn dashboard() -> Html<&'static str> {

@@ -194,6 +194,12 @@ fn error(message: impl Into<String>, retry: bool) -> ClientResponse {
     }
 }
 
+/// Why this node could not report its own status (it is shutting down,
+/// or too busy to take the request).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StatusUnavailable(pub String);
+
 /// How a node certificate outside this node's configuration is named: it
 /// may ask for the configuration and status only (`Api::start`).
 pub const OUTSIDER: &str = "outsider@node-";
@@ -618,10 +624,12 @@ impl Api {
     }
 
     /// This node's status, for local callers such as the HTTP API.
-    pub async fn local_status(&self) -> Result<crate::raft::Status, String> {
-        self.status().await.map_err(|response| match response {
-            ClientResponse::Error { message, .. } => message,
-            other => format!("{other:?}"),
+    pub async fn local_status(&self) -> Result<crate::raft::Status, StatusUnavailable> {
+        self.status().await.map_err(|response| {
+            StatusUnavailable(match response {
+                ClientResponse::Error { message, .. } => message,
+                other => format!("{other:?}"),
+            })
         })
     }
 

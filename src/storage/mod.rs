@@ -132,35 +132,52 @@ pub fn is_lock_conflict(error: &sled::Error) -> bool {
     error.to_string().contains("could not acquire lock")
 }
 
+/// Why stored bytes do not decode, in the words the store uses when it
+/// refuses a damaged file: what is wrong, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
 /// Decodes one stored log entry as the store does; public for the fuzz
 /// targets and property tests, which feed it arbitrary bytes.
-pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
-    codec::decode_entry(bytes)
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
+    codec::decode_entry(bytes).map_err(DecodeError)
 }
 
 /// Decodes the metadata records of a data directory (hard state, and the
 /// directory's identity) as the store does; public for the fuzz targets.
-pub fn decode_metadata(bytes: &[u8]) -> (Result<HardState, String>, Result<DataIdentity, String>) {
+pub fn decode_metadata(
+    bytes: &[u8],
+) -> (
+    Result<HardState, DecodeError>,
+    Result<DataIdentity, DecodeError>,
+) {
     (
         codec::options()
             .deserialize(bytes)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| DecodeError(e.to_string())),
         codec::options()
             .deserialize(bytes)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| DecodeError(e.to_string())),
     )
 }
 
 /// Decodes one stored chunk of log entries (`chunk.rs`) as the store
 /// does; public for the fuzz targets and property tests.
-pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, String> {
-    chunk::split(bytes)?.into_iter().map(decode_entry).collect()
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Entry>, DecodeError> {
+    chunk::split(bytes)
+        .map_err(DecodeError)?
+        .into_iter()
+        .map(decode_entry)
+        .collect()
 }
 
 /// Decodes a witness file's contents as the store does (term, vote, last
 /// index, commit); public for the fuzz targets and property tests.
-pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], String> {
-    Witness::decode(bytes).map(|w| [w.term, w.vote, w.last_index, w.commit])
+pub fn decode_witness(bytes: &[u8]) -> Result<[u64; 4], DecodeError> {
+    Witness::decode(bytes)
+        .map(|w| [w.term, w.vote, w.last_index, w.commit])
+        .map_err(DecodeError)
 }
 
 pub struct Store {

@@ -846,7 +846,7 @@ impl SegmentReader {
 /// entries' `from` and entry count (0 for a removal; hard states are
 /// skipped). Damage is an error, a torn end is not. Public for the fuzz
 /// targets and property tests.
-pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, String> {
+pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, super::DecodeError> {
     let mut records = Vec::new();
     read_segment(bytes, true, &mut None, &mut |_, _, record| {
         match record {
@@ -855,7 +855,8 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, String> {
             Record::HardState(_) => {}
         }
         Ok(())
-    })?;
+    })
+    .map_err(super::DecodeError)?;
     Ok(records)
 }
 

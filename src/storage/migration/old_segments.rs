@@ -136,11 +136,12 @@ fn decode_position(bytes: &[u8]) -> Result<(u32, u64), String> {
 
 /// Decodes an old segment's records: each record's `from` and entry count
 /// (0 for a removal). Public for the fuzz targets and property tests.
-pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, String> {
+pub fn decode_segment(bytes: &[u8]) -> Result<Vec<(Index, u64)>, crate::storage::DecodeError> {
     let mut records = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let (record, len) = record_at(&bytes[at..]).map_err(|e| format!("offset {at}: {e}"))?;
+        let (record, len) = record_at(&bytes[at..])
+            .map_err(|e| crate::storage::DecodeError(format!("offset {at}: {e}")))?;
         records.push((record.from, record.entries.len() as u64));
         at += len;
     }

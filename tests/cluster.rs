@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cluster_store::client::Client;
 use cluster_store::raft::{Committed, Envelope, Message};
-use cluster_store::wire::{encode, ExportedEntry, PeerFrame, PeerHello};
+use cluster_store::wire::{encode, ClientResponse, ExportedEntry, PeerFrame, PeerHello};
 use nodes::{check_export, serial, TestCluster};
 
 const SECONDS_30: Duration = Duration::from_secs(30);
@@ -219,6 +219,78 @@ fn leader_killed_during_load_loses_and_doubles_nothing() {
         for node in [1, 2, 3] {
             assert_eq!(cluster.local_export(node), expected, "node {node}'s store");
         }
+    });
+}
+
+/// A write sent to a follower after its leader died, while the survivors
+/// have not yet elected the next, is held there rather than refused
+/// (`raft::held`): the follower that wins appends it right after its
+/// no-op, and the other tells its client who won. The client that sent it
+/// knows only that follower, so each answer is the follower's own.
+#[test]
+fn writes_sent_to_followers_of_a_dead_leader_wait_for_the_winner() {
+    serial(|| async {
+        let mut cluster = TestCluster::start("held", 16, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        let dead = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let (_, before) = admin
+            .send(vec!["before".into()])
+            .await
+            .expect("a write before the kill");
+        let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != dead).collect();
+        cluster.kill(dead);
+        // Longer than a heartbeat interval (40 ms), shorter than any
+        // election timeout (200 ms): both followers know the leader is
+        // quiet, and neither has campaigned yet.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let creds = cluster.client_creds("bob", &cluster.certs());
+        let writes = followers.iter().map(|&follower| {
+            let only = Client::with_transport(
+                BTreeMap::from([(follower, cluster.addr(follower).into())]),
+                &creds,
+                nodes::client_transport(),
+            )
+            .expect("a client of one follower");
+            async move {
+                let text = format!("sent to {follower}");
+                let request = raw_send(100 + follower, 1, vec![text], None);
+                (follower, only.request(follower, &request).await)
+            }
+        });
+        let answers = futures_util::future::join_all(writes).await;
+        let winner = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let mut landed = None;
+        for (follower, answer) in answers {
+            match answer {
+                Ok(ClientResponse::Sent { leader, committed }) => {
+                    assert_eq!(
+                        (follower, leader),
+                        (winner, winner),
+                        "appended by the winner"
+                    );
+                    landed = Some(committed[0]);
+                }
+                Ok(ClientResponse::Redirect { leader }) => {
+                    assert_ne!(
+                        follower, winner,
+                        "node {follower} won but refused the write it held"
+                    );
+                    assert_eq!(leader, Some(winner), "node {follower} named the winner");
+                }
+                other => panic!("node {follower} answered {other:?}"),
+            }
+        }
+        let landed = landed.expect("the winner appended the write it held");
+        assert_eq!(
+            landed.index,
+            before[0].index + 2,
+            "right after the new leader's no-op"
+        );
+        cluster.launch(dead);
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let export = admin.export().await.expect("export");
+        let texts: Vec<&str> = export.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(texts, ["before", &format!("sent to {winner}")]);
     });
 }
 

@@ -1095,6 +1095,7 @@ scripts! {
     divergent_tail,
     election,
     figure_8,
+    held_proposals,
     lagging_follower,
     lamport,
     late_votes,

@@ -44,8 +44,55 @@ pub fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
             return Vec::new();
         }
         // Iowa should lead (it is nearest to the others on average).
-        nodes::delayed_args(ip, id, &ids, wan_delay)
+        let mut args = nodes::delayed_args(ip, id, &ids, wan_delay);
+        // Answers to a client at another site (`client_at`) cross the
+        // same ocean as its requests.
+        for site in ids.iter().filter(|site| **site != id) {
+            args[1].push_str(&format!(
+                ",127.0.0.{ip}:{}={}ms",
+                client_port(*site),
+                wan_delay(id, *site)
+            ));
+        }
+        args
     })
+}
+
+/// The UDP port of the client at node `site`'s site (`client_at`).
+fn client_port(site: NodeId) -> u16 {
+    7100 + site as u16
+}
+
+/// The QUIC client at node `site`'s site of a WAN cluster (`start`): its
+/// datagrams to every other node wait out the one-way delay between the
+/// two sites, and so do theirs to it; to and from `site`'s node, none. A
+/// client next to the leader stays where it is when the leader dies. One
+/// per site at a time: it holds the site's client port.
+pub fn client_at(cluster: &TestCluster, name: &str, site: NodeId) -> cluster_store::client::Client {
+    let delays = cluster
+        .voters
+        .iter()
+        .filter(|node| **node != site)
+        .map(|node| {
+            let delay = cluster_store::latency::LinkDelay {
+                delay: Duration::from_millis(wan_delay(site, *node)),
+                ..Default::default()
+            };
+            (cluster.addr(*node), delay)
+        })
+        .collect();
+    let bind = format!("{}:{}", cluster.ip, client_port(site));
+    let socket = std::net::UdpSocket::bind(&bind).expect("a client socket");
+    let socket =
+        cluster_store::latency::DelayedSocket::new(socket, delays).expect("a delayed socket");
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .expect("a client endpoint");
+    cluster.client_on(name, endpoint)
 }
 
 pub fn env_u64(name: &str, default: u64) -> u64 {

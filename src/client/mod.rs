@@ -530,7 +530,16 @@ impl Client {
                 std::future::pending().await
             }
         };
-        tokio::pin!(exchange, dead, replaced);
+        let raced = async {
+            match request {
+                ClientRequest::Send { .. } if follow_leader => {
+                    tokio::time::sleep(self.race_after()).await;
+                    self.send_to_the_others(node, request).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(exchange, dead, replaced, raced);
         tokio::select! {
             result = &mut exchange => {
                 if let Ok(response) = &result {
@@ -548,6 +557,12 @@ impl Client {
                         self.forget(node);
                     }
                     result
+            }
+            sent = &mut raced => {
+                // Another node took over and appended it: the request to
+                // this one is abandoned, as a superseded one is.
+                self.forget(node);
+                Ok(sent)
             }
             leader = &mut replaced => {
                 // Safe to abandon: the retry keeps its sequence numbers.
@@ -571,6 +586,11 @@ impl Client {
             (old * 7 + sample) / 8
         };
         self.latency_us.store(average, Ordering::Relaxed);
+        self.learn_from(response);
+    }
+
+    /// Learns from an answer: the leader's term, and members.
+    fn learn_from(&self, response: &ClientResponse) {
         match response {
             ClientResponse::Sent { committed, .. } => {
                 if let Some(term) = committed.iter().map(|c| c.term).max() {
@@ -595,9 +615,53 @@ impl Client {
     /// while `node` keeps leading. Starts asking after `LOOK_AFTER` (or
     /// three times the recent request latency).
     async fn newer_leader_than(&self, node: NodeId) -> NodeId {
-        let typical = Duration::from_micros(self.latency_us.load(Ordering::Relaxed) * 3);
-        tokio::time::sleep(LOOK_AFTER.max(typical)).await;
+        tokio::time::sleep(self.look_after()).await;
         self.leader_other_than(node, 1).await
+    }
+
+    /// How long a request waits before the client looks beyond its node:
+    /// `LOOK_AFTER`, or three times the recent request latency if longer.
+    fn look_after(&self) -> Duration {
+        let typical = Duration::from_micros(self.latency_us.load(Ordering::Relaxed) * 3);
+        LOOK_AFTER.max(typical)
+    }
+
+    /// How long a send waits before copies of it go to the other nodes:
+    /// `LOOK_AFTER` past the recent request latency, or half that latency
+    /// if longer. Sooner than the look for a newer leader: a copy must
+    /// reach the next leader before it wins to save anything, and a live
+    /// leader's followers turn a copy away at once.
+    fn race_after(&self) -> Duration {
+        let typical = Duration::from_micros(self.latency_us.load(Ordering::Relaxed));
+        typical + LOOK_AFTER.max(typical / 2)
+    }
+
+    /// Sends `request` (a send) to every node but `node`, and resolves
+    /// with the first that appends it; never, if none does. A voter whose
+    /// leader has gone quiet holds the request until the election ends
+    /// (`raft::held`): the winner appends it with its first entries, so a
+    /// client across an ocean from the new leader does not first learn who
+    /// won and then send (two one-way trips, ~0.15 s from Iowa to São
+    /// Paulo). A voter that hears from a live leader redirects at once.
+    /// Safe: every copy carries the same sequence numbers, so the message
+    /// is appended once whoever appends it.
+    async fn send_to_the_others(&self, node: NodeId, request: &ClientRequest) -> ClientResponse {
+        let mut answers: futures_util::stream::FuturesUnordered<_> = self
+            .nodes()
+            .into_iter()
+            .filter(|other| *other != node && !self.is_suspect(*other))
+            .map(|other| async move {
+                let connection = self.connection(other).await.ok()?;
+                self.exchange(other, &connection, request).await.ok()
+            })
+            .collect();
+        while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {
+            if let Some(sent @ ClientResponse::Sent { .. }) = answer {
+                self.learn_from(&sent);
+                return sent;
+            }
+        }
+        std::future::pending().await
     }
 
     /// Resolves once another node reports a leader other than `node`
@@ -743,8 +807,13 @@ impl Client {
                     .into())
                 }
                 Ok(response) => {
-                    self.set_leader(Some(target));
-                    return Ok((target, response));
+                    // A send may have landed on another node (`raced`).
+                    let leader = match &response {
+                        ClientResponse::Sent { leader, .. } => *leader,
+                        _ => target,
+                    };
+                    self.set_leader(Some(leader));
+                    return Ok((leader, response));
                 }
                 Err(e) => {
                     // A request no node could take fails here at once,
@@ -763,14 +832,34 @@ impl Client {
                     // are reset at once): ask the others for its successor
                     // now, every `LOOK_EVERY`, rather than trying them in
                     // turn a pause apart while they elect it.
+                    // A send also goes to the others after `LOOK_AFTER`, to
+                    // be held by whichever wins (`send_to_the_others`).
                     if self.is_suspect(target) {
-                        if let Ok(leader) = tokio::time::timeout(
+                        let search = tokio::time::timeout(
                             SUCCESSOR_SEARCH,
                             self.leader_other_than(target, 0),
-                        )
-                        .await
-                        {
-                            self.set_leader(Some(leader));
+                        );
+                        let raced = async {
+                            if !matches!(request, ClientRequest::Send { .. }) {
+                                return std::future::pending().await;
+                            }
+                            tokio::time::sleep(LOOK_AFTER).await;
+                            self.send_to_the_others(target, request).await
+                        };
+                        tokio::select! {
+                            found = search => {
+                                if let Ok(leader) = found {
+                                    self.set_leader(Some(leader));
+                                }
+                            }
+                            sent = raced => {
+                                let leader = match &sent {
+                                    ClientResponse::Sent { leader, .. } => *leader,
+                                    _ => target,
+                                };
+                                self.set_leader(Some(leader));
+                                return Ok((leader, sent));
+                            }
                         }
                         continue;
                     }

@@ -421,6 +421,8 @@ impl RaftNode {
         self.reads.reset();
         // Entries of earlier terms commit only once one of our own does.
         self.append_new(Payload::Noop, 0);
+        // Writes sent here while the election ran go out with the no-op.
+        self.release_held();
     }
 
     pub(super) fn handle_timeout_now(&mut self, from: NodeId) {

@@ -14,6 +14,7 @@
 
 mod config;
 mod election;
+mod held;
 mod leadership;
 mod log;
 mod membership;

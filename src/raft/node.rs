@@ -135,6 +135,9 @@ pub struct RaftNode {
     pub(super) memberships: Memberships,
     /// Leader only: the membership change it appended and must answer.
     pub(super) pending_change: Option<PendingChange>,
+    /// Voter without a live leader: client proposals waiting for the next
+    /// one (`held.rs`).
+    pub(super) held: super::held::HeldProposals,
 }
 
 /// A snapshot of a node's state for operators and tests.
@@ -273,6 +276,7 @@ impl RaftNode {
             catch_up_floor,
             memberships,
             pending_change: None,
+            held: Default::default(),
             config,
         };
         node.role = node.passive_role();
@@ -366,6 +370,7 @@ impl RaftNode {
 
     /// Advances logical time by one tick.
     pub fn tick(&mut self) {
+        self.tick_held();
         match self.role {
             Role::Leader => self.tick_leader(),
             Role::Learner => self.election_elapsed += 1,
@@ -388,6 +393,9 @@ impl RaftNode {
     /// Asks the leader to append a client message. The answer arrives in a
     /// later `Ready::responses`, once the entry commits (or at once on error).
     pub fn propose(&mut self, proposal: Proposal) {
+        let Some(proposal) = self.hold(proposal) else {
+            return;
+        };
         let id = proposal.id;
         if let Err(error) = self.accept_proposal(proposal) {
             self.respond(id, Err(error));

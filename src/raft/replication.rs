@@ -561,6 +561,7 @@ impl RaftNode {
         self.election_elapsed = 0;
         self.heard_from_leader();
         self.counted_on = Some(!lazy);
+        self.release_held();
 
         if entries.first().is_some_and(|e| e.index != prev_index + 1) {
             error!(
@@ -680,6 +681,7 @@ impl RaftNode {
         self.leader = Some(from);
         self.election_elapsed = 0;
         self.heard_from_leader();
+        self.release_held();
         // The leader sends what it knows we hold (`commit` is capped at
         // our match index). Holding less, we lost entries we had
         // acknowledged (a rebuilt replica): say so, as a rejection of an

@@ -1,26 +1,25 @@
-//! A UDP socket for quinn that holds each outgoing datagram for the one-way
-//! delay of its link (with optional jitter and loss), so benchmarks and
-//! tests can run a cluster "across continents" on one machine. The kernel
-//! here has no `tc netem`; quinn accepts any socket through
-//! `Endpoint::new_with_abstract_socket`.
+//! A UDP socket for quinn that holds each datagram from a configured
+//! address for the one-way delay of its link (with optional jitter and
+//! loss) before handing it over, so benchmarks and tests can run a cluster
+//! "across continents" on one machine. The kernel here has no `tc netem`;
+//! quinn accepts any socket through `Endpoint::new_with_abstract_socket`.
 //!
-//! The held datagrams leave from a thread of their own that sleeps until
-//! the next one is due: tokio's timers round up to the next millisecond,
-//! which made every hop up to a millisecond longer than its link's delay.
-//! Their buffers go back to a pool once sent: a fresh allocation per held
-//! transmit (up to 64 KiB with GSO) was page faults and glibc heap
-//! consolidation on the sending node's QUIC threads, about a tenth of the
-//! machine in the WAN benchmark's pipelined phase, a cost of the simulation
-//! that a real WAN does not have.
+//! Datagrams wait on arrival, not before they leave: what a node sent
+//! before it was killed still arrives, as it would across a real network.
+//! (Until 2026-12-05 they waited in the sender, and a leader killed in the
+//! WAN bench took up to 155 ms of its last appends with it: the next
+//! leader's first append then found a follower short and cost a round
+//! trip.) A thread of its own wakes the receiving task when the next one
+//! is due: tokio's timers round up to the next millisecond, which made
+//! every hop up to a millisecond longer than its link's delay.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit};
@@ -76,55 +75,118 @@ pub fn parse_delays(spec: &str) -> Result<HashMap<SocketAddr, LinkDelay>, DelayS
     Ok(delays)
 }
 
-/// A held transmit: one datagram, or several of `segment_size` bytes sent
-/// with one system call (GSO), as quinn handed them over.
-struct Delayed {
+/// Datagrams that arrived from one address (several of `stride` bytes
+/// if the kernel coalesced them), waiting until they are due.
+struct Arrival {
     due: Instant,
-    destination: SocketAddr,
-    ecn: Option<quinn::udp::EcnCodepoint>,
+    meta: RecvMeta,
     contents: Vec<u8>,
-    segment_size: Option<usize>,
 }
 
-/// Buffers of sent transmits, reused for the next ones.
+/// What arrived and is not handed over yet, per link in arrival order.
 #[derive(Default)]
-struct Spare(Mutex<Vec<Vec<u8>>>);
+struct Arrivals {
+    links: HashMap<SocketAddr, VecDeque<Arrival>>,
+    /// Buffers the kernel's datagrams are first read into, shaped like
+    /// quinn's own.
+    scratch: Vec<Vec<u8>>,
+    /// Buffers of datagrams handed over, reused for the next ones.
+    spare: Vec<Vec<u8>>,
+}
 
-impl Spare {
-    /// Most buffers kept: enough for every transmit in flight on a fast
-    /// link across an ocean (~10 MB of 64 KiB transmits), bounded so a
-    /// burst does not pin its memory for good.
-    const MAX: usize = 512;
+impl Arrivals {
+    /// Most buffers kept spare: enough for every datagram in flight on a
+    /// fast link across an ocean, bounded so a burst does not pin its
+    /// memory for good.
+    const MAX_SPARE: usize = 512;
 
-    /// A copy of `contents` in a reused buffer if one is spare.
-    fn copy(&self, contents: &[u8]) -> Vec<u8> {
-        let reused = self.0.lock().ok().and_then(|mut spare| spare.pop());
-        let mut buffer = reused.unwrap_or_default();
+    fn copy(&mut self, contents: &[u8]) -> Vec<u8> {
+        let mut buffer = self.spare.pop().unwrap_or_default();
         buffer.clear();
         buffer.extend_from_slice(contents);
         buffer
     }
 
-    fn give_back(&self, buffer: Vec<u8>) {
-        if let Ok(mut spare) = self.0.lock() {
-            if spare.len() < Self::MAX {
-                spare.push(buffer);
+    /// The earliest due time of any link's oldest arrival.
+    fn next_due(&self) -> Option<Instant> {
+        self.links
+            .values()
+            .filter_map(|q| q.front())
+            .map(|a| a.due)
+            .min()
+    }
+}
+
+/// Wakes the receiving task when the next held datagram is due.
+#[derive(Default)]
+struct Alarm {
+    state: Mutex<AlarmState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AlarmState {
+    due: Option<(Instant, Waker)>,
+    closed: bool,
+}
+
+impl Alarm {
+    fn set(&self, due: Instant, waker: Waker) {
+        if let Ok(mut state) = self.state.lock() {
+            state.due = Some((due, waker));
+            self.changed.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+            self.changed.notify_one();
+        }
+    }
+
+    /// Until closed: sleeps until the alarm is due, then wakes its task.
+    fn run(&self) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        loop {
+            if state.closed {
+                return;
             }
+            let wait = match &state.due {
+                None => None,
+                Some((due, _)) => match due.checked_duration_since(Instant::now()) {
+                    Some(wait) if !wait.is_zero() => Some(wait),
+                    _ => {
+                        if let Some((_, waker)) = state.due.take() {
+                            waker.wake();
+                        }
+                        continue;
+                    }
+                },
+            };
+            state = match wait {
+                None => match self.changed.wait(state) {
+                    Ok(state) => state,
+                    Err(_) => return,
+                },
+                Some(wait) => match self.changed.wait_timeout(state, wait) {
+                    Ok((state, _)) => state,
+                    Err(_) => return,
+                },
+            };
         }
     }
 }
 
-/// Wraps a real socket; datagrams to configured destinations wait their
-/// link's delay in a per-destination FIFO before leaving.
+/// Wraps a real socket; datagrams from configured addresses wait their
+/// link's delay, in arrival order per link, before quinn sees them.
 pub struct DelayedSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     delays: HashMap<SocketAddr, LinkDelay>,
-    /// To the thread that sends held datagrams when they are due.
-    held: Mutex<mpsc::Sender<Delayed>>,
-    /// Where that thread returns the buffers it has sent.
-    spare: Arc<Spare>,
-    /// How that thread sends: it turns GSO off if the kernel refuses it.
-    state: Arc<quinn::udp::UdpSocketState>,
+    arrivals: Mutex<Arrivals>,
+    alarm: Arc<Alarm>,
     rng: Mutex<Rng>,
 }
 
@@ -137,93 +199,79 @@ impl fmt::Debug for DelayedSocket {
 }
 
 impl DelayedSocket {
-    /// Delays datagrams sent through `socket` to the given destinations.
+    /// Delays datagrams that `socket` receives from the given addresses.
     pub fn new(
         socket: std::net::UdpSocket,
         delays: HashMap<SocketAddr, LinkDelay>,
     ) -> io::Result<Arc<Self>> {
         let addr = socket.local_addr()?;
-        let sender = socket.try_clone()?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
-        let state = Arc::new(quinn::udp::UdpSocketState::new((&sender).into())?);
-        let (held, queue) = mpsc::channel();
-        let thread_state = state.clone();
-        let spare = Arc::new(Spare::default());
-        let thread_spare = spare.clone();
+        let alarm = Arc::new(Alarm::default());
+        let thread_alarm = alarm.clone();
         std::thread::Builder::new()
             .name("delay-line".into())
-            .spawn(move || send_when_due(&sender, &thread_state, queue, &thread_spare))?;
+            .spawn(move || thread_alarm.run())?;
         Ok(Arc::new(DelayedSocket {
             inner,
             delays,
-            held: Mutex::new(held),
-            spare,
-            state,
+            arrivals: Mutex::new(Arrivals::default()),
+            alarm,
             rng: Mutex::new(Rng::new(addr.port() as u64)),
         }))
     }
-}
 
-/// Sends each held datagram when it is due, in order per destination,
-/// until the socket is dropped.
-fn send_when_due(
-    socket: &std::net::UdpSocket,
-    state: &quinn::udp::UdpSocketState,
-    queue: mpsc::Receiver<Delayed>,
-    spare: &Spare,
-) {
-    let mut links: HashMap<SocketAddr, VecDeque<Delayed>> = HashMap::new();
-    loop {
-        let next = links
-            .values()
-            .filter_map(|q| q.front())
-            .map(|d| d.due)
-            .min();
-        let arrived = match next {
-            None => match queue.recv() {
-                Ok(item) => Some(item),
-                Err(_) => return,
-            },
-            Some(due) => match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                Ok(item) => Some(item),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            },
-        };
-        if let Some(item) = arrived {
-            for item in std::iter::once(item).chain(queue.try_iter()) {
-                links.entry(item.destination).or_default().push_back(item);
-            }
-        }
+    /// Holds what just arrived from the kernel: each datagram from a
+    /// delayed link until its due time (dropped if the link loses it),
+    /// anything else due at once.
+    fn hold(&self, arrivals: &mut Arrivals, meta: RecvMeta, contents: &[u8]) {
         let now = Instant::now();
-        for link in links.values_mut() {
-            while link.front().is_some_and(|d| d.due <= now) {
-                if let Some(item) = link.pop_front() {
-                    send(socket, state, &item);
-                    spare.give_back(item.contents);
-                }
+        let link = self.delays.get(&meta.addr).copied().unwrap_or_default();
+        let mut rng = self.rng.lock().ok();
+        let mut draw = |link: &LinkDelay| {
+            let Some(rng) = rng.as_mut() else {
+                return (false, Duration::ZERO);
+            };
+            let lost = link.loss > 0.0 && rng.chance(link.loss);
+            let jitter = Duration::from_nanos(rng.range(0, link.jitter.as_nanos() as u64 + 1));
+            (lost, jitter)
+        };
+        // Segments are dropped one by one; without loss the coalesced
+        // datagrams stay together, as quinn would have read them.
+        let segment = if link.loss > 0.0 {
+            meta.stride.max(1)
+        } else {
+            contents.len().max(1)
+        };
+        for datagram in contents.chunks(segment) {
+            let (lost, jitter) = draw(&link);
+            if lost {
+                continue;
             }
+            // Each link is FIFO: jitter delays, it never reorders.
+            let last = arrivals.links.get(&meta.addr).and_then(|q| q.back());
+            let due = (now + link.delay + jitter).max(last.map_or(now, |a| a.due));
+            let copy = arrivals.copy(datagram);
+            let meta = RecvMeta {
+                len: datagram.len(),
+                stride: meta.stride.min(datagram.len()).max(1),
+                ..meta
+            };
+            arrivals
+                .links
+                .entry(meta.addr)
+                .or_default()
+                .push_back(Arrival {
+                    due,
+                    meta,
+                    contents: copy,
+                });
         }
     }
 }
 
-/// Sends one held transmit, waiting out a full send buffer (the socket is
-/// non-blocking: quinn shares it).
-fn send(socket: &std::net::UdpSocket, state: &quinn::udp::UdpSocketState, item: &Delayed) {
-    let transmit = Transmit {
-        destination: item.destination,
-        ecn: item.ecn,
-        contents: &item.contents,
-        segment_size: item.segment_size,
-        src_ip: None,
-    };
-    for _ in 0..1000 {
-        match state.send(socket.into(), &transmit) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            _ => return,
-        }
+impl Drop for DelayedSocket {
+    fn drop(&mut self) {
+        self.alarm.close();
     }
 }
 
@@ -233,54 +281,7 @@ impl AsyncUdpSocket for DelayedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let Some(link) = self.delays.get(&transmit.destination).copied() else {
-            return self.inner.try_send(transmit);
-        };
-        let Ok(held) = self.held.lock() else {
-            return self.inner.try_send(transmit);
-        };
-        let segment = transmit
-            .segment_size
-            .unwrap_or(transmit.contents.len())
-            .max(1);
-        if link.loss == 0.0 {
-            // Nothing to drop: hold the transmit whole, so that it leaves
-            // with one system call as it would without the delay.
-            let jitter = match self.rng.lock() {
-                Ok(mut rng) => {
-                    Duration::from_nanos(rng.range(0, link.jitter.as_nanos() as u64 + 1))
-                }
-                Err(_) => Duration::ZERO,
-            };
-            let _ = held.send(Delayed {
-                due: Instant::now() + link.delay + jitter,
-                destination: transmit.destination,
-                ecn: transmit.ecn,
-                contents: self.spare.copy(transmit.contents),
-                segment_size: transmit.segment_size,
-            });
-            return Ok(());
-        }
-        for datagram in transmit.contents.chunks(segment) {
-            let (lost, jitter) = match self.rng.lock() {
-                Ok(mut rng) => (
-                    rng.chance(link.loss),
-                    Duration::from_nanos(rng.range(0, link.jitter.as_nanos() as u64 + 1)),
-                ),
-                Err(_) => (false, Duration::ZERO),
-            };
-            if lost {
-                continue;
-            }
-            let _ = held.send(Delayed {
-                due: Instant::now() + link.delay + jitter,
-                destination: transmit.destination,
-                ecn: transmit.ecn,
-                contents: self.spare.copy(datagram),
-                segment_size: None,
-            });
-        }
-        Ok(())
+        self.inner.try_send(transmit)
     }
 
     fn poll_recv(
@@ -289,7 +290,67 @@ impl AsyncUdpSocket for DelayedSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        let Ok(mut arrivals) = self.arrivals.lock() else {
+            return self.inner.poll_recv(cx, bufs, meta);
+        };
+        let arrivals = &mut *arrivals;
+        // 1. Take in everything the kernel holds, until it has no more
+        //    (which also asks to be woken when more comes).
+        if arrivals.scratch.len() != bufs.len()
+            || arrivals.scratch.first().map(Vec::len) != bufs.first().map(|b| b.len())
+        {
+            let size = bufs.first().map_or(0, |b| b.len());
+            arrivals.scratch = vec![vec![0; size]; bufs.len()];
+        }
+        let mut scratch = std::mem::take(&mut arrivals.scratch);
+        loop {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                scratch.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut metas = vec![RecvMeta::default(); slices.len()];
+            match self.inner.poll_recv(cx, &mut slices, &mut metas) {
+                Poll::Ready(Ok(count)) => {
+                    drop(slices);
+                    for (received, buffer) in metas.iter().zip(&scratch).take(count) {
+                        self.hold(arrivals, *received, &buffer[..received.len]);
+                    }
+                }
+                Poll::Ready(Err(error)) => {
+                    arrivals.scratch = scratch;
+                    return Poll::Ready(Err(error));
+                }
+                Poll::Pending => break,
+            }
+        }
+        arrivals.scratch = scratch;
+        // 2. Hand over what is due, each link in order.
+        let now = Instant::now();
+        let mut count = 0;
+        for queue in arrivals.links.values_mut() {
+            while count < bufs.len().min(meta.len()) && queue.front().is_some_and(|a| a.due <= now)
+            {
+                let Some(arrival) = queue.pop_front() else {
+                    break;
+                };
+                let len = arrival.contents.len().min(bufs[count].len());
+                bufs[count][..len].copy_from_slice(&arrival.contents[..len]);
+                meta[count] = RecvMeta {
+                    len,
+                    ..arrival.meta
+                };
+                count += 1;
+                if arrivals.spare.len() < Arrivals::MAX_SPARE {
+                    arrivals.spare.push(arrival.contents);
+                }
+            }
+        }
+        if count > 0 {
+            return Poll::Ready(Ok(count));
+        }
+        // 3. Nothing due yet: be woken when the next is.
+        if let Some(due) = arrivals.next_due() {
+            self.alarm.set(due, cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -297,9 +358,7 @@ impl AsyncUdpSocket for DelayedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner
-            .max_transmit_segments()
-            .min(self.state.max_gso_segments())
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -326,12 +385,29 @@ mod tests {
         assert!(parse_delays("127.0.0.1:1=fast").is_err());
     }
 
+    /// Receives one batch of datagrams through quinn's interface.
+    async fn receive(socket: &DelayedSocket) -> (RecvMeta, Vec<u8>) {
+        let mut buf = vec![0u8; 1500];
+        let mut meta = [RecvMeta::default()];
+        let count = std::future::poll_fn(|cx| {
+            let mut bufs = [IoSliceMut::new(&mut buf)];
+            socket.poll_recv(cx, &mut bufs, &mut meta)
+        })
+        .await
+        .unwrap();
+        assert_eq!(count, 1);
+        (meta[0], buf[..meta[0].len].to_vec())
+    }
+
+    /// A datagram from a delayed link waits out its delay on arrival, so
+    /// one sent just before its sender died still comes: a killed
+    /// node's last appends reach its followers, as across a real network.
     #[tokio::test]
-    async fn datagrams_wait_for_their_link() {
-        let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let to = receiver.local_addr().unwrap();
+    async fn datagrams_wait_for_their_link_and_outlive_their_sender() {
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = sender.local_addr().unwrap();
         let delays = HashMap::from([(
-            to,
+            from,
             LinkDelay {
                 delay: Duration::from_millis(80),
                 ..Default::default()
@@ -339,19 +415,22 @@ mod tests {
         )]);
         let socket =
             DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap();
+        let to = socket.local_addr().unwrap();
         let started = std::time::Instant::now();
-        socket
-            .try_send(&Transmit {
-                destination: to,
-                ecn: None,
-                contents: b"hello",
-                segment_size: None,
-                src_ip: None,
-            })
-            .unwrap();
-        let mut buf = [0u8; 16];
-        let (len, _) = receiver.recv_from(&mut buf).await.unwrap();
-        assert_eq!(&buf[..len], b"hello");
+        sender.send_to(b"hello", to).unwrap();
+        drop(sender);
+        let (meta, contents) = receive(&socket).await;
+        assert_eq!((meta.addr, contents.as_slice()), (from, &b"hello"[..]));
         assert!(started.elapsed() >= Duration::from_millis(80));
+        // From an address with no delay: at once.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let started = std::time::Instant::now();
+        other.send_to(b"now", to).unwrap();
+        let (meta, contents) = receive(&socket).await;
+        assert_eq!(
+            (meta.addr, contents.as_slice()),
+            (other.local_addr().unwrap(), &b"now"[..])
+        );
+        assert!(started.elapsed() < Duration::from_millis(80));
     }
 }

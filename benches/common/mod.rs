@@ -45,8 +45,8 @@ pub fn start(name: &str, ip: u8, nodes: u64, wan: bool) -> TestCluster {
         }
         // Iowa should lead (it is nearest to the others on average).
         let mut args = nodes::delayed_args(ip, id, &ids, wan_delay);
-        // Answers to a client at another site (`client_at`) cross the
-        // same ocean as its requests.
+        // Requests from a client at another site (`client_at`) cross the
+        // same ocean as its answers.
         for site in ids.iter().filter(|site| **site != id) {
             args[1].push_str(&format!(
                 ",127.0.0.{ip}:{}={}ms",
@@ -63,9 +63,10 @@ fn client_port(site: NodeId) -> u16 {
     7100 + site as u16
 }
 
-/// The QUIC client at node `site`'s site of a WAN cluster (`start`): its
-/// datagrams to every other node wait out the one-way delay between the
-/// two sites, and so do theirs to it; to and from `site`'s node, none. A
+/// The QUIC client at node `site`'s site of a WAN cluster (`start`): the
+/// datagrams it receives from every other node wait out the one-way delay
+/// between the two sites, and so do theirs from it; to and from `site`'s
+/// node, none. A
 /// client next to the leader stays where it is when the leader dies. One
 /// per site at a time: it holds the site's client port.
 pub fn client_at(cluster: &TestCluster, name: &str, site: NodeId) -> cluster_store::client::Client {

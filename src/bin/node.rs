@@ -89,10 +89,11 @@ struct RunArgs {
     /// client certificates: anyone who reaches the port can write.
     #[arg(long, env = "NODE_HTTP_WRITE")]
     http_write: bool,
-    /// Testing only: delay this node's datagrams to given addresses, e.g.
-    /// `127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%` (delay, jitter, loss),
-    /// to run a cross-continent cluster on one machine. QUIC datagrams
-    /// only: clients over TCP are not delayed.
+    /// Testing only: hold the datagrams this node receives from given
+    /// addresses, e.g. `127.0.0.1:7002=70ms,127.0.0.1:7003=155ms~5ms/1%`
+    /// (delay, jitter, loss), to run a cross-continent cluster on one
+    /// machine (give each node its peers, each with the one-way delay of
+    /// their link). QUIC datagrams only: clients over TCP are not delayed.
     #[arg(long, env = "NODE_SIMULATE_DELAY")]
     simulate_delay: Option<String>,
     /// Most client connections open at once (over TCP a connection per

@@ -75,7 +75,7 @@ pub fn port(id: NodeId) -> u16 {
 }
 
 /// Arguments that make node `id` of `nodes` (on 127.0.0.`ip`) hold each
-/// datagram to a peer for `delay_ms(id, peer)` (`--simulate-delay`), with
+/// datagram from a peer for `delay_ms(id, peer)` (`--simulate-delay`), with
 /// node 1 preferred as leader.
 pub fn delayed_args(
     ip: u8,

@@ -1092,6 +1092,7 @@ macro_rules! scripts {
 
 scripts! {
     check_quorum,
+    deferred_pre_vote,
     divergent_tail,
     election,
     figure_8,

@@ -642,9 +642,12 @@ impl Client {
     /// (`raft::held`): the winner appends it with its first entries, so a
     /// client across an ocean from the new leader does not first learn who
     /// won and then send (two one-way trips, ~0.15 s from Iowa to São
-    /// Paulo). A voter that hears from a live leader redirects at once.
-    /// Safe: every copy carries the same sequence numbers, so the message
-    /// is appended once whoever appends it.
+    /// Paulo). A voter that hears from a live leader redirects at once;
+    /// while it names `node`, the copy goes again every `LOOK_EVERY` (a
+    /// copy that left as `node` died met its last heartbeats on the way),
+    /// until `node` answers or the caller stops waiting. Safe: every copy
+    /// carries the same sequence numbers, so the message is appended once
+    /// whoever appends it.
     async fn send_to_the_others(&self, node: NodeId, request: &ClientRequest) -> ClientResponse {
         let mut answers: futures_util::stream::FuturesUnordered<_> = self
             .nodes()
@@ -652,7 +655,18 @@ impl Client {
             .filter(|other| *other != node && !self.is_suspect(*other))
             .map(|other| async move {
                 let connection = self.connection(other).await.ok()?;
-                self.exchange(other, &connection, request).await.ok()
+                loop {
+                    match self.exchange(other, &connection, request).await.ok()? {
+                        // It still heard from `node` lately (the copy went
+                        // out right as `node` died): ask again shortly.
+                        ClientResponse::Redirect {
+                            leader: Some(leader),
+                        } if leader == node => {
+                            tokio::time::sleep(LOOK_EVERY).await;
+                        }
+                        answer => return Some(answer),
+                    }
+                }
             })
             .collect();
         while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {

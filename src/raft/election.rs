@@ -13,6 +13,11 @@ use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};
 impl RaftNode {
     pub(super) fn tick_election(&mut self) {
         self.election_elapsed += 1;
+        if !self.in_lease() {
+            if let Some(pre_vote) = self.deferred_pre_vote.take() {
+                self.step(pre_vote);
+            }
+        }
         if self.election_elapsed >= self.election_timeout() {
             self.leaderless_elections = self.leaderless_elections.saturating_add(1);
             let pre_vote = self.config.pre_vote;

@@ -138,6 +138,13 @@ pub struct RaftNode {
     /// Voter without a live leader: client proposals waiting for the next
     /// one (`held.rs`).
     pub(super) held: super::held::HeldProposals,
+    /// The last pre-vote request ignored because a leader was alive: it is
+    /// answered when the lease runs out (`tick_election`), unless a leader
+    /// is heard first. Across an ocean the far follower hears a dead
+    /// leader's last heartbeats later than the near one, whose pre-vote
+    /// could reach it inside its lease; ignored, that pre-election waited
+    /// a whole timeout more (WAN kills of 1.02-1.06 s, against 0.73).
+    pub(super) deferred_pre_vote: Option<Envelope>,
 }
 
 /// A snapshot of a node's state for operators and tests.
@@ -277,6 +284,7 @@ impl RaftNode {
             memberships,
             pending_change: None,
             held: Default::default(),
+            deferred_pre_vote: None,
             config,
         };
         node.role = node.passive_role();
@@ -467,6 +475,15 @@ impl RaftNode {
                         node = self.config.id,
                         from, term, "ignoring vote request: a leader is alive"
                     );
+                    if let Message::PreVote { .. } = message {
+                        self.deferred_pre_vote = Some(Envelope {
+                            from,
+                            to,
+                            term,
+                            lamport,
+                            message: message.clone(),
+                        });
+                    }
                     return;
                 }
                 // A pre-vote changes no term; a granted pre-vote echoes the
@@ -711,6 +728,7 @@ impl RaftNode {
     /// timer drawn with a backoff shrinks back to the plain range (scaled,
     /// not drawn again, so that a seed replays the same draws).
     pub(super) fn heard_from_leader(&mut self) {
+        self.deferred_pre_vote = None;
         self.randomized_timeout /= self.election_backoff();
         self.leaderless_elections = 0;
     }

@@ -63,6 +63,17 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a node fails, how long the client asks the others for a newer
 /// leader before it tries them in turn (an election takes 0.2-0.4 s).
 const SUCCESSOR_SEARCH: Duration = Duration::from_secs(1);
+/// Largest send (its messages' bytes) whose copies go to the other nodes
+/// while its node is silent (`send_to_the_others`): a copy saves a
+/// client across an ocean ~0.15 s, which a large send spends in transfer
+/// anyway, and a slow but live leader would have cost every other node a
+/// copy of up to `MAX_SEND_BYTES`.
+const COPY_MAX_BYTES: usize = 64 << 10;
+/// How many times a copy goes again to a node that still names the
+/// silent one as its leader (`LOOK_EVERY` apart): enough to outlast the
+/// dead leader's last heartbeats, few enough that a slow live leader's
+/// followers are not sent a copy every 50 ms for as long as it is slow.
+const COPY_RESENDS: usize = 4;
 
 pub struct Client {
     /// How this client reaches nodes, with its certificate and trust.
@@ -645,17 +656,24 @@ impl Client {
     /// Paulo). A voter that hears from a live leader redirects at once;
     /// while it names `node`, the copy goes again every `LOOK_EVERY` (a
     /// copy that left as `node` died met its last heartbeats on the way),
-    /// until `node` answers or the caller stops waiting. Safe: every copy
-    /// carries the same sequence numbers, so the message is appended once
-    /// whoever appends it.
+    /// `COPY_RESENDS` times at most. Sends over `COPY_MAX_BYTES` are not
+    /// copied. Safe: every copy carries the same sequence numbers, so the
+    /// message is appended once whoever appends it.
     async fn send_to_the_others(&self, node: NodeId, request: &ClientRequest) -> ClientResponse {
+        let ClientRequest::Send { texts, .. } = request else {
+            return std::future::pending().await;
+        };
+        if texts.iter().map(String::len).sum::<usize>() > COPY_MAX_BYTES {
+            return std::future::pending().await;
+        }
         let mut answers: futures_util::stream::FuturesUnordered<_> = self
             .nodes()
             .into_iter()
             .filter(|other| *other != node && !self.is_suspect(*other))
             .map(|other| async move {
                 let connection = self.connection(other).await.ok()?;
-                loop {
+                let mut answer = None;
+                for _ in 0..=COPY_RESENDS {
                     match self.exchange(other, &connection, request).await.ok()? {
                         // It still heard from `node` lately (the copy went
                         // out right as `node` died): ask again shortly.
@@ -664,9 +682,13 @@ impl Client {
                         } if leader == node => {
                             tokio::time::sleep(LOOK_EVERY).await;
                         }
-                        answer => return Some(answer),
+                        other => {
+                            answer = Some(other);
+                            break;
+                        }
                     }
                 }
+                answer
             })
             .collect();
         while let Some(answer) = futures_util::StreamExt::next(&mut answers).await {

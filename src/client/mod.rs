@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -493,7 +493,7 @@ impl Client {
     /// One request to one node, given up as a redirect as soon as another
     /// node reports a newer leader (for requests meant for the leader).
     pub async fn request(&self, node: NodeId, request: &ClientRequest) -> Result<ClientResponse> {
-        match self.request_with(node, request, true).await {
+        match self.request_with(node, request, true, None).await {
             Err(ClientError::Superseded { leader, .. }) => Ok(ClientResponse::Redirect {
                 leader: Some(leader),
             }),
@@ -504,11 +504,16 @@ impl Client {
     /// One request to one node; `follow_leader` as in `request`. Requests
     /// about a node itself (its status, its own replica) must not be
     /// abandoned when the leader changes elsewhere.
+    ///
+    /// With `copies`, a send unanswered after `race_after` also goes to the
+    /// other nodes (`send_to_the_others`), and `copies` is set once it
+    /// has: the message may then be in the log whatever this node answers.
     async fn request_with(
         &self,
         node: NodeId,
         request: &ClientRequest,
         follow_leader: bool,
+        copies: Option<&AtomicBool>,
     ) -> Result<ClientResponse> {
         let connection = match self.connection(node).await {
             Ok(connection) => connection,
@@ -542,9 +547,10 @@ impl Client {
             }
         };
         let raced = async {
-            match request {
-                ClientRequest::Send { .. } if follow_leader => {
+            match (request, copies) {
+                (ClientRequest::Send { .. }, Some(copies)) if follow_leader => {
                     tokio::time::sleep(self.race_after()).await;
+                    copies.store(true, Ordering::SeqCst);
                     self.send_to_the_others(node, request).await
                 }
                 _ => std::future::pending().await,
@@ -783,7 +789,15 @@ impl Client {
             }
             let target = self.pick(attempt);
             attempt += 1;
-            let answer = self.request_with(target, request, true).await;
+            let copies = AtomicBool::new(false);
+            let answer = self
+                .request_with(target, request, true, Some(&copies))
+                .await;
+            // Copies may be held elsewhere and appended later: whatever
+            // this answer says, the request may have reached the log.
+            if copies.load(Ordering::SeqCst) {
+                maybe_sent = true;
+            }
             if let Ok(ClientResponse::Redirect {
                 leader: Some(leader),
             }) = &answer
@@ -1249,7 +1263,7 @@ impl Client {
             }
             let answer = tokio::time::timeout(
                 LOOK_TIMEOUT * 5,
-                self.request_with(node, &ClientRequest::Members, false),
+                self.request_with(node, &ClientRequest::Members, false, None),
             )
             .await;
             let view = match answer {
@@ -1314,7 +1328,7 @@ impl Client {
 
     pub async fn status(&self, node: NodeId) -> Result<Status> {
         match self
-            .request_with(node, &ClientRequest::Status, false)
+            .request_with(node, &ClientRequest::Status, false, None)
             .await?
         {
             ClientResponse::Status(status) => Ok(*status),

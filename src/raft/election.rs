@@ -15,7 +15,12 @@ impl RaftNode {
         self.election_elapsed += 1;
         if !self.in_lease() {
             if let Some(pre_vote) = self.deferred_pre_vote.take() {
+                // Its candidate may have stopped campaigning since: a
+                // pre-vote only, never a real vote with it, which would
+                // raise a follower's term and depose a live leader.
+                self.answering_deferred = true;
                 self.step(pre_vote);
+                self.answering_deferred = false;
             }
         }
         if self.election_elapsed >= self.election_timeout() {
@@ -219,6 +224,7 @@ impl RaftNode {
     /// term, for a log at least as up to date), synced before it is sent.
     fn decides_pre_election(&self, from: NodeId, term: Term) -> bool {
         term > self.term
+            && !self.answering_deferred
             && self.role != Role::Leader
             && self.role != Role::Candidate
             && self.config.is_voter(self.config.id)

@@ -18,10 +18,6 @@ use super::node::RaftNode;
 use super::ready::{Proposal, ProposeError};
 use super::types::Role;
 
-/// Most proposals a voter holds; beyond them it redirects at once. The
-/// node's admission control (`--max-pending-mb`) bounds them first.
-const MAX_HELD: usize = 65_536;
-
 /// A proposal waiting for a leader, and the tick it is answered by.
 #[derive(Debug)]
 pub(super) struct Held {
@@ -47,12 +43,18 @@ impl RaftNode {
             self.role,
             Role::Follower | Role::PreCandidate | Role::Candidate
         );
-        if !votes || !leaderless || self.held.queue.len() >= MAX_HELD {
+        // No count of its own bounds what is held: a cap reached in the
+        // middle of a client's batch would hold part of it and refuse the
+        // rest. The node's admission control (`--max-pending-mb`) bounds
+        // every proposal not yet answered, these included.
+        if !votes || !leaderless {
             return Some(proposal);
         }
-        // Twice the longest election timeout: long enough for an election
-        // and its first append across the farthest link, short enough
-        // that a client is told where to go while it still waits.
+        // Twice the longest election timeout before any backoff: long
+        // enough for an election and its first append across the farthest
+        // link, short enough that a client is told where to go while it
+        // still waits. (During backed-off elections a held write may be
+        // answered before a leader exists; the client then looks again.)
         let until = self.held.now + 4 * self.config.election_ticks;
         self.held.queue.push_back(Held { proposal, until });
         None

@@ -145,6 +145,8 @@ pub struct RaftNode {
     /// could reach it inside its lease; ignored, that pre-election waited
     /// a whole timeout more (WAN kills of 1.02-1.06 s, against 0.73).
     pub(super) deferred_pre_vote: Option<Envelope>,
+    /// While `deferred_pre_vote` is answered: a pre-vote only.
+    pub(super) answering_deferred: bool,
 }
 
 /// A snapshot of a node's state for operators and tests.
@@ -285,6 +287,7 @@ impl RaftNode {
             pending_change: None,
             held: Default::default(),
             deferred_pre_vote: None,
+            answering_deferred: false,
             config,
         };
         node.role = node.passive_role();

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use tracing::{debug, info};
 
 use super::message::Message;
-use super::node::{Candidacy, RaftNode};
+use super::node::{Awaited, Candidacy, RaftNode};
 use super::progress::Progress;
 use super::ready::ProposeError;
 use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};
@@ -384,12 +384,15 @@ impl RaftNode {
     /// yet commit under the next one, so clients retry with the same id.
     fn abandon_leadership(&mut self) {
         self.progress.clear();
-        self.pending.clear();
+        let mut waiters: Vec<_> = self
+            .pending
+            .drain()
+            .filter_map(|(id, Awaited(awaited))| awaited.then_some(id))
+            .collect();
         self.transfer = None;
         self.broadcast_pending = false;
         self.commit_changed = false;
         self.heartbeat_pending = false;
-        let mut waiters: Vec<_> = self.waiters.drain().collect();
         waiters.sort();
         for id in waiters {
             self.respond(id, Err(ProposeError::LeadershipLost));
@@ -427,7 +430,7 @@ impl RaftNode {
         self.pending = self
             .log
             .range(self.commit + 1, self.log.last_index())
-            .filter_map(|e| e.request_id().map(|id| (id, e.index)))
+            .filter_map(|e| e.request_id().map(|id| (id, Awaited(false))))
             .collect();
         self.reads.reset();
         // Entries of earlier terms commit only once one of our own does.

@@ -4,7 +4,7 @@
 use tracing::{error, info, warn};
 
 use super::message::{AppendResult, Message};
-use super::node::RaftNode;
+use super::node::{Awaited, RaftNode};
 use super::progress::ReplicationState;
 use super::ready::{Fetch, Proposal, ProposeError};
 use super::session::{Committed, Lookup};
@@ -108,8 +108,8 @@ impl RaftNode {
         if let Some(after) = proposal.after {
             self.check_follows(after, proposal.since)?;
         }
-        self.waiters.insert(proposal.id);
-        if self.pending.contains_key(&proposal.id) {
+        if let Some(awaited) = self.pending.get_mut(&proposal.id) {
+            *awaited = Awaited(true);
             return Ok(());
         }
         let command = Command {
@@ -118,8 +118,8 @@ impl RaftNode {
             sender: proposal.sender,
             data: proposal.data,
         };
-        let index = self.append_new(Payload::Command(command), proposal.lamport);
-        self.pending.insert(proposal.id, index);
+        self.append_new(Payload::Command(command), proposal.lamport);
+        self.pending.insert(proposal.id, Awaited(true));
         Ok(())
     }
 
@@ -720,8 +720,7 @@ impl RaftNode {
         for entry in &entries {
             self.sessions.apply(entry);
             if let Some(id) = entry.request_id() {
-                self.pending.remove(&id);
-                if self.waiters.remove(&id) {
+                if let Some(Awaited(true)) = self.pending.remove(&id) {
                     self.respond(id, Ok(Committed::of(entry)));
                 }
             }

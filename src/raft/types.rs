@@ -92,8 +92,6 @@ impl Entry {
 /// to recover the seed. These tables are bounded (`--max-pending-mb`,
 /// `Config::max_sessions`).
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-/// The set of `FastMap`.
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Identifies one client proposal across retries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

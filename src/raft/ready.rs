@@ -40,7 +40,14 @@ pub struct Ready {
     /// no new entries, leaves after a sync of everything staged.
     pub linger: bool,
     pub persisted_messages: Vec<Envelope>,
-    pub committed: Vec<Entry>,
+    /// How many entries committed (and were applied to the session table)
+    /// since the last ready. A count, not the entries: the driver serves
+    /// them from its store, and cloning each one here, cold in cache by
+    /// the time it commits across an ocean, cost the leader's thread more
+    /// than the count's one use.
+    pub committed: u64,
+    /// The configurations among them, at their indexes.
+    pub committed_memberships: Vec<(Index, super::membership::Membership)>,
     pub responses: Vec<ProposeResponse>,
     pub reads: Vec<ReadResponse>,
     /// Entries the core released from memory and needs again, to catch up
@@ -94,7 +101,7 @@ impl Ready {
             && self.messages.is_empty()
             && self.log_write.is_none()
             && self.persisted_messages.is_empty()
-            && self.committed.is_empty()
+            && self.committed == 0
             && self.responses.is_empty()
             && self.reads.is_empty()
             && self.fetches.is_empty()

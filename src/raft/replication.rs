@@ -6,7 +6,7 @@ use tracing::{error, info, warn};
 use super::message::{AppendResult, Message};
 use super::node::{Awaited, RaftNode};
 use super::progress::ReplicationState;
-use super::ready::{Fetch, Proposal, ProposeError};
+use super::ready::{Fetch, Proposal, ProposeError, ProposeResponse};
 use super::session::{Committed, Lookup};
 use super::types::{Command, Entry, Index, Lamport, NodeId, Payload, RequestId, Role, Term};
 
@@ -712,21 +712,36 @@ impl RaftNode {
         if self.applied >= self.commit {
             return;
         }
-        let entries: Vec<Entry> = self
-            .log
-            .range(self.applied + 1, self.commit)
-            .cloned()
-            .collect();
-        for entry in &entries {
-            self.sessions.apply(entry);
-            if let Some(id) = entry.request_id() {
-                if let Some(Awaited(true)) = self.pending.remove(&id) {
-                    self.respond(id, Ok(Committed::of(entry)));
+        let RaftNode {
+            log,
+            sessions,
+            pending,
+            out,
+            ..
+        } = self;
+        for entry in log.range(self.applied + 1, self.commit) {
+            out.committed += 1;
+            match &entry.payload {
+                Payload::Command(command) => {
+                    sessions.apply(entry);
+                    let id = RequestId {
+                        client_id: command.client_id,
+                        seq: command.seq,
+                    };
+                    if let Some(Awaited(true)) = pending.remove(&id) {
+                        out.responses.push(ProposeResponse {
+                            id,
+                            result: Ok(Committed::of(entry)),
+                        });
+                    }
                 }
+                Payload::Membership(membership) => out
+                    .committed_memberships
+                    .push((entry.index, membership.clone())),
+                Payload::Noop => {}
             }
         }
         self.applied = self.commit;
-        self.out.committed.extend(entries);
         self.release_memory();
         self.membership_committed();
     }

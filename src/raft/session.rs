@@ -68,6 +68,11 @@ impl Session {
     }
 
     fn find(&self, seq: u64) -> Option<Committed> {
+        // A new message's number is past every one recorded: no search
+        // through a queue that is cold by now.
+        if self.recent.back().is_none_or(|&(last, _)| last < seq) {
+            return None;
+        }
         self.recent
             .binary_search_by_key(&seq, |&(s, _)| s)
             .ok()

@@ -15,8 +15,7 @@ use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
     ChangeError, Committed, Envelope, FastMap, HardState, Index, Lamport, Membership,
-    MembershipChange, Message, NodeId, Payload, Proposal, ProposeError, RaftNode, RequestId,
-    Status, Term,
+    MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
 };
 use crate::storage::StoreError;
 
@@ -382,9 +381,10 @@ impl Driver {
         }
         // 3. Answer what committed: on a quorum's disks already, it need
         //    not wait for this node's write below.
-        self.announce(&ready.committed);
+        self.announce(ready.committed, &ready.committed_memberships);
+        let now = Instant::now();
         for response in ready.responses {
-            self.answer(response.id, response.result);
+            self.answer(response.id, response.result, now);
         }
         for read in ready.reads {
             if let Some(reply) = self.reads.remove(&read.ctx) {
@@ -474,14 +474,12 @@ impl Driver {
     }
 
     /// Publishes commits, a new leader and the clock to live subscribers.
-    fn announce(&mut self, committed: &[crate::raft::Entry]) {
-        self.metrics.commits.inc_by(committed.len() as u64);
+    fn announce(&mut self, committed: u64, memberships: &[(Index, Membership)]) {
+        self.metrics.commits.inc_by(committed);
         let subscribed = self.events.receiver_count() > 0;
-        for entry in committed {
-            if let Payload::Membership(membership) = &entry.payload {
-                self.metrics.membership_changes_applied.inc();
-                tracing::info!(index = entry.index, %membership, "configuration committed");
-            }
+        for (index, membership) in memberships {
+            self.metrics.membership_changes_applied.inc();
+            tracing::info!(index, %membership, "configuration committed");
         }
         let (leader, term, lamport) = (self.raft.leader(), self.raft.term(), self.raft.lamport());
         if term != self.announced.1 {
@@ -496,14 +494,16 @@ impl Driver {
         self.announced = (leader, term, lamport);
     }
 
-    fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>) {
+    /// Answers request `id`'s waiters; `now` is when its round's answers
+    /// began (one clock read per round, not per message).
+    fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>, now: Instant) {
         let Some(Waiting { since, first, more }) = self.waiting.remove(&id) else {
             return;
         };
         if result.is_ok() {
             self.metrics
                 .commit_latency
-                .observe(since.elapsed().as_secs_f64());
+                .observe(now.saturating_duration_since(since).as_secs_f64());
         }
         for (batch, slot) in std::iter::once(first).chain(more) {
             let Some(waiter) = self.batches.get_mut(&batch) else {

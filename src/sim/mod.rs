@@ -1044,6 +1044,7 @@ impl Simulation {
             linger,
             persisted_messages,
             committed: _,
+            committed_memberships: _,
             responses,
             reads,
             fetches,

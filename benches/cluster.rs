@@ -7,7 +7,8 @@
 //! `BENCH_TOPOLOGY=loopback`, `=wan` or `=none` (catch-up and memory only)
 //! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it);
 //! `BENCH_ONLY=one`, `=many` or `=pipelined` runs that load phase alone
-//! (`BENCH_BATCH`: the pipelined client's messages per send, default 1000).
+//! (`BENCH_BATCH`: the pipelined client's messages per send, default
+//! `client::LINES_PER_BATCH`, what `node send -` sends).
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_store::client::Client;
+use cluster_store::client::LINES_PER_BATCH;
 use cluster_store::raft::NodeId;
 use common::nodes::TestCluster;
 use common::{closed_loop, env_u64, median, pipelined, start};
@@ -215,7 +217,7 @@ fn main() {
                         continue;
                     }
                     Ok("pipelined") => {
-                        eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, env_u64("BENCH_BATCH", 1000) as usize).await);
+                        eprintln!("pipelined: {:.0}/s", pipelined(&cluster, seconds, env_u64("BENCH_BATCH", LINES_PER_BATCH as u64) as usize).await);
                         continue;
                     }
                     _ => {}
@@ -227,7 +229,7 @@ fn main() {
                 let load = closed_loop(&cluster, 64, seconds).await;
                 many.push(load.throughput);
                 many_p99.push(load.p99.as_secs_f64() * 1000.0);
-                bulk.push(pipelined(&cluster, seconds, 1000).await);
+                bulk.push(pipelined(&cluster, seconds, LINES_PER_BATCH).await);
                 let terms = highest_term(&cluster, &admin).await.saturating_sub(term_before);
                 elections += terms;
                 let mut kills = Vec::new();

@@ -99,6 +99,7 @@ fn a_client_clock_far_ahead_is_refused_and_stamps_keep_increasing() {
         sender: "mallory".into(),
         data: "lie".into(),
         after: None,
+        ctx: 0,
     };
     for (seq, lamport) in [(1, u64::MAX), (2, u64::MAX - 1), (3, 1 << 40)] {
         // On a follower: refused as not the leader, its clock untouched.
@@ -150,6 +151,7 @@ fn large_entries_travel_in_appends_that_fit_a_frame() {
             sender: "client-5".into(),
             data: big.clone().into(),
             after: None,
+            ctx: 0,
         });
     }
     c.drain(1);
@@ -201,6 +203,7 @@ fn proposals_are_batched_and_appends_pipelined() {
             sender: "bulk".into(),
             data: "x".into(),
             after: None,
+            ctx: 0,
         });
     }
     let ready = c.node_mut(1).ready();
@@ -289,6 +292,7 @@ fn a_ready_lingers_only_when_every_append_it_answers_is_lazy() {
         sender: "c".into(),
         data: "x".into(),
         after: None,
+        ctx: 0,
     });
     let ready = c.node_mut(1).ready();
     assert!(

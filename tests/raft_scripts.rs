@@ -588,6 +588,7 @@ impl RaftDriver {
                 sender: format!("client-{client}").into(),
                 data: Bytes::from(text),
                 after: follows,
+                ctx: 0,
             });
             c.drain(at);
             if deliver {

@@ -62,9 +62,10 @@ pub struct Config {
     /// Committed sequence numbers remembered per client for deduplication.
     /// A retry older than this many of the client's later messages cannot
     /// be deduplicated, so it must exceed what one client keeps in flight
-    /// (`node send -`: `client::PIPELINE_WINDOW` = 64 batches of 1,000;
-    /// the default is twice that). Only the leader consults it, when a
-    /// proposal arrives, so nodes may differ in it.
+    /// (`node send -`: `client::PIPELINE_WINDOW` = 64 batches of 2,000;
+    /// the default is twice that, with room, and below a power of two so a
+    /// busy session's queue holds 8 MB, not 16). Only the leader consults
+    /// it, when a proposal arrives, so nodes may differ in it.
     pub session_window: usize,
     /// Client sessions kept: beyond this many, the least recently active
     /// session idle for `session_idle_entries` is closed (every node closes
@@ -117,7 +118,7 @@ impl Config {
             max_append_entries: 1024,
             max_append_bytes: 4 << 20,
             max_command_bytes: MAX_COMMAND_BYTES,
-            session_window: 131_072,
+            session_window: 260_000,
             max_sessions: 100_000,
             session_idle_entries: 1_000_000,
             memory_entries: 8192,

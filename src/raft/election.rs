@@ -387,15 +387,15 @@ impl RaftNode {
         let mut waiters: Vec<_> = self
             .pending
             .drain()
-            .filter_map(|(id, Awaited(awaited))| awaited.then_some(id))
+            .flat_map(|(id, awaited)| awaited.ctxs().map(move |ctx| (id, ctx)))
             .collect();
         self.transfer = None;
         self.broadcast_pending = false;
         self.commit_changed = false;
         self.heartbeat_pending = false;
         waiters.sort();
-        for id in waiters {
-            self.respond(id, Err(ProposeError::LeadershipLost));
+        for (id, ctx) in waiters {
+            self.respond(id, ctx, Err(ProposeError::LeadershipLost));
         }
         self.abandon_reads();
         self.abandon_change();
@@ -430,7 +430,7 @@ impl RaftNode {
         self.pending = self
             .log
             .range(self.commit + 1, self.log.last_index())
-            .filter_map(|e| e.request_id().map(|id| (id, Awaited(false))))
+            .filter_map(|e| e.request_id().map(|id| (id, Awaited::default())))
             .collect();
         self.reads.reset();
         // Entries of earlier terms commit only once one of our own does.

@@ -72,7 +72,8 @@ impl RaftNode {
         {
             if let Some(held) = self.held.queue.pop_front() {
                 let leader = self.leader;
-                self.respond(held.proposal.id, Err(ProposeError::NotLeader { leader }));
+                let Proposal { id, ctx, .. } = held.proposal;
+                self.respond(id, ctx, Err(ProposeError::NotLeader { leader }));
             }
         }
     }
@@ -89,7 +90,11 @@ impl RaftNode {
                 self.propose(proposal);
             } else {
                 let leader = self.leader;
-                self.respond(proposal.id, Err(ProposeError::NotLeader { leader }));
+                self.respond(
+                    proposal.id,
+                    proposal.ctx,
+                    Err(ProposeError::NotLeader { leader }),
+                );
             }
         }
     }

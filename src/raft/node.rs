@@ -41,10 +41,36 @@ impl From<LogError> for RaftError {
     }
 }
 
-/// Whether a client awaits a pending proposal's answer on this leader (a
-/// proposal it found in its log when elected has nobody waiting here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Awaited(pub bool);
+/// The proposals (their `Proposal::ctx`) awaiting a pending entry's answer
+/// on this leader: nearly always one, held inline; none for an entry it
+/// found in its log when elected; more for a retry sent before the first
+/// attempt's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Awaited {
+    first: Option<u64>,
+    more: Vec<u64>,
+}
+
+impl Awaited {
+    pub(super) fn by(ctx: u64) -> Self {
+        Awaited {
+            first: Some(ctx),
+            more: Vec::new(),
+        }
+    }
+
+    pub(super) fn add(&mut self, ctx: u64) {
+        match self.first {
+            None => self.first = Some(ctx),
+            Some(_) => self.more.push(ctx),
+        }
+    }
+
+    /// Each awaiting proposal's ctx, the first first.
+    pub(super) fn ctxs(self) -> impl Iterator<Item = u64> {
+        self.first.into_iter().chain(self.more)
+    }
+}
 
 /// An ongoing leadership transfer.
 #[derive(Clone, Copy, Debug)]
@@ -109,9 +135,9 @@ pub struct RaftNode {
     /// Leader only: replication state of every other member.
     pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Leader only: uncommitted proposals in its log, for deduplication,
-    /// each with whether a client awaits its answer here (one map, not
-    /// two: under a pipelined client across an ocean it holds ~100,000
-    /// proposals, and each lookup is a cache miss).
+    /// each with the proposals awaiting its answer here (the only map keyed
+    /// by request id on the way: under a pipelined client across an ocean
+    /// it holds ~100,000 proposals, and each lookup is a cache miss).
     pub(super) pending: FastMap<RequestId, Awaited>,
     pub(super) sessions: Sessions,
     pub(super) reads: ReadState,
@@ -412,9 +438,9 @@ impl RaftNode {
         let Some(proposal) = self.hold(proposal) else {
             return;
         };
-        let id = proposal.id;
+        let (id, ctx) = (proposal.id, proposal.ctx);
         if let Err(error) = self.accept_proposal(proposal) {
-            self.respond(id, Err(error));
+            self.respond(id, ctx, Err(error));
         }
     }
 
@@ -679,9 +705,10 @@ impl RaftNode {
     pub(super) fn respond(
         &mut self,
         id: RequestId,
+        ctx: u64,
         result: Result<super::session::Committed, ProposeError>,
     ) {
-        self.out.responses.push(ProposeResponse { id, result });
+        self.out.responses.push(ProposeResponse { id, ctx, result });
     }
 
     /// Does this node follow a live leader (or lead itself)? Then it ignores

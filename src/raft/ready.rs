@@ -130,6 +130,10 @@ pub struct Proposal {
     /// under way) and the next accepted moments later (the transfer given
     /// up); its retry of the first would have landed after the second.
     pub after: Option<RequestId>,
+    /// The caller's own tag for this proposal, handed back with each of its
+    /// answers (`ProposeResponse::ctx`): the driver finds the batch slot
+    /// that waits on it without a table of its own keyed by request id.
+    pub ctx: u64,
 }
 
 /// Why a proposal was not (or not yet known to be) committed.
@@ -171,6 +175,9 @@ pub enum ProposeError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProposeResponse {
     pub id: RequestId,
+    /// The answered proposal's `Proposal::ctx`. A retry proposed while the
+    /// first attempt was still pending gets an answer of its own.
+    pub ctx: u64,
     pub result: Result<Committed, ProposeError>,
 }
 

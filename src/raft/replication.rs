@@ -94,7 +94,7 @@ impl RaftNode {
             .lookup(proposal.id, proposal.since, self.commit)
         {
             Lookup::Committed(committed) => {
-                self.respond(proposal.id, Ok(committed));
+                self.respond(proposal.id, proposal.ctx, Ok(committed));
                 return Ok(());
             }
             Lookup::Expired => {
@@ -109,7 +109,7 @@ impl RaftNode {
             self.check_follows(after, proposal.since)?;
         }
         if let Some(awaited) = self.pending.get_mut(&proposal.id) {
-            *awaited = Awaited(true);
+            awaited.add(proposal.ctx);
             return Ok(());
         }
         let command = Command {
@@ -119,7 +119,7 @@ impl RaftNode {
             data: proposal.data,
         };
         self.append_new(Payload::Command(command), proposal.lamport);
-        self.pending.insert(proposal.id, Awaited(true));
+        self.pending.insert(proposal.id, Awaited::by(proposal.ctx));
         Ok(())
     }
 
@@ -728,11 +728,15 @@ impl RaftNode {
                         client_id: command.client_id,
                         seq: command.seq,
                     };
-                    if let Some(Awaited(true)) = pending.remove(&id) {
-                        out.responses.push(ProposeResponse {
-                            id,
-                            result: Ok(Committed::of(entry)),
-                        });
+                    if let Some(awaited) = pending.remove(&id) {
+                        let committed = Committed::of(entry);
+                        for ctx in awaited.ctxs() {
+                            out.responses.push(ProposeResponse {
+                                id,
+                                ctx,
+                                result: Ok(committed),
+                            });
+                        }
                     }
                 }
                 Payload::Membership(membership) => out

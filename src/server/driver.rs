@@ -4,7 +4,7 @@
 //! after it has sent the round's appends and answered what committed, so
 //! a leader's disk and its followers' work in parallel.
 
-use std::collections::{hash_map, HashMap};
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
     ChangeError, Committed, Envelope, FastMap, HardState, Index, Lamport, Membership,
-    MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, RequestId, Status, Term,
+    MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, Status, Term,
 };
 use crate::storage::StoreError;
 
@@ -101,21 +101,29 @@ impl Inbox {
     }
 }
 
-/// The batch slots waiting on one request id, and since when. Nearly
-/// always one slot: it is held inline, not in a vector of its own.
-struct Waiting {
-    since: Instant,
-    first: (u64, usize),
-    /// Further slots with the same id: a client's retry, sent again before
-    /// the first attempt's answer.
-    more: Vec<(u64, usize)>,
-}
-
 /// A batch proposal collecting one answer per message.
 struct BatchWaiter {
+    /// When it reached the driver, for the commit latency histogram.
+    since: Instant,
     results: Vec<Option<Result<Committed, ProposeError>>>,
     missing: usize,
     reply: Option<oneshot::Sender<Vec<Result<Committed, ProposeError>>>>,
+}
+
+/// Bits of a proposal's `ctx` that name its slot in its batch; the rest
+/// name the batch. A batch holds at most `MAX_BATCH` messages (the API
+/// refuses more), and 2^40 batches outlast any node.
+const SLOT_BITS: u32 = 24;
+const _: () = assert!(crate::wire::MAX_BATCH < 1 << SLOT_BITS);
+
+/// The `Proposal::ctx` of slot `slot` of batch `batch`.
+fn slot_ctx(batch: u64, slot: usize) -> u64 {
+    (batch << SLOT_BITS) | slot as u64
+}
+
+/// The batch and slot a `ctx` of `slot_ctx` names.
+fn ctx_slot(ctx: u64) -> (u64, usize) {
+    (ctx >> SLOT_BITS, (ctx & ((1 << SLOT_BITS) - 1)) as usize)
 }
 
 pub struct Driver {
@@ -126,10 +134,10 @@ pub struct Driver {
     synced: Synced,
     outboxes: Outboxes,
     tick: Duration,
+    /// Batches waiting for answers; the core hands each answer back with
+    /// its batch and slot (`Proposal::ctx`).
     batches: FastMap<u64, BatchWaiter>,
     next_batch: u64,
-    /// Which batch slots wait on a request id, and since when.
-    waiting: FastMap<RequestId, Waiting>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, ProposeError>>>,
     next_read: u64,
     /// Reads whose index is committed but not yet in this node's store.
@@ -201,7 +209,6 @@ impl Driver {
             tick,
             batches: FastMap::default(),
             next_batch: 0,
-            waiting: FastMap::default(),
             reads: HashMap::new(),
             next_read: 0,
             reads_waiting: Vec::new(),
@@ -276,26 +283,15 @@ impl Driver {
                 self.batches.insert(
                     batch,
                     BatchWaiter {
+                        since: Instant::now(),
                         results: vec![None; proposals.len()],
                         missing: proposals.len(),
                         reply: Some(reply),
                     },
                 );
                 self.metrics.proposals.inc_by(proposals.len() as u64);
-                let now = Instant::now();
-                for (slot, proposal) in proposals.into_iter().enumerate() {
-                    match self.waiting.entry(proposal.id) {
-                        hash_map::Entry::Occupied(mut waiting) => {
-                            waiting.get_mut().more.push((batch, slot))
-                        }
-                        hash_map::Entry::Vacant(vacant) => {
-                            vacant.insert(Waiting {
-                                since: now,
-                                first: (batch, slot),
-                                more: Vec::new(),
-                            });
-                        }
-                    }
+                for (slot, mut proposal) in proposals.into_iter().enumerate() {
+                    proposal.ctx = slot_ctx(batch, slot);
                     self.raft.propose(proposal);
                 }
             }
@@ -384,7 +380,7 @@ impl Driver {
         self.announce(ready.committed, &ready.committed_memberships);
         let now = Instant::now();
         for response in ready.responses {
-            self.answer(response.id, response.result, now);
+            self.answer(response.ctx, response.result, now);
         }
         for read in ready.reads {
             if let Some(reply) = self.reads.remove(&read.ctx) {
@@ -494,31 +490,28 @@ impl Driver {
         self.announced = (leader, term, lamport);
     }
 
-    /// Answers request `id`'s waiters; `now` is when its round's answers
-    /// began (one clock read per round, not per message).
-    fn answer(&mut self, id: RequestId, result: Result<Committed, ProposeError>, now: Instant) {
-        let Some(Waiting { since, first, more }) = self.waiting.remove(&id) else {
+    /// Answers the batch slot `ctx` names; `now` is when its round's
+    /// answers began (one clock read per round, not per message).
+    fn answer(&mut self, ctx: u64, result: Result<Committed, ProposeError>, now: Instant) {
+        let (batch, slot) = ctx_slot(ctx);
+        let Some(waiter) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        let Some(answer @ None) = waiter.results.get_mut(slot) else {
             return;
         };
         if result.is_ok() {
             self.metrics
                 .commit_latency
-                .observe(now.saturating_duration_since(since).as_secs_f64());
+                .observe(now.saturating_duration_since(waiter.since).as_secs_f64());
         }
-        for (batch, slot) in std::iter::once(first).chain(more) {
-            let Some(waiter) = self.batches.get_mut(&batch) else {
-                continue;
-            };
-            if waiter.results[slot].is_none() {
-                waiter.results[slot] = Some(result.clone());
-                waiter.missing -= 1;
-            }
-            if waiter.missing == 0 {
-                if let Some(waiter) = self.batches.remove(&batch) {
-                    let results = waiter.results.into_iter().flatten().collect();
-                    if let Some(reply) = waiter.reply {
-                        let _ = reply.send(results);
-                    }
+        *answer = Some(result);
+        waiter.missing -= 1;
+        if waiter.missing == 0 {
+            if let Some(waiter) = self.batches.remove(&batch) {
+                let results = waiter.results.into_iter().flatten().collect();
+                if let Some(reply) = waiter.reply {
+                    let _ = reply.send(results);
                 }
             }
         }
@@ -604,7 +597,7 @@ mod tests {
     /// Sends one message, always the same (a retry is not written twice).
     fn send(node: &Node) -> Result<Committed, ProposeError> {
         let proposal = Proposal {
-            id: RequestId {
+            id: crate::raft::RequestId {
                 client_id: 7,
                 seq: 1,
             },
@@ -613,6 +606,7 @@ mod tests {
             sender: "test".into(),
             data: bytes::Bytes::from_static(b"hi"),
             after: None,
+            ctx: 0,
         };
         let (reply, answer_rx) = oneshot::channel();
         node.inputs

@@ -961,6 +961,7 @@ impl Simulation {
                     sender: "liar".into(),
                     data: Bytes::from_static(b"a lie"),
                     after: None,
+                    ctx: 0,
                 });
                 self.drain(target)?;
             }
@@ -1013,6 +1014,8 @@ impl Simulation {
                             seq: seq - 1,
                         },
                     ),
+                    // Each attempt its own, so an answer names the one it is for.
+                    ctx: outstanding.attempts,
                 };
                 if let Some(raft) = self.nodes.get_mut(&target).and_then(|n| n.raft.as_mut()) {
                     raft.propose(proposal);

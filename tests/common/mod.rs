@@ -409,6 +409,7 @@ impl Cluster {
             sender: format!("client-{client_id}").into(),
             data: Bytes::from(text.to_string()),
             after: None,
+            ctx: 0,
         });
         self.drain(at);
     }

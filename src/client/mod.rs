@@ -856,15 +856,7 @@ impl Client {
                     }
                     .into())
                 }
-                Ok(response) => {
-                    // A send may have landed on another node (`raced`).
-                    let leader = match &response {
-                        ClientResponse::Sent { leader, .. } => *leader,
-                        _ => target,
-                    };
-                    self.set_leader(Some(leader));
-                    return Ok((leader, response));
-                }
+                Ok(response) => return Ok(self.answered_by(target, response)),
                 Err(e) => {
                     // A request no node could take fails here at once,
                     // not after every node has been tried for a minute.
@@ -902,14 +894,7 @@ impl Client {
                                     self.set_leader(Some(leader));
                                 }
                             }
-                            sent = raced => {
-                                let leader = match &sent {
-                                    ClientResponse::Sent { leader, .. } => *leader,
-                                    _ => target,
-                                };
-                                self.set_leader(Some(leader));
-                                return Ok((leader, sent));
-                            }
+                            sent = raced => return Ok(self.answered_by(target, sent)),
                         }
                         continue;
                     }
@@ -917,6 +902,18 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Takes `response` from `target` as the leader's answer: a send names
+    /// the leader that appended it, which may be another node (one that
+    /// `send_to_the_others` reached); it is the leader from now on.
+    fn answered_by(&self, target: NodeId, response: ClientResponse) -> (NodeId, ClientResponse) {
+        let leader = match &response {
+            ClientResponse::Sent { leader, .. } => *leader,
+            _ => target,
+        };
+        self.set_leader(Some(leader));
+        (leader, response)
     }
 
     /// Appends `texts` in order; each lands exactly once.
@@ -1007,14 +1004,8 @@ impl Client {
         let mut ahead: Option<&(Session, u64, Vec<String>)> = None;
         for resend in unanswered.iter() {
             let (session, first_seq, texts) = resend;
-            let request = ClientRequest::Send {
-                client_id: session.id,
-                first_seq: *first_seq,
-                lamport: self.lamport(),
-                since: session.since.unwrap_or(0),
-                texts: texts.clone(),
-                after: ahead.and_then(|ahead| follows(ahead, session)),
-            };
+            let after = ahead.and_then(|ahead| follows(ahead, session));
+            let request = self.send_request(session, *first_seq, texts.clone(), after);
             write_frame(&mut send, &request)
                 .await
                 .map_err(wire(leader))?;
@@ -1034,14 +1025,7 @@ impl Client {
                 // under way), this one is refused too rather than taken
                 // before the retry.
                 let after = unanswered.back().and_then(|ahead| follows(ahead, &session));
-                let request = ClientRequest::Send {
-                    client_id: session.id,
-                    first_seq,
-                    lamport: self.lamport(),
-                    since: session.since.unwrap_or(0),
-                    texts: texts.clone(),
-                    after,
-                };
+                let request = self.send_request(&session, first_seq, texts.clone(), after);
                 unanswered.push_back((session, first_seq, texts));
                 write_frame(&mut send, &request)
                     .await
@@ -1067,11 +1051,36 @@ impl Client {
             let ClientResponse::Sent { committed, leader } = response else {
                 return Ok(false);
             };
-            if let Some(max) = committed.iter().map(|c| c.lamport).max() {
-                self.lamport.fetch_max(max, Ordering::SeqCst);
-            }
+            self.clock_past(&committed);
             unanswered.pop_front();
             each(leader, &committed)?;
+        }
+    }
+
+    /// A send of `texts` as sequence numbers `first_seq..` in `session`,
+    /// stamped with this client's clock.
+    fn send_request(
+        &self,
+        session: &Session,
+        first_seq: u64,
+        texts: Vec<String>,
+        after: Option<u64>,
+    ) -> ClientRequest {
+        ClientRequest::Send {
+            client_id: session.id,
+            first_seq,
+            lamport: self.lamport(),
+            since: session.since.unwrap_or(0),
+            texts,
+            after,
+        }
+    }
+
+    /// Moves this client's clock past the stamps of what it was told
+    /// committed, so its next message is stamped after them.
+    fn clock_past(&self, committed: &[Committed]) {
+        if let Some(max) = committed.iter().map(|c| c.lamport).max() {
+            self.lamport.fetch_max(max, Ordering::SeqCst);
         }
     }
 
@@ -1094,19 +1103,10 @@ impl Client {
                 Some(session) => session,
                 None => self.session().await,
             };
-            let request = ClientRequest::Send {
-                client_id: session.id,
-                first_seq,
-                lamport: self.lamport(),
-                since: session.since.unwrap_or(0),
-                texts,
-                after: None,
-            };
+            let request = self.send_request(&session, first_seq, texts, None);
             let error = match self.to_leader(&request).await {
                 Ok((leader, ClientResponse::Sent { committed, .. })) => {
-                    if let Some(max) = committed.iter().map(|c| c.lamport).max() {
-                        self.lamport.fetch_max(max, Ordering::SeqCst);
-                    }
+                    self.clock_past(&committed);
                     return Ok((leader, committed));
                 }
                 Ok((node, other)) => return Err(unexpected(node, "a send", &other)),

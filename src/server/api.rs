@@ -94,22 +94,35 @@ enum Started {
     /// Refused before it reached the log: answered, and the stream reads
     /// no further (`Api::take_started`).
     Refused(ClientResponse),
-    /// A send behind others on its stream, waiting for room under the
-    /// bound on what waits to commit.
+    /// A send waiting for room under the bound on what waits to commit.
     Waiting(WaitingSend),
 }
 
+/// How long a send alone on its stream waits, in turn with every other
+/// send waiting for room, before it is answered "busy". Refused at once,
+/// a single write (an HTTP post, `node send "msg"`) found the bound full
+/// of pipelined batches that wait for room without limit, and its
+/// client's growing pause took it to 1.8-2.3 s while two `node send -`
+/// started (scripts/user-fault-trial.py). Short, so that sustained
+/// overload is still answered "busy" and shed.
+const LONE_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A send waiting for room: admitted, in its stream's order, once `room`
-/// is granted.
+/// is granted, or answered with `room`'s error (busy, shutting down).
 struct WaitingSend {
     room: std::pin::Pin<
         Box<
             dyn std::future::Future<
-                    Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+                    Output = Result<tokio::sync::OwnedSemaphorePermit, ClientResponse>,
                 > + Send,
         >,
     >,
     send: NewSend,
+}
+
+/// The answer to a send the node could not take because it is stopping.
+fn shutting_down() -> ClientResponse {
+    error("node shutting down", true)
 }
 
 /// A send request, checked and admitted on its way to the driver.
@@ -139,7 +152,7 @@ fn sent(
     outcome: Result<Vec<Result<crate::raft::Committed, ProposeError>>, oneshot::error::RecvError>,
 ) -> ClientResponse {
     let Ok(results) = outcome else {
-        return error("node shutting down", true);
+        return shutting_down();
     };
     let mut committed = Vec::with_capacity(results.len());
     for result in results {
@@ -306,7 +319,7 @@ impl Api {
                     if let Some(send) = waiting.take() {
                         let started = match permit {
                             Ok(permit) => self.propose_send(&client, send.send, permit),
-                            Err(_) => Started::Refused(error("node shutting down", true)),
+                            Err(response) => Started::Refused(response),
                         };
                         self.take_started(started, &mut answers, &mut reading, &mut waiting);
                     }
@@ -407,7 +420,7 @@ impl Api {
             Err(TrySendError::Full(_)) => Err(ClientResponse::Busy {
                 message: "node busy: its input queue is full; retry".into(),
             }),
-            Err(TrySendError::Disconnected(_)) => Err(error("node shutting down", true)),
+            Err(TrySendError::Disconnected(_)) => Err(shutting_down()),
         }
     }
 
@@ -468,7 +481,7 @@ impl Api {
                             cluster_digest: self.cluster_digest,
                         }))
                     }
-                    Err(_) => error("node shutting down", true),
+                    Err(_) => shutting_down(),
                 }
             }
         }
@@ -488,7 +501,7 @@ impl Api {
             },
             Ok(Err(ChangeError::NotLeader { leader })) => ClientResponse::Redirect { leader },
             Ok(Err(error)) => ClientResponse::ChangeRefused { error },
-            Err(_) => error("node shutting down", true),
+            Err(_) => shutting_down(),
         }
     }
 
@@ -503,26 +516,35 @@ impl Api {
             Ok(cost) => cost,
             Err(response) => return Started::Refused(response),
         };
-        match self.limits.pending.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => self.propose_send(client, send, permit),
-            Err(_) if behind => {
-                self.metrics.waited_sends.inc();
-                Started::Waiting(WaitingSend {
-                    room: Box::pin(self.limits.pending.clone().acquire_many_owned(cost)),
-                    send,
-                })
-            }
-            Err(_) => {
-                self.metrics.busy_sends.inc();
-                Started::Refused(ClientResponse::Busy {
-                    message: format!(
-                        "node busy: {} KiB of messages are waiting to commit (limit {} KiB); retry",
-                        self.limits.pending_kib - self.limits.pending.available_permits(),
-                        self.limits.pending_kib
-                    ),
-                })
-            }
+        if let Ok(permit) = self.limits.pending.clone().try_acquire_many_owned(cost) {
+            return self.propose_send(client, send, permit);
         }
+        let room = self.limits.pending.clone().acquire_many_owned(cost);
+        let room: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if behind {
+            // Behind others on its stream: it waits as long as it takes,
+            // so the stream's sends enter the log in order.
+            self.metrics.waited_sends.inc();
+            Box::pin(async move { room.await.map_err(|_| shutting_down()) })
+        } else {
+            let (limits, metrics) = (self.limits.clone(), self.metrics.clone());
+            Box::pin(async move {
+                match tokio::time::timeout(LONE_SEND_WAIT, room).await {
+                    Ok(Ok(permit)) => Ok(permit),
+                    Ok(Err(_)) => Err(shutting_down()),
+                    Err(_) => {
+                        metrics.busy_sends.inc();
+                        Err(ClientResponse::Busy {
+                            message: format!(
+                                "node busy: {} KiB of messages are waiting to commit (limit {} KiB); retry",
+                                limits.pending_kib - limits.pending.available_permits(),
+                                limits.pending_kib
+                            ),
+                        })
+                    }
+                }
+            })
+        };
+        Started::Waiting(WaitingSend { room, send })
     }
 
     /// What a send holds of `Limits::pending` while it waits to commit, in
@@ -623,7 +645,7 @@ impl Api {
             Ok(Ok(index)) => Ok(index),
             Ok(Err(ProposeError::NotLeader { leader })) => Err(ClientResponse::Redirect { leader }),
             Ok(Err(e)) => Err(error(e.to_string(), true)),
-            Err(_) => Err(error("node shutting down", true)),
+            Err(_) => Err(shutting_down()),
         }
     }
 
@@ -640,7 +662,7 @@ impl Api {
     async fn status(&self) -> Result<crate::raft::Status, ClientResponse> {
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Status(reply))?;
-        answer.await.map_err(|_| error("node shutting down", true))
+        answer.await.map_err(|_| shutting_down())
     }
 
     /// Serves a watch: pages of committed messages read from this node's
@@ -730,7 +752,7 @@ impl Api {
             tokio::select! {
                 changed = commits.changed() => {
                     if changed.is_err() {
-                        return Err(Some(error("node shutting down", true)));
+                        return Err(Some(shutting_down()));
                     }
                 }
                 () = tokio::time::sleep_until(quiet_since + WATCH_HEARTBEAT) => {

@@ -110,15 +110,18 @@ const LONE_SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(50)
 /// A send waiting for room: admitted, in its stream's order, once `room`
 /// is granted, or answered with `room`'s error (busy, shutting down).
 struct WaitingSend {
-    room: std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<tokio::sync::OwnedSemaphorePermit, ClientResponse>,
-                > + Send,
-        >,
-    >,
+    room: Room,
     send: NewSend,
 }
+
+/// Room for a send under the bound on what waits to commit, or the answer
+/// that refuses it.
+type Room = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<tokio::sync::OwnedSemaphorePermit, ClientResponse>>
+            + Send,
+    >,
+>;
 
 /// The answer to a send the node could not take because it is stopping.
 fn shutting_down() -> ClientResponse {
@@ -520,7 +523,7 @@ impl Api {
             return self.propose_send(client, send, permit);
         }
         let room = self.limits.pending.clone().acquire_many_owned(cost);
-        let room: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = if behind {
+        let room: Room = if behind {
             // Behind others on its stream: it waits as long as it takes,
             // so the stream's sends enter the log in order.
             self.metrics.waited_sends.inc();

@@ -594,23 +594,24 @@ mod tests {
         }
     }
 
-    /// Sends one message, always the same (a retry is not written twice).
-    fn send(node: &Node) -> Result<Committed, ProposeError> {
-        let proposal = Proposal {
-            id: crate::raft::RequestId {
-                client_id: 7,
-                seq: 1,
-            },
+    /// Client 7's message `seq`.
+    fn proposal(seq: u64) -> Proposal {
+        Proposal {
+            id: crate::raft::RequestId { client_id: 7, seq },
             lamport: 0,
             since: 0,
             sender: "test".into(),
-            data: bytes::Bytes::from_static(b"hi"),
+            data: bytes::Bytes::from(format!("m{seq}")),
             after: None,
             ctx: 0,
-        };
+        }
+    }
+
+    /// Sends one message, always the same (a retry is not written twice).
+    fn send(node: &Node) -> Result<Committed, ProposeError> {
         let (reply, answer_rx) = oneshot::channel();
         node.inputs
-            .send(Input::Propose(vec![proposal], reply))
+            .send(Input::Propose(vec![proposal(1)], reply))
             .unwrap();
         answer(answer_rx).remove(0)
     }
@@ -670,6 +671,44 @@ mod tests {
             (recovered.hard_state.vote, recovered.hard_state.commit),
             (Some(1), 2)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every batch slot gets the answer for its own message, retries of a
+    /// message still pending included: the core hands each answer back
+    /// with the slot's `ctx`, and the driver keeps no table by request id.
+    #[test]
+    fn each_batch_slot_is_answered_with_its_own_message() {
+        let dir = std::env::temp_dir().join(format!("cs-driver-slots-{}", std::process::id()));
+        let node = start(&dir);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(error) = send(&node) {
+            assert!(Instant::now() < deadline, "no leader: {error}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Two batches queued together: seq 2 twice in the first, seq 3 in
+        // both, so both retries arrive while their first attempt waits.
+        let (first_reply, first) = oneshot::channel();
+        let (second_reply, second) = oneshot::channel();
+        node.inputs
+            .send(Input::Propose(
+                vec![proposal(2), proposal(3), proposal(2)],
+                first_reply,
+            ))
+            .unwrap();
+        node.inputs
+            .send(Input::Propose(vec![proposal(3), proposal(4)], second_reply))
+            .unwrap();
+        let index = |answers: Vec<Result<Committed, ProposeError>>| -> Vec<Index> {
+            answers
+                .into_iter()
+                .map(|answer| answer.expect("committed").index)
+                .collect()
+        };
+        // After the no-op (1) and message 1 (2), each written once.
+        assert_eq!(index(answer(first)), vec![3, 4, 3]);
+        assert_eq!(index(answer(second)), vec![4, 5]);
+        assert!(stop(node).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -209,10 +209,12 @@ fn main() {
                         let clients = if phase == "one" { 1 } else { 64 };
                         let load = closed_loop(&cluster, clients, seconds).await;
                         eprintln!(
-                            "{clients} clients: {:.0}/s p50 {:.3} ms p99 {:.2} ms",
+                            "{clients} clients: {:.0}/s p50 {:.3} ms p99 {:.2} ms slowest {:.1} ms in {:.2} s",
                             load.throughput,
                             load.p50.as_secs_f64() * 1000.0,
-                            load.p99.as_secs_f64() * 1000.0
+                            load.p99.as_secs_f64() * 1000.0,
+                            load.slowest.as_secs_f64() * 1000.0,
+                            load.elapsed.as_secs_f64()
                         );
                         continue;
                     }

@@ -112,6 +112,11 @@ pub struct Load {
     pub throughput: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// The slowest acknowledged write: a stall shows here first.
+    pub slowest: Duration,
+    /// From the first write to the last answer (past `seconds` by the
+    /// writes in flight at the end, or by a stalled one).
+    pub elapsed: Duration,
 }
 
 /// Runs `clients` closed-loop tasks for `seconds`: `client(c, until)` is
@@ -131,12 +136,14 @@ where
     for task in tasks {
         all.extend(task.await.unwrap_or_default());
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     all.sort();
     Load {
-        throughput: all.len() as f64 / elapsed,
+        throughput: all.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
+        slowest: all.last().copied().unwrap_or_default(),
+        elapsed,
     }
 }
 

@@ -107,7 +107,8 @@ struct RunArgs {
     max_pending_mb: usize,
     /// Microseconds a busy node's Raft thread looks for more
     /// work before they sleep: waking a sleeping thread is slow on virtual
-    /// machines. 0 never spins; an idle node does not spin either.
+    /// machines. 0 never spins; an idle node does not spin either, nor
+    /// one whose CPU other threads are waiting for.
     #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
     /// Threads for network work (QUIC, TLS, the client API); the Raft

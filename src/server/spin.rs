@@ -10,6 +10,8 @@
 //! unless its inputs have been coming close enough together for the next
 //! to be likely within the spin (one client's commit passes a follower's
 //! driver about every 0.5 ms: a 200 us spin missed it every time).
+//! Nor does a thread spin on when the CPU is wanted by others: a yield
+//! that comes back late says so, and the thread sleeps instead.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -24,6 +26,13 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(1000);
 /// apart than half of `--spin-us`: spinning until the next one would burn
 /// a core for each, so it looks again only briefly, as it always did.
 const SHORT_SPIN: Duration = Duration::from_micros(200);
+
+/// A yield that takes this long gave the CPU to other threads that wanted
+/// it: the machine is busy, so the thread stops spinning and sleeps. An
+/// idle core's yield returns in a microsecond or two. Alternating against
+/// spinning on regardless (BENCHMARKS.md): 64 clients +7-18% on two cores
+/// shared by three nodes and the clients, one client's p50 unchanged.
+const CONTENDED: Duration = Duration::from_micros(20);
 
 /// Inputs closer together than this keep a thread spinning; heartbeats
 /// alone (one per 40 ms by default) never do.
@@ -92,7 +101,16 @@ impl Spinner {
                     Ok(item) => return Ok(item),
                     Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
                     Err(TryRecvError::Empty) if started.elapsed() >= spin => break,
-                    Err(TryRecvError::Empty) => std::thread::yield_now(),
+                    Err(TryRecvError::Empty) => {
+                        // A yield that took long ran other threads: the
+                        // CPU is wanted, and spinning on would only take
+                        // turns from them.
+                        let before = Instant::now();
+                        std::thread::yield_now();
+                        if before.elapsed() >= CONTENDED {
+                            break;
+                        }
+                    }
                 }
             }
         }

@@ -471,13 +471,30 @@ fn peers_reconnect_at_once_to_a_restarted_node() {
         let replica = admin.local_export(3).await.expect("node 3's replica");
         let texts: Vec<String> = replica.iter().map(|e| e.text.clone()).collect();
         assert_eq!(texts, ["before", "after"]);
-        // A follower sends only keep-alives (every 500 ms) on its old
-        // connection, or its check of node 3's knock: the reset follows.
+        // Each dialer leaves its old connection at once, by one of two
+        // signs: node 3's stateless reset of it, or node 3's knock (its new
+        // process dialing in) followed by silence on the old connection. A
+        // follower sends only keep-alives (every 500 ms) there, so its
+        // knock check may come first and no reset ever reaches it (seen
+        // on a slow machine); the leader's appends meet the reset sooner.
+        // At least one reset proves the keys survive the restart.
         let reset = "node 3 restarted (it reset our connection to its previous process)";
-        for dialer in [1, 2] {
-            cluster
-                .wait_for_log(dialer, reset, Duration::from_secs(10))
-                .await;
+        let knock = "node 3 knocked and our connection to it went silent";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = [cluster.log(1), cluster.log(2)];
+            let left = logs.iter().all(|l| l.contains(reset) || l.contains(knock));
+            if left && logs.iter().any(|l| l.contains(reset)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nodes 1 and 2 did not both leave node 3's old process within 10 s, \
+                 or neither was reset by it:\n--- node 1:\n{}\n--- node 2:\n{}",
+                logs[0],
+                logs[1]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 }

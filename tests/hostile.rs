@@ -286,29 +286,14 @@ fn overload_is_answered_busy_and_loses_nothing() {
         // default buffer, a slow machine dropped hundreds of them, a
         // "busy" close among them, and the node, rightly, reset the
         // connection it had forgotten when the client spoke again. A
-        // buffer the size of the crowd's answers keeps the test about the
-        // node.
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )
-        .expect("udp socket");
-        socket
-            .set_recv_buffer_size(16 << 20)
-            .expect("receive buffer");
-        socket
-            .bind(
-                &"127.0.0.1:0"
-                    .parse::<std::net::SocketAddr>()
-                    .expect("addr")
-                    .into(),
-            )
-            .expect("bind");
+        // buffer the size of the crowd's answers (the node's own socket,
+        // `bind_udp`) keeps the test about the node.
+        let socket = cluster_store::server::bind_udp("127.0.0.1:0".parse().expect("addr"))
+            .expect("udp socket");
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
-            socket.into(),
+            socket,
             Arc::new(quinn::TokioRuntime),
         )
         .expect("endpoint");

@@ -444,7 +444,7 @@ const UDP_BUFFER_BYTES: usize = 8 << 20;
 /// buffer while the node is busy; QUIC takes the dropped datagrams for
 /// congestion and halves its window. Across a 140 ms round trip that cut a
 /// pipelined client's rate by more than half.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,

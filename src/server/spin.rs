@@ -30,8 +30,9 @@ const SHORT_SPIN: Duration = Duration::from_micros(200);
 /// A yield that takes this long gave the CPU to other threads that wanted
 /// it: the machine is busy, so the thread stops spinning and sleeps. An
 /// idle core's yield returns in a microsecond or two. Alternating against
-/// spinning on regardless (BENCHMARKS.md): 64 clients +7-18% on two cores
-/// shared by three nodes and the clients, one client's p50 unchanged.
+/// spinning on regardless (BENCHMARKS.md): 64 clients ahead in 12 of 14
+/// pairs, median +7%, on two cores shared by three nodes and the clients;
+/// one client's p50 unchanged.
 const CONTENDED: Duration = Duration::from_micros(20);
 
 /// Inputs closer together than this keep a thread spinning; heartbeats

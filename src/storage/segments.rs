@@ -36,15 +36,18 @@
 //! passing for one of ours. Only the last segment can end in a torn write:
 //! a segment is synced before the next one is created.
 //!
-//! The active segment is allocated ahead of its records (`PREALLOCATE`
-//! bytes at a time, zeros until written): an `fdatasync` that does not
-//! also have to record a longer file is cheaper (0.10 ms instead of 0.14
-//! on this machine's ext4), and one runs per write batch on every node.
+//! The active segment is filled with zeros ahead of its records
+//! (`PREALLOCATE` bytes at a time), written rather than `fallocate`d: an
+//! `fdatasync` after overwriting blocks that are already written has no
+//! file length and no extent to record, only data to flush (ext4, 2 KB
+//! writes: 0.12 ms instead of 0.16 after `fallocate`, which leaves
+//! unwritten extents to convert, and 0.18-0.21 appending; 0.15 instead of
+//! 0.21 with two files syncing at once), and one runs per write batch on
+//! every node. The zeros cost one larger sync per `PREALLOCATE` bytes.
 //! Zeros after the last record are therefore room, not a torn write; a
 //! full segment is trimmed to its records before the next one starts.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -473,29 +476,27 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Allocates the active segment up to `PREALLOCATE` bytes past `end`.
-    /// Only an optimization: a failure turns it off and the write goes on.
+    /// Fills the active segment with zeros up to `PREALLOCATE` bytes past
+    /// `end`. Only an optimization: a failure turns it off and the write
+    /// goes on (`allocated` still covers the zeros written, so a full
+    /// segment is trimmed of them).
     fn allocate_ahead(&mut self, file: &File, path: &Path, end: u64) {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let target = end + PREALLOCATE;
-        let (Ok(offset), Ok(len)) = (
-            libc::off_t::try_from(self.active_len),
-            libc::off_t::try_from(target - self.active_len),
-        ) else {
-            self.preallocate = false;
-            return;
-        };
-        // SAFETY: `file` is an open file descriptor for the whole call;
-        // posix_fallocate reads nothing from our memory.
-        let failed = unsafe { libc::posix_fallocate(file.as_raw_fd(), offset, len) };
-        if failed == 0 {
-            self.allocated = target;
-        } else {
-            self.preallocate = false;
-            tracing::warn!(
-                file = %path.display(),
-                error = %std::io::Error::from_raw_os_error(failed),
-                "cannot allocate the log ahead of its writes; appending without (each sync costs a little more)"
-            );
+        let mut offset = self.allocated.max(self.active_len);
+        while offset < target {
+            let len = (target - offset).min(ZEROS.len() as u64) as usize;
+            if let Err(e) = file.write_all_at(&ZEROS[..len], offset) {
+                self.preallocate = false;
+                tracing::warn!(
+                    file = %path.display(),
+                    error = %e,
+                    "cannot fill the log with zeros ahead of its writes; appending without (each sync costs a little more)"
+                );
+                break;
+            }
+            offset += len as u64;
+            self.allocated = offset;
         }
     }
 

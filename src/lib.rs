@@ -11,4 +11,5 @@ pub mod server;
 pub mod sim;
 pub mod storage;
 pub mod tls;
+pub mod udp;
 pub mod wire;

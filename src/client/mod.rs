@@ -197,7 +197,16 @@ impl Client {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
+        // The node's large socket buffers: many connections on one socket
+        // (`Client::on_endpoint`) must not lose the node's answers.
+        let socket = crate::udp::bind_udp(bind).map_err(ClientError::Socket)?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(ClientError::Socket)?;
         Client::on_endpoint(cluster, creds, endpoint)
     }
 

@@ -35,7 +35,7 @@ use crate::raft::NodeId;
 use crate::tls;
 
 pub use open::{open, OpenNode};
-pub use running::{bind_udp, NodeHandle};
+pub use running::NodeHandle;
 
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]

@@ -320,7 +320,7 @@ fn bind_endpoint(
         error: source,
     };
     let server_config = tls::server_config(creds)?;
-    let socket = bind_udp(listen).map_err(bind_error)?;
+    let socket = crate::udp::bind_udp(listen).map_err(bind_error)?;
     let socket: Arc<dyn quinn::AsyncUdpSocket> = if simulate_delay.is_empty() {
         quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind_error)?
     } else {
@@ -433,28 +433,6 @@ async fn watch_revocations(
             }
         }
     }
-}
-
-/// Kernel buffers asked for on the node's UDP socket (the kernel caps them
-/// at `net.core.rmem_max` / `wmem_max`).
-const UDP_BUFFER_BYTES: usize = 8 << 20;
-
-/// Binds the node's UDP socket with large kernel buffers. With the
-/// default (about 208 KB) a burst from a fast peer overflows the receive
-/// buffer while the node is busy; QUIC takes the dropped datagrams for
-/// congestion and halves its window. Across a 140 ms round trip that cut a
-/// pipelined client's rate by more than half.
-pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    // Best effort: a smaller buffer works, only less well.
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! UDP sockets for QUIC, for nodes and clients alike.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Kernel buffers asked for on each socket (the kernel caps them at
 /// `net.core.rmem_max` / `wmem_max`).
@@ -25,4 +26,16 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// A QUIC endpoint that only dials out, on a `bind_udp` socket (many
+/// connections may share it: `Client::on_endpoint`). Call it inside a
+/// tokio runtime.
+pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        bind_udp(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
 }

@@ -286,17 +286,11 @@ fn overload_is_answered_busy_and_loses_nothing() {
         // default buffer, a slow machine dropped hundreds of them, a
         // "busy" close among them, and the node, rightly, reset the
         // connection it had forgotten when the client spoke again. A
-        // buffer the size of the crowd's answers (`udp::bind_udp`, as
-        // nodes and `Client` bind theirs) keeps the test about the node.
-        let socket =
-            cluster_store::udp::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("udp socket");
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .expect("endpoint");
+        // buffer the size of the crowd's answers (`udp::client_endpoint`,
+        // what `Client` dials from) keeps the test about the node.
+        let mut endpoint =
+            cluster_store::udp::client_endpoint("127.0.0.1:0".parse().expect("addr"))
+                .expect("endpoint");
         endpoint.set_default_client_config(tls::client_config(&creds).expect("tls"));
         let mut attempts = Vec::new();
         for i in 0..1500 {

@@ -199,14 +199,7 @@ impl Client {
         };
         // The node's large socket buffers: many connections on one socket
         // (`Client::on_endpoint`) must not lose the node's answers.
-        let socket = crate::udp::bind_udp(bind).map_err(ClientError::Socket)?;
-        let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(ClientError::Socket)?;
+        let endpoint = crate::udp::client_endpoint(bind).map_err(ClientError::Socket)?;
         Client::on_endpoint(cluster, creds, endpoint)
     }
 

@@ -70,8 +70,7 @@ impl OpenNode {
             listen,
         } = self;
         let me = options.id;
-        let endpoint = bind_endpoint(listen, &creds, &options.simulate_delay)?;
-        let tcp = bind_tcp(&endpoint, listen)?;
+        let (endpoint, tcp) = bind_ports(listen, &creds, &options.simulate_delay)?;
         let (tcp_tls_tx, tcp_tls) = watch::channel(tls::tcp_server_config(&creds)?);
         let client_config = Arc::new(RwLock::new(tls::peer_client_config(&creds)?));
         let (revoked_tx, revoked) =
@@ -300,6 +299,34 @@ impl NodeHandle {
         // The driver's queue is bounded: wait for room off the runtime.
         let _ = tokio::task::spawn_blocking(move || inputs.send(Input::Stop)).await;
         self.wait().await
+    }
+}
+
+/// Binds the QUIC endpoint and the TCP listener on one port number. With
+/// `--listen host:0` the kernel picks a UDP port whose number TCP may hold
+/// (a connection's local port, or one in TIME_WAIT: seen after a test
+/// opened thousands): then both are bound again, on another number.
+fn bind_ports(
+    listen: SocketAddr,
+    creds: &Credentials,
+    simulate_delay: &std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
+) -> Result<(quinn::Endpoint, tokio::net::TcpListener), NodeError> {
+    const ATTEMPTS: usize = 20;
+    let mut attempt = 1;
+    loop {
+        let endpoint = bind_endpoint(listen, creds, simulate_delay)?;
+        match bind_tcp(&endpoint, listen) {
+            Ok(tcp) => return Ok((endpoint, tcp)),
+            Err(NodeError::Bind { error, .. })
+                if listen.port() == 0
+                    && error.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
+                endpoint.close(0u32.into(), b"");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

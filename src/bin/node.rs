@@ -112,8 +112,8 @@ struct RunArgs {
     #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
     /// Threads for network work (QUIC, TLS, the client API); the Raft
-    /// driver has its own. Default: one per core. 1 suits several nodes
-    /// sharing a small machine (faster there; BENCHMARKS.md).
+    /// driver has its own. Default: one per core but the one the Raft
+    /// thread keeps busy, at least one (`default_network_threads`).
     #[arg(long, env = "NODE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
 }
@@ -583,11 +583,11 @@ fn run_node(args: RunArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.threads {
-        runtime.worker_threads(threads.into());
-    }
-    let runtime = runtime
+    let threads = args
+        .threads
+        .map_or_else(default_network_threads, usize::from);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("starting the node's threads")?;
@@ -910,6 +910,18 @@ fn print_change(report: ChangeReport, json: bool) -> Result<()> {
         println!("{text}");
     }
     Ok(report.into_result().map(drop)?)
+}
+
+/// The node's network threads when `--threads` is not given: one per core
+/// the process may use, less the core its Raft thread keeps busy (it
+/// spins between inputs and syncs the log), and at least one. With a
+/// worker on every core as well, the busy Raft thread and the workers
+/// outnumber the cores, and every hand-off between them waits for one:
+/// three nodes on two cores, one worker each against two, one client's
+/// median 0.50 ms against 0.53, 64 clients and pipelined loads unchanged
+/// (BENCHMARKS.md, 2026-12-05).
+fn default_network_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
 }
 
 #[cfg(test)]

@@ -247,12 +247,12 @@ fn main() {
                     kills.push(failover(&mut cluster, &admin, &writer).await.as_secs_f64());
                 }
                 eprintln!(
-                    "{topology} run {run}: 1 client {:.0}/s p50 {:.2} ms; 64 clients {:.0}/s p99 {:.1} ms; pipelined {:.0}/s; elections under load {terms}; failovers {kills:.2?} s",
+                    "{topology} run {run}: 1 client {:.0}/s p50 {:.3} ms; 64 clients {:.0}/s p99 {:.1} ms; pipelined {:.0}/s; elections under load {terms}; failovers {kills:.2?} s",
                     one[run], one_p50[run], many[run], many_p99[run], bulk[run]
                 );
                 failovers.extend(kills);
             }
-            rows.push((format!("{topology}: 1 client"), format!("{:.0} msg/s, p50 {:.2} ms", median(one), median(one_p50))));
+            rows.push((format!("{topology}: 1 client"), format!("{:.0} msg/s, p50 {:.3} ms", median(one), median(one_p50))));
             rows.push((format!("{topology}: 64 clients"), format!("{:.0} msg/s, p99 {:.1} ms", median(many), median(many_p99))));
             rows.push((format!("{topology}: pipelined client"), format!("{:.0} msg/s", median(bulk))));
             rows.push((format!("{topology}: leader changes during the load phases"), format!("{elections} (terms gained over {runs} runs)")));

@@ -918,8 +918,8 @@ fn print_change(report: ChangeReport, json: bool) -> Result<()> {
 /// worker on every core as well, the busy Raft thread and the workers
 /// outnumber the cores, and every hand-off between them waits for one:
 /// three nodes on two cores, one worker each against two, one client's
-/// median 0.50 ms against 0.53, 64 clients and pipelined loads unchanged
-/// (BENCHMARKS.md, 2026-12-05).
+/// p50 0.51 ms against 0.55 (medians of six pairs), 64 clients and
+/// pipelined loads unchanged (BENCHMARKS.md, 2026-12-05).
 fn default_network_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
 }

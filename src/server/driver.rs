@@ -19,6 +19,7 @@ use crate::raft::{
 };
 use crate::storage::StoreError;
 
+use super::announce::HeldAppends;
 use super::outbox::Outboxes;
 use super::persist::{Job, StoreEvent, StoreHandle};
 use super::spin::Spinner;
@@ -153,6 +154,8 @@ pub struct Driver {
     announced: (Option<NodeId>, Term, Lamport),
     /// Published after every round for watchers.
     commits: watch::Sender<CommitView>,
+    /// Appends without entries, held briefly (`announce.rs`).
+    held_appends: HeldAppends,
 }
 
 /// How often the driver ticks the core, and how long it spins for more
@@ -212,6 +215,7 @@ impl Driver {
             reads: HashMap::new(),
             next_read: 0,
             reads_waiting: Vec::new(),
+            held_appends: HeldAppends::default(),
         };
         driver.publish_commit();
         driver
@@ -222,10 +226,10 @@ impl Driver {
     pub fn run(mut self) -> Result<(), StoreError> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let until = match self.store.linger_deadline() {
-                Some(deadline) => deadline.min(next_tick),
-                None => next_tick,
-            };
+            let until = [self.store.linger_deadline(), self.held_appends.next_due()]
+                .into_iter()
+                .flatten()
+                .fold(next_tick, Instant::min);
             let wait = until.saturating_duration_since(Instant::now());
             match self.inbox.next(wait) {
                 Ok(Input::Stop) => return Ok(()),
@@ -265,6 +269,9 @@ impl Driver {
             }
             while self.raft.has_ready() {
                 self.process_ready()?;
+            }
+            for envelope in self.held_appends.take_due(Instant::now()) {
+                self.outboxes.send(envelope);
             }
             self.serve_reads();
             self.publish_commit();
@@ -372,13 +379,17 @@ impl Driver {
         // 2. Replicate while the store writes our own log: a leader's
         //    appends leave before its fsync, so its disk and its followers'
         //    work in parallel.
+        //    An append without entries waits briefly: the next one with
+        //    entries may say the same (`announce.rs`).
+        let now = Instant::now();
         for envelope in ready.messages {
-            self.outboxes.send(envelope);
+            if let Some(envelope) = self.held_appends.offer(envelope, now) {
+                self.outboxes.send(envelope);
+            }
         }
         // 3. Answer what committed: on a quorum's disks already, it need
         //    not wait for this node's write below.
         self.announce(ready.committed, &ready.committed_memberships);
-        let now = Instant::now();
         for response in ready.responses {
             self.answer(response.ctx, response.result, now);
         }

@@ -12,6 +12,7 @@
 //! # }
 //! ```
 
+pub mod announce;
 pub mod api;
 pub mod bootstrap;
 pub mod catch_up;

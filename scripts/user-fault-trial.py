@@ -264,7 +264,7 @@ for i in (1, 2, 3):
     log(f"backup {i}: {len(b)} rows, first {b[0][:60]!r}")
     if b != rows[:len(b)] or len(b) < len(rows) - 10:
         problems.append(f"backup {i} differs from export: {len(b)} rows vs {len(rows)}")
-lat.sort()
+lat.sort(key=lambda x: x[0])  # statuses may be None (a killed node)
 log("HTTP acks", {i: len(acked[i]) for i in (1, 2, 3)}, "fails", {i: len(http_fail[i]) for i in (1, 2, 3)})
 for i in (1, 2, 3):
     if http_fail[i]:

@@ -19,7 +19,7 @@ use crate::raft::{
 };
 use crate::storage::StoreError;
 
-use super::announce::HeldAppends;
+use super::held_appends::HeldAppends;
 use super::outbox::Outboxes;
 use super::persist::{Job, StoreEvent, StoreHandle};
 use super::spin::Spinner;
@@ -154,7 +154,7 @@ pub struct Driver {
     announced: (Option<NodeId>, Term, Lamport),
     /// Published after every round for watchers.
     commits: watch::Sender<CommitView>,
-    /// Appends without entries, held briefly (`announce.rs`).
+    /// Appends without entries, held briefly (`held_appends.rs`).
     held_appends: HeldAppends,
 }
 
@@ -380,7 +380,7 @@ impl Driver {
         //    appends leave before its fsync, so its disk and its followers'
         //    work in parallel.
         //    An append without entries waits briefly: the next one with
-        //    entries may say the same (`announce.rs`).
+        //    entries may say the same (`held_appends.rs`).
         let now = Instant::now();
         for envelope in ready.messages {
             if let Some(envelope) = self.held_appends.offer(envelope, now) {

@@ -12,11 +12,11 @@
 //! # }
 //! ```
 
-pub mod announce;
 pub mod api;
 pub mod bootstrap;
 pub mod catch_up;
 pub mod driver;
+pub mod held_appends;
 pub mod links;
 mod open;
 pub mod outbox;

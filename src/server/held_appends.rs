@@ -54,19 +54,16 @@ impl HeldAppends {
         self.held.iter().map(|(_, _, due)| *due).min()
     }
 
-    /// The held appends due by `now`, to send.
+    /// The held appends due by `now`, to send. Called every round: nothing
+    /// is allocated unless something is due.
     pub fn take_due(&mut self, now: Instant) -> Vec<Envelope> {
-        let mut due = Vec::new();
-        let mut kept = Vec::with_capacity(self.held.len());
-        for (peer, envelope, at) in self.held.drain(..) {
-            if at <= now {
-                due.push(envelope);
-            } else {
-                kept.push((peer, envelope, at));
-            }
+        if self.next_due().is_none_or(|due| due > now) {
+            return Vec::new();
         }
-        self.held = kept;
-        due
+        self.held
+            .extract_if(.., |(_, _, due)| *due <= now)
+            .map(|(_, envelope, _)| envelope)
+            .collect()
     }
 }
 

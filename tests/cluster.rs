@@ -354,6 +354,62 @@ fn survivors_a_long_round_trip_apart_elect_a_leader_that_holds() {
     });
 }
 
+/// A leader holds the append that announces a new commit index for up to
+/// 1 ms (`server::held_appends`), hoping a write's append carries it
+/// instead. When no write follows, the driver must still send it when due:
+/// here heartbeats come only every 2 s, so a follower that learned its
+/// commits from heartbeats would trail by up to 2 s after each write.
+#[test]
+fn followers_learn_a_commit_at_once_when_no_write_follows() {
+    serial(|| async {
+        // Heartbeats every 40 ticks of 50 ms; elections after 3-6 s.
+        let slow_heartbeats = |_| {
+            [
+                "--tick-ms",
+                "50",
+                "--heartbeat-ticks",
+                "40",
+                "--election-ticks",
+                "60",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let cluster = TestCluster::start_with("announce", 29, &[1, 2, 3], &[], slow_heartbeats);
+        let admin = cluster.client("alice");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let followers: Vec<_> = [1, 2, 3].into_iter().filter(|n| *n != leader).collect();
+        for round in 0..5u64 {
+            // Land the writes at different points of the heartbeat cycle.
+            tokio::time::sleep(Duration::from_millis(150 + 230 * round)).await;
+            let (_, committed) = admin
+                .send(vec![format!("write {round}")])
+                .await
+                .expect("a write");
+            let index = committed[0].index;
+            let written = std::time::Instant::now();
+            for follower in &followers {
+                loop {
+                    let status = admin.status(*follower).await.expect("follower status");
+                    if status.commit >= index {
+                        break;
+                    }
+                    // A fifth of the heartbeat interval: a follower that
+                    // waited for heartbeats would miss it 4 times in 5,
+                    // in each of five rounds.
+                    assert!(
+                        written.elapsed() < Duration::from_millis(400),
+                        "node {follower} learned commit {index} from neither an announcement \
+                         nor a write within 400 ms (round {round}; commit {})",
+                        status.commit
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn node_down_during_fifty_thousand_messages_catches_up() {
     serial(|| async {

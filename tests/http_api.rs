@@ -262,9 +262,13 @@ fn a_follower_commit_does_not_wait_for_stages_its_writes_lazily() {
     }
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != leader).collect();
     let lazy: Vec<u64> = followers.iter().map(|n| lazy_writes(*n)).collect();
-    // One follower of two is lazy at any time: about one lazy write a send.
+    // One follower of two is lazy at any time. Its appends wait up to 2 ms
+    // at the leader and leave merged (`held_appends.rs`), so back-to-back
+    // sends make fewer lazy writes than sends (34 for 100 here once);
+    // none at all would mean no follower was ever lazy.
+    let staged = lazy.iter().sum::<u64>();
     assert!(
-        lazy.iter().sum::<u64>() >= SENDS as u64 / 2,
+        (5..=SENDS as u64).contains(&staged),
         "followers {followers:?} staged {lazy:?} lazy writes for {SENDS} sends"
     );
     let expected: Vec<String> = (0..SENDS).map(|i| format!("m{i}")).collect();

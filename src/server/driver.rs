@@ -382,8 +382,10 @@ impl Driver {
         //    An append without entries waits briefly: the next one with
         //    entries may say the same (`held_appends.rs`).
         let now = Instant::now();
+        let mut leaving = Vec::new();
         for envelope in ready.messages {
-            if let Some(envelope) = self.held_appends.offer(envelope, now) {
+            self.held_appends.offer(envelope, now, &mut leaving);
+            for envelope in leaving.drain(..) {
                 self.outboxes.send(envelope);
             }
         }

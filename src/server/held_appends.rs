@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::raft::{Envelope, Index, Message, NodeId, Term};
+use crate::raft::{Entry, Envelope, Index, Message, NodeId, Term};
 
 /// How long an append without entries waits for one with entries to make
 /// it unnecessary. One client's next append comes within a client round
@@ -36,9 +36,20 @@ pub const HOLD: Duration = Duration::from_millis(1);
 /// stays within a few milliseconds of the log.
 pub const LAZY_HOLD: Duration = Duration::from_millis(2);
 
-/// Most entries one merged lazy append carries (`Config::max_append_entries`
-/// by default): a follower's single append stays the size the core makes.
+/// Most entries, and bytes of entries (`Entry::size`), one merged lazy
+/// append carries: the core's own limits on one append by default
+/// (`Config::max_append_entries`, `max_append_bytes`), so a merged append
+/// of the largest messages still fits a frame.
 const MERGED_ENTRIES: usize = 1024;
+const MERGED_BYTES: usize = 4 << 20;
+
+/// A lazy append held for its follower, with its entries' bytes.
+#[derive(Debug)]
+struct HeldLazy {
+    envelope: Envelope,
+    due: Instant,
+    bytes: usize,
+}
 
 /// Appends waiting to leave, at most one of each kind per follower.
 #[derive(Debug, Default)]
@@ -46,7 +57,7 @@ pub struct HeldAppends {
     /// Appends without entries.
     empty: Vec<(NodeId, Envelope, Instant)>,
     /// Lazy appends with entries, merged.
-    lazy: Vec<(NodeId, Envelope, Instant)>,
+    lazy: Vec<HeldLazy>,
 }
 
 impl HeldAppends {
@@ -60,12 +71,12 @@ impl HeldAppends {
     /// its follower, and an append with entries drops the held empty one.
     pub fn offer(&mut self, envelope: Envelope, now: Instant, out: &mut Vec<Envelope>) {
         let to = envelope.to;
-        let lazy = self.lazy.iter().position(|(peer, _, _)| *peer == to);
+        let lazy = self.lazy.iter().position(|held| held.envelope.to == to);
         match &envelope.message {
             Message::Append { entries, .. } if entries.is_empty() => {
                 let left = match lazy {
-                    Some(i) => absorb_commit(&mut self.lazy[i].1, envelope).inspect(|_| {
-                        out.push(self.lazy.swap_remove(i).1);
+                    Some(i) => absorb_commit(&mut self.lazy[i].envelope, envelope).inspect(|_| {
+                        out.push(self.lazy.swap_remove(i).envelope);
                     }),
                     None => Some(envelope),
                 };
@@ -73,17 +84,30 @@ impl HeldAppends {
                     self.hold_empty(envelope, now);
                 }
             }
-            Message::Append { lazy: true, .. } => {
+            Message::Append {
+                lazy: true,
+                entries,
+                ..
+            } => {
                 self.empty.retain(|(peer, _, _)| *peer != to);
+                let bytes = entries.iter().map(Entry::size).sum();
+                let fresh = |envelope| HeldLazy {
+                    envelope,
+                    due: now + LAZY_HOLD,
+                    bytes,
+                };
                 match lazy {
                     Some(i) => {
-                        if let Some(next) = merge(&mut self.lazy[i].1, envelope) {
-                            let (_, held, _) =
-                                std::mem::replace(&mut self.lazy[i], (to, next, now + LAZY_HOLD));
-                            out.push(held);
+                        let held = &mut self.lazy[i];
+                        if held.bytes + bytes > MERGED_BYTES {
+                            out.push(std::mem::replace(held, fresh(envelope)).envelope);
+                        } else if let Some(next) = merge(&mut held.envelope, envelope) {
+                            out.push(std::mem::replace(held, fresh(next)).envelope);
+                        } else {
+                            held.bytes += bytes;
                         }
                     }
-                    None => self.lazy.push((to, envelope, now + LAZY_HOLD)),
+                    None => self.lazy.push(fresh(envelope)),
                 }
             }
             message => {
@@ -91,7 +115,7 @@ impl HeldAppends {
                     self.empty.retain(|(peer, _, _)| *peer != to);
                 }
                 if let Some(i) = lazy {
-                    out.push(self.lazy.swap_remove(i).1);
+                    out.push(self.lazy.swap_remove(i).envelope);
                 }
                 out.push(envelope);
             }
@@ -113,8 +137,8 @@ impl HeldAppends {
     pub fn next_due(&self) -> Option<Instant> {
         self.lazy
             .iter()
-            .chain(&self.empty)
-            .map(|(_, _, due)| *due)
+            .map(|held| held.due)
+            .chain(self.empty.iter().map(|(_, _, due)| *due))
             .min()
     }
 
@@ -127,8 +151,8 @@ impl HeldAppends {
         }
         let mut due: Vec<Envelope> = self
             .lazy
-            .extract_if(.., |(_, _, due)| *due <= now)
-            .map(|(_, envelope, _)| envelope)
+            .extract_if(.., |held| held.due <= now)
+            .map(|held| held.envelope)
             .collect();
         due.extend(
             self.empty
@@ -342,6 +366,36 @@ mod tests {
         assert_eq!(shape(&due[0]), (1, Some((2, 4)), 4));
         assert_eq!(due[0].lamport, 4);
         assert_eq!(held.next_due(), None);
+    }
+
+    /// Merged appends stay within one append's bytes: four messages of
+    /// 1.5 MB leave as two appends of two, never one frame of 6 MB.
+    #[test]
+    fn merged_lazy_appends_stay_within_an_appends_bytes() {
+        let start = Instant::now();
+        let mut held = HeldAppends::default();
+        let big = |index: u64| Entry {
+            payload: Payload::Command(crate::raft::Command {
+                client_id: 1,
+                seq: index,
+                sender: "alice".into(),
+                data: vec![b'x'; 1_500_000].into(),
+            }),
+            ..entry(index)
+        };
+        let mut sent = Vec::new();
+        for index in 2..=5 {
+            let mut append = lazy_append(2, index - 1, index..=index);
+            if let Message::Append { entries, .. } = &mut append.message {
+                *entries = vec![big(index)];
+            }
+            sent.extend(offered(&mut held, append, start));
+        }
+        sent.extend(held.take_due(start + LAZY_HOLD));
+        assert_eq!(
+            sent.iter().map(shape).collect::<Vec<_>>(),
+            [(1, Some((2, 3)), 2), (3, Some((4, 5)), 4)]
+        );
     }
 
     /// Whatever else goes to a follower leaves after its held lazy append,

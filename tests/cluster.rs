@@ -818,6 +818,61 @@ fn strangers_and_impostors_are_refused() {
     });
 }
 
+/// A node's link to a peer that dials it writes on the newest connection
+/// from that peer, and on the newest still alive when that one ends.
+/// Anything holding the peer's certificate can connect as the peer. Two
+/// overlapping connections with node 2's certificate once left node 3's
+/// link to node 2 on the dead second one (each remembered only the one it
+/// replaced): node 3, leading, queued everything for node 2 until its queue
+/// was full, and node 2 never committed again (found by the garbage test
+/// on a loaded machine, where its two connections overlapped by chance).
+#[test]
+fn a_peer_link_outlives_overlapping_connections_with_the_peers_certificate() {
+    serial(|| async {
+        let node_3_leads = |_| vec!["--priorities".to_string(), "3=10".to_string()];
+        let cluster = TestCluster::start_with("overlap", 30, &[1, 2, 3], &[], node_3_leads);
+        let admin = cluster.client("client");
+        let deadline = std::time::Instant::now() + SECONDS_30;
+        while cluster.wait_for_leader(&admin, SECONDS_30).await != 3 {
+            assert!(std::time::Instant::now() < deadline, "node 3 never led");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        admin.send(vec!["before".into()]).await.expect("a write");
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let certs = cluster.certs();
+        let node2 = creds(&certs, "node-2", &certs);
+        let as_node_2 = || async {
+            let mut endpoint =
+                quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+            endpoint.set_default_client_config(
+                cluster_store::tls::peer_client_config(&node2).expect("config"),
+            );
+            let connection = endpoint
+                .connect(
+                    cluster.addr(3),
+                    &cluster_store::identity::node_server_name(3),
+                )
+                .expect("connect")
+                .await
+                .expect("handshake");
+            (endpoint, connection)
+        };
+        let first = as_node_2().await;
+        let second = as_node_2().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        first.1.close(0u32.into(), b"done");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        second.1.close(0u32.into(), b"done");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(cluster.wait_for_leader(&admin, SECONDS_30).await, 3);
+        admin.send(vec!["after".into()]).await.expect("a write");
+        // Node 2 hears from its leader again: it commits the new write.
+        cluster
+            .wait_caught_up(&admin, Duration::from_secs(10))
+            .await;
+    });
+}
+
 #[test]
 fn garbage_and_oversized_frames_leave_the_cluster_working() {
     serial(|| async {

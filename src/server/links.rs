@@ -22,12 +22,77 @@ use super::transport::{self, Peers, CLOSE_REMOVED, LINGER, OUTBOX};
 use crate::address::Address;
 use crate::raft::{Envelope, Index, Membership, NodeId};
 
+/// The connections a peer dialed to us, and the one the link writes on:
+/// the newest, and when it ends, the newest still alive. Anything holding
+/// the peer's certificate can connect as the peer (a second process of
+/// it, a tool run with its credentials); each connection ending hands the
+/// link back to one that lives. Remembering only the connection each one
+/// replaced lost the peer's real one under two overlapping connections:
+/// the link then waited for a dial that never came, and queued everything
+/// for the peer until its queue was full.
+#[derive(Clone)]
+pub struct Inbound {
+    current: watch::Sender<Option<Connection>>,
+    all: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl Inbound {
+    fn new() -> (Inbound, watch::Receiver<Option<Connection>>) {
+        let (current, watched) = watch::channel(None);
+        let inbound = Inbound {
+            current,
+            all: Arc::default(),
+        };
+        (inbound, watched)
+    }
+
+    fn all(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        self.all
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The peer dialed us anew: the link moves to this connection.
+    pub fn arrived(&self, connection: &Connection) {
+        self.all().push(connection.clone());
+        self.current.send_replace(Some(connection.clone()));
+    }
+
+    /// A connection from the peer ended: if the link was on it, it moves
+    /// to the newest one still alive (with none, it waits for a dial).
+    pub fn ended(&self, connection: &Connection) {
+        let alive = {
+            let mut all = self.all();
+            all.retain(|c| c.stable_id() != connection.stable_id() && c.close_reason().is_none());
+            all.last().cloned()
+        };
+        self.current.send_if_modified(|current| {
+            let ours = current
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == connection.stable_id());
+            match alive {
+                Some(alive) if ours => {
+                    *current = Some(alive);
+                    true
+                }
+                _ => false,
+            }
+        });
+    }
+
+    /// Forgets every connection, handing them back to be closed.
+    fn take_all(&self) -> Vec<Connection> {
+        self.current.send_replace(None);
+        std::mem::take(&mut *self.all())
+    }
+}
+
 /// One peer's link: the task carrying our messages, and the connections
 /// to close when the peer leaves.
 struct Link {
     address: Address,
-    /// The live connection the peer dialed to us.
-    inbound: watch::Sender<Option<Connection>>,
+    /// The connections the peer dialed to us.
+    inbound: Inbound,
     /// The connection we dialed to it.
     dialed: Arc<Mutex<Option<Connection>>>,
     task: JoinHandle<()>,
@@ -46,7 +111,7 @@ impl Link {
             outboxes.remove_if_same(peer, &self.outbox);
             self.task.abort();
             let dialed = self.dialed.lock().ok().and_then(|mut slot| slot.take());
-            let inbound = self.inbound.send_replace(None);
+            let inbound = self.inbound.take_all();
             for connection in dialed.into_iter().chain(inbound) {
                 connection.close(CLOSE_REMOVED.into(), reason.as_bytes());
             }
@@ -93,7 +158,7 @@ impl Links {
     }
 
     /// Where a connection `peer` dials to us goes, if `peer` is a member.
-    pub fn inbound_slot(&self, peer: NodeId) -> Option<watch::Sender<Option<Connection>>> {
+    pub fn inbound_slot(&self, peer: NodeId) -> Option<Inbound> {
         let links = self.links.lock().ok()?;
         links.get(&peer).map(|link| link.inbound.clone())
     }
@@ -170,7 +235,7 @@ impl Links {
             }
             info!(peer = id, %address, "opening a link to node {id}");
             let (outbox, queued) = mpsc::channel(OUTBOX);
-            let (inbound, watched) = watch::channel(None);
+            let (inbound, watched) = Inbound::new();
             let dialed = Arc::new(Mutex::new(None));
             let task = tokio::spawn(transport::run_link(
                 endpoint.clone(),

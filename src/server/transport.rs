@@ -194,25 +194,11 @@ async fn serve_peer(connection: Connection, identity: Identity, peers: &Peers) {
         }
     };
     debug!(peer = id, %remote, "peer connected");
-    let previous = slot.send_replace(Some(connection.clone()));
+    slot.arrived(&connection);
     read_peer(connection.clone(), id, peers.clone()).await;
-    // When it ends, the one it replaced takes over again if that one is
-    // still alive: a short-lived second connection (a knock) must not
-    // leave the link without a way out.
-    {
-        slot.send_if_modified(|current| {
-            let ours = current
-                .as_ref()
-                .is_some_and(|c| c.stable_id() == connection.stable_id());
-            match previous.filter(|p| p.close_reason().is_none()) {
-                Some(alive) if ours => {
-                    *current = Some(alive);
-                    true
-                }
-                _ => false,
-            }
-        });
-    }
+    // A short-lived second connection (a knock, or anything else with the
+    // peer's certificate) must not leave the link without a way out.
+    slot.ended(&connection);
 }
 
 /// Reads Raft messages from every stream `peer` opens on `connection`;

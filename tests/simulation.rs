@@ -111,6 +111,10 @@ fn random_fault_schedules_keep_the_log_safe_and_live() {
         ("linearizable reads", total(|s| s.reads)),
         ("catch-ups read back from disk", total(|s| s.fetches)),
         (
+            "lazy appends merged into a held one",
+            total(|s| s.merged_appends),
+        ),
+        (
             "proposals with a client clock at the end of the range",
             total(|s| s.lies),
         ),

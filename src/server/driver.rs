@@ -154,7 +154,8 @@ pub struct Driver {
     announced: (Option<NodeId>, Term, Lamport),
     /// Published after every round for watchers.
     commits: watch::Sender<CommitView>,
-    /// Appends without entries, held briefly (`held_appends.rs`).
+    /// Appends that can wait (without entries, or to a lazy follower),
+    /// held briefly (`held_appends.rs`).
     held_appends: HeldAppends,
 }
 
@@ -190,6 +191,10 @@ impl Driver {
             commits,
         }: Feeds,
     ) -> Self {
+        let held_appends = HeldAppends::new(
+            raft.config().max_append_entries,
+            raft.config().max_append_bytes,
+        );
         let mut driver = Driver {
             membership,
             commits,
@@ -215,7 +220,7 @@ impl Driver {
             reads: HashMap::new(),
             next_read: 0,
             reads_waiting: Vec::new(),
-            held_appends: HeldAppends::default(),
+            held_appends,
         };
         driver.publish_commit();
         driver
@@ -379,8 +384,9 @@ impl Driver {
         // 2. Replicate while the store writes our own log: a leader's
         //    appends leave before its fsync, so its disk and its followers'
         //    work in parallel.
-        //    An append without entries waits briefly: the next one with
-        //    entries may say the same (`held_appends.rs`).
+        //    An append without entries waits briefly (the next one with
+        //    entries may say the same), and a lazy follower's appends wait
+        //    to leave merged (`held_appends.rs`).
         let now = Instant::now();
         let mut leaving = Vec::new();
         for envelope in ready.messages {

@@ -10,7 +10,7 @@
 //! dropped if an append with entries to the same follower leaves first (it
 //! says everything the empty one would have), and sent otherwise. Raft
 //! tolerates a lost message; a follower learns a commit at most `HOLD`
-//! later than it did.
+//! later than it did (a lazy follower, below, `LAZY_HOLD`).
 //!
 //! Lazy appends (`Message::Append::lazy`: commit does not wait for that
 //! follower, which syncs them up to `persist::LINGER` later anyway): held
@@ -20,7 +20,12 @@
 //! QUIC packet, a wake-up, a step and a write on a machine whose cores
 //! every node shares; merged, a few hundred. Anything else for that
 //! follower (an urgent append, a heartbeat, a vote) first sends what is
-//! held, so the follower sees its messages in the order the core made them.
+//! held, so its appends keep the order the core made them in (the
+//! transport carries appends on one ordered stream and everything else on
+//! another, which may overtake it, as Raft allows); a commit index said
+//! urgently (the follower now counts for commit) takes the held append
+//! along at once, marked urgent, since only an urgent append makes a lazy
+//! follower sync what it staged.
 
 use std::time::{Duration, Instant};
 
@@ -36,13 +41,6 @@ pub const HOLD: Duration = Duration::from_millis(1);
 /// stays within a few milliseconds of the log.
 pub const LAZY_HOLD: Duration = Duration::from_millis(2);
 
-/// Most entries, and bytes of entries (`Entry::size`), one merged lazy
-/// append carries: the core's own limits on one append by default
-/// (`Config::max_append_entries`, `max_append_bytes`), so a merged append
-/// of the largest messages still fits a frame.
-const MERGED_ENTRIES: usize = 1024;
-const MERGED_BYTES: usize = 4 << 20;
-
 /// A lazy append held for its follower, with its entries' bytes.
 #[derive(Debug)]
 struct HeldLazy {
@@ -52,15 +50,41 @@ struct HeldLazy {
 }
 
 /// Appends waiting to leave, at most one of each kind per follower.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HeldAppends {
     /// Appends without entries.
     empty: Vec<(NodeId, Envelope, Instant)>,
     /// Lazy appends with entries, merged.
     lazy: Vec<HeldLazy>,
+    /// Most entries, and bytes of entries (`Entry::size`), one merged
+    /// append carries: the core's own limits on one append
+    /// (`Config::max_append_entries`, `max_append_bytes`), so a merged
+    /// append of the largest messages still fits a frame.
+    max_entries: usize,
+    max_bytes: usize,
+    /// Appends merged into one held (or absorbed by it) so far.
+    merged: u64,
 }
 
 impl HeldAppends {
+    /// Holds appends for a leader whose core makes appends of at most
+    /// `max_entries` entries and `max_bytes` bytes of them.
+    pub fn new(max_entries: usize, max_bytes: usize) -> HeldAppends {
+        HeldAppends {
+            empty: Vec::new(),
+            lazy: Vec::new(),
+            max_entries,
+            max_bytes,
+            merged: 0,
+        }
+    }
+
+    /// How many appends were merged into (or absorbed by) a held one:
+    /// the messages the hold saved.
+    pub fn merged(&self) -> u64 {
+        self.merged
+    }
+
     /// Takes `envelope`, and puts what must leave now into `out`, in order:
     /// an append without entries is held (a newer one for the same
     /// follower replaces the older, keeping its due time, so a run of
@@ -74,14 +98,20 @@ impl HeldAppends {
         let lazy = self.lazy.iter().position(|held| held.envelope.to == to);
         match &envelope.message {
             Message::Append { entries, .. } if entries.is_empty() => {
-                let left = match lazy {
-                    Some(i) => absorb_commit(&mut self.lazy[i].envelope, envelope).inspect(|_| {
-                        out.push(self.lazy.swap_remove(i).envelope);
-                    }),
-                    None => Some(envelope),
-                };
-                if let Some(envelope) = left {
+                let Some(i) = lazy else {
                     self.hold_empty(envelope, now);
+                    return;
+                };
+                match absorb_commit(&mut self.lazy[i].envelope, envelope) {
+                    Absorbed::Held => self.merged += 1,
+                    Absorbed::SendHeld => {
+                        self.merged += 1;
+                        out.push(self.lazy.swap_remove(i).envelope);
+                    }
+                    Absorbed::Apart(envelope) => {
+                        out.push(self.lazy.swap_remove(i).envelope);
+                        self.hold_empty(envelope, now);
+                    }
                 }
             }
             Message::Append {
@@ -99,12 +129,15 @@ impl HeldAppends {
                 match lazy {
                     Some(i) => {
                         let held = &mut self.lazy[i];
-                        if held.bytes + bytes > MERGED_BYTES {
+                        if held.bytes + bytes > self.max_bytes {
                             out.push(std::mem::replace(held, fresh(envelope)).envelope);
-                        } else if let Some(next) = merge(&mut held.envelope, envelope) {
+                        } else if let Some(next) =
+                            merge(&mut held.envelope, envelope, self.max_entries)
+                        {
                             out.push(std::mem::replace(held, fresh(next)).envelope);
                         } else {
                             held.bytes += bytes;
+                            self.merged += 1;
                         }
                     }
                     None => self.lazy.push(fresh(envelope)),
@@ -142,9 +175,9 @@ impl HeldAppends {
             .min()
     }
 
-    /// The held appends due by `now`, to send: a follower's lazy append
-    /// before its empty one, which may follow it. Called every round:
-    /// nothing is allocated unless something is due.
+    /// The held appends due by `now`, to send (a follower has a lazy one or
+    /// an empty one held, never both). Called every round: nothing is
+    /// allocated unless something is due.
     pub fn take_due(&mut self, now: Instant) -> Vec<Envelope> {
         if self.next_due().is_none_or(|due| due > now) {
             return Vec::new();
@@ -183,28 +216,56 @@ fn continues(held: &Envelope, next: &Envelope) -> bool {
     }
 }
 
-/// Takes the commit index of `empty`, an append without entries that
-/// continues `held`, into `held`; hands back one that does not (a probe
-/// elsewhere in the log), which must leave after it.
-fn absorb_commit(held: &mut Envelope, empty: Envelope) -> Option<Envelope> {
+/// What became of an append without entries offered to a follower whose
+/// lazy append is held.
+enum Absorbed {
+    /// Lazy, it continues the held append: the held one says its commit.
+    Held,
+    /// Urgent (the follower became one commit waits for), it continues the
+    /// held append: the held one, urgent now and with its commit, must
+    /// leave at once: the follower syncs what it staged only when told.
+    SendHeld,
+    /// It does not continue the held append (a probe elsewhere in the
+    /// log): it must leave after it.
+    Apart(Envelope),
+}
+
+/// Takes the commit index of `empty`, an append without entries, into
+/// `held` if it continues it.
+fn absorb_commit(held: &mut Envelope, empty: Envelope) -> Absorbed {
     if !continues(held, &empty) {
-        return Some(empty);
+        return Absorbed::Apart(empty);
     }
-    if let (Message::Append { commit, .. }, Message::Append { commit: newer, .. }) =
-        (&mut held.message, &empty.message)
+    held.lamport = held.lamport.max(empty.lamport);
+    let mut urgent = false;
+    if let (
+        Message::Append { commit, lazy, .. },
+        Message::Append {
+            commit: newer,
+            lazy: still_lazy,
+            ..
+        },
+    ) = (&mut held.message, &empty.message)
     {
         *commit = (*commit).max(*newer);
-        held.lamport = held.lamport.max(empty.lamport);
+        if !still_lazy {
+            *lazy = false;
+            urgent = true;
+        }
     }
-    None
+    if urgent {
+        Absorbed::SendHeld
+    } else {
+        Absorbed::Held
+    }
 }
 
 /// Appends the entries of `next` to `held` if `next` continues it and the
-/// two fit one append; hands `next` back otherwise.
-fn merge(held: &mut Envelope, next: Envelope) -> Option<Envelope> {
+/// two have at most `max_entries`; hands `next` back otherwise.
+fn merge(held: &mut Envelope, next: Envelope, max_entries: usize) -> Option<Envelope> {
     let fits = match (&held.message, &next.message) {
         (Message::Append { entries: a, .. }, Message::Append { entries: b, .. }) => {
-            a.len() + b.len() <= MERGED_ENTRIES
+            a.len() + b.len() <= max_entries
         }
         _ => false,
     };
@@ -266,14 +327,14 @@ mod tests {
         }
     }
 
-    fn empty_after(to: NodeId, prev: u64, commit: u64) -> Envelope {
+    fn empty_after(to: NodeId, prev: u64, commit: u64, lazy: bool) -> Envelope {
         Envelope {
             message: Message::Append {
                 prev_index: prev,
                 prev_term: 1,
                 entries: vec![],
                 commit,
-                lazy: false,
+                lazy,
             },
             ..append(to, 0, vec![])
         }
@@ -324,7 +385,7 @@ mod tests {
     #[test]
     fn an_empty_append_waits_and_one_with_entries_replaces_it() {
         let start = Instant::now();
-        let mut held = HeldAppends::default();
+        let mut held = HeldAppends::new(1024, 4 << 20);
         assert!(offered(&mut held, append(2, 5, vec![]), start).is_empty());
         assert!(offered(&mut held, append(3, 5, vec![]), start).is_empty());
         assert_eq!(held.next_due(), Some(start + HOLD));
@@ -353,18 +414,32 @@ mod tests {
     #[test]
     fn lazy_appends_merge_until_due() {
         let start = Instant::now();
-        let mut held = HeldAppends::default();
+        let mut held = HeldAppends::new(1024, 4 << 20);
         assert!(offered(&mut held, lazy_append(2, 1, 2..=3), start).is_empty());
         let later = start + LAZY_HOLD / 2;
         assert!(offered(&mut held, lazy_append(2, 3, 4..=4), later).is_empty());
         // Only a new commit index for node 2: the held append says it.
-        assert!(offered(&mut held, empty_after(2, 4, 4), later).is_empty());
+        assert!(offered(&mut held, empty_after(2, 4, 4, true), later).is_empty());
         assert_eq!(held.next_due(), Some(start + LAZY_HOLD));
         assert!(held.take_due(later).is_empty(), "not due yet");
         let due = held.take_due(start + LAZY_HOLD);
         assert_eq!(due.len(), 1);
         assert_eq!(shape(&due[0]), (1, Some((2, 4)), 4));
         assert_eq!(due[0].lamport, 4);
+        assert_eq!(held.next_due(), None);
+        // The follower became urgent: the commit index, said urgently, takes
+        // the held append with it at once, urgent too (the follower syncs
+        // its staged entries only for an urgent append).
+        offered(&mut held, lazy_append(2, 4, 5..=6), start);
+        let sent = offered(&mut held, empty_after(2, 6, 6, false), start);
+        assert_eq!(
+            sent.iter().map(shape).collect::<Vec<_>>(),
+            [(4, Some((5, 6)), 6)]
+        );
+        assert!(matches!(
+            sent[0].message,
+            Message::Append { lazy: false, .. }
+        ));
         assert_eq!(held.next_due(), None);
     }
 
@@ -373,7 +448,7 @@ mod tests {
     #[test]
     fn merged_lazy_appends_stay_within_an_appends_bytes() {
         let start = Instant::now();
-        let mut held = HeldAppends::default();
+        let mut held = HeldAppends::new(1024, 4 << 20);
         let big = |index: u64| Entry {
             payload: Payload::Command(crate::raft::Command {
                 client_id: 1,
@@ -404,7 +479,7 @@ mod tests {
     #[test]
     fn a_held_lazy_append_leaves_before_anything_after_it() {
         let start = Instant::now();
-        let mut held = HeldAppends::default();
+        let mut held = HeldAppends::new(1024, 4 << 20);
         let beat = Envelope {
             message: Message::Heartbeat {
                 commit: 3,
@@ -436,7 +511,7 @@ mod tests {
         );
         // A probe elsewhere in the log: the held append first, the probe held.
         offered(&mut held, lazy_append(2, 6, 7..=7), start);
-        let sent = offered(&mut held, empty_after(2, 2, 6), start);
+        let sent = offered(&mut held, empty_after(2, 2, 6, false), start);
         assert_eq!(
             sent.iter().map(shape).collect::<Vec<_>>(),
             [(6, Some((7, 7)), 6)]
@@ -456,7 +531,7 @@ mod tests {
             [(7, Some((8, 9)), 7)]
         );
         // Too long to merge: the held one leaves, the new one waits.
-        let long = MERGED_ENTRIES as u64;
+        let long = 1024;
         let sent = offered(&mut held, lazy_append(2, 9, 10..=9 + long), start);
         assert_eq!(
             sent.iter().map(shape).collect::<Vec<_>>(),

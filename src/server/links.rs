@@ -52,26 +52,29 @@ impl Inbound {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The peer dialed us anew: the link moves to this connection.
+    /// The peer dialed us anew: the link moves to this connection. The list
+    /// and the link's connection change under one lock, so that two
+    /// connections arriving and ending at once cannot leave the link on
+    /// an older or a dead one.
     pub fn arrived(&self, connection: &Connection) {
-        self.all().push(connection.clone());
+        let mut all = self.all();
+        all.push(connection.clone());
         self.current.send_replace(Some(connection.clone()));
     }
 
-    /// A connection from the peer ended: if the link was on it, it moves
-    /// to the newest one still alive (with none, it waits for a dial).
+    /// A connection from the peer ended: if the link was on it (or on
+    /// another that has closed), it moves to the newest one still alive
+    /// (with none, it waits for a dial).
     pub fn ended(&self, connection: &Connection) {
-        let alive = {
-            let mut all = self.all();
-            all.retain(|c| c.stable_id() != connection.stable_id() && c.close_reason().is_none());
-            all.last().cloned()
-        };
+        let mut all = self.all();
+        all.retain(|c| c.stable_id() != connection.stable_id() && c.close_reason().is_none());
+        let alive = all.last().cloned();
         self.current.send_if_modified(|current| {
-            let ours = current
-                .as_ref()
-                .is_some_and(|c| c.stable_id() == connection.stable_id());
+            let stale = current.as_ref().is_some_and(|c| {
+                c.stable_id() == connection.stable_id() || c.close_reason().is_some()
+            });
             match alive {
-                Some(alive) if ours => {
+                Some(alive) if stale => {
                     *current = Some(alive);
                     true
                 }

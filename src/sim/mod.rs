@@ -19,6 +19,7 @@ pub mod network;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -28,6 +29,7 @@ use crate::raft::{
     MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, Ready, RebuildPlan,
     Restorer, Role, Status,
 };
+use crate::server::held_appends::HeldAppends;
 use checker::{extend_chain, Checker, Violation};
 use client::SimClient;
 use network::{Network, NetworkFaults};
@@ -152,6 +154,8 @@ pub struct Stats {
     pub reads: u64,
     /// Catch-ups served from disk because the leader had released entries.
     pub fetches: u64,
+    /// Lazy appends a leader merged into one it held (`server::held_appends`).
+    pub merged_appends: u64,
     /// Proposals from a client lying about its Lamport clock.
     pub lies: u64,
     /// Steps after healing until the cluster converged.
@@ -233,12 +237,17 @@ struct SimNode {
     chain: Vec<u64>,
     last_commit: Index,
     restart_at: Option<u64>,
+    /// The leader's appends that can wait, held as a node's driver holds
+    /// them (`server::held_appends`), on the simulation's clock.
+    held: HeldAppends,
 }
 
 pub struct Simulation {
     cfg: SimConfig,
     rng: Rng,
     now: u64,
+    /// `clock`'s step 0.
+    epoch: Instant,
     nodes: BTreeMap<NodeId, SimNode>,
     network: Network,
     clients: Vec<SimClient>,
@@ -306,6 +315,7 @@ impl Simulation {
                 *id,
                 SimNode {
                     raft: Some(raft),
+                    held: HeldAppends::new(config.max_append_entries, config.max_append_bytes),
                     config,
                     disk_hard_state: HardState::default(),
                     disk_log: Vec::new(),
@@ -327,6 +337,7 @@ impl Simulation {
             cfg,
             rng,
             now: 0,
+            epoch: Instant::now(),
             nodes,
             network: Network::default(),
             clients,
@@ -425,13 +436,31 @@ impl Simulation {
         self.trace.push_back(line);
     }
 
-    /// One step: restarts, client activity, message deliveries, disk
-    /// completions and a tick on every node, then the invariant checks.
+    /// The time `server::held_appends` sees: a step is a millisecond, so a
+    /// lazy append waits two steps for others to merge with.
+    fn clock(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.now)
+    }
+
+    /// One step: restarts, held appends that are due, client activity,
+    /// message deliveries, disk completions and a tick on every node, then
+    /// the invariant checks.
     fn step(&mut self) -> Result<(), Violation> {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in &ids {
             if self.nodes[id].restart_at.is_some_and(|at| at <= self.now) {
                 self.restart(*id)?;
+            }
+        }
+        let clock = self.clock();
+        for id in &ids {
+            let due = match self.nodes.get_mut(id) {
+                Some(node) => node.held.take_due(clock),
+                None => Vec::new(),
+            };
+            for envelope in due {
+                self.network
+                    .send(envelope, self.now, &self.cfg.network, &mut self.rng);
             }
         }
         self.run_clients()?;
@@ -669,6 +698,8 @@ impl Simulation {
         };
         let lost = node.writes.len() as u64;
         node.writes.clear();
+        // What its driver held dies with it.
+        node.held = HeldAppends::new(node.config.max_append_entries, node.config.max_append_bytes);
         // Reads in progress there die with it; their clients time out.
         self.reads.retain(|_, (at, _)| *at != id);
         node.restart_at = Some(self.now + restart_in);
@@ -1039,6 +1070,7 @@ impl Simulation {
     }
 
     fn handle_ready(&mut self, id: NodeId, ready: Ready) -> Result<(), Violation> {
+        let clock = self.clock();
         let Ready {
             hard_state,
             must_sync,
@@ -1132,10 +1164,14 @@ impl Simulation {
                 acks: persisted_messages,
             });
         }
-        for envelope in &messages {
-            check_append_size(envelope, node.config.max_append_bytes)?;
-        }
+        let mut leaving = Vec::new();
+        let merged = node.held.merged();
         for envelope in messages {
+            node.held.offer(envelope, clock, &mut leaving);
+        }
+        self.stats.merged_appends += node.held.merged() - merged;
+        for envelope in leaving {
+            check_append_size(&envelope, node.config.max_append_bytes)?;
             self.network
                 .send(envelope, self.now, &self.cfg.network, &mut self.rng);
         }

@@ -236,27 +236,23 @@ fn absorb_commit(held: &mut Envelope, empty: Envelope) -> Absorbed {
     if !continues(held, &empty) {
         return Absorbed::Apart(empty);
     }
+    let Message::Append {
+        commit: newer,
+        lazy: still_lazy,
+        ..
+    } = empty.message
+    else {
+        return Absorbed::Apart(empty);
+    };
     held.lamport = held.lamport.max(empty.lamport);
-    let mut urgent = false;
-    if let (
-        Message::Append { commit, lazy, .. },
-        Message::Append {
-            commit: newer,
-            lazy: still_lazy,
-            ..
-        },
-    ) = (&mut held.message, &empty.message)
-    {
-        *commit = (*commit).max(*newer);
-        if !still_lazy {
-            *lazy = false;
-            urgent = true;
-        }
+    if let Message::Append { commit, lazy, .. } = &mut held.message {
+        *commit = (*commit).max(newer);
+        *lazy &= still_lazy;
     }
-    if urgent {
-        Absorbed::SendHeld
-    } else {
+    if still_lazy {
         Absorbed::Held
+    } else {
+        Absorbed::SendHeld
     }
 }
 

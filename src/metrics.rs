@@ -46,6 +46,10 @@ pub struct Metrics {
     /// Writes of lazy appends staged to share a later sync
     /// (`Message::Append::lazy`): this follower was not needed for commit.
     pub lazy_writes: Counter,
+    /// Appends to lazy followers that a leader merged into one it held,
+    /// or that one it held absorbed (`server::held_appends`): the
+    /// messages, packets and follower wake-ups the hold saved.
+    pub merged_appends: Counter,
     /// Seconds from proposal to commit on the leader.
     pub commit_latency: Histogram,
     pub quic_bytes_sent: Counter,
@@ -97,6 +101,12 @@ impl Default for Metrics {
                 r,
                 "lazy_writes",
                 "Writes of entries the leader did not need at once, staged to share a later sync",
+                counter(),
+            ),
+            merged_appends: registered(
+                r,
+                "merged_appends",
+                "Appends to lazy followers merged into one the leader held (messages saved)",
                 counter(),
             ),
             quic_bytes_sent: registered(
@@ -284,6 +294,7 @@ mod tests {
                 "cluster_store_log_entries_in_memory gauge",
                 "cluster_store_members gauge",
                 "cluster_store_membership_changes_applied_total counter",
+                "cluster_store_merged_appends_total counter",
                 "cluster_store_proposals_total counter",
                 "cluster_store_quic_bytes_received_total counter",
                 "cluster_store_quic_bytes_sent_total counter",

@@ -244,19 +244,28 @@ fn a_follower_commit_does_not_wait_for_stages_its_writes_lazily() {
         let (code, answer) = http.json(1, "POST", &format!("/?message=m{i}"), None);
         assert_eq!(code, 200, "{answer}");
     }
-    let lazy_writes = |node| -> u64 {
+    let counter = |node, name: &str| -> u64 {
         let (code, metrics) = http.request(node, "GET", "/metrics", None);
         assert_eq!(code, 200);
+        let prefix = format!("cluster_store_{name}_total ");
         metrics
             .lines()
-            .find_map(|line| line.strip_prefix("cluster_store_lazy_writes_total "))
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
             .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no lazy_writes_total on node {node}:\n{metrics}"))
+            .unwrap_or_else(|| panic!("no {name}_total on node {node}:\n{metrics}"))
     };
+    let lazy_writes = |node| counter(node, "lazy_writes");
     // A leader's writes never linger; an election on a busy machine would
     // have made it a follower for a while, so that is judged in one term.
     if term(leader) == term_before {
         assert_eq!(lazy_writes(leader), 0, "the leader's writes never linger");
+        // A send's commit announcement to the lazy follower usually comes
+        // within the hold of its append and is absorbed by it.
+        let merged = counter(leader, "merged_appends");
+        assert!(
+            merged > 0,
+            "the leader merged no appends to its lazy follower in {SENDS} sends"
+        );
     } else {
         eprintln!("an election during the sends: the leader's count is not judged");
     }

@@ -157,8 +157,6 @@ pub struct Driver {
     /// Appends that can wait (without entries, or to a lazy follower),
     /// held briefly (`held_appends.rs`).
     held_appends: HeldAppends,
-    /// `held_appends.merged()` as last added to the metrics.
-    merged_counted: u64,
 }
 
 /// How often the driver ticks the core, and how long it spins for more
@@ -223,7 +221,6 @@ impl Driver {
             next_read: 0,
             reads_waiting: Vec::new(),
             held_appends,
-            merged_counted: 0,
         };
         driver.publish_commit();
         driver
@@ -281,12 +278,9 @@ impl Driver {
             for envelope in self.held_appends.take_due(Instant::now()) {
                 self.outboxes.send(envelope);
             }
-            let merged = self.held_appends.merged();
-            if merged != self.merged_counted {
-                self.metrics
-                    .merged_appends
-                    .inc_by(merged - self.merged_counted);
-                self.merged_counted = merged;
+            let merged = self.held_appends.take_merged();
+            if merged > 0 {
+                self.metrics.merged_appends.inc_by(merged);
             }
             self.serve_reads();
             self.publish_commit();

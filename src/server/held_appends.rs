@@ -62,7 +62,8 @@ pub struct HeldAppends {
     /// append of the largest messages still fits a frame.
     max_entries: usize,
     max_bytes: usize,
-    /// Appends merged into one held (or absorbed by it) so far.
+    /// Appends merged into one held (or absorbed by it) since the last
+    /// `take_merged`.
     merged: u64,
 }
 
@@ -79,10 +80,10 @@ impl HeldAppends {
         }
     }
 
-    /// How many appends were merged into (or absorbed by) a held one:
-    /// the messages the hold saved.
-    pub fn merged(&self) -> u64 {
-        self.merged
+    /// How many appends were merged into (or absorbed by) a held one
+    /// since the last call: the messages the hold saved.
+    pub fn take_merged(&mut self) -> u64 {
+        std::mem::take(&mut self.merged)
     }
 
     /// Takes `envelope`, and puts what must leave now into `out`, in order:

@@ -1165,11 +1165,10 @@ impl Simulation {
             });
         }
         let mut leaving = Vec::new();
-        let merged = node.held.merged();
         for envelope in messages {
             node.held.offer(envelope, clock, &mut leaving);
         }
-        self.stats.merged_appends += node.held.merged() - merged;
+        self.stats.merged_appends += node.held.take_merged();
         for envelope in leaving {
             check_append_size(&envelope, node.config.max_append_bytes)?;
             self.network

@@ -111,9 +111,12 @@ struct RunArgs {
     /// one whose CPU other threads are waiting for.
     #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
-    /// Threads for network work (QUIC, TLS, the client API); the Raft
-    /// driver has its own. Default: one per core but the one the Raft
-    /// thread keeps busy, at least one (`default_network_threads`).
+    /// Threads the node runs on. 1: one thread does everything, the Raft
+    /// core, QUIC, TLS and the client API, with no hand-offs between them
+    /// (large writes of the log are made on a helper thread meanwhile).
+    /// N > 1: the Raft core has a thread of its own and N - 1 threads do
+    /// the network work. Default: 1 on a machine with up to two cores,
+    /// else one per core (`default_threads`).
     #[arg(long, env = "NODE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
 }
@@ -554,6 +557,7 @@ fn run_node(args: RunArgs) -> Result<()> {
             .collect::<Result<BTreeMap<NodeId, u32>>>()?,
         None => BTreeMap::new(),
     };
+    let threads = args.threads.map_or_else(default_threads, usize::from);
     let options = NodeOptions {
         id,
         peers,
@@ -569,6 +573,7 @@ fn run_node(args: RunArgs) -> Result<()> {
         max_clients: args.max_clients,
         max_pending_bytes: args.max_pending_mb << 20,
         spin: Duration::from_micros(args.spin_us),
+        one_thread: threads == 1,
         simulate_delay: match &args.simulate_delay {
             Some(spec) => cluster_store::latency::parse_delays(spec)?,
             None => Default::default(),
@@ -583,14 +588,17 @@ fn run_node(args: RunArgs) -> Result<()> {
         ),
         None => None,
     };
-    let threads = args
-        .threads
-        .map_or_else(default_network_threads, usize::from);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("starting the node's threads")?;
+    let runtime = if options.one_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads - 1)
+            .enable_all()
+            .build()
+    }
+    .context("starting the node's threads")?;
     runtime.block_on(async {
         let node = server::open(options).await?;
         let listener = match http {
@@ -912,16 +920,19 @@ fn print_change(report: ChangeReport, json: bool) -> Result<()> {
     Ok(report.into_result().map(drop)?)
 }
 
-/// The node's network threads when `--threads` is not given: one per core
-/// the process may use, less the core its Raft thread keeps busy (it
-/// spins between inputs and syncs the log), and at least one. With a
-/// worker on every core as well, the busy Raft thread and the workers
-/// outnumber the cores, and every hand-off between them waits for one:
-/// three nodes on two cores, one worker each against two, one client's
-/// p50 0.51 ms against 0.55 (medians of six pairs), 64 clients and
-/// pipelined loads unchanged (BENCHMARKS.md, 2026-12-05).
-fn default_network_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
+/// The node's threads when `--threads` is not given: one per core the
+/// process may use (the Raft thread and a network thread on each other
+/// core), but only one on a machine with up to two cores. There several
+/// nodes' threads outnumber the cores and every hand-off between a Raft
+/// thread and a network thread waits for one: three nodes on two cores,
+/// one thread each against two, 64 clients +8-30%, one client's p50
+/// 0.45 ms against 0.47-0.50 (BENCHMARKS.md, 2026-12-06). A node alone
+/// on two cores was not measured.
+fn default_threads() -> usize {
+    match std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) {
+        cores if cores <= 2 => 1,
+        cores => cores,
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! (a client keeps one open for many requests).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::TrySendError;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_CLIENTS: usize = 4096;
 #[derive(Clone)]
 pub struct Api {
     pub me: NodeId,
-    pub inputs: SyncSender<Input>,
+    pub inputs: super::driver::Inputs,
     pub log: LogReader,
     pub limits: Arc<Limits>,
     pub metrics: Arc<crate::metrics::Metrics>,

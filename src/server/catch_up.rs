@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -160,7 +159,7 @@ pub struct CatchUp {
     pub view: watch::Receiver<View>,
     pub learned: watch::Sender<Learned>,
     pub contact: LeaderContact,
-    pub inputs: SyncSender<Input>,
+    pub inputs: super::driver::Inputs,
     /// This node's own credentials (a node certificate may ask for the
     /// configuration); its revocation list is re-read before each question.
     pub creds: Credentials,

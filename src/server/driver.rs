@@ -5,11 +5,13 @@
 //! a leader's disk and its followers' work in parallel.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SendError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch, Notify};
 
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
@@ -23,6 +25,7 @@ use super::held_appends::HeldAppends;
 use super::outbox::Outboxes;
 use super::persist::{Job, StoreEvent, StoreHandle};
 use super::spin::Spinner;
+use super::NodeError;
 
 /// Work for the driver.
 pub enum Input {
@@ -86,9 +89,56 @@ struct Synced {
     commit: Index,
 }
 
+/// The sending side of the driver's queue. When the driver is a task on
+/// the node's one thread (`Driver::run_on_runtime`), a send also wakes it.
+#[derive(Clone)]
+pub struct Inputs {
+    queue: SyncSender<Input>,
+    wake: Option<Arc<Notify>>,
+}
+
+impl Inputs {
+    pub fn try_send(&self, input: Input) -> Result<(), TrySendError<Input>> {
+        self.queue.try_send(input)?;
+        if let Some(wake) = &self.wake {
+            wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Waits for room: call it off the runtime.
+    pub fn send(&self, input: Input) -> Result<(), SendError<Input>> {
+        self.queue.send(input)?;
+        if let Some(wake) = &self.wake {
+            wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// The driver's queue of `capacity` inputs; `on_runtime`: its driver will
+/// run as a task (`Driver::run_on_runtime`), woken by each send.
+pub fn queue(capacity: usize, on_runtime: bool) -> (Inputs, Inbox) {
+    let (queue, receiver) = std::sync::mpsc::sync_channel(capacity);
+    let wake = on_runtime.then(|| Arc::new(Notify::new()));
+    (
+        Inputs {
+            queue,
+            wake: wake.clone(),
+        },
+        Inbox {
+            queue: receiver,
+            wake,
+            spinner: Spinner::new(Duration::ZERO),
+        },
+    )
+}
+
 /// The driver's one input queue (peers and clients).
-struct Inbox {
+pub struct Inbox {
     queue: Receiver<Input>,
+    /// Notified by each send when the driver runs as a task.
+    wake: Option<Arc<Notify>>,
     spinner: Spinner,
 }
 
@@ -97,10 +147,49 @@ impl Inbox {
         self.spinner.recv(&self.queue, Some(timeout))
     }
 
+    /// `next` for a driver running as a task: it first lets the thread's
+    /// other tasks run (they deliver inputs, and send what the last round
+    /// left), then waits for an input until `until`.
+    async fn next_on_runtime(&mut self, until: Instant) -> Result<Input, RecvTimeoutError> {
+        tokio::task::yield_now().await;
+        loop {
+            match self.queue.try_recv() {
+                Ok(input) => return Ok(input),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            let Some(wake) = self.wake.clone() else {
+                return Err(RecvTimeoutError::Disconnected);
+            };
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep_until(until.into()) => return Err(RecvTimeoutError::Timeout),
+            }
+        }
+    }
+
     fn try_next(&mut self) -> Option<Input> {
         self.queue.try_recv().ok()
     }
 }
+
+/// Whether the driver goes on after taking a round's inputs, and about
+/// how many bytes of entries they bring.
+enum Flow {
+    Go { bytes: usize },
+    Stop,
+}
+
+/// The most bytes of entries a round brings for its write and sync to run
+/// on the node's one thread (`Driver::run_on_runtime`); a larger round's
+/// run on a blocking thread while the node's network goes on. Writing and
+/// syncing megabytes inline stalled the node's QUIC for milliseconds at a
+/// time, longer than quinn's pacer saves sending credit for (2 ms): under
+/// a pipelined client on the WAN topology, Sydney then trailed by up to
+/// 1.5 million entries and the first leader kill after the burst took
+/// 1.2-2.0 s. Small rounds (one client, many clients) stay inline: moving
+/// every write off the thread lost 64 clients 5-15% (BENCHMARKS.md).
+const INLINE_WRITE_BYTES: usize = 64 << 10;
 
 /// A batch proposal collecting one answer per message.
 struct BatchWaiter {
@@ -180,7 +269,7 @@ pub struct Feeds {
 impl Driver {
     pub fn new(
         raft: RaftNode,
-        inputs: Receiver<Input>,
+        mut inbox: Inbox,
         store: StoreHandle,
         outboxes: Outboxes,
         Pace { tick, spin }: Pace,
@@ -208,9 +297,9 @@ impl Driver {
                 commit: store.synced_commit,
             },
             raft,
-            inbox: Inbox {
-                queue: inputs,
-                spinner: Spinner::new(spin),
+            inbox: {
+                inbox.spinner = Spinner::new(spin);
+                inbox
             },
             store,
             outboxes,
@@ -231,63 +320,134 @@ impl Driver {
     pub fn run(mut self) -> Result<(), StoreError> {
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let until = [self.store.linger_deadline(), self.held_appends.next_due()]
-                .into_iter()
-                .flatten()
-                .fold(next_tick, Instant::min);
-            let wait = until.saturating_duration_since(Instant::now());
-            match self.inbox.next(wait) {
-                Ok(Input::Stop) => return Ok(()),
-                Ok(input) => {
-                    let mut bytes = input.bytes();
-                    self.handle(input)?;
-                    // Take whatever else is queued into the same round, up
-                    // to one append's worth of entries: more would be
-                    // written, held and acknowledged all at once.
-                    while bytes < ROUND_BYTES {
-                        let Some(input) = self.inbox.try_next() else {
-                            break;
-                        };
-                        if let Input::Stop = input {
-                            return Ok(());
-                        }
-                        bytes += input.bytes();
-                        self.handle(input)?;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            let wait = self
+                .next_due(next_tick)
+                .saturating_duration_since(Instant::now());
+            let input = self.inbox.next(wait);
+            if let Flow::Stop = self.take_round(input)? {
+                return Ok(());
             }
-            if self
-                .store
-                .linger_deadline()
-                .is_some_and(|deadline| deadline <= Instant::now())
-            {
-                self.carry_out(Vec::new())?;
-            }
-            if Instant::now() >= next_tick {
-                self.raft.tick();
-                next_tick += self.tick;
-                if next_tick < Instant::now() {
-                    next_tick = Instant::now() + self.tick;
-                }
-            }
+            self.tick_if_due(&mut next_tick)?;
             while self.raft.has_ready() {
-                self.process_ready()?;
+                if let Some(write) = self.process_ready()? {
+                    self.carry_out(vec![write])?;
+                }
             }
-            for envelope in self.held_appends.take_due(Instant::now()) {
-                self.outboxes.send(envelope);
-            }
-            let merged = self.held_appends.take_merged();
-            if merged > 0 {
-                self.metrics.merged_appends.inc_by(merged);
-            }
-            self.serve_reads();
-            self.publish_commit();
-            self.metrics
-                .entries_in_memory
-                .set(self.raft.entries_in_memory() as u64);
+            self.end_round();
         }
+    }
+
+    /// `run`, as a task on a current-thread runtime that also does this
+    /// node's network I/O: no hand-off between threads inside the node.
+    /// Before each write it lets the thread send the round's appends and
+    /// answers, so the followers' work overlaps this node's sync. A small
+    /// round's write and sync block the thread; a larger one's run on a
+    /// blocking thread meanwhile (`INLINE_WRITE_BYTES`).
+    pub async fn run_on_runtime(self) -> Result<(), NodeError> {
+        let mut driver = self;
+        let mut next_tick = Instant::now() + driver.tick;
+        loop {
+            let until = driver.next_due(next_tick);
+            let input = driver.inbox.next_on_runtime(until).await;
+            let Flow::Go { bytes } = driver.take_round(input)? else {
+                return Ok(());
+            };
+            driver.tick_if_due(&mut next_tick)?;
+            while driver.raft.has_ready() {
+                let Some(write) = driver.process_ready()? else {
+                    continue;
+                };
+                tokio::task::yield_now().await;
+                if bytes <= INLINE_WRITE_BYTES {
+                    driver.carry_out(vec![write])?;
+                    continue;
+                }
+                let (back, written) = tokio::task::spawn_blocking(move || {
+                    let written = driver.carry_out(vec![write]);
+                    (driver, written)
+                })
+                .await
+                .map_err(|e| NodeError::Driver(format!("a write of the log failed: {e}")))?;
+                driver = back;
+                written?;
+            }
+            driver.end_round();
+        }
+    }
+
+    /// When the driver must act next without an input: a tick, a
+    /// lingering commit index, a held append.
+    fn next_due(&self, next_tick: Instant) -> Instant {
+        [self.store.linger_deadline(), self.held_appends.next_due()]
+            .into_iter()
+            .flatten()
+            .fold(next_tick, Instant::min)
+    }
+
+    /// Handles `first` (what the wait came to) and whatever else is
+    /// queued, up to `ROUND_BYTES`.
+    fn take_round(&mut self, first: Result<Input, RecvTimeoutError>) -> Result<Flow, StoreError> {
+        let mut bytes = 0;
+        match first {
+            Ok(Input::Stop) => return Ok(Flow::Stop),
+            Ok(input) => {
+                bytes = input.bytes();
+                self.handle(input)?;
+                // Take whatever else is queued into the same round, up
+                // to one append's worth of entries: more would be
+                // written, held and acknowledged all at once.
+                while bytes < ROUND_BYTES {
+                    let Some(input) = self.inbox.try_next() else {
+                        break;
+                    };
+                    if let Input::Stop = input {
+                        return Ok(Flow::Stop);
+                    }
+                    bytes += input.bytes();
+                    self.handle(input)?;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(Flow::Stop),
+        }
+        Ok(Flow::Go { bytes })
+    }
+
+    /// Syncs a commit index whose linger is over, and ticks the core if
+    /// its tick is due.
+    fn tick_if_due(&mut self, next_tick: &mut Instant) -> Result<(), StoreError> {
+        if self
+            .store
+            .linger_deadline()
+            .is_some_and(|deadline| deadline <= Instant::now())
+        {
+            self.carry_out(Vec::new())?;
+        }
+        if Instant::now() >= *next_tick {
+            self.raft.tick();
+            *next_tick += self.tick;
+            if *next_tick < Instant::now() {
+                *next_tick = Instant::now() + self.tick;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the held appends that are due and publishes what the round
+    /// changed.
+    fn end_round(&mut self) {
+        for envelope in self.held_appends.take_due(Instant::now()) {
+            self.outboxes.send(envelope);
+        }
+        let merged = self.held_appends.take_merged();
+        if merged > 0 {
+            self.metrics.merged_appends.inc_by(merged);
+        }
+        self.serve_reads();
+        self.publish_commit();
+        self.metrics
+            .entries_in_memory
+            .set(self.raft.entries_in_memory() as u64);
     }
 
     fn handle(&mut self, input: Input) -> Result<(), StoreError> {
@@ -355,7 +515,9 @@ impl Driver {
         }
     }
 
-    fn process_ready(&mut self) -> Result<(), StoreError> {
+    /// Carries out one `Ready` up to its write, which it returns: the
+    /// caller writes and syncs it once the round's messages are away.
+    fn process_ready(&mut self) -> Result<Option<Job>, StoreError> {
         let ready = self.raft.ready();
         // 1. A new term or vote (the core says so: `must_sync`) must be
         //    durable before anything leaves. A commit index alone needs no
@@ -437,14 +599,14 @@ impl Driver {
         //    (`StoreEvent::Durable`: when a leader counts its own copy).
         if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
         {
-            self.carry_out(vec![Job::Write {
+            return Ok(Some(Job::Write {
                 hard_state,
                 log_write: ready.log_write,
                 then_send: ready.persisted_messages,
                 linger: ready.linger,
-            }])?;
+            }));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Wakes watchers when the synced commit (or the leader) moved.
@@ -543,7 +705,6 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::SyncSender;
     use std::thread::JoinHandle;
 
     use super::*;
@@ -551,29 +712,46 @@ mod tests {
     use crate::storage::Store;
 
     struct Node {
-        inputs: SyncSender<Input>,
-        driver: JoinHandle<Result<(), StoreError>>,
+        inputs: Inputs,
+        driver: JoinHandle<Result<(), NodeError>>,
         commits: watch::Receiver<CommitView>,
+    }
+
+    /// Where a test runs the driver.
+    #[derive(Clone, Copy, Debug)]
+    enum Mode {
+        /// `Driver::run`, on a thread of its own.
+        Thread,
+        /// `Driver::run_on_runtime`, a task on a current-thread runtime.
+        Runtime,
     }
 
     /// A one-voter node over a real store in `dir`, wired as `server::run`
     /// wires it, without the network.
-    fn start(dir: &std::path::Path) -> Node {
-        start_failing(dir, None)
+    fn start(dir: &std::path::Path, mode: Mode) -> Node {
+        start_failing(dir, None, mode)
     }
 
-    /// `start`, with a store whose first write fails with `failure`.
-    fn start_failing(dir: &std::path::Path, failure: Option<StoreError>) -> Node {
+    /// `start`, with a store whose first write of at least `.0` bytes of
+    /// entries fails with `.1`.
+    fn start_failing(
+        dir: &std::path::Path,
+        failure: Option<(usize, StoreError)>,
+        mode: Mode,
+    ) -> Node {
         let _ = std::fs::remove_dir_all(dir);
         let (store, _) = Store::open(dir, "c1", 1).unwrap();
         let mut config = Config::new(1, [1]);
         config.seed = 1;
         let raft = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
-        let (inputs, input_rx) = std::sync::mpsc::sync_channel(1024);
+        let (inputs, input_rx) = queue(1024, matches!(mode, Mode::Runtime));
         let metrics = Arc::new(Metrics::default());
         let outboxes = Outboxes::default();
         let mut store = StoreHandle::new(store, outboxes.clone(), metrics.clone());
-        store.fail_next = failure;
+        if let Some((bytes, error)) = failure {
+            store.fail_from_bytes = bytes;
+            store.fail_next = Some(error);
+        }
         let (membership, _) = watch::channel(super::super::links::View {
             index: 0,
             membership: raft.membership().clone(),
@@ -596,9 +774,19 @@ mod tests {
                 commits: commits_tx,
             },
         );
+        let driver = match mode {
+            Mode::Thread => std::thread::spawn(move || driver.run().map_err(NodeError::from)),
+            Mode::Runtime => std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(driver.run_on_runtime())
+            }),
+        };
         Node {
             inputs,
-            driver: std::thread::spawn(move || driver.run()),
+            driver,
             commits,
         }
     }
@@ -630,6 +818,14 @@ mod tests {
         }
     }
 
+    /// Client 7's message `seq`, 1 KiB long.
+    fn big_proposal(seq: u64) -> Proposal {
+        Proposal {
+            data: bytes::Bytes::from(vec![b'x'; 1024]),
+            ..proposal(seq)
+        }
+    }
+
     /// Sends one message, always the same (a retry is not written twice).
     fn send(node: &Node) -> Result<Committed, ProposeError> {
         let (reply, answer_rx) = oneshot::channel();
@@ -650,8 +846,19 @@ mod tests {
     /// commit is reported once synced (`CommitSynced`).
     #[test]
     fn a_lone_voter_votes_writes_and_commits_through_the_store() {
-        let dir = std::env::temp_dir().join(format!("cs-driver-lone-{}", std::process::id()));
-        let node = start(&dir);
+        lone_voter(Mode::Thread);
+    }
+
+    /// The same on the node's one thread.
+    #[test]
+    fn a_lone_voter_on_the_runtime_votes_writes_and_commits_through_the_store() {
+        lone_voter(Mode::Runtime);
+    }
+
+    fn lone_voter(mode: Mode) {
+        let dir =
+            std::env::temp_dir().join(format!("cs-driver-lone-{mode:?}-{}", std::process::id()));
+        let node = start(&dir, mode);
         let deadline = Instant::now() + Duration::from_secs(10);
         let committed = loop {
             match send(&node) {
@@ -700,10 +907,23 @@ mod tests {
     /// Every batch slot gets the answer for its own message, retries of a
     /// message still pending included: the core hands each answer back
     /// with the slot's `ctx`, and the driver keeps no table by request id.
+    /// A batch too large to write inline on the runtime's thread
+    /// (`INLINE_WRITE_BYTES`) is answered the same way.
     #[test]
     fn each_batch_slot_is_answered_with_its_own_message() {
-        let dir = std::env::temp_dir().join(format!("cs-driver-slots-{}", std::process::id()));
-        let node = start(&dir);
+        batch_slots(Mode::Thread);
+    }
+
+    /// The same on the node's one thread, the large batch written off it.
+    #[test]
+    fn each_batch_slot_on_the_runtime_is_answered_with_its_own_message() {
+        batch_slots(Mode::Runtime);
+    }
+
+    fn batch_slots(mode: Mode) {
+        let dir =
+            std::env::temp_dir().join(format!("cs-driver-slots-{mode:?}-{}", std::process::id()));
+        let node = start(&dir, mode);
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(error) = send(&node) {
             assert!(Instant::now() < deadline, "no leader: {error}");
@@ -731,12 +951,17 @@ mod tests {
         // After the no-op (1) and message 1 (2), each written once.
         assert_eq!(index(answer(first)), vec![3, 4, 3]);
         assert_eq!(index(answer(second)), vec![4, 5]);
+        let (big_reply, big) = oneshot::channel();
+        let batch: Vec<Proposal> = (6..86).map(big_proposal).collect();
+        assert!(batch.iter().map(|p| 64 + p.data.len()).sum::<usize>() > INLINE_WRITE_BYTES);
+        node.inputs.send(Input::Propose(batch, big_reply)).unwrap();
+        assert_eq!(index(answer(big)), (6..86).collect::<Vec<Index>>());
         assert!(stop(node).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Stops the driver as `NodeHandle::stop` does, and waits for it.
-    fn stop(node: Node) -> Result<(), StoreError> {
+    fn stop(node: Node) -> Result<(), NodeError> {
         node.inputs.send(Input::Stop).unwrap();
         node.driver.join().unwrap()
     }
@@ -745,18 +970,55 @@ mod tests {
     /// with the store's error, and nothing was committed.
     #[test]
     fn a_store_failure_stops_the_driver_with_the_stores_error() {
-        let dir = std::env::temp_dir().join(format!("cs-driver-fail-{}", std::process::id()));
+        store_failure(Mode::Thread, 0);
+    }
+
+    /// The same on the node's one thread, for a write inline (the vote)
+    /// and one made off it (a large batch).
+    #[test]
+    fn a_store_failure_on_the_runtime_stops_the_driver_with_the_stores_error() {
+        store_failure(Mode::Runtime, 0);
+        store_failure(Mode::Runtime, INLINE_WRITE_BYTES);
+    }
+
+    /// The first write of at least `bytes` bytes of entries fails.
+    fn store_failure(mode: Mode, bytes: usize) {
+        let dir = std::env::temp_dir().join(format!(
+            "cs-driver-fail-{mode:?}-{bytes}-{}",
+            std::process::id()
+        ));
         let node = start_failing(
             &dir,
-            Some(StoreError::Write {
-                dir: "test".into(),
-                what: "the disk caught fire".into(),
-            }),
+            Some((
+                bytes,
+                StoreError::Write {
+                    dir: "test".into(),
+                    what: "the disk caught fire".into(),
+                },
+            )),
+            mode,
         );
-        let driver = node.driver;
-        match driver.join().unwrap() {
-            Err(StoreError::Write { what, .. }) => assert_eq!(what, "the disk caught fire"),
+        let mut refused = None;
+        if bytes > 0 {
+            // Elected (its vote written), then the large batch's write fails.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Err(error) = send(&node) {
+                assert!(Instant::now() < deadline, "no leader: {error}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let (reply, answer) = oneshot::channel();
+            let batch = (2..82).map(big_proposal).collect();
+            node.inputs.send(Input::Propose(batch, reply)).unwrap();
+            refused = Some(answer);
+        }
+        match node.driver.join().unwrap() {
+            Err(NodeError::Store(StoreError::Write { what, .. })) => {
+                assert_eq!(what, "the disk caught fire")
+            }
             other => panic!("{other:?}"),
+        }
+        if let Some(mut answer) = refused {
+            assert!(answer.try_recv().is_err(), "no answer for a failed write");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -64,6 +64,10 @@ pub struct NodeOptions {
     /// How long the driver thread looks for more work before
     /// they sleep, while busy (`spin.rs`).
     pub spin: Duration,
+    /// The Raft driver runs as a task on the node's runtime, which must be
+    /// a current-thread runtime, instead of on a thread of its own: the
+    /// node is one thread, with no hand-offs between threads inside it.
+    pub one_thread: bool,
     /// Testing only: delay datagrams to these addresses (simulated WAN).
     pub simulate_delay: std::collections::HashMap<SocketAddr, crate::latency::LinkDelay>,
 }

@@ -88,6 +88,10 @@ pub struct StoreHandle {
     /// Tests only: the next write fails with this.
     #[cfg(test)]
     pub fail_next: Option<StoreError>,
+    /// Tests only: `fail_next` waits for a write of at least this many
+    /// bytes of entries.
+    #[cfg(test)]
+    pub fail_from_bytes: usize,
 }
 
 impl StoreHandle {
@@ -107,6 +111,8 @@ impl StoreHandle {
             log,
             #[cfg(test)]
             fail_next: None,
+            #[cfg(test)]
+            fail_from_bytes: 0,
         }
     }
 
@@ -121,8 +127,26 @@ impl StoreHandle {
     /// sends what waited, and says what is durable.
     pub fn carry_out(&mut self, jobs: Vec<Job>) -> Result<Vec<StoreEvent>, StoreError> {
         #[cfg(test)]
-        if let Some(error) = self.fail_next.take() {
-            return Err(error);
+        {
+            let bytes: usize = jobs
+                .iter()
+                .filter_map(|job| match job {
+                    Job::Write {
+                        log_write: Some(write),
+                        ..
+                    } => Some(
+                        write
+                            .entries
+                            .iter()
+                            .map(crate::raft::Entry::size)
+                            .sum::<usize>(),
+                    ),
+                    _ => None,
+                })
+                .sum();
+            if let Some(error) = self.fail_next.take_if(|_| bytes >= self.fail_from_bytes) {
+                return Err(error);
+            }
         }
         let mut writes = Vec::with_capacity(jobs.len());
         let mut then_send = Vec::new();

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -47,11 +46,18 @@ pub struct NodeHandle {
     members: BTreeMap<NodeId, Address>,
     endpoint: quinn::Endpoint,
     links: links::Links,
-    inputs: SyncSender<Input>,
+    inputs: driver::Inputs,
     /// The tasks to end when the node stops.
     tasks: Mutex<Vec<AbortHandle>>,
-    /// The driver thread, which owns the store.
-    driver: std::thread::JoinHandle<Result<(), StoreError>>,
+    /// The driver, which owns the store.
+    driver: DriverRun,
+}
+
+/// Where the driver runs: a thread of its own, or a task on the node's
+/// one thread (`NodeOptions::one_thread`).
+enum DriverRun {
+    Thread(std::thread::JoinHandle<Result<(), StoreError>>),
+    Task(tokio::task::JoinHandle<Result<(), NodeError>>),
 }
 
 impl OpenNode {
@@ -77,7 +83,7 @@ impl OpenNode {
             watch::channel(Arc::new(identity::revoked_serials(&creds.crls)));
         let mut tasks = Vec::new();
 
-        let (inputs, input_rx) = std::sync::mpsc::sync_channel::<Input>(65_536);
+        let (inputs, input_rx) = driver::queue(65_536, options.one_thread);
         let metrics = Arc::new(Metrics::default());
         let (events, _) = broadcast::channel(4096);
         let outboxes = Outboxes::default();
@@ -192,10 +198,16 @@ impl OpenNode {
                 commits: commits_tx,
             },
         );
-        let driver = std::thread::Builder::new()
-            .name(format!("raft-{me}"))
-            .spawn(move || driver.run())
-            .map_err(|e| NodeError::Driver(e.to_string()))?;
+        let driver = if options.one_thread {
+            DriverRun::Task(tokio::spawn(driver.run_on_runtime()))
+        } else {
+            DriverRun::Thread(
+                std::thread::Builder::new()
+                    .name(format!("raft-{me}"))
+                    .spawn(move || driver.run())
+                    .map_err(|e| NodeError::Driver(e.to_string()))?,
+            )
+        };
 
         let mut members: BTreeMap<NodeId, Address> = in_force
             .addresses
@@ -271,13 +283,15 @@ impl NodeHandle {
     pub async fn wait(self) -> Result<(), NodeError> {
         let NodeHandle { driver, inputs, .. } = self;
         drop(inputs);
-        let result = tokio::task::spawn_blocking(move || driver.join())
-            .await
-            .map_err(|e| NodeError::Driver(e.to_string()))?;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(store_error)) => Err(store_error.into()),
-            Err(_) => Err(NodeError::Driver("the driver thread panicked".into())),
+        match driver {
+            DriverRun::Thread(driver) => tokio::task::spawn_blocking(move || driver.join())
+                .await
+                .map_err(|e| NodeError::Driver(e.to_string()))?
+                .map_err(|_| NodeError::Driver("the driver thread panicked".into()))?
+                .map_err(NodeError::from),
+            DriverRun::Task(driver) => driver
+                .await
+                .map_err(|e| NodeError::Driver(format!("the driver task failed: {e}")))?,
         }
     }
 
@@ -472,7 +486,20 @@ mod tests {
     /// from the same data directory: stopping releases the store.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_opens_runs_and_stops() {
-        let dir = std::env::temp_dir().join(format!("cs-node-handle-{}", std::process::id()));
+        opens_runs_and_stops(false).await;
+    }
+
+    /// The same with the Raft core on the runtime's one thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_node_on_one_thread_opens_runs_and_stops() {
+        opens_runs_and_stops(true).await;
+    }
+
+    async fn opens_runs_and_stops(one_thread: bool) {
+        let dir = std::env::temp_dir().join(format!(
+            "cs-node-handle-{one_thread}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         let certs = dir.join("certs");
         identity::init_ca(&certs, false).unwrap();
@@ -487,6 +514,7 @@ mod tests {
             certs,
             tick: Duration::from_millis(5),
             spin: crate::server::spin::DEFAULT_SPIN,
+            one_thread,
             election_ticks: 4,
             heartbeat_ticks: 1,
             priorities: BTreeMap::new(),

@@ -4,7 +4,6 @@
 //! A peer is whoever its certificate says, and may only speak for itself.
 
 use std::collections::HashSet;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -52,7 +51,7 @@ pub struct Peers {
     pub links: Links,
     /// What this node says first on every peer stream, and expects to hear.
     pub hello: PeerHello,
-    pub inputs: SyncSender<Input>,
+    pub inputs: super::driver::Inputs,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// How we dial peers; replaced when the revocation list changes.
     pub client_config: Arc<RwLock<quinn::ClientConfig>>,

@@ -105,10 +105,10 @@ struct RunArgs {
     /// "busy, retry" (clients back off and retry), so memory stays bounded.
     #[arg(long, env = "NODE_MAX_PENDING_MB", default_value_t = cluster_store::server::api::DEFAULT_MAX_PENDING_BYTES >> 20)]
     max_pending_mb: usize,
-    /// Microseconds a busy node's Raft thread looks for more
-    /// work before they sleep: waking a sleeping thread is slow on virtual
-    /// machines. 0 never spins; an idle node does not spin either, nor
-    /// one whose CPU other threads are waiting for.
+    /// Microseconds a busy node's Raft thread (with `--threads` above 1)
+    /// looks for more work before it sleeps: waking a sleeping thread is
+    /// slow on virtual machines. 0 never spins; an idle node does not spin
+    /// either, nor one whose CPU other threads are waiting for.
     #[arg(long, env = "NODE_SPIN_US", default_value_t = cluster_store::server::spin::DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
     /// Threads the node runs on. 1: one thread does everything, the Raft

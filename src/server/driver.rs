@@ -182,14 +182,15 @@ enum Flow {
 
 /// The most bytes of entries a round brings for its write and sync to run
 /// on the node's one thread (`Driver::run_on_runtime`); a larger round's
-/// run on a blocking thread while the node's network goes on. Writing and
-/// syncing megabytes inline stalled the node's QUIC for milliseconds at a
-/// time, longer than quinn's pacer saves sending credit for (2 ms): under
-/// a pipelined client on the WAN topology, Sydney then trailed by up to
-/// 1.5 million entries and the first leader kill after the burst took
-/// 1.2-2.0 s. Small rounds (one client, many clients) stay inline: moving
-/// every write off the thread lost 64 clients 5-15% (BENCHMARKS.md).
-const INLINE_WRITE_BYTES: usize = 64 << 10;
+/// run on a blocking thread while the node's network goes on. Written
+/// inline, rounds of several megabytes (a pipelined client's) stalled the
+/// node's QUIC for longer than quinn's pacer saves sending credit for
+/// (2 ms): on the WAN topology Sydney then trailed by up to 1.5 million
+/// entries and the first leader kill after the burst took 1.2-2.0 s.
+/// Every round off the thread lost 64 clients 5-15% (the hand-offs are
+/// back); above 64 KiB, WAN pipelined 377,000-424,000 msg/s; above 2 MiB,
+/// 409,000-448,000 with the kills at 0.73-0.74 s (BENCHMARKS.md).
+const INLINE_WRITE_BYTES: usize = 2 << 20;
 
 /// A batch proposal collecting one answer per message.
 struct BatchWaiter {
@@ -818,10 +819,11 @@ mod tests {
         }
     }
 
-    /// Client 7's message `seq`, 1 KiB long.
+    /// Client 7's message `seq`, 64 KiB long: 40 of them are more than a
+    /// round written inline on the runtime's thread (`INLINE_WRITE_BYTES`).
     fn big_proposal(seq: u64) -> Proposal {
         Proposal {
-            data: bytes::Bytes::from(vec![b'x'; 1024]),
+            data: bytes::Bytes::from(vec![b'x'; 64 << 10]),
             ..proposal(seq)
         }
     }
@@ -952,10 +954,10 @@ mod tests {
         assert_eq!(index(answer(first)), vec![3, 4, 3]);
         assert_eq!(index(answer(second)), vec![4, 5]);
         let (big_reply, big) = oneshot::channel();
-        let batch: Vec<Proposal> = (6..86).map(big_proposal).collect();
+        let batch: Vec<Proposal> = (6..46).map(big_proposal).collect();
         assert!(batch.iter().map(|p| 64 + p.data.len()).sum::<usize>() > INLINE_WRITE_BYTES);
         node.inputs.send(Input::Propose(batch, big_reply)).unwrap();
-        assert_eq!(index(answer(big)), (6..86).collect::<Vec<Index>>());
+        assert_eq!(index(answer(big)), (6..46).collect::<Vec<Index>>());
         assert!(stop(node).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1007,9 +1009,17 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let (reply, answer) = oneshot::channel();
-            let batch = (2..82).map(big_proposal).collect();
+            let batch = (2..42).map(big_proposal).collect();
             node.inputs.send(Input::Propose(batch, reply)).unwrap();
             refused = Some(answer);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node.driver.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the driver goes on after its write failed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
         match node.driver.join().unwrap() {
             Err(NodeError::Store(StoreError::Write { what, .. })) => {

@@ -173,6 +173,14 @@ impl Inbox {
     }
 }
 
+/// What `Driver::process_ready` leaves to its caller.
+struct Processed {
+    /// The write to make once the `Ready`'s messages are away.
+    write: Option<Job>,
+    /// Entries were read back from the store for a lagging follower.
+    fetched: bool,
+}
+
 /// Whether the driver goes on after taking a round's inputs, and about
 /// how many bytes of entries they bring.
 enum Flow {
@@ -330,7 +338,7 @@ impl Driver {
             }
             self.tick_if_due(&mut next_tick)?;
             while self.raft.has_ready() {
-                if let Some(write) = self.process_ready()? {
+                if let Some(write) = self.process_ready()?.write {
                     self.carry_out(vec![write])?;
                 }
             }
@@ -355,7 +363,15 @@ impl Driver {
             };
             driver.tick_if_due(&mut next_tick)?;
             while driver.raft.has_ready() {
-                let Some(write) = driver.process_ready()? else {
+                let Processed { write, fetched } = driver.process_ready()?;
+                let Some(write) = write else {
+                    if fetched {
+                        // The peer links send what was read back before
+                        // the next `Ready` reads more: a lagging follower's
+                        // whole window (32 MB) read at once doubled the
+                        // leader's RSS and halved the catch-up rate.
+                        tokio::task::yield_now().await;
+                    }
                     continue;
                 };
                 tokio::task::yield_now().await;
@@ -518,7 +534,7 @@ impl Driver {
 
     /// Carries out one `Ready` up to its write, which it returns: the
     /// caller writes and syncs it once the round's messages are away.
-    fn process_ready(&mut self) -> Result<Option<Job>, StoreError> {
+    fn process_ready(&mut self) -> Result<Processed, StoreError> {
         let ready = self.raft.ready();
         // 1. A new term or vote (the core says so: `must_sync`) must be
         //    durable before anything leaves. A commit index alone needs no
@@ -587,6 +603,7 @@ impl Driver {
         }
         // 4. A lagging follower needs entries the core no longer holds in
         //    memory: read them back from the store (they are durable).
+        let fetched = !ready.fetches.is_empty();
         for fetch in ready.fetches {
             let to = fetch.from.saturating_add(fetch.max as u64 - 1);
             let entries =
@@ -600,14 +617,20 @@ impl Driver {
         //    (`StoreEvent::Durable`: when a leader counts its own copy).
         if hard_state.is_some() || ready.log_write.is_some() || !ready.persisted_messages.is_empty()
         {
-            return Ok(Some(Job::Write {
-                hard_state,
-                log_write: ready.log_write,
-                then_send: ready.persisted_messages,
-                linger: ready.linger,
-            }));
+            return Ok(Processed {
+                write: Some(Job::Write {
+                    hard_state,
+                    log_write: ready.log_write,
+                    then_send: ready.persisted_messages,
+                    linger: ready.linger,
+                }),
+                fetched,
+            });
         }
-        Ok(None)
+        Ok(Processed {
+            write: None,
+            fetched,
+        })
     }
 
     /// Wakes watchers when the synced commit (or the leader) moved.

@@ -1,8 +1,10 @@
-//! The thread that owns the Raft core: it feeds it ticks, peer messages and
-//! client requests, and carries out each `Ready` in the order the core's
+//! What owns the Raft core: it feeds it ticks, peer messages and client
+//! requests, and carries out each `Ready` in the order the core's
 //! contract demands. It writes and syncs the store itself (`persist.rs`),
 //! after it has sent the round's appends and answered what committed, so
-//! a leader's disk and its followers' work in parallel.
+//! a leader's disk and its followers' work in parallel. It runs on a
+//! thread of its own (`Driver::run`) or as a task on the node's one
+//! thread, beside the network (`Driver::run_on_runtime`).
 
 use std::collections::HashMap;
 use std::sync::mpsc::{
@@ -89,38 +91,34 @@ struct Synced {
     commit: Index,
 }
 
-/// The sending side of the driver's queue. When the driver is a task on
-/// the node's one thread (`Driver::run_on_runtime`), a send also wakes it.
+/// The sending side of the driver's queue. Each send also wakes a driver
+/// that runs as a task (`Driver::run_on_runtime`); a driver on a thread
+/// of its own waits on the queue itself and never looks at the wake-up.
 #[derive(Clone)]
 pub struct Inputs {
     queue: SyncSender<Input>,
-    wake: Option<Arc<Notify>>,
+    wake: Arc<Notify>,
 }
 
 impl Inputs {
     pub fn try_send(&self, input: Input) -> Result<(), TrySendError<Input>> {
         self.queue.try_send(input)?;
-        if let Some(wake) = &self.wake {
-            wake.notify_one();
-        }
+        self.wake.notify_one();
         Ok(())
     }
 
     /// Waits for room: call it off the runtime.
     pub fn send(&self, input: Input) -> Result<(), SendError<Input>> {
         self.queue.send(input)?;
-        if let Some(wake) = &self.wake {
-            wake.notify_one();
-        }
+        self.wake.notify_one();
         Ok(())
     }
 }
 
-/// The driver's queue of `capacity` inputs; `on_runtime`: its driver will
-/// run as a task (`Driver::run_on_runtime`), woken by each send.
-pub fn queue(capacity: usize, on_runtime: bool) -> (Inputs, Inbox) {
+/// The driver's queue, of `capacity` inputs.
+pub fn queue(capacity: usize) -> (Inputs, Inbox) {
     let (queue, receiver) = std::sync::mpsc::sync_channel(capacity);
-    let wake = on_runtime.then(|| Arc::new(Notify::new()));
+    let wake = Arc::new(Notify::new());
     (
         Inputs {
             queue,
@@ -129,7 +127,6 @@ pub fn queue(capacity: usize, on_runtime: bool) -> (Inputs, Inbox) {
         Inbox {
             queue: receiver,
             wake,
-            spinner: Spinner::new(Duration::ZERO),
         },
     )
 }
@@ -137,14 +134,17 @@ pub fn queue(capacity: usize, on_runtime: bool) -> (Inputs, Inbox) {
 /// The driver's one input queue (peers and clients).
 pub struct Inbox {
     queue: Receiver<Input>,
-    /// Notified by each send when the driver runs as a task.
-    wake: Option<Arc<Notify>>,
-    spinner: Spinner,
+    /// Notified by each send.
+    wake: Arc<Notify>,
 }
 
 impl Inbox {
-    fn next(&mut self, timeout: Duration) -> Result<Input, RecvTimeoutError> {
-        self.spinner.recv(&self.queue, Some(timeout))
+    fn next(
+        &mut self,
+        spinner: &mut Spinner,
+        timeout: Duration,
+    ) -> Result<Input, RecvTimeoutError> {
+        spinner.recv(&self.queue, Some(timeout))
     }
 
     /// `next` for a driver running as a task: it first lets the thread's
@@ -158,11 +158,8 @@ impl Inbox {
                 Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
                 Err(TryRecvError::Empty) => {}
             }
-            let Some(wake) = self.wake.clone() else {
-                return Err(RecvTimeoutError::Disconnected);
-            };
             tokio::select! {
-                () = wake.notified() => {}
+                () = self.wake.notified() => {}
                 () = tokio::time::sleep_until(until.into()) => return Err(RecvTimeoutError::Timeout),
             }
         }
@@ -228,7 +225,9 @@ fn ctx_slot(ctx: u64) -> (u64, usize) {
 pub struct Driver {
     raft: RaftNode,
     inbox: Inbox,
-    /// Written and synced on this thread, in order.
+    /// How `run` waits on `inbox` (`run_on_runtime` awaits it instead).
+    spinner: Spinner,
+    /// Written and synced by the driver, in order.
     store: StoreHandle,
     synced: Synced,
     outboxes: Outboxes,
@@ -278,7 +277,7 @@ pub struct Feeds {
 impl Driver {
     pub fn new(
         raft: RaftNode,
-        mut inbox: Inbox,
+        inbox: Inbox,
         store: StoreHandle,
         outboxes: Outboxes,
         Pace { tick, spin }: Pace,
@@ -306,10 +305,8 @@ impl Driver {
                 commit: store.synced_commit,
             },
             raft,
-            inbox: {
-                inbox.spinner = Spinner::new(spin);
-                inbox
-            },
+            inbox,
+            spinner: Spinner::new(spin),
             store,
             outboxes,
             tick,
@@ -332,7 +329,7 @@ impl Driver {
             let wait = self
                 .next_due(next_tick)
                 .saturating_duration_since(Instant::now());
-            let input = self.inbox.next(wait);
+            let input = self.inbox.next(&mut self.spinner, wait);
             if let Flow::Stop = self.take_round(input)? {
                 return Ok(());
             }
@@ -768,7 +765,7 @@ mod tests {
         let mut config = Config::new(1, [1]);
         config.seed = 1;
         let raft = RaftNode::new(config, HardState::default(), Vec::new()).unwrap();
-        let (inputs, input_rx) = queue(1024, matches!(mode, Mode::Runtime));
+        let (inputs, input_rx) = queue(1024);
         let metrics = Arc::new(Metrics::default());
         let outboxes = Outboxes::default();
         let mut store = StoreHandle::new(store, outboxes.clone(), metrics.clone());

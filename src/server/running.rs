@@ -83,7 +83,7 @@ impl OpenNode {
             watch::channel(Arc::new(identity::revoked_serials(&creds.crls)));
         let mut tasks = Vec::new();
 
-        let (inputs, input_rx) = driver::queue(65_536, options.one_thread);
+        let (inputs, input_rx) = driver::queue(65_536);
         let metrics = Arc::new(Metrics::default());
         let (events, _) = broadcast::channel(4096);
         let outboxes = Outboxes::default();

@@ -428,6 +428,27 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// `write_frame` on a writer it owns, handing it back: a future that can
+/// be kept across a `select!` loop, so a side that must go on reading
+/// while a large frame waits for room is never stuck in the write (both
+/// ends of a TCP stream writing, neither reading, is a deadlock).
+pub async fn write_frame_owned<W: AsyncWriteExt + Unpin, T: Serialize>(
+    mut writer: W,
+    value: T,
+) -> (W, Result<(), WireError>) {
+    let written = write_frame(&mut writer, &value).await;
+    (writer, written)
+}
+
+/// `read_frame` on a reader it owns, handing it back (see
+/// `write_frame_owned`): dropping a read part-way would lose the frame.
+pub async fn read_frame_owned<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
+    mut reader: R,
+) -> (R, Result<Option<T>, WireError>) {
+    let read = read_frame(&mut reader).await;
+    (reader, read)
+}
+
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
     reader: &mut R,

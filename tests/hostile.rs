@@ -1056,3 +1056,148 @@ fn pipelined_sends_under_back_pressure_keep_their_order() {
         }
     });
 }
+
+/// A pipelining client that waits in a write while its answers pile up,
+/// as `node send -` did: over TLS over TCP it writes a window of 64
+/// sends, leaves the answers unread for a while (the node's answers,
+/// 64 x 4,096 commit positions, 6 MB, are more than the sockets hold),
+/// then reads one answer and writes one large send at a time. A node
+/// that stopped reading while it waited to write an answer deadlocked
+/// with it: the node stuck writing answers the client did not read, the
+/// client stuck writing a send the node did not read. The node must read
+/// on (within the window) and answer everything, each message once; the
+/// library's own pipelined client, which now reads while it writes, then
+/// sends batches of the same size in the same cluster.
+#[test]
+fn a_client_stuck_writing_while_its_answers_pile_up_is_answered() {
+    use cluster_store::wire::{read_frame, write_frame, ClientRequest, MAX_BATCH};
+    serial(|| async {
+        let ip = 105;
+        let cluster = TestCluster::start("window", ip, &[1, 2, 3], &[]);
+        let admin = cluster.client("client");
+        let leader = cluster.wait_for_leader(&admin, SECONDS_30).await;
+        let creds = raw_creds(&cluster.certs(), "alice");
+        let tls = tokio_rustls::TlsConnector::from(tls::tcp_client_config(&creds).expect("tls"));
+        // Socket buffers on the client's side smaller than a large send,
+        // so what decides is the node's behaviour, not how far the
+        // kernel's buffers stretch.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(16 << 10).expect("rcvbuf");
+        socket.set_send_buffer_size(256 << 10).expect("sndbuf");
+        let stream = socket.connect(cluster.addr(leader)).await.expect("connect");
+        let name = identity::node_server_name(leader).try_into().expect("name");
+        let stream = tls.connect(name, stream).await.expect("tls handshake");
+        let (mut recv, mut send) = tokio::io::split(stream);
+
+        const WINDOW: usize = 64;
+        const SENDS: usize = WINDOW + 8;
+        let client_id = 0x5eed_0000_0000_0105;
+        // The window's sends are small (ten bytes a message: the node's
+        // buffers stay small); the eight after it are near the 4 MiB limit.
+        let text = |send: usize, i: usize| {
+            let tag = format!("w{send:03} {i:04} ");
+            if send < WINDOW {
+                tag
+            } else {
+                format!("{tag}{}", "x".repeat(900))
+            }
+        };
+        let request = |send: usize| ClientRequest::Send {
+            client_id,
+            first_seq: 1 + (send * MAX_BATCH) as u64,
+            lamport: 1,
+            since: 0,
+            texts: (0..MAX_BATCH).map(|i| text(send, i)).collect(),
+            after: None,
+        };
+        let exchange = async {
+            for i in 0..WINDOW {
+                write_frame(&mut send, &request(i)).await?;
+            }
+            // Long enough for the window to commit and its answers to
+            // fill every buffer on the way.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut answered = 0;
+            for i in WINDOW..SENDS + WINDOW {
+                let answer = read_frame::<_, ClientResponse>(&mut recv)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("the node closed the stream"))?;
+                match answer {
+                    ClientResponse::Sent { committed, .. } if committed.len() == MAX_BATCH => {
+                        answered += 1
+                    }
+                    other => anyhow::bail!("send {answered} answered {other:?}"),
+                }
+                if i < SENDS {
+                    write_frame(&mut send, &request(i)).await?;
+                }
+            }
+            anyhow::Ok(answered)
+        };
+        let answered = tokio::time::timeout(Duration::from_secs(120), exchange)
+            .await
+            .expect("deadlock: the node stopped reading while its answers waited for room")
+            .expect("exchange");
+        assert_eq!(answered, SENDS);
+
+        // The library's pipelined client, 64 batches of 4,000 in flight:
+        // what a session's deduplication window (260,000) covers.
+        const BATCH: usize = 4000;
+        let alice = client_of(&cluster, &creds);
+        let batches = (0..WINDOW + 8).map(|b| {
+            (0..BATCH)
+                .map(|i| format!("p{b:03} {i:04}"))
+                .collect::<Vec<_>>()
+        });
+        let mut committed = 0;
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            alice.send_pipelined(batches, cluster_store::client::PIPELINE_WINDOW, |_, c| {
+                committed += c.len();
+                Ok(())
+            }),
+        )
+        .await
+        .expect("the pipelined client hung")
+        .expect("pipelined send");
+        assert_eq!(committed, (WINDOW + 8) * BATCH);
+
+        cluster.wait_caught_up(&admin, SECONDS_30).await;
+        let export = admin.export().await.expect("export");
+        check_export(&export);
+        let raw: Vec<&str> = export
+            .iter()
+            .map(|e| e.text.as_str())
+            .filter(|t| t.starts_with('w'))
+            .collect();
+        let sent: Vec<String> = (0..SENDS)
+            .flat_map(|s| (0..MAX_BATCH).map(move |i| text(s, i)))
+            .collect();
+        assert_eq!(
+            raw.len(),
+            sent.len(),
+            "the raw client's messages lost or doubled"
+        );
+        assert!(
+            raw.iter().zip(&sent).all(|(a, b)| a == b),
+            "the raw client's messages out of order"
+        );
+        let piped: Vec<&str> = export
+            .iter()
+            .map(|e| e.text.as_str())
+            .filter(|t| t.starts_with('p'))
+            .collect();
+        let sent: Vec<String> = (0..WINDOW + 8)
+            .flat_map(|b| (0..BATCH).map(move |i| format!("p{b:03} {i:04}")))
+            .collect();
+        assert_eq!(
+            piped.len(),
+            sent.len(),
+            "the pipelined messages lost or doubled"
+        );
+        assert!(
+            piped.iter().zip(&sent).all(|(a, b)| a == b),
+            "the pipelined messages out of order"
+        );
+    });
+}

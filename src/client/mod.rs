@@ -26,8 +26,9 @@ use crate::identity::node_server_name;
 use crate::raft::{ChangeError, Committed, Index, MembershipChange, NodeId, ProposeError, Status};
 use crate::tls::{self, peer_identity, Credentials, Holder};
 use crate::wire::{
-    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, WireError, MAX_BATCH, MAX_MESSAGE_BYTES, MAX_SEND_BYTES, STREAM_WINDOW,
+    read_frame, read_frame_owned, write_frame, write_frame_owned, ClientRequest, ClientResponse,
+    ExportedEntry, MembersView, Start, Until, WireError, MAX_BATCH, MAX_MESSAGE_BYTES,
+    MAX_SEND_BYTES, STREAM_WINDOW,
 };
 
 /// Batches `node send -` keeps outstanding: as many as a node reads ahead
@@ -1002,17 +1003,29 @@ impl Client {
         each: &mut impl FnMut(NodeId, &[Committed]) -> Result<()>,
     ) -> Result<bool> {
         let connection = self.connection(leader).await?;
-        let (mut send, mut recv) = self.stream(leader, &connection).await?;
+        let (send, recv) = self.stream(leader, &connection).await?;
+        // Requests written, answers read: each a future owning its half of
+        // the stream, kept across rounds of the loop, so the answers are
+        // read while a request waits for room. Waiting in the write (as
+        // this did) deadlocked over TCP against a node that waited to
+        // write its answers: 64 batches of 4,000 filled both ways.
+        let mut to_write: std::collections::VecDeque<ClientRequest> = Default::default();
         let mut ahead: Option<&(Session, u64, Vec<String>)> = None;
         for resend in unanswered.iter() {
             let (session, first_seq, texts) = resend;
             let after = ahead.and_then(|ahead| follows(ahead, session));
-            let request = self.send_request(session, *first_seq, texts.clone(), after);
-            write_frame(&mut send, &request)
-                .await
-                .map_err(wire(leader))?;
+            to_write.push_back(self.send_request(session, *first_seq, texts.clone(), after));
             ahead = Some(resend);
         }
+        let mut idle_send = Some(send);
+        let mut writing = std::pin::pin!(futures_util::future::Fuse::terminated());
+        let mut idle_recv = Some(recv);
+        let mut reading = std::pin::pin!(futures_util::future::Fuse::terminated());
+        // A dead leader shows as an error here once QUIC's idle timeout
+        // (3 s) closes the connection (at once over TCP: the node's
+        // kernel resets it), or sooner as a newer leader; the look for
+        // one starts again with each answer.
+        let mut newer = Box::pin(self.newer_leader_than(leader));
         loop {
             while unanswered.len() < window {
                 let Some(texts) = batches.next() else {
@@ -1027,35 +1040,58 @@ impl Client {
                 // under way), this one is refused too rather than taken
                 // before the retry.
                 let after = unanswered.back().and_then(|ahead| follows(ahead, &session));
-                let request = self.send_request(&session, first_seq, texts.clone(), after);
+                to_write.push_back(self.send_request(&session, first_seq, texts.clone(), after));
                 unanswered.push_back((session, first_seq, texts));
-                write_frame(&mut send, &request)
-                    .await
-                    .map_err(wire(leader))?;
             }
-            if unanswered.is_empty() {
-                self.keep_stream(leader, &connection, send, recv);
+            // Done once every batch is answered and the last write is over
+            // (its flush can end after the answer came).
+            if unanswered.is_empty() && idle_send.is_some() && idle_recv.is_some() {
+                if let (Some(send), Some(recv)) = (idle_send.take(), idle_recv.take()) {
+                    self.keep_stream(leader, &connection, send, recv);
+                }
                 return Ok(true);
             }
-            // A dead leader shows as an error here once QUIC's idle timeout
-            // (3 s) closes the connection (at once over TCP: the node's
-            // kernel resets it), or sooner as a newer leader.
-            let response = tokio::select! {
-                response = read_frame::<_, ClientResponse>(&mut recv) => response
-                    .map_err(wire(leader))?
-                    .ok_or(ClientError::ClosedEarly(leader))?,
-                newer = self.newer_leader_than(leader) => {
+            if let Some(send) = idle_send.take() {
+                match to_write.pop_front() {
+                    Some(request) => writing.set(futures_util::FutureExt::fuse(write_frame_owned(
+                        send, request,
+                    ))),
+                    None => idle_send = Some(send),
+                }
+            }
+            if !unanswered.is_empty() {
+                if let Some(recv) = idle_recv.take() {
+                    reading.set(futures_util::FutureExt::fuse(read_frame_owned::<
+                        _,
+                        ClientResponse,
+                    >(recv)));
+                }
+            }
+            tokio::select! {
+                (send, written) = &mut writing, if idle_send.is_none() => {
+                    let written: Result<(), WireError> = written;
+                    written.map_err(wire(leader))?;
+                    idle_send = Some(send);
+                }
+                (recv, response) = &mut reading, if idle_recv.is_none() => {
+                    idle_recv = Some(recv);
+                    let response: Option<ClientResponse> = response.map_err(wire(leader))?;
+                    let ClientResponse::Sent { committed, leader: answered_by } =
+                        response.ok_or(ClientError::ClosedEarly(leader))?
+                    else {
+                        return Ok(false);
+                    };
+                    self.clock_past(&committed);
+                    unanswered.pop_front();
+                    each(answered_by, &committed)?;
+                    newer = Box::pin(self.newer_leader_than(leader));
+                }
+                newer = &mut newer => {
                     self.forget(leader);
                     self.set_leader(Some(newer));
                     return Ok(false);
                 }
-            };
-            let ClientResponse::Sent { committed, leader } = response else {
-                return Ok(false);
-            };
-            self.clock_past(&committed);
-            unanswered.pop_front();
-            each(leader, &committed)?;
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The client API: requests and their answers, in order, on QUIC streams
 //! (a client keeps one open for many requests).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::TrySendError;
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use crate::raft::{ChangeError, MembershipChange};
 use crate::raft::{Index, NodeId, Payload, Proposal, ProposeError, RequestId};
 use crate::storage::LogReader;
 use crate::wire::{
-    read_frame, write_frame, ClientRequest, ClientResponse, ExportedEntry, MembersView, Start,
-    Until, CLOSE_BUSY, MAX_BATCH, PAGE, PAGE_BYTES, STREAM_WINDOW, WATCH_HEARTBEAT,
+    read_frame, read_frame_owned, write_frame, write_frame_owned, ClientRequest, ClientResponse,
+    ExportedEntry, MembersView, Start, Until, CLOSE_BUSY, MAX_BATCH, PAGE, PAGE_BYTES,
+    STREAM_WINDOW, WATCH_HEARTBEAT,
 };
 
 /// Default bound on the messages waiting to commit, in bytes: beyond it a
@@ -188,16 +190,6 @@ fn sent(
     }
 }
 
-/// The next request on a stream, and the stream to read the one after
-/// from: owning the stream lets a pending read live across `select!`
-/// rounds, so no half-read frame is ever dropped.
-async fn next_request<R: Reader>(
-    mut recv: R,
-) -> (R, Result<Option<ClientRequest>, crate::wire::WireError>) {
-    let request = read_frame::<_, ClientRequest>(&mut recv).await;
-    (recv, request)
-}
-
 /// A client that dropped its stream: a TLS-over-TCP connection closed
 /// without TLS's goodbye, or reset (a QUIC stream dropped by its client
 /// ends cleanly instead). Not a bad request.
@@ -297,21 +289,46 @@ impl Api {
             }
         };
         // One task reads the requests and writes the answers in order: a
-        // writer task of its own would cost a wake-up per answer.
+        // writer task of its own would cost a wake-up per answer. Each
+        // read and each write is a future owning its half of the stream,
+        // kept across rounds of the loop, so a half-read frame is never
+        // dropped, and answers are taken as they come, written or not:
+        // an answer waiting for room in the stream neither stops the
+        // reading nor holds its send's room in the node (`Limits`). A
+        // client that wrote while its answers piled up (as `node send -`
+        // did) deadlocked with a node that did both, each end waiting in
+        // a write; and one client not reading held the room of every send
+        // it had in flight.
         let mut answers = futures_util::stream::FuturesOrdered::new();
+        let mut ready: VecDeque<ClientResponse> = VecDeque::new();
         let mut reading = true;
         let mut waiting: Option<WaitingSend> = None;
         let first = self.start(&client, first, false);
         self.take_started(first, &mut answers, &mut reading, &mut waiting);
-        let mut next = Box::pin(next_request(recv));
+        let mut next = Box::pin(read_frame_owned::<_, ClientRequest>(recv));
+        let mut idle_send = Some(send);
+        let mut writing = std::pin::pin!(futures_util::future::Fuse::terminated());
         loop {
+            if let Some(send) = idle_send.take() {
+                match ready.pop_front() {
+                    Some(response) => writing.set(futures_util::FutureExt::fuse(
+                        write_frame_owned(send, response),
+                    )),
+                    None => idle_send = Some(send),
+                }
+            }
             tokio::select! {
                 // Answers first: they free the window for more requests.
                 biased;
-                Some(response) = futures_util::StreamExt::next(&mut answers) => {
-                    if write_frame(&mut send, &response).await.is_err() {
+                (back, written) = &mut writing, if idle_send.is_none() => {
+                    let written: Result<(), crate::wire::WireError> = written;
+                    if written.is_err() {
                         return;
                     }
+                    idle_send = Some(back);
+                }
+                Some(response) = futures_util::StreamExt::next(&mut answers) => {
+                    ready.push_back(response);
                 }
                 permit = async {
                     match waiting.as_mut() {
@@ -327,12 +344,12 @@ impl Api {
                         self.take_started(started, &mut answers, &mut reading, &mut waiting);
                     }
                 }
-                (rest, request) = &mut next, if reading && waiting.is_none() && answers.len() < STREAM_WINDOW => {
+                (rest, request) = &mut next, if reading && waiting.is_none() && answers.len() + ready.len() < STREAM_WINDOW => {
                     match request {
                         Ok(Some(request)) => {
                             let started = self.start(&client, request, !answers.is_empty());
                             self.take_started(started, &mut answers, &mut reading, &mut waiting);
-                            next = Box::pin(next_request(rest));
+                            next = Box::pin(read_frame_owned(rest));
                         }
                         Ok(None) => reading = false,
                         Err(e) if went_away(&e) => {
@@ -350,6 +367,9 @@ impl Api {
                 else => break,
             }
         }
+        let Some(mut send) = idle_send else {
+            return;
+        };
         let _ = send.shutdown().await;
     }
 

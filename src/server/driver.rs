@@ -381,7 +381,13 @@ impl Driver {
                     (driver, written)
                 })
                 .await
-                .map_err(|e| NodeError::Driver(format!("a write of the log failed: {e}")))?;
+                .map_err(|e| {
+                    // Panicked or cancelled: the write's own errors come
+                    // back in `written`.
+                    NodeError::Driver(format!(
+                        "the blocking thread writing the log did not finish: {e}"
+                    ))
+                })?;
                 driver = back;
                 written?;
             }

@@ -347,7 +347,11 @@ impl Api {
                 (rest, request) = &mut next, if reading && waiting.is_none() && answers.len() + ready.len() < STREAM_WINDOW => {
                     match request {
                         Ok(Some(request)) => {
-                            let started = self.start(&client, request, !answers.is_empty());
+                            // Behind anything not yet answered to the
+                            // client: still pending, or answered and not
+                            // yet written.
+                            let behind = !answers.is_empty() || !ready.is_empty() || idle_send.is_none();
+                            let started = self.start(&client, request, behind);
                             self.take_started(started, &mut answers, &mut reading, &mut waiting);
                             next = Box::pin(read_frame_owned(rest));
                         }

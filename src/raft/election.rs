@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use tracing::{debug, info};
 
 use super::message::Message;
-use super::node::{Awaited, Candidacy, RaftNode};
+use super::node::{Candidacy, RaftNode};
+use super::pending::Awaited;
 use super::progress::Progress;
 use super::ready::ProposeError;
 use super::types::{Index, LogPosition, NodeId, Payload, Role, Term};

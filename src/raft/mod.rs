@@ -20,6 +20,7 @@ mod log;
 mod membership;
 mod message;
 mod node;
+mod pending;
 mod progress;
 mod read;
 mod ready;

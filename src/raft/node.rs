@@ -10,14 +10,13 @@ use super::config::{Config, ConfigError};
 use super::log::{LogError, RaftLog};
 use super::membership::{Membership, Memberships, PendingChange};
 use super::message::{Envelope, Message};
+use super::pending::Pending;
 use super::progress::Progress;
 use super::read::ReadState;
 use super::ready::{Proposal, ProposeError, ProposeResponse, ReadResponse, Ready};
 use super::rng::Rng;
 use super::session::Sessions;
-use super::types::{
-    Entry, FastMap, HardState, Index, Lamport, LogPosition, NodeId, RequestId, Role, Term,
-};
+use super::types::{Entry, HardState, Index, Lamport, LogPosition, NodeId, RequestId, Role, Term};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RaftError {
@@ -38,37 +37,6 @@ impl From<ConfigError> for RaftError {
 impl From<LogError> for RaftError {
     fn from(error: LogError) -> Self {
         RaftError::Log(error)
-    }
-}
-
-/// The proposals (their `Proposal::ctx`) awaiting a pending entry's answer
-/// on this leader: nearly always one, held inline; none for an entry it
-/// found in its log when elected; more for a retry sent before the first
-/// attempt's answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct Awaited {
-    first: Option<u64>,
-    more: Vec<u64>,
-}
-
-impl Awaited {
-    pub(super) fn by(ctx: u64) -> Self {
-        Awaited {
-            first: Some(ctx),
-            more: Vec::new(),
-        }
-    }
-
-    pub(super) fn add(&mut self, ctx: u64) {
-        match self.first {
-            None => self.first = Some(ctx),
-            Some(_) => self.more.push(ctx),
-        }
-    }
-
-    /// Each awaiting proposal's ctx, the first first.
-    pub(super) fn ctxs(self) -> impl Iterator<Item = u64> {
-        self.first.into_iter().chain(self.more)
     }
 }
 
@@ -135,10 +103,8 @@ pub struct RaftNode {
     /// Leader only: replication state of every other member.
     pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Leader only: uncommitted proposals in its log, for deduplication,
-    /// each with the proposals awaiting its answer here (the only map keyed
-    /// by request id on the way: under a pipelined client across an ocean
-    /// it holds ~100,000 proposals, and each lookup is a cache miss).
-    pub(super) pending: FastMap<RequestId, Awaited>,
+    /// each with the proposals awaiting its answer here.
+    pub(super) pending: Pending,
     pub(super) sessions: Sessions,
     pub(super) reads: ReadState,
     pub(super) transfer: Option<Transfer>,
@@ -298,7 +264,7 @@ impl RaftNode {
             votes: BTreeMap::new(),
             candidacy: None,
             progress: BTreeMap::new(),
-            pending: FastMap::default(),
+            pending: Pending::default(),
             sessions,
             reads: ReadState::default(),
             transfer: None,

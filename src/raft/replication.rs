@@ -4,7 +4,8 @@
 use tracing::{error, info, warn};
 
 use super::message::{AppendResult, Message};
-use super::node::{Awaited, RaftNode};
+use super::node::RaftNode;
+use super::pending::Awaited;
 use super::progress::ReplicationState;
 use super::ready::{Fetch, Proposal, ProposeError, ProposeResponse};
 use super::session::{Committed, Lookup};
@@ -108,7 +109,7 @@ impl RaftNode {
         if let Some(after) = proposal.after {
             self.check_follows(after, proposal.since)?;
         }
-        if let Some(awaited) = self.pending.get_mut(&proposal.id) {
+        if let Some(awaited) = self.pending.get_mut(proposal.id) {
             awaited.add(proposal.ctx);
             return Ok(());
         }
@@ -129,7 +130,7 @@ impl RaftNode {
     /// or session forgotten) is let through: it is long past, and refusing
     /// would stall its client for good.
     fn check_follows(&self, after: RequestId, since: Index) -> Result<(), ProposeError> {
-        if self.pending.contains_key(&after) {
+        if self.pending.contains(after) {
             return Ok(());
         }
         match self.sessions.lookup(after, since, self.commit) {
@@ -728,7 +729,7 @@ impl RaftNode {
                         client_id: command.client_id,
                         seq: command.seq,
                     };
-                    if let Some(awaited) = pending.remove(&id) {
+                    if let Some(awaited) = pending.remove(id) {
                         let committed = Committed::of(entry);
                         for ctx in awaited.ctxs() {
                             out.responses.push(ProposeResponse {

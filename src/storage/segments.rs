@@ -43,7 +43,10 @@
 //! writes: 0.12 ms instead of 0.16 after `fallocate`, which leaves
 //! unwritten extents to convert, and 0.18-0.21 appending; 0.15 instead of
 //! 0.21 with two files syncing at once), and one runs per write batch on
-//! every node. The zeros cost one larger sync per `PREALLOCATE` bytes.
+//! every node. The zeros cost one larger sync per `PREALLOCATE` bytes, and
+//! a second copy of every byte of the log: a write of `ZERO_FILL_BELOW`
+//! or more (a busy pipelined round) goes on past them without filling
+//! more, as what they save is a fixed part of each sync.
 //! Zeros after the last record are therefore room, not a torn write; a
 //! full segment is trimmed to its records before the next one starts.
 
@@ -72,6 +75,12 @@ const SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 64 << 20 };
 /// How far ahead of its records the active segment is allocated (small in
 /// unit tests, so that they cross it).
 const PREALLOCATE: u64 = if cfg!(test) { 1 << 10 } else { 4 << 20 };
+/// Writes this large or larger go past the zeros without filling more:
+/// what the zeros save is a fixed part of each sync (recording a longer
+/// file), worth their copy for the few kilobytes of a small batch but not
+/// for a large one, where writing every byte of the log twice was the
+/// larger cost (a write of a pipelined client's round is tens of KB).
+const ZERO_FILL_BELOW: usize = if cfg!(test) { 512 } else { 16 << 10 };
 /// Records read per look at the index, so a long scan never holds the
 /// lock, or a copy of the whole index, for long.
 const SCAN_BATCH: usize = 256;
@@ -465,7 +474,7 @@ impl SegmentLog {
         let path = self.shared.segment_path(self.active);
         let file = self.active_file()?;
         let end = self.active_len + bytes.len() as u64;
-        if end > self.allocated && self.preallocate {
+        if end > self.allocated && self.preallocate && bytes.len() < ZERO_FILL_BELOW {
             self.allocate_ahead(&file, &path, end);
         }
         file.write_all_at(bytes, self.active_len)
@@ -1033,6 +1042,37 @@ mod tests {
             Some(len),
             "a hole or unwritten range at {hole} in the {len} bytes of the segment"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A large write goes past the room without filling more zeros (they
+    /// would double what it writes); the next small one fills again.
+    #[test]
+    fn only_small_writes_fill_zeros_ahead() {
+        let dir = std::env::temp_dir().join(format!("cs-segments-large-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut log = SegmentLog::open(&dir).unwrap();
+        let large = encoded(1, 60, 1);
+        assert!(large.iter().map(Vec::len).sum::<usize>() >= ZERO_FILL_BELOW);
+        log.replace_from(1, &large).unwrap();
+        log.sync().unwrap();
+        let first = segment_path(&dir.join(LOG_DIR), 0);
+        let records = written(&first).len() as u64;
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), records);
+        log.replace_from(61, &encoded(61, 61, 1)).unwrap();
+        log.sync().unwrap();
+        let records = written(&first).len() as u64;
+        let len = std::fs::metadata(&first).unwrap().len();
+        assert!(
+            len >= records + PREALLOCATE,
+            "{len} bytes for {records} of records"
+        );
+        drop(log);
+        // Reopened, every entry is there and the zeros are room.
+        let log = SegmentLog::open(&dir).unwrap();
+        assert!(log.torn_tail().is_none());
+        assert_eq!(log.last_index(), 61);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -31,12 +31,18 @@ pub fn runs(entries: &[Vec<u8>]) -> Vec<(usize, &[Vec<u8>])> {
     runs
 }
 
-/// Packs a write's encoded entries into one stored value.
+/// Packs a write's encoded entries into one stored value (the log writes
+/// the same bytes in place, `codec::put_list` into its record).
+#[cfg(test)]
 pub fn encode(entries: &[Vec<u8>]) -> Vec<u8> {
-    let size = 4 + entries.iter().map(|e| 4 + e.len()).sum::<usize>();
-    let mut bytes = Vec::with_capacity(size);
+    let mut bytes = Vec::with_capacity(encoded_len(entries));
     codec::put_list(&mut bytes, entries);
     bytes
+}
+
+/// The length of `encode(entries)`.
+pub fn encoded_len(entries: &[Vec<u8>]) -> usize {
+    4 + entries.iter().map(|e| 4 + e.len()).sum::<usize>()
 }
 
 /// How many entries a stored value holds, from its header alone.

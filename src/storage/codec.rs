@@ -186,12 +186,25 @@ pub(super) fn frame_at(
 /// Appends `[magic][crc32][payload length][sequence number][payload]` to
 /// `out`, the checksum covering everything after it.
 pub(super) fn put_sequenced(out: &mut Vec<u8>, magic: &[u8; 4], seq: u64, payload: &[u8]) {
+    put_sequenced_with(out, magic, seq, |out| out.extend_from_slice(payload));
+}
+
+/// `put_sequenced` of the payload that `payload` appends to `out`, written
+/// in place rather than built apart and copied in.
+pub(super) fn put_sequenced_with(
+    out: &mut Vec<u8>,
+    magic: &[u8; 4],
+    seq: u64,
+    payload: impl FnOnce(&mut Vec<u8>),
+) {
     let start = out.len();
     out.extend_from_slice(magic);
     put_u32(out, 0);
-    put_u32(out, payload.len() as u32);
+    put_u32(out, 0);
     put_u64(out, seq);
-    out.extend_from_slice(payload);
+    payload(out);
+    let len = (out.len() - start - SEQUENCED_HEADER) as u32;
+    out[start + 8..start + 12].copy_from_slice(&len.to_le_bytes());
     let crc = checksum(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }

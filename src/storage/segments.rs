@@ -350,15 +350,21 @@ impl SegmentLog {
         }
         let path = self.shared.segment_path(self.active);
         let too_large = |what: &str| error(&path, format!("{what} too large for a segment"));
+        // Each record is framed in place: the entries are copied once,
+        // into the bytes written.
+        bytes.reserve(
+            runs.iter()
+                .map(|(_, run)| codec::SEQUENCED_HEADER + 9 + chunk::encoded_len(run))
+                .sum(),
+        );
         for (offset, run) in runs {
             let first = from + offset as Index;
-            let chunk = chunk::encode(run);
-            let mut payload = Vec::with_capacity(9 + chunk.len());
-            payload.push(KIND_ENTRIES);
-            codec::put_u64(&mut payload, first);
-            payload.extend_from_slice(&chunk);
             let at = self.active_len + bytes.len() as u64;
-            let len = self.frame(&mut bytes, &payload);
+            let len = self.frame_with(&mut bytes, |payload| {
+                payload.push(KIND_ENTRIES);
+                codec::put_u64(payload, first);
+                codec::put_list(payload, run);
+            });
             locs.push(Loc {
                 first,
                 count: u32::try_from(run.len()).map_err(|_| too_large("a write"))?,
@@ -454,8 +460,13 @@ impl SegmentLog {
 
     /// Appends a sequenced frame of `payload` to `bytes`; its length.
     fn frame(&mut self, bytes: &mut Vec<u8>, payload: &[u8]) -> usize {
+        self.frame_with(bytes, |out| out.extend_from_slice(payload))
+    }
+
+    /// `frame` of the payload that `payload` appends in place.
+    fn frame_with(&mut self, bytes: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) -> usize {
         let start = bytes.len();
-        codec::put_sequenced(bytes, &MAGIC, self.next_seq, payload);
+        codec::put_sequenced_with(bytes, &MAGIC, self.next_seq, payload);
         self.next_seq = self.next_seq.wrapping_add(1);
         bytes.len() - start
     }

@@ -5,7 +5,7 @@
 //! follower's next batch, a page of an export) never reads much more than
 //! it needs.
 
-use super::codec::{self, Reader};
+use super::codec::Reader;
 use crate::raft::Index;
 
 /// Largest chunk, unless a single entry is larger.
@@ -36,7 +36,7 @@ pub fn runs(entries: &[Vec<u8>]) -> Vec<(usize, &[Vec<u8>])> {
 #[cfg(test)]
 pub fn encode(entries: &[Vec<u8>]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(encoded_len(entries));
-    codec::put_list(&mut bytes, entries);
+    super::codec::put_list(&mut bytes, entries);
     bytes
 }
 

@@ -75,11 +75,12 @@ const SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 64 << 20 };
 /// How far ahead of its records the active segment is allocated (small in
 /// unit tests, so that they cross it).
 const PREALLOCATE: u64 = if cfg!(test) { 1 << 10 } else { 4 << 20 };
-/// Writes this large or larger go past the zeros without filling more:
-/// what the zeros save is a fixed part of each sync (recording a longer
-/// file), worth their copy for the few kilobytes of a small batch but not
-/// for a large one, where writing every byte of the log twice was the
-/// larger cost (a write of a pipelined client's round is tens of KB).
+/// Writes of entries this large or larger go past the zeros without
+/// filling more, and so does the hard state written after them: what the
+/// zeros save is a fixed part of each sync (recording a longer file),
+/// worth their copy for the few kilobytes of a small batch but not for a
+/// large one, where writing every byte of the log twice was the larger
+/// cost (a write of a pipelined client's round is tens of KB or more).
 const ZERO_FILL_BELOW: usize = if cfg!(test) { 512 } else { 16 << 10 };
 /// Records read per look at the index, so a long scan never holds the
 /// lock, or a copy of the whole index, for long.
@@ -390,7 +391,7 @@ impl SegmentLog {
         }
         // Bytes first, then the index: a reader never finds a record
         // that is not there yet.
-        self.append(&bytes)?;
+        self.append(&bytes, bytes.len() < ZERO_FILL_BELOW)?;
         let mut index = self
             .shared
             .index
@@ -415,7 +416,8 @@ impl SegmentLog {
         }
         let mut bytes = Vec::new();
         self.frame(&mut bytes, &payload);
-        self.append(&bytes)?;
+        // Never fills: it follows a batch's entries, whose size decides.
+        self.append(&bytes, false)?;
         self.hard_state = Some(hard_state);
         Ok(())
     }
@@ -481,11 +483,13 @@ impl SegmentLog {
         Ok(())
     }
 
-    fn append(&mut self, bytes: &[u8]) -> Result<(), LogError> {
+    /// Writes `bytes` after the records, first filling zeros ahead if
+    /// `fill` and they would pass the room.
+    fn append(&mut self, bytes: &[u8], fill: bool) -> Result<(), LogError> {
         let path = self.shared.segment_path(self.active);
         let file = self.active_file()?;
         let end = self.active_len + bytes.len() as u64;
-        if end > self.allocated && self.preallocate && bytes.len() < ZERO_FILL_BELOW {
+        if end > self.allocated && self.preallocate && fill {
             self.allocate_ahead(&file, &path, end);
         }
         file.write_all_at(bytes, self.active_len)
@@ -1067,6 +1071,13 @@ mod tests {
         let large = encoded(1, 60, 1);
         assert!(large.iter().map(Vec::len).sum::<usize>() >= ZERO_FILL_BELOW);
         log.replace_from(1, &large).unwrap();
+        // Nor does the small hard state written after it.
+        log.put_hard_state(HardState {
+            term: 1,
+            vote: Some(1),
+            commit: 60,
+        })
+        .unwrap();
         log.sync().unwrap();
         let first = segment_path(&dir.join(LOG_DIR), 0);
         let records = written(&first).len() as u64;

@@ -88,6 +88,13 @@ impl ClientPending {
         self.in_order.binary_search_by_key(&seq, |(s, _)| *s).ok()
     }
 
+    fn get(&self, seq: u64) -> Option<&Awaited> {
+        match self.position(seq) {
+            Some(at) => self.in_order.get(at)?.1.as_ref(),
+            None => self.others.get(&seq),
+        }
+    }
+
     fn get_mut(&mut self, seq: u64) -> Option<&mut Awaited> {
         match self.position(seq) {
             Some(at) => self.in_order.get_mut(at)?.1.as_mut(),
@@ -138,10 +145,7 @@ impl Pending {
     pub(super) fn contains(&self, id: RequestId) -> bool {
         self.clients
             .get(&id.client_id)
-            .is_some_and(|client| match client.position(id.seq) {
-                Some(at) => client.in_order.get(at).is_some_and(|(_, a)| a.is_some()),
-                None => client.others.contains_key(&id.seq),
-            })
+            .is_some_and(|client| client.get(id.seq).is_some())
     }
 
     pub(super) fn get_mut(&mut self, id: RequestId) -> Option<&mut Awaited> {

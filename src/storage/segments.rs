@@ -1060,8 +1060,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A large write goes past the room without filling more zeros (they
-    /// would double what it writes); the next small one fills again.
+    /// A large write, and the small hard state after it, go past the room
+    /// without filling more zeros (they would double what it writes); the
+    /// next small write of entries fills again.
     #[test]
     fn only_small_writes_fill_zeros_ahead() {
         let dir = std::env::temp_dir().join(format!("cs-segments-large-{}", std::process::id()));

@@ -131,9 +131,18 @@ struct AlarmState {
 }
 
 impl Alarm {
-    fn set(&self, due: Instant, waker: Waker) {
+    /// Wakes `waker` at `due`. The thread is told only if that moves
+    /// the alarm earlier or to another task: a receive with nothing due
+    /// sets the same alarm again and again, and waking the thread for
+    /// each cost a futex call per poll.
+    fn set(&self, due: Instant, waker: &Waker) {
         if let Ok(mut state) = self.state.lock() {
-            state.due = Some((due, waker));
+            if let Some((set, set_waker)) = &state.due {
+                if *set <= due && set_waker.will_wake(waker) {
+                    return;
+                }
+            }
+            state.due = Some((due, waker.clone()));
             self.changed.notify_one();
         }
     }
@@ -355,7 +364,7 @@ impl AsyncUdpSocket for DelayedSocket {
         }
         // 3. Nothing due yet: be woken when the next is.
         if let Some(due) = arrivals.next_due() {
-            self.alarm.set(due, cx.waker().clone());
+            self.alarm.set(due, cx.waker());
         }
         Poll::Pending
     }

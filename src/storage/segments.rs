@@ -502,13 +502,7 @@ impl SegmentLog {
     /// from `from`. Only an optimization: a failure is logged and the
     /// pages stay.
     fn drop_cached(&self, segment: u32, from: u64, len: u64) {
-        let file = self
-            .shared
-            .index
-            .read()
-            .ok()
-            .and_then(|index| index.segments.get(segment as usize).cloned());
-        let Some(file) = file else {
+        let Ok(file) = self.segment_file(segment) else {
             return;
         };
         // SAFETY: a syscall on a descriptor that `file` keeps open; it
@@ -630,13 +624,17 @@ impl SegmentLog {
     }
 
     fn active_file(&self) -> Result<Arc<File>, LogError> {
-        let path = self.shared.segment_path(self.active);
+        self.segment_file(self.active)
+    }
+
+    fn segment_file(&self, id: u32) -> Result<Arc<File>, LogError> {
+        let path = self.shared.segment_path(id);
         self.shared
             .index
             .read()
             .map_err(|_| error(&path, "poisoned"))?
             .segments
-            .get(self.active as usize)
+            .get(id as usize)
             .cloned()
             .ok_or_else(|| error(&path, "not open"))
     }

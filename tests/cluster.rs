@@ -830,7 +830,7 @@ fn strangers_and_impostors_are_refused() {
 fn a_peer_link_outlives_overlapping_connections_with_the_peers_certificate() {
     serial(|| async {
         let node_3_leads = |_| vec!["--priorities".to_string(), "3=10".to_string()];
-        let cluster = TestCluster::start_with("overlap", 30, &[1, 2, 3], &[], node_3_leads);
+        let cluster = TestCluster::start_with("overlap", 95, &[1, 2, 3], &[], node_3_leads);
         let admin = cluster.client("client");
         let deadline = std::time::Instant::now() + SECONDS_30;
         while cluster.wait_for_leader(&admin, SECONDS_30).await != 3 {

@@ -184,58 +184,6 @@ fn large_entries_travel_in_appends_that_fit_a_frame() {
     }
 }
 
-/// A lagging follower's entries read back from the store come several
-/// appends' worth at a time (a read is a hand-off to another thread in the
-/// node), and still leave as appends of at most `max_append_entries`, each
-/// following on from the last, as many as the window takes: the follower
-/// catches up through them.
-#[test]
-fn entries_read_back_for_a_follower_leave_in_appends_the_window_takes() {
-    let mut c = Cluster::new(&[1, 2, 3], &[], |cfg| {
-        cfg.memory_entries = 4;
-        cfg.max_append_entries = 10;
-        cfg.max_inflight = 3;
-    });
-    c.elect(1);
-    c.crash(3);
-    for seq in 1..=200 {
-        c.propose(1, 1, seq, &format!("m{seq}"));
-    }
-    c.deliver_all();
-    assert_eq!(c.node(2).commit_index(), 201);
-    c.delivered.clear();
-    c.restart(3);
-    for _ in 0..500 {
-        if c.node(3).log().last_index() == c.node(1).log().last_index() {
-            break;
-        }
-        c.tick_all(1);
-    }
-    assert_eq!(
-        c.node(3).log().last_index(),
-        c.node(1).log().last_index(),
-        "node 3 caught up"
-    );
-    let sizes: Vec<usize> = c
-        .delivered
-        .iter()
-        .filter(|m| m.to == 3)
-        .filter_map(|m| match &m.message {
-            Message::Append { entries, .. } if !entries.is_empty() => Some(entries.len()),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        sizes.iter().all(|n| *n <= 10),
-        "appends of {sizes:?} entries"
-    );
-    assert!(
-        sizes.len() >= 20,
-        "{} appends carried 200 entries",
-        sizes.len()
-    );
-}
-
 /// Proposals arriving together travel as one batch, and the leader keeps
 /// several appends in flight to a follower before hearing back.
 #[test]

@@ -211,7 +211,7 @@ impl RaftNode {
                 self.out.fetches.push(Fetch {
                     to,
                     from: next,
-                    max: self.config.max_append_entries * FETCH_APPENDS,
+                    max: self.config.max_append_entries,
                     max_bytes: self.config.max_append_bytes,
                 });
             }
@@ -294,52 +294,25 @@ impl RaftNode {
             self.send_append(to, true);
             return;
         }
-        let Some(mut prev_term) = self.log.term(from - 1) else {
+        let Some(prev_term) = self.log.term(from - 1) else {
             return;
         };
-        let mut prev_index = from - 1;
-        let mut entries = entries.into_iter().peekable();
-        // As many appends as the window takes; the rest is read again
-        // when it opens.
-        while entries.peek().is_some() {
-            let Some(pr) = self.progress.get_mut(&to) else {
-                return;
-            };
-            if pr.is_paused(max_inflight, max_bytes) {
-                break;
-            }
-            let mut append = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(entry) = entries.next_if(|entry| {
-                append.len() < self.config.max_append_entries
-                    && (append.is_empty()
-                        || bytes.saturating_add(entry.size()) <= self.config.max_append_bytes)
-            }) {
-                bytes = bytes.saturating_add(entry.size());
-                append.push(entry);
-            }
-            let Some(&Entry {
-                index: last,
-                term: last_term,
-                ..
-            }) = append.last()
-            else {
-                break;
-            };
-            pr.sent(prev_index, Some(last), bytes);
-            let lazy = pr.lazy;
-            self.send(
-                to,
-                Message::Append {
-                    prev_index,
-                    prev_term,
-                    entries: append,
-                    commit,
-                    lazy,
-                },
-            );
-            (prev_index, prev_term) = (last, last_term);
-        }
+        pr.sent(
+            from - 1,
+            entries.last().map(|e| e.index),
+            entries_bytes(&entries),
+        );
+        let lazy = pr.lazy;
+        self.send(
+            to,
+            Message::Append {
+                prev_index: from - 1,
+                prev_term,
+                entries,
+                commit,
+                lazy,
+            },
+        );
         while self.send_append(to, false) {}
     }
 
@@ -780,13 +753,6 @@ impl RaftNode {
 }
 
 /// What an append's entries weigh against `Config::max_inflight_bytes`.
-/// How many appends' worth of entries (`Config::max_append_entries`) one
-/// read from the store fetches for a lagging follower, within one append's
-/// bytes (`max_append_bytes`): a read per append was the limit of a WAN
-/// follower's catch-up once reads left the node's thread (each read is a
-/// hand-off to a blocking thread and back).
-const FETCH_APPENDS: usize = 8;
-
 fn entries_bytes(entries: &[Entry]) -> usize {
     entries.iter().map(Entry::size).sum()
 }

@@ -576,11 +576,11 @@ impl Driver {
                 let Fetched { fetch, entries } = *fetched;
                 let entries = match entries {
                     Ok(entries) => entries,
-                    // Read while the driver wrote (the log only appends,
-                    // a cut included, so such a read sees the log as it
-                    // was): should it fail all the same, read again here,
-                    // where nothing writes, and end the node only for
-                    // damage that is still there.
+                    // Read while the driver wrote: a log cut back meanwhile
+                    // (a new leader's entries replacing ones never
+                    // committed) can look damaged to a reader. Read again
+                    // here, where nothing writes: only damage still there
+                    // is real.
                     Err(error) => {
                         tracing::debug!(
                             to = fetch.to,

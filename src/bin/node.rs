@@ -113,8 +113,7 @@ struct RunArgs {
     spin_us: u64,
     /// Threads the node runs on. 1: one thread does everything, the Raft
     /// core, QUIC, TLS and the client API, with no hand-offs between them
-    /// (large writes of the log, and the entries a lagging follower needs
-    /// read back from it, are made on helper threads meanwhile).
+    /// (large writes of the log are made on a helper thread meanwhile).
     /// N > 1: the Raft core has a thread of its own and N - 1 threads do
     /// the network work. Default: 1 on a machine with up to two cores,
     /// else one per core (`default_threads`).

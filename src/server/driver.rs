@@ -50,14 +50,15 @@ pub enum Input {
     /// Entries read back from the store on a blocking thread, for a
     /// lagging follower (`Driver::run_on_runtime`; the driver sends these
     /// to itself).
-    Fetched(Box<Fetched>),
+    Fetched(Fetched),
 }
 
 /// Entries `Fetch` asked for, read back from the store off the node's one
 /// thread: decoding a far-behind WAN follower's entries there took ~14% of
 /// the leader's CPU per message (BENCHMARKS.md).
 pub struct Fetched {
-    fetch: Fetch,
+    to: NodeId,
+    from: Index,
     entries: Result<Vec<Entry>, StoreError>,
 }
 
@@ -174,7 +175,7 @@ impl Inbox {
         tokio::task::yield_now().await;
         loop {
             if let Ok(fetched) = self.fetched.try_recv() {
-                return Ok(Input::Fetched(Box::new(fetched)));
+                return Ok(Input::Fetched(fetched));
             }
             match self.queue.try_recv() {
                 Ok(input) => return Ok(input),
@@ -190,7 +191,7 @@ impl Inbox {
 
     fn try_next(&mut self) -> Option<Input> {
         match self.fetched.try_recv() {
-            Ok(fetched) => Some(Input::Fetched(Box::new(fetched))),
+            Ok(fetched) => Some(Input::Fetched(fetched)),
             Err(_) => self.queue.try_recv().ok(),
         }
     }
@@ -201,8 +202,9 @@ impl Inbox {
         let (sender, wake) = (self.fetched_tx.clone(), self.wake.clone());
         tokio::task::spawn_blocking(move || {
             let fetched = Fetched {
+                to: fetch.to,
+                from: fetch.from,
                 entries: read_fetch(&log, &fetch),
-                fetch,
             };
             // The driver is gone if this fails: nobody needs the entries.
             if sender.send(fetched).is_ok() {
@@ -572,25 +574,8 @@ impl Driver {
                     self.raft.committed_membership_index(),
                 ));
             }
-            Input::Fetched(fetched) => {
-                let Fetched { fetch, entries } = *fetched;
-                let entries = match entries {
-                    Ok(entries) => entries,
-                    // Read while the driver wrote: a log cut back meanwhile
-                    // (a new leader's entries replacing ones never
-                    // committed) can look damaged to a reader. Read again
-                    // here, where nothing writes: only damage still there
-                    // is real.
-                    Err(error) => {
-                        tracing::debug!(
-                            to = fetch.to,
-                            from = fetch.from,
-                            "reading again a fetch that failed off the thread: {error}"
-                        );
-                        read_fetch(&self.store.log, &fetch)?
-                    }
-                };
-                self.raft.fetched(fetch.to, fetch.from, entries);
+            Input::Fetched(Fetched { to, from, entries }) => {
+                self.raft.fetched(to, from, entries?);
             }
             // `run` stops at it.
             Input::Stop => {}

@@ -18,10 +18,10 @@ use tokio::sync::{broadcast, oneshot, watch, Notify};
 use crate::events::NodeEvent;
 use crate::metrics::Metrics;
 use crate::raft::{
-    ChangeError, Committed, Entry, Envelope, FastMap, Fetch, HardState, Index, Lamport, Membership,
+    ChangeError, Committed, Envelope, FastMap, HardState, Index, Lamport, Membership,
     MembershipChange, Message, NodeId, Proposal, ProposeError, RaftNode, Status, Term,
 };
-use crate::storage::{LogReader, StoreError};
+use crate::storage::StoreError;
 
 use super::held_appends::HeldAppends;
 use super::outbox::Outboxes;
@@ -47,19 +47,6 @@ pub enum Input {
     Members(oneshot::Sender<(Status, Membership, Index)>),
     /// Stop the driver (`NodeHandle::stop`).
     Stop,
-    /// Entries read back from the store on a blocking thread, for a
-    /// lagging follower (`Driver::run_on_runtime`; the driver sends these
-    /// to itself).
-    Fetched(Fetched),
-}
-
-/// Entries `Fetch` asked for, read back from the store off the node's one
-/// thread: decoding a far-behind WAN follower's entries there took ~14% of
-/// the leader's CPU per message (BENCHMARKS.md).
-pub struct Fetched {
-    to: NodeId,
-    from: Index,
-    entries: Result<Vec<Entry>, StoreError>,
 }
 
 impl Input {
@@ -131,7 +118,6 @@ impl Inputs {
 /// The driver's queue, of `capacity` inputs.
 pub fn queue(capacity: usize) -> (Inputs, Inbox) {
     let (queue, receiver) = std::sync::mpsc::sync_channel(capacity);
-    let (fetched_tx, fetched) = std::sync::mpsc::channel();
     let wake = Arc::new(Notify::new());
     (
         Inputs {
@@ -141,8 +127,6 @@ pub fn queue(capacity: usize) -> (Inputs, Inbox) {
         Inbox {
             queue: receiver,
             wake,
-            fetched,
-            fetched_tx,
         },
     )
 }
@@ -152,11 +136,6 @@ pub struct Inbox {
     queue: Receiver<Input>,
     /// Notified by each send.
     wake: Arc<Notify>,
-    /// What the driver's own fetches read back (`Input::Fetched`), apart
-    /// from `queue` so that the driver holding a sender does not keep
-    /// `queue` open after every other sender is gone.
-    fetched: Receiver<Fetched>,
-    fetched_tx: std::sync::mpsc::Sender<Fetched>,
 }
 
 impl Inbox {
@@ -174,9 +153,6 @@ impl Inbox {
     async fn next_on_runtime(&mut self, until: Instant) -> Result<Input, RecvTimeoutError> {
         tokio::task::yield_now().await;
         loop {
-            if let Ok(fetched) = self.fetched.try_recv() {
-                return Ok(Input::Fetched(fetched));
-            }
             match self.queue.try_recv() {
                 Ok(input) => return Ok(input),
                 Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
@@ -190,43 +166,16 @@ impl Inbox {
     }
 
     fn try_next(&mut self) -> Option<Input> {
-        match self.fetched.try_recv() {
-            Ok(fetched) => Some(Input::Fetched(fetched)),
-            Err(_) => self.queue.try_recv().ok(),
-        }
+        self.queue.try_recv().ok()
     }
-
-    /// Reads `fetch` from `log` on a blocking thread and hands the entries
-    /// back as an `Input::Fetched` (`next_on_runtime` looks for them).
-    fn fetch_off_thread(&self, log: LogReader, fetch: Fetch) {
-        let (sender, wake) = (self.fetched_tx.clone(), self.wake.clone());
-        tokio::task::spawn_blocking(move || {
-            let fetched = Fetched {
-                to: fetch.to,
-                from: fetch.from,
-                entries: read_fetch(&log, &fetch),
-            };
-            // The driver is gone if this fails: nobody needs the entries.
-            if sender.send(fetched).is_ok() {
-                wake.notify_one();
-            }
-        });
-    }
-}
-
-/// What `fetch` asks of the store.
-fn read_fetch(log: &LogReader, fetch: &Fetch) -> Result<Vec<Entry>, StoreError> {
-    let to = fetch.from.saturating_add(fetch.max as u64 - 1);
-    log.entries_within(fetch.from, to, fetch.max, fetch.max_bytes)
 }
 
 /// What `Driver::process_ready` leaves to its caller.
 struct Processed {
     /// The write to make once the `Ready`'s messages are away.
     write: Option<Job>,
-    /// Entries to read back from the store for lagging followers: `run`
-    /// reads them itself, `run_on_runtime` on a blocking thread.
-    fetches: Vec<Fetch>,
+    /// Entries were read back from the store for a lagging follower.
+    fetched: bool,
 }
 
 /// Whether the driver goes on after taking a round's inputs, and about
@@ -386,13 +335,8 @@ impl Driver {
             }
             self.tick_if_due(&mut next_tick)?;
             while self.raft.has_ready() {
-                let Processed { write, fetches } = self.process_ready()?;
-                if let Some(write) = write {
+                if let Some(write) = self.process_ready()?.write {
                     self.carry_out(vec![write])?;
-                }
-                for fetch in fetches {
-                    let entries = read_fetch(&self.store.log, &fetch)?;
-                    self.raft.fetched(fetch.to, fetch.from, entries);
                 }
             }
             self.end_round();
@@ -416,13 +360,15 @@ impl Driver {
             };
             driver.tick_if_due(&mut next_tick)?;
             while driver.raft.has_ready() {
-                let Processed { write, fetches } = driver.process_ready()?;
-                for fetch in fetches {
-                    driver
-                        .inbox
-                        .fetch_off_thread(driver.store.log.clone(), fetch);
-                }
+                let Processed { write, fetched } = driver.process_ready()?;
                 let Some(write) = write else {
+                    if fetched {
+                        // The peer links send what was read back before
+                        // the next `Ready` reads more: a lagging follower's
+                        // whole window (32 MB) read at once doubled the
+                        // leader's RSS and halved the catch-up rate.
+                        tokio::task::yield_now().await;
+                    }
                     continue;
                 };
                 tokio::task::yield_now().await;
@@ -574,9 +520,6 @@ impl Driver {
                     self.raft.committed_membership_index(),
                 ));
             }
-            Input::Fetched(Fetched { to, from, entries }) => {
-                self.raft.fetched(to, from, entries?);
-            }
             // `run` stops at it.
             Input::Stop => {}
         }
@@ -662,9 +605,16 @@ impl Driver {
             }
         }
         // 4. A lagging follower needs entries the core no longer holds in
-        //    memory: the caller reads them back from the store (they are
-        //    durable).
-        let fetches = ready.fetches;
+        //    memory: read them back from the store (they are durable).
+        let fetched = !ready.fetches.is_empty();
+        for fetch in ready.fetches {
+            let to = fetch.from.saturating_add(fetch.max as u64 - 1);
+            let entries =
+                self.store
+                    .log
+                    .entries_within(fetch.from, to, fetch.max, fetch.max_bytes)?;
+            self.raft.fetched(fetch.to, fetch.from, entries);
+        }
         // 5. Write and sync, then send what acknowledges the entries
         //    written (`persisted_messages`) and take in what is durable
         //    (`StoreEvent::Durable`: when a leader counts its own copy).
@@ -677,12 +627,12 @@ impl Driver {
                     then_send: ready.persisted_messages,
                     linger: ready.linger,
                 }),
-                fetches,
+                fetched,
             });
         }
         Ok(Processed {
             write: None,
-            fetches,
+            fetched,
         })
     }
 

@@ -8,7 +8,9 @@
 //! limits the run; `BENCH_CATCHUP` sets the catch-up size (0: skip it);
 //! `BENCH_ONLY=one`, `=many` or `=pipelined` runs that load phase alone
 //! (`BENCH_BATCH`: the pipelined client's messages per send, default
-//! `client::LINES_PER_BATCH`, what `node send -` sends).
+//! `client::LINES_PER_BATCH`, what `node send -` sends). `BENCH_NODES=5`
+//! runs five voters instead of three (on the WAN, Frankfurt and Tokyo
+//! join: `common::wan_delay`).
 
 mod common;
 
@@ -187,7 +189,10 @@ fn main() {
     runtime.block_on(async {
         let only = std::env::var("BENCH_TOPOLOGY")
             .unwrap_or_else(|_| if smoke { "loopback".into() } else { String::new() });
-        for (topology, wan, ip) in [("loopback", false, 150u8), ("WAN 70/90/155 ms", true, 151)] {
+        let nodes = env_u64("BENCH_NODES", 3).clamp(3, 5);
+        let sites = if nodes == 5 { "5 nodes, WAN of 5 sites" } else { "WAN 70/90/155 ms" };
+        let lan = if nodes == 5 { "5 nodes, loopback" } else { "loopback" };
+        for (topology, wan, ip) in [(lan, false, 150u8), (sites, true, 151)] {
             if only == "none" || (only == "wan" && !wan) || (only == "loopback" && wan) {
                 continue;
             }
@@ -199,7 +204,7 @@ fn main() {
             let mut failovers = Vec::new();
             let mut elections = 0;
             for run in 0..runs {
-                let mut cluster = start(&format!("bench-{ip}-{run}"), ip, 3, wan);
+                let mut cluster = start(&format!("bench-{ip}-{run}"), ip, nodes, wan);
                 let admin = cluster.client("client");
                 leader_of(&cluster, &admin).await;
                 tokio::time::sleep(Duration::from_secs(if wan { 3 } else { 1 })).await;

@@ -190,9 +190,10 @@ fn main() {
         let only = std::env::var("BENCH_TOPOLOGY")
             .unwrap_or_else(|_| if smoke { "loopback".into() } else { String::new() });
         // Three voters, or the five sites `wan_delay` knows.
-        let nodes = if env_u64("BENCH_NODES", 3) == 5 { 5 } else { 3 };
-        let sites = if nodes == 5 { "5 nodes, WAN of 5 sites" } else { "WAN 70/90/155 ms" };
-        let lan = if nodes == 5 { "5 nodes, loopback" } else { "loopback" };
+        let (nodes, lan, sites) = match env_u64("BENCH_NODES", 3) {
+            5 => (5, "5 nodes, loopback", "5 nodes, WAN of 5 sites"),
+            _ => (3, "loopback", "WAN 70/90/155 ms"),
+        };
         for (topology, wan, ip) in [(lan, false, 150u8), (sites, true, 151)] {
             if only == "none" || (only == "wan" && !wan) || (only == "loopback" && wan) {
                 continue;

@@ -627,6 +627,7 @@ impl SegmentLog {
         self.segment_file(self.active)
     }
 
+    /// Segment `id`'s open file, from the index the readers share.
     fn segment_file(&self, id: u32) -> Result<Arc<File>, LogError> {
         let path = self.shared.segment_path(id);
         self.shared

@@ -1,6 +1,8 @@
 //! The README's run command, end to end: `scripts/demo.sh` must leave a
 //! complete output.txt and identical backups after killing the leader.
 
+mod nodes;
+
 use std::collections::HashSet;
 use std::process::Command;
 
@@ -9,13 +11,14 @@ fn demo_script_leaves_output_and_identical_backups() {
     let root = env!("CARGO_MANIFEST_DIR");
     let work = std::env::temp_dir().join(format!("cluster-store-demo-{}", std::process::id()));
     let shared = work.join("shared_data");
+    let _claim = nodes::claim_address(130);
     let output = Command::new("bash")
         .arg(format!("{root}/scripts/demo.sh"))
         .args(["--messages", "10"])
         .env("NODE_BIN", env!("CARGO_BIN_EXE_node"))
         .env("DEMO_DIR", work.join("demo"))
         .env("SHARED_DATA", &shared)
-        .env("DEMO_HOST", "127.0.0.18")
+        .env("DEMO_HOST", "127.0.0.130")
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run scripts/demo.sh");

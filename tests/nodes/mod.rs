@@ -55,6 +55,64 @@ pub struct TestCluster {
     pub views: BTreeMap<NodeId, String>,
     /// Environment variables for every node.
     pub env: Vec<(String, String)>,
+    /// Declared last: released after `Drop` killed the nodes.
+    _claim: AddressClaim,
+}
+
+/// A hold on one loopback address (127.0.0.x, every port) for as long as a
+/// test uses it. `cargo nextest` runs each test in a process of its own,
+/// side by side, and two tests that picked the same address took each
+/// other's messages: the chaos test and the overlap test both failed on
+/// 127.0.0.30, and the demo shared 127.0.0.18 with the pipeline test. A
+/// claim held by another process is waited for (a lock file); one held in
+/// this process is a test bug and panics rather than wait forever.
+pub struct AddressClaim {
+    octet: u8,
+    _lock: std::fs::File,
+}
+
+/// Octets claimed in this process.
+static CLAIMED: std::sync::Mutex<std::collections::BTreeSet<u8>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Claims 127.0.0.`octet`, waiting while another test process holds it.
+pub fn claim_address(octet: u8) -> AddressClaim {
+    let fresh = CLAIMED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(octet);
+    assert!(
+        fresh,
+        "127.0.0.{octet} is already claimed in this test process: give the second cluster an address of its own"
+    );
+    let dir = std::env::temp_dir().join("cluster-store-test-addresses");
+    std::fs::create_dir_all(&dir).expect("address claims directory");
+    let path = dir.join(format!("127.0.0.{octet}"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("127.0.0.{octet} is in use by another test process: waiting for it");
+            lock.lock()
+                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+        }
+        Err(std::fs::TryLockError::Error(e)) => panic!("lock {}: {e}", path.display()),
+    }
+    AddressClaim { octet, _lock: lock }
+}
+
+impl Drop for AddressClaim {
+    fn drop(&mut self) {
+        CLAIMED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.octet);
+    }
 }
 
 /// Resident memory of a process in KiB (0 if it is gone).
@@ -110,6 +168,25 @@ impl TestCluster {
         learners: &[NodeId],
         extra: impl Fn(NodeId) -> Vec<String>,
     ) -> Self {
+        let mut cluster = Self::prepare_members(name, ip_octet, voters, learners);
+        for id in voters.iter().chain(learners) {
+            cluster.extra.insert(*id, extra(*id));
+        }
+        for id in voters.iter().chain(learners) {
+            cluster.launch(*id);
+        }
+        cluster
+    }
+
+    /// Makes certificates only; nodes start with `launch` once `views` are set.
+    pub fn prepare(name: &str, ip_octet: u8, voters: &[NodeId]) -> Self {
+        Self::prepare_members(name, ip_octet, voters, &[])
+    }
+
+    /// Claims 127.0.0.`ip_octet` (`claim_address`), and makes a fresh
+    /// directory and certificates for `voters` and `learners`.
+    fn prepare_members(name: &str, ip_octet: u8, voters: &[NodeId], learners: &[NodeId]) -> Self {
+        let claim = claim_address(ip_octet);
         let dir = std::env::temp_dir().join(format!("cluster-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -126,51 +203,17 @@ impl TestCluster {
             .status()
             .expect("run node certs init");
         assert!(status.success(), "node certs init failed");
-        let mut cluster = TestCluster {
+        TestCluster {
             dir,
             ip: format!("127.0.0.{ip_octet}"),
             voters: voters.to_vec(),
             learners: learners.to_vec(),
             joined: Vec::new(),
             children: BTreeMap::new(),
-            extra: voters
-                .iter()
-                .chain(learners)
-                .map(|id| (*id, extra(*id)))
-                .collect(),
-            views: BTreeMap::new(),
-            env: Vec::new(),
-        };
-        for id in voters.iter().chain(learners) {
-            cluster.launch(*id);
-        }
-        cluster
-    }
-
-    /// Makes certificates only; nodes start with `launch` once `views` are set.
-    pub fn prepare(name: &str, ip_octet: u8, voters: &[NodeId]) -> Self {
-        let dir = std::env::temp_dir().join(format!("cluster-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let all: Vec<String> = voters.iter().map(|n| n.to_string()).collect();
-        let status = Command::new(BIN)
-            .args(["certs", "init", "--out"])
-            .arg(dir.join("certs"))
-            .args(["--nodes", &all.join(","), "--clients", "alice,bob,carol"])
-            .stdout(Stdio::null())
-            .status()
-            .expect("run node certs init");
-        assert!(status.success(), "node certs init failed");
-        TestCluster {
-            dir,
-            ip: format!("127.0.0.{ip_octet}"),
-            voters: voters.to_vec(),
-            learners: Vec::new(),
-            joined: Vec::new(),
-            children: BTreeMap::new(),
             extra: BTreeMap::new(),
             views: BTreeMap::new(),
             env: Vec::new(),
+            _claim: claim,
         }
     }
 

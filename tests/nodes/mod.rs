@@ -18,16 +18,17 @@ use cluster_store::wire::ExportedEntry;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node");
 
-/// The binary the cluster's nodes run: `BIN`, or another build named by
-/// `CLUSTER_STORE_NODE_BIN` (to compare two versions in one benchmark
-/// sitting).
 /// Real clusters share this machine's two cores: tests that start one run
-/// one at a time, each on its own two-worker runtime.
+/// one at a time, each on its own two-worker runtime. One at a time across
+/// processes too (a lock file): `cargo nextest` runs every test in a
+/// process of its own, two side by side here, and a mutex in each process
+/// serialised nothing.
 pub fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _lock = lock_file("serial", "another test process runs a cluster");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -36,6 +37,34 @@ pub fn serial<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
     runtime.block_on(test());
 }
 
+/// An exclusive lock on `name` among the test processes' lock files,
+/// waited for (saying `why`) if another process holds it; released when
+/// the file is dropped.
+fn lock_file(name: &str, why: &str) -> std::fs::File {
+    let dir = std::env::temp_dir().join("cluster-store-test-locks");
+    std::fs::create_dir_all(&dir).expect("test locks directory");
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!("{why}: waiting for it");
+            file.lock()
+                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+        }
+        Err(std::fs::TryLockError::Error(e)) => panic!("lock {}: {e}", path.display()),
+    }
+    file
+}
+
+/// The binary the cluster's nodes run: `BIN`, or another build named by
+/// `CLUSTER_STORE_NODE_BIN` (to compare two versions in one benchmark
+/// sitting).
 fn server_bin() -> String {
     std::env::var("CLUSTER_STORE_NODE_BIN").unwrap_or_else(|_| BIN.to_string())
 }
@@ -64,7 +93,7 @@ pub struct TestCluster {
 /// side by side, and two tests that picked the same address took each
 /// other's messages: the chaos test and the overlap test both failed on
 /// 127.0.0.30, and the demo shared 127.0.0.18 with the pipeline test. A
-/// claim held by another process is waited for (a lock file); one held in
+/// claim held by another process is waited for (`lock_file`); one held in
 /// this process is a test bug and panics rather than wait forever.
 pub struct AddressClaim {
     octet: u8,
@@ -85,24 +114,10 @@ pub fn claim_address(octet: u8) -> AddressClaim {
         fresh,
         "127.0.0.{octet} is already claimed in this test process: give the second cluster an address of its own"
     );
-    let dir = std::env::temp_dir().join("cluster-store-test-addresses");
-    std::fs::create_dir_all(&dir).expect("address claims directory");
-    let path = dir.join(format!("127.0.0.{octet}"));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            eprintln!("127.0.0.{octet} is in use by another test process: waiting for it");
-            lock.lock()
-                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
-        }
-        Err(std::fs::TryLockError::Error(e)) => panic!("lock {}: {e}", path.display()),
-    }
+    let lock = lock_file(
+        &format!("127.0.0.{octet}"),
+        &format!("127.0.0.{octet} is in use by another test process"),
+    );
     AddressClaim { octet, _lock: lock }
 }
 

@@ -19,7 +19,9 @@ sitting:
   cargo bench --bench nats
 
 and writes everything they print, with the load average before each, to
-FILE as well (default: target/bench-peers-<date>.log).
+FILE as well (default: target/bench-peers-<date>.log). Last, it prints
+issue 16's targets beside what the sitting measured
+(scripts/bench-targets.py FILE, which reads any such log).
 
 Environment, passed to the benches: BENCH_RUNS (default 3), BENCH_SECONDS
 (default 5), BENCH_FAILOVERS (etcd, default 5), BENCH_CATCHUP,
@@ -70,4 +72,5 @@ for bench in cluster etcd nats; do
     note "cargo bench --bench $bench; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     cargo bench --bench "$bench" 2>&1 | tee -a "$log"
 done
+python3 scripts/bench-targets.py "$log" 2>&1 | tee -a "$log" || true
 note "done; load average: $(cut -d' ' -f1-3 /proc/loadavg); output in $log"

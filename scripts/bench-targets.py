@@ -3,8 +3,10 @@
 each of issue 16's targets beside what the sitting measured: the ratios
 that otherwise have to be worked out by hand from three tables. Catch-up
 and memory have no fixed target ("nothing gets worse"): compare them
-with the last sitting's table in BENCHMARKS.md. It reports, never asserts: the exit status is 0 whatever the figures, and 2
-only when the log lacks a line it needs (named in the message).
+with the last sitting's table in BENCHMARKS.md. It reports, never
+asserts: the exit status is 0 whatever the figures, and 2 only when the
+log lacks a line it needs (named in the message; a `BENCH_NODES=5`
+sitting has other labels and no targets here).
 
 usage: scripts/bench-targets.py LOG
 """
@@ -69,6 +71,8 @@ def rows(log):
     wan = wan_label(log)
     wan_pipelined = number(table_row(log, f"{wan}: pipelined client"), r"(\d+) msg/s", "rate")
     many_rate = number(many, r"(\d+) msg/s", "rate")
+    many_p99 = number(many, r"p99 ([0-9.]+) ms", "p99")
+    one_p50 = number(one, r"p50 ([0-9.]+) ms", "p50")
     nats_rate = number(nats_many, r"(\d+) msg/s", "rate")
     loop_kills = failovers(log, "loopback")
     wan_kills = failovers(log, wan)
@@ -80,10 +84,8 @@ def rows(log):
         ("64 clients vs NATS JetStream", ">= 1.2x",
          f"{many_rate / nats_rate:.2f}x ({many_rate:,.0f} vs {nats_rate:,.0f} msg/s)",
          many_rate >= 1.2 * nats_rate),
-        ("64 clients p99", "< 10 ms", f"{number(many, r'p99 ([0-9.]+) ms', 'p99')} ms",
-         number(many, r"p99 ([0-9.]+) ms", "p99") < 10),
-        ("1 client p50", "< 0.5 ms", f"{number(one, r'p50 ([0-9.]+) ms', 'p50')} ms",
-         number(one, r"p50 ([0-9.]+) ms", "p50") < 0.5),
+        ("64 clients p99", "< 10 ms", f"{many_p99} ms", many_p99 < 10),
+        ("1 client p50", "< 0.5 ms", f"{one_p50} ms", one_p50 < 0.5),
         ("WAN pipelined / loopback", ">= 85%",
          f"{100 * wan_pipelined / pipelined:.1f}% ({wan_pipelined:,.0f} / {pipelined:,.0f})",
          wan_pipelined >= 0.85 * pipelined),

@@ -1242,3 +1242,22 @@ fn missing_certificates_are_named_once_with_the_way_to_make_them() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A test cluster's address is its own while it lives: claimed twice in
+/// one process is a test bug, said at once with the address (waiting
+/// would hang forever); dropped, the claim is free for the next cluster.
+#[test]
+fn an_address_claimed_twice_in_one_process_is_refused_until_released() {
+    let first = nodes::claim_address(250);
+    let second = std::panic::catch_unwind(|| nodes::claim_address(250));
+    let message = second
+        .err()
+        .and_then(|panic| panic.downcast_ref::<String>().cloned())
+        .expect("a second claim of 127.0.0.250 panics with a message");
+    assert!(
+        message.contains("127.0.0.250 is already claimed in this test process"),
+        "{message}"
+    );
+    drop(first);
+    let _again = nodes::claim_address(250);
+}

@@ -186,8 +186,6 @@ impl TestCluster {
         let mut cluster = Self::prepare_members(name, ip_octet, voters, learners);
         for id in voters.iter().chain(learners) {
             cluster.extra.insert(*id, extra(*id));
-        }
-        for id in voters.iter().chain(learners) {
             cluster.launch(*id);
         }
         cluster

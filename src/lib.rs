@@ -13,3 +13,4 @@ pub mod storage;
 pub mod tls;
 pub mod udp;
 pub mod wire;
+pub mod zero_copy;

@@ -487,7 +487,9 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
             received: read,
         });
     }
-    decode(&body).map(|value| Some((value, 4 + len)))
+    // Messages in the frame stay in its buffer (`zero_copy`).
+    let body = bytes::Bytes::from(body);
+    crate::zero_copy::sharing(&body, || decode(&body)).map(|value| Some((value, 4 + len)))
 }
 
 #[cfg(test)]

@@ -49,8 +49,13 @@ pub struct Command {
     /// Who sent it, as the runtime authenticated them (a certificate name).
     /// Shared: the leader copies each entry into its appends, its write
     /// and its commit report, and a `String` here was an allocation and a
-    /// free per copy on the busiest thread.
+    /// free per copy on the busiest thread. Decoded entries share it too
+    /// (`zero_copy`).
+    #[serde(deserialize_with = "crate::zero_copy::sender")]
     pub sender: Arc<str>,
+    /// Decoded from a received frame or a read of the log, a slice of
+    /// that buffer rather than a copy (`zero_copy`).
+    #[serde(deserialize_with = "crate::zero_copy::message")]
     pub data: Bytes,
 }
 

@@ -13,17 +13,17 @@ pub const CHUNK_BYTES: usize = 6 << 10;
 
 /// Splits a write's encoded entries into runs of at most `CHUNK_BYTES`
 /// each (a run always has at least one entry): `(offset, entries)`.
-pub fn runs(entries: &[Vec<u8>]) -> Vec<(usize, &[Vec<u8>])> {
+pub fn runs<T: AsRef<[u8]>>(entries: &[T]) -> Vec<(usize, &[T])> {
     let mut runs = Vec::new();
     let mut start = 0;
     let mut size = 4;
     for (i, entry) in entries.iter().enumerate() {
-        if i > start && size + 4 + entry.len() > CHUNK_BYTES {
+        if i > start && size + 4 + entry.as_ref().len() > CHUNK_BYTES {
             runs.push((start, &entries[start..i]));
             start = i;
             size = 4;
         }
-        size += 4 + entry.len();
+        size += 4 + entry.as_ref().len();
     }
     if start < entries.len() {
         runs.push((start, &entries[start..]));
@@ -41,8 +41,8 @@ pub fn encode(entries: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// The length of `encode(entries)`.
-pub fn encoded_len(entries: &[Vec<u8>]) -> usize {
-    4 + entries.iter().map(|e| 4 + e.len()).sum::<usize>()
+pub fn encoded_len<T: AsRef<[u8]>>(entries: &[T]) -> usize {
+    4 + entries.iter().map(|e| 4 + e.as_ref().len()).sum::<usize>()
 }
 
 /// How many entries a stored value holds, from its header alone.
@@ -122,6 +122,6 @@ mod tests {
         let huge = vec![vec![1u8; CHUNK_BYTES * 2], vec![2u8; 10]];
         let runs = super::runs(&huge);
         assert_eq!(runs.len(), 2, "an entry larger than a chunk gets its own");
-        assert!(super::runs(&[]).is_empty());
+        assert!(super::runs::<Vec<u8>>(&[]).is_empty());
     }
 }

@@ -49,8 +49,26 @@ pub(super) fn options() -> impl Options {
         .with_limit(64 << 20)
 }
 
+#[cfg(test)]
 pub(super) fn encode_entry(entry: &Entry) -> Result<Vec<u8>, bincode::Error> {
     options().serialize(entry)
+}
+
+/// Encodes `entries` back to back at the end of `buffer` (one allocation, one
+/// pass over each entry, where `encode_entry` sizes it first and then
+/// allocates for it), handing back each one's bytes.
+pub(super) fn encode_entries(
+    entries: &[Entry],
+    buffer: &mut Vec<u8>,
+) -> Result<Vec<std::ops::Range<usize>>, bincode::Error> {
+    buffer.reserve(entries.iter().map(Entry::size).sum());
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let start = buffer.len();
+        options().serialize_into(&mut *buffer, entry)?;
+        ranges.push(start..buffer.len());
+    }
+    Ok(ranges)
 }
 
 pub(super) fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
@@ -70,9 +88,10 @@ pub(super) fn put_u64(out: &mut Vec<u8>, value: u64) {
 }
 
 /// `[count: u32]`, then each item as `[length: u32][bytes]`.
-pub(super) fn put_list(out: &mut Vec<u8>, items: &[Vec<u8>]) {
+pub(super) fn put_list<T: AsRef<[u8]>>(out: &mut Vec<u8>, items: &[T]) {
     put_u32(out, items.len() as u32);
     for item in items {
+        let item = item.as_ref();
         put_u32(out, item.len() as u32);
         out.extend_from_slice(item);
     }

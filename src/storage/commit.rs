@@ -140,13 +140,10 @@ impl Disk {
         write: Option<&LogWrite>,
     ) -> Result<(), StoreError> {
         if let Some(write) = write {
-            let entries = write
-                .entries
-                .iter()
-                .map(|entry| {
-                    codec::encode_entry(entry).map_err(|e| StoreError::write(&self.dir, e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut encoded = Vec::new();
+            let ranges = codec::encode_entries(&write.entries, &mut encoded)
+                .map_err(|e| StoreError::write(&self.dir, e))?;
+            let entries: Vec<&[u8]> = ranges.into_iter().map(|r| &encoded[r]).collect();
             self.log
                 .replace_from(write.from, &entries)
                 .map_err(|e| StoreError::from_log(&self.dir, e))?;

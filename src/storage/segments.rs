@@ -70,6 +70,7 @@ use std::sync::{Arc, RwLock};
 use super::chunk;
 use super::codec::{self, FrameError, Reader, MAX_RECORD};
 use crate::raft::{Entry, HardState, Index};
+use crate::zero_copy;
 
 /// The directory of the segments, inside the data directory.
 pub const LOG_DIR: &str = "log";
@@ -365,7 +366,11 @@ impl SegmentLog {
 
     /// Replaces the entries from `from` on with `entries` (encoded), or
     /// removes them if there are none. Durable at the next `sync`.
-    pub fn replace_from(&mut self, from: Index, entries: &[Vec<u8>]) -> Result<(), LogError> {
+    pub fn replace_from<T: AsRef<[u8]>>(
+        &mut self,
+        from: Index,
+        entries: &[T],
+    ) -> Result<(), LogError> {
         self.prepare_append()?;
         let mut bytes = Vec::new();
         let mut locs = Vec::new();
@@ -922,10 +927,12 @@ impl SegmentReader {
                 let damaged = |what: String| {
                     ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
                 };
-                let mut bytes = vec![0u8; loc.len as usize];
-                file.read_exact_at(&mut bytes, loc.offset as u64)
+                let mut record = vec![0u8; loc.len as usize];
+                file.read_exact_at(&mut record, loc.offset as u64)
                     .map_err(|e| damaged(e.to_string()))?;
-                let (first, chunk) = match record_at(&bytes).map_err(damaged)? {
+                // Messages stay in the record's buffer (`zero_copy`).
+                let record = bytes::Bytes::from(record);
+                let (first, chunk) = match record_at(&record).map_err(damaged)? {
                     (_, Record::Entries { from, chunk }, _) => (from, chunk),
                     _ => {
                         return Err(damaged(
@@ -947,9 +954,10 @@ impl SegmentReader {
                     if index > to || left == 0 {
                         return Ok(expected - 1);
                     }
-                    let entry = codec::decode_entry(bytes).map_err(|what| {
-                        ScanError::Damaged(damage(&path, format!("log entry {index}: {what}")))
-                    })?;
+                    let entry = zero_copy::sharing(&record, || codec::decode_entry(bytes))
+                        .map_err(|what| {
+                            ScanError::Damaged(damage(&path, format!("log entry {index}: {what}")))
+                        })?;
                     if entry.index != index {
                         return Err(ScanError::Damaged(damage(
                             &path,
@@ -1041,7 +1049,7 @@ mod tests {
         assert!(log.active > 3, "only {} segments", log.active + 1);
         // A new leader replaces everything from 1500 on, then 1800 on goes.
         log.replace_from(1500, &encoded(1500, 1900, 2)).unwrap();
-        log.replace_from(1800, &[]).unwrap();
+        log.replace_from::<Vec<u8>>(1800, &[]).unwrap();
         let hard_state = HardState {
             term: 2,
             vote: Some(3),

@@ -475,17 +475,21 @@ pub async fn read_frame_sized<R: AsyncReadExt + Unpin, T: DeserializeOwned>(
         return Err(WireError::TooLarge(len));
     }
     // Grow the buffer as bytes arrive rather than trusting the prefix:
-    // a stream that announces 16 MiB and sends nothing costs nothing.
+    // a stream that announces 16 MiB and sends nothing costs nothing. It
+    // doubles, but never past the announced length, so the frame's
+    // entries (which keep the buffer, `zero_copy`) hold no slack.
     let mut body = Vec::with_capacity(len.min(64 << 10));
-    let read = (&mut *reader)
-        .take(len as u64)
-        .read_to_end(&mut body)
-        .await?;
-    if read < len {
-        return Err(WireError::Truncated {
-            expected: len,
-            received: read,
-        });
+    while body.len() < len {
+        if body.len() == body.capacity() {
+            body.reserve_exact(body.len().min(len - body.len()));
+        }
+        let want = (len - body.len()) as u64;
+        if (&mut *reader).take(want).read_buf(&mut body).await? == 0 {
+            return Err(WireError::Truncated {
+                expected: len,
+                received: body.len(),
+            });
+        }
     }
     // Messages in the frame stay in its buffer (`zero_copy`).
     let body = bytes::Bytes::from(body);
@@ -565,6 +569,49 @@ mod tests {
             read_frame::<_, ClientRequest>(&mut huge).await,
             Err(WireError::TooLarge(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_arriving_in_small_pieces_reads_whole() {
+        use crate::raft::{Command, Entry, Message, Payload};
+        // ~600 KB of entries, through a pipe that carries 1 KiB at a time:
+        // the buffer grows across many reads and past its first 64 KiB.
+        let entries: Vec<Entry> = (1..=300)
+            .map(|index| Entry {
+                index,
+                term: 2,
+                lamport: index,
+                payload: Payload::Command(Command {
+                    client_id: 9,
+                    seq: index,
+                    sender: if index % 2 == 0 { "even" } else { "odd" }.into(),
+                    data: vec![index as u8; 2000].into(),
+                }),
+            })
+            .collect();
+        let frame = PeerFrame::Raft(Envelope {
+            from: 1,
+            to: 2,
+            term: 2,
+            lamport: 300,
+            message: Message::Append {
+                prev_index: 0,
+                prev_term: 0,
+                entries,
+                commit: 0,
+                lazy: false,
+            },
+        });
+        let (mut writer, mut reader) = tokio::io::duplex(1024);
+        let sent = frame.clone();
+        let writing = tokio::spawn(async move { write_frame(&mut writer, &sent).await });
+        let (read, size) = read_frame_sized::<_, PeerFrame>(&mut reader)
+            .await
+            .unwrap()
+            .unwrap();
+        writing.await.unwrap().unwrap();
+        assert_eq!(read, frame);
+        assert_eq!(size, encode(&frame).unwrap().len());
     }
 
     #[tokio::test]

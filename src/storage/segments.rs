@@ -923,9 +923,12 @@ impl SegmentReader {
                 break;
             }
             for (loc, file) in batch {
-                let path = self.shared.segment_path(loc.segment);
+                // Named only when something is wrong: formatting it for
+                // every record was a tenth of reading a far follower's
+                // appends back.
+                let path = || self.shared.segment_path(loc.segment);
                 let damaged = |what: String| {
-                    ScanError::Damaged(damage(&path, format!("offset {}: {what}", loc.offset)))
+                    ScanError::Damaged(damage(&path(), format!("offset {}: {what}", loc.offset)))
                 };
                 let mut record = vec![0u8; loc.len as usize];
                 file.read_exact_at(&mut record, loc.offset as u64)
@@ -956,11 +959,14 @@ impl SegmentReader {
                     }
                     let entry = zero_copy::sharing(&record, || codec::decode_entry(bytes))
                         .map_err(|what| {
-                            ScanError::Damaged(damage(&path, format!("log entry {index}: {what}")))
+                            ScanError::Damaged(damage(
+                                &path(),
+                                format!("log entry {index}: {what}"),
+                            ))
                         })?;
                     if entry.index != index {
                         return Err(ScanError::Damaged(damage(
-                            &path,
+                            &path(),
                             format!("log entry {index} is stored as entry {}", entry.index),
                         )));
                     }

@@ -572,7 +572,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_frame_arriving_in_small_pieces_reads_whole() {
+    async fn a_large_frame_arriving_in_small_pieces_reads_whole_and_no_further() {
         use crate::raft::{Command, Entry, Message, Payload};
         // ~600 KB of entries, through a pipe that carries 1 KiB at a time:
         // the buffer grows across many reads and past its first 64 KiB.
@@ -602,16 +602,27 @@ mod tests {
                 lazy: false,
             },
         });
+        // A second frame follows at once: the first read must stop at its
+        // own frame's end, never taking the next one's bytes.
+        let next = PeerFrame::Hello(PeerHello {
+            cluster_id: "c".into(),
+            cluster_digest: 7,
+        });
         let (mut writer, mut reader) = tokio::io::duplex(1024);
-        let sent = frame.clone();
-        let writing = tokio::spawn(async move { write_frame(&mut writer, &sent).await });
+        let sent = (frame.clone(), next.clone());
+        let writing = tokio::spawn(async move {
+            write_frame(&mut writer, &sent.0).await?;
+            write_frame(&mut writer, &sent.1).await
+        });
         let (read, size) = read_frame_sized::<_, PeerFrame>(&mut reader)
             .await
             .unwrap()
             .unwrap();
-        writing.await.unwrap().unwrap();
         assert_eq!(read, frame);
         assert_eq!(size, encode(&frame).unwrap().len());
+        let after = read_frame::<_, PeerFrame>(&mut reader).await.unwrap();
+        assert_eq!(after, Some(next));
+        writing.await.unwrap().unwrap();
     }
 
     #[tokio::test]

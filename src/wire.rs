@@ -386,15 +386,9 @@ fn options() -> impl Options {
         .reject_trailing_bytes()
 }
 
-/// `[length: u32, big-endian][bincode body]`. The body is sized first
-/// (which is also where a value over `MAX_FRAME` is caught) and then
-/// written straight behind the length, in one buffer of its exact size:
-/// the frame of an append goes to quinn as it is (`Bytes`, no copy), and
-/// encoding into a body of its own and then copying that behind the
-/// length was a second pass over every entry sent.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
-    let size = match options().serialized_size(value) {
-        Ok(size) => size as usize,
+    let body = match options().serialize(value) {
+        Ok(body) => body,
         // Over the limit: say by how much, so a caller can tell a request
         // no node would take from one that failed on the way.
         Err(error) if matches!(*error, bincode::ErrorKind::SizeLimit) => {
@@ -408,23 +402,12 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
         }
         Err(error) => return Err(WireError::Unencodable(error.to_string())),
     };
-    if size > MAX_FRAME {
-        return Err(WireError::TooLarge(size));
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
     }
-    let mut frame = Vec::with_capacity(4 + size);
-    frame.extend_from_slice(&(size as u32).to_be_bytes());
-    // Sized already: the options without the limit, whose check would
-    // size the value a second time. The bytes are the same.
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .serialize_into(&mut frame, value)
-        .map_err(|error| WireError::Unencodable(error.to_string()))?;
-    if frame.len() != 4 + size {
-        return Err(WireError::Unencodable(format!(
-            "sized at {size} bytes, encoded to {}",
-            frame.len() - 4
-        )));
-    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
     Ok(frame)
 }
 

@@ -586,12 +586,10 @@ fn knock(endpoint: &Endpoint, peers: &Peers, address: &Address, peer: NodeId) {
 }
 
 /// Writes queued frames to `stream` until the queue closes or the stream
-/// breaks. quinn keeps each frame's own buffer until the peer acknowledges
-/// it (`write_chunk`; `write_all` copied every append into a buffer of
-/// quinn's, one more pass over memory that then lives a round trip).
+/// breaks.
 async fn write_frames(mut stream: quinn::SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
     while let Some(frame) = frames.recv().await {
-        if let Err(error) = stream.write_chunk(frame.into()).await {
+        if let Err(error) = stream.write_all(&frame).await {
             debug!("peer link broke (append stream): {error}");
             return;
         }

@@ -498,4 +498,68 @@ mod tests {
         assert_eq!(creds.crls, loaded);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A node's connections, peer links and the ones it accepts, begin
+    /// with a window a burst across an ocean can use at once (a fresh
+    /// link's first burst spent seconds in slow start, BENCHMARKS.md); a
+    /// client begins with a small first flight into a path nobody has
+    /// measured.
+    #[tokio::test]
+    async fn node_connections_start_with_a_large_congestion_window_and_clients_with_a_small_one() {
+        let dir = std::env::temp_dir().join(format!("cs-tls-window-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        identity::init_ca(&dir, false).unwrap();
+        let days = identity::Validity::days(1);
+        identity::issue_node(&dir, 1, &[], days).unwrap();
+        identity::issue_node(&dir, 2, &[], days).unwrap();
+        identity::issue_client(&dir, "alice", days).unwrap();
+        let (ca, _) = identity::ca_path(&dir);
+        let node = |id| {
+            let (cert, key) = identity::node_cert_path(&dir, id);
+            Credentials::load(&ca, &cert, &key).unwrap()
+        };
+        let (cert, key) = identity::client_cert_path(&dir, "alice");
+        let alice = Credentials::load(&ca, &cert, &key).unwrap();
+        let server = quinn::Endpoint::server(
+            server_config(&node(2)).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let to = server.local_addr().unwrap();
+        let dial = |config: quinn::ClientConfig| {
+            let server = server.clone();
+            async move {
+                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                endpoint.set_default_client_config(config);
+                let dialed = endpoint
+                    .connect(to, &identity::node_server_name(2))
+                    .unwrap();
+                let accepted = async { server.accept().await.unwrap().await.unwrap() };
+                let (dialed, accepted) = tokio::join!(dialed, accepted);
+                (endpoint, dialed.unwrap(), accepted)
+            }
+        };
+        let window = |connection: &quinn::Connection| connection.congestion_state().window();
+
+        let (_peer_endpoint, peer, node_side) = dial(peer_client_config(&node(1)).unwrap()).await;
+        assert!(window(&peer) >= NODE_INITIAL_WINDOW, "{}", window(&peer));
+        assert!(
+            window(&node_side) >= NODE_INITIAL_WINDOW,
+            "{}",
+            window(&node_side)
+        );
+
+        let (_client_endpoint, client, node_side) = dial(client_config(&alice).unwrap()).await;
+        let client_window = window(&client);
+        assert!(
+            (CLIENT_INITIAL_WINDOW..2 * CLIENT_INITIAL_WINDOW).contains(&client_window),
+            "{client_window}"
+        );
+        assert!(
+            window(&node_side) >= NODE_INITIAL_WINDOW,
+            "{}",
+            window(&node_side)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

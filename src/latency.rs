@@ -341,16 +341,17 @@ impl AsyncUdpSocket for DelayedSocket {
         // 2. Fresh datagrams, read from the kernel straight into quinn's
         //    buffers until it has no more (which also asks to be woken
         //    when more comes) or the buffers are full. Those from a link
-        //    without a delay stay where they are, with no copy: a client
-        //    beside the leader sends it all its messages, and copying
-        //    them into a queue and back out cost the leader CPU that a
-        //    real network does not. Those from a delayed link are taken
+        //    without a delay stay where they are, with no copy: a QUIC
+        //    client beside a node may send it all its messages, and
+        //    copying them into a queue and back out is work a real
+        //    network does not add. Those from a delayed link are taken
         //    out to wait, and their room is read into again.
         while count < room {
             match self
                 .inner
                 .poll_recv(cx, &mut bufs[count..room], &mut meta[count..room])
             {
+                Poll::Ready(Ok(0)) => break,
                 Poll::Ready(Ok(read)) => {
                     let mut kept = count;
                     for slot in count..count + read {

@@ -226,9 +226,10 @@ const CLIENT_INITIAL_WINDOW: u64 = 1 << 20;
 /// heartbeats until the first burst, and an idle window never grows, so
 /// every fresh link began its first burst in slow start: from 1 MB the
 /// window to Sydney (310 ms round trip) passed 32 MB only 2.2 s in, the
-/// leader had committed 60,000 entries after a second where it now
-/// commits ~400,000, and Sydney ended 1.1 million entries behind, every
-/// one of them then read back from the leader's store. quinn paces what
+/// leader had committed 56,000 entries after a second where it now
+/// commits 320,000-415,000, and Sydney ended 1.1 million entries behind
+/// (now ~450,000), every one of them then read back from the leader's
+/// store. quinn paces what
 /// it sends over the measured round trip, so a large first flight leaves
 /// at the window's rate, not at once; loss shrinks it as usual. A node
 /// answering a client starts with the same window (quinn picks the

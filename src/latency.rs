@@ -263,9 +263,8 @@ impl DelayedSocket {
 
     /// Holds what just arrived from the kernel on a delayed link: each
     /// datagram until its due time (dropped if the link loses it).
-    fn hold(&self, arrivals: &mut Arrivals, meta: RecvMeta, contents: &[u8]) {
+    fn hold(&self, arrivals: &mut Arrivals, link: LinkDelay, meta: RecvMeta, contents: &[u8]) {
         let now = Instant::now();
-        let link = self.delays.get(&meta.addr).copied().unwrap_or_default();
         let mut rng = self.rng.lock().ok();
         let mut draw = |link: &LinkDelay| {
             let Some(rng) = rng.as_mut() else {
@@ -356,8 +355,8 @@ impl AsyncUdpSocket for DelayedSocket {
                     let mut kept = count;
                     for slot in count..count + read {
                         let received = meta[slot];
-                        if self.delays.contains_key(&received.addr) {
-                            self.hold(arrivals, received, &bufs[slot][..received.len]);
+                        if let Some(link) = self.delays.get(&received.addr) {
+                            self.hold(arrivals, *link, received, &bufs[slot][..received.len]);
                             continue;
                         }
                         if kept != slot {
@@ -369,7 +368,10 @@ impl AsyncUdpSocket for DelayedSocket {
                     }
                     count = kept;
                 }
-                // Reported once what is already here is handed over.
+                // Datagrams already read into quinn's buffers cannot wait
+                // behind an error: they go, and the error is not reported.
+                // quinn itself skips a reset (an ICMP answer to an earlier
+                // send); a lasting error comes again at the next read.
                 Poll::Ready(Err(_)) if count > 0 => break,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => break,
@@ -417,6 +419,21 @@ mod tests {
         assert!(parse_delays("127.0.0.1:1=fast").is_err());
     }
 
+    /// A socket on loopback that delays what comes from each address as given.
+    fn delaying(delays: impl IntoIterator<Item = (SocketAddr, u64)>) -> Arc<DelayedSocket> {
+        let delays = delays
+            .into_iter()
+            .map(|(from, ms)| {
+                let link = LinkDelay {
+                    delay: Duration::from_millis(ms),
+                    ..Default::default()
+                };
+                (from, link)
+            })
+            .collect();
+        DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap()
+    }
+
     /// Receives one batch of datagrams through quinn's interface.
     async fn receive(socket: &DelayedSocket) -> (RecvMeta, Vec<u8>) {
         let mut buf = vec![0u8; 1500];
@@ -438,15 +455,7 @@ mod tests {
     async fn datagrams_wait_for_their_link_and_outlive_their_sender() {
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let from = sender.local_addr().unwrap();
-        let delays = HashMap::from([(
-            from,
-            LinkDelay {
-                delay: Duration::from_millis(80),
-                ..Default::default()
-            },
-        )]);
-        let socket =
-            DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap();
+        let socket = delaying([(from, 80)]);
         let to = socket.local_addr().unwrap();
         let started = std::time::Instant::now();
         sender.send_to(b"hello", to).unwrap();
@@ -483,16 +492,10 @@ mod tests {
     async fn links_are_served_in_the_order_their_datagrams_are_due() {
         let slow = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let fast = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let link = |ms| LinkDelay {
-            delay: Duration::from_millis(ms),
-            ..Default::default()
-        };
-        let delays = HashMap::from([
-            (slow.local_addr().unwrap(), link(40)),
-            (fast.local_addr().unwrap(), link(5)),
+        let socket = delaying([
+            (slow.local_addr().unwrap(), 40),
+            (fast.local_addr().unwrap(), 5),
         ]);
-        let socket =
-            DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap();
         let to = socket.local_addr().unwrap();
         // The slow link's datagram is taken in first (due in 40 ms), the
         // fast one's 10 ms later (due in 15 ms); both are due by the time
@@ -521,15 +524,7 @@ mod tests {
     async fn undelayed_datagrams_pass_around_a_delayed_one() {
         let delayed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let direct = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let delays = HashMap::from([(
-            delayed.local_addr().unwrap(),
-            LinkDelay {
-                delay: Duration::from_millis(40),
-                ..Default::default()
-            },
-        )]);
-        let socket =
-            DelayedSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), delays).unwrap();
+        let socket = delaying([(delayed.local_addr().unwrap(), 40)]);
         let to = socket.local_addr().unwrap();
         direct.send_to(b"first", to).unwrap();
         delayed.send_to(b"waits", to).unwrap();
